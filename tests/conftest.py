@@ -1,0 +1,53 @@
+"""Test configuration shared by every test file.
+
+* TRITON_INTERPRET=1 is set before anything imports triton when no CUDA GPU
+  is present, so kernels run on CPU tensors through Triton's interpreter.
+* Hypothesis profiles: `ci` (derandomized, bounded, no deadline: a red CI is
+  reproducible) is the default; `dev` draws more, randomly. Choose with
+  NSA_DSL_HYPOTHESIS_PROFILE=dev.
+* Tests marked `gpu` are skipped when no CUDA device is present.
+"""
+import os
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch is a hard dependency
+        return False
+
+
+HAS_CUDA = _has_cuda()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "ci",
+    derandomize=True,
+    max_examples=25,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile(
+    "dev",
+    max_examples=200,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile(os.environ.get("NSA_DSL_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (compiled Triton kernels)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
