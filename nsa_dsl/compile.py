@@ -1,0 +1,86 @@
+"""The pipeline in one place: Pattern -> checked Plan -> source -> cached,
+imported module -> CompiledPattern."""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Optional
+
+from . import __version__, cache
+from .ir import Pattern
+from .plan import Plan
+from .render import render, template_sources
+from .resources import grammar_path
+
+
+def device_kind() -> str:
+    """What the generated code will run on: part of the cache key, since
+    tile choices and Triton's lowering depend on it."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "triton-interpreter"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return f"cuda-sm{major}{minor}"
+    except Exception:  # pragma: no cover - torch is a dependency
+        pass
+    return "no-device"
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # pragma: no cover
+        return "none"
+
+
+def cache_key(plan: Plan, device: Optional[str] = None) -> str:
+    """sha256 over everything that decides the generated text or how it runs:
+    the canonical pattern, the plan's decisions, the templates, the grammar,
+    the package and Triton versions and the device kind."""
+    h = hashlib.sha256()
+
+    def feed(label: str, text: str) -> None:
+        h.update(label.encode() + b"\0" + text.encode() + b"\0")
+
+    feed("pattern", plan.pattern.canonical())
+    feed("source", plan.pattern.source)
+    feed("kernels", repr([(k.name, k.template, k.constants, k.num_warps, k.num_stages) for k in plan.kernels]))
+    feed("shared", repr(plan.shared_constants))
+    for name, text in template_sources():
+        feed("template:" + name, text)
+    feed("grammar", grammar_path().read_text())
+    feed("version", __version__)
+    feed("triton", _triton_version())
+    feed("device", device or device_kind())
+    return h.hexdigest()
+
+
+def plan_for(pattern: Pattern) -> Plan:
+    from .check import check
+
+    return check(pattern)
+
+
+def emit(pattern: Pattern) -> tuple:
+    """(cache key, generated source) without touching the cache."""
+    plan = plan_for(pattern)
+    key = cache_key(plan)
+    return key, render(plan, key)
+
+
+def compile(pattern: Pattern):  # noqa: A001 - the natural name for this API
+    """Check, plan, render, cache and load the kernels of a pattern."""
+    from .ops import CompiledPattern
+
+    if not isinstance(pattern, Pattern):
+        raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
+    plan = plan_for(pattern)
+    key = cache_key(plan)
+    path, _built = cache.get_or_build(key, lambda: render(plan, key))
+    module = cache.load_module(key, path)
+    return CompiledPattern(plan, module, path, key)

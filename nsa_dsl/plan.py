@@ -1,0 +1,209 @@
+"""Pattern -> Plan: every decision about the generated kernels lives here.
+
+The Plan says which kernels exist for a pattern (a window-only pattern needs
+one attention kernel; a static selection, top == initial + local, needs no
+scoring), their tile sizes, loop order, head-dim padding and launch settings.
+Templates only turn these decisions into code; ops.py only launches what the
+plan lists. Planning is a pure function of the (already validated) pattern.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .ir import Branch, Pattern
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# The smallest M, N and K a tensor-core dot accepts in Triton.
+MMA_MIN = 16
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One generated kernel: its function name, its template, the constants
+    baked into it (rendered as `NAME: tl.constexpr` lines) and how it is
+    launched."""
+
+    name: str
+    template: str
+    role: str
+    grid: str  # human-readable launch grid, for --explain
+    constants: tuple = ()  # ((NAME, int | bool | str), ...)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def const(self, name: str):
+        for key, value in self.constants:
+            if key == name:
+                return value
+        raise KeyError(f"kernel {self.name} has no constant {name}")
+
+
+@dataclass(frozen=True)
+class Plan:
+    pattern: Pattern
+    kernels: tuple  # of KernelPlan, in launch order
+    shared_constants: tuple  # ((NAME, value), ...) used by several kernels
+    qk_pad: int
+    v_pad: int
+    group_rows: int  # G padded to an MMA tile, for the group-centric selection
+    loop_order: Optional[str]  # selection loop order, None without selection
+    static_selection: bool
+    warnings: tuple = ()
+    notes: tuple = field(default=())
+
+    @property
+    def kernel_names(self) -> tuple:
+        return tuple(k.name for k in self.kernels)
+
+    def kernel(self, name: str) -> KernelPlan:
+        for k in self.kernels:
+            if k.name == name:
+                return k
+        raise KeyError(f"plan for {self.pattern.name!r} has no kernel {name!r}; it has {self.kernel_names}")
+
+    def has(self, name: str) -> bool:
+        return name in self.kernel_names
+
+    def explain(self) -> str:
+        p = self.pattern
+        lines = [f"pattern {p.name}: {len(self.kernels)} kernel(s), branches {', '.join(b.value for b in p.declared_branches)}"
+                 f" (combined: {', '.join(b.value for b in p.combined_branches)})"]
+        lines.append(f"  heads q={p.heads.q} kv={p.heads.kv} (G={p.group}); head dims qk={p.dims.qk}"
+                     f"{' padded to ' + str(self.qk_pad) if self.qk_pad != p.dims.qk else ''},"
+                     f" v={p.dims.v}{' padded to ' + str(self.v_pad) if self.v_pad != p.dims.v else ''}")
+        if self.loop_order is not None:
+            lines.append(f"  selection loop order: {self.loop_order}"
+                         f" (G={p.group} query heads as rows of a {self.group_rows}-row MMA tile)")
+        for k in self.kernels:
+            consts = " ".join(f"{n}={v}" for n, v in k.constants)
+            lines.append(f"  - {k.name}: {k.role}")
+            lines.append(f"      grid {k.grid}; num_warps={k.num_warps} num_stages={k.num_stages}")
+            if consts:
+                lines.append(f"      {consts}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        return "\n".join(lines)
+
+
+def _attention_tiles(d_pad: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a flash-style loop.
+
+    Wider heads get a narrower key tile so the K and V tiles of a pipeline
+    stage stay well inside Hopper's 228 KB of shared memory.
+    """
+    if d_pad <= 64:
+        return 64, 64, 4, 3
+    if d_pad <= 128:
+        return 64, 64, 4, 2
+    return 64, 32, 8, 2
+
+
+def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
+    """Decide the kernels for a pattern the checker accepted."""
+    p = pattern
+    qk_pad, v_pad = next_pow2(p.dims.qk), next_pow2(p.dims.v)
+    g = p.group
+    group_rows = max(MMA_MIN, next_pow2(g))
+    combined = p.combined_branches
+    shared = (
+        ("HQ", p.heads.q),
+        ("HKV", p.heads.kv),
+        ("G", g),
+        ("D_QK", p.dims.qk),
+        ("D_V", p.dims.v),
+        ("D_QK_PAD", qk_pad),
+        ("D_V_PAD", v_pad),
+        # fp32 operands multiply in full precision (tf32 would cost ~1e-3 of
+        # relative accuracy); bf16/fp16 operands use the tensor cores anyway.
+        ("DOT_PRECISION", "ieee"),
+    )
+    kernels = []
+    notes = []
+    static = False
+    loop_order = None
+    d_max = max(qk_pad, v_pad)
+    bm, bn, warps, stages = _attention_tiles(d_max)
+
+    if p.compress is not None:
+        c = p.compress
+        if c.pool.value == "mean":
+            kernels.append(KernelPlan(
+                "cmp_pool", "cmp_pool.py.jinja",
+                f"mean-pool k and v over blocks of {c.block} tokens every {c.stride} into k_cmp, v_cmp",
+                "(cdiv(Tc, POOL_BLOCK_C), B*HKV)",
+                (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("POOL_BLOCK_C", 16)),
+                num_warps=4, num_stages=1))
+        need_cmp_out = Branch.CMP in combined
+        kernels.append(KernelPlan(
+            "cmp_fwd", "cmp_fwd.py.jinja",
+            "attention over the compressed tokens whose whole block lies in the query's past"
+            + ("" if need_cmp_out else " (statistics only: cmp is not combined, its lse ranks blocks)"),
+            "(cdiv(T, CMP_BLOCK_M), B*HQ)",
+            (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BLOCK_M", bm), ("CMP_BLOCK_N", bn),
+             ("CMP_WRITE_O", need_cmp_out)),
+            num_warps=warps, num_stages=stages))
+
+    if p.select is not None:
+        s = p.select
+        static = s.is_static
+        loop_order = "group-centric"
+        npad = next_pow2(s.top)
+        if static:
+            kernels.append(KernelPlan(
+                "slc_topk", "slc_topk.py.jinja",
+                f"static selection: the forced blocks ({s.initial} initial, {s.local} local) by formula, no scoring",
+                "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
+                (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
+                 ("LOCAL", s.local), ("STATIC_SELECTION", True), ("TOPK_BLOCK_M", 16),
+                 ("CMP_BLOCK", 1), ("CMP_STRIDE", 1), ("TOPK_CHUNK_BLOCKS", 16)),
+                num_warps=4, num_stages=1))
+            notes.append("top == initial + local: the selected blocks are fixed, no block scoring is generated")
+        else:
+            c = p.compress
+            # A chunk of selection blocks must cover at least one compression
+            # block so that the compressed tokens overlapping a chunk come only
+            # from this chunk's and the previous chunk's tokens.
+            chunk_blocks = max(16, next_pow2(-(-c.block // s.block)))
+            kernels.append(KernelPlan(
+                "slc_topk", "slc_topk.py.jinja",
+                f"block importance from the compressed probabilities (overlap-weighted, summed over the G={g}"
+                f" heads of a group) and top-{s.top} with forced blocks, streamed in chunks of {chunk_blocks} blocks",
+                "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
+                (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
+                 ("LOCAL", s.local), ("STATIC_SELECTION", False), ("TOPK_BLOCK_M", 16),
+                 ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks)),
+                num_warps=4, num_stages=1))
+        kernels.append(KernelPlan(
+            "slc_fwd", "slc_fwd.py.jinja",
+            f"attention over the {s.top} selected blocks of {s.block} tokens; group-centric: one program per"
+            f" (token, KV head), the G={g} query heads as rows of a {group_rows}-row tile share each block load",
+            "(T, B*HKV)",
+            (("SLC_BLOCK", s.block), ("TOP", s.top), ("GROUP_ROWS", group_rows)),
+            num_warps=4 if d_max <= 128 else 8, num_stages=2))
+
+    if p.window is not None:
+        kernels.append(KernelPlan(
+            "swa_fwd", "swa_fwd.py.jinja",
+            f"sliding-window attention over the last {p.window.size} positions",
+            "(cdiv(T, SWA_BLOCK_M), B*HQ)",
+            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn)),
+            num_warps=warps, num_stages=stages))
+
+    kernels.append(KernelPlan(
+        "combine", "combine.py.jinja",
+        "gated sum of the branch outputs: " + " + ".join(f"g_{b.value}*o_{b.value}" for b in combined),
+        "(cdiv(B*T*HQ, COMBINE_ROWS),)",
+        (("COMBINE_ROWS", 16), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
+         ("COMBINE_SWA", Branch.SWA in combined)),
+        num_warps=4, num_stages=1))
+
+    if qk_pad != p.dims.qk or v_pad != p.dims.v:
+        notes.append(f"head dims are padded to powers of two in registers (qk {p.dims.qk}->{qk_pad},"
+                     f" v {p.dims.v}->{v_pad}); memory traffic stays at the declared size")
+    return Plan(p, tuple(kernels), shared, qk_pad, v_pad, group_rows, loop_order, static,
+                tuple(warnings), tuple(notes))

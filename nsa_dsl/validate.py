@@ -1,0 +1,150 @@
+"""Input validation for compiled patterns: every check happens before any
+kernel launch, and every failure is a ValueError that names the argument,
+what was expected and what came."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .ir import Branch, DType, Pattern
+
+TORCH_DTYPES = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
+_DTYPE_NAMES = {v: k.value for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Shapes:
+    batch: int
+    length: int
+    compressed: int  # Tc, 0 without a compress branch
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def _expect_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
+    if t.dim() != len(expected):
+        raise ValueError(f"{name}: expected a {len(expected)}-d tensor {meaning} = {list(expected)},"
+                         f" got a {t.dim()}-d tensor of shape {_shape(t)}")
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name}: expected shape {meaning} = {list(expected)}, got {_shape(t)}")
+
+
+def compressed_length(pattern: Pattern, length: int) -> int:
+    c = pattern.compress
+    if c is None or length < c.block:
+        return 0
+    return (length - c.block) // c.stride + 1
+
+
+def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp=None, k_swa=None,
+                    v_swa=None, indices=None, scale=None) -> Shapes:
+    p = pattern
+    q = _expect_tensor("q", q)
+    k = _expect_tensor("k", k)
+    v = _expect_tensor("v", v)
+    if q.dim() != 4:
+        raise ValueError(f"q: expected a 4-d tensor [B, T, HQ={p.heads.q}, Dqk={p.dims.qk}], got shape {_shape(q)}")
+    batch, length = q.shape[0], q.shape[1]
+    hq, hkv, dqk, dv = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
+    _expect_shape("q", q, (batch, length, hq, dqk), "[B, T, HQ, Dqk]")
+    _expect_shape("k", k, (batch, length, hkv, dqk), "[B, T, HKV, Dqk]")
+    _expect_shape("v", v, (batch, length, hkv, dv), "[B, T, HKV, Dv]")
+    if length < 1 or batch < 1:
+        raise ValueError(f"q: batch and sequence length must be at least 1, got shape {_shape(q)}")
+
+    allowed = [TORCH_DTYPES[d] for d in p.allowed_dtypes]
+    if q.dtype not in allowed:
+        raise ValueError(f"q: pattern {p.name!r} allows dtype {' | '.join(d.value for d in p.allowed_dtypes)},"
+                         f" got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name}: expected dtype {q.dtype} (the dtype of q), got {t.dtype}")
+    device = q.device
+    for name, t in (("k", k), ("v", v)):
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of q), got {t.device}")
+
+    combined = p.combined_branches
+    for branch, gate in gates.items():
+        name = f"g_{branch.value}"
+        if gate is None:
+            continue
+        gate = _expect_tensor(name, gate)
+        if branch not in combined:
+            raise ValueError(f"{name}: pattern {p.name!r} does not combine the {branch.value} branch"
+                             f" (combined: {', '.join(b.value for b in combined)}); pass no {name}")
+        _expect_shape(name, gate, (batch, length, hq), "[B, T, HQ]")
+        if not gate.is_floating_point():
+            raise ValueError(f"{name}: expected a floating-point tensor, got {gate.dtype}")
+        if gate.device != device:
+            raise ValueError(f"{name}: expected device {device} (the device of q), got {gate.device}")
+
+    tc = compressed_length(p, length)
+    for name, t, d in (("k_cmp", k_cmp, dqk), ("v_cmp", v_cmp, dv)):
+        if p.compress is None:
+            if t is not None:
+                raise ValueError(f"{name}: pattern {p.name!r} has no compress branch; pass no {name}")
+            continue
+        if p.compress.pool.value == "mean":
+            if t is not None:
+                raise ValueError(f"{name}: pattern {p.name!r} pools by mean, so {name} is computed from k and v;"
+                                 f" pass no {name} (or declare pool=mlp)")
+            continue
+        if t is None:
+            raise ValueError(f"{name}: pattern {p.name!r} pools by mlp, so {name} must be passed:"
+                             f" shape [B, Tc, HKV, {'Dqk' if name == 'k_cmp' else 'Dv'}] = {[batch, tc, hkv, d]}")
+        t = _expect_tensor(name, t)
+        _expect_shape(name, t, (batch, tc, hkv, d), "[B, Tc, HKV, D]")
+        if t.dtype != q.dtype or t.device != device:
+            raise ValueError(f"{name}: expected dtype {q.dtype} on {device}, got {t.dtype} on {t.device}")
+
+    for name, t, d in (("k_swa", k_swa, dqk), ("v_swa", v_swa, dv)):
+        if t is None:
+            continue
+        if p.window is None:
+            raise ValueError(f"{name}: pattern {p.name!r} has no window branch; pass no {name}")
+        t = _expect_tensor(name, t)
+        _expect_shape(name, t, (batch, length, hkv, d), "[B, T, HKV, D]")
+        if t.dtype != q.dtype or t.device != device:
+            raise ValueError(f"{name}: expected dtype {q.dtype} on {device}, got {t.dtype} on {t.device}")
+    if (k_swa is None) != (v_swa is None):
+        raise ValueError("k_swa, v_swa: pass both or neither (the window branch's own keys and values)")
+
+    if indices is not None:
+        if p.select is None:
+            raise ValueError(f"indices: pattern {p.name!r} has no select branch; pass no indices")
+        indices = _expect_tensor("indices", indices)
+        _expect_shape("indices", indices, (batch, length, hkv, p.select.top), "[B, T, HKV, top]")
+        if indices.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"indices: expected int32 or int64 block indices (-1 for none), got {indices.dtype}")
+        if indices.device != device:
+            raise ValueError(f"indices: expected device {device} (the device of q), got {indices.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale: expected a positive number, got {scale!r}")
+    return Shapes(batch, length, tc)
+
+
+def device_problem(t: torch.Tensor) -> Optional[str]:
+    """Why generated kernels cannot run on this tensor's device, or None."""
+    import os
+
+    if t.device.type == "cuda":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return "TRITON_INTERPRET=1 is set but the inputs are on a CUDA device; unset it to run compiled kernels"
+        return None
+    if t.device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return ("inputs are CPU tensors: generated kernels run on CPU only through Triton's interpreter; set"
+                    " TRITON_INTERPRET=1 before triton is imported, or move the tensors to a CUDA device")
+        return None
+    return f"generated kernels do not run on device type {t.device.type!r}"
