@@ -111,7 +111,7 @@ class CompiledPattern:
             kp = plan.kernel("slc_fwd")
             o_slc = torch.empty((B, T, HQ, DV), dtype=q.dtype, device=dev)
             lse_slc = torch.empty((B, HQ, T), dtype=torch.float32, device=dev)
-            m.slc_fwd[(T, B * HKV)](q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2,
+            m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(indices),
                                     *_strides(o_slc), num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_slc"], out["lse_slc"] = o_slc, lse_slc

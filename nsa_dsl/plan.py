@@ -103,12 +103,29 @@ def _attention_tiles(d_pad: int) -> tuple:
     return 64, 32, 8, 2
 
 
+def _topk_chunking(cmp_block: int, cmp_stride: int, slc_block: int) -> tuple:
+    """(blocks per chunk, the same padded for the dot, compressed tokens per chunk)
+    for the streamed scoring.
+
+    The chunk's compressed tokens are those starting inside its blocks; a token
+    can reach past the chunk's end by cmp_block - cmp_stride positions, so a
+    chunk must span at least that many positions for the overlap to come only
+    from this chunk's and the previous chunk's tokens. About 64 tokens per
+    chunk keeps the [rows, tokens] probability tile small in registers; the
+    block dimension is padded to the 16 a dot needs.
+    """
+    tokens_per_block = slc_block // cmp_stride
+    need = max(1, -(-(cmp_block - cmp_stride) // slc_block), -(-64 // tokens_per_block))
+    blocks = next_pow2(need)
+    return blocks, max(MMA_MIN, blocks), blocks * tokens_per_block
+
+
 def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
     """Decide the kernels for a pattern the checker accepted."""
     p = pattern
     qk_pad, v_pad = next_pow2(p.dims.qk), next_pow2(p.dims.v)
     g = p.group
-    group_rows = max(MMA_MIN, next_pow2(g))
+    group_rows = next_pow2(g)
     combined = p.combined_branches
     shared = (
         ("HQ", p.heads.q),
@@ -160,15 +177,12 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
                 (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
                  ("LOCAL", s.local), ("STATIC_SELECTION", True), ("TOPK_BLOCK_M", 16),
-                 ("CMP_BLOCK", 1), ("CMP_STRIDE", 1), ("TOPK_CHUNK_BLOCKS", 16)),
+                 ("TOPK_CHUNK_BLOCKS", 16), ("TOPK_CHUNK_BLOCKS_PAD", 16)),
                 num_warps=4, num_stages=1))
             notes.append("top == initial + local: the selected blocks are fixed, no block scoring is generated")
         else:
             c = p.compress
-            # A chunk of selection blocks must cover at least one compression
-            # block so that the compressed tokens overlapping a chunk come only
-            # from this chunk's and the previous chunk's tokens.
-            chunk_blocks = max(16, next_pow2(-(-c.block // s.block)))
+            chunk_blocks, chunk_pad, chunk_tokens = _topk_chunking(c.block, c.stride, s.block)
             kernels.append(KernelPlan(
                 "slc_topk", "slc_topk.py.jinja",
                 f"block importance from the compressed probabilities (overlap-weighted, summed over the G={g}"
@@ -176,14 +190,20 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
                 (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
                  ("LOCAL", s.local), ("STATIC_SELECTION", False), ("TOPK_BLOCK_M", 16),
-                 ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks)),
+                 ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks),
+                 ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens)),
                 num_warps=4, num_stages=1))
+        # Several neighbouring positions per program fill the MMA tile when
+        # the group is small (they share most of their selected blocks).
+        slc_tokens = max(1, 64 // group_rows)
         kernels.append(KernelPlan(
             "slc_fwd", "slc_fwd.py.jinja",
             f"attention over the {s.top} selected blocks of {s.block} tokens; group-centric: one program per"
-            f" (token, KV head), the G={g} query heads as rows of a {group_rows}-row tile share each block load",
-            "(T, B*HKV)",
-            (("SLC_BLOCK", s.block), ("TOP", s.top), ("GROUP_ROWS", group_rows)),
+            f" {slc_tokens} position(s) and KV head, rows = (position, query head) with the G={g} heads padded"
+            f" to {group_rows}, each block of the tile's union loaded once",
+            "(cdiv(T, SLC_TOKENS), B*HKV)",
+            (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
+             ("SLC_TOKENS", slc_tokens)),
             num_warps=4 if d_max <= 128 else 8, num_stages=2))
 
     if p.window is not None:

@@ -58,6 +58,27 @@ def template_sources() -> tuple:
     return tuple((path.name, path.read_text()) for path in sorted(folder.glob("*.jinja")))
 
 
+def _constants_by_kernel(plan: Plan) -> list:
+    """[(kernel, constants first defined by it)]: a constant that several
+    kernels use (the compression block, say) is defined once; two kernels
+    giving one name different values would silently break the first, so
+    that is refused."""
+    seen = dict(plan.shared_constants)
+    grouped = []
+    for kernel in plan.kernels:
+        fresh = []
+        for name, value in kernel.constants:
+            if name in seen:
+                if seen[name] != value or type(seen[name]) is not type(value):
+                    raise ValueError(f"nsa_dsl.render: constant {name} is {seen[name]!r} elsewhere but"
+                                     f" {value!r} in kernel {kernel.name}")
+                continue
+            seen[name] = value
+            fresh.append((name, value))
+        grouped.append((kernel, tuple(fresh)))
+    return grouped
+
+
 def render(plan: Plan, cache_key: str = "(not cached)") -> str:
     pattern = plan.pattern
     if not _IDENTIFIER.match(pattern.name):
@@ -71,5 +92,5 @@ def render(plan: Plan, cache_key: str = "(not cached)") -> str:
         kernel_names=plan.kernel_names,
         canonical_lines=pattern.canonical().splitlines(),
         shared_constants=plan.shared_constants,
-        kernels=plan.kernels,
+        kernels=_constants_by_kernel(plan),
     )
