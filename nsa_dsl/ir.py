@@ -138,7 +138,7 @@ class Pattern:
     window: Optional[Window] = None
     combine: Optional[Combine] = None
     dtype: Optional[DTypes] = None
-    extends: Optional[str] = None
+    extends: Optional[str] = field(default=None, compare=False, hash=False)
     span: Optional[Span] = _span_field()
     source: str = field(default="<string>", compare=False, hash=False)
 

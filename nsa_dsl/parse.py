@@ -1,0 +1,528 @@
+"""Spec text -> Pattern.
+
+Three small steps, each in its own section below:
+
+1. lark parses the text with grammar/nsa.lark (LALR, basic lexer). A syntax
+   error is translated into a Diagnostic that says, in words, what would have
+   been valid at that spot (`_syntax_error`).
+2. A walk over the tree turns each `pattern { ... }` block into a draft: its
+   statements as IR nodes, each with spans. Problems the grammar leaves open
+   on purpose (a key or statement given twice, missing keys, `off` where
+   nothing can be turned off) are reported here, all of them at once.
+3. `extends` is resolved in file order: a child starts from its parent's
+   statements and replaces or (with `off`) removes them.
+
+`format_pattern` prints a Pattern back as source that parses to an equal
+Pattern; the tests hold both directions together.
+
+Choices the language makes (grammar/nsa.lark has the grammar itself):
+- layout is free-form: statements may share a line or span several, spaces
+  around `=` are allowed; `#` comments run to the end of the line;
+- the fixed words (statements, keys, values, `pattern`, `extends`, `off`) are
+  reserved and cannot name a pattern;
+- numbers are decimal digits of any size, 0 included (the checker judges
+  them); only a number too long for Python to convert (sys.int_info) fails;
+- `NAME off` works for compress, select and window, only in a pattern that
+  extends one which has that statement.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Optional, Union
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput
+
+from . import ir
+from .errors import Diagnostic, SpecError
+from .ir import Pattern, Span
+from .resources import grammar_path
+
+__all__ = [
+    "parse", "parse_all", "load", "load_all", "format_pattern", "format_all",
+    "STATEMENTS", "REMOVABLE", "RESERVED",
+]
+
+# ---------------------------------------------------------------------------
+# The fixed words. Keys and their defaults come from the IR's dataclasses, so
+# the IR stays the one place that says what a statement holds; a test checks
+# that the grammar spells the same words.
+# ---------------------------------------------------------------------------
+_KEYED = {"heads": ir.Heads, "dims": ir.Dims, "compress": ir.Compress,
+          "select": ir.Select, "window": ir.Window}
+# statement -> (IR class, field holding the names, enum of the names, noun)
+_LISTED = {"combine": (ir.Combine, "branches", ir.Branch, "branch"),
+           "dtype": (ir.DTypes, "dtypes", ir.DType, "dtype")}
+_ENUM_KEYS = {"pool": ir.Pool}  # keys whose value is a word, not a number
+STATEMENTS = ("heads", "dims", "compress", "select", "window", "combine", "dtype")
+REMOVABLE = ("compress", "select", "window")  # may be written `NAME off`
+
+
+def _keys(stmt: str) -> tuple:
+    """Keys of a keyed statement in canonical order (the IR field order)."""
+    return tuple(f.name for f in dataclasses.fields(_KEYED[stmt]) if not f.kw_only)
+
+
+def _required(stmt: str) -> tuple:
+    # dims.v has no IR default because it defaults to another key (qk).
+    return tuple(f.name for f in dataclasses.fields(_KEYED[stmt])
+                 if not f.kw_only and f.default is dataclasses.MISSING
+                 and (stmt, f.name) != ("dims", "v"))
+
+
+def _usage(stmt: str) -> str:
+    """`compress block=N stride=N [pool=mean|mlp]`: the shape of a statement."""
+    if stmt in _LISTED:
+        names = "|".join(e.value for e in _LISTED[stmt][2])
+        return f"{stmt} {names} ..."
+    parts = []
+    for key in _keys(stmt):
+        value = "|".join(e.value for e in _ENUM_KEYS[key]) if key in _ENUM_KEYS else "N"
+        parts.append(f"{key}={value}" if key in _required(stmt) else f"[{key}={value}]")
+    return " ".join([stmt, *parts])
+
+
+_ENUM_GROUPS = (  # (noun, words) for every closed set of value words
+    ("pool", tuple(p.value for p in ir.Pool)),
+    ("branch", tuple(b.value for b in ir.Branch)),
+    ("dtype", tuple(d.value for d in ir.DType)),
+)
+_ALL_KEYS = frozenset(k for s in _KEYED for k in _keys(s))
+RESERVED = frozenset({"pattern", "extends", "off", *STATEMENTS, *_ALL_KEYS,
+                      *(w for _, words in _ENUM_GROUPS for w in words)})
+
+
+def _or_list(words: Iterable[str], last: str = "or") -> str:
+    words = list(words)
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} {last} {words[-1]}"
+
+
+def _did_you_mean(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean '{close[0]}'? " if close else ""
+
+
+# ---------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------
+def parse_all(text: str, filename: str = "<string>") -> list:
+    """Every pattern in `text`, in file order, with `extends` resolved."""
+    src = _Source(text, filename)
+    try:
+        tree = _parser().parse(text)
+    except UnexpectedInput as err:
+        raise _syntax_error(err, src) from None
+    return _Builder(src).build(tree)
+
+
+def parse(text: str, filename: str = "<string>", name: Optional[str] = None) -> Pattern:
+    """The only pattern in `text`, or the one called `name`."""
+    return _pick(parse_all(text, filename), filename, name)
+
+
+def load_all(path: Union[str, Path]) -> list:
+    return parse_all(_read(path), str(path))
+
+
+def load(path: Union[str, Path], name: Optional[str] = None) -> Pattern:
+    return parse(_read(path), str(path), name)
+
+
+def _read(path: Union[str, Path]) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise SpecError.at(Span.unknown(str(path)), f"cannot read spec file: {reason}",
+                           "give the path of a readable UTF-8 .nsa file") from None
+
+
+def _pick(patterns: list, filename: str, name: Optional[str]) -> Pattern:
+    names = [p.name for p in patterns]
+    if name is None:
+        if len(patterns) == 1:
+            return patterns[0]
+        # Point at the second header: that is where "the only pattern" stops.
+        raise SpecError.at(patterns[1].span,
+                           f"this file holds {len(patterns)} patterns; say which one to use",
+                           f"pass name= one of: {', '.join(names)}")
+    for p in patterns:
+        if p.name == name:
+            return p
+    raise SpecError.at(Span.unknown(filename), f"no pattern named '{name}' in this file",
+                       f"{_did_you_mean(name, names)}patterns here: {', '.join(names)}")
+
+
+@lru_cache(maxsize=None)
+def _parser() -> Lark:
+    # The basic lexer (not the contextual one) makes every fixed word a NAME
+    # that lark retypes to the keyword, so keywords end at a word boundary.
+    return Lark(grammar_path().read_text(encoding="utf-8"), parser="lalr",
+                lexer="basic", maybe_placeholders=True)
+
+
+@lru_cache(maxsize=None)
+def _terminal_words() -> dict:
+    """Terminal name -> the fixed text it stands for (`STRIDE` -> `stride`)."""
+    return {t.name: t.pattern.value for t in _parser().terminals if t.pattern.type == "str"}
+
+
+# ---------------------------------------------------------------------------
+# Positions
+# ---------------------------------------------------------------------------
+class _Source:
+    """The text being parsed, able to make Spans from lark positions."""
+
+    def __init__(self, text: str, filename: str):
+        self.text, self.filename = text, filename
+        self.lines = text.split("\n")  # lark counts lines by "\n" only, so do we
+
+    def span(self, line: int, column: int, end_column: Optional[int] = None) -> Span:
+        text = self.lines[line - 1].rstrip("\r") if 1 <= line <= len(self.lines) else ""
+        return Span(self.filename, line, column, end_column or column + 1, text)
+
+    def of(self, tok: Token, until: Optional[Token] = None) -> Span:
+        """Span of a token, or from `tok` through `until` when on one line."""
+        end = until if until is not None and until.line == tok.line else tok
+        return self.span(tok.line, tok.column, end.end_column)
+
+
+# ---------------------------------------------------------------------------
+# Syntax errors: lark's exception -> one Diagnostic in words
+# ---------------------------------------------------------------------------
+def _syntax_error(err: UnexpectedInput, src: _Source) -> SpecError:
+    try:
+        accepts = set(err.interactive_parser.accepts())  # terminal names, exact for this state
+    except AttributeError:  # no parser state attached: fall back to lark's own set
+        accepts = set(getattr(err, "expected", None) or getattr(err, "allowed", None) or ())
+    words = _terminal_words()
+    accepted = {words[t] for t in accepts if t in words}  # the same, as fixed words
+    expected = _expected(accepts, accepted)
+
+    if isinstance(err, UnexpectedCharacters):
+        char = src.text[err.pos_in_stream]
+        shown = char if char.isprintable() else repr(char)[1:-1]
+        if char == "-" and "INT" in accepts:
+            expected = "values are non-negative integers; " + expected
+        return SpecError.at(src.span(err.line, err.column), f"unexpected character '{shown}'", expected)
+    tok = err.token
+    if tok.type == "$END":
+        return _end_of_file(src, accepts, expected)
+    if tok.type == "INT":
+        return SpecError.at(src.of(tok), f"unexpected number {tok}", expected)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(tok)):  # punctuation: { } =
+        return SpecError.at(src.of(tok), f"unexpected '{tok}'", expected)
+    return _unexpected_word(tok, src, accepts, accepted, expected)
+
+
+def _unexpected_word(tok: Token, src: _Source, accepts: set, accepted: set, expected: str) -> SpecError:
+    """A name or fixed word where it does not belong: guess what was meant."""
+    word, span = str(tok), src.of(tok)
+    if tok.start_pos > 0 and src.text[tok.start_pos - 1].isdigit():
+        # `q=12abc` lexes as 12 then abc; say what the user wrote.
+        digits = re.search(r"[0-9]+$", src.text[:tok.start_pos]).group()
+        return SpecError.at(src.span(tok.line, tok.column - len(digits), tok.end_column),
+                            f"'{digits}{word}' is not a number",
+                            "values are non-negative integers; separate words with spaces")
+    statement = next((s for s in _KEYED if set(_keys(s)) <= accepted), None)
+    followed_by_equal = src.text[tok.end_pos:].lstrip().startswith("=")
+    if statement is not None and followed_by_equal:  # inside a statement, `word=...`
+        own = _keys(statement)
+        what = f"'{word}' is not a key of {statement}" if word in _ALL_KEYS else \
+            f"unknown key '{word}' in {statement}"
+        return SpecError.at(span, what, f"{_did_you_mean(word, own)}{statement} takes {_or_list(own, 'and')}")
+    for noun, choices in _ENUM_GROUPS:
+        if accepted and accepted <= set(choices):  # right after `pool=`, `combine`, `dtype`
+            return SpecError.at(span, f"'{word}' is not a valid {noun}",
+                                f"{_did_you_mean(word, choices)}{noun} is one of: {', '.join(choices)}")
+    if "NAME" in accepts and word in RESERVED:
+        return SpecError.at(span, f"'{word}' is a reserved word and cannot name a pattern",
+                            "choose another name: the words of statements, keys and values are reserved")
+    hint = _did_you_mean(word, accepted) + expected
+    if word == "off":
+        hint = f"only {_or_list(REMOVABLE)} can be turned off, by writing e.g. `window off`"
+    if set(STATEMENTS) & accepted and not followed_by_equal and word not in RESERVED:
+        # Inside `combine cmp ...` a word may continue the list or start a statement.
+        noun = next((n for n, choices in _ENUM_GROUPS if set(choices) & accepted), None)
+        what = f"'{word}' is neither a {noun} nor a statement" if noun else f"unknown statement '{word}'"
+        return SpecError.at(span, what, hint)
+    return SpecError.at(span, f"unexpected '{word}'", hint)
+
+
+def _end_of_file(src: _Source, accepts: set, expected: str) -> SpecError:
+    tokens = list(_parser().lex(src.text))  # lexing succeeded: the parser ran out
+    if not tokens:
+        return SpecError.at(src.span(1, 1), "no pattern in this file",
+                            "a spec file holds one or more `pattern NAME { ... }` blocks")
+    if "RBRACE" in accepts:
+        # Inside a body: the last `{` opened the pattern that never closed.
+        brace = max(i for i, t in enumerate(tokens) if t.type == "LBRACE")
+        header = max(i for i, t in enumerate(tokens[:brace]) if t.type == "PATTERN")
+        return SpecError.at(src.of(tokens[brace]),
+                            f"pattern '{tokens[header + 1]}' is never closed: the file ends before its '}}'",
+                            "add '}' after its last statement")
+    last = tokens[-1]
+    return SpecError.at(src.span(last.end_line, last.end_column), "unexpected end of file", expected)
+
+
+def _expected(accepts: set, accepted: set) -> str:
+    """What the parser would have taken, in words, grouped by kind."""
+    groups = []  # (phrase, words or None)
+    if "INT" in accepts:
+        groups.append(("a number", None))
+    if "NAME" in accepts:
+        groups.append(("a pattern name", None))
+    for stmt in _KEYED:
+        if set(_keys(stmt)) <= accepted:
+            groups.append((f"a key of {stmt}", _keys(stmt)))
+            break
+    for noun, choices in _ENUM_GROUPS:
+        if set(choices) & accepted:
+            groups.append((f"a {noun}", [c for c in choices if c in accepted]))
+    if "off" in accepted:
+        groups.append(("'off'", None))
+    if set(STATEMENTS) & accepted:
+        groups.append(("a statement", [s for s in STATEMENTS if s in accepted]))
+    for word in ("=", "{", "}", "extends", "pattern"):
+        if word in accepted:
+            groups.append((f"'{word}'", None))
+    if "$END" in accepts:
+        groups.append(("the end of the file", None))
+    if not groups:
+        return "nothing can follow here"
+    if len(groups) == 1:
+        phrase, words = groups[0]
+        return f"expected {phrase}" + (f": {_or_list(words)}" if words else "")
+    return "expected " + _or_list(f"{p} ({_or_list(w)})" if w else p for p, w in groups)
+
+
+# ---------------------------------------------------------------------------
+# Tree walk: statements -> IR nodes; then `extends`
+# ---------------------------------------------------------------------------
+def _is_off(value) -> bool:
+    """A draft statement is either an IR node or the `off` token itself."""
+    return isinstance(value, Token) and value.type == "OFF"
+
+
+class _Builder:
+    """Walks the parse tree once, collecting every problem before raising."""
+
+    def __init__(self, src: _Source):
+        self.src = src
+        self.problems: list = []
+        self.done: dict = {}     # name -> Pattern, in file order
+        self.broken: set = set()  # names whose block had errors
+        self.headers: dict = {}  # name -> its first name token, for "first defined on line"
+        self.all_names: dict = {}  # every name in the file -> its first name token
+
+    def error(self, span: Span, message: str, hint: Optional[str] = None) -> None:
+        self.problems.append(Diagnostic("error", message, span, hint))
+
+    def build(self, tree: Tree) -> list:
+        for block in reversed(tree.children):
+            self.all_names[str(block.children[0])] = block.children[0]
+        for block in tree.children:
+            self.pattern(block)
+        if self.problems:
+            raise SpecError(self.problems)
+        return list(self.done.values())
+
+    # ---- one `pattern NAME [extends NAME] { ... }` block ----
+    def pattern(self, block: Tree) -> None:
+        name_tok, parent_tok, *statements = block.children
+        before = len(self.problems)
+        name = str(name_tok)
+        if name in self.headers:
+            first = self.headers[name]
+            self.error(self.src.of(name_tok), f"pattern '{name}' is defined twice",
+                       f"first defined on line {first.line}; rename one of them")
+        else:
+            self.headers[name] = name_tok
+
+        own: dict = {}  # statement -> (keyword token, IR node or `off` token)
+        for node in statements:
+            keyword = node.children[0]
+            kind = str(keyword)
+            if kind in own:
+                self.error(self.src.of(keyword), f"{kind} is given twice in pattern '{name}'",
+                           f"the first is on line {own[kind][0].line}; give each statement once")
+                continue
+            value = self.statement(kind, node.children)
+            if value is not None:
+                own[kind] = (keyword, value)
+
+        merged = self.inherit(name, parent_tok, own)
+        if merged is not None:
+            written = {str(node.children[0]) for node in statements}
+            for kind in ("heads", "dims"):
+                # A statement that is written but broken has its own error already.
+                if merged.get(kind) is None and kind not in written:
+                    self.error(self.src.of(name_tok), f"pattern '{name}' has no {kind} statement",
+                               f"every pattern needs heads and dims, e.g. `{_usage(kind)}`"
+                               ", or extends a pattern that has them")
+        if merged is None or len(self.problems) > before:
+            if name not in self.done:  # a valid first definition stays usable
+                self.broken.add(name)
+            return
+        if name not in self.done:
+            self.done[name] = Pattern(name=name, extends=str(parent_tok) if parent_tok else None,
+                                      span=self.src.of(name_tok), source=self.src.filename,
+                                      **merged)
+
+    def inherit(self, name: str, parent_tok: Optional[Token], own: dict) -> Optional[dict]:
+        """The pattern's statements after `extends`; None when the parent is
+        unusable (its own errors are reported already)."""
+        if parent_tok is None:
+            for kind, (keyword, value) in own.items():
+                if _is_off(value):
+                    self.error(self.src.of(keyword, value), f"'{kind} off' in a pattern that extends nothing",
+                               f"`off` removes an inherited statement; write `pattern {name} extends PARENT`"
+                               f" or drop the {kind} line")
+            return {kind: (None if _is_off(value) else value) for kind, (_, value) in own.items()}
+        parent = str(parent_tok)
+        if parent in self.broken:
+            return None
+        if parent not in self.done:
+            self.unknown_parent(name, parent_tok)
+            return None
+        inherited = {kind: getattr(self.done[parent], kind) for kind in STATEMENTS}
+        merged = dict(inherited)
+        for kind, (keyword, value) in own.items():
+            if _is_off(value) and inherited[kind] is None:
+                present = [k for k in STATEMENTS if inherited[k] is not None]
+                self.error(self.src.of(keyword, value), f"'{kind} off' but '{parent}' has no {kind} to remove",
+                           f"drop this line; '{parent}' has {_or_list(present, 'and')}")
+            merged[kind] = None if _is_off(value) else value
+        return merged
+
+    def unknown_parent(self, name: str, parent_tok: Token) -> None:
+        parent, known = str(parent_tok), list(self.done)
+        if parent == name:
+            message, hint = f"pattern '{name}' extends itself", "extend a pattern defined above it"
+        elif parent in self.all_names and parent not in self.headers:
+            message = f"pattern '{name}' extends '{parent}', which is defined further down"
+            hint = (f"'{parent}' starts on line {self.all_names[parent].line}; move it above '{name}':"
+                    " a pattern extends only patterns defined before it")
+        else:
+            message = f"pattern '{name}' extends unknown pattern '{parent}'"
+            hint = _did_you_mean(parent, known)
+            hint += f"patterns defined above: {', '.join(known)}" if known else \
+                "no pattern is defined above this one"
+        self.error(self.src.of(parent_tok), message, hint)
+
+    # ---- statements ----
+    def statement(self, kind: str, children: list):
+        keyword, rest = children[0], children[1:]
+        if len(rest) == 1 and _is_off(rest[0]):
+            return rest[0]
+        if kind in _LISTED:
+            return self.listed(kind, keyword, rest)
+        return self.keyed(kind, keyword, [arg.children for arg in rest])
+
+    def keyed(self, kind: str, keyword: Token, args: list):
+        values, spans, seen = {}, [], {}
+        ok = True
+        for key_tok, _equal, value_tok in args:
+            key = str(key_tok)
+            if key in seen:
+                first = seen[key]
+                self.error(self.src.of(key_tok, value_tok), f"duplicate key '{key}' in {kind}",
+                           f"{key} was first given on line {first.line}, column {first.column};"
+                           " give each key once")
+                ok = False
+                continue
+            seen[key] = key_tok
+            value = self.value(key, value_tok)
+            if value is None:
+                ok = False
+                continue
+            values[key] = value
+            # The value's span, so a later complaint's caret sits under the number.
+            spans.append((key, self.src.of(value_tok)))
+        missing = [k for k in _required(kind) if k not in seen]
+        if missing:
+            self.error(self.src.of(keyword), f"{kind} is missing {_or_list(missing, 'and')}",
+                       f"write `{_usage(kind)}`")
+            return None
+        if not ok:
+            return None
+        if kind == "dims":
+            values.setdefault("v", values["qk"])
+        return _KEYED[kind](**values, span=self.src.of(keyword), key_spans=tuple(spans))
+
+    def value(self, key: str, tok: Token):
+        if key in _ENUM_KEYS:
+            return _ENUM_KEYS[key](str(tok))
+        try:
+            return int(str(tok))
+        except ValueError:  # more digits than Python will convert (sys.int_info)
+            self.error(self.src.of(tok), f"the number given for {key} has {len(tok)} digits",
+                       "that is more digits than can be represented; use a smaller number")
+            return None
+
+    def listed(self, kind: str, keyword: Token, names: list):
+        cls, field, enum, noun = _LISTED[kind]
+        seen, spans = {}, []
+        for tok in names:
+            word = str(tok)
+            if word in seen:
+                self.error(self.src.of(tok), f"{noun} '{word}' is listed twice in {kind}",
+                           f"first listed at line {seen[word].line}, column {seen[word].column};"
+                           " list each once")
+                return None
+            seen[word] = tok
+            spans.append((word, self.src.of(tok)))
+        return cls(**{field: tuple(enum(w) for w in seen)},
+                   span=self.src.of(keyword), key_spans=tuple(spans))
+
+
+# ---------------------------------------------------------------------------
+# Printing back
+# ---------------------------------------------------------------------------
+def format_pattern(p: Pattern, parent: Optional[Pattern] = None) -> str:
+    """Source text for `p`, with every key written out (defaults included).
+
+    A pattern that extends another keeps its `extends` line only when that
+    parent is given: the text then lists every statement of `p` and turns off
+    the branches the parent has and `p` lacks, so it parses back to `p` after
+    the parent's text. Without the parent the resolved pattern is printed
+    standalone (and parses back to `p` with extends=None).
+    """
+    header = f"pattern {p.name}"
+    lines = []
+    if p.extends is not None and parent is not None:
+        header += f" extends {p.extends}"
+        lines += [f"    {kind} off" for kind in REMOVABLE
+                  if getattr(p, kind) is None and getattr(parent, kind) is not None]
+    for kind in STATEMENTS:
+        node = getattr(p, kind)
+        if node is None:
+            continue
+        if kind in _LISTED:
+            words = [e.value for e in getattr(node, _LISTED[kind][1])]
+        else:
+            words = [f"{k}={_text(getattr(node, k))}" for k in _keys(kind)]
+        lines.append(f"    {kind:<8} {' '.join(words)}".rstrip())
+    return "\n".join([header + " {", *sorted(lines, key=_statement_order), "}"]) + "\n"
+
+
+def _statement_order(line: str) -> int:
+    return STATEMENTS.index(line.split()[0])
+
+
+def _text(value) -> str:
+    return value.value if isinstance(value, ir.Pool) else str(value)
+
+
+def format_all(patterns: Iterable[Pattern]) -> str:
+    """A whole file: every pattern, each extending its parent where it did."""
+    seen: dict = {}
+    blocks = []
+    for p in patterns:
+        blocks.append(format_pattern(p, seen.get(p.extends)))
+        seen[p.name] = p
+    return "\n".join(blocks)
