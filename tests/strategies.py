@@ -1,0 +1,99 @@
+"""Hypothesis strategies shared by the test files: valid patterns drawn by
+construction (every rule of the checker satisfied by how the numbers are
+chosen, not by filtering) and random inputs for them."""
+from __future__ import annotations
+
+import torch
+from hypothesis import strategies as st
+
+from nsa_dsl.ir import Branch, Combine, Compress, Dims, Heads, Pattern, Pool, Select, Window
+
+
+@st.composite
+def valid_patterns(draw, *, max_group: int = 16, need_window: bool = False, pools=(Pool.MEAN, Pool.MLP),
+                   small: bool = True) -> Pattern:
+    """Small valid patterns covering every branch subset, G from 1 to
+    max_group, l != d != l', static and ranked selection, window sizes that
+    are multiples of nothing in particular."""
+    g = draw(st.sampled_from([x for x in (1, 2, 3, 4, 8, 16) if x <= max_group]))
+    kv = draw(st.sampled_from([1, 2])) if g <= 4 else 1
+    qk = draw(st.sampled_from([16, 32, 48] if small else [16, 32, 48, 64, 128, 192]))
+    v = draw(st.sampled_from([16, 32] if small else [16, 32, 64, 128]))
+    has_window = need_window or draw(st.booleans())
+    has_select = draw(st.booleans())
+    has_compress = draw(st.booleans())
+    if not (has_window or has_select or has_compress):
+        has_window = True
+
+    compress = select = window = None
+    if has_compress:
+        stride = draw(st.sampled_from([1, 2, 4, 8, 16]))
+        block = stride * draw(st.integers(1, 3))
+        compress = Compress(block=block, stride=stride, pool=draw(st.sampled_from(pools)))
+    if has_select:
+        # A multiple of the compression stride (at most 16, so 16 and 32 both are).
+        slc_block = draw(st.sampled_from([16, 32]))
+        initial = draw(st.integers(0, 2))
+        local = draw(st.integers(0, 2))
+        forced = initial + local
+        if compress is None:
+            top = max(1, forced)
+            if top != forced:  # top must equal the forced count without a compress branch
+                local += 1
+        else:
+            top = draw(st.integers(max(1, forced), forced + 3))
+        select = Select(block=slc_block, top=top, initial=initial, local=local)
+    if has_window:
+        window = Window(size=draw(st.integers(1, 70)))
+
+    declared = [b for b, present in ((Branch.CMP, compress), (Branch.SLC, select), (Branch.SWA, window)) if present]
+    combine = None
+    if draw(st.booleans()):
+        chosen = draw(st.lists(st.sampled_from(declared), min_size=1, max_size=len(declared), unique=True))
+        combine = Combine(branches=tuple(chosen))
+    return Pattern(name="drawn", heads=Heads(q=g * kv, kv=kv), dims=Dims(qk=qk, v=v), compress=compress,
+                   select=select, window=window, combine=combine)
+
+
+def random_inputs(pattern: Pattern, batch: int, length: int, dtype: torch.dtype, seed: int, *,
+                  gates: bool = True, separate_window_kv: bool = False, device="cpu") -> dict:
+    """Fresh random q, k, v (and gates in [0, 1], k_cmp/v_cmp for pool=mlp,
+    k_swa/v_swa on request) as keyword arguments of compiled(...) and
+    nsa_dsl.reference(...)."""
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype=dtype, device=device)
+
+    args = {"q": rnd(batch, length, hq, dqk), "k": rnd(batch, length, hkv, dqk), "v": rnd(batch, length, hkv, dv)}
+    if gates:
+        for b in pattern.combined_branches:
+            args[f"g_{b.value}"] = torch.rand(batch, length, hq, generator=gen).to(dtype=dtype, device=device)
+    c = pattern.compress
+    if c is not None and c.pool is Pool.MLP:
+        tc = 0 if length < c.block else (length - c.block) // c.stride + 1
+        args["k_cmp"] = rnd(batch, tc, hkv, dqk)
+        args["v_cmp"] = rnd(batch, tc, hkv, dv)
+    if separate_window_kv and pattern.window is not None:
+        args["k_swa"] = rnd(batch, length, hkv, dqk)
+        args["v_swa"] = rnd(batch, length, hkv, dv)
+    return args
+
+
+def upcast(args: dict, dtype=torch.float64) -> dict:
+    return {name: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            for name, t in args.items()}
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    if denom == 0.0:
+        return diff
+    return diff / denom
+
+
+# NSA_MATH.md's tolerances for ||out - ref|| / ||ref|| against float64.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}

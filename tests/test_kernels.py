@@ -1,0 +1,149 @@
+"""Generated kernels against the dense reference (NSA_MATH.md), on valid
+patterns drawn by construction. On CPU they run through Triton's
+interpreter (fp32 and fp16; the interpreter's bf16 dot is wrong)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import nsa_dsl
+from nsa_dsl.reference import block_scores, compress_mean
+from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Pool, Select, Window
+from strategies import TOLERANCE, random_inputs, rel_error, upcast, valid_patterns
+
+from conftest import HAS_CUDA
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+DTYPES = [torch.float32, torch.float16]
+
+
+def _k_cmp_for_scores(pattern, args):
+    if pattern.compress.pool is Pool.MLP:
+        return args["k_cmp"]
+    c = pattern.compress
+    return compress_mean(args["k"], c.block, c.stride)
+
+
+def assert_selection_rule(pattern, args, indices, eps_rel, eps_abs):
+    """The kernel's indices obey NSA_MATH.md's rule against the reference's
+    block scores (computed in float64 from the same inputs)."""
+    s = pattern.select
+    B, T = args["q"].shape[:2]
+    idx = indices.long().cpu()
+    assert idx.shape == (B, T, pattern.heads.kv, s.top)
+    positions = torch.arange(T)
+    current = positions // s.block
+    if pattern.select.is_static:
+        scores = None
+    else:
+        up = upcast(args)
+        scores = block_scores(pattern, up["q"], _k_cmp_for_scores(pattern, up)).cpu()
+    for b in range(B):
+        for t in range(T):
+            cur = int(current[t])
+            visible = set(range(cur + 1))
+            forced = {j for j in visible if j < s.initial or j > cur - s.local}
+            for h in range(pattern.heads.kv):
+                row = idx[b, t, h].tolist()
+                chosen = [j for j in row if j >= 0]
+                assert row[len(chosen):] == [-1] * (len(row) - len(chosen)), f"-1 padding not at the end: {row}"
+                assert chosen == sorted(set(chosen)), f"indices not ascending and distinct: {row}"
+                assert set(chosen) <= visible, f"t={t}: future block in {row}"
+                assert len(chosen) == min(s.top, cur + 1), f"t={t}: {len(chosen)} blocks, expected {min(s.top, cur + 1)}"
+                assert forced <= set(chosen), f"t={t}: forced blocks {sorted(forced)} missing from {row}"
+                if scores is None:
+                    continue
+                free_chosen = [j for j in chosen if j not in forced]
+                unchosen = [j for j in visible if j not in chosen]
+                if free_chosen and unchosen:
+                    worst_taken = min(float(scores[b, t, h, j]) for j in free_chosen)
+                    best_left = max(float(scores[b, t, h, j]) for j in unchosen)
+                    assert worst_taken >= best_left - (eps_abs + eps_rel * abs(best_left)), (
+                        f"t={t} kv={h}: chose {free_chosen} (worst {worst_taken}) over a block scoring {best_left}")
+
+
+def run_and_compare(pattern, args, dtype):
+    compiled = nsa_dsl.compile(pattern)
+    compiled.poison = True  # every output element must be written
+    kwargs = dict(args)
+    want_indices = pattern.select is not None
+    result = compiled(**kwargs, return_indices=want_indices) if want_indices else compiled(**kwargs)
+    o, indices = result if want_indices else (result, None)
+    assert o.dtype == dtype and o.shape == (*args["q"].shape[:3], pattern.dims.v)
+    assert torch.isfinite(o).all(), "output has NaN/inf: an element was left unwritten or a softmax broke"
+    ref_args = upcast(args)
+    if indices is not None:
+        assert (indices >= -1).all(), "indices left unwritten (poison value)"
+        ref_args["indices"] = indices.to(ref_args["q"].device)
+    expected = nsa_dsl.reference(pattern, **ref_args)
+    err = rel_error(o, expected)
+    assert err < TOLERANCE[dtype], f"relative error {err:.3e} >= {TOLERANCE[dtype]:.0e} for {pattern.canonical()}"
+    return compiled, o, indices
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+@given(pattern=valid_patterns(), length=st.integers(1, 80), batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_every_valid_pattern_matches_reference(dtype, pattern, length, batch, seed):
+    args = random_inputs(pattern, batch, length, dtype, seed, device=DEVICE,
+                         separate_window_kv=bool(seed % 2))
+    _, _, indices = run_and_compare(pattern, args, dtype)
+    if indices is not None:
+        eps_rel = 1e-5 if dtype == torch.float32 else 3e-3
+        assert_selection_rule(pattern, args, indices, eps_rel=eps_rel, eps_abs=1e-6 if dtype == torch.float32 else 1e-4)
+
+
+PAPER_LIKE = Pattern(name="paper_like", heads=Heads(q=16, kv=1), dims=Dims(qk=48, v=32),
+                     compress=Compress(block=32, stride=16), select=Select(block=16, top=4, initial=1, local=2),
+                     window=Window(size=20))
+
+
+@pytest.mark.parametrize("length", [1, 15, 31, 32, 33, 47, 130])
+def test_paper_like_pattern_at_awkward_lengths(length):
+    args = random_inputs(PAPER_LIKE, 1, length, torch.float32, seed=length, device=DEVICE)
+    _, _, indices = run_and_compare(PAPER_LIKE, args, torch.float32)
+    assert_selection_rule(PAPER_LIKE, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+
+
+def test_indices_argument_bypasses_scoring():
+    """indices= decides the blocks: attention over blocks the scores would
+    never choose still matches the reference given the same blocks."""
+    p = PAPER_LIKE
+    T = 64
+    args = random_inputs(p, 1, T, torch.float32, seed=7, device=DEVICE)
+    compiled = nsa_dsl.compile(p)
+    _, own = compiled(**args, return_indices=True)
+    # Reverse the choice: the highest visible blocks not chosen, else -1.
+    forced_free = torch.full_like(own, -1)
+    for t in range(T):
+        cur = t // p.select.block
+        for j, blk in enumerate(range(cur, -1, -1)):
+            if j < p.select.top:
+                forced_free[0, t, 0, j] = blk
+    o = compiled(**args, indices=forced_free)
+    expected = nsa_dsl.reference(p, **upcast(args), indices=forced_free)
+    assert rel_error(o, expected) < TOLERANCE[torch.float32]
+    o_own = compiled(**args, indices=own)
+    assert rel_error(o, o_own) > 1e-3, "indices= had no effect"
+
+
+def test_window_only_equals_causal_attention_when_window_covers_everything():
+    p = Pattern(name="wide", heads=Heads(q=4, kv=2), dims=Dims(qk=32, v=16), window=Window(size=1000))
+    args = random_inputs(p, 2, 50, torch.float32, seed=3, gates=False, device=DEVICE)
+    o = nsa_dsl.compile(p)(**args)
+    q, k, v = (args[n].double().transpose(1, 2) for n in ("q", "k", "v"))
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
+    assert rel_error(o, causal) < 1e-5
+
+
+def test_sequence_length_is_not_a_compile_time_constant():
+    p = Pattern(name="lens", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8))
+    compiled = nsa_dsl.compile(p)
+    source = compiled.source
+    assert "T: tl.constexpr" not in source and "do_not_specialize=[\"T\"]" in source
+    for length in (5, 17, 33):
+        args = random_inputs(p, 1, length, torch.float32, seed=length, device=DEVICE)
+        assert rel_error(compiled(**args), nsa_dsl.reference(p, **upcast(args))) < 1e-5
