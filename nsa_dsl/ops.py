@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -22,10 +23,35 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride())
 
 
+def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
+    """Given block indices must lie in [-1, number of blocks): anything else
+    is a caller's bug that would otherwise be silently ignored."""
+    n_blocks = -(-length // block)
+    if indices.numel() == 0:
+        return
+    low, high = int(indices.min()), int(indices.max())
+    if low < -1 or high >= n_blocks:
+        raise ValueError(f"indices: block ids must lie in [-1, {n_blocks}) for T={length} and select block"
+                         f" {block} (-1 means none); got values in [{low}, {high}]")
+
+
 class CompiledPattern:
     """Callable kernels for one pattern. Build it with nsa_dsl.compile()."""
 
-    def __init__(self, plan: Plan, module, source_path: Path, cache_key: str):
+    def __init__(self, plan: Plan, module, source_path: Path, cache_key: str, *, deterministic: bool = False,
+                 slc_dkdv: Optional[str] = None):
+        # When True, every buffer a kernel is meant to fill starts as NaN (or
+        # -7 for indices), so a test sees any element left unwritten.
+        self.poison = False
+        # Selection dK/dV strategy: the plan's choice unless overridden;
+        # deterministic=True insists on the bit-reproducible one.
+        choice = slc_dkdv or plan.slc_dkdv
+        if choice not in (None, "inverted-index", "atomic"):
+            raise ValueError(f"slc_dkdv: expected 'inverted-index' or 'atomic', got {slc_dkdv!r}")
+        if deterministic and choice == "atomic":
+            raise ValueError("slc_dkdv='atomic' is not deterministic; use deterministic=False or 'inverted-index'")
+        self.deterministic = deterministic
+        self.slc_dkdv = choice
         self.plan = plan
         self.pattern = plan.pattern
         self.module = module
@@ -52,11 +78,19 @@ class CompiledPattern:
         if return_indices and p.select is None:
             raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
-        outputs = self.forward(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
-                               indices=indices, scale=scale, shapes=shapes)
+        if indices is not None:
+            _check_index_range(indices, p.select.block, shapes.length)
+        o, idx = _NSAFunction.apply(self, shapes, scale, indices, q, k, v, g_cmp, g_slc, g_swa,
+                                    k_cmp, v_cmp, k_swa, v_swa)
         if return_indices:
-            return outputs["o"], outputs["indices"]
-        return outputs["o"]
+            return o, idx
+        return o
+
+    def _alloc(self, shape, dtype, device) -> torch.Tensor:
+        if not self.poison:
+            return torch.empty(shape, dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, dtype=dtype, device=device)
 
     # ------------------------------------------------------------- forward
     def forward(self, q, k, v, gates, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, shapes) -> dict:
@@ -72,8 +106,8 @@ class CompiledPattern:
 
         if p.compress is not None:
             if plan.has("cmp_pool"):
-                k_cmp = torch.empty((B, Tc, HKV, p.dims.qk), dtype=q.dtype, device=dev)
-                v_cmp = torch.empty((B, Tc, HKV, DV), dtype=q.dtype, device=dev)
+                k_cmp = self._alloc((B, Tc, HKV, p.dims.qk), q.dtype, dev)
+                v_cmp = self._alloc((B, Tc, HKV, DV), q.dtype, dev)
                 if Tc > 0:
                     kp = plan.kernel("cmp_pool")
                     grid = (_cdiv(Tc, kp.const("POOL_BLOCK_C")), B * HKV)
@@ -84,8 +118,8 @@ class CompiledPattern:
             out["k_cmp"], out["v_cmp"] = k_cmp, v_cmp
             kp = plan.kernel("cmp_fwd")
             write_o = kp.const("CMP_WRITE_O")
-            o_cmp = torch.empty((B, T, HQ, DV), dtype=q.dtype, device=dev) if write_o else None
-            lse_cmp = torch.empty((B, HQ, T), dtype=torch.float32, device=dev)
+            o_cmp = self._alloc((B, T, HQ, DV), q.dtype, dev) if write_o else None
+            lse_cmp = self._alloc((B, HQ, T), torch.float32, dev)
             o_arg = o_cmp if write_o else lse_cmp  # unused pointer when the output is not needed
             o_strides = _strides(o_cmp) if write_o else (0, 0, 0, 0)
             grid = (_cdiv(T, kp.const("CMP_BLOCK_M")), B * HQ)
@@ -98,7 +132,7 @@ class CompiledPattern:
             top = p.select.top
             if indices is None:
                 kp = plan.kernel("slc_topk")
-                indices = torch.empty((B, T, HKV, top), dtype=torch.int32, device=dev)
+                indices = self._alloc((B, T, HKV, top), torch.int32, dev)
                 grid = (_cdiv(T, kp.const("TOPK_BLOCK_M")), B * HKV)
                 if plan.static_selection:
                     m.slc_topk[grid](q, q, q, indices, T, 0, qk_scale_log2, *_strides(q), 0, 0, 0, 0,
@@ -109,8 +143,8 @@ class CompiledPattern:
                                      num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
             kp = plan.kernel("slc_fwd")
-            o_slc = torch.empty((B, T, HQ, DV), dtype=q.dtype, device=dev)
-            lse_slc = torch.empty((B, HQ, T), dtype=torch.float32, device=dev)
+            o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
+            lse_slc = self._alloc((B, HQ, T), torch.float32, dev)
             m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2,
                                     *_strides(q), *_strides(k), *_strides(v), *_strides(indices),
                                     *_strides(o_slc), num_warps=kp.num_warps, num_stages=kp.num_stages)
@@ -119,8 +153,8 @@ class CompiledPattern:
         if p.window is not None:
             kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
             kp = plan.kernel("swa_fwd")
-            o_swa = torch.empty((B, T, HQ, DV), dtype=q.dtype, device=dev)
-            lse_swa = torch.empty((B, HQ, T), dtype=torch.float32, device=dev)
+            o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev)
+            lse_swa = self._alloc((B, HQ, T), torch.float32, dev)
             grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * HQ)
             m.swa_fwd[grid](q, kw, vw, o_swa, lse_swa, T, qk_scale_log2,
                             *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa),
@@ -132,7 +166,7 @@ class CompiledPattern:
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         kp = self.plan.kernel("combine")
-        o = torch.empty((*like.shape[:3], self.pattern.dims.v), dtype=like.dtype, device=like.device)
+        o = self._alloc((*like.shape[:3], self.pattern.dims.v), like.dtype, like.device)
         branch_out = {b: out.get(f"o_{b.value}") for b in (Branch.CMP, Branch.SLC, Branch.SWA)}
         # Unused pointers are never read (their COMBINE_* constant is False);
         # pass o so every pointer argument is a real tensor.
@@ -151,3 +185,171 @@ class CompiledPattern:
                                   HAS_G_SWA=gates[Branch.SWA] is not None,
                                   num_warps=kp.num_warps, num_stages=kp.num_stages)
         return o
+
+    # ------------------------------------------------------------ backward
+    def backward(self, saved: dict, do: torch.Tensor, shapes, scale: float, needs: dict) -> dict:
+        """Gradients of every differentiable input from dO, recomputing the
+        attention probabilities from the saved statistics. Returns a dict of
+        float32 or input-dtype gradients by argument name (None where not
+        needed)."""
+        plan, m, p = self.plan, self.module, self.pattern
+        B, T, Tc = shapes.batch, shapes.length, shapes.compressed
+        HQ, HKV, DQK, DV = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
+        q, k, v = saved["q"], saved["k"], saved["v"]
+        dev = q.device
+        qk_scale_log2 = scale * LOG2E
+        combined = p.combined_branches
+        do = do.contiguous()
+        n_rows = B * T * HQ
+        f32 = torch.float32
+        dq = torch.zeros((B, T, HQ, DQK), dtype=f32, device=dev)
+        dk = torch.zeros((B, T, HKV, DQK), dtype=f32, device=dev)
+        dv = torch.zeros((B, T, HKV, DV), dtype=f32, device=dev)
+        separate_swa = saved.get("k_swa") is not None
+        if separate_swa:
+            dk_swa = torch.zeros_like(dk)
+            dv_swa = torch.zeros_like(dv)
+
+        gates = {b: saved.get(f"g_{b.value}") for b in (Branch.CMP, Branch.SLC, Branch.SWA)}
+        dg = torch.zeros((3, n_rows), dtype=f32, device=dev)
+        delta = torch.zeros((3, B, HQ, T), dtype=f32, device=dev)
+        kp = plan.kernel("bwd_prep")
+        outs = [saved.get(f"o_{b.value}") if b in combined else None for b in (Branch.CMP, Branch.SLC, Branch.SWA)]
+        m.bwd_prep[(_cdiv(n_rows, kp.const("COMBINE_ROWS")),)](
+            do, *[o if o is not None else do for o in outs], *[g if g is not None else do for g in gates.values()],
+            dg, delta, n_rows, T,
+            HAS_G_CMP=gates[Branch.CMP] is not None, HAS_G_SLC=gates[Branch.SLC] is not None,
+            HAS_G_SWA=gates[Branch.SWA] is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+
+        def flash(branch: str, keys, values, dk_out, dv_out, n_keys, stat_lse, branch_delta, gate):
+            kp = plan.kernel(f"{branch}_bwd")
+            prefix = branch.upper()
+            bm, bn = kp.const(f"{prefix}_BWD_BLOCK_M"), kp.const(f"{prefix}_BWD_BLOCK_N")
+            common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
+                      *_strides(do))
+            g_arg = gate if gate is not None else do
+            getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
+                q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
+                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if n_keys > 0:
+                getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, bn), B * HKV)](
+                    q, keys, values, do, g_arg, stat_lse, branch_delta, dk_out, dv_out, *common,
+                    HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+
+        grads = {}
+        if Branch.CMP in combined:
+            k_cmp, v_cmp = saved["k_cmp"], saved["v_cmp"]
+            dk_cmp = torch.zeros((B, Tc, HKV, DQK), dtype=f32, device=dev)
+            dv_cmp = torch.zeros((B, Tc, HKV, DV), dtype=f32, device=dev)
+            flash("cmp", k_cmp, v_cmp, dk_cmp, dv_cmp, Tc, saved["lse_cmp"], delta[0], gates[Branch.CMP])
+            if plan.has("cmp_pool_bwd"):
+                if Tc > 0:
+                    kp = plan.kernel("cmp_pool_bwd")
+                    grid = (_cdiv(T, kp.const("POOL_BWD_BLOCK_P")), B * HKV)
+                    for src, dst, d in ((dk_cmp, dk, DQK), (dv_cmp, dv, DV)):
+                        m.cmp_pool_bwd[grid](src, dst, T, Tc, D=d, D_PAD=1 << (d - 1).bit_length(),
+                                             num_warps=kp.num_warps, num_stages=kp.num_stages)
+            else:
+                grads["k_cmp"], grads["v_cmp"] = dk_cmp, dv_cmp
+
+        if Branch.SLC in combined:
+            kp = plan.kernel("slc_bwd")
+            indices = saved["indices"]
+            atomic = self.slc_dkdv == "atomic"
+            gate = gates[Branch.SLC]
+            g_arg = gate if gate is not None else do
+            m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
+                q, k, v, do, g_arg, saved["lse_slc"], delta[1], indices, dq, dk, dv,
+                T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
+                num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if not atomic:
+                n_blocks = _cdiv(T, p.select.block)
+                offsets, positions = block_to_positions(indices, p.select.block, n_blocks)
+                m.slc_bwd_dkdv[(n_blocks, B * HKV)](
+                    q, k, v, do, g_arg, saved["lse_slc"], delta[1], offsets, positions, dk, dv,
+                    T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                    HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+
+        if Branch.SWA in combined:
+            if separate_swa:
+                keys, values, dk_out, dv_out = saved["k_swa"], saved["v_swa"], dk_swa, dv_swa
+            else:
+                keys, values, dk_out, dv_out = k, v, dk, dv
+            flash("swa", keys, values, dk_out, dv_out, T, saved["lse_swa"], delta[2], gates[Branch.SWA])
+
+        grads["q"], grads["k"], grads["v"] = dq, dk, dv
+        if separate_swa:
+            grads["k_swa"], grads["v_swa"] = dk_swa, dv_swa
+        for i, b in enumerate((Branch.CMP, Branch.SLC, Branch.SWA)):
+            if gates[b] is not None:
+                grads[f"g_{b.value}"] = dg[i].view(B, T, HQ)
+        return grads
+
+
+def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int) -> tuple:
+    """The inverted selection index: for every (batch, KV head, block) the
+    ascending positions whose selection holds that block, as CSR arrays
+    (offsets [B*HKV*n_blocks + 1] int32, positions int32). Blocks past a
+    position (which it cannot attend) and repeated ids in a row are dropped.
+    Its size is at most B*T*HKV*top: never T x blocks."""
+    B, T, HKV, _ = indices.shape
+    dev = indices.device
+    idx = indices.long()
+    t = torch.arange(T, device=dev).view(1, T, 1, 1)
+    usable = (idx >= 0) & (idx <= t // block)
+    b_i, t_i, h_i, _slot = usable.nonzero(as_tuple=True)
+    blk = idx[usable]
+    key = ((b_i * HKV + h_i) * n_blocks + blk) * T + t_i
+    key = torch.unique(key)  # sorted: by segment, then by position; duplicates gone
+    segment = key // T
+    positions = (key % T).to(torch.int32)
+    counts = torch.bincount(segment, minlength=B * HKV * n_blocks)
+    offsets = torch.zeros(B * HKV * n_blocks + 1, dtype=torch.int64, device=dev)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.to(torch.int32), positions
+
+
+_GRAD_ORDER = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa")
+
+
+class _NSAFunction(torch.autograd.Function):
+    """compiled(...) as one differentiable operation. Block indices are an
+    output without gradient (none flows through the scores or top-n)."""
+
+    @staticmethod
+    def forward(ctx, compiled, shapes, scale, indices, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa):
+        gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
+        gates = {b: (g.contiguous() if g is not None else None) for b, g in gates.items()}
+        out = compiled.forward(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
+                               indices=indices, scale=scale, shapes=shapes)
+        inputs = dict(zip(_GRAD_ORDER, (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)))
+        ctx.compiled, ctx.shapes, ctx.scale = compiled, shapes, scale
+        ctx.input_dtypes = {n: (t.dtype if t is not None else None) for n, t in inputs.items()}
+        saved = {"q": q, "k": k, "v": v, "k_swa": k_swa, "v_swa": v_swa, "indices": out.get("indices"),
+                 "k_cmp": out.get("k_cmp"), "v_cmp": out.get("v_cmp")}
+        for b in (Branch.CMP, Branch.SLC, Branch.SWA):
+            saved[f"g_{b.value}"] = gates[b]
+            saved[f"o_{b.value}"] = out.get(f"o_{b.value}")
+            saved[f"lse_{b.value}"] = out.get(f"lse_{b.value}")
+        ctx.saved_names = [n for n, t in saved.items() if t is not None]
+        ctx.save_for_backward(*[saved[n] for n in ctx.saved_names])
+        idx = out.get("indices")
+        if idx is None:
+            idx = torch.empty(0, dtype=torch.int32, device=q.device)
+        ctx.mark_non_differentiable(idx)
+        return out["o"], idx
+
+    @staticmethod
+    def backward(ctx, do, _d_indices):
+        saved = dict(zip(ctx.saved_names, ctx.saved_tensors))
+        needs = dict(zip(_GRAD_ORDER, ctx.needs_input_grad[4:]))
+        grads = ctx.compiled.backward(saved, do, ctx.shapes, ctx.scale, needs)
+        result = []
+        for name in _GRAD_ORDER:
+            g = grads.get(name)
+            if g is None or not needs[name]:
+                result.append(None)
+            else:
+                result.append(g.to(ctx.input_dtypes[name]))
+        return (None, None, None, None, *result)

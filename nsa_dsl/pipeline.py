@@ -73,8 +73,13 @@ def emit(pattern: Pattern) -> tuple:
     return key, render(plan, key)
 
 
-def compile(pattern: Pattern):  # noqa: A001 - the natural name for this API
-    """Check, plan, render, cache and load the kernels of a pattern."""
+def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional[str] = None):  # noqa: A001
+    """Check, plan, render, cache and load the kernels of a pattern.
+
+    deterministic=True guarantees bit-identical gradients run to run (the
+    selection branch's key/value gradients then use the block-centric
+    inverted index, never float32 atomics). slc_dkdv overrides the plan's
+    choice: "inverted-index" or "atomic"."""
     from .ops import CompiledPattern
 
     if not isinstance(pattern, Pattern):
@@ -83,4 +88,4 @@ def compile(pattern: Pattern):  # noqa: A001 - the natural name for this API
     key = cache_key(plan)
     path, _built = cache.get_or_build(key, lambda: render(plan, key))
     module = cache.load_module(key, path)
-    return CompiledPattern(plan, module, path, key)
+    return CompiledPattern(plan, module, path, key, deterministic=deterministic, slc_dkdv=slc_dkdv)

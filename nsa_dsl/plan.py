@@ -35,6 +35,7 @@ class KernelPlan:
     constants: tuple = ()  # ((NAME, int | bool | str), ...)
     num_warps: int = 4
     num_stages: int = 2
+    direction: str = "forward"  # or "backward"
 
     def const(self, name: str):
         for key, value in self.constants:
@@ -53,6 +54,10 @@ class Plan:
     group_rows: int  # G padded to an MMA tile, for the group-centric selection
     loop_order: Optional[str]  # selection loop order, None without selection
     static_selection: bool
+    # How the selection branch's key/value gradients are accumulated across
+    # the queries that chose a block: "inverted-index" (block-centric,
+    # deterministic) or "atomic" (float32 atomics from the query side).
+    slc_dkdv: Optional[str] = None
     warnings: tuple = ()
     notes: tuple = field(default=())
 
@@ -79,9 +84,11 @@ class Plan:
         if self.loop_order is not None:
             lines.append(f"  selection loop order: {self.loop_order}"
                          f" (G={p.group} query heads as rows of a {self.group_rows}-row MMA tile)")
+        if self.slc_dkdv is not None:
+            lines.append(f"  selection key/value gradients: {self.slc_dkdv}")
         for k in self.kernels:
             consts = " ".join(f"{n}={v}" for n, v in k.constants)
-            lines.append(f"  - {k.name}: {k.role}")
+            lines.append(f"  - {k.name} ({k.direction}): {k.role}")
             lines.append(f"      grid {k.grid}; num_warps={k.num_warps} num_stages={k.num_stages}")
             if consts:
                 lines.append(f"      {consts}")
@@ -218,12 +225,77 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         "combine", "combine.py.jinja",
         "gated sum of the branch outputs: " + " + ".join(f"g_{b.value}*o_{b.value}" for b in combined),
         "(cdiv(B*T*HQ, COMBINE_ROWS),)",
-        (("COMBINE_ROWS", 16), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
+        (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
          ("COMBINE_SWA", Branch.SWA in combined)),
         num_warps=4, num_stages=1))
 
+    kernels.extend(_backward_kernels(p, d_max, group_rows))
+    slc_dkdv = "inverted-index" if Branch.SLC in combined else None
+    if slc_dkdv:
+        notes.append("selection dK/dV: block-centric over an inverted block -> positions index (deterministic);"
+                     " float32 atomics from the query side are the alternative (compile(..., deterministic=False,"
+                     " slc_dkdv='atomic'))")
     if qk_pad != p.dims.qk or v_pad != p.dims.v:
         notes.append(f"head dims are padded to powers of two in registers (qk {p.dims.qk}->{qk_pad},"
                      f" v {p.dims.v}->{v_pad}); memory traffic stays at the declared size")
     return Plan(p, tuple(kernels), shared, qk_pad, v_pad, group_rows, loop_order, static,
-                tuple(warnings), tuple(notes))
+                slc_dkdv, tuple(warnings), tuple(notes))
+
+
+def _backward_tiles(d_pad: int) -> tuple:
+    """(BLOCK_M, BLOCK_N, num_warps) of the flash-style backward kernels: the
+    key-side kernel keeps dK and dV of BLOCK_N keys in registers."""
+    if d_pad <= 64:
+        return 64, 64, 4
+    if d_pad <= 128:
+        return 32, 64, 4
+    return 32, 32, 8
+
+
+def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
+    """Backward kernels, only for the branches whose output is combined (a
+    compress branch kept only for ranking gets no gradient: none flows
+    through the block scores)."""
+    combined = p.combined_branches
+    bm, bn, warps = _backward_tiles(d_max)
+    kernels = [KernelPlan(
+        "bwd_prep", "bwd_prep.py.jinja",
+        "gate gradients rowsum(dO * o_x) and each branch's softmax-backward term delta_x = g_x * rowsum(dO * o_x)",
+        "(cdiv(B*T*HQ, COMBINE_ROWS),)",
+        (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
+         ("COMBINE_SWA", Branch.SWA in combined)),
+        num_warps=4, num_stages=1, direction="backward")]
+    if Branch.CMP in combined:
+        c = p.compress
+        kernels.append(KernelPlan(
+            "cmp_bwd", "cmp_bwd.py.jinja",
+            "compressed attention backward: cmp_bwd_dq per query tile and head; cmp_bwd_dkdv per tile of"
+            " compressed tokens and KV head, over the group's heads",
+            "dq (cdiv(T, CMP_BWD_BLOCK_M), B*HQ); dkdv (cdiv(Tc, CMP_BWD_BLOCK_N), B*HKV)",
+            (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BWD_BLOCK_M", bm), ("CMP_BWD_BLOCK_N", bn)),
+            num_warps=warps, num_stages=1, direction="backward"))
+        if c.pool.value == "mean":
+            kernels.append(KernelPlan(
+                "cmp_pool_bwd", "cmp_pool_bwd.py.jinja",
+                "mean-pooling backward: each position gathers dk_cmp, dv_cmp of the blocks holding it",
+                "(cdiv(T, POOL_BWD_BLOCK_P), B*HKV)",
+                (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("POOL_BWD_BLOCK_P", 32)),
+                num_warps=4, num_stages=1, direction="backward"))
+    if Branch.SLC in combined:
+        s = p.select
+        kernels.append(KernelPlan(
+            "slc_bwd", "slc_bwd.py.jinja",
+            "selection backward: slc_bwd_dq laid out like the forward; slc_bwd_dkdv per selection block and KV"
+            " head over the positions that chose it",
+            "dq (cdiv(T, SLC_TOKENS), B*HKV); dkdv (cdiv(T, SLC_BLOCK), B*HKV)",
+            (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
+             ("SLC_TOKENS", max(1, 64 // group_rows)), ("SLC_BWD_TOKENS", max(1, 64 // group_rows))),
+            num_warps=4 if d_max <= 128 else 8, num_stages=1, direction="backward"))
+    if Branch.SWA in combined:
+        kernels.append(KernelPlan(
+            "swa_bwd", "swa_bwd.py.jinja",
+            "sliding-window backward: swa_bwd_dq per query tile and head; swa_bwd_dkdv per key tile and KV head",
+            "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_BLOCK_N), B*HKV)",
+            (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn)),
+            num_warps=warps, num_stages=1, direction="backward"))
+    return kernels
