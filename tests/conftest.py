@@ -41,6 +41,15 @@ settings.register_profile(
     print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+# Compiled on a GPU every drawn pattern costs a real compile: fewer draws.
+settings.register_profile(
+    "gpu",
+    derandomize=True,
+    max_examples=6,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile(os.environ.get("NSA_DSL_HYPOTHESIS_PROFILE", "ci"))
 
 

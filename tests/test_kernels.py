@@ -111,11 +111,11 @@ def test_indices_argument_bypasses_scoring():
     """indices= decides the blocks: attention over blocks the scores would
     never choose still matches the reference given the same blocks."""
     p = PAPER_LIKE
-    T = 64
+    T = 128  # 8 blocks of 16: more than top=4, so a different choice exists
     args = random_inputs(p, 1, T, torch.float32, seed=7, device=DEVICE)
     compiled = nsa_dsl.compile(p)
     _, own = compiled(**args, return_indices=True)
-    # Reverse the choice: the highest visible blocks not chosen, else -1.
+    # The most recent visible blocks instead (no initial block), -1 padded.
     forced_free = torch.full_like(own, -1)
     for t in range(T):
         cur = t // p.select.block
