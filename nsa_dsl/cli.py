@@ -1,0 +1,170 @@
+"""`nsa-dsl`: check, explain, emit, verify, and manage the kernel cache.
+
+Exit codes: 0 success, 1 an invalid pattern (or a failed verify), 2 a usage
+error (bad arguments, unreadable file). The CLI uses only the public API.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+USAGE_ERROR = 2
+
+
+def _load_patterns(path: str, name=None):
+    import nsa_dsl
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(path)
+    if name is not None:
+        return [nsa_dsl.load(path, name=name)]
+    return nsa_dsl.load_all(path)
+
+
+def cmd_check(args) -> int:
+    import nsa_dsl
+    from nsa_dsl.check import errors_of, validate, warnings_of
+    from nsa_dsl.cost import explain as explain_cost
+
+    status = 0
+    for path in args.files:
+        try:
+            patterns = _load_patterns(path, args.name)
+        except FileNotFoundError:
+            print(f"nsa-dsl check: no such file: {path}", file=sys.stderr)
+            return USAGE_ERROR
+        except nsa_dsl.SpecError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        for pattern in patterns:
+            found = validate(pattern)
+            errors, warnings = errors_of(found), warnings_of(found)
+            for diag in (*errors, *warnings):
+                print(diag.render(), file=sys.stderr)
+            if errors:
+                status = 1
+                print(f"{path}: pattern {pattern.name}: {len(errors)} error(s)", file=sys.stderr)
+                continue
+            print(f"{path}: pattern {pattern.name}: ok"
+                  + (f" ({len(warnings)} warning(s))" if warnings else ""))
+            if args.explain:
+                plan = nsa_dsl.check(pattern)
+                print(plan.explain())
+                print(explain_cost(pattern))
+                print()
+    return status
+
+
+def cmd_emit(args) -> int:
+    import nsa_dsl
+
+    try:
+        patterns = _load_patterns(args.file, args.name)
+    except FileNotFoundError:
+        print(f"nsa-dsl emit: no such file: {args.file}", file=sys.stderr)
+        return USAGE_ERROR
+    except nsa_dsl.SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    for pattern in patterns:
+        try:
+            key, source = nsa_dsl.emit(pattern)
+        except nsa_dsl.SpecError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        target = out / f"{pattern.name}.py"
+        target.write_text(source)
+        print(f"{target}  (cache key {key[:16]}…)")
+    return 0
+
+
+def cmd_cache(args) -> int:
+    from nsa_dsl import cache
+
+    if args.action == "path":
+        print(cache.cache_dir())
+    elif args.action == "list":
+        entries = cache.entries()
+        for key, path, size, valid in entries:
+            print(f"{key[:16]}  {size:8d} B  {'ok' if valid else 'CORRUPT'}  {path}")
+        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {cache.cache_dir()}")
+    elif args.action == "clear":
+        print(f"removed {cache.clear()} entr(ies) from {cache.cache_dir()}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    # The interpreter must be chosen before triton is imported.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import nsa_dsl
+    from nsa_dsl.verify import verify
+
+    try:
+        patterns = _load_patterns(args.file, args.name)
+    except FileNotFoundError:
+        print(f"nsa-dsl verify: no such file: {args.file}", file=sys.stderr)
+        return USAGE_ERROR
+    except nsa_dsl.SpecError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    ok = True
+    for pattern in patterns:
+        try:
+            nsa_dsl.check(pattern)
+        except nsa_dsl.SpecError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        ok &= verify(pattern, examples=args.examples, seed=args.seed, grad=args.grad, max_length=args.max_length)
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nsa-dsl", description="Compile NSA sparse-attention patterns to Triton kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate pattern files (every violation at once)")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--name", help="only the pattern of this name")
+    check.add_argument("--explain", action="store_true", help="print the plan: kernels, tiles, loop order, cost model")
+    check.set_defaults(func=cmd_check)
+
+    emit = sub.add_parser("emit", help="write the generated Triton source of each pattern")
+    emit.add_argument("file", metavar="FILE")
+    emit.add_argument("-o", "--output", required=True, metavar="DIR")
+    emit.add_argument("--name")
+    emit.set_defaults(func=cmd_emit)
+
+    cache = sub.add_parser("cache", help="the on-disk kernel cache ($NSA_DSL_CACHE_DIR)")
+    cache.add_argument("action", choices=["path", "list", "clear"])
+    cache.set_defaults(func=cmd_cache)
+
+    verify = sub.add_parser("verify", help="property-test the kernels of a pattern against the dense reference")
+    verify.add_argument("file", metavar="FILE")
+    verify.add_argument("--name")
+    verify.add_argument("--examples", type=int, default=20)
+    verify.add_argument("--seed", type=int, default=0)
+    verify.add_argument("--grad", action="store_true", help="check gradients too")
+    verify.add_argument("--max-length", type=int, default=None,
+                        help="longest sequence drawn (default 96 on CPU, 2048 on a GPU)")
+    verify.set_defaults(func=cmd_verify)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)  # exits with 2 on a usage error
+    if getattr(args, "examples", 1) < 1:
+        parser.error("--examples must be at least 1")
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
