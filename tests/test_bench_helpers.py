@@ -1,0 +1,417 @@
+"""CPU tests of the pure parts of benchmarks/bench.py: FLOP and byte counts
+against brute-force enumeration, the FlexAttention masks and block layouts
+against dense masks, rows, the table and the plot."""
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+import nsa_dsl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("nsa_bench", ROOT / "benchmarks" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+bench = _load_bench()
+
+
+def _pattern(q=4, kv=2, qk=32, v=None, cblock=8, cstride=4, pool="mean", sblock=8, top=3, initial=1, local=2,
+             window=16, combine=None):
+    text = f"pattern p {{ heads q={q} kv={kv} dims qk={qk}{'' if v is None else f' v={v}'}"
+    if cblock:
+        text += f" compress block={cblock} stride={cstride} pool={pool}"
+    if sblock:
+        text += f" select block={sblock} top={top} initial={initial} local={local}"
+    if window:
+        text += f" window size={window}"
+    if combine:
+        text += f" combine {combine}"
+    return nsa_dsl.parse(text + " }")
+
+
+# --------------------------------------------------------------- brute force
+def brute_cmp_visible(t, block, stride, T):
+    tc = max(0, (T - block) // stride + 1)
+    return sum(1 for i in range(tc) if i * stride + block - 1 <= t)
+
+
+def brute_selected(t, block, top, initial, local, rng):
+    """One valid selection for query t (random scores for the free choices)."""
+    qb = t // block
+    visible = list(range(qb + 1))
+    forced = {j for j in visible if j < initial or j > qb - local}
+    rest = [j for j in visible if j not in forced]
+    rng.shuffle(rest)
+    return sorted(forced | set(rest[:max(0, top - len(forced))])) if len(visible) > top else visible
+
+
+def brute_keys(blocks, block, t):
+    return sum(len(set(range(j * block, (j + 1) * block)) & set(range(t + 1))) for j in blocks)
+
+
+def test_cmp_visible_matches_enumeration():
+    for block, stride in ((8, 4), (32, 16), (16, 16), (4, 1)):
+        T = 97
+        for t in range(T):
+            assert bench.cmp_visible(t, block, stride) == brute_cmp_visible(t, block, stride, T)
+
+
+@pytest.mark.parametrize("block,top,initial,local", [(8, 3, 1, 2), (4, 5, 0, 1), (16, 2, 1, 1), (8, 4, 2, 2),
+                                                     (8, 3, 0, 0), (8, 1, 0, 1)])
+def test_slc_keys_match_simulated_selection(block, top, initial, local):
+    rng = random.Random(block * 100 + top)
+    for t in range(150):
+        n, exact = bench.slc_keys(t, block, top, local)
+        for _ in range(3):
+            got = brute_keys(brute_selected(t, block, top, initial, local, rng), block, t)
+            if exact:
+                assert n == got, (t, n, got)
+            else:
+                assert got <= n
+        if local >= 1:
+            assert exact
+
+
+def test_nsa_flops_match_brute_force_sums():
+    rng = random.Random(0)
+    for kw in ({}, {"qk": 48, "v": 16, "pool": "mlp"}, {"top": 3, "initial": 1, "local": 2},
+               {"window": None}, {"combine": "slc", "window": None, "local": 1, "top": 2}):
+        p = _pattern(**kw)
+        T = 123
+        hq, dqk, dv = p.heads.q, p.dims.qk, p.dims.v
+        c, s = p.compress, p.select
+        cmp_keys = sum(brute_cmp_visible(t, c.block, c.stride, T) for t in range(T))
+        slc = sum(brute_keys(brute_selected(t, s.block, s.top, s.initial, s.local, rng), s.block, t)
+                  for t in range(T))
+        swa = sum(len(range(max(0, t - p.window.size + 1), t + 1)) for t in range(T)) if p.window else 0
+        combined = {b.value for b in p.combined_branches}
+        cmp_per = 2 * dqk + (2 * dv if "cmp" in combined else 0)
+        want = {
+            "cmp": hq * cmp_keys * cmp_per,
+            "score": 0 if s.is_static else hq * cmp_keys * 2 * dqk,
+            "slc": hq * slc * (2 * dqk + 2 * dv),
+            "swa": hq * swa * (2 * dqk + 2 * dv),
+        }
+        got = bench.nsa_flops(p, T)
+        for key, value in want.items():
+            assert got[key] == value, (kw, key)
+        assert got["fwd"] == sum(want.values())
+        bwd = sum(want[b] for b in ("cmp", "slc", "swa") if b in combined)
+        assert got["bwd"] == pytest.approx(2.5 * bwd)
+        assert got["fwd+bwd"] == pytest.approx(got["fwd"] + 2.5 * bwd)
+
+
+def test_static_selection_has_no_scoring():
+    p = _pattern(top=3, initial=1, local=2)
+    assert p.select.is_static
+    assert bench.nsa_flops(p, 64)["score"] == 0
+
+
+def test_dense_flops_is_causal_enumeration():
+    p = _pattern(qk=48, v=16)
+    T = 50
+    pairs = sum(1 for t in range(T) for j in range(T) if j <= t)
+    assert bench.dense_flops(p, T) == 2 * (48 + 16) * p.heads.q * pairs
+    assert bench.pass_flops(10.0, "fwd") == 10.0
+    assert bench.pass_flops(10.0, "fwd+bwd") == 35.0
+    assert bench.pass_flops(10.0, "fwd+bwd", bwd=5.0) == 15.0
+
+
+def _dense(mask_mod, H, T):
+    h = torch.arange(H)[:, None, None]
+    q = torch.arange(T)[None, :, None]
+    k = torch.arange(T)[None, None, :]
+    return mask_mod(0, h, q, k).expand(H, T, T)
+
+
+def test_static_mask_keys_match_mask_mod_and_sets():
+    for block, initial, local, window in ((8, 1, 2, 20), (16, 0, 1, 8), (8, 2, 0, None), (4, 1, 3, 7)):
+        T = 96
+        dense = _dense(bench.static_mask_mod(block, initial, local, window), 1, T)[0]
+        for t in range(T):
+            keys = {j for j in range(t + 1)
+                    if j // block < initial or j // block > t // block - local
+                    or (window and t - j < window)}
+            assert bench.static_mask_keys(t, block, initial, local, window) == len(keys)
+            assert int(dense[t].sum()) == len(keys)
+        p = _pattern(sblock=block, initial=initial, local=local, window=window, top=initial + local + 1,
+                     cblock=block, cstride=block // 2 or 1)
+        assert bench.static_mask_flops(p, T) == p.heads.q * int(dense.sum()) * (2 * p.dims.qk + 2 * p.dims.v)
+
+
+def test_union_length():
+    assert bench.union_length([]) == 0
+    assert bench.union_length([(0, 3), (2, 5), (7, 7), (9, 8)]) == 7
+    assert bench.union_length([(0, 0), (1, 1)]) == 2
+
+
+def _random_indices(T, H, block, top, initial, local, seed=0):
+    rng = random.Random(seed)
+    idx = torch.full((1, T, H, top), -1, dtype=torch.int32)
+    for t in range(T):
+        for h in range(H):
+            chosen = brute_selected(t, block, top, initial, local, rng)
+            rng.shuffle(chosen)
+            idx[0, t, h, :len(chosen)] = torch.tensor(chosen, dtype=torch.int32)
+    return idx
+
+
+def test_selection_table_and_oracle_keys():
+    T, H, block, top, window = 200, 3, 8, 4, 24
+    idx = _random_indices(T, H, block, top, 1, 2)
+    table = bench.selection_table(idx, T, block)
+    assert table.shape == (H, T, -(-T // block))
+    for t in (0, 7, 8, 63, 199):
+        for h in range(H):
+            want = {int(j) for j in idx[0, t, h] if j >= 0}
+            assert set(torch.nonzero(table[h, t]).flatten().tolist()) == want
+    for w in (window, None):
+        dense = _dense(bench.oracle_mask_mod(table, 1, block, w), H, T)
+        assert bench.oracle_keys(idx, block, w) == int(dense.sum())
+    with pytest.raises(ValueError):
+        bench.selection_table(idx[:, :10], T, block)
+
+
+def _check_layout(tables, dense, fblock):
+    """Block layout vs the dense mask: every tile with a kept entry is listed
+    exactly once (partial or full), full tiles are wholly kept, nothing else."""
+    kv_num, kv_idx, full_num, full_idx = tables
+    H, T, _ = dense.shape
+    n = T // fblock
+    tiles = dense.view(H, n, fblock, n, fblock)
+    any_t = tiles.any(-1).any(2)
+    all_t = tiles.all(-1).all(2)
+    for h in range(H):
+        for r in range(n):
+            part = kv_idx[0, h, r, :kv_num[0, h, r]].tolist()
+            full = full_idx[0, h, r, :full_num[0, h, r]].tolist()
+            assert part == sorted(part) and full == sorted(full)
+            assert not set(part) & set(full)
+            assert set(part) | set(full) == set(torch.nonzero(any_t[h, r]).flatten().tolist())
+            assert all(bool(all_t[h, r, c]) for c in full)
+    return any_t, all_t
+
+
+@pytest.mark.parametrize("sel_block,fblock", [(8, 32), (32, 32), (64, 16)])
+def test_flex_block_tables_oracle(sel_block, fblock):
+    T, H, top, window = 256, 2, 4, 40
+    idx = _random_indices(T, H, sel_block, top, 1, 2, seed=sel_block)
+    table = bench.selection_table(idx, T, sel_block)
+    dense = _dense(bench.oracle_mask_mod(table, 1, sel_block, window), H, T)
+    tables = bench.flex_block_tables(table, sel_block, window, fblock=fblock)
+    _check_layout(tables, dense, fblock)
+    # expansion to query heads: head h uses KV head h // G
+    G = 3
+    wide = bench.expand_heads(tables, G)
+    assert wide[0].shape == (1, H * G, T // fblock)
+    for h in range(H * G):
+        assert torch.equal(wide[1][0, h], tables[1][0, h // G])
+
+
+def test_flex_block_tables_static_finds_full_tiles():
+    T, block, fblock = 512, 16, 32
+    for initial, local, window in ((1, 2, 100), (2, 1, None), (0, 1, 64)):
+        table = bench.static_table(T, block, initial, local)
+        dense = _dense(bench.static_mask_mod(block, initial, local, window), 1, T)
+        tables = bench.flex_block_tables(table, block, window, fblock=fblock)
+        any_t, all_t = _check_layout(tables, dense, fblock)
+        if window and window >= 2 * fblock:
+            assert int(tables[2].sum()) > 0  # tiles wholly inside the window are full
+        # the static table is the mask without its window
+        no_win = _dense(bench.static_mask_mod(block, initial, local, None), 1, T)[0]
+        expanded = table[0].repeat_interleave(block, dim=1)[:, :T] & torch.tril(torch.ones(T, T, dtype=torch.bool))
+        assert torch.equal(expanded, no_win)
+
+
+def test_tile_density():
+    T, fblock = 256, 32
+    causal = bench.static_table(T, 8, T, 0)  # initial covers everything: dense causal
+    tables = bench.flex_block_tables(causal, 8, None, fblock=fblock)
+    assert bench.tile_density(tables) == pytest.approx(1.0)
+    window_only = bench.flex_block_tables(bench.static_table(T, 8, 0, 0), 8, 32, fblock=fblock)
+    n = T // fblock
+    assert bench.tile_density(window_only) == pytest.approx((2 * n - 1) / (n * (n + 1) / 2))
+
+
+def test_flex_block_tables_rejects_bad_tiles():
+    with pytest.raises(ValueError):
+        bench.flex_block_tables(torch.zeros(1, 100, 13, dtype=torch.bool), 8, None, fblock=32)
+    with pytest.raises(ValueError):
+        bench.flex_block_tables(torch.zeros(1, 96, 4, dtype=torch.bool), 24, None, fblock=32)
+
+
+def test_oracle_block_mask_runs_in_eager_flex_on_cpu():
+    """The BlockMask built from the tables is accepted by FlexAttention, and
+    its mask_mod gives the dense masked attention (eager flex is the unfused
+    reference: it checks the mask semantics, the layout is checked above)."""
+    flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
+    T, HKV, G, block, top, window = 256, 2, 2, 32, 3, 48
+    idx = _random_indices(T, HKV, block, top, 1, 1, seed=5)
+    table = bench.selection_table(idx, T, block)
+    mm = bench.oracle_mask_mod(table, G, block, window)
+    tables = bench.expand_heads(bench.flex_block_tables(table, block, window), G)
+    bm = bench.make_block_mask(tables, mm, T)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, HKV * G, T, 32, generator=g)
+    k = torch.randn(1, HKV, T, 32, generator=g)
+    v = torch.randn(1, HKV, T, 16, generator=g)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            o = flex_mod.flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+        except Exception as e:  # pragma: no cover - depends on the torch build
+            pytest.skip(f"eager flex_attention unavailable on CPU: {e}")
+    dense = _dense(mm, HKV * G, T)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=dense[None])
+    assert torch.allclose(o, ref, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------- bytes, floor, rows
+def test_io_bytes():
+    p = _pattern(q=4, kv=2, qk=32, v=16, pool="mlp", cblock=8, cstride=4)
+    T = 40
+    qkvo = T * 4 * 32 + T * 2 * 32 + T * 2 * 16 + T * 4 * 16
+    assert bench.io_bytes(p, T, "dense", "fwd") == 2 * qkvo
+    assert bench.io_bytes(p, T, "dense", "fwd+bwd") == 4 * qkvo
+    tc = (T - 8) // 4 + 1
+    nsa = qkvo + 3 * T * 4 + tc * 2 * (32 + 16)
+    assert bench.io_bytes(p, T, "nsa_dsl", "fwd") == 2 * nsa
+    assert bench.compressed_len(p, 7) == 0
+
+
+def test_floor_and_make_row():
+    ceil = {"matmul_flops_per_s": 1e15, "copy_bytes_per_s": 4e12}
+    assert bench.floor_ms(1e12, 4e9, 1e15, 4e12) == pytest.approx(1.0)  # both terms 1 ms
+    assert bench.floor_ms(2e12, 4e9, 1e15, 4e12) == pytest.approx(2.0)  # compute-bound
+    assert bench.floor_ms(1e12, 8e9, 1e15, 4e12) == pytest.approx(2.0)  # memory-bound
+    assert bench.floor_ms(None, None, 1e15, 4e12) is None
+    row = bench.make_row("p", 8192, "nsa_dsl", "fwd", 4.0, flops=2e12, nbytes=4e9, peak_gb=1.23456, ceilings=ceil)
+    assert set(bench.ROW_KEYS) <= set(row)
+    assert row["tflops"] == pytest.approx(500.0)
+    assert row["floor_ms"] == pytest.approx(2.0)
+    assert row["floor_frac"] == pytest.approx(0.5)
+    assert row["peak_mem_gb"] == pytest.approx(1.2346)
+    assert "error" not in row and "note" not in row
+    bad = bench.make_row("p", 8192, "flex", "fwd+bwd", None, flops=1e12, ceilings=ceil, error="OOM", note="n")
+    assert bad["ms"] is None and bad["tflops"] is None and bad["floor_frac"] is None
+    assert bad["error"] == "OOM" and bad["note"] == "n"
+    json.dumps(row), json.dumps(bad)
+
+
+def _rows():
+    mk = bench.make_row
+    return [
+        mk("a", 8192, "sdpa_flash", "fwd", 10.0),
+        mk("a", 8192, "nsa_dsl", "fwd", 2.0, peak_gb=1.5),
+        mk("a", 8192, "flex", "fwd", 5.0),
+        mk("a", 8192, "nsa_dsl", "fwd", 0.5, stage="slc_fwd"),
+        mk("a", 8192, "nsa_dsl", "fwd+bwd", None, error="NotImplementedError: backward"),
+        mk("a", 8192, "sdpa_flash", "fwd+bwd", 30.0),
+        mk("a", 16384, "nsa_dsl", "fwd", 4.0),
+        mk("a", 16384, "sdpa_flash", "fwd", 40.0),
+        mk("b", 8192, "sdpa_flash", "fwd", None, error="RuntimeError: no kernel"),
+        mk("b", 8192, "sdpa_flash_padv", "fwd", 12.0),
+        mk("b", 8192, "nsa_dsl", "fwd", 3.0),
+        mk("b", 8192, "flex_oracle_blocks", "fwd", None, error="skipped: time budget (3 s left)"),
+        mk("a", 8192, "cold_start_nsa_cold", "fwd", 1500.0),
+    ]
+
+
+def test_attach_speedups_prefers_flash_then_padded():
+    rows = bench.attach_speedups(_rows())
+    by = {(r["pattern"], r["T"], r["impl"], r["pass"], r["stage"]): r for r in rows}
+    assert by[("a", 8192, "nsa_dsl", "fwd", None)]["speedup_vs_sdpa"] == pytest.approx(5.0)
+    assert by[("a", 8192, "flex", "fwd", None)]["speedup_vs_sdpa"] == pytest.approx(2.0)
+    assert by[("a", 8192, "sdpa_flash", "fwd", None)]["speedup_vs_sdpa"] == pytest.approx(1.0)
+    assert by[("a", 8192, "nsa_dsl", "fwd", "slc_fwd")]["speedup_vs_sdpa"] is None
+    assert by[("a", 8192, "nsa_dsl", "fwd+bwd", None)]["speedup_vs_sdpa"] is None
+    assert by[("a", 16384, "nsa_dsl", "fwd", None)]["speedup_vs_sdpa"] == pytest.approx(10.0)
+    assert by[("b", 8192, "nsa_dsl", "fwd", None)]["speedup_vs_sdpa"] == pytest.approx(4.0)
+    assert by[("a", 8192, "cold_start_nsa_cold", "fwd", None)]["speedup_vs_sdpa"] is None
+
+
+def test_format_table():
+    text = bench.format_table(bench.attach_speedups(_rows()))
+    lines = text.splitlines()
+    assert lines[0].split()[:3] == ["pattern", "T", "pass"]
+    body = [ln for ln in lines[2:] if ln and ln.split()[0] in ("a", "b")]
+    assert len(body) == 4  # (a, 8192, fwd), (a, 8192, fwd+bwd), (a, 16384, fwd), (b, 8192, fwd)
+    a_fwd = body[0].split()
+    assert a_fwd[:6] == ["a", "8192", "fwd", "2.000", "10.000", "5.000"]
+    assert a_fwd[6] == "-" and a_fwd[7] == "5.00" and a_fwd[-1] == "1.50"
+    assert body[1].split()[3] == "ERR"
+    b_fwd = body[3].split()
+    assert b_fwd[4] == "12.000*" and b_fwd[6] == "skip"
+    assert "sdpa_flash_padv" in text
+    assert "slc_fwd=0.500" in bench.format_stages(_rows())
+    assert "1.50 s" in bench.format_cold(_rows())
+
+
+def test_kernel_stage_grouping():
+    names = ("cmp_pool", "cmp_fwd", "slc_topk", "slc_fwd", "combine", "cmp_bwd", "cmp_pool_bwd", "slc_bwd")
+    assert bench.kernel_stage("cmp_fwd", names) == "cmp_fwd"
+    assert bench.kernel_stage("cmp_bwd_dq", names) == "cmp_bwd"
+    assert bench.kernel_stage("cmp_pool_bwd", names) == "cmp_pool_bwd"
+    assert bench.kernel_stage("slc_bwd_dkdv", names) == "slc_bwd"
+    assert bench.kernel_stage("void at::native::vectorized_elementwise_kernel", names) is None
+    events = [("cmp_fwd", 300.0), ("cmp_fwd", 300.0), ("cmp_bwd_dq", 600.0), ("cmp_bwd_dkdv", 900.0),
+              ("elementwise_kernel", 30.0), ("memset", 60.0)]
+    stages, other_ms, others = bench.group_kernel_times(events, names, n_calls=3)
+    assert stages["cmp_fwd"] == ("cmp_fwd", pytest.approx(0.2))
+    assert stages["cmp_bwd_dq"] == ("cmp_bwd", pytest.approx(0.2))
+    assert stages["cmp_bwd_dkdv"] == ("cmp_bwd", pytest.approx(0.3))
+    assert other_ms == pytest.approx(0.03)
+    assert set(others) == {"elementwise_kernel", "memset"}
+
+
+def test_write_json_roundtrip(tmp_path):
+    path = tmp_path / "h200.json"
+    header = {"device": "X", "matmul_tflops": 800.0, "copy_tbps": 4.3}
+    rows = bench.attach_speedups(_rows())
+    bench.write_json(path, header, rows)
+    doc = json.loads(path.read_text())
+    assert doc["device"] == "X" and len(doc["rows"]) == len(rows)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_plot_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "h200.png"
+    assert bench.plot_rows(bench.attach_speedups(_rows()), path, title="t")
+    assert path.stat().st_size > 1000
+    assert not bench.plot_rows([], tmp_path / "empty.png")
+
+
+def test_config_and_lengths():
+    assert bench.parse_lengths("8192, 16k,32K") == (8192, 16384, 32768)
+    cfg = bench.resolve_config(bench.build_parser().parse_args(["--quick"]))
+    assert cfg.lengths == (8192, 16384) and cfg.patterns == ("examples/bench_paper128.nsa",)
+    assert cfg.rep < 100 and cfg.flex and cfg.flex_dynamic is None
+    cfg = bench.resolve_config(bench.build_parser().parse_args(["--lengths", "1024", "--no-flex"]))
+    assert cfg.lengths == (1024,) and len(cfg.patterns) == 3 and not cfg.flex
+    for path in bench.DEFAULT_PATTERNS:
+        p = nsa_dsl.load(ROOT / path)
+        assert p.select is not None and p.window is not None
+
+
+def test_bench_patterns():
+    paper = nsa_dsl.load(ROOT / "examples" / "bench_paper128.nsa")
+    small = nsa_dsl.load(ROOT / "examples" / "bench_small_group.nsa")
+    assert (paper.heads.q, paper.heads.kv, paper.dims.qk, paper.dims.v) == (64, 4, 128, 128)
+    assert (small.heads.q, small.heads.kv) == (16, 8)
+    for p in (paper, small):
+        assert (p.compress.block, p.compress.stride, p.compress.pool.value) == (32, 16, "mean")
+        assert (p.select.block, p.select.top, p.select.initial, p.select.local) == (64, 16, 1, 2)
+        assert p.window.size == 512
