@@ -1,0 +1,89 @@
+"""compiled(...) validates every input before any launch: each failure is a
+ValueError naming the argument, what was expected and what came."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nsa_dsl
+from strategies import random_inputs
+
+PATTERN = nsa_dsl.parse("""
+pattern p {
+    heads q=4 kv=2
+    dims qk=32 v=16
+    compress block=8 stride=4 pool=mlp
+    select block=16 top=3 initial=1 local=1
+    window size=8
+    dtype fp32 fp16
+}
+""")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    return nsa_dsl.compile(PATTERN)
+
+
+@pytest.fixture
+def args():
+    return random_inputs(PATTERN, 1, 20, torch.float32, seed=1)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda a: a.update(q=a["q"][0]), r"q: expected a 4-d tensor \[B, T, HQ=4, Dqk=32\]"),
+    (lambda a: a.update(q=a["q"][:, :, :3]), r"q: expected shape \[B, T, HQ, Dqk\] = \[1, 20, 4, 32\], got \[1, 20, 3, 32\]"),
+    (lambda a: a.update(k=a["k"][:, :, :1]), r"k: expected shape \[B, T, HKV, Dqk\] = \[1, 20, 2, 32\]"),
+    (lambda a: a.update(v=a["v"][..., :8]), r"v: expected shape \[B, T, HKV, Dv\] = \[1, 20, 2, 16\], got \[1, 20, 2, 8\]"),
+    (lambda a: a.update(k=a["k"].half()), r"k: expected dtype torch.float32 \(the dtype of q\), got torch.float16"),
+    (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), r"q: pattern 'p' allows dtype fp16 \| fp32, got torch.float64"),
+    (lambda a: a.update(g_slc=a["g_slc"][:, :5]), r"g_slc: expected shape \[B, T, HQ\] = \[1, 20, 4\]"),
+    (lambda a: a.pop("k_cmp"), r"k_cmp: pattern 'p' pools by mlp, so k_cmp must be passed: shape \[B, Tc, HKV, Dqk\] = \[1, 4, 2, 32\]"),
+    (lambda a: a.update(v_cmp=a["v_cmp"][:, :2]), r"v_cmp: expected shape \[B, Tc, HKV, D\] = \[1, 4, 2, 16\]"),
+    (lambda a: a.update(k_swa=a["k"]), r"k_swa, v_swa: pass both or neither"),
+    (lambda a: a.update(indices=torch.zeros(1, 20, 2, 3)), r"indices: expected int32 or int64"),
+    (lambda a: a.update(indices=torch.full((1, 20, 2, 3), 2, dtype=torch.int32)), r"indices: block ids must lie in \[-1, 2\)"),
+    (lambda a: a.update(scale=-1.0), r"scale: expected a positive number"),
+])
+def test_bad_inputs_are_named(compiled, args, change, match):
+    change(args)
+    with pytest.raises(ValueError, match=match):
+        compiled(**args)
+
+
+def test_branch_arguments_the_pattern_cannot_use():
+    window_only = nsa_dsl.compile(nsa_dsl.parse("pattern w { heads q=2 kv=1 dims qk=16 window size=4 }"))
+    a = random_inputs(window_only.pattern, 1, 8, torch.float32, seed=2)
+    with pytest.raises(ValueError, match="g_slc: pattern 'w' does not combine the slc branch"):
+        window_only(**a, g_slc=a["g_swa"])
+    with pytest.raises(ValueError, match="indices: pattern 'w' has no select branch"):
+        window_only(**a, indices=torch.zeros(1, 8, 1, 1, dtype=torch.int32))
+    with pytest.raises(ValueError, match="k_cmp: pattern 'w' has no compress branch"):
+        window_only(**a, k_cmp=a["k"])
+    with pytest.raises(ValueError, match="return_indices: pattern 'w' has no select branch"):
+        window_only(**a, return_indices=True)
+
+
+def test_mean_pooling_refuses_k_cmp():
+    p = nsa_dsl.compile(nsa_dsl.parse(
+        "pattern m { heads q=2 kv=1 dims qk=16 compress block=4 stride=4 select block=16 top=3 }"))
+    a = random_inputs(p.pattern, 1, 8, torch.float32, seed=3)
+    with pytest.raises(ValueError, match="pools by mean, so k_cmp is computed from k and v"):
+        p(**a, k_cmp=torch.zeros(1, 2, 1, 16))
+
+
+def test_non_contiguous_inputs_are_handled(compiled, args):
+    # A transposed-then-transposed-back copy has the same values but other strides.
+    q_t = args["q"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not q_t.is_contiguous()
+    expected = compiled(**args)
+    got = compiled(**{**args, "q": q_t})
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch, compiled, args):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA machine: CPU tensors are a different path")
+    with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before triton is imported"):
+        compiled(**args)
