@@ -225,16 +225,27 @@ class CompiledPattern:
             kp = plan.kernel(f"{branch}_bwd")
             prefix = branch.upper()
             bm, bn = kp.const(f"{prefix}_BWD_BLOCK_M"), kp.const(f"{prefix}_BWD_BLOCK_N")
+            split = kp.const(f"{prefix}_BWD_SPLIT_HEADS")
             common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
                       *_strides(do))
             g_arg = gate if gate is not None else do
             getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
                 q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
                 HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
-            if n_keys > 0:
-                getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, bn), B * HKV)](
-                    q, keys, values, do, g_arg, stat_lse, branch_delta, dk_out, dv_out, *common,
-                    HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if n_keys == 0:
+                return
+            if split:  # per-query-head shares, summed over each group here
+                dk_part = torch.zeros((B, n_keys, HQ, DQK), dtype=f32, device=dev)
+                dv_part = torch.zeros((B, n_keys, HQ, DV), dtype=f32, device=dev)
+            else:
+                dk_part, dv_part = dk_out, dv_out
+            getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, bn), B * (HQ if split else HKV))](
+                q, keys, values, do, g_arg, stat_lse, branch_delta, dk_part, dv_part, *common,
+                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if split:
+                G = p.group
+                dk_out += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)
+                dv_out += dv_part.view(B, n_keys, HKV, G, DV).sum(3)
 
         grads = {}
         if Branch.CMP in combined:

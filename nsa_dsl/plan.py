@@ -270,9 +270,12 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
         kernels.append(KernelPlan(
             "cmp_bwd", "cmp_bwd.py.jinja",
             "compressed attention backward: cmp_bwd_dq per query tile and head; cmp_bwd_dkdv per tile of"
-            " compressed tokens and KV head, over the group's heads",
-            "dq (cdiv(T, CMP_BWD_BLOCK_M), B*HQ); dkdv (cdiv(Tc, CMP_BWD_BLOCK_N), B*HKV)",
-            (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BWD_BLOCK_M", bm), ("CMP_BWD_BLOCK_N", bn)),
+            " compressed tokens and query head (partials summed over the group)",
+            "dq (cdiv(T, CMP_BWD_BLOCK_M), B*HQ); dkdv (cdiv(Tc, CMP_BWD_BLOCK_N), B*HQ)",
+            (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BWD_BLOCK_M", bm), ("CMP_BWD_BLOCK_N", bn),
+             # Few compressed keys, each seen by every later row: one program
+             # per query head (not per KV head) keeps the GPU busy.
+             ("CMP_BWD_SPLIT_HEADS", p.group > 1)),
             num_warps=warps, num_stages=1, direction="backward"))
         if c.pool.value == "mean":
             kernels.append(KernelPlan(
@@ -296,6 +299,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "swa_bwd", "swa_bwd.py.jinja",
             "sliding-window backward: swa_bwd_dq per query tile and head; swa_bwd_dkdv per key tile and KV head",
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_BLOCK_N), B*HKV)",
-            (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn)),
+            (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
+             ("SWA_BWD_SPLIT_HEADS", False)),
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
