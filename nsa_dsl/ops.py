@@ -277,10 +277,18 @@ class CompiledPattern:
             if not atomic:
                 n_blocks = _cdiv(T, p.select.block)
                 offsets, positions = block_to_positions(indices, p.select.block, n_blocks)
-                m.slc_bwd_dkdv[(n_blocks, B * HKV)](
-                    q, k, v, do, g_arg, saved["lse_slc"], delta[1], offsets, positions, dk, dv,
-                    T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                    HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                chunks = chunk_segments(offsets, kp.const("SLC_BWD_CHUNK"))
+                n_chunks = chunks["segment"].numel()
+                if n_chunks:
+                    part_k = torch.empty((n_chunks, p.select.block, DQK), dtype=f32, device=dev)
+                    part_v = torch.empty((n_chunks, p.select.block, DV), dtype=f32, device=dev)
+                    m.slc_bwd_dkdv[(n_chunks,)](
+                        q, k, v, do, g_arg, saved["lse_slc"], delta[1], chunks["segment"], chunks["start"],
+                        chunks["end"], positions, part_k, part_v,
+                        T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                        HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    m.slc_bwd_reduce[(B * HKV * n_blocks,)](part_k, part_v, chunks["per_segment"], dk, dv,
+                                                            T, n_blocks, num_warps=4, num_stages=1)
 
         if Branch.SWA in combined:
             if separate_swa:
@@ -319,6 +327,23 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int) -> tupl
     offsets = torch.zeros(B * HKV * n_blocks + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
     return offsets.to(torch.int32), positions
+
+
+def chunk_segments(offsets: torch.Tensor, chunk: int) -> dict:
+    """Cut every segment of the inverted index into chunks of at most
+    `chunk` positions: per chunk its segment, first and past-the-end entry
+    (int32), and per segment the range of its chunks (per_segment, CSR)."""
+    counts = (offsets[1:] - offsets[:-1]).long()
+    per = (counts + chunk - 1) // chunk
+    n_segments = counts.numel()
+    per_segment = torch.zeros(n_segments + 1, dtype=torch.int64, device=offsets.device)
+    per_segment[1:] = torch.cumsum(per, 0)
+    segment = torch.repeat_interleave(torch.arange(n_segments, device=offsets.device), per)
+    local = torch.arange(segment.numel(), device=offsets.device) - per_segment[segment]
+    start = offsets[segment].long() + local * chunk
+    end = torch.minimum(start + chunk, offsets[segment + 1].long())
+    return {"segment": segment.to(torch.int32), "start": start.to(torch.int32), "end": end.to(torch.int32),
+            "per_segment": per_segment.to(torch.int32)}
 
 
 _GRAD_ORDER = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa")

@@ -73,18 +73,25 @@ def emit(pattern: Pattern) -> tuple:
     return key, render(plan, key)
 
 
-def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional[str] = None):  # noqa: A001
+def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional[str] = None,  # noqa: A001
+            overrides: Optional[dict] = None):
     """Check, plan, render, cache and load the kernels of a pattern.
 
     deterministic=True guarantees bit-identical gradients run to run (the
     selection branch's key/value gradients then use the block-centric
     inverted index, never float32 atomics). slc_dkdv overrides the plan's
-    choice: "inverted-index" or "atomic"."""
+    choice: "inverted-index" or "atomic". overrides replaces tunable plan
+    constants (tile sizes, work splits, <kernel>.num_warps/num_stages; see
+    plan.TUNABLE): what is computed stays the same."""
     from .ops import CompiledPattern
 
     if not isinstance(pattern, Pattern):
         raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
     plan = plan_for(pattern)
+    if overrides:
+        from .plan import apply_overrides
+
+        plan = apply_overrides(plan, overrides)
     key = cache_key(plan)
     path, _built = cache.get_or_build(key, lambda: render(plan, key))
     module = cache.load_module(key, path)

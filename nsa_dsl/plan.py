@@ -290,9 +290,12 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "slc_bwd", "slc_bwd.py.jinja",
             "selection backward: slc_bwd_dq laid out like the forward; slc_bwd_dkdv per selection block and KV"
             " head over the positions that chose it",
-            "dq (cdiv(T, SLC_TOKENS), B*HKV); dkdv (cdiv(T, SLC_BLOCK), B*HKV)",
+            "dq (cdiv(T, SLC_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
-             ("SLC_TOKENS", max(1, 64 // group_rows)), ("SLC_BWD_TOKENS", max(1, 64 // group_rows))),
+             ("SLC_TOKENS", max(1, 64 // group_rows)), ("SLC_BWD_TOKENS", max(1, 64 // group_rows)),
+             # Positions per dK/dV chunk: a block chosen by every position is
+             # split over T / SLC_BWD_CHUNK programs, reduced in order after.
+             ("SLC_BWD_CHUNK", 1024)),
             num_warps=4 if d_max <= 128 else 8, num_stages=1, direction="backward"))
     if Branch.SWA in combined:
         kernels.append(KernelPlan(
@@ -303,3 +306,65 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              ("SWA_BWD_SPLIT_HEADS", False)),
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
+
+
+def _pow2_at_least(lo: int):
+    def ok(value: int) -> bool:
+        return value >= lo and value & (value - 1) == 0
+    ok.__doc__ = f"a power of two >= {lo}"
+    return ok
+
+
+def _positive(value: int) -> bool:
+    return value >= 1
+
+
+_positive.__doc__ = "a positive integer"
+
+# Constants a user (or the autotuner) may change without changing what is
+# computed: tile shapes and work splits. Anything else is the pattern's own.
+TUNABLE = {
+    "SWA_BLOCK_M": _pow2_at_least(16), "SWA_BLOCK_N": _pow2_at_least(16),
+    "CMP_BLOCK_M": _pow2_at_least(16), "CMP_BLOCK_N": _pow2_at_least(16),
+    "SWA_BWD_BLOCK_M": _pow2_at_least(16), "SWA_BWD_BLOCK_N": _pow2_at_least(16),
+    "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
+    "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
+    "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
+}
+
+
+def apply_overrides(plan: Plan, overrides: dict) -> Plan:
+    """A copy of the plan with tunable constants replaced, e.g.
+    {"SLC_TOKENS": 8, "slc_fwd.num_warps": 8}. Unknown names and invalid
+    values are errors, never ignored."""
+    from dataclasses import replace
+
+    consts, launch = {}, {}
+    for name, value in overrides.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"override {name}: expected an int, got {value!r}")
+        if "." in name:
+            kernel, setting = name.split(".", 1)
+            if setting not in ("num_warps", "num_stages") or kernel not in plan.kernel_names:
+                raise ValueError(f"override {name}: expected <kernel>.num_warps or <kernel>.num_stages with a kernel"
+                                 f" among {', '.join(plan.kernel_names)}")
+            if setting == "num_warps" and value not in (1, 2, 4, 8, 16):
+                raise ValueError(f"override {name}: num_warps must be 1, 2, 4, 8 or 16, got {value}")
+            if setting == "num_stages" and not 1 <= value <= 8:
+                raise ValueError(f"override {name}: num_stages must be in 1..8, got {value}")
+            launch[(kernel, setting)] = value
+            continue
+        if name not in TUNABLE:
+            raise ValueError(f"override {name}: not a tunable constant; tunable: {', '.join(sorted(TUNABLE))}")
+        if not TUNABLE[name](value):
+            raise ValueError(f"override {name}: must be {TUNABLE[name].__doc__}, got {value}")
+        if not any(name == key for k in plan.kernels for key, _ in k.constants):
+            raise ValueError(f"override {name}: no kernel of pattern {plan.pattern.name!r} uses it")
+        consts[name] = value
+    kernels = []
+    for k in plan.kernels:
+        constants = tuple((key, consts.get(key, value)) for key, value in k.constants)
+        kernels.append(replace(k, constants=constants,
+                               num_warps=launch.get((k.name, "num_warps"), k.num_warps),
+                               num_stages=launch.get((k.name, "num_stages"), k.num_stages)))
+    return replace(plan, kernels=tuple(kernels))

@@ -24,7 +24,11 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+# No explain phase: on a failure it re-runs the (slow, interpreted) case many
+# times only to annotate the report.
+_PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
 
 settings.register_profile(
     "ci",
@@ -32,6 +36,7 @@ settings.register_profile(
     max_examples=25,
     deadline=None,
     print_blob=True,
+    phases=_PHASES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.register_profile(
@@ -39,6 +44,7 @@ settings.register_profile(
     max_examples=200,
     deadline=None,
     print_blob=True,
+    phases=_PHASES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 # Compiled on a GPU every drawn pattern costs a real compile: fewer draws.
@@ -48,6 +54,7 @@ settings.register_profile(
     max_examples=6,
     deadline=None,
     print_blob=True,
+    phases=_PHASES,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("NSA_DSL_HYPOTHESIS_PROFILE", "ci"))

@@ -177,3 +177,35 @@ def test_every_gradient_matches_float64_autograd_of_reference(pattern, length, s
         assert got is not None, f"no gradient for {name}"
         err = rel_error(got, want)
         assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e} for {pattern.canonical()}"
+
+
+def test_selection_key_gradients_split_into_many_chunks_match_reference():
+    """Hot blocks (every position selects the initial block) are cut into
+    chunks of SLC_BWD_CHUNK positions and reduced in order; force tiny
+    chunks so every path of the split and the reduction runs."""
+    p = PAPER_LIKE
+    args = random_inputs(p, 2, 70, torch.float32, seed=21, device=DEVICE)
+    results = []
+    for chunk in (1, 3, 1024):
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+        compiled = nsa_dsl.compile(p, deterministic=True, overrides={"SLC_BWD_CHUNK": chunk})
+        o, idx = compiled(**leaves, return_indices=True)
+        o.backward(torch.ones_like(o))
+        results.append({n: leaves[n].grad for n in ("k", "v")})
+        up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}
+        ref = nsa_dsl.reference(p, **up, indices=idx)
+        ref.backward(torch.ones_like(ref))
+        for n in ("k", "v"):
+            assert rel_error(leaves[n].grad, up[n].grad) < TOLERANCE[torch.float32], (chunk, n)
+
+
+def test_overrides_are_validated():
+    with pytest.raises(ValueError, match="not a tunable constant"):
+        nsa_dsl.compile(PAPER_LIKE, overrides={"TOP": 2})
+    with pytest.raises(ValueError, match="must be a power of two >= 16"):
+        nsa_dsl.compile(PAPER_LIKE, overrides={"SWA_BLOCK_M": 24})
+    with pytest.raises(ValueError, match="num_warps must be"):
+        nsa_dsl.compile(PAPER_LIKE, overrides={"slc_fwd.num_warps": 3})
+    window_only = Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=4))
+    with pytest.raises(ValueError, match="no kernel of pattern 'w' uses it"):
+        nsa_dsl.compile(window_only, overrides={"SLC_TOKENS": 2})
