@@ -1,0 +1,384 @@
+"""NSAttention: a drop-in attention layer built around one NSA pattern.
+
+    layer = NSAttention("examples/deepseek_nsa.nsa", hidden_size=2048)
+    y = layer(x)                      # x, y: [B, T, hidden_size]
+
+The layer owns everything around the attention call that NSA_MATH.md treats
+as given: the query and key/value projections, the learned compression phi
+(for ``pool=mlp``), the sigmoid gates and the output projection. The
+attention itself is either the compiled kernels (``nsa_dsl.compile``) or the
+dense reference (``nsa_dsl.reference``); both take the same arguments, so the
+layer's parameters and outputs do not depend on the backend.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from typing import Dict, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ir import Branch, Pattern, Pool
+
+__all__ = ["NSAttention", "CompressionMLP"]
+
+_BACKENDS = ("auto", "kernels", "reference")
+# torch dtypes the generated kernels accept, by the pattern's dtype names.
+_KERNEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _resolve_pattern(pattern) -> Pattern:
+    if isinstance(pattern, Pattern):
+        return pattern
+    if isinstance(pattern, (str, os.PathLike)):
+        from .parse import load_all
+
+        found = load_all(pattern)
+        if len(found) != 1:
+            names = ", ".join(p.name for p in found)
+            raise ValueError(
+                f"pattern: {os.fspath(pattern)} holds {len(found)} patterns ({names}); pass the one to use as a "
+                f"Pattern, e.g. NSAttention(nsa_dsl.load({os.fspath(pattern)!r}, name={found[0].name!r}), ...)"
+            )
+        return found[0]
+    raise TypeError(f"pattern: expected a Pattern or the path of a .nsa file, got {type(pattern).__name__}")
+
+
+def _check_pattern(p: Pattern) -> None:
+    """The structural facts the layer relies on (the kernels' checker judges
+    the rest, e.g. head dims that are multiples of 16)."""
+    if p.heads.q <= 0 or p.heads.kv <= 0 or p.heads.q % p.heads.kv:
+        raise ValueError(f"pattern {p.name!r}: heads q={p.heads.q} must be a positive multiple of kv={p.heads.kv}")
+    if p.dims.qk <= 0 or p.dims.v <= 0:
+        raise ValueError(f"pattern {p.name!r}: dims qk={p.dims.qk} and v={p.dims.v} must be positive")
+    if not p.combined_branches:
+        raise ValueError(f"pattern {p.name!r} combines no branch, so the layer would output nothing")
+    if p.compress is not None and (p.compress.block <= 0 or p.compress.stride <= 0):
+        raise ValueError(f"pattern {p.name!r}: compress block={p.compress.block}, stride={p.compress.stride}"
+                         " must be positive")
+
+
+class CompressionMLP(nn.Module):
+    """phi for ``pool=mlp``: one compressed token per block of ``block``
+    consecutive tokens taken every ``stride`` tokens.
+
+    x [B, T, H, D] -> [B, Tc, H, D], Tc = max(0, (T - block) // stride + 1);
+    compressed token i sees x[:, i*stride : i*stride + block]. Each block gets
+    a learned intra-block position encoding (``pos`` [block, D], added to the
+    block's tokens), is flattened to block*D features and mapped by
+    Linear(block*D -> hidden) -> GELU -> Linear(hidden -> D). The weights are
+    shared by the H heads. Blocks are gathered with ``Tensor.unfold`` (a
+    strided view), not a loop.
+    """
+
+    def __init__(self, block: int, stride: int, dim: int, hidden: Optional[int] = None, *, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.block, self.stride, self.dim = block, stride, dim
+        self.hidden = dim if hidden is None else hidden
+        self.pos = nn.Parameter(torch.empty(block, dim, **kw))
+        self.fc1 = nn.Linear(block * dim, self.hidden, **kw)
+        self.fc2 = nn.Linear(self.hidden, dim, **kw)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.pos, mean=0.0, std=0.02)
+        self.fc1.reset_parameters()
+        self.fc2.reset_parameters()
+
+    def num_compressed(self, T: int) -> int:
+        return 0 if T < self.block else (T - self.block) // self.stride + 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x: expected shape [B, T, H, D={self.dim}], got {list(x.shape)}")
+        B, T, H, D = x.shape
+        Tc = self.num_compressed(T)
+        if Tc == 0:
+            windows = x.new_zeros(B, 0, H, self.block * D)
+        else:
+            # [B, Tc, H, D, block] view -> [B, Tc, H, block, D] (+ pos) -> [B, Tc, H, block*D]
+            windows = x.unfold(1, self.block, self.stride).transpose(-1, -2)
+            windows = (windows + self.pos.to(windows.dtype)).reshape(B, Tc, H, self.block * D)
+        return self.fc2(F.gelu(self.fc1(windows)))
+
+    def extra_repr(self) -> str:
+        return f"block={self.block}, stride={self.stride}, dim={self.dim}, hidden={self.hidden}"
+
+
+class NSAttention(nn.Module):
+    """Native Sparse Attention layer for one pattern: x [B, T, hidden] -> [B, T, hidden].
+
+    Arguments
+    ---------
+    pattern      a Pattern, or the path of a .nsa file holding exactly one
+                 pattern (for a file with several, pass nsa_dsl.load(path, name=...)).
+    hidden_size  width of x and of the output.
+    bias         bias on the q, k, v and output projections (the gate and the
+                 compression MLP always have biases).
+    separate_kv  True: each branch gets its own key/value projection, as in the
+                 paper; False: one k, v projection serves every branch.
+    backend      "kernels": the generated Triton kernels (nsa_dsl.compile; CUDA,
+                 or CPU under TRITON_INTERPRET=1); "reference": the dense
+                 PyTorch reference (any device, any float dtype incl. float64;
+                 memory O(T^2)); "auto": kernels when x is on CUDA and its
+                 (autocast) dtype is one the pattern allows, else reference.
+                 The kernels are compiled lazily on first use and kept.
+    scale        softmax scale; default 1/sqrt(Dqk).
+    phi_hidden   hidden width of the compression MLP (pool=mlp); default Dqk
+                 for the key MLP and Dv for the value MLP.
+    query_chunk  reference backend only: queries per chunk (bounds the forward's
+                 peak memory; see nsa_dsl.reference).
+    device, dtype  where and in what dtype to create the parameters.
+
+    Parameters (HQ, HKV, Dqk, Dv from the pattern; l, d the compression block and stride)
+    ----------
+    q_proj                 Linear(hidden -> HQ*Dqk)
+    k_proj, v_proj         Linear(hidden -> HKV*Dqk), Linear(hidden -> HKV*Dv):
+                           the kernels' ``k``, ``v`` (the selection branch's keys
+                           and values; see "Which keys each branch reads")
+    cmp_k_proj, cmp_v_proj the compression branch's own keys/values, fed to phi
+                           (only with separate_kv, pool=mlp and k_proj in use
+                           by another branch)
+    swa_k_proj, swa_v_proj the window branch's own keys/values (``k_swa``,
+                           ``v_swa``; only with separate_kv and k_proj in use
+                           by another branch)
+    phi_k, phi_v           CompressionMLP (pool=mlp only): k_cmp [B,Tc,HKV,Dqk]
+                           and v_cmp [B,Tc,HKV,Dv] from the compression keys
+    gate_proj              Linear(hidden -> n*HQ), n = number of combined
+                           branches, in the order cmp, slc, swa; the gates are
+                           its sigmoid, one per combined branch and query head
+    o_proj                 Linear(HQ*Dv -> hidden)
+
+    Which keys each branch reads (``kv_source``)
+    ------------------------------
+    The kernel API has one mandatory pair ``k``, ``v`` (from k_proj, v_proj).
+    The selection branch always reads it. With ``pool=mean`` the kernels (and
+    the reference) compute the compressed tokens by mean-pooling that same
+    ``k``, ``v`` -- so with separate_kv=True and pool=mean the compression
+    branch *shares* the selection branch's keys and values: the pooled tokens
+    are, by definition of the math, means of the selection keys, and no
+    separate compression projection would ever be read. With ``pool=mlp`` the
+    layer computes k_cmp, v_cmp itself and the compression branch gets its own
+    projection. The window branch gets its own pair (passed as k_swa, v_swa).
+    A branch that is the only reader of ``k``, ``v`` (a window-only pattern,
+    or window + mlp-compression without selection) simply uses k_proj, v_proj.
+    With separate_kv=False every branch reads k_proj, v_proj.
+    ``layer.kv_source`` maps each declared Branch to the name of the
+    projection pair it reads ("kv", "cmp_kv" or "swa_kv").
+
+    Initialisation
+    --------------
+    * q/k/v/output projections and the compression MLP's two Linears: PyTorch's
+      nn.Linear default (weights and biases U(-1/sqrt(fan_in), 1/sqrt(fan_in))).
+    * intra-block position encodings ``phi_*.pos``: N(0, 0.02^2), small next to
+      the keys they are added to.
+    * gate_proj: weight N(0, (0.1/sqrt(hidden))^2), bias 0, so every gate starts
+      at sigmoid(~0) ~= 0.5 (logit standard deviation ~0.1 for unit-variance
+      inputs) and each branch starts with an equal share.
+
+    Dtypes
+    ------
+    Under torch.autocast the projections run in the autocast dtype; q, k, v,
+    k_cmp, v_cmp, k_swa, v_swa and the gates are then cast to q's dtype and the
+    attention runs with autocast disabled (the reference does its own float32
+    softmax; the kernels need one input dtype that the pattern allows). The
+    kernels backend raises a ValueError for a dtype the pattern does not allow.
+    """
+
+    def __init__(
+        self,
+        pattern: Union[Pattern, str, os.PathLike],
+        hidden_size: int,
+        *,
+        bias: bool = False,
+        separate_kv: bool = True,
+        backend: str = "auto",
+        scale: Optional[float] = None,
+        phi_hidden: Optional[int] = None,
+        query_chunk: Optional[int] = None,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        p = _resolve_pattern(pattern)
+        _check_pattern(p)
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+        if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
+            raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
+        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+            raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
+        self.pattern = p
+        self.hidden_size = hidden_size
+        self.separate_kv = bool(separate_kv)
+        self.backend = backend
+        self.scale = None if scale is None else float(scale)
+        self.query_chunk = query_chunk
+        self._compiled = None  # CompiledPattern, built on first kernels call
+
+        HQ, HKV, Dqk, Dv = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
+        kw = {"device": device, "dtype": dtype}
+
+        def linear(n_in, n_out, with_bias=bias):
+            return nn.Linear(n_in, n_out, bias=with_bias, **kw)
+
+        self.q_proj = linear(hidden_size, HQ * Dqk)
+        self.k_proj = linear(hidden_size, HKV * Dqk)
+        self.v_proj = linear(hidden_size, HKV * Dv)
+
+        declared = p.declared_branches
+        mlp = p.compress is not None and p.compress.pool == Pool.MLP
+        # Who must read the mandatory k, v: selection, and compression when it pools them.
+        kv_readers = [b for b in declared if b == Branch.SLC or (b == Branch.CMP and not mlp)]
+        if not kv_readers:
+            # No branch is tied to k, v: the window (else the mlp compression) takes them.
+            kv_readers = [Branch.SWA if Branch.SWA in declared else Branch.CMP]
+        self.kv_source: Dict[Branch, str] = {}
+        for b in declared:
+            if b in kv_readers or not self.separate_kv:
+                self.kv_source[b] = "kv"
+            else:
+                self.kv_source[b] = f"{b.value}_kv"
+        if self.kv_source.get(Branch.CMP) == "cmp_kv":
+            self.cmp_k_proj = linear(hidden_size, HKV * Dqk)
+            self.cmp_v_proj = linear(hidden_size, HKV * Dv)
+        if self.kv_source.get(Branch.SWA) == "swa_kv":
+            self.swa_k_proj = linear(hidden_size, HKV * Dqk)
+            self.swa_v_proj = linear(hidden_size, HKV * Dv)
+
+        if mlp:
+            c = p.compress
+            self.phi_k = CompressionMLP(c.block, c.stride, Dqk, phi_hidden, **kw)
+            self.phi_v = CompressionMLP(c.block, c.stride, Dv, phi_hidden, **kw)
+
+        self.gated_branches = tuple(p.combined_branches)
+        self.gate_proj = nn.Linear(hidden_size, len(self.gated_branches) * HQ, bias=True, **kw)
+        self.o_proj = linear(HQ * Dv, hidden_size)
+        self._reset_gate()
+
+    # ------------------------------------------------------------------ init
+    def _reset_gate(self) -> None:
+        nn.init.normal_(self.gate_proj.weight, mean=0.0, std=0.1 / math.sqrt(self.hidden_size))
+        nn.init.zeros_(self.gate_proj.bias)
+
+    def reset_parameters(self) -> None:
+        """Re-initialise every parameter as the class docstring describes."""
+        for m in self.modules():
+            if m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        self._reset_gate()
+
+    # ------------------------------------------------------------ pieces
+    def _heads(self, t: torch.Tensor, heads: int, dim: int) -> torch.Tensor:
+        return t.view(*t.shape[:2], heads, dim)
+
+    def _pair(self, source: str, x: torch.Tensor):
+        p = self.pattern
+        if source == "kv":
+            kp, vp = self.k_proj, self.v_proj
+        else:
+            kp, vp = getattr(self, f"{source[:3]}_k_proj"), getattr(self, f"{source[:3]}_v_proj")
+        return self._heads(kp(x), p.heads.kv, p.dims.qk), self._heads(vp(x), p.heads.kv, p.dims.v)
+
+    def gates(self, x: torch.Tensor) -> Dict[Branch, torch.Tensor]:
+        """{Branch: gate [B, T, HQ] in (0, 1)} for every combined branch."""
+        g = torch.sigmoid(self.gate_proj(x))
+        g = g.view(*x.shape[:2], len(self.gated_branches), self.pattern.heads.q)
+        return {b: g[:, :, i] for i, b in enumerate(self.gated_branches)}
+
+    def attention_inputs(self, x: torch.Tensor) -> dict:
+        """Everything the attention call gets, as keyword arguments of
+        nsa_dsl.reference / a compiled pattern (q, k, v, gates and, where the
+        pattern uses them, k_cmp, v_cmp, k_swa, v_swa), all in one dtype."""
+        self._check_input(x)
+        p = self.pattern
+        q = self._heads(self.q_proj(x), p.heads.q, p.dims.qk)
+        k, v = self._pair("kv", x)
+        args = {"q": q, "k": k, "v": v}
+        if hasattr(self, "phi_k"):
+            kc, vc = (k, v) if self.kv_source[Branch.CMP] == "kv" else self._pair("cmp_kv", x)
+            args["k_cmp"], args["v_cmp"] = self.phi_k(kc), self.phi_v(vc)
+        if self.kv_source.get(Branch.SWA) == "swa_kv":
+            args["k_swa"], args["v_swa"] = self._pair("swa_kv", x)
+        for b, g in self.gates(x).items():
+            args[f"g_{b.value}"] = g
+        dt = q.dtype
+        return {name: t.to(dt) for name, t in args.items()}
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor [B, T, hidden={self.hidden_size}], got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x: expected a 3-d tensor [B, T, hidden={self.hidden_size}], "
+                             f"got a {x.dim()}-d tensor of shape {list(x.shape)}")
+        if x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x: expected shape [B, T, hidden={self.hidden_size}], got {list(x.shape)} "
+                             f"(last dim {x.shape[-1]} != hidden_size {self.hidden_size})")
+        if x.shape[1] < 1:
+            raise ValueError(f"x: expected at least one position, got shape {list(x.shape)}")
+
+    # ------------------------------------------------------------ backends
+    def resolve_backend(self, dtype: torch.dtype, device: torch.device) -> str:
+        """The backend a call with attention inputs of this dtype/device uses."""
+        if self.backend != "auto":
+            return self.backend
+        allowed = [_KERNEL_DTYPES[d.value] for d in self.pattern.allowed_dtypes]
+        if device.type == "cuda" and dtype in allowed:
+            return "kernels"
+        if device.type == "cuda":
+            warnings.warn(
+                f"NSAttention(backend='auto'): dtype {dtype} is not one the kernels of pattern "
+                f"{self.pattern.name!r} allow ({', '.join(d.value for d in self.pattern.allowed_dtypes)}); "
+                "using the dense reference (O(T^2) memory)", RuntimeWarning, stacklevel=3)
+        return "reference"
+
+    @property
+    def compiled(self):
+        """The CompiledPattern (compiled on first access, then kept)."""
+        if self._compiled is None:
+            from . import compile as compile_pattern  # the package-level function
+
+            self._compiled = compile_pattern(self.pattern)
+        return self._compiled
+
+    def attend(self, args: dict, backend: Optional[str] = None) -> torch.Tensor:
+        """The attention call on attention_inputs(): o [B, T, HQ, Dv]."""
+        q = args["q"]
+        backend = backend or self.resolve_backend(q.dtype, q.device)
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            if backend == "kernels":
+                allowed = [_KERNEL_DTYPES[d.value] for d in self.pattern.allowed_dtypes]
+                if q.dtype not in allowed:
+                    raise ValueError(
+                        f"x: the kernels of pattern {self.pattern.name!r} run in "
+                        f"{' | '.join(d.value for d in self.pattern.allowed_dtypes)}, but the projections gave "
+                        f"{q.dtype}; convert the layer (.to(dtype)), use torch.autocast, or backend='reference'")
+                return self.compiled(**args, scale=self.scale)
+            from .reference import reference
+
+            return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        args = self.attention_inputs(x)
+        o = self.attend(args)
+        B, T = x.shape[:2]
+        return self.o_proj(o.reshape(B, T, self.pattern.heads.q * self.pattern.dims.v))
+
+    # ------------------------------------------------------------ misc
+    def __getstate__(self):
+        # The compiled kernels hold an imported module: rebuild them after a
+        # copy or pickle instead of carrying them along.
+        state = self.__dict__.copy()
+        state["_compiled"] = None
+        return state
+
+    def extra_repr(self) -> str:
+        p = self.pattern
+        kv = ", ".join(f"{b.value}<-{s}" for b, s in self.kv_source.items())
+        return (f"pattern={p.name!r}, hidden_size={self.hidden_size}, heads=(q={p.heads.q}, kv={p.heads.kv}), "
+                f"dims=(qk={p.dims.qk}, v={p.dims.v}), branches=[{kv}], gated={[b.value for b in self.gated_branches]}, "
+                f"backend={self.backend!r}")

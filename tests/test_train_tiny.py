@@ -1,0 +1,69 @@
+"""examples/train_tiny.py: the --tiny preset trains (CPU, NSAttention with the
+dense reference backend) and its answer loss goes down."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def train_tiny():
+    path = ROOT / "examples" / "train_tiny.py"
+    spec = importlib.util.spec_from_file_location("train_tiny_example", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up by name
+    spec.loader.exec_module(mod)
+    yield mod
+    sys.modules.pop(spec.name, None)
+
+
+def test_task_layout(train_tiny):
+    cfg = train_tiny.tiny_config()
+    task = train_tiny.task_of(cfg, train_tiny.load_pattern(cfg))
+    assert task.gap == 32  # the CPU pattern's window
+    gen = torch.Generator().manual_seed(0)
+    tokens, targets = train_tiny.make_batch(task, 8, gen, "cpu")
+    assert tokens.shape == targets.shape == (8, cfg.seq_len)
+    assert (tokens[:, 0] == task.BOS).all() and (tokens[:, task.query_start - 1] == task.SEP).all()
+    for b in range(8):
+        asked = (targets[b] != train_tiny.IGNORE).nonzero().flatten()
+        assert len(asked) == cfg.queries
+        keys = tokens[b, :task.query_start]
+        for pos in asked.tolist():
+            key, value = int(tokens[b, pos]), int(targets[b, pos])
+            assert int(tokens[b, pos + 1]) == value
+            where = (keys == key).nonzero().flatten()
+            assert len(where) == 1, "each key occurs once in the context"
+            assert int(tokens[b, where[0] + 1]) == value
+            # the answer lies outside the window of every query position
+            assert task.query_start - int(where[0]) > task.gap
+
+
+def test_tiny_training_loss_goes_down(train_tiny, tmp_path):
+    cfg = train_tiny.tiny_config(steps=40, attn="nsa", out=str(tmp_path / "run"))
+    results = train_tiny.run(cfg, verbose=False)
+    rec = results["nsa"]
+    loss = rec["loss"]
+    assert len(loss) == 40 and all(map(lambda v: v == v, loss))
+    first, last = sum(loss[:5]) / 5, sum(loss[-5:]) / 5
+    assert last < first - 0.5, f"loss did not go down: first 5 {first:.3f}, last 5 {last:.3f}"
+    assert rec["backend"] == "reference"
+    assert 0.0 <= rec["accuracy"] <= 1.0
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["config"]["pattern_name"] == "train_tiny_cpu" and saved["nsa"]["loss"] == loss
+    assert "dense" not in saved
+
+
+def test_cli_dense_tiny(train_tiny, tmp_path):
+    out = tmp_path / "cli"
+    assert train_tiny.main(["--tiny", "--attn", "dense", "--steps", "3", "--eval-seqs", "8",
+                            "--out", str(out)]) == 0
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert len(saved["dense"]["loss"]) == 3 and saved["config"]["seq_len"] == 128
