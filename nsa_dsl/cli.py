@@ -23,6 +23,20 @@ def _load_patterns(path: str, name=None):
     return nsa_dsl.load_all(path)
 
 
+def _load_or_report(command: str, path: str, name=None):
+    """(patterns, None) or (None, exit code) with the problem printed."""
+    import nsa_dsl
+
+    try:
+        return _load_patterns(path, name), None
+    except FileNotFoundError:
+        print(f"nsa-dsl {command}: no such file: {path}", file=sys.stderr)
+        return None, USAGE_ERROR
+    except nsa_dsl.SpecError as exc:
+        print(exc, file=sys.stderr)
+        return None, 1
+
+
 def cmd_check(args) -> int:
     import nsa_dsl
     from nsa_dsl.check import errors_of, validate, warnings_of
@@ -61,14 +75,9 @@ def cmd_check(args) -> int:
 def cmd_emit(args) -> int:
     import nsa_dsl
 
-    try:
-        patterns = _load_patterns(args.file, args.name)
-    except FileNotFoundError:
-        print(f"nsa-dsl emit: no such file: {args.file}", file=sys.stderr)
-        return USAGE_ERROR
-    except nsa_dsl.SpecError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    patterns, code = _load_or_report("emit", args.file, args.name)
+    if patterns is None:
+        return code
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     for pattern in patterns:
@@ -107,14 +116,9 @@ def cmd_verify(args) -> int:
     import nsa_dsl
     from nsa_dsl.verify import verify
 
-    try:
-        patterns = _load_patterns(args.file, args.name)
-    except FileNotFoundError:
-        print(f"nsa-dsl verify: no such file: {args.file}", file=sys.stderr)
-        return USAGE_ERROR
-    except nsa_dsl.SpecError as exc:
-        print(exc, file=sys.stderr)
-        return 1
+    patterns, code = _load_or_report("verify", args.file, args.name)
+    if patterns is None:
+        return code
     ok = True
     for pattern in patterns:
         try:

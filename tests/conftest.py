@@ -30,33 +30,12 @@ from hypothesis import HealthCheck, Phase, settings  # noqa: E402
 # times only to annotate the report.
 _PHASES = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink]
 
-settings.register_profile(
-    "ci",
-    derandomize=True,
-    max_examples=25,
-    deadline=None,
-    print_blob=True,
-    phases=_PHASES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-settings.register_profile(
-    "dev",
-    max_examples=200,
-    deadline=None,
-    print_blob=True,
-    phases=_PHASES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+_COMMON = dict(deadline=None, print_blob=True, phases=_PHASES,
+               suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, max_examples=25, **_COMMON)
+settings.register_profile("dev", max_examples=200, **_COMMON)
 # Compiled on a GPU every drawn pattern costs a real compile: fewer draws.
-settings.register_profile(
-    "gpu",
-    derandomize=True,
-    max_examples=6,
-    deadline=None,
-    print_blob=True,
-    phases=_PHASES,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
+settings.register_profile("gpu", derandomize=True, max_examples=6, **_COMMON)
 settings.load_profile(os.environ.get("NSA_DSL_HYPOTHESIS_PROFILE", "ci"))
 
 
