@@ -74,6 +74,7 @@ class Config:
     pattern_file: str = str(SPEC)
     pattern_name: str = "train_tiny"
     nsa_backend: str = "auto"  # auto | kernels | reference (NSAttention's backend)
+    separate_kv: bool = True  # NSAttention(separate_kv=...): own K/V projections per branch
     # task
     seq_len: int = 4096
     pairs: int = 16
@@ -251,7 +252,7 @@ class TinyLM(nn.Module):
         blocks = []
         for _ in range(cfg.layers):
             if attn == "nsa":
-                layer = NSAttention(pattern, cfg.hidden, backend=cfg.nsa_backend)
+                layer = NSAttention(pattern, cfg.hidden, backend=cfg.nsa_backend, separate_kv=cfg.separate_kv)
             else:
                 layer = DenseAttention(pattern, cfg.hidden)
             blocks.append(Block(layer, cfg.hidden, cfg.mlp_ratio))
@@ -453,6 +454,8 @@ def parse_args(argv=None) -> Config:
     ap.add_argument("--pattern-file", help=f"default {base.pattern_file}")
     ap.add_argument("--pattern-name", help=f"default {base.pattern_name} (--tiny: train_tiny_cpu)")
     ap.add_argument("--nsa-backend", choices=["auto", "kernels", "reference"])
+    ap.add_argument("--separate-kv", action=argparse.BooleanOptionalAction, default=None,
+                    help="NSAttention's own key/value projections per branch (default: on)")
     ap.add_argument("--tie", action=argparse.BooleanOptionalAction, default=None, help="tie the head to the embedding")
     ap.add_argument("--prev-token", action=argparse.BooleanOptionalAction, default=None,
                     help="add an embedding of the previous token to the input")

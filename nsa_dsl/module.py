@@ -69,9 +69,16 @@ class CompressionMLP(nn.Module):
     compressed token i sees x[:, i*stride : i*stride + block]. Each block gets
     a learned intra-block position encoding (``pos`` [block, D], added to the
     block's tokens), is flattened to block*D features and mapped by
-    Linear(block*D -> hidden) -> GELU -> Linear(hidden -> D). The weights are
-    shared by the H heads. Blocks are gathered with ``Tensor.unfold`` (a
-    strided view), not a loop.
+    Linear(block*D -> hidden) -> GELU -> Linear(hidden -> D), added to the mean
+    of the block (a residual path). The weights are shared by the H heads.
+    Blocks are gathered with ``Tensor.unfold`` (a strided view), not a loop.
+
+    Initialisation: the last Linear starts at zero, so phi starts as mean
+    pooling (which gives the compressed branch meaningful keys to rank blocks
+    with from step one) and learns from there. Single-seed CPU runs of the
+    train_tiny recall task (T=256, 600 steps; benchmarks/results/train_tiny/):
+    held-out accuracy 8% with a randomly initialised MLP, 12% with this start,
+    13% with this start and shared K/V, 65% with pool=mean (chance 3%).
     """
 
     def __init__(self, block: int, stride: int, dim: int, hidden: Optional[int] = None, *, device=None, dtype=None):
@@ -87,7 +94,8 @@ class CompressionMLP(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.pos, mean=0.0, std=0.02)
         self.fc1.reset_parameters()
-        self.fc2.reset_parameters()
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
 
     def num_compressed(self, T: int) -> int:
         return 0 if T < self.block else (T - self.block) // self.stride + 1
@@ -98,12 +106,12 @@ class CompressionMLP(nn.Module):
         B, T, H, D = x.shape
         Tc = self.num_compressed(T)
         if Tc == 0:
-            windows = x.new_zeros(B, 0, H, self.block * D)
+            windows = x.new_zeros(B, 0, H, self.block, D)
         else:
-            # [B, Tc, H, D, block] view -> [B, Tc, H, block, D] (+ pos) -> [B, Tc, H, block*D]
-            windows = x.unfold(1, self.block, self.stride).transpose(-1, -2)
-            windows = (windows + self.pos.to(windows.dtype)).reshape(B, Tc, H, self.block * D)
-        return self.fc2(F.gelu(self.fc1(windows)))
+            # [B, Tc, H, D, block] view -> [B, Tc, H, block, D] (+ pos)
+            windows = x.unfold(1, self.block, self.stride).transpose(-1, -2) + self.pos.to(x.dtype)
+        flat = windows.reshape(B, Tc, H, self.block * D)
+        return windows.mean(dim=3) + self.fc2(F.gelu(self.fc1(flat)))
 
     def extra_repr(self) -> str:
         return f"block={self.block}, stride={self.stride}, dim={self.dim}, hidden={self.hidden}"

@@ -130,13 +130,14 @@ def phi_by_loop(phi: CompressionMLP, x):
     for i in range(phi.num_compressed(T)):
         blk = x[:, i * phi.stride: i * phi.stride + phi.block] + phi.pos[:, None, :]  # [B, l, H, D]
         flat = blk.permute(0, 2, 1, 3).reshape(B, H, phi.block * D)
-        out.append(phi.fc2(F.gelu(phi.fc1(flat))))
+        out.append(blk.mean(dim=1) + phi.fc2(F.gelu(phi.fc1(flat))))
     return torch.stack(out, dim=1) if out else x.new_zeros(B, 0, H, D)
 
 
 def test_phi_shapes_and_values():
     torch.manual_seed(1)
     phi = CompressionMLP(8, 4, 16, hidden=12).double()
+    phi.fc2.reset_parameters()  # a trained-looking MLP path, not the zero start
     for T, Tc in ((7, 0), (8, 1), (11, 1), (12, 2), (45, 10)):
         x = torch.randn(3, T, 2, 16, dtype=torch.float64)
         y = phi(x)
@@ -154,8 +155,29 @@ def test_phi_shapes_in_module_and_gradients():
     assert args["k_swa"].shape == (2, 48, 2, 16)
     m(x).square().sum().backward()
     for name, prm in m.named_parameters():
+        if name.endswith("fc1.weight") or name.endswith("fc1.bias"):
+            # phi's last layer starts at zero (phi = mean pooling), so the first
+            # layer's gradient is zero until the last layer has moved.
+            assert prm.grad is not None and prm.grad.abs().sum() == 0, name
+            continue
         assert prm.grad is not None and prm.grad.abs().sum() > 0, f"{name} got no gradient"
     assert x.grad.abs().sum() > 0
+    for phi in (m.phi_k, m.phi_v):
+        with torch.no_grad():
+            phi.fc2.weight.normal_(0, 0.1)
+    m.zero_grad()
+    m(x).square().sum().backward()
+    assert m.phi_k.fc1.weight.grad.abs().sum() > 0 and m.phi_v.fc1.weight.grad.abs().sum() > 0
+
+
+def test_phi_starts_as_mean_pooling():
+    torch.manual_seed(5)
+    phi = CompressionMLP(8, 4, 16).double()
+    x = torch.randn(2, 30, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        phi.pos.zero_()
+    expected = torch.stack([x[:, i * 4: i * 4 + 8].mean(1) for i in range(phi.num_compressed(30))], dim=1)
+    torch.testing.assert_close(phi(x), expected, rtol=1e-12, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- gates
@@ -205,6 +227,8 @@ def hand_assembled(m: NSAttention, x):
 def test_reference_backend_equals_hand_assembled_float64():
     torch.manual_seed(4)
     m = NSAttention(make_pattern("mlp"), 32, bias=True, backend="reference", dtype=torch.float64)
+    for phi in (m.phi_k, m.phi_v):
+        phi.fc2.reset_parameters()  # exercise the MLP path too, not only its zero start
     x = torch.randn(2, 56, 32, dtype=torch.float64)
     y = m(x)
     assert y.dtype == torch.float64
