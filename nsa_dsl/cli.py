@@ -130,6 +130,29 @@ def cmd_verify(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_tune(args) -> int:
+    import torch
+
+    import nsa_dsl
+    from nsa_dsl.pipeline import device_kind
+    from nsa_dsl.tune import bucket_of, gpu_timer, tune
+
+    if not torch.cuda.is_available():
+        print("nsa-dsl tune: tuning times kernels on a CUDA GPU, and none is available", file=sys.stderr)
+        return USAGE_ERROR
+    patterns, code = _load_or_report("tune", args.file, args.name)
+    if patterns is None:
+        return code
+    lengths = [int(x) for x in args.lengths.split(",")]
+    for pattern in patterns:
+        nsa_dsl.check(pattern)
+        configs = tune(pattern, lengths, gpu_timer(backward=not args.forward_only), device=device_kind(),
+                       backward=not args.forward_only, log=print if args.verbose else None)
+        for length in lengths:
+            print(f"{pattern.name} T={length} (bucket {bucket_of(length)}): {configs[bucket_of(length)] or 'plan defaults'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nsa-dsl", description="Compile NSA sparse-attention patterns to Triton kernels.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--max-length", type=int, default=None,
                         help="longest sequence drawn (default 96 on CPU, 2048 on a GPU)")
     verify.set_defaults(func=cmd_verify)
+
+    tune = sub.add_parser("tune", help="autotune tiles/warps/stages per length bucket on this GPU (kept on disk)")
+    tune.add_argument("file", metavar="FILE")
+    tune.add_argument("--name")
+    tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
+    tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
+    tune.add_argument("-v", "--verbose", action="store_true")
+    tune.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -74,7 +74,7 @@ def emit(pattern: Pattern) -> tuple:
 
 
 def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional[str] = None,  # noqa: A001
-            overrides: Optional[dict] = None):
+            overrides: Optional[dict] = None, tuned: bool = False):
     """Check, plan, render, cache and load the kernels of a pattern.
 
     deterministic=True guarantees bit-identical gradients run to run (the
@@ -82,11 +82,19 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     inverted index, never float32 atomics). slc_dkdv overrides the plan's
     choice: "inverted-index" or "atomic". overrides replaces tunable plan
     constants (tile sizes, work splits, <kernel>.num_warps/num_stages; see
-    plan.TUNABLE): what is computed stays the same."""
+    plan.TUNABLE): what is computed stays the same. tuned=True returns a
+    TunedPattern that runs each call with the configuration `nsa-dsl tune`
+    recorded for its length bucket on this device (the defaults where none)."""
     from .ops import CompiledPattern
 
     if not isinstance(pattern, Pattern):
         raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
+    if tuned:
+        if overrides:
+            raise ValueError("compile: pass either tuned=True or overrides, not both")
+        from .tune import TunedPattern
+
+        return TunedPattern(pattern, device_kind(), compile, deterministic=deterministic, slc_dkdv=slc_dkdv)
     plan = plan_for(pattern)
     if overrides:
         from .plan import apply_overrides

@@ -1,0 +1,200 @@
+"""Autotuning: tile sizes, work splits, warps and stages per pattern, per
+device and per sequence-length bucket, kept on disk beside the kernels.
+
+A bucket is the power of two at or above T (clamped to 1k..128k), so a new
+length reuses its bucket's configuration and never re-tunes. Tuning is a
+coordinate descent over the plan's kernels in launch order: for each kernel,
+try its candidate settings with the others fixed, keep the fastest whole
+pass (forward, or forward + backward). Every candidate computes the same
+function (only plan.TUNABLE constants and launch settings change), so
+tuning can never change results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import cache
+from .ir import Pattern
+from .plan import Plan, apply_overrides
+
+MIN_BUCKET, MAX_BUCKET = 1024, 131072
+
+
+def bucket_of(length: int) -> int:
+    b = MIN_BUCKET
+    while b < length and b < MAX_BUCKET:
+        b *= 2
+    return b
+
+
+def config_path(pattern: Pattern, device: str) -> Path:
+    digest = hashlib.sha256((pattern.canonical() + "\0" + device).encode()).hexdigest()[:24]
+    return cache.cache_dir() / "tuned" / f"{pattern.name}-{digest}.json"
+
+
+def load_configs(pattern: Pattern, device: str) -> dict:
+    """{bucket: overrides} recorded for this pattern and device ({} if none)."""
+    path = config_path(pattern, device)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if raw.get("canonical") != pattern.canonical() or raw.get("device") != device:
+        return {}  # a hash collision or a stale file: never trust it
+    return {int(b): dict(entry["overrides"]) for b, entry in raw.get("buckets", {}).items()}
+
+
+def save_configs(pattern: Pattern, device: str, configs: dict, timings: dict) -> Path:
+    path = config_path(pattern, device)
+    payload = {
+        "pattern": pattern.name, "canonical": pattern.canonical(), "device": device,
+        "buckets": {str(b): {"overrides": configs[b], "ms": timings.get(b)} for b in sorted(configs)},
+    }
+    cache._atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
+    return path
+
+
+def _scaled(value: int, factors=(0.5, 1, 2), lo: int = 1, hi: int = 256) -> list:
+    out = []
+    for f in factors:
+        v = int(value * f)
+        if lo <= v <= hi and v not in out:
+            out.append(v)
+    return out
+
+
+def candidates(plan: Plan, kernel: str) -> list:
+    """Override dicts worth trying for one kernel (the plan's own choice is
+    always among them: {})."""
+    k = plan.kernel(kernel)
+    names = dict(k.constants)
+    options = [{}]
+    for warps in (4, 8):
+        if warps != k.num_warps:
+            options.append({f"{kernel}.num_warps": warps})
+    tile_pairs = [("SWA_BLOCK_M", "SWA_BLOCK_N"), ("CMP_BLOCK_M", "CMP_BLOCK_N"),
+                  ("SWA_BWD_BLOCK_M", "SWA_BWD_BLOCK_N"), ("CMP_BWD_BLOCK_M", "CMP_BWD_BLOCK_N")]
+    for m_name, n_name in tile_pairs:
+        if m_name in names:
+            for m in _scaled(names[m_name], lo=16, hi=128):
+                for n in _scaled(names[n_name], lo=16, hi=128):
+                    if (m, n) != (names[m_name], names[n_name]):
+                        options.append({m_name: m, n_name: n})
+    for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
+                           ("SLC_BWD_CHUNK", 256, 4096)):
+        if single in names:
+            for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
+                options.append({single: v})
+    if k.num_stages > 1 or k.direction == "forward":
+        for stages in (1, 2, 3):
+            if stages != k.num_stages:
+                options.append({f"{kernel}.num_stages": stages})
+    return options
+
+
+def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *, device: str,
+         backward: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
+    """Coordinate descent per length bucket; returns {bucket: overrides} and
+    records it with the timings. `timer(plan, overrides, T)` returns the
+    milliseconds of one pass of the pattern compiled with those overrides
+    (inf for a candidate that fails to compile or run)."""
+    from .check import check
+
+    plan = check(pattern)
+    configs = load_configs(pattern, device)
+    timings = {}
+    for length in lengths:
+        bucket = bucket_of(length)
+        best = {}
+        best_ms = timer(plan, best, length)
+        for kernel in plan.kernel_names:
+            if plan.kernel(kernel).direction == "backward" and not backward:
+                continue
+            for option in candidates(plan, kernel)[1:]:
+                trial = {**best, **option}
+                try:
+                    apply_overrides(plan, trial)
+                except ValueError:
+                    continue
+                ms = timer(plan, trial, length)
+                if log:
+                    log(f"T={length} {kernel} {option}: {ms:.3f} ms (best {best_ms:.3f})")
+                if ms < best_ms:
+                    best, best_ms = trial, ms
+        configs[bucket] = best
+        timings[bucket] = best_ms
+    save_configs(pattern, device, configs, timings)
+    return configs
+
+
+class TunedPattern:
+    """A compiled pattern that runs each call with its length bucket's tuned
+    configuration (the plan's defaults for a bucket never tuned)."""
+
+    def __init__(self, pattern: Pattern, device: str, compile_fn, **compile_kwargs):
+        self.pattern = pattern
+        self.device = device
+        self.configs = load_configs(pattern, device)
+        self._compile = compile_fn
+        self._kwargs = compile_kwargs
+        self._variants = {}
+        self.plan = self.variant(None).plan
+
+    def overrides_for(self, length: int) -> dict:
+        return self.configs.get(bucket_of(length), {})
+
+    def variant(self, length: Optional[int]):
+        overrides = {} if length is None else self.overrides_for(length)
+        key = tuple(sorted(overrides.items()))
+        if key not in self._variants:
+            self._variants[key] = self._compile(self.pattern, overrides=overrides or None, **self._kwargs)
+        return self._variants[key]
+
+    def __call__(self, q, *args, **kwargs):
+        length = q.shape[1] if hasattr(q, "shape") and len(q.shape) >= 2 else None
+        return self.variant(length)(q, *args, **kwargs)
+
+
+def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_ms: float = 40):
+    """timer(plan, overrides, T) for tune(): median milliseconds of one
+    forward (+ backward) pass on random bf16 inputs (never zeros), through
+    triton.testing.do_bench. A candidate that fails to compile or run (too
+    much shared memory, say) times as inf."""
+    import math
+
+    import torch
+    import triton.testing
+
+    from .pipeline import compile as compile_pattern
+    from .verify import random_case
+
+    inputs = {}
+
+    def timer(plan: Plan, overrides: dict, length: int) -> float:
+        pattern = plan.pattern
+        if length not in inputs:
+            dtype = torch.bfloat16 if any(d.value == "bf16" for d in pattern.allowed_dtypes) else torch.float16
+            inputs[length] = random_case(pattern, batch, length, dtype, seed=length, device="cuda")
+        args = inputs[length]
+        try:
+            compiled = compile_pattern(pattern, overrides=overrides or None)
+            if backward:
+                leaves = {n: t.detach().requires_grad_(True) for n, t in args.items()}
+                do = torch.randn(*args["q"].shape[:3], pattern.dims.v, device="cuda", dtype=args["q"].dtype)
+
+                def step():
+                    for t in leaves.values():
+                        t.grad = None
+                    compiled(**leaves).backward(do)
+            else:
+                def step():
+                    compiled(**args)
+            return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+        except Exception:  # noqa: BLE001 - any failing candidate is simply not chosen
+            return math.inf
+
+    return timer

@@ -1,0 +1,86 @@
+"""Autotuning: buckets, the search, the on-disk record and dispatch by length.
+Timing itself needs a GPU; here a fake timer stands in for it."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import nsa_dsl
+from nsa_dsl.pipeline import device_kind
+from nsa_dsl.tune import TunedPattern, bucket_of, candidates, config_path, load_configs, tune
+from strategies import random_inputs, rel_error
+
+PATTERN = nsa_dsl.parse("""
+pattern t {
+    heads q=4 kv=2
+    dims qk=32 v=16
+    compress block=8 stride=4
+    select block=16 top=3 initial=1 local=1
+    window size=9
+}
+""")
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def test_buckets():
+    assert [bucket_of(t) for t in (1, 1024, 1025, 8000, 8192, 8193, 65536, 10**7)] == \
+        [1024, 1024, 2048, 8192, 8192, 16384, 65536, 131072]
+
+
+def test_candidates_include_the_default_and_are_valid():
+    plan = nsa_dsl.check(PATTERN)
+    for kernel in plan.kernel_names:
+        options = candidates(plan, kernel)
+        assert options[0] == {}
+        for option in options:
+            for name, value in option.items():
+                assert isinstance(value, int)
+
+
+def test_search_keeps_the_fastest_and_records_it():
+    # A fake device on which more selection positions per program is faster,
+    # and 8 warps hurt everywhere.
+    def timer(plan, overrides, length):
+        ms = 10.0 - 0.1 * overrides.get("SLC_TOKENS", 32)
+        ms += sum(1.0 for k, v in overrides.items() if k.endswith("num_warps") and v == 8)
+        return ms * length / 1024
+
+    configs = tune(PATTERN, [1000, 9000], timer, device="fake-gpu")
+    assert configs[1024]["SLC_TOKENS"] == 64 and configs[16384]["SLC_TOKENS"] == 64
+    assert not any(k.endswith("num_warps") for k in configs[1024])
+    record = json.loads(config_path(PATTERN, "fake-gpu").read_text())
+    assert record["canonical"] == PATTERN.canonical()
+    assert load_configs(PATTERN, "fake-gpu") == configs
+    assert load_configs(PATTERN, "other-gpu") == {}
+
+
+def test_tuned_pattern_dispatches_by_bucket_and_computes_the_same(tmp_path):
+    tune(PATTERN, [40], lambda plan, o, t: 1.0 / (1 + o.get("SLC_TOKENS", 0)), device=device_kind())
+    tuned = nsa_dsl.compile(PATTERN, tuned=True)
+    assert isinstance(tuned, TunedPattern)
+    assert tuned.overrides_for(40) == {"SLC_TOKENS": 64}
+    assert tuned.overrides_for(5000) == {}
+    args = random_inputs(PATTERN, 1, 40, torch.float32, seed=3)
+    plain = nsa_dsl.compile(PATTERN)
+    assert rel_error(tuned(**args), plain(**args)) < 1e-6
+    assert tuned.variant(40).plan.kernel("slc_fwd").const("SLC_TOKENS") == 64
+
+
+def test_tuned_and_overrides_are_exclusive():
+    with pytest.raises(ValueError, match="either tuned=True or overrides"):
+        nsa_dsl.compile(PATTERN, tuned=True, overrides={"SLC_TOKENS": 2})
+
+
+def test_cli_tune_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    from nsa_dsl.cli import main
+
+    assert main(["tune", "examples/window_only.nsa"]) == 2
+    assert "none is available" in capsys.readouterr().err
