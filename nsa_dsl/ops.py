@@ -269,7 +269,7 @@ class CompiledPattern:
             atomic = self.slc_dkdv == "atomic"
             gate = gates[Branch.SLC]
             g_arg = gate if gate is not None else do
-            m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
+            m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
                 q, k, v, do, g_arg, saved["lse_slc"], delta[1], indices, dq, dk, dv,
                 T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
                 *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,

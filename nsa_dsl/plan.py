@@ -227,7 +227,8 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         "(cdiv(B*T*HQ, COMBINE_ROWS),)",
         (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
          ("COMBINE_SWA", Branch.SWA in combined)),
-        num_warps=4, num_stages=1))
+        # 4 warps spilled the three [64, D] tiles (sm_90 resource report).
+        num_warps=8, num_stages=1))
 
     kernels.extend(_backward_kernels(p, d_max, group_rows))
     slc_dkdv = "inverted-index" if Branch.SLC in combined else None
@@ -244,11 +245,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
 
 def _backward_tiles(d_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N, num_warps) of the flash-style backward kernels: the
-    key-side kernel keeps dK and dV of BLOCK_N keys in registers."""
+    key-side kernel keeps dK and dV of BLOCK_N keys in registers. Chosen from
+    ptxas's resource report for sm_90 (benchmarks/sm90_report.py): with 4
+    warps the 128-wide dK/dV kernels spilled ~2 KB of stack per thread; 8
+    warps and a 32-row query tile cut that to under 100 bytes."""
     if d_pad <= 64:
         return 64, 64, 4
     if d_pad <= 128:
-        return 32, 64, 4
+        return 32, 64, 8
     return 32, 32, 8
 
 
@@ -264,7 +268,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
         "(cdiv(B*T*HQ, COMBINE_ROWS),)",
         (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
          ("COMBINE_SWA", Branch.SWA in combined)),
-        num_warps=4, num_stages=1, direction="backward")]
+        num_warps=8, num_stages=1, direction="backward")]
     if Branch.CMP in combined:
         c = p.compress
         kernels.append(KernelPlan(
@@ -290,13 +294,18 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "slc_bwd", "slc_bwd.py.jinja",
             "selection backward: slc_bwd_dq laid out like the forward; slc_bwd_dkdv per selection block and KV"
             " head over the positions that chose it",
-            "dq (cdiv(T, SLC_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
+            "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
-             ("SLC_TOKENS", max(1, 64 // group_rows)), ("SLC_BWD_TOKENS", max(1, 64 // group_rows)),
+             # 32 rows per tile in the backward (16 for heads wider than 128):
+             # more spill registers there (sm_90 resource report,
+             # benchmarks/sm90_report.py: 64 rows at d=128 -> 168 B of stack,
+             # 32 rows at d=256 -> 1.5 KB, 16 rows -> 192 B).
+             ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
+             ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),
-            num_warps=4 if d_max <= 128 else 8, num_stages=1, direction="backward"))
+            num_warps=8, num_stages=1, direction="backward"))
     if Branch.SWA in combined:
         kernels.append(KernelPlan(
             "swa_bwd", "swa_bwd.py.jinja",
@@ -329,6 +338,7 @@ TUNABLE = {
     "SWA_BWD_BLOCK_M": _pow2_at_least(16), "SWA_BWD_BLOCK_N": _pow2_at_least(16),
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
+    "SLC_BWD_DQ_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
 }
 

@@ -84,7 +84,7 @@ def candidates(plan: Plan, kernel: str) -> list:
                 for n in _scaled(names[n_name], lo=16, hi=128):
                     if (m, n) != (names[m_name], names[n_name]):
                         options.append({m_name: m, n_name: n})
-    for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
+    for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("SLC_BWD_DQ_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
                            ("SLC_BWD_CHUNK", 256, 4096)):
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):

@@ -1,0 +1,146 @@
+"""Compile every generated kernel of a pattern for Hopper (sm_90) on a
+machine without a GPU, and report what ptxas made of it: registers, spills
+(local-memory stack), shared memory, and whether the tensor cores are used
+(HGMMA/HMMA in the SASS). Costs no device time.
+
+    python benchmarks/sm90_report.py examples/bench_paper128.nsa [more.nsa ...] [--json out.json]
+
+Triton's bundled LLVM and ptxas do the whole pipeline (TTIR -> TTGIR -> LLVM
+-> PTX -> cubin); cuobjdump (also bundled) reads the resources back. The
+pointer types follow the launch in nsa_dsl/ops.py for bf16 inputs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile for real, not interpret
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import nsa_dsl  # noqa: E402
+from nsa_dsl import cache  # noqa: E402
+from nsa_dsl.pipeline import cache_key  # noqa: E402
+from nsa_dsl.render import render  # noqa: E402
+
+BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
+                 "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
+INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
+                "segment_chunks_ptr", "offsets_ptr"}
+FLOATS = {"qk_scale_log2", "sm_scale"}
+# Kernel-argument constexprs as ops.py passes them (gates present, the
+# deterministic selection backward).
+CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
+                  "HAS_G_SWA": True}
+ENTRY_POINTS = {
+    "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk"], "slc_fwd": ["slc_fwd"],
+    "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
+    "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
+    "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
+}
+
+
+def signature(fn, dims: dict) -> tuple:
+    sig, constexprs = {}, {}
+    for name in fn.arg_names:
+        if name in CONSTEXPR_ARGS:
+            sig[name], constexprs[name] = "constexpr", CONSTEXPR_ARGS[name]
+        elif name in ("D", "D_PAD"):
+            sig[name], constexprs[name] = "constexpr", dims[name]
+        elif name.endswith("_ptr"):
+            sig[name] = "*bf16" if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
+        elif name in FLOATS:
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+    return sig, constexprs
+
+
+def resources(cubin: bytes, tool_dir: Path) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        usage = subprocess.run([str(tool_dir / "cuobjdump"), "--dump-resource-usage", handle.name],
+                               capture_output=True, text=True).stdout
+        sass = subprocess.run([str(tool_dir / "cuobjdump"), "--dump-sass", handle.name],
+                              capture_output=True, text=True).stdout
+    found = {}
+    for key, pattern in (("registers", r"REG:(\d+)"), ("stack_bytes", r"STACK:(\d+)"), ("shared_bytes", r"SHARED:(\d+)"),
+                         ("local_bytes", r"LOCAL:(\d+)")):
+        match = re.search(pattern, usage)
+        found[key] = int(match.group(1)) if match else None
+    found["hgmma"] = sass.count("HGMMA")
+    found["hmma"] = sass.count("HMMA")
+    found["local_loads_stores"] = len(re.findall(r"\b(LDL|STL)\b", sass))
+    return found
+
+
+def report(path: str, overrides: dict = None) -> list:
+    from nsa_dsl.plan import apply_overrides
+
+    rows = []
+    for pattern in nsa_dsl.load_all(path):
+        plan = nsa_dsl.check(pattern)
+        if overrides:
+            plan = apply_overrides(plan, overrides)
+        key = cache_key(plan, device="cuda-sm90")
+        module = cache.load_module(key, cache.store(key, render(plan, key)))
+        target = GPUTarget("cuda", 90, 32)
+        tool_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+        for kernel in plan.kernels:
+            for entry in ENTRY_POINTS[kernel.name]:
+                dims_list = [{}]
+                if entry in ("cmp_pool", "cmp_pool_bwd"):
+                    dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]
+                for dims in dims_list:
+                    fn = getattr(module, entry)
+                    sig, constexprs = signature(fn, dims)
+                    row = {"pattern": pattern.name, "kernel": entry, "num_warps": kernel.num_warps,
+                           "num_stages": kernel.num_stages, **({"D": dims["D"]} if dims else {})}
+                    try:
+                        compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs), target=target,
+                                                  options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+                        row.update(resources(compiled.asm["cubin"], tool_dir))
+                        row["shared_bytes"] = compiled.metadata.shared  # dynamic + static
+                        row["ok"] = True
+                    except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
+                        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")
+                    rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--override", action="append", default=[], metavar="NAME=VALUE",
+                    help="a tunable constant or <kernel>.num_warps/num_stages (repeatable)")
+    args = ap.parse_args(argv)
+    overrides = {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
+    rows = [row for path in args.files for row in report(path, overrides)]
+    print(f"{'pattern':16s} {'kernel':16s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'HGMMA':>6s} {'HMMA':>5s} {'LDL/STL':>7s}")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['pattern']:16s} {r['kernel']:16s} FAILED: {r['error']}")
+            continue
+        print(f"{r['pattern']:16s} {r['kernel'] + (('/D' + str(r['D'])) if 'D' in r else ''):16s} {r['num_warps']:5d}"
+              f" {r['registers']!s:>5s} {r['stack_bytes']!s:>6s} {r['shared_bytes']!s:>7s} {r['hgmma']:6d} {r['hmma']:5d}"
+              f" {r['local_loads_stores']:7d}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
