@@ -199,7 +199,8 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  ("LOCAL", s.local), ("STATIC_SELECTION", False), ("TOPK_BLOCK_M", 16),
                  ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks),
                  ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens)),
-                num_warps=4, num_stages=1))
+                # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
+                num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
         # Several neighbouring positions per program fill the MMA tile when
         # the group is small (they share most of their selected blocks).
         slc_tokens = max(1, 64 // group_rows)
@@ -211,7 +212,8 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             "(cdiv(T, SLC_TOKENS), B*HKV)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
              ("SLC_TOKENS", slc_tokens)),
-            num_warps=4 if d_max <= 128 else 8, num_stages=2))
+            # 8 warps: 4 spilled at 64 rows x 128 (sm_90 resource report).
+            num_warps=8, num_stages=2))
 
     if p.window is not None:
         kernels.append(KernelPlan(
