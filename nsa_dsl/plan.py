@@ -298,11 +298,11 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             " head over the positions that chose it",
             "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
-             # 32 rows per tile in the backward (16 for heads wider than 128):
-             # more spill registers there (sm_90 resource report,
-             # benchmarks/sm90_report.py: 64 rows at d=128 -> 168 B of stack,
-             # 32 rows at d=256 -> 1.5 KB, 16 rows -> 192 B).
-             ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
+             # 16 rows per tile for the query side of the backward, 32 for the
+             # key side: more spill registers (sm_90 resource report,
+             # benchmarks/sm90_report.py; slc_bwd_dq at d=128: 64 rows 168 B of
+             # stack, 32 rows 144 B, 16 rows 0).
+             ("SLC_BWD_DQ_TOKENS", max(1, 16 // group_rows)),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
