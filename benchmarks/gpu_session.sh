@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
-# Everything the GPU machine must prove, in one device call (< 10 minutes):
-#   1. GPU tests (compiled kernels vs the float64 reference, 1k..32k, grads,
-#      determinism, 64k memory) -> $OUT/gpu_log.jsonl, $OUT/pytest.log
-#   2. the benchmark (paper128, deepseek_nsa, small_group at 8k..64k)
-#      -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
-# Run through the device tool with carry [".device"]:
-#   bash .device/run bash benchmarks/gpu_session.sh
-# then copy $OUT's files to benchmarks/results/ and commit them.
+# The GPU evidence, in device calls of under 10 minutes each:
+#   bash .device/run bash benchmarks/gpu_session.sh tests
+#       compiled kernels vs the float64 reference at 1k..32k, gradients,
+#       determinism, 64k memory -> $OUT/gpu_log.jsonl, $OUT/pytest.log
+#   bash .device/run bash benchmarks/gpu_session.sh bench
+#       paper128, deepseek_nsa, small_group at 8k..64k vs SDPA flash and
+#       FlexAttention -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
+#   bash .device/run bash benchmarks/gpu_session.sh tune
+#       nsa-dsl tune for paper128 at 8k and 64k -> $OUT/tune.log
+# (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa_out}
 mkdir -p "$OUT"
 export NSA_DSL_GPU_LOG=$OUT/gpu_log.jsonl NSA_DSL_HYPOTHESIS_PROFILE=gpu PYTHONUNBUFFERED=1
 export NSA_DSL_CACHE_DIR=${NSA_DSL_CACHE_DIR:-/tmp/nsa_dsl_cache}
-start=$(date +%s)
-timeout 240 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 120 -rf 2>&1 | tee "$OUT/pytest.log" | tail -n 15
-echo "tests took $(( $(date +%s) - start )) s"
-left=$(( 560 - ($(date +%s) - start) ))
-timeout "$left" python3 benchmarks/bench.py --out "$OUT" --budget-s $(( left - 90 )) 2>&1 | tee "$OUT/bench.log" | tail -n 40
+case "${1:-}" in
+  tests)
+    timeout 560 python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \
+      | tee "$OUT/pytest.log" | tail -n 20 ;;
+  bench)
+    timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 2>&1 | tee "$OUT/bench.log" | tail -n 40 ;;
+  tune)
+    timeout 570 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 8192,65536 -v 2>&1 \
+      | tee "$OUT/tune.log" | tail -n 20 ;;
+  *)
+    echo "usage: gpu_session.sh tests|bench|tune" >&2; exit 2 ;;
+esac
