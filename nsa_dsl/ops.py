@@ -156,7 +156,7 @@ class CompiledPattern:
             o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev)
             lse_swa = self._alloc((B, HQ, T), torch.float32, dev)
             grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * HQ)
-            m.swa_fwd[grid](q, kw, vw, o_swa, lse_swa, T, qk_scale_log2,
+            m.swa_fwd[grid](q, kw, vw, o_swa, lse_swa, T, T, qk_scale_log2,
                             *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa),
                             num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_swa"], out["lse_swa"] = o_swa, lse_swa

@@ -143,7 +143,7 @@ def test_sequence_length_is_not_a_compile_time_constant():
     p = Pattern(name="lens", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8))
     compiled = nsa_dsl.compile(p)
     source = compiled.source
-    assert "T: tl.constexpr" not in source and "do_not_specialize=[\"T\"]" in source
+    assert "T: tl.constexpr" not in source and "do_not_specialize=[\"T\"" in source
     for length in (5, 17, 33):
         args = random_inputs(p, 1, length, torch.float32, seed=length, device=DEVICE)
         assert rel_error(compiled(**args), nsa_dsl.reference(p, **upcast(args))) < 1e-5
