@@ -106,8 +106,10 @@ def _attention_tiles(d_pad: int) -> tuple:
     if d_pad <= 64:
         return 64, 64, 4, 3
     if d_pad <= 128:
-        # 8 warps: with 4 the compressed forward spilled 16 B (sm_90 report).
-        return 64, 64, 8, 2
+        # 4 warps. The sm_90 report shows 16 B of spills in the compressed
+        # forward with 4, but on the H200 8 warps were slower: cmp_fwd 0.31 ->
+        # 0.43 ms, swa_fwd 0.51 -> 0.76 ms at 8k (benchmarks/NOTES.md, v2).
+        return 64, 64, 4, 2
     return 64, 32, 8, 2
 
 
@@ -213,8 +215,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             "(cdiv(T, SLC_TOKENS), B*HKV)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
              ("SLC_TOKENS", slc_tokens)),
-            # 8 warps: 4 spilled at 64 rows x 128 (sm_90 resource report).
-            num_warps=8, num_stages=2))
+            # 4 warps at d <= 128: 8 removed the spills of the sm_90 report but
+            # doubled the time on the H200 (2.15 -> 4.39 ms at 8k, NOTES.md v2).
+            num_warps=4 if d_max <= 128 else 8, num_stages=2))
 
     if p.window is not None:
         kernels.append(KernelPlan(
@@ -299,11 +302,11 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             " head over the positions that chose it",
             "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
-             # 16 rows per tile for the query side of the backward, 32 for the
-             # key side: more spill registers (sm_90 resource report,
-             # benchmarks/sm90_report.py; slc_bwd_dq at d=128: 64 rows 168 B of
-             # stack, 32 rows 144 B, 16 rows 0).
-             ("SLC_BWD_DQ_TOKENS", max(1, 16 // group_rows)),
+             # 32 query rows per dq tile at d <= 128, 16 for wider heads. 16
+             # rows had no spills in the sm_90 report (32 rows: 144 B) but ran
+             # 2x slower on the H200 (4.9 vs 2.5 ms at 8k, NOTES.md v2): each
+             # block load then serves half as many rows.
+             ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
