@@ -83,6 +83,10 @@ class Config:
     n_values: int = 64
     n_filler: int = 64
     gap: Optional[int] = None  # default: the pattern's window size
+    # length curriculum: "T1:steps1,T2:steps2,..." -- train the first steps1
+    # steps at length T1, then steps2 at T2, ..., the rest at seq_len (same
+    # pairs, queries and gap). Empty: every step at seq_len.
+    curriculum: str = ""
     # model
     layers: int = 4
     hidden: int = 256
@@ -176,6 +180,39 @@ def task_of(cfg: Config, pattern) -> Task:
     task = Task(cfg.seq_len, cfg.pairs, cfg.queries, cfg.n_keys, cfg.n_values, cfg.n_filler, gap)
     task.validate()
     return task
+
+
+def schedule(cfg: Config, pattern) -> list:
+    """[(first step, Task)], in step order: the curriculum's stages, then
+    seq_len for the remaining steps. Bad specs are errors, never ignored."""
+    base = task_of(cfg, pattern)
+    stages, first = [], 0
+    for item in filter(None, (part.strip() for part in cfg.curriculum.split(","))):
+        try:
+            length, steps = (int(x) for x in item.split(":"))
+        except ValueError:
+            raise ValueError(f"curriculum: expected 'T:steps' items separated by commas, got {item!r}") from None
+        if length <= 0 or steps <= 0:
+            raise ValueError(f"curriculum: {item!r}: length and steps must be positive")
+        if length >= cfg.seq_len:
+            raise ValueError(f"curriculum: {item!r}: a stage must be shorter than seq_len={cfg.seq_len}")
+        task = replace(base, seq_len=length)
+        task.validate()
+        stages.append((first, task))
+        first += steps
+    if first >= cfg.steps:
+        raise ValueError(f"curriculum: its stages take {first} steps, leaving none of steps={cfg.steps} at"
+                         f" seq_len={cfg.seq_len}")
+    return stages + [(first, base)]
+
+
+def task_at(plan: list, step: int) -> Task:
+    """The task of `step` in a schedule()."""
+    current = plan[0][1]
+    for first, task in plan:
+        if step >= first:
+            current = task
+    return current
 
 
 def make_batch(task: Task, batch: int, gen: torch.Generator, device) -> tuple:
@@ -326,6 +363,7 @@ def train(cfg: Config, attn: str, *, verbose: bool = True) -> dict:
     device = torch.device(cfg.device)
     pattern = load_pattern(cfg)
     task = task_of(cfg, pattern)
+    stages = schedule(cfg, pattern)
     torch.manual_seed(cfg.seed)
     model = TinyLM(cfg, task.vocab, pattern, attn).to(device)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
@@ -340,7 +378,7 @@ def train(cfg: Config, attn: str, *, verbose: bool = True) -> dict:
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(cfg, step)
-        tokens, targets = make_batch(task, cfg.batch, gen, device)
+        tokens, targets = make_batch(task_at(stages, step), cfg.batch, gen, device)
         with _autocast(device):
             loss, _, _ = answer_loss(model, tokens, targets)
         opt.zero_grad(set_to_none=True)
@@ -350,7 +388,7 @@ def train(cfg: Config, attn: str, *, verbose: bool = True) -> dict:
         opt.step()
         losses.append(loss.detach())
         if verbose and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-            print(f"[{attn}] step {step:5d}  loss {loss.item():.4f}  lr {lr_at(cfg, step):.2e}"
+            print(f"[{attn}] step {step:5d}  T {tokens.shape[1]:5d}  loss {loss.item():.4f}  lr {lr_at(cfg, step):.2e}"
                   f"  {time.perf_counter() - t0:7.1f}s", flush=True)
         if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             evals.append((step + 1, evaluate(model, task, cfg, device)))
@@ -451,6 +489,8 @@ def parse_args(argv=None) -> Config:
     ap.add_argument("--n-filler", type=int)
     ap.add_argument("--gap", type=int, help="filler-only tokens between the last pair and the queries"
                     " (default: the pattern's window size)")
+    ap.add_argument("--curriculum", help="train first at shorter lengths: 'T1:steps1,T2:steps2,...'"
+                    " (the rest of --steps at --seq-len)")
     ap.add_argument("--pattern-file", help=f"default {base.pattern_file}")
     ap.add_argument("--pattern-name", help=f"default {base.pattern_name} (--tiny: train_tiny_cpu)")
     ap.add_argument("--nsa-backend", choices=["auto", "kernels", "reference"])

@@ -67,3 +67,34 @@ def test_cli_dense_tiny(train_tiny, tmp_path):
                             "--out", str(out)]) == 0
     saved = json.loads(out.with_suffix(".json").read_text())
     assert len(saved["dense"]["loss"]) == 3 and saved["config"]["seq_len"] == 128
+
+
+def test_curriculum_schedule(train_tiny):
+    cfg = train_tiny.tiny_config(seq_len=256, steps=30, curriculum="128:10, 192:5")
+    pattern = train_tiny.load_pattern(cfg)
+    plan = train_tiny.schedule(cfg, pattern)
+    assert [(first, task.seq_len) for first, task in plan] == [(0, 128), (10, 192), (15, 256)]
+    lengths = [train_tiny.task_at(plan, s).seq_len for s in range(30)]
+    assert lengths == [128] * 10 + [192] * 5 + [256] * 15
+    gaps = {task.gap for _, task in plan}
+    assert gaps == {32}, "every stage keeps the pattern's window as the gap"
+    # no curriculum: every step at seq_len
+    assert [(f, t.seq_len) for f, t in train_tiny.schedule(train_tiny.tiny_config(), pattern)] == [(0, 128)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("128", "T:steps"), ("128:0", "positive"), ("256:5", "shorter than seq_len"),
+    ("128:30", "leaving none"), ("40:5", "leaves room"),
+])
+def test_curriculum_errors(train_tiny, spec, message):
+    cfg = train_tiny.tiny_config(seq_len=256, steps=30, curriculum=spec)
+    with pytest.raises(ValueError, match=message):
+        train_tiny.schedule(cfg, train_tiny.load_pattern(cfg))
+
+
+def test_curriculum_run_trains_at_each_length(train_tiny, tmp_path, capsys):
+    out = tmp_path / "cur"
+    assert train_tiny.main(["--tiny", "--attn", "dense", "--seq-len", "160", "--steps", "4", "--log-every", "1",
+                            "--curriculum", "128:2", "--eval-seqs", "8", "--out", str(out)]) == 0
+    logged = [line.split("T")[1].split()[0] for line in capsys.readouterr().out.splitlines() if "] step" in line]
+    assert logged == ["128", "128", "160", "160"]
