@@ -37,7 +37,7 @@ from nsa_dsl.render import render  # noqa: E402
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
 INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
-                "segment_chunks_ptr", "offsets_ptr"}
+                "segment_chunks_ptr", "offsets_ptr", "slots_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward).
@@ -45,6 +45,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   "HAS_G_SWA": True}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk"], "slc_fwd": ["slc_fwd"],
+    "slc_fwd_bc": ["slc_fwd_bc"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
@@ -56,7 +57,7 @@ def signature(fn, dims: dict) -> tuple:
     for name in fn.arg_names:
         if name in CONSTEXPR_ARGS:
             sig[name], constexprs[name] = "constexpr", CONSTEXPR_ARGS[name]
-        elif name in ("D", "D_PAD"):
+        elif name in ("D", "D_PAD", "PASS"):
             sig[name], constexprs[name] = "constexpr", dims[name]
         elif name.endswith("_ptr"):
             sig[name] = "*bf16" if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
@@ -103,11 +104,14 @@ def report(path: str, overrides: dict = None) -> list:
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]
+                if entry == "slc_fwd_bc":
+                    dims_list = [{"PASS": 1}, {"PASS": 2}]
                 for dims in dims_list:
                     fn = getattr(module, entry)
                     sig, constexprs = signature(fn, dims)
                     row = {"pattern": pattern.name, "kernel": entry, "num_warps": kernel.num_warps,
-                           "num_stages": kernel.num_stages, **({"D": dims["D"]} if dims else {})}
+                           "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {}),
+                           **({"pass": dims["PASS"]} if "PASS" in dims else {})}
                     try:
                         compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs), target=target,
                                                   options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})

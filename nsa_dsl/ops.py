@@ -39,7 +39,7 @@ class CompiledPattern:
     """Callable kernels for one pattern. Build it with nsa_dsl.compile()."""
 
     def __init__(self, plan: Plan, module, source_path: Path, cache_key: str, *, deterministic: bool = False,
-                 slc_dkdv: Optional[str] = None):
+                 slc_dkdv: Optional[str] = None, slc_fwd: Optional[str] = None):
         # When True, every buffer a kernel is meant to fill starts as NaN (or
         # -7 for indices), so a test sees any element left unwritten.
         self.poison = False
@@ -52,6 +52,16 @@ class CompiledPattern:
             raise ValueError("slc_dkdv='atomic' is not deterministic; use deterministic=False or 'inverted-index'")
         self.deterministic = deterministic
         self.slc_dkdv = choice
+        # Selection forward loop order: the plan's (cost-model) choice unless
+        # overridden; the block-centric kernel sums with atomics, so
+        # deterministic=True runs the group-centric one.
+        if slc_fwd not in (None, "group-centric", "block-centric"):
+            raise ValueError(f"slc_fwd: expected 'group-centric' or 'block-centric', got {slc_fwd!r}")
+        if deterministic and slc_fwd == "block-centric":
+            raise ValueError("slc_fwd='block-centric' adds with float32 atomics, not deterministic; use"
+                             " deterministic=False or slc_fwd='group-centric'")
+        order = slc_fwd or plan.loop_order
+        self.slc_fwd = "group-centric" if (deterministic and order is not None) else order
         self.plan = plan
         self.pattern = plan.pattern
         self.module = module
@@ -142,12 +152,15 @@ class CompiledPattern:
                                      *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
                                      num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
-            kp = plan.kernel("slc_fwd")
-            o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
-            lse_slc = self._alloc((B, HQ, T), torch.float32, dev)
-            m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2,
-                                    *_strides(q), *_strides(k), *_strides(v), *_strides(indices),
-                                    *_strides(o_slc), num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if self.slc_fwd == "block-centric":
+                o_slc, lse_slc = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes)
+            else:
+                kp = plan.kernel("slc_fwd")
+                o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
+                lse_slc = self._alloc((B, HQ, T), torch.float32, dev)
+                m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
+                    q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2, *_strides(q), *_strides(k), *_strides(v),
+                    *_strides(indices), *_strides(o_slc), num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_slc"], out["lse_slc"] = o_slc, lse_slc
 
         if p.window is not None:
@@ -163,6 +176,40 @@ class CompiledPattern:
 
         out["o"] = self._combine(out, gates, B * T * HQ, q)
         return out
+
+    def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes) -> tuple:
+        """slc_fwd_bc's two passes around the inverted index: (o_slc, lse_slc)
+        exactly as the group-centric kernel leaves them (lse in log2 units,
+        +inf and a zero output for a position that sees no selected key)."""
+        p, m = self.pattern, self.module
+        kp = self.plan.kernel("slc_fwd_bc")
+        B, T = shapes.batch, shapes.length
+        HQ, HKV, G, DV, top = p.heads.q, p.heads.kv, p.group, p.dims.v, p.select.top
+        dev = q.device
+        n_blocks = _cdiv(T, p.select.block)
+        offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True)
+        chunks = chunk_segments(offsets, kp.const("BC_CHUNK"))
+        n_chunks = chunks["segment"].numel()
+        # Per-slot statistics; slots a position did not use stay -inf.
+        stats = torch.full((B, T, HKV, top, G), float("-inf"), dtype=torch.float32, device=dev)
+        acc = torch.zeros((B, T, HQ, DV), dtype=torch.float32, device=dev)
+        lse = torch.full((B, HQ, T), float("inf"), dtype=torch.float32, device=dev)
+        common = (chunks["segment"], chunks["start"], chunks["end"], positions, slots)
+        for pass_ in (1, 2):
+            if n_chunks == 0:
+                break
+            if pass_ == 2:
+                # log2-sum-exp over the slots: the softmax denominator of each row.
+                top_m = stats.amax(dim=3, keepdim=True)
+                seen = torch.isfinite(top_m)
+                safe_m = torch.where(seen, top_m, torch.zeros_like(top_m))
+                total = torch.exp2(stats - safe_m).sum(dim=3, keepdim=True)
+                row = torch.where(seen, safe_m + torch.log2(total), torch.full_like(top_m, float("inf")))
+                lse = row.squeeze(3).reshape(B, T, HQ).transpose(1, 2).contiguous()
+            m.slc_fwd_bc[(n_chunks,)](q, k, v, *common, stats, lse, acc, T, n_blocks, qk_scale_log2,
+                                      *_strides(q), *_strides(k), *_strides(v), PASS=pass_,
+                                      num_warps=kp.num_warps, num_stages=kp.num_stages)
+        return acc.to(q.dtype), lse
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         kp = self.plan.kernel("combine")
@@ -306,26 +353,34 @@ class CompiledPattern:
         return grads
 
 
-def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int) -> tuple:
+def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with_slots: bool = False) -> tuple:
     """The inverted selection index: for every (batch, KV head, block) the
     ascending positions whose selection holds that block, as CSR arrays
-    (offsets [B*HKV*n_blocks + 1] int32, positions int32). Blocks past a
-    position (which it cannot attend) and repeated ids in a row are dropped.
+    (offsets [B*HKV*n_blocks + 1] int32, positions int32), and with
+    with_slots=True the slot of the index row each entry came from (int32).
+    Blocks past a position (which it cannot attend) are dropped, and a block
+    repeated in a row counts once (its first slot).
     Its size is at most B*T*HKV*top: never T x blocks."""
-    B, T, HKV, _ = indices.shape
+    B, T, HKV, top = indices.shape
     dev = indices.device
     idx = indices.long()
     t = torch.arange(T, device=dev).view(1, T, 1, 1)
     usable = (idx >= 0) & (idx <= t // block)
-    b_i, t_i, h_i, _slot = usable.nonzero(as_tuple=True)
+    if top > 1:
+        ordered, order = idx.sort(dim=-1, stable=True)
+        repeat = torch.zeros_like(usable)
+        repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+        usable &= ~torch.zeros_like(usable).scatter(-1, order, repeat)
+    b_i, t_i, h_i, slot_i = usable.nonzero(as_tuple=True)
     blk = idx[usable]
-    key = ((b_i * HKV + h_i) * n_blocks + blk) * T + t_i
-    key = torch.unique(key)  # sorted: by segment, then by position; duplicates gone
+    key, order = torch.sort(((b_i * HKV + h_i) * n_blocks + blk) * T + t_i)  # by segment, then position
     segment = key // T
     positions = (key % T).to(torch.int32)
     counts = torch.bincount(segment, minlength=B * HKV * n_blocks)
     offsets = torch.zeros(B * HKV * n_blocks + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
+    if with_slots:
+        return offsets.to(torch.int32), positions, slot_i[order].to(torch.int32)
     return offsets.to(torch.int32), positions
 
 

@@ -74,13 +74,15 @@ def emit(pattern: Pattern) -> tuple:
 
 
 def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional[str] = None,  # noqa: A001
-            overrides: Optional[dict] = None, tuned: bool = False):
+            slc_fwd: Optional[str] = None, overrides: Optional[dict] = None, tuned: bool = False):
     """Check, plan, render, cache and load the kernels of a pattern.
 
     deterministic=True guarantees bit-identical gradients run to run (the
     selection branch's key/value gradients then use the block-centric
     inverted index, never float32 atomics). slc_dkdv overrides the plan's
-    choice: "inverted-index" or "atomic". overrides replaces tunable plan
+    choice: "inverted-index" or "atomic". slc_fwd overrides the plan's selection
+    forward loop order: "group-centric" or "block-centric" (float32 atomics, so
+    never with deterministic=True, which runs group-centric). overrides replaces tunable plan
     constants (tile sizes, work splits, <kernel>.num_warps/num_stages; see
     plan.TUNABLE): what is computed stays the same. tuned=True returns a
     TunedPattern that runs each call with the configuration `nsa-dsl tune`
@@ -94,7 +96,8 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
             raise ValueError("compile: pass either tuned=True or overrides, not both")
         from .tune import TunedPattern
 
-        return TunedPattern(pattern, device_kind(), compile, deterministic=deterministic, slc_dkdv=slc_dkdv)
+        return TunedPattern(pattern, device_kind(), compile, deterministic=deterministic, slc_dkdv=slc_dkdv,
+                            slc_fwd=slc_fwd)
     plan = plan_for(pattern)
     if overrides:
         from .plan import apply_overrides
@@ -103,4 +106,4 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     key = cache_key(plan)
     path, _built = cache.get_or_build(key, lambda: render(plan, key))
     module = cache.load_module(key, path)
-    return CompiledPattern(plan, module, path, key, deterministic=deterministic, slc_dkdv=slc_dkdv)
+    return CompiledPattern(plan, module, path, key, deterministic=deterministic, slc_dkdv=slc_dkdv, slc_fwd=slc_fwd)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .cost import selection_loop_bytes
 from .ir import Branch, Pattern
 
 
@@ -178,7 +179,6 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
     if p.select is not None:
         s = p.select
         static = s.is_static
-        loop_order = "group-centric"
         npad = next_pow2(s.top)
         if static:
             kernels.append(KernelPlan(
@@ -218,6 +218,24 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             # 4 warps at d <= 128: 8 removed the spills of the sm_90 report but
             # doubled the time on the H200 (2.15 -> 4.39 ms at 8k, NOTES.md v2).
             num_warps=4 if d_max <= 128 else 8, num_stages=2))
+        # The block-centric alternative (always generated, so compile(slc_fwd=)
+        # can pick either; only the launched one is compiled by Triton).
+        bc_tokens = max(1, 64 // group_rows)
+        bc_chunk = 16 * bc_tokens
+        kernels.append(KernelPlan(
+            "slc_fwd_bc", "slc_fwd_bc.py.jinja",
+            f"attention over the selected blocks, block-centric: one program per chunk of up to {bc_chunk}"
+            f" positions that chose a (KV head, block), {bc_tokens} position(s) x {group_rows} rows per tile;"
+            " two passes (per-slot statistics, then float32 atomics into the output)",
+            "(chunks of the inverted index,) x 2 passes",
+            (("SLC_BLOCK", s.block), ("TOP", s.top), ("GROUP_ROWS", group_rows), ("BC_TOKENS", bc_tokens),
+             ("BC_CHUNK", bc_chunk)),
+            num_warps=4 if d_max <= 128 else 8, num_stages=1))
+        order = selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk)
+        loop_order = order.choice
+        notes.append(f"selection forward loop order: {order.choice}, by the cost model: {order.why}"
+                     " (compile(..., slc_fwd='group-centric' | 'block-centric') overrides;"
+                     " deterministic=True always runs group-centric)")
 
     if p.window is not None:
         kernels.append(KernelPlan(
@@ -344,7 +362,7 @@ TUNABLE = {
     "SWA_BWD_BLOCK_M": _pow2_at_least(16), "SWA_BWD_BLOCK_N": _pow2_at_least(16),
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
-    "SLC_BWD_DQ_TOKENS": _pow2_at_least(1),
+    "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
 }
 

@@ -67,6 +67,17 @@ def _scaled(value: int, factors=(0.5, 1, 2), lo: int = 1, hi: int = 256) -> list
     return out
 
 
+def launched(plan: Plan, kernel: str) -> bool:
+    """Whether a default call runs this kernel: of the two selection forward
+    kernels only the plan's loop order is launched (tuning the other would
+    time nothing)."""
+    if kernel == "slc_fwd":
+        return plan.loop_order != "block-centric"
+    if kernel == "slc_fwd_bc":
+        return plan.loop_order == "block-centric"
+    return True
+
+
 def candidates(plan: Plan, kernel: str) -> list:
     """Override dicts worth trying for one kernel (the plan's own choice is
     always among them: {})."""
@@ -85,7 +96,7 @@ def candidates(plan: Plan, kernel: str) -> list:
                     if (m, n) != (names[m_name], names[n_name]):
                         options.append({m_name: m, n_name: n})
     for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("SLC_BWD_DQ_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
-                           ("SLC_BWD_CHUNK", 256, 4096)):
+                           ("SLC_BWD_CHUNK", 256, 4096), ("BC_TOKENS", 1, 64), ("BC_CHUNK", 16, 4096)):
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
@@ -113,6 +124,8 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
         best_ms = timer(plan, best, length)
         for kernel in plan.kernel_names:
             if plan.kernel(kernel).direction == "backward" and not backward:
+                continue
+            if not launched(plan, kernel):
                 continue
             for option in candidates(plan, kernel)[1:]:
                 trial = {**best, **option}

@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 H100_SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90
-MATRIX_KERNELS = {"cmp_fwd", "slc_fwd", "swa_fwd", "cmp_bwd_dq", "cmp_bwd_dkdv", "slc_bwd_dq", "slc_bwd_dkdv",
+MATRIX_KERNELS = {"cmp_fwd", "slc_fwd", "slc_fwd_bc", "swa_fwd", "cmp_bwd_dq", "cmp_bwd_dkdv", "slc_bwd_dq", "slc_bwd_dkdv",
                   "swa_bwd_dq", "swa_bwd_dkdv", "slc_topk"}
 
 
@@ -41,7 +41,7 @@ def test_paper_pattern_compiles_for_sm90(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
     names = {r["kernel"] for r in rows}
-    assert {"cmp_fwd", "slc_topk", "slc_fwd", "swa_fwd", "combine", "bwd_prep", "cmp_bwd_dq", "cmp_bwd_dkdv",
+    assert {"cmp_fwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "swa_fwd", "combine", "bwd_prep", "cmp_bwd_dq", "cmp_bwd_dkdv",
             "slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce", "swa_bwd_dq", "swa_bwd_dkdv"} <= names
     for r in rows:
         assert r["ok"], r

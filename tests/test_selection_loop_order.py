@@ -1,0 +1,157 @@
+"""The two selection forward loop orders (group-centric union walk and
+block-centric over the inverted index): both compute NSA_MATH.md's selected
+attention, leave the same statistics for the backward, and the plan picks
+between them by the cost model."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import nsa_dsl
+from nsa_dsl.check import check
+from nsa_dsl.cost import selection_loop_bytes
+from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
+from nsa_dsl.ops import block_to_positions
+from nsa_dsl.tune import launched
+from nsa_dsl.validate import validate_inputs
+from strategies import TOLERANCE, random_inputs, rel_error, upcast, valid_patterns
+
+from conftest import HAS_CUDA
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+ORDERS = ("group-centric", "block-centric")
+
+
+def _selection_only(pattern: Pattern, args: dict, order: str, indices) -> dict:
+    """The forward's intermediate tensors (o_slc, lse_slc, ...) of one loop
+    order, every buffer poisoned first."""
+    compiled = nsa_dsl.compile(pattern, slc_fwd=order)
+    assert compiled.slc_fwd == order
+    compiled.poison = True
+    gates = {b: args.get(f"g_{b.value}") for b in Branch}
+    shapes = validate_inputs(pattern, args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"),
+                             v_cmp=args.get("v_cmp"), k_swa=args.get("k_swa"), v_swa=args.get("v_swa"),
+                             indices=indices, scale=None)
+    return compiled.forward(args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"), v_cmp=args.get("v_cmp"),
+                            k_swa=args.get("k_swa"), v_swa=args.get("v_swa"), indices=indices,
+                            scale=pattern.dims.qk ** -0.5, shapes=shapes)
+
+
+@settings(max_examples=25)
+@given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(1, 80),
+       batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_both_loop_orders_match_reference_and_each_other(pattern, length, batch, seed, dtype):
+    args = random_inputs(pattern, batch, length, dtype, seed, device=DEVICE)
+    results = {}
+    indices = None
+    for order in ORDERS:
+        compiled = nsa_dsl.compile(pattern, slc_fwd=order)
+        compiled.poison = True
+        o, idx = compiled(**args, indices=indices, return_indices=True)
+        indices = idx if indices is None else indices  # the second order gets the first one's blocks
+        assert torch.isfinite(o).all(), f"{order}: output left unwritten or broken"
+        expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
+        err = rel_error(o, expected)
+        assert err < TOLERANCE[dtype], f"{order}: relative error {err:.3e} for {pattern.canonical()}"
+        results[order] = _selection_only(pattern, args, order, indices)
+    g, b = results["group-centric"], results["block-centric"]
+    # The statistics the backward reads: equal up to float rounding, +inf at the same rows.
+    assert torch.equal(torch.isinf(g["lse_slc"]), torch.isinf(b["lse_slc"]))
+    finite = torch.isfinite(g["lse_slc"])
+    assert torch.allclose(g["lse_slc"][finite], b["lse_slc"][finite], rtol=1e-5, atol=1e-4 if dtype == torch.float32
+                          else 2e-2)
+    assert rel_error(b["o_slc"], g["o_slc"]) < TOLERANCE[dtype]
+
+
+@settings(max_examples=15)
+@given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None), length=st.integers(1, 64),
+       seed=st.integers(0, 2**31 - 1))
+def test_block_centric_gradients_match_float64_autograd(pattern, length, seed):
+    """The backward recomputes from the block-centric forward's statistics."""
+    args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+    o, indices = nsa_dsl.compile(pattern, slc_fwd="block-centric")(**leaves, return_indices=True)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.device)
+    o.backward(do)
+    up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}
+    nsa_dsl.reference(pattern, **up, indices=indices).backward(do.double())
+    for name in args:
+        if up[name].grad is None:
+            continue
+        err = rel_error(leaves[name].grad, up[name].grad)
+        assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e} for {pattern.canonical()}"
+
+
+SMALL_GROUP = Pattern(name="small_group", heads=Heads(q=4, kv=2), dims=Dims(qk=32, v=16),
+                      compress=Compress(block=16, stride=8), select=Select(block=16, top=4, initial=1, local=1),
+                      window=Window(size=24))
+
+
+def test_repeated_and_absent_blocks_in_given_indices():
+    """A block listed twice in a row counts once, -1 and future blocks count
+    not at all: the same set semantics as the reference, in both orders."""
+    p = SMALL_GROUP
+    T = 70
+    args = random_inputs(p, 1, T, torch.float32, seed=5, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    idx = torch.randint(-1, T // 16 + 2, (1, T, 2, 4), generator=gen, dtype=torch.int32)
+    idx[0, :, 0, 1] = idx[0, :, 0, 0]  # repeats
+    idx = idx.clamp(max=(T - 1) // 16)  # in range (future blocks stay: block > t // 16 for early t)
+    expected = nsa_dsl.reference(p, **upcast(args), indices=idx.to(DEVICE))
+    for order in ORDERS:
+        c = nsa_dsl.compile(p, slc_fwd=order)
+        c.poison = True
+        o = c(**args, indices=idx.to(DEVICE))
+        assert rel_error(o, expected) < TOLERANCE[torch.float32], order
+
+
+def test_inverted_index_slots_and_deduplication():
+    idx = torch.tensor([[[[2, 0, 2, -1]], [[1, 1, 0, 3]]]], dtype=torch.int32)  # B=1, T=2, HKV=1, top=4
+    # block size 1: position t sees blocks 0..t
+    offsets, positions, slots = block_to_positions(idx, 1, 4, with_slots=True)
+    entries = []
+    for seg in range(4):
+        for e in range(int(offsets[seg]), int(offsets[seg + 1])):
+            entries.append((seg, int(positions[e]), int(slots[e])))
+    # t=0: only block 0 is visible (slot 1); t=1: block 1 first at slot 0, block 0 at slot 2.
+    assert entries == [(0, 0, 1), (0, 1, 2), (1, 1, 0)]
+    off2, pos2 = block_to_positions(idx, 1, 4)
+    assert torch.equal(off2, offsets) and torch.equal(pos2, positions)
+
+
+def test_plan_chooses_loop_order_by_cost_model():
+    paper = nsa_dsl.load("examples/bench_paper128.nsa")
+    small = nsa_dsl.load("examples/bench_small_group.nsa")
+    assert check(paper).loop_order == "group-centric"
+    assert check(small).loop_order == "block-centric"
+    for p in (paper, small):
+        plan = check(p)
+        order = selection_loop_bytes(p, plan.group_rows, plan.kernel("slc_fwd").const("SLC_TOKENS"),
+                                     plan.kernel("slc_fwd_bc").const("BC_CHUNK"))
+        assert order.choice == plan.loop_order
+        assert any(plan.loop_order in n and "cost model" in n for n in plan.notes)
+        assert "slc_fwd_bc" in plan.kernel_names and "slc_fwd" in plan.kernel_names
+        assert launched(plan, "slc_fwd") != launched(plan, "slc_fwd_bc")
+
+
+def test_loop_order_bytes_by_hand():
+    # G=2, top 16 (3 forced), 64-token blocks, d=128: union 3 + 32*13 = 419 blocks per 32 positions.
+    small = nsa_dsl.load("examples/bench_small_group.nsa")
+    got = selection_loop_bytes(small, 2, 32, 512)
+    block_bytes = 64 * 256 * 2
+    assert got.group_centric == pytest.approx(419 / 32 * block_bytes + 2 * 256 * 2)
+    per_block = 2 * 2 * 128 * 2 + 2 * 2 * 128 * 4 + 2 * 2 * 4 + 2 / 512 * block_bytes
+    assert got.block_centric == pytest.approx(16 * per_block + 2 * 4 * 2 + 2 * 128 * 6)
+
+
+def test_deterministic_runs_group_centric_and_bad_orders_are_refused():
+    p = nsa_dsl.load("examples/bench_small_group.nsa")
+    assert check(p).loop_order == "block-centric"
+    assert nsa_dsl.compile(p).slc_fwd == "block-centric"
+    assert nsa_dsl.compile(p, deterministic=True).slc_fwd == "group-centric"
+    with pytest.raises(ValueError, match="not deterministic"):
+        nsa_dsl.compile(p, deterministic=True, slc_fwd="block-centric")
+    with pytest.raises(ValueError, match="slc_fwd: expected"):
+        nsa_dsl.compile(p, slc_fwd="blocky")
