@@ -653,6 +653,42 @@ def _leaves(x: dict) -> list:
     return [t for t in x.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: dict, note) -> None:
+    """The forward with the selection loop order the plan did not choose, as
+    impl "nsa_dsl_<order>", so both orders and the choice are on record."""
+    if pattern.select is None or compiled.slc_fwd is None:
+        return
+    other = "block-centric" if compiled.slc_fwd == "group-centric" else "group-centric"
+    impl = "nsa_dsl_" + other
+    why = f"selection forward {other}; the plan runs {compiled.slc_fwd}"
+    try:
+        alt = nsa_dsl.compile(pattern, slc_fwd=other)
+        x = nsa_inputs(pattern, T)
+        fn = lambda: nsa_call(alt, x)  # noqa: E731
+        fn()
+        ms = bench_ms(fn, cfg.warmup, cfg.rep)
+        emit(make_row(pattern.name, T, impl, "fwd", ms, flops=fl["fwd"],
+                      nbytes=io_bytes(pattern, T, "nsa_dsl", "fwd"), ceilings=ceil,
+                      note=why + (f"; {note}" if note else "")))
+    except Exception as e:  # noqa: BLE001 - every failure becomes a row
+        emit(make_row(pattern.name, T, impl, "fwd", ceilings=ceil, error=_short(e), note=why))
+    x = fn = alt = None
+    _cleanup()
+
+
+def format_loop_orders(rows: list) -> str:
+    """One line per (pattern, T): the forward with each selection loop order."""
+    chosen = {(r["pattern"], r["T"]): r for r in rows
+              if r["impl"] == "nsa_dsl" and r["pass"] == "fwd" and r["stage"] is None}
+    lines = []
+    for r in rows:
+        if r["impl"].startswith("nsa_dsl_") and r["pass"] == "fwd" and r["stage"] is None:
+            base = chosen.get((r["pattern"], r["T"]))
+            lines.append(f"{r['pattern']} T={r['T']} fwd: plan's order {_fmt(base and base['ms'], '.3f')} ms,"
+                         f" {r['impl'][len('nsa_dsl_'):]} {_fmt(r['ms'], '.3f')} ms ({r.get('note') or ''})")
+    return "\n".join(lines)
+
+
 def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
     name = pattern.name
     fl = nsa_flops(pattern, T)
@@ -670,6 +706,7 @@ def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
         emit(make_row(name, T, "nsa_dsl", "fwd", ceilings=ceil, error=_short(e)))
     x = fn = None
     _cleanup()
+    run_other_loop_order(compiled, pattern, T, cfg, ceil, emit, fl, note)
     # forward + backward: all inputs with gradients, else q, k, v only
     bwd_ok, bwd_fn, first_err = False, None, None
     for scope in ("all", "qkv"):
@@ -1147,7 +1184,7 @@ def main(argv=None) -> int:
         print(f"\n{len(errors)} error row(s):")
         for r in errors[:12]:
             print(f"  {r['pattern']} T={r['T']} {r['impl']} {r['pass']}: {str(r['error'])[:150]}")
-    for block in (format_stages(rows), format_cold(rows)):
+    for block in (format_stages(rows), format_loop_orders(rows), format_cold(rows)):
         if block:
             print("\n" + block)
     print(f"\nceilings: {header['matmul_tflops']:.0f} TFLOP/s bf16 matmul, {header['copy_tbps']:.2f} TB/s copy;"

@@ -415,3 +415,14 @@ def test_bench_patterns():
         assert (p.compress.block, p.compress.stride, p.compress.pool.value) == (32, 16, "mean")
         assert (p.select.block, p.select.top, p.select.initial, p.select.local) == (64, 16, 1, 2)
         assert p.window.size == 512
+
+
+def test_format_loop_orders():
+    rows = [bench.make_row("s", 8192, "nsa_dsl", "fwd", 3.0),
+            bench.make_row("s", 8192, "nsa_dsl_group-centric", "fwd", 12.5, note="selection forward group-centric;"
+                           " the plan runs block-centric"),
+            bench.make_row("s", 8192, "nsa_dsl", "fwd+bwd", 9.0)]
+    text = bench.format_loop_orders(rows)
+    assert text.splitlines() == ["s T=8192 fwd: plan's order 3.000 ms, group-centric 12.500 ms (selection forward"
+                                 " group-centric; the plan runs block-centric)"]
+    assert bench.format_loop_orders(rows[:1]) == ""
