@@ -209,3 +209,19 @@ def test_overrides_are_validated():
     window_only = Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=4))
     with pytest.raises(ValueError, match="no kernel of pattern 'w' uses it"):
         nsa_dsl.compile(window_only, overrides={"SLC_TOKENS": 2})
+
+
+@pytest.mark.parametrize("top, initial, local", [(5, 1, 1), (3, 0, 0), (6, 2, 2)])
+def test_top_n_merges_across_many_scoring_chunks(top, initial, local):
+    """Compression stride 1 makes 16 compressed tokens per 16-token block, so
+    each scoring chunk holds only 4 blocks and a 300-token sequence is scored
+    in up to 5 chunks: the running top set is merged with chunk after chunk
+    (new members evicting old ones, stopping early once nothing beats the
+    worst member)."""
+    p = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                compress=Compress(block=4, stride=1), select=Select(block=16, top=top, initial=initial, local=local))
+    kp = nsa_dsl.check(p).kernel("slc_topk")
+    assert kp.const("TOPK_CHUNK_BLOCKS") == 4
+    args = random_inputs(p, 2, 300, torch.float32, seed=top * 7 + local, device=DEVICE)
+    _, _, indices = run_and_compare(p, args, torch.float32)
+    assert_selection_rule(p, args, indices, eps_rel=1e-5, eps_abs=1e-6)
