@@ -667,11 +667,13 @@ def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: d
         fn = lambda: nsa_call(alt, x)  # noqa: E731
         fn()
         ms = bench_ms(fn, cfg.warmup, cfg.rep)
-        emit(make_row(pattern.name, T, impl, "fwd", ms, flops=fl["fwd"],
-                      nbytes=io_bytes(pattern, T, "nsa_dsl", "fwd"), ceilings=ceil,
-                      note=why + (f"; {note}" if note else "")))
+        row = make_row(pattern.name, T, impl, "fwd", ms, flops=fl["fwd"],
+                       nbytes=io_bytes(pattern, T, "nsa_dsl", "fwd"), ceilings=ceil,
+                       note=why + (f"; {note}" if note else ""))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
-        emit(make_row(pattern.name, T, impl, "fwd", ceilings=ceil, error=_short(e), note=why))
+        row = make_row(pattern.name, T, impl, "fwd", ceilings=ceil, error=_short(e), note=why)
+    row["loop_order"], row["config"] = other, {}  # the plan's default tiles
+    emit(row)
     x = fn = alt = None
     _cleanup()
 
@@ -689,8 +691,23 @@ def format_loop_orders(rows: list) -> str:
     return "\n".join(lines)
 
 
+def run_config(compiled, T: int) -> dict:
+    """The tunable settings a call at length T runs with: the tuned record
+    for T's bucket (compile(tuned=True)), {} for the plan's defaults."""
+    return dict(compiled.overrides_for(T)) if hasattr(compiled, "overrides_for") else {}
+
+
 def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
     name = pattern.name
+    config = run_config(compiled, T)
+    loop_order = getattr(compiled, "slc_fwd", None)
+    base_emit = emit
+
+    def emit(row):  # every nsa_dsl row records the configuration that ran
+        row["config"] = config
+        row["loop_order"] = loop_order
+        base_emit(row)
+
     fl = nsa_flops(pattern, T)
     note = None if fl["exact"] else "selection FLOPs are an upper bound (local=0)"
     # forward
@@ -706,7 +723,7 @@ def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
         emit(make_row(name, T, "nsa_dsl", "fwd", ceilings=ceil, error=_short(e)))
     x = fn = None
     _cleanup()
-    run_other_loop_order(compiled, pattern, T, cfg, ceil, emit, fl, note)
+    run_other_loop_order(compiled, pattern, T, cfg, ceil, base_emit, fl, note)
     # forward + backward: all inputs with gradients, else q, k, v only
     bwd_ok, bwd_fn, first_err = False, None, None
     for scope in ("all", "qkv"):
@@ -1070,6 +1087,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--flex-dynamic", choices=("auto", "true", "false"), default="auto",
                     help="torch.compile(dynamic=...) for flex_attention (auto: None)")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--tuned", action="store_true",
+                    help="run nsa_dsl with the configurations `nsa-dsl tune` recorded (rows list them)")
     ap.add_argument("--no-cold-start", action="store_true")
     ap.add_argument("--child-timeout-s", type=float, default=240.0)
     ap.add_argument("--child", choices=("nsa", "flex"), help=argparse.SUPPRESS)
@@ -1154,7 +1173,7 @@ def main(argv=None) -> int:
     compiled_by_name = {}
     for path, pattern in patterns:
         try:
-            compiled = nsa_dsl.compile(pattern)
+            compiled = nsa_dsl.compile(pattern, tuned=cfg.tuned)
             compiled_by_name[pattern.name] = compiled
         except Exception as e:  # noqa: BLE001
             emit(make_row(pattern.name, None, "nsa_dsl", "fwd", error="compile: " + _short(e)))

@@ -7,7 +7,11 @@
 #       paper128, deepseek_nsa, small_group at 8k..64k vs SDPA flash and
 #       FlexAttention -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
 #   bash .device/run bash benchmarks/gpu_session.sh tune
-#       nsa-dsl tune for paper128 at 8k and 64k -> $OUT/tune.log
+#       nsa-dsl tune for paper128 and small_group at 8k and 64k (stops
+#       starting candidates after 500 s) -> $OUT/tune.log, $OUT/tuned/*.json
+#       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them)
+#   bash .device/run bash benchmarks/gpu_session.sh bench-tuned
+#       the benchmark with the tuned configurations (rows record them)
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa_out}
@@ -21,8 +25,13 @@ case "${1:-}" in
   bench)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 2>&1 | tee "$OUT/bench.log" | tail -n 40 ;;
   tune)
-    timeout 570 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 8192,65536 -v 2>&1 \
-      | tee "$OUT/tune.log" | tail -n 20 ;;
+    { timeout 330 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 8192,65536 -v \
+        --budget-s 280 --export "$OUT/tuned"
+      timeout 230 python3 -m nsa_dsl.cli tune examples/bench_small_group.nsa --lengths 8192,65536 -v \
+        --budget-s 200 --export "$OUT/tuned"; } 2>&1 | tee "$OUT/tune.log" | grep -v "^T=" | tail -n 20 ;;
+  bench-tuned)
+    timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
+      | tail -n 40 ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|bench-tuned" >&2; exit 2 ;;
 esac

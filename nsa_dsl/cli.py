@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
 USAGE_ERROR = 2
@@ -135,7 +137,7 @@ def cmd_tune(args) -> int:
 
     import nsa_dsl
     from nsa_dsl.pipeline import device_kind
-    from nsa_dsl.tune import bucket_of, gpu_timer, tune
+    from nsa_dsl.tune import bucket_of, config_path, gpu_timer, tune
 
     if not torch.cuda.is_available():
         print("nsa-dsl tune: tuning times kernels on a CUDA GPU, and none is available", file=sys.stderr)
@@ -144,12 +146,22 @@ def cmd_tune(args) -> int:
     if patterns is None:
         return code
     lengths = [int(x) for x in args.lengths.split(",")]
+    start = time.monotonic()
     for pattern in patterns:
         nsa_dsl.check(pattern)
+        left = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - start))
         configs = tune(pattern, lengths, gpu_timer(backward=not args.forward_only), device=device_kind(),
-                       backward=not args.forward_only, log=print if args.verbose else None)
+                       backward=not args.forward_only, log=print if args.verbose else None, budget_s=left)
         for length in lengths:
-            print(f"{pattern.name} T={length} (bucket {bucket_of(length)}): {configs[bucket_of(length)] or 'plan defaults'}")
+            found = configs.get(bucket_of(length))
+            print(f"{pattern.name} T={length} (bucket {bucket_of(length)}): "
+                  + ("not tuned" if found is None else (str(found) if found else "plan defaults")))
+        if args.export:
+            path = config_path(pattern, device_kind())
+            if path.is_file():
+                Path(args.export).mkdir(parents=True, exist_ok=True)
+                shutil.copy(path, Path(args.export) / path.name)
+                print(f"exported {path.name} to {args.export}")
     return 0
 
 
@@ -189,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
     tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
     tune.add_argument("-v", "--verbose", action="store_true")
+    tune.add_argument("--budget-s", type=float, default=None,
+                      help="start no candidate after this many seconds (what was tuned is kept)")
+    tune.add_argument("--export", metavar="DIR",
+                      help="also copy the recorded configuration to DIR (e.g. nsa_dsl/tuned, to ship it)")
     tune.set_defaults(func=cmd_tune)
     return parser
 

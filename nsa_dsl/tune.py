@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,21 +33,39 @@ def bucket_of(length: int) -> int:
     return b
 
 
-def config_path(pattern: Pattern, device: str) -> Path:
+# Configurations tuned on real devices and committed with the package (the
+# results of `nsa-dsl tune --export nsa_dsl/tuned`): used where this
+# machine's cache has none, so a fresh install starts from measured tiles.
+SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
+
+
+def config_name(pattern: Pattern, device: str) -> str:
     digest = hashlib.sha256((pattern.canonical() + "\0" + device).encode()).hexdigest()[:24]
-    return cache.cache_dir() / "tuned" / f"{pattern.name}-{digest}.json"
+    return f"{pattern.name}-{digest}.json"
 
 
-def load_configs(pattern: Pattern, device: str) -> dict:
-    """{bucket: overrides} recorded for this pattern and device ({} if none)."""
-    path = config_path(pattern, device)
+def config_path(pattern: Pattern, device: str) -> Path:
+    return cache.cache_dir() / "tuned" / config_name(pattern, device)
+
+
+def _read_configs(path: Path, pattern: Pattern, device: str) -> Optional[dict]:
     try:
         raw = json.loads(path.read_text())
     except (OSError, ValueError):
-        return {}
+        return None
     if raw.get("canonical") != pattern.canonical() or raw.get("device") != device:
-        return {}  # a hash collision or a stale file: never trust it
+        return None  # a hash collision or a stale file: never trust it
     return {int(b): dict(entry["overrides"]) for b, entry in raw.get("buckets", {}).items()}
+
+
+def load_configs(pattern: Pattern, device: str) -> dict:
+    """{bucket: overrides} recorded for this pattern and device: this
+    machine's cache, else the configurations shipped with the package, else {}."""
+    for path in (config_path(pattern, device), SHIPPED_DIR / config_name(pattern, device)):
+        found = _read_configs(path, pattern, device)
+        if found is not None:
+            return found
+    return {}
 
 
 def save_configs(pattern: Pattern, device: str, configs: dict, timings: dict) -> Path:
@@ -108,17 +128,30 @@ def candidates(plan: Plan, kernel: str) -> list:
 
 
 def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *, device: str,
-         backward: bool = True, log: Optional[Callable[[str], None]] = None) -> dict:
+         backward: bool = True, log: Optional[Callable[[str], None]] = None,
+         budget_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> dict:
     """Coordinate descent per length bucket; returns {bucket: overrides} and
-    records it with the timings. `timer(plan, overrides, T)` returns the
-    milliseconds of one pass of the pattern compiled with those overrides
-    (inf for a candidate that fails to compile or run)."""
+    records it with the timings after every length (so a run cut short keeps
+    what it finished). `timer(plan, overrides, T)` returns the milliseconds
+    of one pass of the pattern compiled with those overrides (inf for a
+    candidate that fails to compile or run). With budget_s, no candidate
+    starts after that many seconds: the length in progress keeps the best
+    found so far, later lengths are not tuned."""
     from .check import check
 
     plan = check(pattern)
     configs = load_configs(pattern, device)
     timings = {}
+    start = clock()
+
+    def out_of_time() -> bool:
+        return budget_s is not None and clock() - start >= budget_s
+
     for length in lengths:
+        if out_of_time():
+            if log:
+                log(f"T={length}: not tuned, time budget of {budget_s:.0f} s spent")
+            continue
         bucket = bucket_of(length)
         best = {}
         best_ms = timer(plan, best, length)
@@ -128,6 +161,8 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
             if not launched(plan, kernel):
                 continue
             for option in candidates(plan, kernel)[1:]:
+                if out_of_time():
+                    break
                 trial = {**best, **option}
                 try:
                     apply_overrides(plan, trial)
@@ -140,7 +175,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
                     best, best_ms = trial, ms
         configs[bucket] = best
         timings[bucket] = best_ms
-    save_configs(pattern, device, configs, timings)
+        save_configs(pattern, device, configs, timings)
     return configs
 
 
@@ -164,8 +199,20 @@ class TunedPattern:
         overrides = {} if length is None else self.overrides_for(length)
         key = tuple(sorted(overrides.items()))
         if key not in self._variants:
-            self._variants[key] = self._compile(self.pattern, overrides=overrides or None, **self._kwargs)
+            try:
+                self._variants[key] = self._compile(self.pattern, overrides=overrides or None, **self._kwargs)
+            except ValueError as exc:
+                # A record from an older plan (a constant since renamed or
+                # removed): run the defaults rather than fail the call.
+                warnings.warn(f"tuned configuration for {self.pattern.name!r} at T={length} no longer applies"
+                              f" ({exc}); using the plan's defaults", RuntimeWarning, stacklevel=3)
+                self.configs.pop(bucket_of(length), None)
+                self._variants[key] = self.variant(None)
         return self._variants[key]
+
+    @property
+    def slc_fwd(self) -> Optional[str]:
+        return self.variant(None).slc_fwd
 
     def __call__(self, q, *args, **kwargs):
         length = q.shape[1] if hasattr(q, "shape") and len(q.shape) >= 2 else None

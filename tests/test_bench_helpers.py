@@ -426,3 +426,13 @@ def test_format_loop_orders():
     assert text.splitlines() == ["s T=8192 fwd: plan's order 3.000 ms, group-centric 12.500 ms (selection forward"
                                  " group-centric; the plan runs block-centric)"]
     assert bench.format_loop_orders(rows[:1]) == ""
+
+
+def test_run_config_reports_tuned_overrides():
+    class Tuned:
+        def overrides_for(self, length):
+            return {"SLC_TOKENS": 8} if length > 4096 else {}
+
+    assert bench.run_config(Tuned(), 8192) == {"SLC_TOKENS": 8}
+    assert bench.run_config(Tuned(), 1024) == {}
+    assert bench.run_config(object(), 8192) == {}

@@ -84,3 +84,45 @@ def test_cli_tune_needs_a_gpu(capsys):
 
     assert main(["tune", "examples/window_only.nsa"]) == 2
     assert "none is available" in capsys.readouterr().err
+
+
+def test_budget_stops_the_search_and_keeps_finished_lengths():
+    ticks = iter(range(10**6))  # a fake clock: one second per reading
+    calls = []
+
+    def timer(plan, overrides, length):
+        calls.append(length)
+        return 1.0
+
+    configs = tune(PATTERN, [1000, 9000], timer, device="fake-gpu", budget_s=5, clock=lambda: next(ticks))
+    assert calls and set(calls) == {1000}, "the second length must not start once the budget is spent"
+    assert len(calls) < len([o for k in nsa_dsl.check(PATTERN).kernel_names for o in candidates(nsa_dsl.check(PATTERN), k)])
+    assert 1024 in configs and 16384 not in configs
+    assert load_configs(PATTERN, "fake-gpu") == configs  # saved although cut short
+
+
+def test_shipped_configs_are_the_fallback(tmp_path, monkeypatch):
+    import nsa_dsl.tune as tune_mod
+
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(tune_mod, "SHIPPED_DIR", shipped)
+    assert load_configs(PATTERN, "fake-gpu") == {}
+    tune(PATTERN, [1000], lambda plan, o, t: 1.0 / (1 + o.get("SLC_TOKENS", 0)), device="fake-gpu")
+    local = config_path(PATTERN, "fake-gpu")
+    shipped.mkdir()
+    local.rename(shipped / local.name)
+    assert load_configs(PATTERN, "fake-gpu") == {1024: {"SLC_TOKENS": 64}}
+    # A local record wins over the shipped one.
+    tune(PATTERN, [1000], lambda plan, o, t: 1.0, device="fake-gpu")
+    assert load_configs(PATTERN, "fake-gpu") == {1024: {}}
+
+
+def test_stale_tuned_config_falls_back_to_defaults_with_a_warning():
+    path = config_path(PATTERN, device_kind())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"pattern": "t", "canonical": PATTERN.canonical(), "device": device_kind(),
+                                "buckets": {"1024": {"overrides": {"NO_SUCH_CONSTANT": 4}, "ms": 1.0}}}))
+    tuned = nsa_dsl.compile(PATTERN, tuned=True)
+    with pytest.warns(RuntimeWarning, match="no longer applies"):
+        variant = tuned.variant(40)
+    assert variant.plan == nsa_dsl.check(PATTERN)
