@@ -10,6 +10,10 @@
 #       nsa-dsl tune for paper128 and small_group at 8k and 64k (stops
 #       starting candidates after 500 s) -> $OUT/tune.log, $OUT/tuned/*.json
 #       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them)
+#   bash .device/run bash benchmarks/gpu_session.sh train
+#       examples/train_tiny.py at T=4096 (one run at a time: side by side they
+#       slowed each other 5x): nsa and dense with a length curriculum, then
+#       nsa for 4500 steps -> $OUT/train_*.{json,png,log}
 #   bash .device/run bash benchmarks/gpu_session.sh bench-tuned
 #       the benchmark with the tuned configurations (rows record them)
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
@@ -29,9 +33,17 @@ case "${1:-}" in
         --budget-s 280 --export "$OUT/tuned"
       timeout 230 python3 -m nsa_dsl.cli tune examples/bench_small_group.nsa --lengths 8192,65536 -v \
         --budget-s 200 --export "$OUT/tuned"; } 2>&1 | tee "$OUT/tune.log" | grep -v "^T=" | tail -n 20 ;;
+  train)
+    timeout 300 python3 examples/train_tiny.py --attn both --pattern-name train_tiny_mean --steps 3000 \
+      --curriculum 512:600,1024:500,2048:400 --log-every 250 --eval-seqs 256 --out "$OUT/train_curriculum" \
+      > "$OUT/train_curriculum.log" 2>&1
+    grep -h "accuracy" "$OUT/train_curriculum.log"
+    timeout 260 python3 examples/train_tiny.py --attn nsa --pattern-name train_tiny_mean --steps 4500 \
+      --log-every 500 --eval-seqs 256 --out "$OUT/train_long" > "$OUT/train_long.log" 2>&1
+    grep -h "accuracy" "$OUT/train_long.log" ;;
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune|bench-tuned" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|train|bench-tuned" >&2; exit 2 ;;
 esac
