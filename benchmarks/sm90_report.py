@@ -41,7 +41,7 @@ INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_pt
 FLOATS = {"qk_scale_log2", "sm_scale"}
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward).
-CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
+CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk"], "slc_fwd": ["slc_fwd"],

@@ -314,13 +314,17 @@ class CompiledPattern:
             kp = plan.kernel("slc_bwd")
             indices = saved["indices"]
             atomic = self.slc_dkdv == "atomic"
+            # dq inside the block-centric dK/dV pass (float32 atomics): only
+            # where the plan (or a tuned record) asks and determinism is not.
+            fuse_dq = bool(kp.const("SLC_BWD_FUSE_DQ")) and not atomic and not self.deterministic
             gate = gates[Branch.SLC]
             g_arg = gate if gate is not None else do
-            m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
-                q, k, v, do, g_arg, saved["lse_slc"], delta[1], indices, dq, dk, dv,
-                T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
-                num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if not fuse_dq:
+                m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
+                    q, k, v, do, g_arg, saved["lse_slc"], delta[1], indices, dq, dk, dv,
+                    T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                    *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
+                    num_warps=kp.num_warps, num_stages=kp.num_stages)
             if not atomic:
                 n_blocks = _cdiv(T, p.select.block)
                 offsets, positions = block_to_positions(indices, p.select.block, n_blocks)
@@ -331,9 +335,9 @@ class CompiledPattern:
                     part_v = torch.empty((n_chunks, p.select.block, DV), dtype=f32, device=dev)
                     m.slc_bwd_dkdv[(n_chunks,)](
                         q, k, v, do, g_arg, saved["lse_slc"], delta[1], chunks["segment"], chunks["start"],
-                        chunks["end"], positions, part_k, part_v,
+                        chunks["end"], positions, part_k, part_v, dq,
                         T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                        HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                        HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.num_warps, num_stages=kp.num_stages)
                     m.slc_bwd_reduce[(B * HKV * n_blocks,)](part_k, part_v, chunks["per_segment"], dk, dv,
                                                             T, n_blocks, num_warps=4, num_stages=1)
 

@@ -326,6 +326,10 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # block load then serves half as many rows.
              ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
+             # 1: the dK/dV pass also adds dq with atomics and slc_bwd_dq is
+             # skipped (never under deterministic=True). Off until measured;
+             # `nsa-dsl tune` tries it.
+             ("SLC_BWD_FUSE_DQ", 0),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),
@@ -354,6 +358,13 @@ def _positive(value: int) -> bool:
 
 _positive.__doc__ = "a positive integer"
 
+
+def _flag(value: int) -> bool:
+    return value in (0, 1)
+
+
+_flag.__doc__ = "0 or 1"
+
 # Constants a user (or the autotuner) may change without changing what is
 # computed: tile shapes and work splits. Anything else is the pattern's own.
 TUNABLE = {
@@ -363,6 +374,7 @@ TUNABLE = {
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
+    "SLC_BWD_FUSE_DQ": _flag,
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
 }
 

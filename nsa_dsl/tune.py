@@ -120,6 +120,8 @@ def candidates(plan: Plan, kernel: str) -> list:
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
+    if "SLC_BWD_FUSE_DQ" in names:
+        options.append({"SLC_BWD_FUSE_DQ": 1 - names["SLC_BWD_FUSE_DQ"]})
     if k.num_stages > 1 or k.direction == "forward":
         for stages in (1, 2, 3):
             if stages != k.num_stages:
