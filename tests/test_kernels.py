@@ -12,7 +12,8 @@ from hypothesis import given, settings, strategies as st
 import nsa_dsl
 from nsa_dsl.reference import block_scores, compress_mean
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Pool, Select, Window
-from strategies import TOLERANCE, random_inputs, rel_error, upcast, valid_patterns
+from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
+                        valid_patterns)
 
 from conftest import HAS_CUDA
 
@@ -234,18 +235,7 @@ def test_fused_selection_dq_matches_float64_autograd(pattern, length, seed):
     """SLC_BWD_FUSE_DQ=1: the dK/dV pass adds dq with atomics instead of a
     separate dq pass; every gradient still matches the reference."""
     args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
-    compiled = nsa_dsl.compile(pattern, overrides={"SLC_BWD_FUSE_DQ": 1})
-    o, indices = compiled(**leaves, return_indices=True)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.device)
-    o.backward(do)
-    up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}
-    nsa_dsl.reference(pattern, **up, indices=indices).backward(do.double())
-    for name in args:
-        if up[name].grad is None:
-            continue
-        err = rel_error(leaves[name].grad, up[name].grad)
-        assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e} for {pattern.canonical()}"
+    assert_gradients_match_reference(pattern, nsa_dsl.compile(pattern, overrides={"SLC_BWD_FUSE_DQ": 1}), args, seed)
 
 
 def test_fused_dq_is_off_under_determinism(monkeypatch):

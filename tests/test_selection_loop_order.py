@@ -15,7 +15,8 @@ from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
 from nsa_dsl.ops import block_to_positions
 from nsa_dsl.tune import launched
 from nsa_dsl.validate import validate_inputs
-from strategies import TOLERANCE, random_inputs, rel_error, upcast, valid_patterns
+from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
+                        valid_patterns)
 
 from conftest import HAS_CUDA
 
@@ -71,17 +72,7 @@ def test_both_loop_orders_match_reference_and_each_other(pattern, length, batch,
 def test_block_centric_gradients_match_float64_autograd(pattern, length, seed):
     """The backward recomputes from the block-centric forward's statistics."""
     args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
-    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
-    o, indices = nsa_dsl.compile(pattern, slc_fwd="block-centric")(**leaves, return_indices=True)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.device)
-    o.backward(do)
-    up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}
-    nsa_dsl.reference(pattern, **up, indices=indices).backward(do.double())
-    for name in args:
-        if up[name].grad is None:
-            continue
-        err = rel_error(leaves[name].grad, up[name].grad)
-        assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e} for {pattern.canonical()}"
+    assert_gradients_match_reference(pattern, nsa_dsl.compile(pattern, slc_fwd="block-centric"), args, seed)
 
 
 SMALL_GROUP = Pattern(name="small_group", heads=Heads(q=4, kv=2), dims=Dims(qk=32, v=16),
