@@ -276,9 +276,13 @@ class CompiledPattern:
             common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
                       *_strides(do))
             g_arg = gate if gate is not None else do
-            getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
-                q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
-                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            # dq inside the dK/dV kernel (float32 atomics) where the plan or a
+            # tuned record asks for it and determinism does not forbid it.
+            fuse_dq = bool(kp.const(f"{prefix}_BWD_FUSE_DQ")) and not self.deterministic
+            if not fuse_dq:
+                getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
+                    q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
+                    HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
             if n_keys == 0:
                 return
             if split:  # per-query-head shares, summed over each group here
@@ -287,8 +291,8 @@ class CompiledPattern:
             else:
                 dk_part, dv_part = dk_out, dv_out
             getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, bn), B * (HQ if split else HKV))](
-                q, keys, values, do, g_arg, stat_lse, branch_delta, dk_part, dv_part, *common,
-                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                q, keys, values, do, g_arg, stat_lse, branch_delta, dk_part, dv_part, dq, *common,
+                HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.num_warps, num_stages=kp.num_stages)
             if split:
                 G = p.group
                 dk_out += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)

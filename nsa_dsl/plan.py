@@ -303,7 +303,9 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BWD_BLOCK_M", bm), ("CMP_BWD_BLOCK_N", bn),
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
-             ("CMP_BWD_SPLIT_HEADS", p.group > 1)),
+             ("CMP_BWD_SPLIT_HEADS", p.group > 1),
+             # 1: dq added inside the dK/dV kernel with atomics (off until measured; tuned)
+             ("CMP_BWD_FUSE_DQ", 0)),
             num_warps=warps, num_stages=1, direction="backward"))
         if c.pool.value == "mean":
             kernels.append(KernelPlan(
@@ -340,7 +342,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "sliding-window backward: swa_bwd_dq per query tile and head; swa_bwd_dkdv per key tile and KV head",
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
-             ("SWA_BWD_SPLIT_HEADS", False)),
+             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_FUSE_DQ", 0)),
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
 
@@ -374,7 +376,7 @@ TUNABLE = {
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
-    "SLC_BWD_FUSE_DQ": _flag,
+    "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag,
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
 }
 

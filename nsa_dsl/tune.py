@@ -120,8 +120,9 @@ def candidates(plan: Plan, kernel: str) -> list:
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
-    if "SLC_BWD_FUSE_DQ" in names:
-        options.append({"SLC_BWD_FUSE_DQ": 1 - names["SLC_BWD_FUSE_DQ"]})
+    for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ"):
+        if flag in names:
+            options.append({flag: 1 - names[flag]})
     if k.num_stages > 1 or k.direction == "forward":
         for stages in (1, 2, 3):
             if stages != k.num_stages:

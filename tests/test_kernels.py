@@ -229,28 +229,38 @@ def test_top_n_merges_across_many_scoring_chunks(top, initial, local):
 
 
 @settings(max_examples=15)
-@given(pattern=valid_patterns(max_group=8).filter(lambda p: Branch.SLC in p.combined_branches),
+@given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None),
        length=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
-def test_fused_selection_dq_matches_float64_autograd(pattern, length, seed):
-    """SLC_BWD_FUSE_DQ=1: the dK/dV pass adds dq with atomics instead of a
-    separate dq pass; every gradient still matches the reference."""
+def test_fused_dq_matches_float64_autograd(pattern, length, seed):
+    """<BRANCH>_BWD_FUSE_DQ=1 for every combined branch: each dK/dV pass adds
+    dq with atomics instead of a separate dq pass; every gradient still
+    matches the reference."""
     args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
-    assert_gradients_match_reference(pattern, nsa_dsl.compile(pattern, overrides={"SLC_BWD_FUSE_DQ": 1}), args, seed)
+    flags = {f"{b.value.upper()}_BWD_FUSE_DQ": 1 for b in pattern.combined_branches}
+    assert_gradients_match_reference(pattern, nsa_dsl.compile(pattern, overrides=flags), args, seed)
 
 
 def test_fused_dq_is_off_under_determinism(monkeypatch):
-    """deterministic=True never takes the atomic dq path, even when asked."""
+    """deterministic=True never takes an atomic dq path, even when asked."""
     p = PAPER_LIKE
-    compiled = nsa_dsl.compile(p, deterministic=True, overrides={"SLC_BWD_FUSE_DQ": 1})
+    flags = {"SLC_BWD_FUSE_DQ": 1, "CMP_BWD_FUSE_DQ": 1, "SWA_BWD_FUSE_DQ": 1}
     launched = []
-    real = compiled.module.slc_bwd_dq
+    for deterministic in (True, False):
+        compiled = nsa_dsl.compile(p, deterministic=deterministic, overrides=flags)
 
-    class Spy:
-        def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
+        class Spy:
+            def __init__(self, name, real):
+                self.name, self.real = name, real
 
-    monkeypatch.setattr(compiled.module, "slc_bwd_dq", Spy())
-    args = {n: t.requires_grad_(True) for n, t in random_inputs(p, 1, 40, torch.float32, seed=2, device=DEVICE).items()}
-    compiled(**args).sum().backward()
-    assert launched, "the separate, deterministic dq pass must run"
+            def __getitem__(self, grid):
+                launched.append((deterministic, self.name))
+                return self.real[grid]
+
+        for name in ("slc_bwd_dq", "cmp_bwd_dq", "swa_bwd_dq"):
+            monkeypatch.setattr(compiled.module, name, Spy(name, getattr(compiled.module, name)))
+        args = {n: t.requires_grad_(True)
+                for n, t in random_inputs(p, 1, 40, torch.float32, seed=2, device=DEVICE).items()}
+        compiled(**args).sum().backward()
+    assert sorted(name for det, name in launched if det) == ["cmp_bwd_dq", "slc_bwd_dq", "swa_bwd_dq"], \
+        "the separate, deterministic dq passes must all run"
+    assert not [name for det, name in launched if not det], "with the flags set, no separate dq pass runs"
