@@ -151,7 +151,8 @@ def cmd_tune(args) -> int:
         nsa_dsl.check(pattern)
         left = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - start))
         configs = tune(pattern, lengths, gpu_timer(backward=not args.forward_only), device=device_kind(),
-                       backward=not args.forward_only, log=print if args.verbose else None, budget_s=left)
+                       backward=not args.forward_only, log=print if args.verbose else None, budget_s=left,
+                       kernels=args.kernels.split(",") if args.kernels else None)
         for length in lengths:
             found = configs.get(bucket_of(length))
             print(f"{pattern.name} T={length} (bucket {bucket_of(length)}): "
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
     tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
     tune.add_argument("-v", "--verbose", action="store_true")
+    tune.add_argument("--kernels", help="comma-separated plan kernels to tune, in this order (default: all)")
     tune.add_argument("--budget-s", type=float, default=None,
                       help="start no candidate after this many seconds (what was tuned is kept)")
     tune.add_argument("--export", metavar="DIR",

@@ -132,17 +132,25 @@ def candidates(plan: Plan, kernel: str) -> list:
 
 def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *, device: str,
          backward: bool = True, log: Optional[Callable[[str], None]] = None,
-         budget_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic) -> dict:
+         budget_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
+         kernels: Optional[list] = None) -> dict:
     """Coordinate descent per length bucket; returns {bucket: overrides} and
     records it with the timings after every length (so a run cut short keeps
     what it finished). `timer(plan, overrides, T)` returns the milliseconds
     of one pass of the pattern compiled with those overrides (inf for a
     candidate that fails to compile or run). With budget_s, no candidate
     starts after that many seconds: the length in progress keeps the best
-    found so far, later lengths are not tuned."""
+    found so far, later lengths are not tuned. `kernels` (plan kernel names)
+    tunes only those, in that order (the slowest stages first, say);
+    default: every launched kernel in launch order."""
     from .check import check
 
     plan = check(pattern)
+    order = list(plan.kernel_names) if kernels is None else list(kernels)
+    unknown = [k for k in order if k not in plan.kernel_names]
+    if unknown:
+        raise ValueError(f"kernels: {', '.join(unknown)} not in the plan of {pattern.name!r}"
+                         f" ({', '.join(plan.kernel_names)})")
     configs = load_configs(pattern, device)
     timings = {}
     start = clock()
@@ -158,7 +166,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
         bucket = bucket_of(length)
         best = {}
         best_ms = timer(plan, best, length)
-        for kernel in plan.kernel_names:
+        for kernel in order:
             if plan.kernel(kernel).direction == "backward" and not backward:
                 continue
             if not launched(plan, kernel):

@@ -126,3 +126,20 @@ def test_stale_tuned_config_falls_back_to_defaults_with_a_warning():
     with pytest.warns(RuntimeWarning, match="no longer applies"):
         variant = tuned.variant(40)
     assert variant.plan == nsa_dsl.check(PATTERN)
+
+
+def test_tune_only_the_named_kernels_in_their_order():
+    seen = []
+
+    def timer(plan, overrides, length):
+        seen.append(tuple(overrides))
+        return 1.0
+
+    tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["swa_bwd", "slc_fwd"])
+    tried = [keys for keys in seen if keys]
+    names = [k for keys in tried for k in keys]
+    assert names and all(n.startswith(("SWA_BWD", "swa_bwd", "SLC_TOKENS", "slc_fwd")) for n in names), names
+    first_slc = next(i for i, keys in enumerate(tried) if any(k.startswith(("SLC_TOKENS", "slc_fwd")) for k in keys))
+    assert all(any(k.startswith(("SWA_BWD", "swa_bwd")) for k in keys) for keys in tried[:first_slc])
+    with pytest.raises(ValueError, match="not in the plan"):
+        tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["no_such_kernel"])
