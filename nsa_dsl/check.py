@@ -414,7 +414,9 @@ def _warn_group(h: Heads) -> Iterator[Finding]:
                        f"GQA group G = q/kv = {h.q}/{h.kv} = {g} is below {MMA_ROWS}: the selection kernel loads"
                        f" each selected key block for the {g} query head(s) of a group, but a tensor-core tile has"
                        f" {MMA_ROWS} rows, so only {g}/{MMA_ROWS} of them are sure to use the block (the rest are"
-                       f" padding or neighbouring positions that may not have selected it)",
+                       f" padding or neighbouring positions that may not have selected it); the planner then"
+                       f" weighs a block-centric loop order, which gathers the positions that chose each block"
+                       f" (see check --explain)",
                        h.at("kv"), hint)
     elif not _is_pow2(g):
         rows = _next_pow2(g)
