@@ -138,7 +138,7 @@ def main(argv=None) -> int:
         if not r["ok"]:
             print(f"{r['pattern']:16s} {r['kernel']:16s} FAILED: {r['error']}")
             continue
-        print(f"{r['pattern']:16s} {r['kernel'] + (('/D' + str(r['D'])) if 'D' in r else ''):16s} {r['num_warps']:5d}"
+        print(f"{r['pattern']:16s} {r['kernel'] + (('/D' + str(r['D'])) if 'D' in r else '') + (('/p' + str(r['pass'])) if 'pass' in r else ''):16s} {r['num_warps']:5d}"
               f" {r['registers']!s:>5s} {r['stack_bytes']!s:>6s} {r['shared_bytes']!s:>7s} {r['hgmma']:6d} {r['hmma']:5d}"
               f" {r['local_loads_stores']:7d}")
     if args.json:
