@@ -73,7 +73,7 @@ class Config:
     attn: str = "both"  # nsa | dense | both
     pattern_file: str = str(SPEC)
     pattern_name: str = "train_tiny"
-    nsa_backend: str = "auto"  # auto | kernels | reference (NSAttention's backend)
+    nsa_backend: str = "auto"  # auto | kernels | reference | gather (NSAttention's backend)
     separate_kv: bool = True  # NSAttention(separate_kv=...): own K/V projections per branch
     # task
     seq_len: int = 4096
@@ -493,7 +493,8 @@ def parse_args(argv=None) -> Config:
                     " (the rest of --steps at --seq-len)")
     ap.add_argument("--pattern-file", help=f"default {base.pattern_file}")
     ap.add_argument("--pattern-name", help=f"default {base.pattern_name} (--tiny: train_tiny_cpu)")
-    ap.add_argument("--nsa-backend", choices=["auto", "kernels", "reference"])
+    ap.add_argument("--nsa-backend", choices=["auto", "kernels", "reference", "gather"],
+                    help="NSAttention's backend; 'gather' trains on a CPU far faster than 'reference'")
     ap.add_argument("--separate-kv", action=argparse.BooleanOptionalAction, default=None,
                     help="NSAttention's own key/value projections per branch (default: on)")
     ap.add_argument("--tie", action=argparse.BooleanOptionalAction, default=None, help="tie the head to the embedding")

@@ -25,7 +25,7 @@ from .ir import Branch, Pattern, Pool
 
 __all__ = ["NSAttention", "CompressionMLP"]
 
-_BACKENDS = ("auto", "kernels", "reference")
+_BACKENDS = ("auto", "kernels", "reference", "gather")
 # torch dtypes the generated kernels accept, by the pattern's dtype names.
 _KERNEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -132,14 +132,17 @@ class NSAttention(nn.Module):
     backend      "kernels": the generated Triton kernels (nsa_dsl.compile; CUDA,
                  or CPU under TRITON_INTERPRET=1); "reference": the dense
                  PyTorch reference (any device, any float dtype incl. float64;
-                 memory O(T^2)); "auto": kernels when x is on CUDA and its
+                 memory O(T^2)); "gather": the same reference computing
+                 the selection and window branches from only the keys each
+                 query may see (O(T x (top*l' + w)); the way to train on a
+                 CPU); "auto": kernels when x is on CUDA and its
                  (autocast) dtype is one the pattern allows, else reference.
                  The kernels are compiled lazily on first use and kept.
     scale        softmax scale; default 1/sqrt(Dqk).
     phi_hidden   hidden width of the compression MLP (pool=mlp); default Dqk
                  for the key MLP and Dv for the value MLP.
-    query_chunk  reference backend only: queries per chunk (bounds the forward's
-                 peak memory; see nsa_dsl.reference).
+    query_chunk  reference and gather backends: queries per chunk (bounds the
+                 forward's peak memory; see nsa_dsl.reference).
     device, dtype  where and in what dtype to create the parameters.
 
     Parameters (HQ, HKV, Dqk, Dv from the pattern; l, d the compression block and stride)
@@ -368,7 +371,8 @@ class NSAttention(nn.Module):
                 return self.compiled(**args, scale=self.scale)
             from .reference import reference
 
-            return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk)
+            return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk,
+                             gather=backend == "gather")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = self.attention_inputs(x)

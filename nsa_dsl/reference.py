@@ -338,6 +338,60 @@ def _swa_chunk(pattern, q5, k, v, t0, t1, scale):
     return o
 
 
+# The same two branches by gathering only the keys a query may see: O(N x
+# (top*l' + w)) work and memory instead of O(N x T). Exactly the same sets
+# of keys and the same softmax; only the order of float additions differs.
+# For training on machines without the kernels (reference(..., gather=True)).
+
+
+def _gather_keys(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [B, T, HKV, D] at positions pos [B or 1, N, HKV, S] (clamped in
+    range) -> [B, N, HKV, S, D]."""
+    B, T, HKV, _ = x.shape
+    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    h = torch.arange(HKV, device=x.device).view(1, 1, HKV, 1)
+    return x[b, pos.clamp(0, max(T - 1, 0)), h]
+
+
+def _attend_gathered(q5, k_g, v_g, mask, scale):
+    """q5 [B, N, HKV, G, D] against gathered k_g [B, N, HKV, S, D]; mask
+    [B or 1, N, HKV, S] bool -> o [B, N, HKV, G, Dv]."""
+    logits = torch.einsum("bnkgd,bnksd->bnkgs", q5, k_g) * scale
+    p = _softmax_masked(logits, mask.unsqueeze(3))
+    return torch.einsum("bnkgs,bnksd->bnkgd", p, v_g)
+
+
+def _first_occurrence(idx: torch.Tensor) -> torch.Tensor:
+    """[..., top] -> bool, False for a block id already listed earlier in
+    its row (selection is a set: a repeated block counts once)."""
+    ordered, order = idx.sort(dim=-1, stable=True)
+    repeat = torch.zeros_like(idx, dtype=torch.bool)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    return ~torch.zeros_like(repeat).scatter(-1, order, repeat)
+
+
+def _slc_chunk_gather(pattern, q5, k, v, idx, t0, t1, scale):
+    """_slc_chunk's result from the selected blocks' keys only."""
+    lb = pattern.select.block
+    B, N, HKV, top = idx.shape
+    offs = torch.arange(lb, device=q5.device, dtype=torch.int64)
+    pos = (idx.unsqueeze(-1) * lb + offs).reshape(B, N, HKV, top * lb)  # [B, N, HKV, S]
+    t = _positions(t0, t1, q5.device).view(1, N, 1, 1)
+    ok = ((idx >= 0) & _first_occurrence(idx)).repeat_interleave(lb, dim=-1)
+    mask = ok & (pos <= t) & (pos < t1)
+    return _attend_gathered(q5, _gather_keys(k, pos), _gather_keys(v, pos), mask, scale)
+
+
+def _swa_chunk_gather(pattern, q5, k, v, t0, t1, scale):
+    """_swa_chunk's result from the last w positions' keys only."""
+    w = pattern.window.size
+    B, N, HKV = q5.shape[:3]
+    t = _positions(t0, t1, q5.device).view(1, N, 1, 1)
+    pos = (t - w + 1 + torch.arange(w, device=q5.device, dtype=torch.int64)).expand(1, N, HKV, w)
+    mask = pos >= 0
+    return _attend_gathered(q5, _gather_keys(k, pos), _gather_keys(v, pos), mask, scale)
+
+
 # --------------------------------------------------------------------------- public pieces
 
 
@@ -565,7 +619,7 @@ def _prepare(pattern, q, k, v, k_cmp, v_cmp, k_swa, v_swa, indices, query_chunk)
     return B, T, cd, t
 
 
-def _run(pattern, t, B, T, cd, indices, scale, query_chunk, branches, want_indices):
+def _run(pattern, t, B, T, cd, indices, scale, query_chunk, branches, want_indices, gather=False):
     """Per-branch ungated outputs [B, T, HQ, Dv] (computation dtype) for
     `branches`, and the indices used (or None), computed chunk by chunk."""
     need_idx = Branch.SLC in branches or want_indices
@@ -598,9 +652,11 @@ def _run(pattern, t, B, T, cd, indices, scale, query_chunk, branches, want_indic
                     idx = _select_chunk(pattern, S, t0).to(torch.int64)
             idx_chunks.append(idx)
             if Branch.SLC in branches:
-                outs[Branch.SLC].append(_slc_chunk(pattern, q5, t["k"], t["v"], idx, t0, t1, scale))
+                slc = _slc_chunk_gather if gather else _slc_chunk
+                outs[Branch.SLC].append(slc(pattern, q5, t["k"], t["v"], idx, t0, t1, scale))
         if Branch.SWA in branches:
-            outs[Branch.SWA].append(_swa_chunk(pattern, q5, t["k_swa"], t["v_swa"], t0, t1, scale))
+            swa = _swa_chunk_gather if gather else _swa_chunk
+            outs[Branch.SWA].append(swa(pattern, q5, t["k_swa"], t["v_swa"], t0, t1, scale))
 
     result = {}
     for b in branches:
@@ -633,6 +689,7 @@ def reference_branches(
     scale=None,
     query_chunk=None,
     return_indices=False,
+    gather=False,
 ):
     """Ungated per-branch outputs {Branch.CMP: o_cmp, Branch.SLC: o_slc,
     Branch.SWA: o_swa} for every branch the pattern declares (combined or
@@ -641,7 +698,7 @@ def reference_branches(
     B, T, cd, t = _prepare(pattern, q, k, v, k_cmp, v_cmp, k_swa, v_swa, indices, query_chunk)
     scale = _default_scale(pattern, scale)
     want = return_indices and pattern.select is not None
-    outs, idx = _run(pattern, t, B, T, cd, indices, scale, query_chunk, pattern.declared_branches, want)
+    outs, idx = _run(pattern, t, B, T, cd, indices, scale, query_chunk, pattern.declared_branches, want, gather)
     outs = {b: o.to(q.dtype) for b, o in outs.items()}
     return (outs, idx) if return_indices else outs
 
@@ -663,9 +720,15 @@ def reference(
     scale=None,
     return_indices=False,
     query_chunk=None,
+    gather=False,
 ):
     """NSA attention, densely: o [B, T, HQ, Dv] in q's dtype,
     o = sum over pattern.combined_branches of g_b * o_b (a missing gate is 1).
+
+    gather=True computes the selection and window branches from only the
+    keys each query may see (gathered), not masked T x T products: the same
+    function, far less work and memory at long T (for training without the
+    kernels; the dense form stays the oracle the tests trust).
 
     With return_indices=True returns (o, indices): int32 [B, T, HKV, top],
     rows ascending with -1 padding at the end (given indices come back
@@ -688,7 +751,7 @@ def reference(
         raise ValueError("return_indices: the pattern has no select branch, so there are no indices")
     scale = _default_scale(pattern, scale)
     combined = pattern.combined_branches
-    outs, idx = _run(pattern, t, B, T, cd, indices, scale, query_chunk, combined, return_indices)
+    outs, idx = _run(pattern, t, B, T, cd, indices, scale, query_chunk, combined, return_indices, bool(gather))
     o = None
     for name, branch in _GATES:
         if branch not in combined:

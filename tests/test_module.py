@@ -346,3 +346,19 @@ def test_kernels_autocast_bf16_cuda():
     assert rel_err(y, ref(x.double())) < 3e-2
     y.float().square().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("pool", ["mlp", "mean"])
+def test_gather_backend_equals_reference_backend_with_gradients(pool):
+    torch.manual_seed(1)
+    m = NSAttention(make_pattern(pool), 24, backend="reference", dtype=torch.float64, query_chunk=13)
+    x = torch.randn(2, 50, 24, dtype=torch.float64, requires_grad=True)
+    y_ref = m(x)
+    g_ref = torch.autograd.grad(y_ref.square().sum(), [x, *m.parameters()])
+    m.backend = "gather"
+    assert m.resolve_backend(torch.float64, x.device) == "gather"
+    y = m(x)
+    g = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+    assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g_ref, g):
+        assert torch.allclose(b, a, rtol=1e-9, atol=1e-11)
