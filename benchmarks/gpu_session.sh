@@ -13,7 +13,7 @@
 #   bash .device/run bash benchmarks/gpu_session.sh train
 #       examples/train_tiny.py at T=4096 (one run at a time: side by side they
 #       slowed each other 5x): nsa and dense with a length curriculum, then
-#       nsa for 4500 steps -> $OUT/train_*.{json,png,log}
+#       nsa for 4000 steps -> $OUT/train_*.{json,png,log}
 #   bash .device/run bash benchmarks/gpu_session.sh bench-tuned
 #       the benchmark with the tuned configurations (rows record them)
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
@@ -39,7 +39,7 @@ case "${1:-}" in
       --curriculum 512:600,1024:500,2048:400 --log-every 250 --eval-seqs 256 --out "$OUT/train_curriculum" \
       > "$OUT/train_curriculum.log" 2>&1
     grep -h "accuracy" "$OUT/train_curriculum.log"
-    timeout 260 python3 examples/train_tiny.py --attn nsa --pattern-name train_tiny_mean --steps 4500 \
+    timeout 260 python3 examples/train_tiny.py --attn nsa --pattern-name train_tiny_mean --steps 4000 \
       --log-every 500 --eval-seqs 256 --out "$OUT/train_long" > "$OUT/train_long.log" 2>&1
     grep -h "accuracy" "$OUT/train_long.log" ;;
   bench-tuned)
