@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# Kept as the provenance of results/train_tiny/v2/side_by_side/. Outcome: the
+# runs did NOT barely slow each other -- each ran ~5x slower and all hit their
+# time limit -- so run training one at a time (gpu_session.sh train).
+#
 # Which change lets NSA learn the 4k recall task? Training runs of
 # examples/train_tiny.py launched side by side on one GPU (each is bound by
 # kernel launches at this model size, so they barely slow each other), then
