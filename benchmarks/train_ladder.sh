@@ -1,3 +1,8 @@
+#!/usr/bin/env bash
+# The training ladder of results/train_tiny/v2/ (runs A-D): one pattern family
+# from T=256 to 4096, to tell a kernel error (A: kernels vs the reference's
+# 0.653 at T=256) from difficulty that grows with length (B-D).
+#   bash .device/run bash benchmarks/train_ladder.sh     (carry [".device"])
 set -u
 P=benchmarks/results/train_tiny/cpu/patterns.nsa
 T="python3 examples/train_tiny.py --log-every 250 --eval-seqs 256"
