@@ -653,6 +653,9 @@ def _leaves(x: dict) -> list:
     return [t for t in x.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
+_OTHER_ORDER: dict = {}  # (pattern, loop order) -> CompiledPattern
+
+
 def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: dict, note) -> None:
     """The forward with the selection loop order the plan did not choose, as
     impl "nsa_dsl_<order>", so both orders and the choice are on record."""
@@ -662,7 +665,10 @@ def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: d
     impl = "nsa_dsl_" + other
     why = f"selection forward {other}; the plan runs {compiled.slc_fwd}"
     try:
-        alt = nsa_dsl.compile(pattern, slc_fwd=other)
+        key = (pattern, other)
+        if key not in _OTHER_ORDER:  # compiled once per pattern, not per length
+            _OTHER_ORDER[key] = nsa_dsl.compile(pattern, slc_fwd=other)
+        alt = _OTHER_ORDER[key]
         x = nsa_inputs(pattern, T)
         fn = lambda: nsa_call(alt, x)  # noqa: E731
         fn()

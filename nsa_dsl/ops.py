@@ -10,6 +10,7 @@ import torch
 
 from .ir import Branch
 from .plan import Plan
+from .reference import first_occurrence
 from .validate import device_problem, validate_inputs
 
 LOG2E = 1.4426950408889634
@@ -194,21 +195,24 @@ class CompiledPattern:
         stats = torch.full((B, T, HKV, top, G), float("-inf"), dtype=torch.float32, device=dev)
         acc = torch.zeros((B, T, HQ, DV), dtype=torch.float32, device=dev)
         lse = torch.full((B, HQ, T), float("inf"), dtype=torch.float32, device=dev)
-        common = (chunks["segment"], chunks["start"], chunks["end"], positions, slots)
-        for pass_ in (1, 2):
-            if n_chunks == 0:
-                break
-            if pass_ == 2:
-                # log2-sum-exp over the slots: the softmax denominator of each row.
-                top_m = stats.amax(dim=3, keepdim=True)
-                seen = torch.isfinite(top_m)
-                safe_m = torch.where(seen, top_m, torch.zeros_like(top_m))
-                total = torch.exp2(stats - safe_m).sum(dim=3, keepdim=True)
-                row = torch.where(seen, safe_m + torch.log2(total), torch.full_like(top_m, float("inf")))
-                lse = row.squeeze(3).reshape(B, T, HQ).transpose(1, 2).contiguous()
-            m.slc_fwd_bc[(n_chunks,)](q, k, v, *common, stats, lse, acc, T, n_blocks, qk_scale_log2,
+        if n_chunks == 0:
+            return acc.to(q.dtype), lse
+
+        def launch(pass_: int) -> None:
+            m.slc_fwd_bc[(n_chunks,)](q, k, v, chunks["segment"], chunks["start"], chunks["end"], positions, slots,
+                                      stats, lse, acc, T, n_blocks, qk_scale_log2,
                                       *_strides(q), *_strides(k), *_strides(v), PASS=pass_,
                                       num_warps=kp.num_warps, num_stages=kp.num_stages)
+
+        launch(1)
+        # log2-sum-exp over the slots: the softmax denominator of each row.
+        top_m = stats.amax(dim=3, keepdim=True)
+        seen = torch.isfinite(top_m)
+        safe_m = torch.where(seen, top_m, torch.zeros_like(top_m))
+        total = torch.exp2(stats - safe_m).sum(dim=3, keepdim=True)
+        row = torch.where(seen, safe_m + torch.log2(total), torch.full_like(top_m, float("inf")))
+        lse = row.squeeze(3).reshape(B, T, HQ).transpose(1, 2).contiguous()
+        launch(2)
         return acc.to(q.dtype), lse
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
@@ -234,6 +238,12 @@ class CompiledPattern:
         return o
 
     # ------------------------------------------------------------ backward
+    def _fuse_dq(self, kp, flag: str) -> bool:
+        """Whether a branch's dK/dV kernel also adds dq (float32 atomics, so
+        its dq kernel is skipped): where the plan or a tuned record sets the
+        flag, and never under deterministic=True."""
+        return bool(kp.const(flag)) and not self.deterministic
+
     def backward(self, saved: dict, do: torch.Tensor, shapes, scale: float, needs: dict) -> dict:
         """Gradients of every differentiable input from dO, recomputing the
         attention probabilities from the saved statistics. Returns a dict of
@@ -276,9 +286,7 @@ class CompiledPattern:
             common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
                       *_strides(do))
             g_arg = gate if gate is not None else do
-            # dq inside the dK/dV kernel (float32 atomics) where the plan or a
-            # tuned record asks for it and determinism does not forbid it.
-            fuse_dq = bool(kp.const(f"{prefix}_BWD_FUSE_DQ")) and not self.deterministic
+            fuse_dq = self._fuse_dq(kp, f"{prefix}_BWD_FUSE_DQ")
             if not fuse_dq:
                 getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
                     q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
@@ -318,9 +326,8 @@ class CompiledPattern:
             kp = plan.kernel("slc_bwd")
             indices = saved["indices"]
             atomic = self.slc_dkdv == "atomic"
-            # dq inside the block-centric dK/dV pass (float32 atomics): only
-            # where the plan (or a tuned record) asks and determinism is not.
-            fuse_dq = bool(kp.const("SLC_BWD_FUSE_DQ")) and not atomic and not self.deterministic
+            # (the atomic dK/dV strategy has no dK/dV pass to fuse into)
+            fuse_dq = self._fuse_dq(kp, "SLC_BWD_FUSE_DQ") and not atomic
             gate = gates[Branch.SLC]
             g_arg = gate if gate is not None else do
             if not fuse_dq:
@@ -369,16 +376,12 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     Blocks past a position (which it cannot attend) are dropped, and a block
     repeated in a row counts once (its first slot).
     Its size is at most B*T*HKV*top: never T x blocks."""
-    B, T, HKV, top = indices.shape
+    B, T, HKV, _ = indices.shape
     dev = indices.device
     idx = indices.long()
     t = torch.arange(T, device=dev).view(1, T, 1, 1)
     usable = (idx >= 0) & (idx <= t // block)
-    if top > 1:
-        ordered, order = idx.sort(dim=-1, stable=True)
-        repeat = torch.zeros_like(usable)
-        repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
-        usable &= ~torch.zeros_like(usable).scatter(-1, order, repeat)
+    usable &= first_occurrence(idx)
     b_i, t_i, h_i, slot_i = usable.nonzero(as_tuple=True)
     blk = idx[usable]
     key, order = torch.sort(((b_i * HKV + h_i) * n_blocks + blk) * T + t_i)  # by segment, then position

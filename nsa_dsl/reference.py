@@ -361,7 +361,7 @@ def _attend_gathered(q5, k_g, v_g, mask, scale):
     return torch.einsum("bnkgs,bnksd->bnkgd", p, v_g)
 
 
-def _first_occurrence(idx: torch.Tensor) -> torch.Tensor:
+def first_occurrence(idx: torch.Tensor) -> torch.Tensor:
     """[..., top] -> bool, False for a block id already listed earlier in
     its row (selection is a set: a repeated block counts once)."""
     ordered, order = idx.sort(dim=-1, stable=True)
@@ -377,7 +377,7 @@ def _slc_chunk_gather(pattern, q5, k, v, idx, t0, t1, scale):
     offs = torch.arange(lb, device=q5.device, dtype=torch.int64)
     pos = (idx.unsqueeze(-1) * lb + offs).reshape(B, N, HKV, top * lb)  # [B, N, HKV, S]
     t = _positions(t0, t1, q5.device).view(1, N, 1, 1)
-    ok = ((idx >= 0) & _first_occurrence(idx)).repeat_interleave(lb, dim=-1)
+    ok = ((idx >= 0) & first_occurrence(idx)).repeat_interleave(lb, dim=-1)
     mask = ok & (pos <= t) & (pos < t1)
     return _attend_gathered(q5, _gather_keys(k, pos), _gather_keys(v, pos), mask, scale)
 
