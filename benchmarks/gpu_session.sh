@@ -12,8 +12,8 @@
 #       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them)
 #   bash .device/run bash benchmarks/gpu_session.sh train
 #       examples/train_tiny.py at T=4096 (one run at a time: side by side they
-#       slowed each other 5x): nsa and dense with a length curriculum, then
-#       nsa for 4000 steps -> $OUT/train_*.{json,png,log}
+#       slowed each other 5x): nsa and dense with the same length curriculum
+#       -> $OUT/train_curriculum.{json,png,log}
 #   bash .device/run bash benchmarks/gpu_session.sh bench-tuned
 #       the benchmark with the tuned configurations (rows record them)
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
@@ -24,7 +24,7 @@ export NSA_DSL_GPU_LOG=$OUT/gpu_log.jsonl NSA_DSL_HYPOTHESIS_PROFILE=gpu PYTHONU
 export NSA_DSL_CACHE_DIR=${NSA_DSL_CACHE_DIR:-/tmp/nsa_dsl_cache}
 case "${1:-}" in
   tests)
-    timeout 560 python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \
+    timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 20 ;;
   bench)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 2>&1 | tee "$OUT/bench.log" | tail -n 40 ;;
@@ -32,16 +32,15 @@ case "${1:-}" in
     # The slowest stages first (NOTES.md v3, paper128 at 64k), 64k before 8k;
     # a candidate compiles only the kernel it changes (~2-4 s each).
     timeout 560 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
-      --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s 500 \
+      --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" \
       --export "$OUT/tuned" 2>&1 | tee "$OUT/tune.log" | grep -v "^T=" | tail -n 20 ;;
   train)
-    timeout 300 python3 examples/train_tiny.py --attn both --pattern-name train_tiny_mean --steps 3000 \
-      --curriculum 512:600,1024:500,2048:400 --log-every 250 --eval-seqs 256 --out "$OUT/train_curriculum" \
+    # One run at a time; the curriculum trains the selection while every
+    # block is still chosen (T = 512: 8 blocks of 64), then 2500 of 5000 steps at 4096.
+    timeout 420 python3 examples/train_tiny.py --attn both --pattern-name train_tiny_mean --steps 5000 \
+      --curriculum 512:800,1024:800,2048:900 --log-every 250 --eval-seqs 256 --out "$OUT/train_curriculum" \
       > "$OUT/train_curriculum.log" 2>&1
-    grep -h "accuracy" "$OUT/train_curriculum.log"
-    timeout 260 python3 examples/train_tiny.py --attn nsa --pattern-name train_tiny_mean --steps 4000 \
-      --log-every 500 --eval-seqs 256 --out "$OUT/train_long" > "$OUT/train_long.log" 2>&1
-    grep -h "accuracy" "$OUT/train_long.log" ;;
+    grep -h "accuracy" "$OUT/train_curriculum.log" ;;
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;

@@ -465,8 +465,11 @@ def run(cfg: Config, *, verbose: bool = True) -> dict:
     pattern = load_pattern(cfg)
     task = task_of(cfg, pattern)
     cfg = replace(cfg, gap=task.gap)
-    results = {a: train(cfg, a, verbose=verbose) for a in attns}
-    json_path, png_path = write_outputs(cfg, results, cfg.out)
+    results = {}
+    for a in attns:
+        results[a] = train(cfg, a, verbose=verbose)
+        # written after each run, so a time limit during the second run keeps the first
+        json_path, png_path = write_outputs(cfg, results, cfg.out)
     if verbose:
         print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return results
