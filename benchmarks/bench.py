@@ -624,14 +624,17 @@ def measure_ceilings(warmup: float, rep: float) -> dict:
             "matmul_ms": mm_ms, "copy_ms": cp_ms}
 
 
-def nsa_inputs(pattern, T: int, requires_grad: bool = False, seed: int = 0) -> dict:
-    """Random bf16 inputs in nsa_dsl's layout [B, T, H, D]; gates in [0, 1]."""
+def nsa_inputs(pattern, T: int, requires_grad: bool = False, seed: int = 0, device: str = "cuda",
+               dtype=torch.bfloat16) -> dict:
+    """Random inputs (bf16 on the GPU unless told) in nsa_dsl's layout
+    [B, T, H, D]; gates in [0, 1]. device/dtype let CPU tests drive the
+    benchmark's own paths through the interpreter."""
     p = pattern
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     hq, hkv, dqk, dv = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
 
     def rnd(*shape, uniform=False):
-        x = (torch.rand if uniform else torch.randn)(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+        x = (torch.rand if uniform else torch.randn)(*shape, generator=g, device=device, dtype=dtype)
         return x.requires_grad_(requires_grad)
 
     x = {"q": rnd(1, T, hq, dqk), "k": rnd(1, T, hkv, dqk), "v": rnd(1, T, hkv, dv)}
@@ -659,6 +662,8 @@ _OTHER_ORDER: dict = {}  # (pattern, loop order) -> CompiledPattern
 def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: dict, note) -> None:
     """The forward with the selection loop order the plan did not choose, as
     impl "nsa_dsl_<order>", so both orders and the choice are on record."""
+    import nsa_dsl  # imported where used, as in the other GPU paths: main() imports it only locally
+
     if pattern.select is None or compiled.slc_fwd is None:
         return
     other = "block-centric" if compiled.slc_fwd == "group-centric" else "group-centric"
@@ -826,7 +831,7 @@ def run_sdpa(pattern, T: int, cfg, ceil: dict, emit) -> None:
         for pass_ in PASSES:
             try:
                 g = torch.Generator(device="cuda").manual_seed(1)
-                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa
+                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device=device, dtype=dtype)  # noqa
                 q, k, v = mk(hq, dqk), mk(hkv, dqk), mk(hkv, dv)
                 if dv_run != dv:
                     v = torch.cat([v, torch.zeros(1, hkv, T, dv_run - dv, device="cuda", dtype=v.dtype)], -1)
@@ -968,7 +973,7 @@ def run_flex(compiled, pattern, T: int, cfg, ceil: dict, emit, budget: Budget) -
                 continue
             try:
                 g = torch.Generator(device="cuda").manual_seed(3)
-                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa
+                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device=device, dtype=dtype)  # noqa
                 q, k, v = mk(hq, dqk), mk(hkv, dqk), mk(hkv, dv)
                 leaves = []
                 if pass_ == "fwd+bwd":

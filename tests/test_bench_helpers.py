@@ -436,3 +436,32 @@ def test_run_config_reports_tuned_overrides():
     assert bench.run_config(Tuned(), 8192) == {"SLC_TOKENS": 8}
     assert bench.run_config(Tuned(), 1024) == {}
     assert bench.run_config(object(), 8192) == {}
+
+
+def test_other_loop_order_row_runs_the_other_kernel(monkeypatch):
+    # bench.py imports nsa_dsl only inside its functions; the other-loop-order
+    # row once compiled through an unimported name and every such row on the
+    # H200 was a NameError. Drive the real path on CPU (interpreter, fp32).
+    p = _pattern(q=4, kv=2, qk=16, cblock=16, cstride=16, sblock=16, top=2, initial=1, local=1, window=16)
+    compiled = nsa_dsl.compile(p)
+    assert compiled.slc_fwd == "group-centric"
+    gpu_inputs = bench.nsa_inputs
+    cpu_inputs = lambda pattern, T: gpu_inputs(pattern, T, device="cpu", dtype=torch.float32)  # noqa: E731
+    monkeypatch.setattr(bench, "nsa_inputs", cpu_inputs)
+    calls = []
+
+    def fake_bench_ms(fn, warmup, rep, grad_to_none=None):
+        calls.append(fn())  # the timed call must run
+        return 1.25
+
+    monkeypatch.setattr(bench, "bench_ms", fake_bench_ms)
+    rows = []
+    cfg = bench.resolve_config(bench.build_parser().parse_args(["--quick"]))
+    bench.run_other_loop_order(compiled, p, 48, cfg, {}, rows.append, {"fwd": 1.0}, None)
+    assert len(rows) == 1
+    row = rows[0]
+    assert "error" not in row, row.get("error")
+    assert row["impl"] == "nsa_dsl_block-centric" and row["loop_order"] == "block-centric"
+    assert row["ms"] == 1.25 and len(calls) == 1
+    x = cpu_inputs(p, 48)
+    torch.testing.assert_close(calls[0], bench.nsa_call(compiled, x), rtol=1e-4, atol=1e-5)
