@@ -664,11 +664,12 @@ def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: d
     impl "nsa_dsl_<order>", so both orders and the choice are on record."""
     import nsa_dsl  # imported where used, as in the other GPU paths: main() imports it only locally
 
-    if pattern.select is None or compiled.slc_fwd is None:
+    runs = compiled.slc_fwd_at(T)
+    if runs is None:
         return
-    other = "block-centric" if compiled.slc_fwd == "group-centric" else "group-centric"
+    other = "block-centric" if runs == "group-centric" else "group-centric"
     impl = "nsa_dsl_" + other
-    why = f"selection forward {other}; the plan runs {compiled.slc_fwd}"
+    why = f"selection forward {other}; the plan runs {runs} at T={T}"
     try:
         key = (pattern, other)
         if key not in _OTHER_ORDER:  # compiled once per pattern, not per length
@@ -711,7 +712,7 @@ def run_config(compiled, T: int) -> dict:
 def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
     name = pattern.name
     config = run_config(compiled, T)
-    loop_order = getattr(compiled, "slc_fwd", None)
+    loop_order = compiled.slc_fwd_at(T)
     base_emit = emit
 
     def emit(row):  # every nsa_dsl row records the configuration that ran

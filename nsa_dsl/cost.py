@@ -3,7 +3,9 @@
 Everything is a sympy expression in the sequence length T (a positive integer
 symbol) for one causal sequence (batch 1), all query heads together, averaged
 over the positions t = 0 .. T-1 (so "per token" means: the sum over the
-sequence divided by T).
+sequence divided by T). The selection loop-order model at the end is the
+exception: plain floats at a given T (it averages a union over positions,
+which has no closed form worth carrying in sympy).
 
 What is counted (NSA_MATH.md defines the branches):
 
@@ -246,52 +248,104 @@ def explain(pattern: Pattern, Ts=DEFAULT_TS, element_bytes: int = 2) -> str:  # 
 
 
 # ---------------------------------------------------------------------------
-# Selection loop order: bytes moved per (position, KV head)
+# Selection loop order: bytes moved per (position, KV head), by length
 # ---------------------------------------------------------------------------
 class LoopOrderBytes(NamedTuple):
-    group_centric: sympy.Rational
-    block_centric: sympy.Rational
+    group_centric: float
+    block_centric: float
     choice: str  # "group-centric" or "block-centric"
     why: str
 
 
-# Block-centric must be predicted this many times cheaper before the plan
-# leaves the group-centric kernel, whose speed is measured (the model is not).
-BLOCK_CENTRIC_MARGIN = 2
+# Float32 atomic adds into the block-centric output accumulator count this
+# many times a streamed byte. Calibrated on the H200 (benchmarks/NOTES.md, v4
+# measured): with 4 the model's group/block-centric ratio is within 35% of the
+# five measured selection-forward time ratios (small_group 0.47 vs 0.35 at 8k,
+# 1.75 vs 1.45 at 64k; paper128 0.26 vs 0.26 and 0.35 vs 0.39; deepseek_nsa
+# 0.42 vs 0.67 at 64k); counting them as plain bytes predicted 8x where 1.45x
+# was measured.
+ATOMIC_BYTE_WEIGHT = 4
+# Block-centric must be predicted this much cheaper before the plan takes it:
+# its extra index memory and two passes are not in the byte count.
+BLOCK_CENTRIC_MARGIN = 1.25
+# The lengths at which the plan compares the two orders (and picks the first
+# from which block-centric wins at every longer one).
+LOOP_ORDER_LENGTHS = tuple(2 ** e for e in range(10, 21))
 
 
-def selection_loop_bytes(pattern: Pattern, group_rows: int, tokens_per_program: int, chunk: int,
+def _group_centric_blocks_per_position(select, tokens_per_program: int, T: int) -> float:
+    """Blocks a group-centric program loads per position, averaged over the
+    positions of a length-T sequence: a program of S neighbouring positions
+    walks the union of their choices. Each chooses the forced blocks and
+    `free` more among the C other visible ones, uncorrelated between
+    positions (random inputs; trained models share more, which only helps
+    this order): expected union forced + C * (1 - (1 - free/C)^S). The union
+    is capped by the visible blocks, which is why short sequences favour
+    this order."""
+    S = tokens_per_program
+    forced = select.initial + select.local
+    total = 0.0
+    n_blocks = -(-T // select.block)
+    for j in range(n_blocks):  # positions of block j see j + 1 blocks
+        visible = j + 1
+        positions = min(select.block, T - j * select.block)
+        if visible <= select.top:
+            union = visible
+        else:
+            other, free = visible - forced, select.top - forced
+            union = forced + other * (1 - (1 - free / other) ** S)
+        total += positions * union / S
+    return total / T
+
+
+def _selected_blocks_per_position(select, T: int) -> float:
+    """Average number of selected blocks per position (min(top, visible))."""
+    total = 0
+    for j in range(-(-T // select.block)):
+        total += min(select.block, T - j * select.block) * min(select.top, j + 1)
+    return total / T
+
+
+def selection_loop_bytes(pattern: Pattern, group_rows: int, tokens_per_program: int, chunk: int, T: int,
                          element_bytes: int = 2) -> LoopOrderBytes:
-    """Predicted memory traffic of the two selection forward loop orders,
-    per (position, KV head), for long sequences (every block visible) and
-    *uncorrelated* choices of neighbouring positions (what random benchmark
-    inputs give; trained models share more, which only helps group-centric).
+    """Predicted memory traffic of the two selection forward loop orders per
+    (position, KV head), averaged over a causal sequence of length T.
 
-    group-centric: a program of S = tokens_per_program positions walks the
-      union of their blocks, at most forced + S*free of them, loading each
-      block's keys and values once: union/S blocks per position; plus q and o.
-    block-centric: per selected block, the G query rows are read twice (two
-      passes), the float32 output accumulator is read and written by the
-      atomics, the per-slot statistics written and read; block loads are
-      shared by the `chunk` positions of a program (twice: two passes); plus
-      lse and the final output cast."""
+    group-centric: the union of a program's S positions' blocks (see
+      _group_centric_blocks_per_position), keys and values loaded once
+      each; plus q and o.
+    block-centric: per selected block, the G query rows read twice (two
+      passes), the float32 output accumulator read and written by atomics
+      (weighted by ATOMIC_BYTE_WEIGHT), the per-slot statistics written and
+      read; block loads shared by the `chunk` positions of a program (twice:
+      two passes); plus lse and the final output cast."""
     s = pattern.select
     g, dqk, dv = pattern.group, pattern.dims.qk, pattern.dims.v
-    eb = sympy.Integer(element_bytes)
+    eb = element_bytes
     block_bytes = s.block * (dqk + dv) * eb
-    forced = s.initial + s.local
-    free = s.top - forced
-    union = forced + tokens_per_program * free
-    group = sympy.Rational(union, tokens_per_program) * block_bytes + g * (dqk + dv) * eb
-    per_block = 2 * g * dqk * eb + 2 * g * dv * 4 + 2 * g * 4 + sympy.Rational(2, chunk) * block_bytes
-    block = s.top * per_block + g * 4 * 2 + g * dv * (4 + eb)
+    group = _group_centric_blocks_per_position(s, tokens_per_program, T) * block_bytes + g * (dqk + dv) * eb
+    per_block = (2 * g * dqk * eb + ATOMIC_BYTE_WEIGHT * 2 * g * dv * 4 + 2 * g * 4
+                 + 2 / chunk * block_bytes)
+    block = _selected_blocks_per_position(s, T) * per_block + g * 4 * 2 + g * dv * (4 + eb)
     ratio = group / block
     if ratio >= BLOCK_CENTRIC_MARGIN:
         choice = "block-centric"
-        why = (f"predicted {float(ratio):.1f}x fewer bytes than group-centric (union of {union} blocks per"
-               f" {tokens_per_program} positions, G={g} of {group_rows} rows)")
+        why = f"at T={T} predicted {ratio:.2f}x fewer weighted bytes than group-centric"
     else:
         choice = "group-centric"
-        why = (f"block-centric predicted only {float(ratio):.1f}x fewer bytes (< {BLOCK_CENTRIC_MARGIN}x margin"
-               f" over the measured kernel)")
+        why = (f"at T={T} block-centric predicted {ratio:.2f}x fewer weighted bytes"
+               f" (< the {BLOCK_CENTRIC_MARGIN}x margin)")
     return LoopOrderBytes(group, block, choice, why)
+
+
+def block_centric_from(pattern: Pattern, group_rows: int, tokens_per_program: int, chunk: int,
+                       lengths: tuple = LOOP_ORDER_LENGTHS) -> Optional[int]:
+    """The shortest of `lengths` from which the cost model picks block-centric
+    at that and every longer one; None when it never does."""
+    start = None
+    for T in lengths:
+        if selection_loop_bytes(pattern, group_rows, tokens_per_program, chunk, T).choice == "block-centric":
+            start = T if start is None else start
+        else:
+            start = None
+    return start

@@ -61,8 +61,8 @@ class CompiledPattern:
         if deterministic and slc_fwd == "block-centric":
             raise ValueError("slc_fwd='block-centric' adds with float32 atomics, not deterministic; use"
                              " deterministic=False or slc_fwd='group-centric'")
-        order = slc_fwd or plan.loop_order
-        self.slc_fwd = "group-centric" if (deterministic and order is not None) else order
+        # None: the plan's order at each call's length (Plan.loop_order_at)
+        self.slc_fwd_override = "group-centric" if (deterministic and plan.has("slc_fwd")) else slc_fwd
         self.plan = plan
         self.pattern = plan.pattern
         self.module = module
@@ -75,6 +75,13 @@ class CompiledPattern:
     @property
     def source(self) -> str:
         return self.source_path.read_text()
+
+    def slc_fwd_at(self, T: int) -> Optional[str]:
+        """The selection forward loop order a call of length T runs: the
+        compile(slc_fwd=...) override (group-centric under deterministic=True),
+        else the plan's order for T; None without a selection branch."""
+        order = self.plan.loop_order_at(T)
+        return order if order is None or self.slc_fwd_override is None else self.slc_fwd_override
 
     # ------------------------------------------------------------------ API
     def __call__(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, k_cmp=None, v_cmp=None, k_swa=None,
@@ -153,7 +160,7 @@ class CompiledPattern:
                                      *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
                                      num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
-            if self.slc_fwd == "block-centric":
+            if self.slc_fwd_at(T) == "block-centric":
                 o_slc, lse_slc = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes)
             else:
                 kp = plan.kernel("slc_fwd")

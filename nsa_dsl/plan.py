@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .cost import selection_loop_bytes
+from .cost import block_centric_from, selection_loop_bytes
 from .ir import Branch, Pattern
 
 
@@ -53,7 +53,10 @@ class Plan:
     qk_pad: int
     v_pad: int
     group_rows: int  # G padded to an MMA tile, for the group-centric selection
-    loop_order: Optional[str]  # selection loop order, None without selection
+    # Selection forward loop order by length: block-centric from this T on
+    # (the cost model's choice), group-centric below it; None: group-centric
+    # at every length, or no selection branch (see loop_order_at).
+    block_centric_from: Optional[int]
     static_selection: bool
     # How the selection branch's key/value gradients are accumulated across
     # the queries that chose a block: "inverted-index" (block-centric,
@@ -75,6 +78,22 @@ class Plan:
     def has(self, name: str) -> bool:
         return name in self.kernel_names
 
+    def loop_order_at(self, T: int) -> Optional[str]:
+        """The selection forward loop order the plan runs at length T (None
+        without a selection branch)."""
+        if not self.has("slc_fwd"):
+            return None
+        if self.block_centric_from is not None and T >= self.block_centric_from:
+            return "block-centric"
+        return "group-centric"
+
+    def loop_order_summary(self) -> Optional[str]:
+        if not self.has("slc_fwd"):
+            return None
+        if self.block_centric_from is None:
+            return "group-centric at every length"
+        return f"group-centric below T={self.block_centric_from}, block-centric from it"
+
     def explain(self) -> str:
         p = self.pattern
         lines = [f"pattern {p.name}: {len(self.kernels)} kernel(s), branches {', '.join(b.value for b in p.declared_branches)}"
@@ -82,8 +101,8 @@ class Plan:
         lines.append(f"  heads q={p.heads.q} kv={p.heads.kv} (G={p.group}); head dims qk={p.dims.qk}"
                      f"{' padded to ' + str(self.qk_pad) if self.qk_pad != p.dims.qk else ''},"
                      f" v={p.dims.v}{' padded to ' + str(self.v_pad) if self.v_pad != p.dims.v else ''}")
-        if self.loop_order is not None:
-            lines.append(f"  selection loop order: {self.loop_order}"
+        if self.has("slc_fwd"):
+            lines.append(f"  selection loop order: {self.loop_order_summary()}"
                          f" (G={p.group} query heads as rows of a {self.group_rows}-row MMA tile)")
         if self.slc_dkdv is not None:
             lines.append(f"  selection key/value gradients: {self.slc_dkdv}")
@@ -96,13 +115,6 @@ class Plan:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
-
-
-# The block-centric selection forward passes the CPU property tests and
-# compiles for sm_90, but has not yet run on a GPU: until it has (correct in
-# bf16 and timed, benchmarks/NOTES.md v4), the plan keeps the measured
-# group-centric kernel as the default even where the cost model prefers it.
-BLOCK_CENTRIC_RAN_ON_GPU = False
 
 
 def _attention_tiles(d_pad: int) -> tuple:
@@ -160,7 +172,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
     kernels = []
     notes = []
     static = False
-    loop_order = None
+    bc_from = None
     d_max = max(qk_pad, v_pad)
     bm, bn, warps, stages = _attention_tiles(d_max)
 
@@ -238,17 +250,19 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("GROUP_ROWS", group_rows), ("BC_TOKENS", bc_tokens),
              ("BC_CHUNK", bc_chunk)),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
-        order = selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk)
-        if order.choice == "block-centric" and not BLOCK_CENTRIC_RAN_ON_GPU:
-            loop_order = "group-centric"
-            notes.append(f"selection forward loop order: group-centric; the cost model prefers block-centric,"
-                         f" {order.why}, but that kernel has not run on a GPU yet, so the measured one stays the"
-                         " default (compile(..., slc_fwd='block-centric') runs it)")
+        # Both orders were measured on the H200 (benchmarks/NOTES.md, v4
+        # measured); the cost model, calibrated there, picks by length.
+        bc_from = block_centric_from(p, group_rows, slc_tokens, bc_chunk)
+        longest = selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, 1 << 20)
+        if bc_from is None:
+            notes.append(f"selection forward loop order: group-centric at every length, by the cost model"
+                         f" ({longest.why})")
         else:
-            loop_order = order.choice
-            notes.append(f"selection forward loop order: {order.choice}, by the cost model: {order.why}"
-                         " (compile(..., slc_fwd='group-centric' | 'block-centric') overrides;"
-                         " deterministic=True always runs group-centric)")
+            at = selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, bc_from)
+            notes.append(f"selection forward loop order: group-centric below T={bc_from}, block-centric from"
+                         f" it, by the cost model ({at.why})")
+        notes[-1] += ("; compile(..., slc_fwd='group-centric' | 'block-centric') overrides,"
+                      " deterministic=True always runs group-centric")
 
     if p.window is not None:
         kernels.append(KernelPlan(
@@ -276,20 +290,23 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
     if qk_pad != p.dims.qk or v_pad != p.dims.v:
         notes.append(f"head dims are padded to powers of two in registers (qk {p.dims.qk}->{qk_pad},"
                      f" v {p.dims.v}->{v_pad}); memory traffic stays at the declared size")
-    return Plan(p, tuple(kernels), shared, qk_pad, v_pad, group_rows, loop_order, static,
+    return Plan(p, tuple(kernels), shared, qk_pad, v_pad, group_rows, bc_from, static,
                 slc_dkdv, tuple(warnings), tuple(notes))
 
 
 def _backward_tiles(d_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N, num_warps) of the flash-style backward kernels: the
-    key-side kernel keeps dK and dV of BLOCK_N keys in registers. Chosen from
-    ptxas's resource report for sm_90 (benchmarks/sm90_report.py): with 4
-    warps the 128-wide dK/dV kernels spilled ~2 KB of stack per thread; 8
-    warps and a 32-row query tile cut that to under 100 bytes."""
-    if d_pad <= 64:
-        return 64, 64, 4
+    key-side kernel keeps dK and dV of BLOCK_N keys in registers.
+
+    At d <= 128: 64x64 tiles on 4 warps, measured on the H200 by `nsa-dsl
+    tune` (paper128, benchmarks/results/tune/h200_paper128.log): 4 warps
+    alone took the fwd+bwd at 64k from 304 to 271 ms (cmp_bwd), 241 to 216
+    (slc_bwd), 200 to 190 (swa_bwd), and 64x64 beat every other tile at 4
+    warps at 8k and 64k. The earlier 32x64 on 8 warps came from ptxas's
+    spill report (4 warps spill ~2 KB per thread) and was the slower one, as
+    the forward's spill-free choice was in v3 (benchmarks/NOTES.md)."""
     if d_pad <= 128:
-        return 32, 64, 8
+        return 64, 64, 4
     return 32, 32, 8
 
 
@@ -317,7 +334,8 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
              ("CMP_BWD_SPLIT_HEADS", p.group > 1),
-             # 1: dq added inside the dK/dV kernel with atomics (off until measured; tuned)
+             # 1: dq added inside the dK/dV kernel with atomics: slower on the
+             # H200 in every tuner trial (NOTES.md v4 measured), left tunable
              ("CMP_BWD_FUSE_DQ", 0)),
             num_warps=warps, num_stages=1, direction="backward"))
         if c.pool.value == "mean":
@@ -342,13 +360,14 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # 1: the dK/dV pass also adds dq with atomics and slc_bwd_dq is
-             # skipped (never under deterministic=True). Off until measured;
-             # `nsa-dsl tune` tries it.
+             # skipped (never under deterministic=True). Measured slower on
+             # the H200 (203 -> 240 ms fwd+bwd at 64k); `nsa-dsl tune` tries it.
              ("SLC_BWD_FUSE_DQ", 0),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),
-            num_warps=8, num_stages=1, direction="backward"))
+            # 4 warps at d <= 128: measured, as _backward_tiles says
+            num_warps=4 if d_max <= 128 else 8, num_stages=1, direction="backward"))
     if Branch.SWA in combined:
         kernels.append(KernelPlan(
             "swa_bwd", "swa_bwd.py.jinja",

@@ -87,14 +87,14 @@ def _scaled(value: int, factors=(0.5, 1, 2), lo: int = 1, hi: int = 256) -> list
     return out
 
 
-def launched(plan: Plan, kernel: str) -> bool:
-    """Whether a default call runs this kernel: of the two selection forward
-    kernels only the plan's loop order is launched (tuning the other would
-    time nothing)."""
+def launched(plan: Plan, kernel: str, T: int) -> bool:
+    """Whether a default call of length T runs this kernel: of the two
+    selection forward kernels only the plan's loop order at T is launched
+    (tuning the other would time nothing)."""
     if kernel == "slc_fwd":
-        return plan.loop_order != "block-centric"
+        return plan.loop_order_at(T) != "block-centric"
     if kernel == "slc_fwd_bc":
-        return plan.loop_order == "block-centric"
+        return plan.loop_order_at(T) == "block-centric"
     return True
 
 
@@ -169,7 +169,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
         for kernel in order:
             if plan.kernel(kernel).direction == "backward" and not backward:
                 continue
-            if not launched(plan, kernel):
+            if not launched(plan, kernel, length):
                 continue
             for option in candidates(plan, kernel)[1:]:
                 if out_of_time():
@@ -221,9 +221,8 @@ class TunedPattern:
                 self._variants[key] = self.variant(None)
         return self._variants[key]
 
-    @property
-    def slc_fwd(self) -> Optional[str]:
-        return self.variant(None).slc_fwd
+    def slc_fwd_at(self, T: int) -> Optional[str]:
+        return self.variant(T).slc_fwd_at(T)
 
     def __call__(self, q, *args, **kwargs):
         length = q.shape[1] if hasattr(q, "shape") and len(q.shape) >= 2 else None

@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import nsa_dsl
 from nsa_dsl.check import check
-from nsa_dsl.cost import selection_loop_bytes
+from nsa_dsl.cost import ATOMIC_BYTE_WEIGHT, block_centric_from, selection_loop_bytes
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
 from nsa_dsl.ops import block_to_positions
 from nsa_dsl.tune import launched
@@ -28,7 +28,7 @@ def _selection_only(pattern: Pattern, args: dict, order: str, indices) -> dict:
     """The forward's intermediate tensors (o_slc, lse_slc, ...) of one loop
     order, every buffer poisoned first."""
     compiled = nsa_dsl.compile(pattern, slc_fwd=order)
-    assert compiled.slc_fwd == order
+    assert compiled.slc_fwd_at(args["q"].shape[1]) == order
     compiled.poison = True
     gates = {b: args.get(f"g_{b.value}") for b in Branch}
     shapes = validate_inputs(pattern, args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"),
@@ -112,42 +112,72 @@ def test_inverted_index_slots_and_deduplication():
     assert torch.equal(off2, offsets) and torch.equal(pos2, positions)
 
 
-def test_plan_chooses_loop_order_by_cost_model(monkeypatch):
-    import nsa_dsl.plan as plan_mod
-
+def test_plan_chooses_loop_order_by_length():
     paper = nsa_dsl.load("examples/bench_paper128.nsa")
     small = nsa_dsl.load("examples/bench_small_group.nsa")
-    for ran_on_gpu in (True, False):
-        monkeypatch.setattr(plan_mod, "BLOCK_CENTRIC_RAN_ON_GPU", ran_on_gpu)
-        assert check(paper).loop_order == "group-centric"
-        # The cost model prefers block-centric for G=2; the plan follows it
-        # once that kernel has run on a GPU, and says so either way.
-        plan = check(small)
-        assert plan.loop_order == ("block-centric" if ran_on_gpu else "group-centric")
-        assert any("block-centric" in n and "cost model" in n for n in plan.notes)
-    for p in (paper, small):
-        plan = check(p)
-        order = selection_loop_bytes(p, plan.group_rows, plan.kernel("slc_fwd").const("SLC_TOKENS"),
-                                     plan.kernel("slc_fwd_bc").const("BC_CHUNK"))
-        assert order.choice == ("block-centric" if p is small else "group-centric")
-        assert "slc_fwd_bc" in plan.kernel_names and "slc_fwd" in plan.kernel_names
-        assert launched(plan, "slc_fwd") != launched(plan, "slc_fwd_bc")
+    # G=16 fills the MMA tile with one position's heads: group-centric at
+    # every length (on the H200 block-centric was 2.6-3.8x slower there).
+    plan = check(paper)
+    assert plan.block_centric_from is None
+    assert [plan.loop_order_at(T) for T in (1, 8192, 1 << 20)] == ["group-centric"] * 3
+    # G=2: group-centric while the visible blocks cap the union walk
+    # (measured 2.1x faster at 8k), block-centric at long T (1.23x faster at 64k).
+    plan = check(small)
+    assert 8192 < plan.block_centric_from <= 65536
+    assert plan.loop_order_at(8192) == "group-centric"
+    assert plan.loop_order_at(plan.block_centric_from - 1) == "group-centric"
+    assert plan.loop_order_at(plan.block_centric_from) == "block-centric"
+    assert plan.loop_order_at(65536) == "block-centric"
+    assert any(f"block-centric from it" in n and "cost model" in n for n in plan.notes)
+    assert f"below T={plan.block_centric_from}" in plan.explain()
+    for T in (8192, 65536):
+        assert launched(plan, "slc_fwd", T) != launched(plan, "slc_fwd_bc", T)
+    assert launched(plan, "slc_fwd", 8192) and launched(plan, "slc_fwd_bc", 65536)
+    no_select = nsa_dsl.parse("pattern w { heads q=2 kv=1 dims qk=16 window size=16 }")
+    assert check(no_select).loop_order_at(100) is None
+
+
+def test_block_centric_from_is_the_start_of_the_winning_lengths():
+    small = nsa_dsl.load("examples/bench_small_group.nsa")
+    lengths = (1024, 4096, 16384, 65536, 262144)
+    start = block_centric_from(small, 2, 32, 512, lengths)
+    choices = [selection_loop_bytes(small, 2, 32, 512, T).choice for T in lengths]
+    assert start in lengths
+    i = lengths.index(start)
+    assert set(choices[i:]) == {"block-centric"} and choices[i - 1] == "group-centric"
+    assert block_centric_from(small, 2, 32, 512, (1024, 4096)) is None
 
 
 def test_loop_order_bytes_by_hand():
-    # G=2, top 16 (3 forced), 64-token blocks, d=128: union 3 + 32*13 = 419 blocks per 32 positions.
+    # small_group: G=2, top 16 (3 forced), 64-token blocks, d=128, 32 positions per program.
     small = nsa_dsl.load("examples/bench_small_group.nsa")
-    got = selection_loop_bytes(small, 2, 32, 512)
     block_bytes = 64 * 256 * 2
-    assert got.group_centric == pytest.approx(419 / 32 * block_bytes + 2 * 256 * 2)
-    per_block = 2 * 2 * 128 * 2 + 2 * 2 * 128 * 4 + 2 * 2 * 4 + 2 / 512 * block_bytes
-    assert got.block_centric == pytest.approx(16 * per_block + 2 * 4 * 2 + 2 * 128 * 6)
+    # T=128: two blocks, every position selects all it sees (1 then 2 blocks),
+    # so the union of a program's positions is the visible blocks.
+    got = selection_loop_bytes(small, 2, 32, 512, 128)
+    assert got.group_centric == pytest.approx((64 * 1 + 64 * 2) / 128 / 32 * block_bytes + 2 * 256 * 2)
+    per_block = 2 * 2 * 128 * 2 + ATOMIC_BYTE_WEIGHT * 2 * 2 * 128 * 4 + 2 * 2 * 4 + 2 / 512 * block_bytes
+    assert got.block_centric == pytest.approx(1.5 * per_block + 2 * 4 * 2 + 2 * 128 * 6)
+    # T=64*20: block j (0-based) is seen by 64 positions; from j=16 on they
+    # choose 13 of the j-2 unforced visible blocks independently.
+    T = 64 * 20
+    union = sum(64 * (j + 1) for j in range(16))
+    for j in range(16, 20):
+        other = j + 1 - 3
+        union += 64 * (3 + other * (1 - (1 - 13 / other) ** 32))
+    got = selection_loop_bytes(small, 2, 32, 512, T)
+    assert got.group_centric == pytest.approx(union / 32 / T * block_bytes + 2 * 256 * 2)
+    chosen = (sum(64 * (j + 1) for j in range(16)) + 4 * 64 * 16) / T
+    assert got.block_centric == pytest.approx(chosen * per_block + 2 * 4 * 2 + 2 * 128 * 6)
 
 
 def test_deterministic_runs_group_centric_and_bad_orders_are_refused():
     p = nsa_dsl.load("examples/bench_small_group.nsa")
-    assert nsa_dsl.compile(p, slc_fwd="block-centric").slc_fwd == "block-centric"
-    assert nsa_dsl.compile(p, deterministic=True).slc_fwd == "group-centric"
+    for T in (1024, 1 << 20):
+        assert nsa_dsl.compile(p, slc_fwd="block-centric").slc_fwd_at(T) == "block-centric"
+        assert nsa_dsl.compile(p, slc_fwd="group-centric").slc_fwd_at(T) == "group-centric"
+        assert nsa_dsl.compile(p, deterministic=True).slc_fwd_at(T) == "group-centric"
+    assert nsa_dsl.compile(p).slc_fwd_at(1 << 20) == "block-centric"
     with pytest.raises(ValueError, match="not deterministic"):
         nsa_dsl.compile(p, deterministic=True, slc_fwd="block-centric")
     with pytest.raises(ValueError, match="slc_fwd: expected"):
