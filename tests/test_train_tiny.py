@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,21 @@ def test_curriculum_run_trains_at_each_length(train_tiny, tmp_path, capsys):
                             "--curriculum", "128:2", "--eval-seqs", "8", "--out", str(out)]) == 0
     logged = [line.split("T")[1].split()[0] for line in capsys.readouterr().out.splitlines() if "] step" in line]
     assert logged == ["128", "128", "160", "160"]
+
+
+def test_auto_curriculum_is_the_measured_recipe(train_tiny):
+    # The defaults are the run that learned on the H200 (31.9% at T=4096):
+    # 7000 steps, 1500 each at 512, 1024, 2048, then 2500 at 4096.
+    cfg = train_tiny.Config(device="cpu")
+    pattern = train_tiny.load_pattern(cfg)
+    assert (cfg.seq_len, cfg.steps, cfg.curriculum) == (4096, 7000, "auto")
+    assert train_tiny.curriculum_spec(cfg, pattern) == "512:1500,1024:1500,2048:1500"
+    plan = train_tiny.schedule(cfg, pattern)
+    assert [(first, task.seq_len) for first, task in plan] == [(0, 512), (1500, 1024), (3000, 2048), (4500, 4096)]
+    # auto keeps only stages whose task fits: at T=256 the T/8 = 32 stage
+    # cannot hold 8 pairs, a gap of 32 and the queries
+    small = train_tiny.tiny_config(seq_len=256, steps=28, curriculum="auto")
+    assert train_tiny.curriculum_spec(small, train_tiny.load_pattern(small)) == "64:6,128:6"
+    # an explicit spec and "" pass through unchanged
+    assert train_tiny.curriculum_spec(replace(cfg, curriculum="1024:10"), pattern) == "1024:10"
+    assert train_tiny.curriculum_spec(train_tiny.tiny_config(), pattern) == ""
