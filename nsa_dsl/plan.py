@@ -126,9 +126,10 @@ def _attention_tiles(d_pad: int) -> tuple:
     if d_pad <= 64:
         return 64, 64, 4, 3
     if d_pad <= 128:
-        # 4 warps. The sm_90 report shows 16 B of spills in the compressed
-        # forward with 4, but on the H200 8 warps were slower: cmp_fwd 0.31 ->
-        # 0.43 ms, swa_fwd 0.51 -> 0.76 ms at 8k (benchmarks/NOTES.md, v2).
+        # 4 warps: on the H200 8 were slower (cmp_fwd 0.31 -> 0.43 ms, swa_fwd
+        # 0.51 -> 0.76 ms at 8k, benchmarks/NOTES.md v2). With the launch's
+        # specialization (contiguous strides) 4 warps do not spill and the
+        # K/V loads are pipelined (results/sm90_report.txt).
         return 64, 64, 4, 2
     return 64, 32, 8, 2
 
@@ -233,9 +234,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             f" to {group_rows}, each block of the tile's union loaded once",
             "(cdiv(T, SLC_TOKENS), B*HKV)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
-             ("SLC_TOKENS", slc_tokens)),
-            # 4 warps at d <= 128: 8 removed the spills of the sm_90 report but
-            # doubled the time on the H200 (2.15 -> 4.39 ms at 8k, NOTES.md v2).
+             ("SLC_TOKENS", slc_tokens),
+             # 1: build the union as a list and loop over it with a counted
+             # loop Triton can software-pipeline, instead of the while-walk
+             # (same blocks, same order). Not yet timed on a GPU: off, tunable
+             # where SLC_TOKENS * TOP_PAD <= SLC_LIST_MAX.
+             ("SLC_FWD_LIST", 0)),
+            # 4 warps at d <= 128: 8 doubled the time on the H200 (2.15 -> 4.39
+            # ms at 8k, NOTES.md v2).
             num_warps=4 if d_max <= 128 else 8, num_stages=2))
         # The block-centric alternative (always generated, so compile(slc_fwd=)
         # can pick either; only the launched one is compiled by Triton).
@@ -278,7 +284,8 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         "(cdiv(B*T*HQ, COMBINE_ROWS),)",
         (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
          ("COMBINE_SWA", Branch.SWA in combined)),
-        # 4 warps spilled the three [64, D] tiles (sm_90 resource report).
+        # 8 warps; 4 spilled in an sm_90 report that compiled without the
+        # launch's stride specialization, with it they do not: untimed.
         num_warps=8, num_stages=1))
 
     kernels.extend(_backward_kernels(p, d_max, group_rows))
@@ -302,9 +309,10 @@ def _backward_tiles(d_pad: int) -> tuple:
     tune` (paper128, benchmarks/results/tune/h200_paper128.log): 4 warps
     alone took the fwd+bwd at 64k from 304 to 271 ms (cmp_bwd), 241 to 216
     (slc_bwd), 200 to 190 (swa_bwd), and 64x64 beat every other tile at 4
-    warps at 8k and 64k. The earlier 32x64 on 8 warps came from ptxas's
-    spill report (4 warps spill ~2 KB per thread) and was the slower one, as
-    the forward's spill-free choice was in v3 (benchmarks/NOTES.md)."""
+    warps at 8k and 64k. The earlier 32x64 on 8 warps was chosen to avoid
+    register spills and was the slower one: 64 rows on one warpgroup let
+    Triton use Hopper's wgmma (results/sm90_report.txt: HGMMA 20-24 per
+    kernel, ~300 B of spills in dK/dV, against HMMA only and none)."""
     if d_pad <= 128:
         return 64, 64, 4
     return 32, 32, 8
@@ -354,10 +362,12 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
              # 32 query rows per dq tile at d <= 128, 16 for wider heads. 16
-             # rows had no spills in the sm_90 report (32 rows: 144 B) but ran
-             # 2x slower on the H200 (4.9 vs 2.5 ms at 8k, NOTES.md v2): each
-             # block load then serves half as many rows.
+             # rows ran 2x slower on the H200 (4.9 vs 2.5 ms at 8k, NOTES.md
+             # v2): each block load then serves half as many rows.
              ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
+             # 1: slc_bwd_dq loops over the union as a list (SLC_FWD_LIST's
+             # pipelinable loop); untimed, off, tunable where it fits.
+             ("SLC_BWD_DQ_LIST", 0),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # 1: the dK/dV pass also adds dq with atomics and slc_bwd_dq is
              # skipped (never under deterministic=True). Measured slower on
@@ -393,6 +403,10 @@ def _positive(value: int) -> bool:
 _positive.__doc__ = "a positive integer"
 
 
+# SLC_FWD_LIST builds its list with [pool, pool] comparisons in registers.
+SLC_LIST_MAX = 256
+
+
 def _flag(value: int) -> bool:
     return value in (0, 1)
 
@@ -408,7 +422,8 @@ TUNABLE = {
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
-    "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag,
+    "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
+    "SLC_BWD_DQ_LIST": _flag,
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
 }
 
@@ -441,6 +456,14 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if not any(name == key for k in plan.kernels for key, _ in k.constants):
             raise ValueError(f"override {name}: no kernel of pattern {plan.pattern.name!r} uses it")
         consts[name] = value
+    for flag, kernel, tokens in (("SLC_FWD_LIST", "slc_fwd", "SLC_TOKENS"),
+                                 ("SLC_BWD_DQ_LIST", "slc_bwd", "SLC_BWD_DQ_TOKENS")):
+        if consts.get(flag):
+            k = plan.kernel(kernel)
+            pool = consts.get(tokens, k.const(tokens)) * k.const("TOP_PAD")
+            if pool > SLC_LIST_MAX:
+                raise ValueError(f"override {flag}: the union list compares {tokens} * TOP_PAD = {pool} entries"
+                                 f" pairwise; at most {SLC_LIST_MAX} (lower {tokens})")
     kernels = []
     for k in plan.kernels:
         constants = tuple((key, consts.get(key, value)) for key, value in k.constants)

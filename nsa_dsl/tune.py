@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from . import cache
 from .ir import Pattern
-from .plan import Plan, apply_overrides
+from .plan import SLC_LIST_MAX, Plan, apply_overrides
 
 MIN_BUCKET, MAX_BUCKET = 1024, 131072
 
@@ -123,10 +123,15 @@ def candidates(plan: Plan, kernel: str) -> list:
     for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ"):
         if flag in names:
             options.append({flag: 1 - names[flag]})
-    if k.num_stages > 1 or k.direction == "forward":
-        for stages in (1, 2, 3):
-            if stages != k.num_stages:
-                options.append({f"{kernel}.num_stages": stages})
+    for flag, tokens in (("SLC_FWD_LIST", "SLC_TOKENS"), ("SLC_BWD_DQ_LIST", "SLC_BWD_DQ_TOKENS")):
+        if flag in names and names[tokens] * names["TOP_PAD"] <= SLC_LIST_MAX:
+            options.append({flag: 1 - names[flag]})
+    # Every kernel, backward included: with 2-3 stages Triton software-
+    # pipelines the key/query tile loads of a counted loop (cp.async; the
+    # sm90 report's "async" column), which a 1-stage kernel never gets.
+    for stages in (1, 2, 3):
+        if stages != k.num_stages:
+            options.append({f"{kernel}.num_stages": stages})
     return options
 
 

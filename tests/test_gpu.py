@@ -133,6 +133,36 @@ def test_both_selection_loop_orders_match_reference_bf16(name, order):
     assert err < TOLERANCE[torch.bfloat16], f"{name} {order}: relative error {err:.3e}"
 
 
+def test_selection_union_list_matches_reference_bf16():
+    """SLC_FWD_LIST=1 (the union as a list, a pipelined counted loop) on the
+    paper's pattern: right in bf16 and equal to the while-walk's output."""
+    pattern = _patterns()["deepseek_nsa"]
+    args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=78, device="cuda")
+    walk = nsa_dsl.compile(pattern)
+    listed = nsa_dsl.compile(pattern, overrides={"SLC_FWD_LIST": 1})
+    listed.poison = True
+    o_walk, indices = walk(**args, return_indices=True)
+    o_list = listed(**args, indices=indices)
+    assert torch.isfinite(o_list).all()
+    err = rel_error(o_list, _chunked_reference(pattern, args, indices, chunk=1024))
+    diff = rel_error(o_list, o_walk)
+    _log({"test": "forward_union_list", "pattern": "deepseek_nsa", "dtype": "bf16", "T": 8192, "rel_err": err,
+          "rel_diff_to_walk": diff, "tolerance": TOLERANCE[torch.bfloat16]})
+    assert err < TOLERANCE[torch.bfloat16]
+    assert diff < 4e-3, "same blocks in the same order: the outputs should agree to bf16 rounding"
+    # SLC_BWD_DQ_LIST: the selection dq over the same list; gradients as the walk's
+    grads = []
+    for overrides in ({}, {"SLC_FWD_LIST": 1, "SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2}):
+        c = nsa_dsl.compile(pattern, overrides=overrides)
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items() if isinstance(t, torch.Tensor)}
+        out = c(**leaves, indices=indices)
+        out.backward(torch.ones_like(out))
+        grads.append({n: t.grad.float() for n, t in leaves.items()})
+    diffs = {n: rel_error(grads[1][n], g) for n, g in grads[0].items()}
+    _log({"test": "backward_union_list", "pattern": "deepseek_nsa", "dtype": "bf16", "T": 8192, "rel_diff": diffs})
+    assert max(diffs.values()) < 4e-3, diffs
+
+
 @pytest.mark.parametrize("name", ["deepseek_nsa", "small_group"])
 @pytest.mark.parametrize("length", [1024, 8192])
 def test_gradients_match_reference_bf16(name, length):

@@ -13,6 +13,7 @@ from nsa_dsl.check import check
 from nsa_dsl.cost import ATOMIC_BYTE_WEIGHT, block_centric_from, selection_loop_bytes
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
 from nsa_dsl.ops import block_to_positions
+from nsa_dsl.plan import SLC_LIST_MAX
 from nsa_dsl.tune import launched
 from nsa_dsl.validate import validate_inputs
 from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
@@ -182,3 +183,67 @@ def test_deterministic_runs_group_centric_and_bad_orders_are_refused():
         nsa_dsl.compile(p, deterministic=True, slc_fwd="block-centric")
     with pytest.raises(ValueError, match="slc_fwd: expected"):
         nsa_dsl.compile(p, slc_fwd="blocky")
+
+
+def _list_fits(p: Pattern) -> bool:
+    plan = check(p)
+    k = plan.kernel("slc_fwd")
+    return k.const("SLC_TOKENS") * k.const("TOP_PAD") <= SLC_LIST_MAX
+
+
+@settings(max_examples=20)
+@given(pattern=valid_patterns().filter(lambda p: p.select is not None and _list_fits(p)),
+       length=st.integers(1, 96), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_union_list_equals_the_union_walk(pattern, length, seed, dtype):
+    # SLC_FWD_LIST visits the same blocks in the same order as the while-walk,
+    # so outputs and log-sum-exps are bit-identical, and right.
+    args = random_inputs(pattern, 1, length, dtype, seed, device=DEVICE)
+    walk = nsa_dsl.compile(pattern)
+    listed = nsa_dsl.compile(pattern, overrides={"SLC_FWD_LIST": 1})
+    assert listed.plan.kernel("slc_fwd").const("SLC_FWD_LIST") == 1
+    for c in (walk, listed):
+        c.poison = True
+    o_walk, indices = walk(**args, return_indices=True)
+    o_list = listed(**args, indices=indices)
+    assert torch.equal(o_walk, o_list)
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
+    assert rel_error(o_list, expected) < TOLERANCE[dtype]
+    gates = {b: args.get(f"g_{b.value}") for b in Branch}
+    stats = []
+    for c in (walk, listed):
+        shapes = validate_inputs(pattern, args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"),
+                                 v_cmp=args.get("v_cmp"), k_swa=args.get("k_swa"), v_swa=args.get("v_swa"),
+                                 indices=indices, scale=None)
+        out = c.forward(args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"), v_cmp=args.get("v_cmp"),
+                        k_swa=args.get("k_swa"), v_swa=args.get("v_swa"), indices=indices,
+                        scale=pattern.dims.qk ** -0.5, shapes=shapes)
+        stats.append(out["lse_slc"])
+    assert torch.equal(stats[0], stats[1])
+
+
+def _dq_list_fits(p: Pattern) -> bool:
+    k = check(p).kernel("slc_bwd")
+    return Branch.SLC in p.combined_branches and k.const("SLC_BWD_DQ_TOKENS") * k.const("TOP_PAD") <= SLC_LIST_MAX
+
+
+@settings(max_examples=10)
+@given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None and _dq_list_fits(p)),
+       length=st.integers(1, 64), seed=st.integers(0, 2**31 - 1),
+       strategy=st.sampled_from(["inverted-index", "atomic"]))
+def test_backward_union_list_gives_the_same_gradients(pattern, length, seed, strategy):
+    # SLC_BWD_DQ_LIST walks the same blocks in the same order as the
+    # while-walk: bit-identical gradients, with either dK/dV strategy (the
+    # atomic one adds dK/dV inside the same loop).
+    args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
+    grads = []
+    indices = None
+    for flag in (0, 1):
+        compiled = nsa_dsl.compile(pattern, slc_dkdv=strategy, overrides={"SLC_BWD_DQ_LIST": flag})
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items() if isinstance(t, torch.Tensor)}
+        out, idx = compiled(**leaves, indices=indices, return_indices=True)
+        indices = idx if indices is None else indices
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
+        grads.append({n: t.grad for n, t in leaves.items()})
+    for name, g in grads[0].items():
+        assert g is not None and torch.equal(g, grads[1][name]), name

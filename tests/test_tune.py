@@ -9,6 +9,7 @@ import torch
 
 import nsa_dsl
 from nsa_dsl.pipeline import device_kind
+from nsa_dsl.plan import apply_overrides
 from nsa_dsl.tune import TunedPattern, bucket_of, candidates, config_path, load_configs, tune
 from strategies import random_inputs, rel_error
 
@@ -138,8 +139,28 @@ def test_tune_only_the_named_kernels_in_their_order():
     tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["swa_bwd", "slc_fwd"])
     tried = [keys for keys in seen if keys]
     names = [k for keys in tried for k in keys]
-    assert names and all(n.startswith(("SWA_BWD", "swa_bwd", "SLC_TOKENS", "slc_fwd")) for n in names), names
-    first_slc = next(i for i, keys in enumerate(tried) if any(k.startswith(("SLC_TOKENS", "slc_fwd")) for k in keys))
+    assert names and all(n.startswith(("SWA_BWD", "swa_bwd", "SLC_TOKENS", "SLC_FWD_LIST", "slc_fwd")) for n in names), names
+    first_slc = next(i for i, keys in enumerate(tried) if any(k.startswith(("SLC_", "slc_fwd")) for k in keys))
     assert all(any(k.startswith(("SWA_BWD", "swa_bwd")) for k in keys) for keys in tried[:first_slc])
     with pytest.raises(ValueError, match="not in the plan"):
         tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["no_such_kernel"])
+
+
+def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
+    paper = nsa_dsl.check(nsa_dsl.load("examples/bench_paper128.nsa"))
+    small = nsa_dsl.check(nsa_dsl.load("examples/bench_small_group.nsa"))
+    for kernel in ("cmp_bwd", "slc_bwd", "swa_bwd"):
+        assert paper.kernel(kernel).num_stages == 1
+        assert {f"{kernel}.num_stages": 2} in candidates(paper, kernel), kernel
+    # the union list compares SLC_TOKENS * TOP_PAD entries pairwise: 4 * 16
+    # for paper128, 32 * 16 for small_group (over SLC_LIST_MAX)
+    assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
+    assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
+    assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
+    for option in candidates(paper, "slc_fwd") + candidates(paper, "slc_bwd") + candidates(paper, "cmp_bwd"):
+        apply_overrides(paper, option)  # every candidate is a valid override
+    with pytest.raises(ValueError, match="SLC_TOKENS \\* TOP_PAD = 512"):
+        apply_overrides(small, {"SLC_FWD_LIST": 1})
+    assert apply_overrides(small, {"SLC_FWD_LIST": 1, "SLC_TOKENS": 8}).kernel("slc_fwd").const("SLC_FWD_LIST") == 1
+    with pytest.raises(ValueError, match="SLC_BWD_DQ_TOKENS \\* TOP_PAD = 512"):
+        apply_overrides(small, {"SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_TOKENS": 32})
