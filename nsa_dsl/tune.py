@@ -126,6 +126,10 @@ def candidates(plan: Plan, kernel: str) -> list:
     for flag, tokens in (("SLC_FWD_LIST", "SLC_TOKENS"), ("SLC_BWD_DQ_LIST", "SLC_BWD_DQ_TOKENS")):
         if flag in names and names[tokens] * names["TOP_PAD"] <= SLC_LIST_MAX:
             options.append({flag: 1 - names[flag]})
+            if k.num_stages == 1 and not names[flag]:
+                # the list's point is a pipelined loop, which needs >= 2
+                # stages: coordinate descent would not try both together
+                options.append({flag: 1, f"{kernel}.num_stages": 2})
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.

@@ -156,6 +156,7 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     # for paper128, 32 * 16 for small_group (over SLC_LIST_MAX)
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
+    assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
     assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
     for option in candidates(paper, "slc_fwd") + candidates(paper, "slc_bwd") + candidates(paper, "cmp_bwd"):
         apply_overrides(paper, option)  # every candidate is a valid override
