@@ -28,18 +28,24 @@ def _nvidia_backend_available() -> bool:
         return False
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
-def test_paper_pattern_compiles_for_sm90(tmp_path):
+def _report(tmp_path, pattern_file: str, *overrides: str, name: str = "report") -> list:
+    """benchmarks/sm90_report.py's rows for one pattern file (fresh caches)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["NSA_DSL_CACHE_DIR"] = str(tmp_path / "cache")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
-    out = tmp_path / "report.json"
+    out = tmp_path / f"{name}.json"
+    args = [a for o in overrides for a in ("--override", o)]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_report.py"),
-                             str(ROOT / "examples" / "deepseek_nsa.nsa"), "--json", str(out)],
+                             str(ROOT / "examples" / pattern_file), *args, "--json", str(out)],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+def test_paper_pattern_compiles_for_sm90(tmp_path):
+    rows = _report(tmp_path, "deepseek_nsa.nsa")
     names = {r["kernel"] for r in rows}
     assert {"cmp_fwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "swa_fwd", "combine", "bwd_prep", "cmp_bwd_dq", "cmp_bwd_dkdv",
             "slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce", "swa_bwd_dq", "swa_bwd_dkdv"} <= names
@@ -63,17 +69,10 @@ def test_union_list_lets_the_selection_forward_pipeline(tmp_path):
     # SLC_FWD_LIST's reason to exist: the while-walk's next block is known
     # only after the current one, so nothing is prefetched; the counted loop
     # over the union list gets cp.async loads like the window kernel.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["NSA_DSL_CACHE_DIR"] = str(tmp_path / "cache")
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
     found = {}
     for flag in (0, 1):
-        out = tmp_path / f"report{flag}.json"
-        result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_report.py"),
-                                 str(ROOT / "examples" / "bench_paper128.nsa"), "--override", f"SLC_FWD_LIST={flag}",
-                                 "--json", str(out)], capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        row = next(r for r in json.loads(out.read_text()) if r["kernel"] == "slc_fwd")
+        rows = _report(tmp_path, "bench_paper128.nsa", f"SLC_FWD_LIST={flag}", name=f"report{flag}")
+        row = next(r for r in rows if r["kernel"] == "slc_fwd")
         assert row["ok"] and row["shared_bytes"] <= H100_SHARED_LIMIT, row
         found[flag] = row["async_copies"]
     assert found[0] == 0 and found[1] > 0, found
