@@ -832,7 +832,7 @@ def run_sdpa(pattern, T: int, cfg, ceil: dict, emit) -> None:
         for pass_ in PASSES:
             try:
                 g = torch.Generator(device="cuda").manual_seed(1)
-                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device=device, dtype=dtype)  # noqa
+                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa
                 q, k, v = mk(hq, dqk), mk(hkv, dqk), mk(hkv, dv)
                 if dv_run != dv:
                     v = torch.cat([v, torch.zeros(1, hkv, T, dv_run - dv, device="cuda", dtype=v.dtype)], -1)
@@ -974,7 +974,7 @@ def run_flex(compiled, pattern, T: int, cfg, ceil: dict, emit, budget: Budget) -
                 continue
             try:
                 g = torch.Generator(device="cuda").manual_seed(3)
-                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device=device, dtype=dtype)  # noqa
+                mk = lambda h, d: torch.randn(1, h, T, d, generator=g, device="cuda", dtype=torch.bfloat16)  # noqa
                 q, k, v = mk(hq, dqk), mk(hkv, dqk), mk(hkv, dv)
                 leaves = []
                 if pass_ == "fwd+bwd":
