@@ -44,7 +44,7 @@ FLOATS = {"qk_scale_log2", "sm_scale"}
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True}
 ENTRY_POINTS = {
-    "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk"], "slc_fwd": ["slc_fwd"],
+    "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_fwd_bc"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
@@ -116,6 +116,8 @@ def report(path: str, overrides: dict = None) -> list:
         tool_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
         for kernel in plan.kernels:
             for entry in ENTRY_POINTS[kernel.name]:
+                if entry == "slc_topk_heads" and kernel.const("STATIC_SELECTION"):
+                    continue  # learned scoring only
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]

@@ -156,9 +156,13 @@ class CompiledPattern:
                     m.slc_topk[grid](q, q, q, indices, T, 0, qk_scale_log2, *_strides(q), 0, 0, 0, 0,
                                      *_strides(indices), num_warps=kp.num_warps, num_stages=kp.num_stages)
                 else:
-                    m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
-                                     *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
-                                     num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    heads = kp.const("TOPK_HEAD_ROWS")
+                    topk = m.slc_topk_heads if heads else m.slc_topk
+                    if heads:
+                        grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
+                    topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
+                               *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
+                               num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
             if self.slc_fwd_at(T) == "block-centric":
                 o_slc, lse_slc = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes)

@@ -221,7 +221,11 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
                  ("LOCAL", s.local), ("STATIC_SELECTION", False), ("TOPK_BLOCK_M", 16),
                  ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks),
-                 ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens)),
+                 ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens),
+                 # 1: slc_topk_heads, the group's heads as rows (TOPK_TOKENS
+                 # positions x GROUP_ROWS): q loaded once, one wide product
+                 # per chunk instead of G narrow ones. Untimed: off, tunable.
+                 ("TOPK_HEAD_ROWS", 0), ("TOPK_TOKENS", max(1, 64 // group_rows)), ("GROUP_ROWS", group_rows)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
         # Several neighbouring positions per program fill the MMA tile when
@@ -423,7 +427,7 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_BWD_DQ_LIST": _flag,
+    "SLC_BWD_DQ_LIST": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
 }
 
@@ -464,6 +468,12 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
             if pool > SLC_LIST_MAX:
                 raise ValueError(f"override {flag}: the union list compares {tokens} * TOP_PAD = {pool} entries"
                                  f" pairwise; at most {SLC_LIST_MAX} (lower {tokens})")
+    if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
+        k = plan.kernel("slc_topk")
+        rows = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS")) * k.const("GROUP_ROWS")
+        if consts.get("TOPK_HEAD_ROWS", k.const("TOPK_HEAD_ROWS")) and not 16 <= rows <= 256:
+            raise ValueError(f"override TOPK_HEAD_ROWS: TOPK_TOKENS x GROUP_ROWS = {rows} rows per tile; the"
+                             " product needs 16 to 256")
     kernels = []
     for k in plan.kernels:
         constants = tuple((key, consts.get(key, value)) for key, value in k.constants)

@@ -130,6 +130,11 @@ def candidates(plan: Plan, kernel: str) -> list:
                 # the list's point is a pipelined loop, which needs >= 2
                 # stages: coordinate descent would not try both together
                 options.append({flag: 1, f"{kernel}.num_stages": 2})
+    if names.get("TOPK_HEAD_ROWS") == 0 and 16 <= names["TOPK_TOKENS"] * names["GROUP_ROWS"] <= 256:
+        options.append({"TOPK_HEAD_ROWS": 1})
+        for tokens in _scaled(names["TOPK_TOKENS"], factors=(0.5, 2), lo=1, hi=64):
+            if 16 <= tokens * names["GROUP_ROWS"] <= 256:
+                options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.

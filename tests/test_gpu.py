@@ -164,6 +164,23 @@ def test_selection_union_list_matches_reference_bf16():
 
 
 @pytest.mark.parametrize("name", ["deepseek_nsa", "small_group"])
+def test_topk_heads_as_rows_bf16(name):
+    """TOPK_HEAD_ROWS=1 (slc_topk_heads) compiled: its blocks obey the
+    selection rule and the forward with them matches the reference."""
+    pattern = _patterns()[name]
+    args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=79, device="cuda")
+    compiled = nsa_dsl.compile(pattern, overrides={"TOPK_HEAD_ROWS": 1})
+    compiled.poison = True
+    o, indices = compiled(**args, return_indices=True)
+    assert torch.isfinite(o).all() and (indices >= -1).all()
+    err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
+    violation = _sampled_selection_check(pattern, args, indices, rows=48)
+    _log({"test": "topk_heads_as_rows", "pattern": name, "dtype": "bf16", "T": 8192, "rel_err": err,
+          "max_score_gap": violation, "tolerance": TOLERANCE[torch.bfloat16]})
+    assert err < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("name", ["deepseek_nsa", "small_group"])
 @pytest.mark.parametrize("length", [1024, 8192])
 def test_gradients_match_reference_bf16(name, length):
     pattern = _patterns()[name]

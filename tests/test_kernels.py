@@ -264,3 +264,50 @@ def test_fused_dq_is_off_under_determinism(monkeypatch):
     assert sorted(name for det, name in launched if det) == ["cmp_bwd_dq", "slc_bwd_dq", "swa_bwd_dq"], \
         "the separate, deterministic dq passes must all run"
     assert not [name for det, name in launched if not det], "with the flags set, no separate dq pass runs"
+
+
+def _learned_selection(p: Pattern) -> bool:
+    return p.select is not None and not p.select.is_static and p.compress is not None
+
+
+@settings(max_examples=20)
+@given(pattern=valid_patterns().filter(_learned_selection), length=st.integers(1, 96),
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES))
+def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed, dtype):
+    # TOPK_HEAD_ROWS=1 (slc_topk_heads): the same scores summed in another
+    # order, so the chosen blocks obey NSA_MATH.md's rule like the default
+    # kernel's, and the forward matches the reference with them.
+    args = random_inputs(pattern, 1, length, dtype, seed, device=DEVICE)
+    compiled = nsa_dsl.compile(pattern, overrides={"TOPK_HEAD_ROWS": 1})
+    compiled.poison = True
+    o, indices = compiled(**args, return_indices=True)
+    assert (indices >= -1).all(), "indices left unwritten (poison value)"
+    eps_rel = 1e-5 if dtype == torch.float32 else 3e-3
+    assert_selection_rule(pattern, args, indices, eps_rel=eps_rel, eps_abs=1e-6 if dtype == torch.float32 else 1e-4)
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
+    assert rel_error(o, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_topk_heads_as_rows_on_a_paper_like_group(tokens):
+    # G=16 with 1-4 positions per tile: the broadcast path (fewer than 16
+    # positions per tile cannot feed the overlap product to a dot).
+    args = random_inputs(PAPER_LIKE, 1, 130, torch.float32, seed=tokens, device=DEVICE)
+    compiled = nsa_dsl.compile(PAPER_LIKE, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
+    compiled.poison = True
+    _, indices = compiled(**args, return_indices=True)
+    assert_selection_rule(PAPER_LIKE, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+    _, default = nsa_dsl.compile(PAPER_LIKE)(**args, return_indices=True)
+    assert torch.equal(indices, default)  # random inputs: no ties within float32 rounding
+
+
+def test_topk_heads_as_rows_refuses_tiles_a_product_cannot_take():
+    from nsa_dsl.plan import apply_overrides
+
+    plan = nsa_dsl.check(PAPER_LIKE)
+    with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
+        apply_overrides(plan, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 32})  # 512 rows
+    one_head = nsa_dsl.parse("pattern g1 { heads q=1 kv=1 dims qk=16 compress block=16 stride=8"
+                             " select block=16 top=2 initial=1 local=0 }")
+    with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
+        apply_overrides(nsa_dsl.check(one_head), {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8})  # 8 rows

@@ -157,6 +157,11 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
+    # slc_topk with the heads as rows: 4 positions x 16 heads, and 2 or 8 positions
+    topk = candidates(paper, "slc_topk")
+    assert {"TOPK_HEAD_ROWS": 1} in topk and {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8} in topk
+    for option in topk:
+        apply_overrides(paper, option)
     assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
     for option in candidates(paper, "slc_fwd") + candidates(paper, "slc_bwd") + candidates(paper, "cmp_bwd"):
         apply_overrides(paper, option)  # every candidate is a valid override
