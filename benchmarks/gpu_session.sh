@@ -7,8 +7,9 @@
 #       paper128, deepseek_nsa, small_group at 8k..64k vs SDPA flash and
 #       FlexAttention -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
 #   bash .device/run bash benchmarks/gpu_session.sh tune
-#       nsa-dsl tune for paper128 at 64k then 8k, slowest stages first (stops
-#       starting candidates after 500 s) -> $OUT/tune.log, $OUT/tuned/*.json
+#       nsa-dsl tune for paper128 (TUNE_PATTERN=examples/deepseek_nsa.nsa for
+#       another) at 64k then 8k, slowest stages first (stops starting
+#       candidates after TUNE_BUDGET_S, 500 s) -> $OUT/tune.log, $OUT/tuned/*.json
 #       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them)
 #   bash .device/run bash benchmarks/gpu_session.sh train
 #       examples/train_tiny.py at T=4096 (one run at a time: side by side they
@@ -31,7 +32,7 @@ case "${1:-}" in
   tune)
     # The slowest stages first (NOTES.md v3, paper128 at 64k), 64k before 8k;
     # a candidate compiles only the kernel it changes (~2-4 s each).
-    timeout 560 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
+    timeout 560 python3 -m nsa_dsl.cli tune "${TUNE_PATTERN:-examples/bench_paper128.nsa}" --lengths 65536,8192 -v \
       --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" \
       --export "$OUT/tuned" 2>&1 | tee "$OUT/tune.log" | grep -v "^T=" | tail -n 20 ;;
   train)
