@@ -150,7 +150,8 @@ def cmd_tune(args) -> int:
     for pattern in patterns:
         nsa_dsl.check(pattern)
         left = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - start))
-        configs = tune(pattern, lengths, gpu_timer(backward=not args.forward_only), device=device_kind(),
+        timer = gpu_timer(backward=not args.forward_only, log=print if args.verbose else None)
+        configs = tune(pattern, lengths, timer, device=device_kind(),
                        backward=not args.forward_only, log=print if args.verbose else None, budget_s=left,
                        kernels=args.kernels.split(",") if args.kernels else None)
         for length in lengths:

@@ -243,32 +243,83 @@ class TunedPattern:
         return self.variant(length)(q, *args, **kwargs)
 
 
-def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_ms: float = 40):
+def config_result(compiled, args: dict, do=None) -> dict:
+    """What one configuration computes on `args`: the output and, given the
+    output gradient `do`, every input's gradient (float32 copies)."""
+    if do is None:
+        return {"out": compiled(**args).float()}
+    leaves = {n: t.detach().requires_grad_(True) for n, t in args.items()}
+    out = compiled(**leaves)
+    out.backward(do)
+    result = {"out": out.detach().float()}
+    result.update({f"grad_{n}": t.grad.float() for n, t in leaves.items() if t.grad is not None})
+    return result
+
+
+def disagreement(reference: dict, got: dict, tolerance: float) -> Optional[str]:
+    """None when every tensor of `got` is within relative error `tolerance`
+    of `reference` (the plan's defaults) and finite; else which is not."""
+    from .verify import rel_error
+
+    for name, ref in reference.items():
+        if name not in got:
+            return f"{name}: missing"
+        if not bool(got[name].isfinite().all()):
+            return f"{name}: not finite"
+        err = rel_error(got[name], ref)
+        if not err < tolerance:
+            return f"{name}: relative error {err:.2e} against the defaults (tolerance {tolerance:.0e})"
+    return None
+
+
+def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_ms: float = 40, *,
+              device: str = "cuda", bench: Optional[Callable] = None, log: Optional[Callable[[str], None]] = None):
     """timer(plan, overrides, T) for tune(): median milliseconds of one
     forward (+ backward) pass on random bf16 inputs (never zeros), through
     triton.testing.do_bench. A candidate that fails to compile or run (too
-    much shared memory, say) times as inf."""
+    much shared memory, say) times as inf, and so does one whose output or
+    gradients differ from the plan's defaults by more than the dtype's
+    NSA_MATH.md tolerance: a fast wrong kernel (a miscompiled variant) is
+    never recorded. `device` and `bench` (step -> ms) let a CPU test drive it."""
     import math
 
     import torch
-    import triton.testing
 
     from .pipeline import compile as compile_pattern
-    from .verify import random_case
+    from .verify import TOLERANCE, random_case
 
-    inputs = {}
+    if bench is None:
+        import triton.testing
+
+        def bench(step):
+            return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+    inputs, reference = {}, {}
 
     def timer(plan: Plan, overrides: dict, length: int) -> float:
         pattern = plan.pattern
         if length not in inputs:
             dtype = torch.bfloat16 if any(d.value == "bf16" for d in pattern.allowed_dtypes) else torch.float16
-            inputs[length] = random_case(pattern, batch, length, dtype, seed=length, device="cuda")
-        args = inputs[length]
+            if device != "cuda":
+                dtype = torch.float32  # the interpreter's bf16 dot is wrong
+            args = random_case(pattern, batch, length, dtype, seed=length, device=device)
+            do = (torch.randn(*args["q"].shape[:3], pattern.dims.v, device=device, dtype=dtype,
+                              generator=torch.Generator(device=device).manual_seed(length)) if backward else None)
+            inputs[length] = (args, do)
+        args, do = inputs[length]
         try:
             compiled = compile_pattern(pattern, overrides=overrides or None)
+            got = config_result(compiled, args, do)
+            if length not in reference:
+                reference[length] = got if not overrides else config_result(compile_pattern(pattern), args, do)
+            wrong = disagreement(reference[length], got, TOLERANCE[args["q"].dtype])
+            if wrong is not None:
+                # always said: a variant computing something else is a bug to report
+                warnings.warn(f"nsa-dsl tune: {pattern.name} T={length} {overrides} rejected, {wrong}",
+                              RuntimeWarning, stacklevel=2)
+                return math.inf
             if backward:
                 leaves = {n: t.detach().requires_grad_(True) for n, t in args.items()}
-                do = torch.randn(*args["q"].shape[:3], pattern.dims.v, device="cuda", dtype=args["q"].dtype)
 
                 def step():
                     for t in leaves.values():
@@ -277,8 +328,10 @@ def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_
             else:
                 def step():
                     compiled(**args)
-            return float(triton.testing.do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-        except Exception:  # noqa: BLE001 - any failing candidate is simply not chosen
+            return bench(step)
+        except Exception as exc:  # noqa: BLE001 - any failing candidate is simply not chosen
+            if log:
+                log(f"T={length} {overrides}: failed, {type(exc).__name__}: {str(exc)[:200]}")
             return math.inf
 
     return timer

@@ -170,3 +170,45 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert apply_overrides(small, {"SLC_FWD_LIST": 1, "SLC_TOKENS": 8}).kernel("slc_fwd").const("SLC_FWD_LIST") == 1
     with pytest.raises(ValueError, match="SLC_BWD_DQ_TOKENS \\* TOP_PAD = 512"):
         apply_overrides(small, {"SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_TOKENS": 32})
+
+
+def test_timer_rejects_a_candidate_that_computes_something_else(monkeypatch):
+    # The timer compares every candidate's output and gradients with the
+    # plan's defaults: a fast but wrong variant (a miscompile on some GPU)
+    # must time as inf, never be recorded. Driven on the CPU (interpreter).
+    import math
+
+    import nsa_dsl.pipeline as pipeline
+    from nsa_dsl.tune import gpu_timer
+
+    real_compile = pipeline.compile
+
+    def compile_with_a_broken_variant(pattern, **kw):
+        compiled = real_compile(pattern, **kw)
+        if (kw.get("overrides") or {}).get("SLC_TOKENS") == 8:  # a tuner candidate (32 / 4)
+            return lambda *a, **k: compiled(*a, **k) * 1.05  # 5% off: past the fp32 tolerance
+        return compiled
+
+    monkeypatch.setattr(pipeline, "compile", compile_with_a_broken_variant)
+    timed = []
+    timer = gpu_timer(backward=True, device="cpu", bench=lambda step: (step(), timed.append(1), 1.0)[-1])
+    plan = nsa_dsl.check(PATTERN)
+    assert timer(plan, {}, 40) == 1.0
+    assert timer(plan, {"SLC_TOKENS": 16}, 40) == 1.0  # another tile: same results, timed
+    with pytest.warns(RuntimeWarning, match="rejected, out: relative error"):
+        assert timer(plan, {"SLC_TOKENS": 8}, 40) == math.inf
+    assert len(timed) == 2, "a rejected candidate is not timed"
+    # the search then keeps a correct configuration
+    with pytest.warns(RuntimeWarning):
+        configs = tune(PATTERN, [40], timer, device="fake-gpu", kernels=["slc_fwd"])
+    assert configs[bucket_of(40)].get("SLC_TOKENS") != 8
+
+
+def test_disagreement_names_what_differs():
+    from nsa_dsl.tune import disagreement
+
+    ref = {"out": torch.ones(4, 4), "grad_q": torch.ones(4, 4)}
+    assert disagreement(ref, {k: v.clone() for k, v in ref.items()}, 1e-5) is None
+    assert "grad_q: relative error" in disagreement(ref, {"out": ref["out"], "grad_q": ref["grad_q"] * 2}, 1e-2)
+    assert "out: not finite" in disagreement(ref, {"out": ref["out"] * float("nan"), "grad_q": ref["grad_q"]}, 1e-2)
+    assert "grad_q: missing" in disagreement(ref, {"out": ref["out"]}, 1e-2)
