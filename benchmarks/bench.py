@@ -879,6 +879,70 @@ def run_sdpa(pattern, T: int, cfg, ceil: dict, emit) -> None:
             _cleanup()
 
 
+def fla_expressible(pattern) -> Optional[str]:
+    """None when fla-core's parallel_nsa computes this pattern's shape of
+    NSA: compression by mean over non-overlapping blocks the size of the
+    selection blocks, a group of 16+ query heads (a power of two), gates on
+    every branch; else why not. (Its forced blocks are its own choice.)"""
+    p = pattern
+    if p.compress is None or p.select is None:
+        return "fla's parallel_nsa needs both compression and selection"
+    if not (p.compress.block == p.compress.stride == p.select.block):
+        return (f"fla compresses non-overlapping blocks of the selection block size; the pattern has compress"
+                f" block={p.compress.block} stride={p.compress.stride}, select block={p.select.block}")
+    if p.compress.pool.value != "mean":
+        return "fla's compression is a mean"
+    g = p.group
+    if g < 16 or g & (g - 1):
+        return f"fla needs a power-of-two group of at least 16 query heads; G={g}"
+    return None
+
+
+def run_fla(pattern, T: int, cfg, ceil: dict, emit) -> None:
+    """fla-core's parallel_nsa (Triton; the 'best public NSA kernels') on the
+    same shapes, forward and forward+backward, as impl "fla_parallel_nsa"."""
+    why_not = fla_expressible(pattern)
+    if why_not is not None:
+        emit(make_row(pattern.name, T, "fla_parallel_nsa", "fwd", error=f"skipped: {why_not}"))
+        return
+    try:
+        from fla.ops.nsa import parallel_nsa
+    except Exception as e:  # noqa: BLE001 - optional dependency
+        emit(make_row(pattern.name, T, "fla_parallel_nsa", "fwd", error=f"skipped: fla-core not importable ({_short(e)})"))
+        return
+    p = pattern
+    fl = nsa_flops(p, T)
+    for pass_ in PASSES:
+        try:
+            x = nsa_inputs(p, T, requires_grad=pass_ == "fwd+bwd", seed=5)
+            window = p.window.size if p.window is not None else 0
+
+            def forward():
+                return parallel_nsa(x["q"], x["k"], x["v"], x["g_cmp"], x["g_slc"], x["g_swa"],
+                                    block_counts=p.select.top, block_size=p.select.block, window_size=window)
+
+            leaves = _leaves(x)
+            if pass_ == "fwd+bwd":
+                do = torch.randn(1, T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16)
+
+                def fn():
+                    for t in leaves:
+                        t.grad = None
+                    forward().backward(do)
+            else:
+                fn = forward
+            fn()
+            pk = peak_gb(fn)
+            ms = bench_ms(fn, cfg.warmup, cfg.rep, grad_to_none=leaves or None)
+            emit(make_row(p.name, T, "fla_parallel_nsa", pass_, ms, flops=fl[pass_],
+                          peak_gb=pk, ceilings=ceil,
+                          note="fla-core parallel_nsa: its own forced blocks and block scoring"))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a row
+            emit(make_row(p.name, T, "fla_parallel_nsa", pass_, ceilings=ceil, error=_short(e)))
+        x = fn = leaves = do = None
+        _cleanup()
+
+
 _FLEX = {}
 
 
@@ -1099,6 +1163,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--flex-dynamic", choices=("auto", "true", "false"), default="auto",
                     help="torch.compile(dynamic=...) for flex_attention (auto: None)")
     ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--fla", action="store_true",
+                    help="also time fla-core's parallel_nsa where it can express the pattern (e.g."
+                         " examples/bench_fla_like.nsa); a row says why when it cannot or is not installed")
     ap.add_argument("--tuned", action="store_true",
                     help="run nsa_dsl with the configurations `nsa-dsl tune` recorded (rows list them)")
     ap.add_argument("--no-cold-start", action="store_true")
@@ -1194,6 +1261,8 @@ def main(argv=None) -> int:
             if compiled is not None:
                 run_nsa(compiled, pattern, T, cfg, ceil, emit)
             run_sdpa(pattern, T, cfg, ceil, emit)
+            if cfg.fla:
+                run_fla(pattern, T, cfg, ceil, emit)
 
     if cfg.flex:
         for path, pattern in patterns:

@@ -17,6 +17,9 @@
 #       curriculum -> $OUT/train_tiny.{json,png,log}
 #   bash .device/run bash benchmarks/gpu_session.sh bench-tuned
 #       the benchmark with the tuned configurations (rows record them)
+#   bash .device/run bash benchmarks/gpu_session.sh fla
+#       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like.nsa);
+#       needs benchmarks/fetch_fla_wheels.sh first and carry [".device", ".whl"]
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa_out}
@@ -41,9 +44,15 @@ case "${1:-}" in
     timeout 560 python3 examples/train_tiny.py --log-every 250 --eval-seqs 256 --out "$OUT/train_tiny" \
       > "$OUT/train_tiny.log" 2>&1
     grep -h "accuracy" "$OUT/train_tiny.log" ;;
+  fla)
+    # fla-core's parallel_nsa beside nsa_dsl on the pattern both compute
+    # (carry [".device", ".whl"]; benchmarks/fetch_fla_wheels.sh makes .whl)
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla_site .whl/*.whl || exit 1
+    PYTHONPATH=/tmp/fla_site:$PYTHONPATH timeout 500 python3 benchmarks/bench.py --out "$OUT" --name h200_fla --fla \
+      --patterns examples/bench_fla_like.nsa --no-flex --no-cold-start 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune|train|bench-tuned" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|train|bench-tuned|fla" >&2; exit 2 ;;
 esac

@@ -504,3 +504,32 @@ def test_every_name_resolves(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text("import os\n\ndef f(x):\n    return os.sep + x + undefined_thing\n")
     assert _unresolved_names(probe) == {"probe.py:f: undefined_thing"}
+
+
+def test_fla_comparison_only_where_fla_computes_the_pattern():
+    fla_like = nsa_dsl.load(ROOT / "examples" / "bench_fla_like.nsa")
+    assert bench.fla_expressible(fla_like) is None
+    assert "non-overlapping" in bench.fla_expressible(nsa_dsl.load(ROOT / "examples" / "bench_paper128.nsa"))
+    assert "G=2" in bench.fla_expressible(_pattern(q=4, kv=2, cblock=16, cstride=16, sblock=16, top=3))
+    assert "G=8" in bench.fla_expressible(_pattern(q=8, kv=1, cblock=16, cstride=16, sblock=16, top=3))
+    assert "mean" in bench.fla_expressible(_pattern(q=16, kv=1, cblock=16, cstride=16, pool="mlp", sblock=16, top=3))
+    assert bench.fla_expressible(_pattern(q=16, kv=1, cblock=16, cstride=16, sblock=16, top=3)) is None
+
+
+def test_fla_rows_say_why_they_did_not_run(monkeypatch):
+    rows = []
+    cfg = bench.resolve_config(bench.build_parser().parse_args(["--quick", "--fla"]))
+    assert cfg.fla
+    bench.run_fla(nsa_dsl.load(ROOT / "examples" / "bench_paper128.nsa"), 1024, cfg, {}, rows.append)
+    assert rows[-1]["impl"] == "fla_parallel_nsa" and rows[-1]["error"].startswith("skipped: fla compresses")
+    import builtins
+    real_import = builtins.__import__
+
+    def no_fla(name, *args, **kwargs):
+        if name.startswith("fla"):
+            raise ImportError("No module named 'fla'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_fla)
+    bench.run_fla(nsa_dsl.load(ROOT / "examples" / "bench_fla_like.nsa"), 1024, cfg, {}, rows.append)
+    assert rows[-1]["error"].startswith("skipped: fla-core not importable"), rows[-1]
