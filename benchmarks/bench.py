@@ -427,6 +427,16 @@ def kernel_stage(name: str, kernel_names) -> Optional[str]:
     return best
 
 
+def stage_flop_count(name: str, plan_kernel: str, fl: dict) -> Optional[float]:
+    """FLOPs of a forward stage row (None for the others): by the profiler's
+    kernel name, else by its plan kernel, so an alternative entry point
+    (slc_topk_heads of slc_topk) or loop order (slc_fwd_bc) counts the same
+    work as the default one."""
+    counts = {"cmp_fwd": fl["cmp"], "slc_topk": fl["score"], "slc_fwd": fl["slc"], "slc_fwd_bc": fl["slc"],
+              "swa_fwd": fl["swa"]}
+    return counts.get(name, counts.get(plan_kernel)) or None
+
+
 def group_kernel_times(events, kernel_names, n_calls: int) -> tuple:
     """events: (kernel name, device microseconds) pairs from the profiler over
     n_calls calls. Returns ({name: (plan kernel, ms per call)}, other_ms,
@@ -801,11 +811,10 @@ def profile_stages(compiled, pattern, T: int, fn, with_bwd: bool, fl: dict, ceil
     if not stages:
         raise RuntimeError(f"profiler saw no kernel named after the plan {plan.kernel_names}; it saw "
                            f"{sorted(others)[:8]}")
-    stage_flops = {"cmp_fwd": fl["cmp"], "slc_topk": fl["score"], "slc_fwd": fl["slc"], "swa_fwd": fl["swa"]}
     for kname, (pk, ms) in sorted(stages.items(), key=lambda kv: plan.kernel_names.index(kv[1][0])):
         direction = plan.kernel(pk).direction
         emit(make_row(pattern.name, T, "nsa_dsl", "bwd" if direction == "backward" else "fwd", ms,
-                      flops=stage_flops.get(kname) or None, ceilings=ceil, stage=kname))
+                      flops=stage_flop_count(kname, pk, fl), ceilings=ceil, stage=kname))
     top = sorted(others.items(), key=lambda kv: -kv[1])[:4]
     emit(make_row(pattern.name, T, "nsa_dsl", "fwd+bwd" if with_bwd else "fwd", other_ms, ceilings=ceil,
                   stage="other", note="kernels outside the plan: " + ", ".join(f"{n[:60]}={m:.3f}" for n, m in top)))

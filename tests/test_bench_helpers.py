@@ -533,3 +533,13 @@ def test_fla_rows_say_why_they_did_not_run(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_fla)
     bench.run_fla(nsa_dsl.load(ROOT / "examples" / "bench_fla_like.nsa"), 1024, cfg, {}, rows.append)
     assert rows[-1]["error"].startswith("skipped: fla-core not importable"), rows[-1]
+
+
+def test_stage_flops_follow_the_plan_kernel():
+    fl = {"cmp": 1.0, "score": 2.0, "slc": 3.0, "swa": 4.0}
+    assert bench.stage_flop_count("slc_topk", "slc_topk", fl) == 2.0
+    assert bench.stage_flop_count("slc_topk_heads", "slc_topk", fl) == 2.0  # alternative entry point
+    assert bench.stage_flop_count("slc_fwd_bc", "slc_fwd_bc", fl) == 3.0  # the other loop order
+    assert bench.stage_flop_count("cmp_bwd_dq", "cmp_bwd", fl) is None
+    names = ("cmp_fwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "swa_fwd")
+    assert bench.kernel_stage("slc_topk_heads", names) == "slc_topk"
