@@ -36,7 +36,7 @@ case "${1:-}" in
     # The slowest stages first (NOTES.md v3, paper128 at 64k), 64k before 8k;
     # a candidate compiles only the kernel it changes (~2-4 s each).
     timeout 560 python3 -m nsa_dsl.cli tune "${TUNE_PATTERN:-examples/bench_paper128.nsa}" --lengths 65536,8192 -v \
-      --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" \
+      --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" --from-tuned \
       --export "$OUT/tuned" 2>&1 | tee "$OUT/tune.log" | grep -v "^T=" | tail -n 20 ;;
   train)
     # The example's defaults: NSA then dense, 7000 steps with the auto length

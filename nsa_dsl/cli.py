@@ -153,7 +153,7 @@ def cmd_tune(args) -> int:
         timer = gpu_timer(backward=not args.forward_only, log=print if args.verbose else None)
         configs = tune(pattern, lengths, timer, device=device_kind(),
                        backward=not args.forward_only, log=print if args.verbose else None, budget_s=left,
-                       kernels=args.kernels.split(",") if args.kernels else None)
+                       kernels=args.kernels.split(",") if args.kernels else None, from_tuned=args.from_tuned)
         for length in lengths:
             found = configs.get(bucket_of(length))
             print(f"{pattern.name} T={length} (bucket {bucket_of(length)}): "
@@ -204,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
     tune.add_argument("-v", "--verbose", action="store_true")
     tune.add_argument("--kernels", help="comma-separated plan kernels to tune, in this order (default: all)")
+    tune.add_argument("--from-tuned", action="store_true",
+                      help="start from the recorded or shipped configuration of each length, not the defaults")
     tune.add_argument("--budget-s", type=float, default=None,
                       help="start no candidate after this many seconds (what was tuned is kept)")
     tune.add_argument("--export", metavar="DIR",

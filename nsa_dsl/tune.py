@@ -147,7 +147,7 @@ def candidates(plan: Plan, kernel: str) -> list:
 def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *, device: str,
          backward: bool = True, log: Optional[Callable[[str], None]] = None,
          budget_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
-         kernels: Optional[list] = None) -> dict:
+         kernels: Optional[list] = None, from_tuned: bool = False) -> dict:
     """Coordinate descent per length bucket; returns {bucket: overrides} and
     records it with the timings after every length (so a run cut short keeps
     what it finished). `timer(plan, overrides, T)` returns the milliseconds
@@ -156,7 +156,9 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     starts after that many seconds: the length in progress keeps the best
     found so far, later lengths are not tuned. `kernels` (plan kernel names)
     tunes only those, in that order (the slowest stages first, say);
-    default: every launched kernel in launch order."""
+    default: every launched kernel in launch order. `from_tuned` starts each
+    bucket from its recorded (or shipped) configuration instead of the
+    plan's defaults, so a re-tune spends its time on what is new."""
     from .check import check
 
     plan = check(pattern)
@@ -178,7 +180,13 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
                 log(f"T={length}: not tuned, time budget of {budget_s:.0f} s spent")
             continue
         bucket = bucket_of(length)
-        best = {}
+        best = dict(configs.get(bucket, {})) if from_tuned else {}
+        try:
+            apply_overrides(plan, best)
+        except ValueError as exc:  # a record from an older plan
+            if log:
+                log(f"T={length}: recorded configuration no longer applies ({exc}); starting from the defaults")
+            best = {}
         best_ms = timer(plan, best, length)
         for kernel in order:
             if plan.kernel(kernel).direction == "backward" and not backward:
@@ -189,6 +197,8 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
                 if out_of_time():
                     break
                 trial = {**best, **option}
+                if trial == best:
+                    continue  # already the configuration in hand
                 try:
                     apply_overrides(plan, trial)
                 except ValueError:

@@ -212,3 +212,19 @@ def test_disagreement_names_what_differs():
     assert "grad_q: relative error" in disagreement(ref, {"out": ref["out"], "grad_q": ref["grad_q"] * 2}, 1e-2)
     assert "out: not finite" in disagreement(ref, {"out": ref["out"] * float("nan"), "grad_q": ref["grad_q"]}, 1e-2)
     assert "grad_q: missing" in disagreement(ref, {"out": ref["out"]}, 1e-2)
+
+
+def test_from_tuned_starts_at_the_record_and_skips_what_it_holds():
+    seen = []
+
+    def timer(plan, overrides, length):
+        seen.append(dict(overrides))
+        return 1.0 if overrides.get("SLC_TOKENS") == 8 else 2.0
+
+    first = tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["slc_fwd"])
+    assert first[bucket_of(1000)] == {"SLC_TOKENS": 8}
+    seen.clear()
+    again = tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["slc_fwd"], from_tuned=True)
+    assert seen[0] == {"SLC_TOKENS": 8}, "the search starts from the record"
+    assert seen.count({"SLC_TOKENS": 8}) == 1, "the configuration in hand is not timed again"
+    assert again[bucket_of(1000)] == {"SLC_TOKENS": 8}
