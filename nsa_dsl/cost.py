@@ -338,13 +338,13 @@ def selection_loop_bytes(pattern: Pattern, group_rows: int, tokens_per_program: 
     return LoopOrderBytes(group, block, choice, why)
 
 
-def block_centric_from(pattern: Pattern, group_rows: int, tokens_per_program: int, chunk: int,
-                       lengths: tuple = LOOP_ORDER_LENGTHS) -> Optional[int]:
-    """The shortest of `lengths` from which the cost model picks block-centric
-    at that and every longer one; None when it never does."""
+def block_centric_from(orders: dict) -> Optional[int]:
+    """orders: {T: LoopOrderBytes} (selection_loop_bytes at each length).
+    The shortest T from which the model picks block-centric at that and
+    every longer length; None when it never does."""
     start = None
-    for T in lengths:
-        if selection_loop_bytes(pattern, group_rows, tokens_per_program, chunk, T).choice == "block-centric":
+    for T in sorted(orders):
+        if orders[T].choice == "block-centric":
             start = T if start is None else start
         else:
             start = None

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .cost import block_centric_from, selection_loop_bytes
+from .cost import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
 from .ir import Branch, Pattern
 
 
@@ -262,15 +262,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
         # Both orders were measured on the H200 (benchmarks/NOTES.md, v4
         # measured); the cost model, calibrated there, picks by length.
-        bc_from = block_centric_from(p, group_rows, slc_tokens, bc_chunk)
-        longest = selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, 1 << 20)
+        orders = {T: selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, T) for T in LOOP_ORDER_LENGTHS}
+        bc_from = block_centric_from(orders)
         if bc_from is None:
             notes.append(f"selection forward loop order: group-centric at every length, by the cost model"
-                         f" ({longest.why})")
+                         f" ({orders[max(orders)].why})")
         else:
-            at = selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, bc_from)
             notes.append(f"selection forward loop order: group-centric below T={bc_from}, block-centric from"
-                         f" it, by the cost model ({at.why})")
+                         f" it, by the cost model ({orders[bc_from].why})")
         notes[-1] += ("; compile(..., slc_fwd='group-centric' | 'block-centric') overrides,"
                       " deterministic=True always runs group-centric")
 

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 
 from . import cache
 from .ir import Pattern
-from .plan import SLC_LIST_MAX, Plan, apply_overrides
+from .plan import Plan, apply_overrides
 
 MIN_BUCKET, MAX_BUCKET = 1024, 131072
 
@@ -123,25 +123,34 @@ def candidates(plan: Plan, kernel: str) -> list:
     for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ"):
         if flag in names:
             options.append({flag: 1 - names[flag]})
-    for flag, tokens in (("SLC_FWD_LIST", "SLC_TOKENS"), ("SLC_BWD_DQ_LIST", "SLC_BWD_DQ_TOKENS")):
-        if flag in names and names[tokens] * names["TOP_PAD"] <= SLC_LIST_MAX:
+    for flag in ("SLC_FWD_LIST", "SLC_BWD_DQ_LIST"):
+        if flag in names:
             options.append({flag: 1 - names[flag]})
             if k.num_stages == 1 and not names[flag]:
                 # the list's point is a pipelined loop, which needs >= 2
                 # stages: coordinate descent would not try both together
                 options.append({flag: 1, f"{kernel}.num_stages": 2})
-    if names.get("TOPK_HEAD_ROWS") == 0 and 16 <= names["TOPK_TOKENS"] * names["GROUP_ROWS"] <= 256:
+    if names.get("TOPK_HEAD_ROWS") == 0:
         options.append({"TOPK_HEAD_ROWS": 1})
         for tokens in _scaled(names["TOPK_TOKENS"], factors=(0.5, 2), lo=1, hi=64):
-            if 16 <= tokens * names["GROUP_ROWS"] <= 256:
-                options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
+            options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.
     for stages in (1, 2, 3):
         if stages != k.num_stages:
             options.append({f"{kernel}.num_stages": stages})
-    return options
+    # The plan's rules decide what this pattern can take (e.g. the union
+    # list's size limit, the head-rows tile bounds): not repeated here.
+    return [o for o in options if _applies(plan, o)]
+
+
+def _applies(plan: Plan, overrides: dict) -> bool:
+    try:
+        apply_overrides(plan, overrides)
+    except ValueError:
+        return False
+    return True
 
 
 def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *, device: str,

@@ -145,12 +145,13 @@ def test_plan_chooses_loop_order_by_length():
 def test_block_centric_from_is_the_start_of_the_winning_lengths():
     small = nsa_dsl.load("examples/bench_small_group.nsa")
     lengths = (1024, 4096, 16384, 65536, 262144)
-    start = block_centric_from(small, 2, 32, 512, lengths)
-    choices = [selection_loop_bytes(small, 2, 32, 512, T).choice for T in lengths]
+    orders = {T: selection_loop_bytes(small, 2, 32, 512, T) for T in lengths}
+    start = block_centric_from(orders)
+    choices = [orders[T].choice for T in lengths]
     assert start in lengths
     i = lengths.index(start)
     assert set(choices[i:]) == {"block-centric"} and choices[i - 1] == "group-centric"
-    assert block_centric_from(small, 2, 32, 512, (1024, 4096)) is None
+    assert block_centric_from({T: orders[T] for T in (1024, 4096)}) is None
 
 
 def test_loop_order_bytes_by_hand():
