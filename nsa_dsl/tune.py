@@ -130,10 +130,17 @@ def candidates(plan: Plan, kernel: str) -> list:
                 # the list's point is a pipelined loop, which needs >= 2
                 # stages: coordinate descent would not try both together
                 options.append({flag: 1, f"{kernel}.num_stages": 2})
-    if names.get("TOPK_HEAD_ROWS") == 0:
-        options.append({"TOPK_HEAD_ROWS": 1})
-        for tokens in _scaled(names["TOPK_TOKENS"], factors=(0.5, 2), lo=1, hi=64):
-            options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
+    if "TOPK_HEAD_ROWS" in names:
+        if not names["TOPK_HEAD_ROWS"]:
+            options.append({"TOPK_HEAD_ROWS": 1})
+        # More positions per tile read each chunk of compressed keys for more
+        # of them, but only 8 warps hold 128-256 rows of scores without
+        # spilling: the two move together (coordinate descent would try
+        # each alone). Tried from a tuned head-rows configuration too.
+        for tokens in [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64):
+            for warps in (4, 8):
+                if (tokens, warps) != (names["TOPK_TOKENS"], k.num_warps):  # that one is {"TOPK_HEAD_ROWS": 1}
+                    options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": warps})
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.

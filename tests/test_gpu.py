@@ -163,19 +163,24 @@ def test_selection_union_list_matches_reference_bf16():
     assert max(diffs.values()) < 4e-3, diffs
 
 
-@pytest.mark.parametrize("name", ["deepseek_nsa", "small_group"])
-def test_topk_heads_as_rows_bf16(name):
+@pytest.mark.parametrize("name, overrides", [
+    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1}),
+    ("small_group", {"TOPK_HEAD_ROWS": 1}),
+    # 16 positions x 16 heads = 256 rows on 8 warps (a tuner candidate)
+    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "slc_topk.num_warps": 8}),
+])
+def test_topk_heads_as_rows_bf16(name, overrides):
     """TOPK_HEAD_ROWS=1 (slc_topk_heads) compiled: its blocks obey the
     selection rule and the forward with them matches the reference."""
     pattern = _patterns()[name]
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=79, device="cuda")
-    compiled = nsa_dsl.compile(pattern, overrides={"TOPK_HEAD_ROWS": 1})
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
     compiled.poison = True
     o, indices = compiled(**args, return_indices=True)
     assert torch.isfinite(o).all() and (indices >= -1).all()
     err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
     violation = _sampled_selection_check(pattern, args, indices, rows=48)
-    _log({"test": "topk_heads_as_rows", "pattern": name, "dtype": "bf16", "T": 8192, "rel_err": err,
+    _log({"test": "topk_heads_as_rows", "pattern": name, "overrides": overrides, "dtype": "bf16", "T": 8192, "rel_err": err,
           "max_score_gap": violation, "tolerance": TOLERANCE[torch.bfloat16]})
     assert err < TOLERANCE[torch.bfloat16]
 

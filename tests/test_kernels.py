@@ -288,10 +288,11 @@ def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed,
     assert rel_error(o, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 2, 4, 16])
 def test_topk_heads_as_rows_on_a_paper_like_group(tokens):
     # G=16 with 1-4 positions per tile: the broadcast path (fewer than 16
-    # positions per tile cannot feed the overlap product to a dot).
+    # positions per tile cannot feed the overlap product to a dot); 16
+    # positions (256 rows): the product path.
     args = random_inputs(PAPER_LIKE, 1, 130, torch.float32, seed=tokens, device=DEVICE)
     compiled = nsa_dsl.compile(PAPER_LIKE, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
     compiled.poison = True

@@ -157,9 +157,15 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
-    # slc_topk with the heads as rows: 4 positions x 16 heads, and 2 or 8 positions
+    # slc_topk with the heads as rows: 4 positions x 16 heads, and 2, 8 or 16
+    # positions, each on 4 and 8 warps (256 rows of scores spill on 4)
     topk = candidates(paper, "slc_topk")
-    assert {"TOPK_HEAD_ROWS": 1} in topk and {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8} in topk
+    assert {"TOPK_HEAD_ROWS": 1} in topk
+    for tokens in (2, 8, 16):
+        for warps in (4, 8):
+            assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
+    assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 4, "slc_topk.num_warps": 8} in topk
+    assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
     for option in topk:
         apply_overrides(paper, option)
     assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
