@@ -17,6 +17,12 @@
 #       curriculum -> $OUT/train_tiny.{json,png,log}
 #   bash .device/run bash benchmarks/gpu_session.sh bench-tuned
 #       the benchmark with the tuned configurations (rows record them)
+#   bash .device/run bash benchmarks/gpu_session.sh retune
+#       after a change to one kernel, in ~8 minutes: the GPU tests that cover
+#       it (RETUNE_TESTS, a pytest -k expression), a re-tune of that kernel
+#       alone (RETUNE_KERNELS, from the tuned configuration), and paper128
+#       benchmarked with the result -> $OUT/h200_paper128.{json,png},
+#       $OUT/retune.log, $OUT/tuned/*.json
 #   bash .device/run bash benchmarks/gpu_session.sh fla
 #       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like.nsa);
 #       needs benchmarks/fetch_fla_wheels.sh first and carry [".device", ".whl"]
@@ -48,11 +54,21 @@ case "${1:-}" in
     # fla-core's parallel_nsa beside nsa_dsl on the pattern both compute
     # (carry [".device", ".whl"]; benchmarks/fetch_fla_wheels.sh makes .whl)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla_site .whl/*.whl || exit 1
-    PYTHONPATH=/tmp/fla_site:$PYTHONPATH timeout 500 python3 benchmarks/bench.py --out "$OUT" --name h200_fla --fla \
-      --patterns examples/bench_fla_like.nsa --no-flex --no-cold-start 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
+    PYTHONPATH=/tmp/fla_site:$PYTHONPATH timeout "${FLA_TIMEOUT_S:-500}" python3 benchmarks/bench.py --out "$OUT" --name h200_fla --fla \
+      --patterns examples/bench_fla_like.nsa --no-flex --no-cold-start ${FLA_LENGTHS:+--lengths "$FLA_LENGTHS"} 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
+  retune)
+    timeout 100 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
+      -k "${RETUNE_TESTS:-forward_matches_reference and 8192 or topk_heads or union_list}" 2>&1 \
+      | tee "$OUT/pytest_retune.log" | tail -n 5
+    timeout 180 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
+      --kernels "${RETUNE_KERNELS:-slc_topk}" --budget-s 140 --from-tuned --export "$OUT/tuned" 2>&1 \
+      | tee "$OUT/retune.log" | grep -v "^T=" | tail -n 5
+    # the machine's cache now holds the new configuration: --tuned runs it
+    timeout 230 python3 benchmarks/bench.py --out "$OUT" --name h200_paper128 --tuned --budget-s 180 \
+      --patterns examples/bench_paper128.nsa 2>&1 | tee "$OUT/bench_paper128.log" | tail -n 14 ;;
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune|train|bench-tuned|fla" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|fla" >&2; exit 2 ;;
 esac
