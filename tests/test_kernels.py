@@ -312,3 +312,39 @@ def test_topk_heads_as_rows_refuses_tiles_a_product_cannot_take():
                              " select block=16 top=2 initial=1 local=0 }")
     with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
         apply_overrides(nsa_dsl.check(one_head), {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8})  # 8 rows
+
+
+@pytest.mark.parametrize("tile, cmp_block, cmp_stride, T", [(16, 8, 4, 167), (32, 8, 4, 327), (16, 8, 1, 169)])
+def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, T):
+    """The flash-style kernels (compressed and window, forward and both
+    backward passes) skip the mask on tiles every row/key of which is
+    visible (_open_span). Small tiles, a window several tiles wide and a few
+    hundred positions put most tiles in the open middle, with masked tiles
+    on both sides of the window's band: output and every gradient must match
+    the reference (a tile wrongly taken as open would attend to keys it may
+    not see). Fused dq too: its atomics run in the open dK/dV tiles.
+
+    A boundary off by one changes which tiles are open only where it falls
+    on a tile edge: a window of 4 tiles - 1 puts the window's far end and
+    the causal edge there (rows 3-4 tiles in: keys from 1). The first open
+    row of a dK/dV program sits (keys in its tile - 1) x stride rows past
+    its first row, never one row past a tile edge for power-of-two tiles and
+    strides, so a one-row slip there cannot change a result; stride 1 with
+    a last key tile of 2 tokens (169 - 7 = 10 x 16 + 2) is the closest."""
+    p = Pattern(name="open_tiles", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                compress=Compress(block=cmp_block, stride=cmp_stride), select=Select(block=16, top=2, initial=1, local=1),
+                window=Window(size=4 * tile - 1))
+    sizes = {f"{b}_{m}": tile for b in ("CMP", "SWA", "CMP_BWD", "SWA_BWD") for m in ("BLOCK_M", "BLOCK_N")}
+    # the premise: a tile of rows well inside the sequence sees whole key
+    # tiles of the window (and of the compressed tokens) without a mask
+    first_row, last_row = 5 * tile, 6 * tile - 1
+    assert first_row + 1 - max(last_row - p.window.size + 1, 0) >= 2 * tile
+    assert (T - p.compress.block) // p.compress.stride + 1 >= 2 * tile
+    for fuse in (0, 1):
+        flags = {**sizes, "CMP_BWD_FUSE_DQ": fuse, "SWA_BWD_FUSE_DQ": fuse}
+        compiled = nsa_dsl.compile(p, overrides=flags)
+        args = random_inputs(p, 1 + fuse, T, torch.float32, seed=tile + fuse, device=DEVICE)
+        o, indices = compiled(**args, return_indices=True)
+        expected = nsa_dsl.reference(p, **upcast(args), indices=indices.to(DEVICE))
+        assert rel_error(o, expected) < TOLERANCE[torch.float32]
+        assert_gradients_match_reference(p, compiled, args, seed=tile)
