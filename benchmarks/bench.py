@@ -19,6 +19,7 @@ Importing this file makes no CUDA call.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import gc
 import json
 import math
@@ -904,6 +905,10 @@ def fla_expressible(pattern) -> Optional[str]:
     g = p.group
     if g < 16 or g & (g - 1):
         return f"fla needs a power-of-two group of at least 16 query heads; G={g}"
+    if p.window is not None and importlib.util.find_spec("flash_attn") is None:
+        # measured on the H200: parallel_nsa calls flash_attn_func for its
+        # window branch, None without the package
+        return "fla's window branch needs the flash-attn package, not installed (bench_fla_like_nowindow.nsa has no window)"
     return None
 
 
@@ -927,7 +932,7 @@ def run_fla(pattern, T: int, cfg, ceil: dict, emit) -> None:
             window = p.window.size if p.window is not None else 0
 
             def forward():
-                return parallel_nsa(x["q"], x["k"], x["v"], x["g_cmp"], x["g_slc"], x["g_swa"],
+                return parallel_nsa(x["q"], x["k"], x["v"], x.get("g_cmp"), x.get("g_slc"), x.get("g_swa"),
                                     block_counts=p.select.top, block_size=p.select.block, window_size=window)
 
             leaves = _leaves(x)

@@ -55,7 +55,7 @@ case "${1:-}" in
     # (carry [".device", ".whl"]; benchmarks/fetch_fla_wheels.sh makes .whl)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla_site .whl/*.whl || exit 1
     PYTHONPATH=/tmp/fla_site:$PYTHONPATH timeout "${FLA_TIMEOUT_S:-500}" python3 benchmarks/bench.py --out "$OUT" --name h200_fla --fla \
-      --patterns examples/bench_fla_like.nsa --no-flex --no-cold-start ${FLA_LENGTHS:+--lengths "$FLA_LENGTHS"} 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
+      --patterns "${FLA_PATTERNS:-examples/bench_fla_like.nsa}" --no-flex --no-cold-start ${FLA_LENGTHS:+--lengths "$FLA_LENGTHS"} 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
   retune)
     timeout 100 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
       -k "${RETUNE_TESTS:-forward_matches_reference and 8192 or topk_heads or union_list}" 2>&1 \
