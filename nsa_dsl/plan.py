@@ -224,7 +224,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens),
                  # 1: slc_topk_heads, the group's heads as rows (TOPK_TOKENS
                  # positions x GROUP_ROWS): q loaded once, one wide product
-                 # per chunk instead of G narrow ones. Untimed: off, tunable.
+                 # per chunk instead of G narrow ones. Off, tunable: on the
+                 # H200 the tuner takes it for paper128 at 8k (8 positions,
+                 # 0.53 ms against ~0.6) but not at 64k (NOTES.md v6).
                  ("TOPK_HEAD_ROWS", 0), ("TOPK_TOKENS", max(1, 64 // group_rows)), ("GROUP_ROWS", group_rows)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
@@ -241,8 +243,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("SLC_TOKENS", slc_tokens),
              # 1: build the union as a list and loop over it with a counted
              # loop Triton can software-pipeline, instead of the while-walk
-             # (same blocks, same order). Not yet timed on a GPU: off, tunable
-             # where SLC_TOKENS * TOP_PAD <= SLC_LIST_MAX.
+             # (same blocks, same order). Off, tunable where SLC_TOKENS *
+             # TOP_PAD <= SLC_LIST_MAX: with 3 stages the tuner's choice for
+             # paper128 at 8k and 64k on the H200 (23.9 -> 18.5 ms at 64k,
+             # NOTES.md v6); not yet timed on other patterns.
              ("SLC_FWD_LIST", 0)),
             # 4 warps at d <= 128: 8 doubled the time on the H200 (2.15 -> 4.39
             # ms at 8k, NOTES.md v2).
@@ -369,7 +373,8 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # v2): each block load then serves half as many rows.
              ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
              # 1: slc_bwd_dq loops over the union as a list (SLC_FWD_LIST's
-             # pipelinable loop); untimed, off, tunable where it fits.
+             # pipelinable loop); off, tunable where it fits (the tuner took
+             # it for paper128 at 8k only, within 1%: NOTES.md v6).
              ("SLC_BWD_DQ_LIST", 0),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # 1: the dK/dV pass also adds dq with atomics and slc_bwd_dq is
