@@ -24,7 +24,8 @@
 #       benchmarked with the result -> $OUT/h200_paper128.{json,png},
 #       $OUT/retune.log, $OUT/tuned/*.json
 #   bash .device/run bash benchmarks/gpu_session.sh fla
-#       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like.nsa);
+#       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like_nowindow.nsa:
+#       fla's window branch needs flash-attn; FLA_PATTERNS for another);
 #       needs benchmarks/fetch_fla_wheels.sh first and carry [".device", ".whl"]
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
@@ -55,7 +56,7 @@ case "${1:-}" in
     # (carry [".device", ".whl"]; benchmarks/fetch_fla_wheels.sh makes .whl)
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fla_site .whl/*.whl || exit 1
     PYTHONPATH=/tmp/fla_site:$PYTHONPATH timeout "${FLA_TIMEOUT_S:-500}" python3 benchmarks/bench.py --out "$OUT" --name h200_fla --fla \
-      --patterns "${FLA_PATTERNS:-examples/bench_fla_like.nsa}" --no-flex --no-cold-start ${FLA_LENGTHS:+--lengths "$FLA_LENGTHS"} 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
+      --patterns "${FLA_PATTERNS:-examples/bench_fla_like_nowindow.nsa}" --no-flex --no-cold-start ${FLA_LENGTHS:+--lengths "$FLA_LENGTHS"} 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
   retune)
     timeout 100 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
       -k "${RETUNE_TESTS:-forward_matches_reference and 8192 or topk_heads or union_list}" 2>&1 \
@@ -63,6 +64,9 @@ case "${1:-}" in
     timeout 180 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
       --kernels "${RETUNE_KERNELS:-slc_topk}" --budget-s 140 --from-tuned --export "$OUT/tuned" 2>&1 \
       | tee "$OUT/retune.log" | grep -v "^T=" | tail -n 5
+    # the device tool returns a limited number of files: the configuration
+    # also goes into the log, so it survives if the JSON is left out
+    cat "$OUT"/tuned/*.json >> "$OUT/retune.log" 2>/dev/null
     # the machine's cache now holds the new configuration: --tuned runs it
     timeout 230 python3 benchmarks/bench.py --out "$OUT" --name h200_paper128 --tuned --budget-s 180 \
       --patterns examples/bench_paper128.nsa 2>&1 | tee "$OUT/bench_paper128.log" | tail -n 14 ;;
