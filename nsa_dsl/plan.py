@@ -433,6 +433,10 @@ TUNABLE = {
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_BWD_DQ_LIST": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
+    # Blocks scored per chunk by slc_topk (the chunk's padding and token
+    # count follow): wider chunks read each query tile for more keys and
+    # merge fewer times, in more registers.
+    "TOPK_CHUNK_BLOCKS": _pow2_at_least(1),
 }
 
 
@@ -472,6 +476,19 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
             if pool > SLC_LIST_MAX:
                 raise ValueError(f"override {flag}: the union list compares {tokens} * TOP_PAD = {pool} entries"
                                  f" pairwise; at most {SLC_LIST_MAX} (lower {tokens})")
+    if "TOPK_CHUNK_BLOCKS" in consts:
+        k = plan.kernel("slc_topk")
+        blocks = consts["TOPK_CHUNK_BLOCKS"]
+        if not k.const("STATIC_SELECTION"):
+            # a compressed token reaches at most CMP_BLOCK - CMP_STRIDE
+            # positions past its chunk: only the next chunk may see it
+            reach = k.const("CMP_BLOCK") - k.const("CMP_STRIDE")
+            if blocks * k.const("SLC_BLOCK") < reach:
+                raise ValueError(f"override TOPK_CHUNK_BLOCKS: a chunk of {blocks} blocks spans"
+                                 f" {blocks * k.const('SLC_BLOCK')} positions, fewer than a compressed token's"
+                                 f" reach past it ({reach})")
+            consts["TOPK_CHUNK_TOKENS"] = blocks * (k.const("SLC_BLOCK") // k.const("CMP_STRIDE"))
+        consts["TOPK_CHUNK_BLOCKS_PAD"] = max(MMA_MIN, blocks)
     if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
         k = plan.kernel("slc_topk")
         rows = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS")) * k.const("GROUP_ROWS")

@@ -120,6 +120,15 @@ def candidates(plan: Plan, kernel: str) -> list:
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
+    if "TOPK_CHUNK_BLOCKS" in names:
+        # wider scoring chunks hold [rows, tokens] probabilities for more
+        # tokens: on 8 warps too, which have the registers for them (paper128
+        # on sm_90: 32 blocks on 8 warps compile without spills, 64 spill
+        # 7 KB a thread, so no wider than twice the plan's width)
+        for blocks in _scaled(names["TOPK_CHUNK_BLOCKS"], factors=(0.5, 2), lo=1, hi=256):
+            options.append({"TOPK_CHUNK_BLOCKS": blocks})
+            if blocks > names["TOPK_CHUNK_BLOCKS"] and k.num_warps != 8:
+                options.append({"TOPK_CHUNK_BLOCKS": blocks, f"{kernel}.num_warps": 8})
     for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ"):
         if flag in names:
             options.append({flag: 1 - names[flag]})

@@ -168,10 +168,14 @@ def test_selection_union_list_matches_reference_bf16():
     ("small_group", {"TOPK_HEAD_ROWS": 1}),
     # 16 positions x 16 heads = 256 rows on 8 warps (a tuner candidate)
     ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "slc_topk.num_warps": 8}),
+    # wider scoring chunks (tuner candidates; 16 blocks by default here)
+    ("deepseek_nsa", {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8}),
+    ("deepseek_nsa", {"TOPK_CHUNK_BLOCKS": 32, "TOPK_HEAD_ROWS": 1}),
 ])
 def test_topk_heads_as_rows_bf16(name, overrides):
-    """TOPK_HEAD_ROWS=1 (slc_topk_heads) compiled: its blocks obey the
-    selection rule and the forward with them matches the reference."""
+    """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads;
+    other chunk widths) compiled: their blocks obey the selection rule and
+    the forward with them matches the reference."""
     pattern = _patterns()[name]
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=79, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=overrides)

@@ -348,3 +348,45 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
         expected = nsa_dsl.reference(p, **upcast(args), indices=indices.to(DEVICE))
         assert rel_error(o, expected) < TOLERANCE[torch.float32]
         assert_gradients_match_reference(p, compiled, args, seed=tile)
+
+
+MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                      compress=Compress(block=4, stride=1), select=Select(block=16, top=5, initial=1, local=1))
+
+
+@pytest.mark.parametrize("pattern, overrides", [
+    (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16}),  # 4 blocks by default: wider
+    (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16, "TOPK_HEAD_ROWS": 1}),
+    (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 4}),  # 64 by default: narrower
+    (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}),
+    (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 8, "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 2}),
+], ids=["wider", "wider-heads", "narrower", "narrower-heads", "narrower-heads-2"])
+def test_topk_chunk_width_keeps_the_selection_rule(pattern, overrides):
+    # The scoring chunk's width is tunable: wider chunks merge fewer times,
+    # narrower ones hand the next chunk more straddling tokens. Same blocks
+    # as the default width (random inputs: no ties within float32).
+    default_width = nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS")
+    assert default_width != overrides["TOPK_CHUNK_BLOCKS"]
+    # the overridden width splits the sequence into two or more chunks
+    length = 333 if pattern is MANY_CHUNKS else 200
+    args = random_inputs(pattern, 1, length, torch.float32, seed=len(str(overrides)), device=DEVICE)
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
+    compiled.poison = True
+    _, indices = compiled(**args, return_indices=True)
+    assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+    _, default = nsa_dsl.compile(pattern)(**args, return_indices=True)
+    assert torch.equal(indices, default)
+
+
+def test_topk_narrowest_chunk_a_compressed_token_can_straddle():
+    # compressed blocks of 64 every 16 positions reach 48 positions past
+    # the chunk they start in: with 4 blocks of 16 per chunk they spill into
+    # the next chunk's blocks only, as the kernel's carry assumes
+    p = Pattern(name="far", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16), compress=Compress(block=64, stride=16),
+                select=Select(block=16, top=4, initial=1, local=1))
+    args = random_inputs(p, 1, 300, torch.float32, seed=3, device=DEVICE)
+    for overrides in ({"TOPK_CHUNK_BLOCKS": 4}, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}):
+        compiled = nsa_dsl.compile(p, overrides=overrides)
+        compiled.poison = True
+        _, indices = compiled(**args, return_indices=True)
+        assert_selection_rule(p, args, indices, eps_rel=1e-5, eps_abs=1e-6)

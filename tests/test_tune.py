@@ -166,6 +166,11 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
             assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
     assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 4, "slc_topk.num_warps": 8} in topk
     assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
+    # wider scoring chunks (16 blocks by default for paper128), alone and on 8 warps
+    for option in ({"TOPK_CHUNK_BLOCKS": 32}, {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8},
+                   {"TOPK_CHUNK_BLOCKS": 8}):
+        assert option in topk, option
+    assert not any(o.get("TOPK_CHUNK_BLOCKS", 0) > 32 for o in topk)  # 64 spills on sm_90
     for option in topk:
         apply_overrides(paper, option)
     assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
@@ -234,3 +239,21 @@ def test_from_tuned_starts_at_the_record_and_skips_what_it_holds():
     assert seen[0] == {"SLC_TOKENS": 8}, "the search starts from the record"
     assert seen.count({"SLC_TOKENS": 8}) == 1, "the configuration in hand is not timed again"
     assert again[bucket_of(1000)] == {"SLC_TOKENS": 8}
+
+
+def test_topk_chunk_override_sets_what_follows_from_it():
+    paper = nsa_dsl.check(nsa_dsl.load("examples/bench_paper128.nsa"))
+    k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 64}).kernel("slc_topk")
+    # 64 blocks of 64 positions, a compressed token every 16: 256 tokens
+    assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_CHUNK_TOKENS")) == (64, 64, 256)
+    k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 4}).kernel("slc_topk")
+    assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_CHUNK_TOKENS")) == (4, 16, 16)
+    # compressed blocks of 64 every 16 positions reach 48 positions past a
+    # chunk: one 16-position block per chunk cannot hold that
+    far = nsa_dsl.check(nsa_dsl.parse("pattern far { heads q=4 kv=1 dims qk=16 compress block=64 stride=16"
+                                      " select block=16 top=4 initial=1 local=1 }"))
+    with pytest.raises(ValueError, match="TOPK_CHUNK_BLOCKS"):
+        apply_overrides(far, {"TOPK_CHUNK_BLOCKS": 2})
+    assert apply_overrides(far, {"TOPK_CHUNK_BLOCKS": 4}).kernel("slc_topk").const("TOPK_CHUNK_TOKENS") == 4
+    with pytest.raises(ValueError, match="power of two"):
+        apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 24})
