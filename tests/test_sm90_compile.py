@@ -76,3 +76,17 @@ def test_union_list_lets_the_selection_forward_pipeline(tmp_path):
         assert row["ok"] and row["shared_bytes"] <= H100_SHARED_LIMIT, row
         found[flag] = row["async_copies"]
     assert found[0] == 0 and found[1] > 0, found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+def test_scoring_kernels_do_not_spill(tmp_path):
+    # small_group's head-rows scoring tile (32 positions x 2 heads) takes the
+    # product path; with a separate loop for the chunks that need no causal
+    # mask it spilled ~1 KB a thread (146 -> 255 registers): the product
+    # path keeps one loop. Both scoring kernels must stay in registers.
+    rows = _report(tmp_path, "bench_small_group.nsa")
+    scoring = [r for r in rows if r["kernel"] in ("slc_topk", "slc_topk_heads")]
+    assert {r["kernel"] for r in scoring} == {"slc_topk", "slc_topk_heads"}
+    for r in scoring:
+        assert r["ok"] and r["stack_bytes"] == 0 and r["local_loads_stores"] == 0, r
