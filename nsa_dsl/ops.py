@@ -156,10 +156,9 @@ class CompiledPattern:
                     m.slc_topk[grid](q, q, q, indices, T, 0, qk_scale_log2, *_strides(q), 0, 0, 0, 0,
                                      *_strides(indices), num_warps=kp.num_warps, num_stages=kp.num_stages)
                 else:
-                    heads = kp.const("TOPK_HEAD_ROWS")
-                    topk = m.slc_topk_heads if heads else m.slc_topk
-                    if heads:
-                        grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
+                    topk = m.slc_topk
+                    if kp.const("TOPK_HEAD_ROWS"):  # tiles of TOPK_TOKENS positions x the group's heads
+                        topk, grid = m.slc_topk_heads, (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
                     topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
                                num_warps=kp.num_warps, num_stages=kp.num_stages)

@@ -145,10 +145,20 @@ def _topk_chunking(cmp_block: int, cmp_stride: int, slc_block: int) -> tuple:
     chunk keeps the [rows, tokens] probability tile small in registers; the
     block dimension is padded to the 16 a dot needs.
     """
-    tokens_per_block = slc_block // cmp_stride
-    need = max(1, -(-(cmp_block - cmp_stride) // slc_block), -(-64 // tokens_per_block))
-    blocks = next_pow2(need)
-    return blocks, max(MMA_MIN, blocks), blocks * tokens_per_block
+    need = max(_topk_min_chunk_blocks(cmp_block, cmp_stride, slc_block), -(-64 // (slc_block // cmp_stride)))
+    return _topk_chunk_shape(next_pow2(need), cmp_stride, slc_block)
+
+
+def _topk_min_chunk_blocks(cmp_block: int, cmp_stride: int, slc_block: int) -> int:
+    """The fewest blocks a scoring chunk may hold: a compressed token reaches
+    cmp_block - cmp_stride positions past the chunk it starts in, and only
+    the next chunk may receive it."""
+    return max(1, -(-(cmp_block - cmp_stride) // slc_block))
+
+
+def _topk_chunk_shape(blocks: int, cmp_stride: int, slc_block: int) -> tuple:
+    """(blocks, blocks padded for the dot, compressed tokens) of a chunk."""
+    return blocks, max(MMA_MIN, blocks), blocks * (slc_block // cmp_stride)
 
 
 def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
@@ -479,16 +489,17 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
     if "TOPK_CHUNK_BLOCKS" in consts:
         k = plan.kernel("slc_topk")
         blocks = consts["TOPK_CHUNK_BLOCKS"]
-        if not k.const("STATIC_SELECTION"):
-            # a compressed token reaches at most CMP_BLOCK - CMP_STRIDE
-            # positions past its chunk: only the next chunk may see it
-            reach = k.const("CMP_BLOCK") - k.const("CMP_STRIDE")
-            if blocks * k.const("SLC_BLOCK") < reach:
+        if k.const("STATIC_SELECTION"):  # no compressed tokens: only the padding follows
+            consts["TOPK_CHUNK_BLOCKS_PAD"] = max(MMA_MIN, blocks)
+        else:
+            cmp_block, cmp_stride, slc_block = k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK")
+            least = _topk_min_chunk_blocks(cmp_block, cmp_stride, slc_block)
+            if blocks < least:
                 raise ValueError(f"override TOPK_CHUNK_BLOCKS: a chunk of {blocks} blocks spans"
-                                 f" {blocks * k.const('SLC_BLOCK')} positions, fewer than a compressed token's"
-                                 f" reach past it ({reach})")
-            consts["TOPK_CHUNK_TOKENS"] = blocks * (k.const("SLC_BLOCK") // k.const("CMP_STRIDE"))
-        consts["TOPK_CHUNK_BLOCKS_PAD"] = max(MMA_MIN, blocks)
+                                 f" {blocks * slc_block} positions, fewer than a compressed token's reach past it"
+                                 f" ({cmp_block - cmp_stride}): at least {least}")
+            _, consts["TOPK_CHUNK_BLOCKS_PAD"], consts["TOPK_CHUNK_TOKENS"] = _topk_chunk_shape(blocks, cmp_stride,
+                                                                                                 slc_block)
     if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
         k = plan.kernel("slc_topk")
         rows = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS")) * k.const("GROUP_ROWS")
