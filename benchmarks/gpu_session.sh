@@ -20,8 +20,8 @@
 #   bash .device/run bash benchmarks/gpu_session.sh retune
 #       after a change to one kernel, in ~8 minutes: the GPU tests that cover
 #       it (RETUNE_TESTS, a pytest -k expression), a re-tune of that kernel
-#       alone (RETUNE_KERNELS, from the tuned configuration), and paper128
-#       benchmarked with the result -> $OUT/h200_paper128.{json,png},
+#       alone (RETUNE_KERNELS, from the tuned configuration, RETUNE_BUDGET_S),
+#       and paper128 benchmarked with the result (unless RETUNE_BENCH=0) -> $OUT/h200_paper128.{json,png},
 #       $OUT/retune.log, $OUT/tuned/*.json
 #   bash .device/run bash benchmarks/gpu_session.sh fla
 #       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like_nowindow.nsa:
@@ -61,13 +61,15 @@ case "${1:-}" in
     timeout 100 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
       -k "${RETUNE_TESTS:-forward_matches_reference and 8192 or topk_heads or union_list}" 2>&1 \
       | tee "$OUT/pytest_retune.log" | tail -n 5
-    timeout 180 python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
-      --kernels "${RETUNE_KERNELS:-slc_topk}" --budget-s 140 --from-tuned --export "$OUT/tuned" 2>&1 \
+    timeout $(( ${RETUNE_BUDGET_S:-140} + 40 )) python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
+      --kernels "${RETUNE_KERNELS:-slc_topk}" --budget-s "${RETUNE_BUDGET_S:-140}" --from-tuned --export "$OUT/tuned" 2>&1 \
       | tee "$OUT/retune.log" | grep -v "^T=" | tail -n 5
     # the device tool returns a limited number of files: the configuration
     # also goes into the log, so it survives if the JSON is left out
     cat "$OUT"/tuned/*.json >> "$OUT/retune.log" 2>/dev/null
     # the machine's cache now holds the new configuration: --tuned runs it
+    # (RETUNE_BENCH=0: not here, the full bench-tuned follows)
+    [ "${RETUNE_BENCH:-1}" = 0 ] && exit 0
     timeout 230 python3 benchmarks/bench.py --out "$OUT" --name h200_paper128 --tuned --budget-s 180 \
       --patterns examples/bench_paper128.nsa 2>&1 | tee "$OUT/bench_paper128.log" | tail -n 14 ;;
   bench-tuned)

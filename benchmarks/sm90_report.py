@@ -126,12 +126,13 @@ def report(path: str, overrides: dict = None) -> list:
                 for dims in dims_list:
                     fn = getattr(module, entry)
                     sig, constexprs, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16)
-                    row = {"pattern": pattern.name, "kernel": entry, "num_warps": kernel.num_warps,
+                    warps = kernel.warps_for(entry)
+                    row = {"pattern": pattern.name, "kernel": entry, "num_warps": warps,
                            "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {}),
                            **({"pass": dims["PASS"]} if "PASS" in dims else {})}
                     try:
                         compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs), target=target,
-                                                  options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+                                                  options={"num_warps": warps, "num_stages": kernel.num_stages})
                         row.update(resources(compiled.asm["cubin"], tool_dir))
                         # loads Triton's software pipeliner turned into cp.async
                         # (0: every load waits for its data in the loop)

@@ -291,7 +291,7 @@ class CompiledPattern:
         def flash(branch: str, keys, values, dk_out, dv_out, n_keys, stat_lse, branch_delta, gate):
             kp = plan.kernel(f"{branch}_bwd")
             prefix = branch.upper()
-            bm, bn = kp.const(f"{prefix}_BWD_BLOCK_M"), kp.const(f"{prefix}_BWD_BLOCK_N")
+            bm = kp.const(f"{prefix}_BWD_BLOCK_M")
             split = kp.const(f"{prefix}_BWD_SPLIT_HEADS")
             common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
                       *_strides(do))
@@ -308,9 +308,11 @@ class CompiledPattern:
                 dv_part = torch.zeros((B, n_keys, HQ, DV), dtype=f32, device=dev)
             else:
                 dk_part, dv_part = dk_out, dv_out
-            getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, bn), B * (HQ if split else HKV))](
+            dkdv_bn = kp.const(f"{prefix}_BWD_DKDV_BLOCK_N")
+            getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, dkdv_bn), B * (HQ if split else HKV))](
                 q, keys, values, do, g_arg, stat_lse, branch_delta, dk_part, dv_part, dq, *common,
-                HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.warps_for(f"{branch}_bwd_dkdv"),
+                num_stages=kp.num_stages)
             if split:
                 G = p.group
                 dk_out += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)

@@ -44,6 +44,16 @@ class KernelPlan:
                 return value
         raise KeyError(f"kernel {self.name} has no constant {name}")
 
+    def warps_for(self, entry: str) -> int:
+        """Warps of one of the kernel's entry points: the flash-style dK/dV
+        kernels carry their own (*_BWD_DKDV_WARPS); the rest launch with
+        num_warps."""
+        if entry.endswith("_bwd_dkdv"):
+            name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
+            if any(key == name for key, _ in self.constants):
+                return self.const(name)
+        return self.num_warps
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -354,8 +364,11 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "cmp_bwd", "cmp_bwd.py.jinja",
             "compressed attention backward: cmp_bwd_dq per query tile and head; cmp_bwd_dkdv per tile of"
             " compressed tokens and query head (partials summed over the group)",
-            "dq (cdiv(T, CMP_BWD_BLOCK_M), B*HQ); dkdv (cdiv(Tc, CMP_BWD_BLOCK_N), B*HQ)",
+            "dq (cdiv(T, CMP_BWD_BLOCK_M), B*HQ); dkdv (cdiv(Tc, CMP_BWD_DKDV_BLOCK_N), B*HQ)",
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BWD_BLOCK_M", bm), ("CMP_BWD_BLOCK_N", bn),
+             # the dK/dV kernel's own key tile and warps (its dK, dV
+             # accumulators want other shapes than dq's tiles)
+             ("CMP_BWD_DKDV_BLOCK_N", bn), ("CMP_BWD_DKDV_WARPS", warps),
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
              ("CMP_BWD_SPLIT_HEADS", p.group > 1),
@@ -400,8 +413,9 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
         kernels.append(KernelPlan(
             "swa_bwd", "swa_bwd.py.jinja",
             "sliding-window backward: swa_bwd_dq per query tile and head; swa_bwd_dkdv per key tile and KV head",
-            "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_BLOCK_N), B*HKV)",
+            "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_DKDV_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
+             ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps),
              ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_FUSE_DQ", 0)),
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
@@ -425,6 +439,13 @@ _positive.__doc__ = "a positive integer"
 SLC_LIST_MAX = 256
 
 
+def _warps(value: int) -> bool:
+    return value in (4, 8)
+
+
+_warps.__doc__ = "4 or 8 (warps of a kernel that is not the KernelPlan's own launch)"
+
+
 def _flag(value: int) -> bool:
     return value in (0, 1)
 
@@ -438,6 +459,8 @@ TUNABLE = {
     "CMP_BLOCK_M": _pow2_at_least(16), "CMP_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_BLOCK_M": _pow2_at_least(16), "SWA_BWD_BLOCK_N": _pow2_at_least(16),
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
+    "SWA_BWD_DKDV_BLOCK_N": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_N": _pow2_at_least(16),
+    "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,

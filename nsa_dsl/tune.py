@@ -115,6 +115,16 @@ def candidates(plan: Plan, kernel: str) -> list:
                 for n in _scaled(names[n_name], lo=16, hi=128):
                     if (m, n) != (names[m_name], names[n_name]):
                         options.append({m_name: m, n_name: n})
+    # The dK/dV kernel's key tile and warps move together: two warpgroups
+    # hold twice the keys' dK, dV without spilling (paper128 on sm_90: 128
+    # keys on 8 warps). Tried from any tuned configuration.
+    for prefix in ("CMP", "SWA"):
+        tile, warps_name = f"{prefix}_BWD_DKDV_BLOCK_N", f"{prefix}_BWD_DKDV_WARPS"
+        if tile in names:
+            for n in _scaled(names[tile], lo=16, hi=128):  # 0.5x, 1x, 2x
+                for warps in (4, 8):
+                    if (n, warps) != (names[tile], names[warps_name]):
+                        options.append({tile: n, warps_name: warps})
     for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("SLC_BWD_DQ_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
                            ("SLC_BWD_CHUNK", 256, 4096), ("BC_TOKENS", 1, 64), ("BC_CHUNK", 16, 4096)):
         if single in names:

@@ -189,25 +189,45 @@ def test_topk_heads_as_rows_bf16(name, overrides):
     assert err < TOLERANCE[torch.bfloat16]
 
 
-@pytest.mark.parametrize("name", ["deepseek_nsa", "small_group"])
-@pytest.mark.parametrize("length", [1024, 8192])
-def test_gradients_match_reference_bf16(name, length):
-    pattern = _patterns()[name]
-    dtype = torch.bfloat16
-    args = random_inputs(pattern, 1, length, dtype, seed=length + 1, device="cuda")
+def _bf16_gradient_errors(pattern, length, seed, overrides=None):
+    """Relative error of every input's gradient (bf16 kernels) against
+    float64 autograd of the reference given the kernel's own blocks."""
+    args = random_inputs(pattern, 1, length, torch.bfloat16, seed=seed, device="cuda")
     for t in args.values():
         t.requires_grad_(True)
-    compiled = nsa_dsl.compile(pattern)
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
     o, indices = compiled(**args, return_indices=True)
     do = torch.randn_like(o)
     o.backward(do)
     up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}
     ref = nsa_dsl.reference(pattern, **up, indices=indices, query_chunk=1024)
     ref.backward(do.double())
-    errors = {n: rel_error(args[n].grad, up[n].grad) for n in args}
+    return {n: rel_error(args[n].grad, up[n].grad) for n in args}
+
+
+@pytest.mark.parametrize("name", ["deepseek_nsa", "small_group"])
+@pytest.mark.parametrize("length", [1024, 8192])
+def test_gradients_match_reference_bf16(name, length):
+    errors = _bf16_gradient_errors(_patterns()[name], length, seed=length + 1)
     _log({"test": "gradients", "pattern": name, "dtype": "bf16", "T": length, "rel_err": errors})
     for n, err in errors.items():
-        assert err < TOLERANCE[dtype], f"grad of {n}: relative error {err:.3e}"
+        assert err < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"CMP_BWD_DKDV_BLOCK_N": 128, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 128, "SWA_BWD_DKDV_WARPS": 8},
+    {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 32, "SWA_BWD_DKDV_WARPS": 4},
+], ids=["plan", "dkdv128w8", "dkdv64w8"])
+def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
+    """The keys-major dK/dV kernels compiled for Hopper with the key tiles
+    and warps the tuner may pick (two warpgroups on 128 keys among them)."""
+    pattern = nsa_dsl.load(os.path.join(EXAMPLES, "bench_paper128.nsa"))
+    errors = _bf16_gradient_errors(pattern, 4096, seed=11, overrides=overrides)
+    _log({"test": "gradients_dkdv_tiles", "pattern": "bench_paper128", "overrides": overrides, "dtype": "bf16",
+          "T": 4096, "rel_err": errors})
+    for n, err in errors.items():
+        assert err < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {err:.3e}"
 
 
 @pytest.mark.parametrize("strategy", ["inverted-index", "atomic"])

@@ -350,6 +350,28 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
         assert_gradients_match_reference(p, compiled, args, seed=tile)
 
 
+@pytest.mark.parametrize("dq_keys, dkdv_keys", [(32, 16), (16, 32)])
+def test_dkdv_key_tile_of_its_own_matches_reference(dq_keys, dkdv_keys):
+    """The dK/dV kernels of the compressed and window branches take their
+    own key tile (*_BWD_DKDV_BLOCK_N), here half and twice dq's: the launch
+    grid must follow it (a grid counted in dq's wider tiles leaves keys with
+    no program, so no dK, dV) and the keys-major tile must give every
+    gradient."""
+    p = Pattern(name="dkdv_tile", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                compress=Compress(block=8, stride=4), select=Select(block=16, top=2, initial=1, local=1),
+                window=Window(size=47))
+    overrides = {"CMP_BWD_BLOCK_M": 16, "SWA_BWD_BLOCK_M": 16, "CMP_BWD_BLOCK_N": dq_keys,
+                 "SWA_BWD_BLOCK_N": dq_keys, "CMP_BWD_DKDV_BLOCK_N": dkdv_keys, "SWA_BWD_DKDV_BLOCK_N": dkdv_keys,
+                 "CMP_BWD_DKDV_WARPS": 8}
+    compiled = nsa_dsl.compile(p, overrides=overrides)
+    assert compiled.plan.kernel("cmp_bwd").const("CMP_BWD_DKDV_BLOCK_N") == dkdv_keys
+    args = random_inputs(p, 2, 201, torch.float32, seed=dkdv_keys, device=DEVICE)
+    assert_gradients_match_reference(p, compiled, args, seed=dkdv_keys)
+    from nsa_dsl.plan import apply_overrides
+    with pytest.raises(ValueError, match="CMP_BWD_DKDV_WARPS: must be 4 or 8"):
+        apply_overrides(nsa_dsl.check(p), {"CMP_BWD_DKDV_WARPS": 16})
+
+
 MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
                       compress=Compress(block=4, stride=1), select=Select(block=16, top=5, initial=1, local=1))
 

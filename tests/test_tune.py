@@ -174,7 +174,16 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     for option in topk:
         apply_overrides(paper, option)
     assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
-    for option in candidates(paper, "slc_fwd") + candidates(paper, "slc_bwd") + candidates(paper, "cmp_bwd"):
+    # the dK/dV kernels' own key tile with its warps: 128 keys on 8 warps
+    # (two warpgroups), and 64 on 8 (64 x 64 on 4 is the plan's own)
+    for prefix in ("CMP", "SWA"):
+        kernel_options = candidates(paper, f"{prefix.lower()}_bwd")
+        for tile, warps in ((128, 8), (128, 4), (64, 8), (32, 4)):
+            option = {f"{prefix}_BWD_DKDV_BLOCK_N": tile, f"{prefix}_BWD_DKDV_WARPS": warps}
+            assert option in kernel_options, option
+        assert {f"{prefix}_BWD_DKDV_BLOCK_N": 64, f"{prefix}_BWD_DKDV_WARPS": 4} not in kernel_options
+    for option in (candidates(paper, "slc_fwd") + candidates(paper, "slc_bwd") + candidates(paper, "cmp_bwd")
+                   + candidates(paper, "swa_bwd")):
         apply_overrides(paper, option)  # every candidate is a valid override
     with pytest.raises(ValueError, match="SLC_TOKENS \\* TOP_PAD = 512"):
         apply_overrides(small, {"SLC_FWD_LIST": 1})
