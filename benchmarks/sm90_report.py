@@ -102,7 +102,7 @@ def resources(cubin: bytes, tool_dir: Path) -> dict:
     return found
 
 
-def report(path: str, overrides: dict = None) -> list:
+def report(path: str, overrides: dict = None, only: tuple = ()) -> list:
     from nsa_dsl.plan import apply_overrides
 
     rows = []
@@ -116,6 +116,8 @@ def report(path: str, overrides: dict = None) -> list:
         tool_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
         for kernel in plan.kernels:
             for entry in ENTRY_POINTS[kernel.name]:
+                if only and entry not in only:
+                    continue
                 if entry == "slc_topk_heads" and kernel.const("STATIC_SELECTION"):
                     continue  # learned scoring only
                 dims_list = [{}]
@@ -151,9 +153,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--override", action="append", default=[], metavar="NAME=VALUE",
                     help="a tunable constant or <kernel>.num_warps/num_stages (repeatable)")
+    ap.add_argument("--kernel", action="append", default=[], metavar="ENTRY",
+                    help="compile only this entry point, e.g. slc_bwd_dkdv (repeatable; default: all)")
     args = ap.parse_args(argv)
     overrides = {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
-    rows = [row for path in args.files for row in report(path, overrides)]
+    rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel))]
     print(f"{'pattern':16s} {'kernel':16s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'HGMMA':>6s} {'HMMA':>5s} {'LDL/STL':>7s} {'async':>5s}")
     for r in rows:
         if not r["ok"]:

@@ -404,6 +404,11 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # skipped (never under deterministic=True). Measured slower on
              # the H200 (203 -> 240 ms fwd+bwd at 64k); `nsa-dsl tune` tries it.
              ("SLC_BWD_FUSE_DQ", 0),
+             # 1: slc_bwd_dkdv computes S^T = K Q^T ([keys, rows]), so P^T and
+             # dS^T need no register transpose (the flash-style dK/dV kernels'
+             # change: cmp_bwd_dkdv 37.6 -> 27.6 ms at 64k, NOTES.md v7).
+             # Off until timed on a GPU; `nsa-dsl tune` tries it.
+             ("SLC_BWD_KEYS_MAJOR", 0),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),
@@ -464,7 +469,7 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_BWD_DQ_LIST": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_TOKENS": _pow2_at_least(1),
+    "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token
     # count follow): wider chunks read each query tile for more keys and

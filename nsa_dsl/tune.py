@@ -139,7 +139,7 @@ def candidates(plan: Plan, kernel: str) -> list:
             options.append({"TOPK_CHUNK_BLOCKS": blocks})
             if blocks > names["TOPK_CHUNK_BLOCKS"] and k.num_warps != 8:
                 options.append({"TOPK_CHUNK_BLOCKS": blocks, f"{kernel}.num_warps": 8})
-    for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ"):
+    for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ", "SLC_BWD_KEYS_MAJOR"):
         if flag in names:
             options.append({flag: 1 - names[flag]})
     for flag in ("SLC_FWD_LIST", "SLC_BWD_DQ_LIST"):

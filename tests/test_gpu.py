@@ -218,10 +218,13 @@ def test_gradients_match_reference_bf16(name, length):
     {},
     {"CMP_BWD_DKDV_BLOCK_N": 128, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 128, "SWA_BWD_DKDV_WARPS": 8},
     {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 32, "SWA_BWD_DKDV_WARPS": 4},
-], ids=["plan", "dkdv128w8", "dkdv64w8"])
+    {"SLC_BWD_KEYS_MAJOR": 1},
+    {"SLC_BWD_KEYS_MAJOR": 1, "SLC_BWD_FUSE_DQ": 1},
+], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major", "slc_keys_major_fused"])
 def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     """The keys-major dK/dV kernels compiled for Hopper with the key tiles
-    and warps the tuner may pick (two warpgroups on 128 keys among them)."""
+    and warps the tuner may pick (two warpgroups on 128 keys among them),
+    and the selection's keys-major dK/dV (SLC_BWD_KEYS_MAJOR)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, "bench_paper128.nsa"))
     errors = _bf16_gradient_errors(pattern, 4096, seed=11, overrides=overrides)
     _log({"test": "gradients_dkdv_tiles", "pattern": "bench_paper128", "overrides": overrides, "dtype": "bf16",

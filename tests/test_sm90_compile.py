@@ -28,13 +28,14 @@ def _nvidia_backend_available() -> bool:
         return False
 
 
-def _report(tmp_path, pattern_file: str, *overrides: str, name: str = "report") -> list:
-    """benchmarks/sm90_report.py's rows for one pattern file (fresh caches)."""
+def _report(tmp_path, pattern_file: str, *overrides: str, name: str = "report", kernels: tuple = ()) -> list:
+    """benchmarks/sm90_report.py's rows for one pattern file (fresh caches),
+    of every kernel or only the named entry points."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["NSA_DSL_CACHE_DIR"] = str(tmp_path / "cache")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
     out = tmp_path / f"{name}.json"
-    args = [a for o in overrides for a in ("--override", o)]
+    args = [a for o in overrides for a in ("--override", o)] + [a for k in kernels for a in ("--kernel", k)]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_report.py"),
                              str(ROOT / "examples" / pattern_file), *args, "--json", str(out)],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
@@ -90,3 +91,19 @@ def test_scoring_kernels_do_not_spill(tmp_path):
     assert {r["kernel"] for r in scoring} == {"slc_topk", "slc_topk_heads"}
     for r in scoring:
         assert r["ok"] and r["stack_bytes"] == 0 and r["local_loads_stores"] == 0, r
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+def test_keys_major_selection_dkdv_stays_in_registers_on_wgmma(tmp_path):
+    # SLC_BWD_KEYS_MAJOR's reason to exist: computed rows-major, the
+    # selection dK/dV tile transposes P and dS through shared memory, runs on
+    # mma.sync (HMMA) and spills (paper128: 56 B of stack, 28 local
+    # loads/stores). Keys-major it must use wgmma only and keep everything in
+    # registers.
+    rows = _report(tmp_path, "bench_paper128.nsa", "SLC_BWD_KEYS_MAJOR=1", kernels=("slc_bwd_dkdv",))
+    assert [r["kernel"] for r in rows] == ["slc_bwd_dkdv"]
+    row = rows[0]
+    assert row["ok"] and row["shared_bytes"] <= H100_SHARED_LIMIT, row
+    assert row["stack_bytes"] == 0 and row["local_loads_stores"] == 0, row
+    assert row["hgmma"] > 0 and row["hmma"] == 0, row

@@ -156,6 +156,7 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     # for paper128, 32 * 16 for small_group (over SLC_LIST_MAX)
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
+    assert {"SLC_BWD_KEYS_MAJOR": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
     # slc_topk with the heads as rows: 4 positions x 16 heads, and 2, 8 or 16
     # positions, each on 4 and 8 warps (256 rows of scores spill on 4)
