@@ -245,9 +245,13 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # 1: slc_topk_heads, the group's heads as rows (TOPK_TOKENS
                  # positions x GROUP_ROWS): q loaded once, one wide product
                  # per chunk instead of G narrow ones. Off, tunable: on the
-                 # H200 the tuner takes it for paper128 at 8k (8 positions,
-                 # 0.53 ms against ~0.6) but not at 64k (NOTES.md v6).
-                 ("TOPK_HEAD_ROWS", 0), ("TOPK_TOKENS", max(1, 64 // group_rows)), ("GROUP_ROWS", group_rows)),
+                 # H200 the tuner takes it for paper128 (16 positions at 8k
+                 # and 64k: slc_topk 15.6 -> 15.0 ms at 64k, NOTES.md v7).
+                 ("TOPK_HEAD_ROWS", 0), ("TOPK_TOKENS", max(1, 64 // group_rows)), ("GROUP_ROWS", group_rows),
+                 # 1 (head rows only): score [tokens, rows], K_chunk @ q^T, so
+                 # the sum over the heads needs fewer shuffles. Off until
+                 # timed on a GPU; `nsa-dsl tune` tries it.
+                 ("TOPK_KEYS_MAJOR", 0)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
         # Several neighbouring positions per program fill the MMA tile when
@@ -469,7 +473,8 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_TOKENS": _pow2_at_least(1),
+    "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_KEYS_MAJOR": _flag,
+    "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token
     # count follow): wider chunks read each query tile for more keys and
@@ -531,7 +536,11 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
     if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
         k = plan.kernel("slc_topk")
         rows = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS")) * k.const("GROUP_ROWS")
-        if consts.get("TOPK_HEAD_ROWS", k.const("TOPK_HEAD_ROWS")) and not 16 <= rows <= 256:
+        head_rows = consts.get("TOPK_HEAD_ROWS", k.const("TOPK_HEAD_ROWS"))
+        if consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR")) and not head_rows:
+            raise ValueError("override TOPK_KEYS_MAJOR: scores the head-rows kernel keys-major; it needs"
+                             " TOPK_HEAD_ROWS=1")
+        if head_rows and not 16 <= rows <= 256:
             raise ValueError(f"override TOPK_HEAD_ROWS: TOPK_TOKENS x GROUP_ROWS = {rows} rows per tile; the"
                              " product needs 16 to 256")
     kernels = []

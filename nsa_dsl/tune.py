@@ -160,6 +160,14 @@ def candidates(plan: Plan, kernel: str) -> list:
             for warps in (4, 8):
                 if (tokens, warps) != (names["TOPK_TOKENS"], k.num_warps):  # that one is {"TOPK_HEAD_ROWS": 1}
                     options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": warps})
+        # Keys-major scoring: the current head-rows tile flipped, and on 4
+        # warps with each tile size (on 8 it spilled more, sm_90 compile).
+        if names["TOPK_HEAD_ROWS"]:
+            options.append({"TOPK_KEYS_MAJOR": 1 - names["TOPK_KEYS_MAJOR"]})
+        for tokens in [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64):
+            option = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
+            if option not in options:
+                options.append(option)
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.

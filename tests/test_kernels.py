@@ -272,13 +272,14 @@ def _learned_selection(p: Pattern) -> bool:
 
 @settings(max_examples=20)
 @given(pattern=valid_patterns().filter(_learned_selection), length=st.integers(1, 96),
-       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES))
-def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed, dtype):
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES), keys_major=st.sampled_from([0, 1]))
+def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed, dtype, keys_major):
     # TOPK_HEAD_ROWS=1 (slc_topk_heads): the same scores summed in another
     # order, so the chosen blocks obey NSA_MATH.md's rule like the default
-    # kernel's, and the forward matches the reference with them.
+    # kernel's, and the forward matches the reference with them. Scored
+    # keys-major ([tokens, rows]) too.
     args = random_inputs(pattern, 1, length, dtype, seed, device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, overrides={"TOPK_HEAD_ROWS": 1})
+    compiled = nsa_dsl.compile(pattern, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": keys_major})
     compiled.poison = True
     o, indices = compiled(**args, return_indices=True)
     assert (indices >= -1).all(), "indices left unwritten (poison value)"
@@ -288,13 +289,15 @@ def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed,
     assert rel_error(o, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 4, 16])
-def test_topk_heads_as_rows_on_a_paper_like_group(tokens):
+@pytest.mark.parametrize("tokens, keys_major", [(1, 0), (2, 0), (4, 0), (16, 0), (2, 1), (16, 1)])
+def test_topk_heads_as_rows_on_a_paper_like_group(tokens, keys_major):
     # G=16 with 1-4 positions per tile: the broadcast path (fewer than 16
     # positions per tile cannot feed the overlap product to a dot); 16
-    # positions (256 rows): the product path.
+    # positions (256 rows): the product path. Both also keys-major (the head
+    # sum over a [tokens, rows] tile's columns).
     args = random_inputs(PAPER_LIKE, 1, 130, torch.float32, seed=tokens, device=DEVICE)
-    compiled = nsa_dsl.compile(PAPER_LIKE, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens})
+    compiled = nsa_dsl.compile(PAPER_LIKE, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens,
+                                                      "TOPK_KEYS_MAJOR": keys_major})
     compiled.poison = True
     _, indices = compiled(**args, return_indices=True)
     assert_selection_rule(PAPER_LIKE, args, indices, eps_rel=1e-5, eps_abs=1e-6)
@@ -308,6 +311,8 @@ def test_topk_heads_as_rows_refuses_tiles_a_product_cannot_take():
     plan = nsa_dsl.check(PAPER_LIKE)
     with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
         apply_overrides(plan, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 32})  # 512 rows
+    with pytest.raises(ValueError, match="TOPK_KEYS_MAJOR: .* needs TOPK_HEAD_ROWS=1"):
+        apply_overrides(plan, {"TOPK_KEYS_MAJOR": 1})
     one_head = nsa_dsl.parse("pattern g1 { heads q=1 kv=1 dims qk=16 compress block=16 stride=8"
                              " select block=16 top=2 initial=1 local=0 }")
     with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
@@ -382,7 +387,8 @@ MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=1
     (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 4}),  # 64 by default: narrower
     (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}),
     (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 8, "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 2}),
-], ids=["wider", "wider-heads", "narrower", "narrower-heads", "narrower-heads-2"])
+    (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16, "TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1}),
+], ids=["wider", "wider-heads", "narrower", "narrower-heads", "narrower-heads-2", "wider-heads-keys-major"])
 def test_topk_chunk_width_keeps_the_selection_rule(pattern, overrides):
     # The scoring chunk's width is tunable: wider chunks merge fewer times,
     # narrower ones hand the next chunk more straddling tokens. Same blocks

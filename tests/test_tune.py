@@ -166,6 +166,13 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
         for warps in (4, 8):
             assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
     assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 4, "slc_topk.num_warps": 8} in topk
+    # keys-major scoring with each tile size on 4 warps, and from a tuned
+    # head-rows configuration the flip alone
+    for tokens in (2, 4, 8, 16):
+        assert {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": 4} in topk
+    assert {"TOPK_KEYS_MAJOR": 1} not in topk  # head rows are off in the plan: the flip alone is invalid
+    tuned_rows = apply_overrides(paper, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16})
+    assert {"TOPK_KEYS_MAJOR": 1} in candidates(tuned_rows, "slc_topk")
     assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
     # wider scoring chunks (16 blocks by default for paper128), alone and on 8 warps
     for option in ({"TOPK_CHUNK_BLOCKS": 32}, {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8},
