@@ -272,9 +272,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # paper128 at 8k and 64k on the H200 (23.9 -> 18.5 ms at 64k,
              # NOTES.md v6); not yet timed on other patterns.
              ("SLC_FWD_LIST", 0)),
-            # 4 warps at d <= 128: 8 doubled the time on the H200 (2.15 -> 4.39
-            # ms at 8k, NOTES.md v2).
-            num_warps=4 if d_max <= 128 else 8, num_stages=2))
+            # 4 warps: at d <= 128 8 doubled the time on the H200 (2.15 -> 4.39
+            # ms at 8k, NOTES.md v2); at deepseek_nsa's 192 the tuner took 4
+            # too (430 -> 399 ms fwd+bwd at 64k, NOTES.md v7).
+            num_warps=4, num_stages=2))
         # The block-centric alternative (always generated, so compile(slc_fwd=)
         # can pick either; only the launched one is compiled by Triton).
         bc_tokens = max(1, 64 // group_rows)
@@ -343,10 +344,16 @@ def _backward_tiles(d_pad: int) -> tuple:
     warps at 8k and 64k. The earlier 32x64 on 8 warps was chosen to avoid
     register spills and was the slower one: 64 rows on one warpgroup let
     Triton use Hopper's wgmma (results/sm90_report.txt: HGMMA 20-24 per
-    kernel, ~300 B of spills in dK/dV, against HMMA only and none)."""
+    kernel, ~300 B of spills in dK/dV, against HMMA only and none).
+
+    Wider heads (deepseek_nsa, qk=192 padded to 256): 64x32 on 4 warps,
+    measured by the tuner at 64k (benchmarks/results/tune/h200_deepseek_nsa.log):
+    from the earlier 32x32 on 8 warps, 4 warps took cmp_bwd 647 -> 596 ms
+    fwd+bwd and 64x32 486; swa_bwd 4 warps 387 -> 370, 64x32 347. Not yet
+    measured at 8k-32k."""
     if d_pad <= 128:
         return 64, 64, 4
-    return 32, 32, 8
+    return 64, 32, 4
 
 
 def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
@@ -416,8 +423,9 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),
-            # 4 warps at d <= 128: measured, as _backward_tiles says
-            num_warps=4 if d_max <= 128 else 8, num_stages=1, direction="backward"))
+            # 4 warps: measured at d <= 128, as _backward_tiles says, and at
+            # deepseek_nsa's 192 (454 -> 438 ms fwd+bwd at 64k, NOTES.md v7)
+            num_warps=4, num_stages=1, direction="backward"))
     if Branch.SWA in combined:
         kernels.append(KernelPlan(
             "swa_bwd", "swa_bwd.py.jinja",
