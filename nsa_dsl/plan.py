@@ -166,6 +166,23 @@ def _topk_min_chunk_blocks(cmp_block: int, cmp_stride: int, slc_block: int) -> i
     return max(1, -(-(cmp_block - cmp_stride) // slc_block))
 
 
+def _strided_overlap_fits(cmp_block: int, cmp_stride: int, slc_block: int, chunk_blocks: int,
+                          chunk_pad: int) -> str:
+    """Why TOPK_STRIDED_OVERLAP cannot score this pattern ("" when it can):
+    it splits each compressed token's weight into its own block's share and
+    the next block's, reshaping a chunk's tokens as [blocks, tokens per
+    block] with nothing padded."""
+    per_block = slc_block // cmp_stride
+    if cmp_block > slc_block + cmp_stride:
+        return (f"a compressed token of {cmp_block} positions can reach two selection blocks past its own"
+                f" (select block {slc_block}, stride {cmp_stride}): at most select block + stride")
+    if per_block & (per_block - 1):
+        return f"{per_block} compressed tokens start in each selection block: a power of two is needed"
+    if chunk_pad != chunk_blocks:
+        return f"a chunk of {chunk_blocks} blocks is padded to {chunk_pad}: at least {chunk_pad} blocks are needed"
+    return ""
+
+
 def _topk_chunk_shape(blocks: int, cmp_stride: int, slc_block: int) -> tuple:
     """(blocks, blocks padded for the dot, compressed tokens) of a chunk."""
     return blocks, max(MMA_MIN, blocks), blocks * (slc_block // cmp_stride)
@@ -251,7 +268,12 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # 1 (head rows only): score [tokens, rows], K_chunk @ q^T, so
                  # the sum over the heads needs fewer shuffles. Off until
                  # timed on a GPU; `nsa-dsl tune` tries it.
-                 ("TOPK_KEYS_MAJOR", 0)),
+                 ("TOPK_KEYS_MAJOR", 0),
+                 # 1: the overlap weights applied as the per-block pattern
+                 # they are (in-thread sums and one shift) instead of two
+                 # float32 products a chunk; where no token reaches two
+                 # blocks on (see _strided_overlap_fits). Off until timed.
+                 ("TOPK_STRIDED_OVERLAP", 0)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
         # Several neighbouring positions per program fill the MMA tile when
@@ -481,7 +503,7 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_KEYS_MAJOR": _flag,
+    "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_KEYS_MAJOR": _flag, "TOPK_STRIDED_OVERLAP": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token
@@ -548,6 +570,12 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR")) and not head_rows:
             raise ValueError("override TOPK_KEYS_MAJOR: scores the head-rows kernel keys-major; it needs"
                              " TOPK_HEAD_ROWS=1")
+        if consts.get("TOPK_STRIDED_OVERLAP", k.const("TOPK_STRIDED_OVERLAP")):
+            why = _strided_overlap_fits(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
+                                        consts.get("TOPK_CHUNK_BLOCKS", k.const("TOPK_CHUNK_BLOCKS")),
+                                        consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD")))
+            if why:
+                raise ValueError(f"override TOPK_STRIDED_OVERLAP: {why}")
         if head_rows and not 16 <= rows <= 256:
             raise ValueError(f"override TOPK_HEAD_ROWS: TOPK_TOKENS x GROUP_ROWS = {rows} rows per tile; the"
                              " product needs 16 to 256")

@@ -166,8 +166,13 @@ def candidates(plan: Plan, kernel: str) -> list:
             options.append({"TOPK_KEYS_MAJOR": 1 - names["TOPK_KEYS_MAJOR"]})
         for tokens in [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64):
             option = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
-            if option not in options:
-                options.append(option)
+            for extra in ({}, {"TOPK_STRIDED_OVERLAP": 1}):
+                if {**option, **extra} not in options:
+                    options.append({**option, **extra})
+    if "TOPK_STRIDED_OVERLAP" in names:
+        # the overlap weights as the per-block pattern (where it fits: the
+        # plan refuses the rest), for whichever scoring kernel runs
+        options.append({"TOPK_STRIDED_OVERLAP": 1 - names["TOPK_STRIDED_OVERLAP"]})
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.

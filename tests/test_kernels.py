@@ -418,3 +418,58 @@ def test_topk_narrowest_chunk_a_compressed_token_can_straddle():
         compiled.poison = True
         _, indices = compiled(**args, return_indices=True)
         assert_selection_rule(p, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+
+
+# The paper's overlap shape at a small scale: 4 compressed tokens start in
+# each selection block, each spans two strides (weights 1, 2, 2, 2, 1).
+PAPER_SHAPED = Pattern(name="paper_shaped", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
+                       compress=Compress(block=8, stride=4), select=Select(block=16, top=3, initial=1, local=1))
+# A token of select block + stride positions: the last one of a block ends
+# exactly at the next block's end (the widest TOPK_STRIDED_OVERLAP takes).
+REACH_EDGE = Pattern(name="reach_edge", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
+                     compress=Compress(block=20, stride=4), select=Select(block=16, top=3, initial=1, local=1))
+
+
+PER_HEAD, HEAD_ROWS_KEYS_MAJOR = {}, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1}
+
+
+# One compressed token starts in each selection block and reaches into the
+# next; 16-block chunks (64 by default: 1024 positions each).
+ONE_PER_BLOCK = Pattern(name="one_per_block", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
+                        compress=Compress(block=32, stride=16), select=Select(block=16, top=3, initial=1, local=1))
+SIXTEEN = {"TOPK_CHUNK_BLOCKS": 16}
+
+
+@pytest.mark.parametrize("pattern, kernel", [
+    (ONE_PER_BLOCK, SIXTEEN), (PAPER_SHAPED, PER_HEAD), (PAPER_SHAPED, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16}),
+    (PAPER_SHAPED, HEAD_ROWS_KEYS_MAJOR), (REACH_EDGE, PER_HEAD),
+], ids=["one_per_block", "paper_shaped", "paper_shaped-rows16", "paper_shaped-rows16-keys", "reach_edge"])
+def test_strided_overlap_scores_as_the_overlap_product(pattern, kernel):
+    # TOPK_STRIDED_OVERLAP applies the overlap weights as the per-block
+    # pattern (own block, next block) with a carry between chunks, instead
+    # of the float32 products: the same blocks (random inputs, no ties
+    # within float32), over sequences of several chunks; each scoring kernel
+    # (per head, head rows broadcast and product paths, keys-major).
+    blocks = kernel.get("TOPK_CHUNK_BLOCKS", nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS"))
+    length = 2 * blocks * pattern.select.block + 8  # a carry crosses two chunk edges
+    args = random_inputs(pattern, 1, length, torch.float32, seed=pattern.select.block, device=DEVICE)
+    compiled = nsa_dsl.compile(pattern, overrides={**kernel, "TOPK_STRIDED_OVERLAP": 1})
+    compiled.poison = True
+    _, indices = compiled(**args, return_indices=True)
+    assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+    _, default = nsa_dsl.compile(pattern)(**args, return_indices=True)
+    assert torch.equal(indices, default)
+
+
+def test_strided_overlap_refuses_what_it_cannot_score():
+    from nsa_dsl.plan import apply_overrides
+
+    far = Pattern(name="far", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
+                  compress=Compress(block=24, stride=4), select=Select(block=16, top=3, initial=1, local=1))
+    with pytest.raises(ValueError, match="TOPK_STRIDED_OVERLAP: a compressed token of 24 positions"):
+        apply_overrides(nsa_dsl.check(far), {"TOPK_STRIDED_OVERLAP": 1})
+    # a chunk of 4 blocks padded to 16 for the products
+    with pytest.raises(ValueError, match="TOPK_STRIDED_OVERLAP: a chunk of 4 blocks is padded to 16"):
+        apply_overrides(nsa_dsl.check(PAPER_SHAPED), {"TOPK_STRIDED_OVERLAP": 1, "TOPK_CHUNK_BLOCKS": 4})
+    assert apply_overrides(nsa_dsl.check(REACH_EDGE), {"TOPK_STRIDED_OVERLAP": 1}).kernel("slc_topk").const(
+        "TOPK_STRIDED_OVERLAP") == 1

@@ -173,6 +173,12 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"TOPK_KEYS_MAJOR": 1} not in topk  # head rows are off in the plan: the flip alone is invalid
     tuned_rows = apply_overrides(paper, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16})
     assert {"TOPK_KEYS_MAJOR": 1} in candidates(tuned_rows, "slc_topk")
+    # the strided overlap alone, and with keys-major head rows (16-block
+    # chunks: no padding, so paper128 can take it)
+    assert {"TOPK_STRIDED_OVERLAP": 1} in topk
+    assert {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_TOKENS": 16,
+            "slc_topk.num_warps": 4} in topk
+    assert {"TOPK_STRIDED_OVERLAP": 1, "TOPK_CHUNK_BLOCKS": 8} not in topk
     assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
     # wider scoring chunks (16 blocks by default for paper128), alone and on 8 warps
     for option in ({"TOPK_CHUNK_BLOCKS": 32}, {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8},
