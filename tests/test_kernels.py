@@ -381,6 +381,18 @@ MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=1
                       compress=Compress(block=4, stride=1), select=Select(block=16, top=5, initial=1, local=1))
 
 
+def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed):
+    """A scoring variant's blocks obey the selection rule and equal the
+    plan's own kernel's (random fp32 inputs: no ties within rounding)."""
+    args = random_inputs(pattern, 1, length, torch.float32, seed=seed, device=DEVICE)
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
+    compiled.poison = True
+    _, indices = compiled(**args, return_indices=True)
+    assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+    _, default = nsa_dsl.compile(pattern)(**args, return_indices=True)
+    assert torch.equal(indices, default)
+
+
 @pytest.mark.parametrize("pattern, overrides", [
     (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16}),  # 4 blocks by default: wider
     (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16, "TOPK_HEAD_ROWS": 1}),
@@ -397,13 +409,7 @@ def test_topk_chunk_width_keeps_the_selection_rule(pattern, overrides):
     assert default_width != overrides["TOPK_CHUNK_BLOCKS"]
     # the overridden width splits the sequence into two or more chunks
     length = 333 if pattern is MANY_CHUNKS else 200
-    args = random_inputs(pattern, 1, length, torch.float32, seed=len(str(overrides)), device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, overrides=overrides)
-    compiled.poison = True
-    _, indices = compiled(**args, return_indices=True)
-    assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
-    _, default = nsa_dsl.compile(pattern)(**args, return_indices=True)
-    assert torch.equal(indices, default)
+    _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=len(str(overrides)))
 
 
 def test_topk_narrowest_chunk_a_compressed_token_can_straddle():
@@ -449,16 +455,10 @@ def test_strided_overlap_scores_as_the_overlap_product(pattern, kernel):
     # pattern (own block, next block) with a carry between chunks, instead
     # of the float32 products: the same blocks (random inputs, no ties
     # within float32), over sequences of several chunks; each scoring kernel
-    # (per head, head rows broadcast and product paths, keys-major).
+    # (per head, head rows, head rows keys-major).
     blocks = kernel.get("TOPK_CHUNK_BLOCKS", nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS"))
     length = 2 * blocks * pattern.select.block + 8  # a carry crosses two chunk edges
-    args = random_inputs(pattern, 1, length, torch.float32, seed=pattern.select.block, device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, overrides={**kernel, "TOPK_STRIDED_OVERLAP": 1})
-    compiled.poison = True
-    _, indices = compiled(**args, return_indices=True)
-    assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
-    _, default = nsa_dsl.compile(pattern)(**args, return_indices=True)
-    assert torch.equal(indices, default)
+    _assert_same_blocks_as_the_plan(pattern, {**kernel, "TOPK_STRIDED_OVERLAP": 1}, length, seed=pattern.select.block)
 
 
 def test_strided_overlap_refuses_what_it_cannot_score():
