@@ -156,19 +156,15 @@ def candidates(plan: Plan, kernel: str) -> list:
         # of them, but only 8 warps hold 128-256 rows of scores without
         # spilling: the two move together (coordinate descent would try
         # each alone). Tried from a tuned head-rows configuration too.
-        for tokens in [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64):
+        tile_tokens = [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64)
+        for tokens in tile_tokens:
             for warps in (4, 8):
                 if (tokens, warps) != (names["TOPK_TOKENS"], k.num_warps):  # that one is {"TOPK_HEAD_ROWS": 1}
                     options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": warps})
-        # Keys-major scoring: the current head-rows tile flipped, and on 4
-        # warps with each tile size (on 8 it spilled more, sm_90 compile).
-        if names["TOPK_HEAD_ROWS"]:
-            options.append({"TOPK_KEYS_MAJOR": 1 - names["TOPK_KEYS_MAJOR"]})
-        for tokens in [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64):
-            option = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
-            for extra in ({}, {"TOPK_STRIDED_OVERLAP": 1}):
-                if {**option, **extra} not in options:
-                    options.append({**option, **extra})
+            # keys-major scoring, alone and with the strided overlap: on 4
+            # warps only (on 8 it spilled more, sm_90 compile)
+            keys_major = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
+            options += [keys_major, {**keys_major, "TOPK_STRIDED_OVERLAP": 1}]
     if "TOPK_STRIDED_OVERLAP" in names:
         # the overlap weights as the per-block pattern (where it fits: the
         # plan refuses the rest), for whichever scoring kernel runs
