@@ -428,13 +428,14 @@ def kernel_stage(name: str, kernel_names) -> Optional[str]:
     return best
 
 
-def stage_flop_count(name: str, plan_kernel: str, fl: dict) -> Optional[float]:
+def stage_flop_count(name: str, plan_kernel: str, fl: dict, window_in_slc: bool = False) -> Optional[float]:
     """FLOPs of a forward stage row (None for the others): by the profiler's
     kernel name, else by its plan kernel, so an alternative entry point
     (slc_topk_heads of slc_topk) or loop order (slc_fwd_bc) counts the same
-    work as the default one."""
-    counts = {"cmp_fwd": fl["cmp"], "slc_topk": fl["score"], "slc_fwd": fl["slc"], "slc_fwd_bc": fl["slc"],
-              "swa_fwd": fl["swa"]}
+    work as the default one. window_in_slc: slc_fwd also computed the
+    window branch (SLC_FWD_WINDOW), so its row counts both."""
+    counts = {"cmp_fwd": fl["cmp"], "slc_topk": fl["score"], "slc_fwd": fl["slc"] + (fl["swa"] if window_in_slc else 0),
+              "slc_fwd_bc": fl["slc"], "swa_fwd": fl["swa"]}
     return counts.get(name, counts.get(plan_kernel)) or None
 
 
@@ -812,10 +813,12 @@ def profile_stages(compiled, pattern, T: int, fn, with_bwd: bool, fl: dict, ceil
     if not stages:
         raise RuntimeError(f"profiler saw no kernel named after the plan {plan.kernel_names}; it saw "
                            f"{sorted(others)[:8]}")
+    slc = plan.kernel("slc_fwd") if plan.has("slc_fwd") else None
+    window_in_slc = bool(slc and slc.has_const("SLC_FWD_WINDOW") and slc.const("SLC_FWD_WINDOW"))
     for kname, (pk, ms) in sorted(stages.items(), key=lambda kv: plan.kernel_names.index(kv[1][0])):
         direction = plan.kernel(pk).direction
         emit(make_row(pattern.name, T, "nsa_dsl", "bwd" if direction == "backward" else "fwd", ms,
-                      flops=stage_flop_count(kname, pk, fl), ceilings=ceil, stage=kname))
+                      flops=stage_flop_count(kname, pk, fl, window_in_slc), ceilings=ceil, stage=kname))
     top = sorted(others.items(), key=lambda kv: -kv[1])[:4]
     emit(make_row(pattern.name, T, "nsa_dsl", "fwd+bwd" if with_bwd else "fwd", other_ms, ceilings=ceil,
                   stage="other", note="kernels outside the plan: " + ", ".join(f"{n[:60]}={m:.3f}" for n, m in top)))

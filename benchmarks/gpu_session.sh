@@ -9,8 +9,9 @@
 #   bash .device/run bash benchmarks/gpu_session.sh tune
 #       nsa-dsl tune for paper128 (TUNE_PATTERN=examples/deepseek_nsa.nsa for
 #       another) at 64k then 8k, slowest stages first (stops starting
-#       candidates after TUNE_BUDGET_S, 500 s) -> $OUT/tune.log, $OUT/tuned/*.json
-#       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them)
+#       candidates after TUNE_BUDGET_S, 500 s) -> $OUT/tuned/*.json
+#       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them);
+#       TUNE_LENGTHS=8192 for other lengths; the log is $OUT/tune_<pattern>.log
 #   bash .device/run bash benchmarks/gpu_session.sh train
 #       examples/train_tiny.py at T=4096 (one run at a time: side by side they
 #       slowed each other 5x): nsa and dense with the default length
@@ -42,9 +43,10 @@ case "${1:-}" in
   tune)
     # The slowest stages first (NOTES.md v3, paper128 at 64k), 64k before 8k;
     # a candidate compiles only the kernel it changes (~2-4 s each).
-    timeout 560 python3 -m nsa_dsl.cli tune "${TUNE_PATTERN:-examples/bench_paper128.nsa}" --lengths 65536,8192 -v \
+    timeout 560 python3 -m nsa_dsl.cli tune "${TUNE_PATTERN:-examples/bench_paper128.nsa}" --lengths "${TUNE_LENGTHS:-65536,8192}" -v \
       --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" --from-tuned \
-      --export "$OUT/tuned" 2>&1 | tee "$OUT/tune.log" | grep -v "^T=" | tail -n 20 ;;
+      --export "$OUT/tuned" 2>&1 | tee "$OUT/tune_$(basename "${TUNE_PATTERN:-bench_paper128}" .nsa).log" \
+      | grep -v "^T=" | tail -n 20 ;;
   train)
     # The example's defaults: NSA then dense, 7000 steps with the auto length
     # curriculum (512, 1024, 2048, then 4096); ~5 + ~2.5 minutes.
@@ -58,7 +60,7 @@ case "${1:-}" in
     PYTHONPATH=/tmp/fla_site:$PYTHONPATH timeout "${FLA_TIMEOUT_S:-500}" python3 benchmarks/bench.py --out "$OUT" --name h200_fla --fla \
       --patterns "${FLA_PATTERNS:-examples/bench_fla_like_nowindow.nsa}" --no-flex --no-cold-start ${FLA_LENGTHS:+--lengths "$FLA_LENGTHS"} 2>&1 | tee "$OUT/bench_fla.log" | tail -n 30 ;;
   retune)
-    timeout 100 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
+    timeout "${RETUNE_TESTS_TIMEOUT_S:-100}" python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
       -k "${RETUNE_TESTS:-forward_matches_reference and 8192 or topk_heads or union_list}" 2>&1 \
       | tee "$OUT/pytest_retune.log" | tail -n 5
     timeout $(( ${RETUNE_BUDGET_S:-140} + 40 )) python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \

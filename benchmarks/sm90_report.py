@@ -35,6 +35,7 @@ from nsa_dsl.pipeline import cache_key  # noqa: E402
 from nsa_dsl.render import render  # noqa: E402
 
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
+                 "kw_ptr", "vw_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
 INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr"}
@@ -72,7 +73,7 @@ def signature(fn, dims: dict, top: int = 16) -> tuple:
             attrs[(i,)] = divisible
         elif name in FLOATS:
             sig[name] = "fp32"
-        elif re.fullmatch(r"stride_[a-z]d|stride_ik", name):
+        elif re.fullmatch(r"stride_[a-z]w?d|stride_ik", name):
             sig[name], constexprs[name] = "constexpr", 1
         elif name.startswith("stride_"):
             sig[name] = "i32"

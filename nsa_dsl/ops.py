@@ -169,12 +169,23 @@ class CompiledPattern:
                 kp = plan.kernel("slc_fwd")
                 o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
                 lse_slc = self._alloc((B, HQ, T), torch.float32, dev)
+                window_args = ()
+                if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
+                    if kp.const("SLC_FWD_WINDOW"):  # ... and computes it
+                        kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
+                        out["o_swa"] = self._alloc((B, T, HQ, DV), q.dtype, dev)
+                        out["lse_swa"] = self._alloc((B, HQ, T), torch.float32, dev)
+                        window_args = (kw, vw, out["o_swa"], out["lse_swa"], *_strides(kw), *_strides(vw),
+                                       *_strides(out["o_swa"]))
+                    else:  # unused pointers
+                        window_args = (k, v, o_slc, lse_slc, *_strides(k), *_strides(v), *_strides(o_slc))
                 m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
                     q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(indices), *_strides(o_slc), num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    *_strides(indices), *_strides(o_slc), *window_args,
+                    num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_slc"], out["lse_slc"] = o_slc, lse_slc
 
-        if p.window is not None:
+        if p.window is not None and "o_swa" not in out:  # not folded into slc_fwd
             kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
             kp = plan.kernel("swa_fwd")
             o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev)

@@ -44,13 +44,16 @@ class KernelPlan:
                 return value
         raise KeyError(f"kernel {self.name} has no constant {name}")
 
+    def has_const(self, name: str) -> bool:
+        return any(key == name for key, _ in self.constants)
+
     def warps_for(self, entry: str) -> int:
         """Warps of one of the kernel's entry points: the flash-style dK/dV
         kernels carry their own (*_BWD_DKDV_WARPS); the rest launch with
         num_warps."""
         if entry.endswith("_bwd_dkdv"):
             name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
-            if any(key == name for key, _ in self.constants):
+            if self.has_const(name):
                 return self.const(name)
         return self.num_warps
 
@@ -293,7 +296,12 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # TOP_PAD <= SLC_LIST_MAX: with 3 stages the tuner's choice for
              # paper128 at 8k and 64k on the H200 (23.9 -> 18.5 ms at 64k,
              # NOTES.md v6); not yet timed on other patterns.
-             ("SLC_FWD_LIST", 0)),
+             ("SLC_FWD_LIST", 0))
+            # 1: the same program also computes the window branch for its
+            # rows (o_swa, lse_swa) and swa_fwd is not launched: q is read
+            # once and each window key tile serves the group's heads
+            # together. Only with a window; off until timed on a GPU.
+            + ((("SLC_FWD_WINDOW", 0),) if p.window is not None else ()),
             # 4 warps: at d <= 128 8 doubled the time on the H200 (2.15 -> 4.39
             # ms at 8k, NOTES.md v2); at deepseek_nsa's 192 the tuner took 4
             # too (430 -> 399 ms fwd+bwd at 64k, NOTES.md v7).
@@ -503,7 +511,8 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag, "TOPK_KEYS_MAJOR": _flag,
+    "SLC_FWD_WINDOW": _flag, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
+    "TOPK_KEYS_MAJOR": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token

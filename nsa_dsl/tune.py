@@ -142,6 +142,17 @@ def candidates(plan: Plan, kernel: str) -> list:
     for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ", "SLC_BWD_KEYS_MAJOR"):
         if flag in names:
             options.append({flag: 1 - names[flag]})
+    if "SLC_FWD_WINDOW" in names:  # the window branch inside slc_fwd, or its own kernel
+        options.append({"SLC_FWD_WINDOW": 1 - names["SLC_FWD_WINDOW"]})
+        if not names["SLC_FWD_WINDOW"]:
+            # folded, the window walks SWA_BLOCK_N keys a step for the tile's
+            # rows: its best step need not be swa_fwd's (tried together).
+            # Half only: paper128's tuned slc_fwd with the fold compiled for
+            # sm_90 at 32 / 64 / 128 keys: 184 / 240 / 255 registers, the
+            # last spilling 64 B with 208 KB of shared memory.
+            swa_n = plan.kernel("swa_fwd").const("SWA_BLOCK_N")
+            for n in _scaled(swa_n, factors=(0.5,), lo=16, hi=128):
+                options.append({"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": n})
     for flag in ("SLC_FWD_LIST", "SLC_BWD_DQ_LIST"):
         if flag in names:
             options.append({flag: 1 - names[flag]})

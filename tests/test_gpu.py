@@ -238,6 +238,31 @@ def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
         assert err < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {err:.3e}"
 
 
+@pytest.mark.parametrize("name, overrides", [
+    ("bench_paper128", {"SLC_FWD_WINDOW": 1}),
+    # the tuned paper128 selection forward (list, 3 stages) with the fold
+    ("bench_paper128", {"SLC_FWD_WINDOW": 1, "SLC_FWD_LIST": 1, "slc_fwd.num_stages": 3}),
+    ("deepseek_nsa", {"SLC_FWD_WINDOW": 1}),
+], ids=["paper128", "paper128_list", "deepseek_nsa"])
+def test_window_folded_into_selection_bf16(name, overrides):
+    """SLC_FWD_WINDOW compiled for Hopper: the window branch computed by the
+    selection forward's programs, output and every gradient (the backward
+    reads its o_swa and lse_swa) against float64."""
+    pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
+    args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=23, device="cuda")
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
+    compiled.poison = True
+    o, indices = compiled(**args, return_indices=True)
+    assert torch.isfinite(o).all()
+    err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
+    errors = _bf16_gradient_errors(pattern, 2048, seed=12, overrides=overrides)
+    _log({"test": "window_folded", "pattern": name, "overrides": overrides, "dtype": "bf16", "T": 8192,
+          "rel_err": err, "grad_T": 2048, "grad_rel_err": errors})
+    assert err < TOLERANCE[torch.bfloat16], f"forward: relative error {err:.3e}"
+    for n, e in errors.items():
+        assert e < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {e:.3e}"
+
+
 @pytest.mark.parametrize("strategy", ["inverted-index", "atomic"])
 def test_selection_key_gradients_strategies_agree(strategy):
     pattern = _patterns()["small_group"]

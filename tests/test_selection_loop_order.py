@@ -30,6 +30,12 @@ def _selection_only(pattern: Pattern, args: dict, order: str, indices) -> dict:
     order, every buffer poisoned first."""
     compiled = nsa_dsl.compile(pattern, slc_fwd=order)
     assert compiled.slc_fwd_at(args["q"].shape[1]) == order
+    return _intermediates(compiled, args, indices)
+
+
+def _intermediates(compiled, args: dict, indices) -> dict:
+    """Every intermediate tensor of a compiled forward, buffers poisoned."""
+    pattern = compiled.pattern
     compiled.poison = True
     gates = {b: args.get(f"g_{b.value}") for b in Branch}
     shapes = validate_inputs(pattern, args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"),
@@ -269,3 +275,47 @@ def test_keys_major_selection_dkdv_matches_float64_autograd(pattern, length, see
     assert compiled.plan.kernel("slc_bwd").const("SLC_BWD_KEYS_MAJOR") == 1
     args = random_inputs(pattern, 1 + seed % 2, length, torch.float32, seed, device=DEVICE)
     assert_gradients_match_reference(pattern, compiled, args, seed)
+
+
+@settings(max_examples=10)
+@given(pattern=valid_patterns(need_window=True).filter(lambda p: p.select is not None),
+       length=st.integers(1, 80), batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_window_folded_into_the_selection_forward(pattern, length, batch, seed, dtype):
+    # SLC_FWD_WINDOW: slc_fwd computes the window branch for its own rows
+    # and swa_fwd is not launched. It must leave o_swa and lse_swa as
+    # swa_fwd does (the backward reads both), and the output right.
+    args = random_inputs(pattern, batch, length, dtype, seed, device=DEVICE)
+    separate = nsa_dsl.compile(pattern, slc_fwd="group-centric")
+    folded = nsa_dsl.compile(pattern, slc_fwd="group-centric", overrides={"SLC_FWD_WINDOW": 1})
+    assert folded.plan.kernel("slc_fwd").const("SLC_FWD_WINDOW") == 1
+    o_separate, indices = separate(**args, return_indices=True)
+    folded.poison = True
+    o_folded = folded(**args, indices=indices)
+    assert torch.isfinite(o_folded).all(), "output left unwritten"
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
+    assert rel_error(o_folded, expected) < TOLERANCE[dtype]
+    mine, theirs = _intermediates(folded, args, indices), _intermediates(separate, args, indices)
+    assert rel_error(mine["o_swa"], theirs["o_swa"]) < TOLERANCE[dtype]
+    # log2-sum-exp2 of the same scores summed in another key order
+    torch.testing.assert_close(mine["lse_swa"], theirs["lse_swa"], rtol=1e-5, atol=1e-5)
+    # the block-centric order has no group tile to fold into: swa_fwd runs
+    block_centric = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"SLC_FWD_WINDOW": 1})
+    assert torch.equal(_intermediates(block_centric, args, indices)["o_swa"], theirs["o_swa"])
+
+
+@settings(max_examples=5)
+@given(pattern=valid_patterns(need_window=True, max_group=8).filter(lambda p: p.select is not None),
+       length=st.integers(1, 48), seed=st.integers(0, 2**31 - 1))
+def test_window_folded_into_the_selection_forward_trains(pattern, length, seed):
+    # the backward reads o_swa and lse_swa from the folded kernel
+    compiled = nsa_dsl.compile(pattern, slc_fwd="group-centric", overrides={"SLC_FWD_WINDOW": 1})
+    args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
+    assert_gradients_match_reference(pattern, compiled, args, seed)
+
+
+def test_window_fold_needs_a_window():
+    no_window = Pattern("no_window", Heads(q=4, kv=2), Dims(qk=32, v=32), compress=Compress(block=8, stride=4),
+                        select=Select(block=16, top=2, initial=1, local=1))
+    with pytest.raises(ValueError, match="SLC_FWD_WINDOW: no kernel of pattern 'no_window' uses it"):
+        nsa_dsl.compile(no_window, overrides={"SLC_FWD_WINDOW": 1})

@@ -139,7 +139,9 @@ def test_tune_only_the_named_kernels_in_their_order():
     tune(PATTERN, [1000], timer, device="fake-gpu", kernels=["swa_bwd", "slc_fwd"])
     tried = [keys for keys in seen if keys]
     names = [k for keys in tried for k in keys]
-    assert names and all(n.startswith(("SWA_BWD", "swa_bwd", "SLC_TOKENS", "SLC_FWD_LIST", "slc_fwd")) for n in names), names
+    assert names and all(n.startswith(("SWA_BWD", "swa_bwd", "SLC_TOKENS", "SLC_FWD_", "slc_fwd")) for n in names
+                         if n != "SWA_BLOCK_N"), names
+    assert all("SLC_FWD_WINDOW" in keys for keys in tried if "SWA_BLOCK_N" in keys)  # the folded window's step
     first_slc = next(i for i, keys in enumerate(tried) if any(k.startswith(("SLC_", "slc_fwd")) for k in keys))
     assert all(any(k.startswith(("SWA_BWD", "swa_bwd")) for k in keys) for keys in tried[:first_slc])
     with pytest.raises(ValueError, match="not in the plan"):
@@ -155,6 +157,8 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     # the union list compares SLC_TOKENS * TOP_PAD entries pairwise: 4 * 16
     # for paper128, 32 * 16 for small_group (over SLC_LIST_MAX)
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
+    assert {"SLC_FWD_WINDOW": 1} in candidates(paper, "slc_fwd")  # the window inside the selection forward
+    assert {"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": 32} in candidates(paper, "slc_fwd")  # with its own key step
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_KEYS_MAJOR": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
