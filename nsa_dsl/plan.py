@@ -558,6 +558,14 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
             if pool > SLC_LIST_MAX:
                 raise ValueError(f"override {flag}: the union list compares {tokens} * TOP_PAD = {pool} entries"
                                  f" pairwise; at most {SLC_LIST_MAX} (lower {tokens})")
+    if "SLC_BWD_TOKENS" in consts:
+        # slc_bwd_dkdv's rows are the inner (K) dimension of dV += P^T dO and
+        # the N of dP^T = V dO^T: Triton's dot needs 16 there (small_group's
+        # 4 tokens x 2 rows failed to compile for sm_90 in the H200 tuner)
+        rows = consts["SLC_BWD_TOKENS"] * plan.kernel("slc_bwd").const("GROUP_ROWS")
+        if rows < MMA_MIN:
+            raise ValueError(f"override SLC_BWD_TOKENS: SLC_BWD_TOKENS x GROUP_ROWS = {rows} rows per dK/dV tile;"
+                             f" the products need at least {MMA_MIN}")
     if "TOPK_CHUNK_BLOCKS" in consts:
         k = plan.kernel("slc_topk")
         blocks = consts["TOPK_CHUNK_BLOCKS"]

@@ -4,6 +4,7 @@ interpreter (fp32 and fp16; the interpreter's bf16 dot is wrong)."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
@@ -210,6 +211,15 @@ def test_overrides_are_validated():
     window_only = Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=4))
     with pytest.raises(ValueError, match="no kernel of pattern 'w' uses it"):
         nsa_dsl.compile(window_only, overrides={"SLC_TOKENS": 2})
+    # G=2: 4 positions x 2 rows is too few for slc_bwd_dkdv's products (a
+    # compile error on sm_90, found by the tuner on the H200); 8 x 2 is fine
+    from nsa_dsl.plan import apply_overrides
+
+    small_group = nsa_dsl.check(nsa_dsl.load(os.path.join(os.path.dirname(__file__), "..", "examples",
+                                                          "bench_small_group.nsa")))
+    with pytest.raises(ValueError, match="SLC_BWD_TOKENS x GROUP_ROWS = 8 rows"):
+        apply_overrides(small_group, {"SLC_BWD_TOKENS": 4})
+    assert apply_overrides(small_group, {"SLC_BWD_TOKENS": 8}).kernel("slc_bwd").const("SLC_BWD_TOKENS") == 8
 
 
 @pytest.mark.parametrize("top, initial, local", [(5, 1, 1), (3, 0, 0), (6, 2, 2)])
