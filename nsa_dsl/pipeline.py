@@ -86,7 +86,8 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     constants (tile sizes, work splits, <kernel>.num_warps/num_stages; see
     plan.TUNABLE): what is computed stays the same. tuned=True returns a
     TunedPattern that runs each call with the configuration `nsa-dsl tune`
-    recorded for its length bucket on this device (the defaults where none)."""
+    recorded for its length bucket on this device (a tuned bucket within two
+    doublings where its own is not, the defaults where none is)."""
     from .ops import CompiledPattern
 
     if not isinstance(pattern, Pattern):

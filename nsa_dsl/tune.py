@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import warnings
@@ -269,9 +270,29 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     return configs
 
 
+# How far (in doublings of the length) a bucket never tuned borrows the
+# configuration of the nearest tuned one: the tiles that won at 8k and 64k
+# are a better start for 16k and 32k than the plan's defaults (every
+# recorded configuration computes the same values; only speed can differ).
+NEAREST_BUCKET_OCTAVES = 2
+
+
+def tuned_bucket(configs: dict, length: int) -> Optional[int]:
+    """The bucket whose configuration runs a call of this length: its own
+    when tuned, else the nearest tuned one within NEAREST_BUCKET_OCTAVES
+    (the shorter on a tie), else None (the plan's defaults)."""
+    bucket = bucket_of(length)
+    if bucket in configs:
+        return bucket
+    distance = {b: abs(math.log2(b) - math.log2(bucket)) for b in configs}
+    near = [b for b, d in distance.items() if d <= NEAREST_BUCKET_OCTAVES]
+    return min(near, key=lambda b: (distance[b], b)) if near else None
+
+
 class TunedPattern:
     """A compiled pattern that runs each call with its length bucket's tuned
-    configuration (the plan's defaults for a bucket never tuned)."""
+    configuration (see tuned_bucket: a nearby bucket's for one never tuned,
+    the plan's defaults with none near)."""
 
     def __init__(self, pattern: Pattern, device: str, compile_fn, **compile_kwargs):
         self.pattern = pattern
@@ -283,7 +304,8 @@ class TunedPattern:
         self.plan = self.variant(None).plan
 
     def overrides_for(self, length: int) -> dict:
-        return self.configs.get(bucket_of(length), {})
+        bucket = tuned_bucket(self.configs, length)
+        return {} if bucket is None else self.configs[bucket]
 
     def variant(self, length: Optional[int]):
         overrides = {} if length is None else self.overrides_for(length)
@@ -296,7 +318,7 @@ class TunedPattern:
                 # removed): run the defaults rather than fail the call.
                 warnings.warn(f"tuned configuration for {self.pattern.name!r} at T={length} no longer applies"
                               f" ({exc}); using the plan's defaults", RuntimeWarning, stacklevel=3)
-                self.configs.pop(bucket_of(length), None)
+                self.configs.pop(tuned_bucket(self.configs, length), None)
                 self._variants[key] = self.variant(None)
         return self._variants[key]
 

@@ -10,7 +10,7 @@ import torch
 import nsa_dsl
 from nsa_dsl.pipeline import device_kind
 from nsa_dsl.plan import apply_overrides
-from nsa_dsl.tune import TunedPattern, bucket_of, candidates, config_path, load_configs, tune
+from nsa_dsl.tune import TunedPattern, bucket_of, candidates, config_path, load_configs, tune, tuned_bucket
 from strategies import random_inputs, rel_error
 
 PATTERN = nsa_dsl.parse("""
@@ -66,7 +66,8 @@ def test_tuned_pattern_dispatches_by_bucket_and_computes_the_same(tmp_path):
     tuned = nsa_dsl.compile(PATTERN, tuned=True)
     assert isinstance(tuned, TunedPattern)
     assert tuned.overrides_for(40) == {"SLC_TOKENS": 64}
-    assert tuned.overrides_for(5000) == {}
+    assert tuned.overrides_for(3000) == {"SLC_TOKENS": 64}  # bucket 4096 borrows 1024's, two doublings away
+    assert tuned.overrides_for(5000) == {}  # 8192: three doublings, the defaults
     args = random_inputs(PATTERN, 1, 40, torch.float32, seed=3)
     plain = nsa_dsl.compile(PATTERN)
     assert rel_error(tuned(**args), plain(**args)) < 1e-6
@@ -282,3 +283,14 @@ def test_topk_chunk_override_sets_what_follows_from_it():
     assert apply_overrides(far, {"TOPK_CHUNK_BLOCKS": 4}).kernel("slc_topk").const("TOPK_CHUNK_TOKENS") == 4
     with pytest.raises(ValueError, match="power of two"):
         apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 24})
+
+
+def test_an_untuned_bucket_borrows_the_nearest_tuned_one():
+    tuned = {8192: {"A": 1}, 65536: {"B": 1}}
+    assert tuned_bucket(tuned, 8192) == 8192 and tuned_bucket(tuned, 60000) == 65536  # their own
+    assert tuned_bucket(tuned, 16384) == 8192  # one doubling from 8k, two from 64k
+    assert tuned_bucket(tuned, 32768) == 65536
+    assert tuned_bucket(tuned, 2048) == 8192  # two doublings
+    assert tuned_bucket(tuned, 1024) is None  # three: the plan's defaults
+    assert tuned_bucket({4096: {}, 16384: {}}, 8192) == 4096  # a tie takes the shorter
+    assert tuned_bucket({}, 8192) is None
