@@ -552,3 +552,13 @@ def test_stage_flops_follow_the_plan_kernel():
     assert bench.stage_flop_count("cmp_bwd_dq", "cmp_bwd", fl) is None
     names = ("cmp_fwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "swa_fwd")
     assert bench.kernel_stage("slc_topk_heads", names) == "slc_topk"
+
+
+def test_stage_times_needs_a_gpu(capsys):
+    spec = importlib.util.spec_from_file_location("stage_times", ROOT / "benchmarks" / "stage_times.py")
+    stage_times = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stage_times)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the profiler path runs in the device session instead")
+    assert stage_times.main([str(ROOT / "examples" / "bench_paper128.nsa")]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err

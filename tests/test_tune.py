@@ -294,3 +294,25 @@ def test_an_untuned_bucket_borrows_the_nearest_tuned_one():
     assert tuned_bucket(tuned, 1024) is None  # three: the plan's defaults
     assert tuned_bucket({4096: {}, 16384: {}}, 8192) == 4096  # a tie takes the shorter
     assert tuned_bucket({}, 8192) is None
+
+
+def test_every_shipped_configuration_applies_to_its_example():
+    # a shipped file that no longer applies would silently fall back to the
+    # plan's defaults on every user's machine (TunedPattern warns, once)
+    from pathlib import Path
+
+    from nsa_dsl.tune import SHIPPED_DIR
+
+    examples = {}
+    for path in sorted(Path(__file__).resolve().parents[1].glob("examples/*.nsa")):
+        for pattern in nsa_dsl.load_all(str(path)):
+            examples[pattern.canonical()] = pattern
+    shipped = sorted(SHIPPED_DIR.glob("*.json"))
+    assert shipped
+    for path in shipped:
+        record = json.loads(path.read_text())
+        pattern = examples[record["canonical"]]
+        plan = nsa_dsl.check(pattern)
+        for bucket, entry in record["buckets"].items():
+            assert int(bucket) == bucket_of(int(bucket)), (path.name, bucket)
+            apply_overrides(plan, entry["overrides"])  # raises if a name or value no longer fits

@@ -1,0 +1,79 @@
+"""Per-kernel device time of a pattern's forward (optionally + backward)
+under several configurations, in one process on one set of inputs: the
+profiler's kernel times, so a change to one kernel is not lost in the noise
+of the whole pass (the tuner's objective; ~4% at 8k on the H200).
+
+    python benchmarks/stage_times.py examples/bench_paper128.nsa --length 8192 \
+        --config '{}' --config '{"TOPK_TOKENS": 16}' [--tuned-base] [--backward]
+
+--tuned-base: each --config is applied on top of the shipped tuned
+configuration of that length's bucket (what `compile(tuned=True)` runs).
+Prints one line per configuration: total and the per-kernel milliseconds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def main(argv=None) -> int:
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    import nsa_dsl
+    from bench import group_kernel_times
+    from nsa_dsl.pipeline import device_kind
+    from nsa_dsl.tune import TunedPattern
+    from nsa_dsl.verify import random_case
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("pattern")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--config", action="append", default=[], help="JSON overrides (repeatable)")
+    ap.add_argument("--tuned-base", action="store_true")
+    ap.add_argument("--backward", action="store_true")
+    ap.add_argument("--calls", type=int, default=20)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("stage_times: needs a CUDA GPU (profiler kernel times)", file=sys.stderr)
+        return 2
+
+    pattern = nsa_dsl.load(args.pattern)
+    base = TunedPattern(pattern, device_kind(), nsa_dsl.compile).overrides_for(args.length) if args.tuned_base else {}
+    inputs = random_case(pattern, 1, args.length, torch.bfloat16, seed=args.length, device="cuda")
+    do = torch.randn(*inputs["q"].shape[:3], pattern.dims.v, device="cuda", dtype=torch.bfloat16)
+    for text in args.config or ["{}"]:
+        overrides = {**base, **json.loads(text)}
+        compiled = nsa_dsl.compile(pattern, overrides=overrides or None)
+        leaves = {n: t.detach().requires_grad_(args.backward) for n, t in inputs.items()}
+
+        def step():
+            out = compiled(**leaves)
+            if args.backward:
+                out.backward(do)
+
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.calls):
+                step()
+            torch.cuda.synchronize()
+        events = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
+                  if getattr(e, "device_type", None) == DeviceType.CUDA]
+        stages, other_ms, _ = group_kernel_times(events, compiled.plan.kernel_names, args.calls)
+        total = sum(ms for _, ms in stages.values()) + other_ms
+        parts = " ".join(f"{name}={ms:.3f}" for name, (_, ms) in sorted(stages.items(), key=lambda kv: -kv[1][1]))
+        print(f"T={args.length} {text}: total {total:.3f} ms | {parts} other={other_ms:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
