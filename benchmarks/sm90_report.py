@@ -35,15 +35,15 @@ from nsa_dsl.pipeline import cache_key  # noqa: E402
 from nsa_dsl.render import render  # noqa: E402
 
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
-                 "kw_ptr", "vw_ptr",
+                 "kw_ptr", "vw_ptr", "o_final_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
 INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 # Kernel-argument constexprs as ops.py passes them (gates present, the
-# deterministic selection backward).
+# deterministic selection backward, the forward of a training call).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
-                  "HAS_G_SWA": True}
+                  "HAS_G_SWA": True, "WRITE_FINAL": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_fwd_bc"],
@@ -53,7 +53,7 @@ ENTRY_POINTS = {
 }
 
 
-def signature(fn, dims: dict, top: int = 16) -> tuple:
+def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None) -> tuple:
     """(signature, constexprs, attrs) as Triton's JIT specializes a launch
     from ops.py with contiguous tensors: the innermost strides (stride_*d,
     stride_ik) are 1 and become constants; the other strides of [B, T, H, D]
@@ -64,8 +64,8 @@ def signature(fn, dims: dict, top: int = 16) -> tuple:
     sig, constexprs, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     for i, name in enumerate(fn.arg_names):
-        if name in CONSTEXPR_ARGS:
-            sig[name], constexprs[name] = "constexpr", CONSTEXPR_ARGS[name]
+        if name in (constexpr_args or CONSTEXPR_ARGS):
+            sig[name], constexprs[name] = "constexpr", (constexpr_args or CONSTEXPR_ARGS)[name]
         elif name in ("D", "D_PAD", "PASS"):
             sig[name], constexprs[name] = "constexpr", dims[name]
         elif name.endswith("_ptr"):
@@ -103,7 +103,7 @@ def resources(cubin: bytes, tool_dir: Path) -> dict:
     return found
 
 
-def report(path: str, overrides: dict = None, only: tuple = ()) -> list:
+def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict = None) -> list:
     from nsa_dsl.plan import apply_overrides
 
     rows = []
@@ -128,13 +128,14 @@ def report(path: str, overrides: dict = None, only: tuple = ()) -> list:
                     dims_list = [{"PASS": 1}, {"PASS": 2}]
                 for dims in dims_list:
                     fn = getattr(module, entry)
-                    sig, constexprs, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16)
+                    sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16,
+                                                   {**CONSTEXPR_ARGS, **(constexprs or {})})
                     warps = kernel.warps_for(entry)
                     row = {"pattern": pattern.name, "kernel": entry, "num_warps": warps,
                            "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {}),
                            **({"pass": dims["PASS"]} if "PASS" in dims else {})}
                     try:
-                        compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=constexprs, attrs=attrs), target=target,
+                        compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                                                   options={"num_warps": warps, "num_stages": kernel.num_stages})
                         row.update(resources(compiled.asm["cubin"], tool_dir))
                         # loads Triton's software pipeliner turned into cp.async
@@ -156,9 +157,18 @@ def main(argv=None) -> int:
                     help="a tunable constant or <kernel>.num_warps/num_stages (repeatable)")
     ap.add_argument("--kernel", action="append", default=[], metavar="ENTRY",
                     help="compile only this entry point, e.g. slc_bwd_dkdv (repeatable; default: all)")
+    ap.add_argument("--arg", action="append", default=[], metavar="NAME=0|1",
+                    help="a kernel-argument constexpr other than ops.py's training-call value, e.g. WRITE_FINAL=1"
+                         " (slc_fwd as a call without gradients runs it; repeatable)")
     args = ap.parse_args(argv)
     overrides = {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
-    rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel))]
+    constexprs = {}
+    for item in args.arg:
+        name, value = item.split("=", 1)
+        if name not in CONSTEXPR_ARGS:
+            ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
+        constexprs[name] = bool(int(value))
+    rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs)]
     print(f"{'pattern':16s} {'kernel':16s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'HGMMA':>6s} {'HMMA':>5s} {'LDL/STL':>7s} {'async':>5s}")
     for r in rows:
         if not r["ok"]:

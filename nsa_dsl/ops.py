@@ -98,8 +98,14 @@ class CompiledPattern:
         scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
         if indices is not None:
             _check_index_range(indices, p.select.block, shapes.length)
-        o, idx = _NSAFunction.apply(self, shapes, scale, indices, q, k, v, g_cmp, g_slc, g_swa,
-                                    k_cmp, v_cmp, k_swa, v_swa)
+        tensors = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            o, idx = _NSAFunction.apply(self, shapes, scale, indices, *tensors)
+        else:  # nothing to differentiate: no autograd record, and the output may be written fused
+            out = self.forward(q, k, v, {b: (g.contiguous() if g is not None else None) for b, g in gates.items()},
+                               k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices, scale=scale,
+                               shapes=shapes, final=True)
+            o, idx = out["o"], out.get("indices")
         if return_indices:
             return o, idx
         return o
@@ -111,9 +117,25 @@ class CompiledPattern:
         return torch.full(shape, fill, dtype=dtype, device=device)
 
     # ------------------------------------------------------------- forward
-    def forward(self, q, k, v, gates, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, shapes) -> dict:
+    def writes_final_output(self, T: int) -> bool:
+        """Whether a call of length T that needs no gradient has slc_fwd
+        write the gated output itself (WRITE_FINAL: no combine launch, no
+        branch output stored): the selection runs group-centric, is a
+        combined branch, and a combined window is folded into it."""
+        plan = self.plan
+        if not plan.has("slc_fwd") or self.slc_fwd_at(T) != "group-centric":
+            return False
+        combine, slc = plan.kernel("combine"), plan.kernel("slc_fwd")
+        folded = slc.has_const("SLC_FWD_WINDOW") and bool(slc.const("SLC_FWD_WINDOW"))
+        return bool(combine.const("COMBINE_SLC")) and (folded or not combine.const("COMBINE_SWA"))
+
+    def forward(self, q, k, v, gates, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, shapes,
+                final: bool = False) -> dict:
         """Run every kernel of the plan; return all intermediate tensors
-        (branch outputs, statistics, indices) by name."""
+        (branch outputs, statistics, indices) by name. final=True (nothing
+        will be differentiated): where writes_final_output allows, slc_fwd
+        writes "o" itself and the selection's and window's outputs and
+        statistics are not kept. Gates must be contiguous."""
         plan, m = self.plan, self.module
         p = self.pattern
         B, T, Tc = shapes.batch, shapes.length, shapes.compressed
@@ -167,25 +189,37 @@ class CompiledPattern:
                 o_slc, lse_slc = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes)
             else:
                 kp = plan.kernel("slc_fwd")
+                write_final = final and self.writes_final_output(T)
+                # With write_final the branch output and statistics pointers
+                # are never written: o_slc then points at the final output.
                 o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
-                lse_slc = self._alloc((B, HQ, T), torch.float32, dev)
+                lse_slc = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else None
                 window_args = ()
                 if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
                     if kp.const("SLC_FWD_WINDOW"):  # ... and computes it
                         kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
-                        out["o_swa"] = self._alloc((B, T, HQ, DV), q.dtype, dev)
-                        out["lse_swa"] = self._alloc((B, HQ, T), torch.float32, dev)
-                        window_args = (kw, vw, out["o_swa"], out["lse_swa"], *_strides(kw), *_strides(vw),
-                                       *_strides(out["o_swa"]))
+                        o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev) if not write_final else o_slc
+                        lse_swa = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else o_slc
+                        if not write_final:
+                            out["o_swa"], out["lse_swa"] = o_swa, lse_swa
+                        window_args = (kw, vw, o_swa, lse_swa, *_strides(kw), *_strides(vw), *_strides(o_swa))
                     else:  # unused pointers
-                        window_args = (k, v, o_slc, lse_slc, *_strides(k), *_strides(v), *_strides(o_slc))
+                        window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
+                o_cmp = out.get("o_cmp")
+                gate_args = [gates[b] if gates[b] is not None else o_slc for b in (Branch.CMP, Branch.SLC, Branch.SWA)]
+                final_args = (o_slc, o_cmp if o_cmp is not None else o_slc, *gate_args)
                 m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
-                    q, k, v, indices, o_slc, lse_slc, T, qk_scale_log2, *_strides(q), *_strides(k), *_strides(v),
-                    *_strides(indices), *_strides(o_slc), *window_args,
+                    q, k, v, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
+                    *final_args, WRITE_FINAL=write_final, HAS_G_CMP=gates[Branch.CMP] is not None,
+                    HAS_G_SLC=gates[Branch.SLC] is not None, HAS_G_SWA=gates[Branch.SWA] is not None,
                     num_warps=kp.num_warps, num_stages=kp.num_stages)
+                if write_final:
+                    out["o"] = o_slc
+                    o_slc = None
             out["o_slc"], out["lse_slc"] = o_slc, lse_slc
 
-        if p.window is not None and "o_swa" not in out:  # not folded into slc_fwd
+        if p.window is not None and "o_swa" not in out and "o" not in out:  # not folded into slc_fwd
             kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
             kp = plan.kernel("swa_fwd")
             o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev)
@@ -196,7 +230,8 @@ class CompiledPattern:
                             num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 
-        out["o"] = self._combine(out, gates, B * T * HQ, q)
+        if "o" not in out:  # slc_fwd did not write it (WRITE_FINAL)
+            out["o"] = self._combine(out, gates, B * T * HQ, q)
         return out
 
     def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes) -> tuple:

@@ -247,18 +247,24 @@ def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
 def test_window_folded_into_selection_bf16(name, overrides):
     """SLC_FWD_WINDOW compiled for Hopper: the window branch computed by the
     selection forward's programs, output and every gradient (the backward
-    reads its o_swa and lse_swa) against float64."""
+    reads its o_swa and lse_swa) against float64. Without gradients the
+    same kernel writes the gated output itself (WRITE_FINAL): it must match
+    the training call's output (combine's sum of the stored branches)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=23, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=overrides)
     compiled.poison = True
-    o, indices = compiled(**args, return_indices=True)
+    assert compiled.writes_final_output(8192)
+    o, indices = compiled(**args, return_indices=True)  # no gradient: WRITE_FINAL
     assert torch.isfinite(o).all()
     err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+    diff = rel_error(o, compiled(**leaves, indices=indices).detach())
     errors = _bf16_gradient_errors(pattern, 2048, seed=12, overrides=overrides)
     _log({"test": "window_folded", "pattern": name, "overrides": overrides, "dtype": "bf16", "T": 8192,
-          "rel_err": err, "grad_T": 2048, "grad_rel_err": errors})
+          "rel_err": err, "rel_diff_to_combine": diff, "grad_T": 2048, "grad_rel_err": errors})
     assert err < TOLERANCE[torch.bfloat16], f"forward: relative error {err:.3e}"
+    assert diff < 4e-3, "the same sum, the branches rounded to bf16 or not: within bf16 rounding"
     for n, e in errors.items():
         assert e < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {e:.3e}"
 

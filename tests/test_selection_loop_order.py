@@ -33,8 +33,9 @@ def _selection_only(pattern: Pattern, args: dict, order: str, indices) -> dict:
     return _intermediates(compiled, args, indices)
 
 
-def _intermediates(compiled, args: dict, indices) -> dict:
-    """Every intermediate tensor of a compiled forward, buffers poisoned."""
+def _intermediates(compiled, args: dict, indices, final: bool = False) -> dict:
+    """Every intermediate tensor of a compiled forward, buffers poisoned
+    (final: as a call that needs no gradient runs it)."""
     pattern = compiled.pattern
     compiled.poison = True
     gates = {b: args.get(f"g_{b.value}") for b in Branch}
@@ -43,7 +44,7 @@ def _intermediates(compiled, args: dict, indices) -> dict:
                              indices=indices, scale=None)
     return compiled.forward(args["q"], args["k"], args["v"], gates, k_cmp=args.get("k_cmp"), v_cmp=args.get("v_cmp"),
                             k_swa=args.get("k_swa"), v_swa=args.get("v_swa"), indices=indices,
-                            scale=pattern.dims.qk ** -0.5, shapes=shapes)
+                            scale=pattern.dims.qk ** -0.5, shapes=shapes, final=final)
 
 
 @settings(max_examples=25)
@@ -319,3 +320,30 @@ def test_window_fold_needs_a_window():
                         select=Select(block=16, top=2, initial=1, local=1))
     with pytest.raises(ValueError, match="SLC_FWD_WINDOW: no kernel of pattern 'no_window' uses it"):
         nsa_dsl.compile(no_window, overrides={"SLC_FWD_WINDOW": 1})
+
+
+@settings(max_examples=12)
+@given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(1, 80),
+       batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1), fold=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_a_call_without_gradients_has_the_selection_kernel_write_the_output(pattern, length, batch, seed, fold,
+                                                                            dtype):
+    # WRITE_FINAL: with nothing to differentiate, slc_fwd writes the gated
+    # sum itself (reading o_cmp back) where the selection is combined and a
+    # combined window is folded into it; no branch output is kept. The
+    # output must equal the training call's and the reference.
+    fold = fold and pattern.window is not None
+    compiled = nsa_dsl.compile(pattern, slc_fwd="group-centric", overrides={"SLC_FWD_WINDOW": 1} if fold else None)
+    combined = pattern.combined_branches
+    expect_fused = Branch.SLC in combined and (fold or Branch.SWA not in combined)
+    assert compiled.writes_final_output(length) == expect_fused
+    args = random_inputs(pattern, batch, length, dtype, seed, device=DEVICE)
+    compiled.poison = True
+    o, indices = compiled(**args, return_indices=True)  # no input requires a gradient
+    assert torch.isfinite(o).all(), "output left unwritten"
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
+    assert rel_error(o, expected) < TOLERANCE[dtype]
+    leaves = {n: t.clone().requires_grad_(True) for n, t in args.items() if isinstance(t, torch.Tensor)}
+    assert rel_error(o, compiled(**leaves, indices=indices)) < TOLERANCE[dtype]  # the autograd path's combine
+    out = _intermediates(compiled, args, indices, final=True)
+    assert (out["o_slc"] is None) == expect_fused and torch.equal(out["o"], o)

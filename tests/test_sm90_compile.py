@@ -28,16 +28,19 @@ def _nvidia_backend_available() -> bool:
         return False
 
 
-def _report(tmp_path, pattern_file: str, *overrides: str, name: str = "report", kernels: tuple = ()) -> list:
+def _report(tmp_path, pattern_file: str, *overrides: str, name: str = "report", kernels: tuple = (),
+            args: tuple = ()) -> list:
     """benchmarks/sm90_report.py's rows for one pattern file (fresh caches),
-    of every kernel or only the named entry points."""
+    of every kernel or only the named entry points (args: kernel-argument
+    constexprs, NAME=0|1)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["NSA_DSL_CACHE_DIR"] = str(tmp_path / "cache")
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton")
     out = tmp_path / f"{name}.json"
-    args = [a for o in overrides for a in ("--override", o)] + [a for k in kernels for a in ("--kernel", k)]
+    flags = [a for o in overrides for a in ("--override", o)] + [a for k in kernels for a in ("--kernel", k)]
+    flags += [a for c in args for a in ("--arg", c)]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sm90_report.py"),
-                             str(ROOT / "examples" / pattern_file), *args, "--json", str(out)],
+                             str(ROOT / "examples" / pattern_file), *flags, "--json", str(out)],
                             capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -107,3 +110,14 @@ def test_keys_major_selection_dkdv_stays_in_registers_on_wgmma(tmp_path):
     assert row["ok"] and row["shared_bytes"] <= H100_SHARED_LIMIT, row
     assert row["stack_bytes"] == 0 and row["local_loads_stores"] == 0, row
     assert row["hgmma"] > 0 and row["hmma"] == 0, row
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+def test_selection_forward_writing_the_final_output_compiles_for_sm90(tmp_path):
+    # WRITE_FINAL with the folded window (the call without gradients): the
+    # interpreter ran it, but a static_assert on an int constant compiled
+    # only there; paper128's tuned slc_fwd must build without spills
+    rows = _report(tmp_path, "bench_paper128.nsa", "SLC_FWD_WINDOW=1", "SLC_FWD_LIST=1", "slc_fwd.num_stages=3",
+                   kernels=("slc_fwd",), args=("WRITE_FINAL=1",))
+    assert len(rows) == 1 and rows[0]["ok"], rows
+    assert rows[0]["stack_bytes"] == 0 and rows[0]["hgmma"] > 0, rows[0]
