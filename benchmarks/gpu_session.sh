@@ -11,7 +11,9 @@
 #       another) at 64k then 8k, slowest stages first (stops starting
 #       candidates after TUNE_BUDGET_S, 500 s) -> $OUT/tuned/*.json
 #       (commit those into nsa_dsl/tuned/: compile(tuned=True) ships them);
-#       TUNE_LENGTHS=8192 for other lengths; the log is $OUT/tune_<pattern>.log
+#       TUNE_LENGTHS=8192 for other lengths; the log is $OUT/tune_<pattern>.log;
+#       TUNE_OBJECTIVE=kernels times the pass's kernels (profiler) instead of
+#       the whole pass (here and in retune)
 #   bash .device/run bash benchmarks/gpu_session.sh train
 #       examples/train_tiny.py at T=4096 (one run at a time: side by side they
 #       slowed each other 5x): nsa and dense with the default length
@@ -45,6 +47,7 @@ case "${1:-}" in
     # a candidate compiles only the kernel it changes (~2-4 s each).
     timeout 560 python3 -m nsa_dsl.cli tune "${TUNE_PATTERN:-examples/bench_paper128.nsa}" --lengths "${TUNE_LENGTHS:-65536,8192}" -v \
       --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" --from-tuned \
+      --objective "${TUNE_OBJECTIVE:-wall}" \
       --export "$OUT/tuned" 2>&1 | tee "$OUT/tune_$(basename "${TUNE_PATTERN:-bench_paper128}" .nsa).log" \
       | grep -v "^T=" | tail -n 20 ;;
   train)
@@ -64,7 +67,8 @@ case "${1:-}" in
       -k "${RETUNE_TESTS:-forward_matches_reference and 8192 or topk_heads or union_list}" 2>&1 \
       | tee "$OUT/pytest_retune.log" | tail -n 5
     timeout $(( ${RETUNE_BUDGET_S:-140} + 40 )) python3 -m nsa_dsl.cli tune examples/bench_paper128.nsa --lengths 65536,8192 -v \
-      --kernels "${RETUNE_KERNELS:-slc_topk}" --budget-s "${RETUNE_BUDGET_S:-140}" --from-tuned --export "$OUT/tuned" 2>&1 \
+      --kernels "${RETUNE_KERNELS:-slc_topk}" --budget-s "${RETUNE_BUDGET_S:-140}" --from-tuned --export "$OUT/tuned" \
+      --objective "${TUNE_OBJECTIVE:-wall}" 2>&1 \
       | tee "$OUT/retune.log" | grep -v "^T=" | tail -n 5
     # the device tool returns a limited number of files: the configuration
     # also goes into the log, so it survives if the JSON is left out

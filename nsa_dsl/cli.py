@@ -150,7 +150,8 @@ def cmd_tune(args) -> int:
     for pattern in patterns:
         nsa_dsl.check(pattern)
         left = None if args.budget_s is None else max(0.0, args.budget_s - (time.monotonic() - start))
-        timer = gpu_timer(backward=not args.forward_only, log=print if args.verbose else None)
+        timer = gpu_timer(backward=not args.forward_only, log=print if args.verbose else None,
+                          objective=args.objective)
         configs = tune(pattern, lengths, timer, device=device_kind(),
                        backward=not args.forward_only, log=print if args.verbose else None, budget_s=left,
                        kernels=args.kernels.split(",") if args.kernels else None, from_tuned=args.from_tuned)
@@ -202,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--name")
     tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
     tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
+    tune.add_argument("--objective", choices=["wall", "kernels"], default="wall",
+                      help="wall: do_bench median of the whole pass; kernels: the sum of its kernels' device time"
+                           " (profiler; no host time, less noise at short lengths)")
     tune.add_argument("-v", "--verbose", action="store_true")
     tune.add_argument("--kernels", help="comma-separated plan kernels to tune, in this order (default: all)")
     tune.add_argument("--from-tuned", action="store_true",

@@ -316,3 +316,16 @@ def test_every_shipped_configuration_applies_to_its_example():
         for bucket, entry in record["buckets"].items():
             assert int(bucket) == bucket_of(int(bucket)), (path.name, bucket)
             apply_overrides(plan, entry["overrides"])  # raises if a name or value no longer fits
+
+
+def test_the_kernel_time_objective_is_checked_and_needs_a_device():
+    from nsa_dsl.tune import gpu_timer, kernel_ms
+
+    with pytest.raises(ValueError, match="objective must be one of wall, kernels"):
+        gpu_timer(objective="host")
+    if torch.cuda.is_available():
+        ones = torch.ones(1 << 20, device="cuda")
+        assert kernel_ms(lambda: ones.mul_(1.0)) > 0  # one elementwise kernel a call
+    else:
+        with pytest.raises(RuntimeError, match="needs a CUDA device"):
+            kernel_ms(lambda: None)
