@@ -797,17 +797,9 @@ def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
 
 
 def profile_stages(compiled, pattern, T: int, fn, with_bwd: bool, fl: dict, ceil: dict, emit, n_calls: int = 3) -> None:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
+    from nsa_dsl.profiling import kernel_events
 
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(n_calls):
-            fn()
-        torch.cuda.synchronize()
-    events = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-              if getattr(e, "device_type", None) == DeviceType.CUDA]
+    events = kernel_events(fn, n_calls)
     plan = compiled.plan
     stages, other_ms, others = group_kernel_times(events, plan.kernel_names, n_calls)
     if not stages:

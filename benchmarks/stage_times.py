@@ -24,11 +24,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def main(argv=None) -> int:
     import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
     import nsa_dsl
     from bench import group_kernel_times
+    from nsa_dsl.profiling import kernel_events
     from nsa_dsl.pipeline import device_kind
     from nsa_dsl.tune import TunedPattern
     from nsa_dsl.verify import random_case
@@ -59,15 +58,7 @@ def main(argv=None) -> int:
             if args.backward:
                 out.backward(do)
 
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(args.calls):
-                step()
-            torch.cuda.synchronize()
-        events = [(e.name, e.time_range.elapsed_us()) for e in prof.events()
-                  if getattr(e, "device_type", None) == DeviceType.CUDA]
+        events = kernel_events(step, args.calls, warmup=3)
         stages, other_ms, _ = group_kernel_times(events, compiled.plan.kernel_names, args.calls)
         total = sum(ms for _, ms in stages.values()) + other_ms
         parts = " ".join(f"{name}={ms:.3f}" for name, (_, ms) in sorted(stages.items(), key=lambda kv: -kv[1][1]))

@@ -365,21 +365,9 @@ def kernel_ms(step: Callable[[], None], calls: int = 10, warmup: int = 3) -> flo
     host work and launch gaps left out. The tuner's other objective: a whole
     training pass at 8k moved ~4% between do_bench runs on the H200, more
     than the 0.08 ms a scoring tile changed (benchmarks/NOTES.md v8)."""
-    import torch
+    from .profiling import kernel_events
 
-    if not torch.cuda.is_available():
-        raise RuntimeError("kernel_ms: needs a CUDA device (it sums the profiler's kernel times)")
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    device_us = [e.time_range.elapsed_us() for e in prof.events() if getattr(e, "device_type", None) == DeviceType.CUDA]
+    device_us = [us for _, us in kernel_events(step, calls, warmup)]
     if not device_us:
         raise RuntimeError("kernel_ms: the profiler recorded no device kernel for the step")
     return sum(device_us) / 1e3 / calls
