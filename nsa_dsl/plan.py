@@ -247,7 +247,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
                 (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
                  ("LOCAL", s.local), ("STATIC_SELECTION", True), ("TOPK_BLOCK_M", 16),
-                 ("TOPK_CHUNK_BLOCKS", 16), ("TOPK_CHUNK_BLOCKS_PAD", 16)),
+                 ("TOPK_CHUNK_BLOCKS", 16), ("TOPK_CHUNK_BLOCKS_PAD", 16), ("TOPK_SORT_MERGE", 0)),
                 num_warps=4, num_stages=1))
             notes.append("top == initial + local: the selected blocks are fixed, no block scoring is generated")
         else:
@@ -276,7 +276,13 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # they are (in-thread sums and one shift) instead of two
                  # float32 products a chunk; where no token reaches two
                  # blocks on (see _strided_overlap_fits). Off until timed.
-                 ("TOPK_STRIDED_OVERLAP", 0)),
+                 ("TOPK_STRIDED_OVERLAP", 0),
+                 # 1: the running top set as int64 keys kept sorted, merged
+                 # with each chunk by a fixed bitonic network instead of a
+                 # data-dependent rounds loop, so the chunk loop is innermost
+                 # and its key loads can be pipelined. Needs chunks at least
+                 # TOP_PAD wide. Off until timed on a GPU.
+                 ("TOPK_SORT_MERGE", 0)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
         # Several neighbouring positions per program fill the MMA tile when
@@ -512,7 +518,7 @@ TUNABLE = {
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
-    "TOPK_KEYS_MAJOR": _flag,
+    "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token
@@ -580,6 +586,12 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
                                  f" ({cmp_block - cmp_stride}): at least {least}")
             _, consts["TOPK_CHUNK_BLOCKS_PAD"], consts["TOPK_CHUNK_TOKENS"] = _topk_chunk_shape(blocks, cmp_stride,
                                                                                                  slc_block)
+    if consts.get("TOPK_SORT_MERGE"):
+        k = plan.kernel("slc_topk")
+        width = consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD"))
+        if width < k.const("TOP_PAD"):
+            raise ValueError(f"override TOPK_SORT_MERGE: takes a chunk's best TOP_PAD = {k.const('TOP_PAD')}"
+                             f" blocks, but a chunk has {width} lanes (raise TOPK_CHUNK_BLOCKS)")
     if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
         k = plan.kernel("slc_topk")
         rows = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS")) * k.const("GROUP_ROWS")

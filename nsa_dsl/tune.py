@@ -177,6 +177,12 @@ def candidates(plan: Plan, kernel: str) -> list:
             # warps only (on 8 it spilled more, sm_90 compile)
             keys_major = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
             options += [keys_major, {**keys_major, "TOPK_STRIDED_OVERLAP": 1}]
+    if "TOPK_SORT_MERGE" in names:
+        # the merge as a fixed network: the chunk loop becomes pipelinable,
+        # which needs 2+ stages (tried together when the kernel has fewer)
+        options.append({"TOPK_SORT_MERGE": 1 - names["TOPK_SORT_MERGE"]})
+        if not names["TOPK_SORT_MERGE"] and k.num_stages < 2:
+            options.append({"TOPK_SORT_MERGE": 1, f"{kernel}.num_stages": 3})
     if "TOPK_STRIDED_OVERLAP" in names:
         # the overlap weights as the per-block pattern (where it fits: the
         # plan refuses the rest), for whichever scoring kernel runs

@@ -176,6 +176,10 @@ def test_selection_union_list_matches_reference_bf16():
     ("deepseek_nsa", {"TOPK_STRIDED_OVERLAP": 1}),
     ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1}),
     ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1}),
+    # the sorted merge, pipelined (paper128's tuned 64k scoring with it)
+    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
+                      "TOPK_SORT_MERGE": 1, "slc_topk.num_stages": 3}),
+    ("small_group", {"TOPK_SORT_MERGE": 1}),
 ])
 def test_topk_heads_as_rows_bf16(name, overrides):
     """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads;

@@ -483,3 +483,39 @@ def test_strided_overlap_refuses_what_it_cannot_score():
         apply_overrides(nsa_dsl.check(PAPER_SHAPED), {"TOPK_STRIDED_OVERLAP": 1, "TOPK_CHUNK_BLOCKS": 4})
     assert apply_overrides(nsa_dsl.check(REACH_EDGE), {"TOPK_STRIDED_OVERLAP": 1}).kernel("slc_topk").const(
         "TOPK_STRIDED_OVERLAP") == 1
+
+
+SORTED = {"TOPK_SORT_MERGE": 1}
+
+
+@pytest.mark.parametrize("pattern, overrides", [
+    (MANY_CHUNKS, SORTED),  # 4-block chunks
+    (PAPER_SHAPED, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, **SORTED}),
+], ids=["per-head", "head-rows-keys-major"])
+def test_sorted_merge_selects_the_same_blocks(pattern, overrides):
+    # TOPK_SORT_MERGE keeps the running set as sorted int64 keys (score,
+    # then the lower block) merged by a bitonic network: the same blocks as
+    # the rounds merge over several chunks, and under exact ties too (q = 0:
+    # every visible compressed token equally likely, so whole blocks tie and
+    # only the lower-index rule decides). Three chunks of 4 blocks.
+    length = 3 * 4 * pattern.select.block + 5
+    _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=7)
+    args = random_inputs(pattern, 1, length, torch.float32, seed=8, device=DEVICE)
+    args["q"] = torch.zeros_like(args["q"])
+    _, merged = nsa_dsl.compile(pattern, overrides=overrides)(**args, return_indices=True)
+    _, rounds = nsa_dsl.compile(pattern, overrides={k: v for k, v in overrides.items() if k != "TOPK_SORT_MERGE"})(
+        **args, return_indices=True)
+    assert torch.equal(merged, rounds)
+    assert_selection_rule(pattern, args, merged, eps_rel=1e-5, eps_abs=1e-6)
+
+
+def test_sorted_merge_needs_chunks_as_wide_as_the_set():
+    from nsa_dsl.plan import apply_overrides
+
+    wide_top = Pattern(name="wide_top", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
+                       compress=Compress(block=8, stride=4), select=Select(block=16, top=20, initial=1, local=1))
+    plan = nsa_dsl.check(wide_top)  # TOP_PAD 32
+    with pytest.raises(ValueError, match="TOPK_SORT_MERGE: takes a chunk's best TOP_PAD = 32 blocks"):
+        apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 16})
+    assert apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 32}).kernel("slc_topk").const(
+        "TOPK_SORT_MERGE") == 1

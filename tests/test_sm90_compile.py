@@ -121,3 +121,19 @@ def test_selection_forward_writing_the_final_output_compiles_for_sm90(tmp_path):
                    kernels=("slc_fwd",), args=("WRITE_FINAL=1",))
     assert len(rows) == 1 and rows[0]["ok"], rows
     assert rows[0]["stack_bytes"] == 0 and rows[0]["hgmma"] > 0, rows[0]
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+def test_sorted_merge_lets_the_scoring_loop_pipeline(tmp_path):
+    # TOPK_SORT_MERGE's reason to exist: the rounds merge is a loop inside
+    # the chunk loop, and Triton pipelines only innermost loops, so the
+    # compressed-key loads of paper128's tuned 64k scoring wait in every
+    # chunk; with the bitonic merge they become cp.async copies
+    tuned = ("TOPK_HEAD_ROWS=1", "TOPK_TOKENS=16", "TOPK_KEYS_MAJOR=1", "TOPK_STRIDED_OVERLAP=1",
+             "slc_topk.num_stages=3")
+    rounds, = _report(tmp_path, "bench_paper128.nsa", *tuned, name="rounds", kernels=("slc_topk_heads",))
+    merged, = _report(tmp_path, "bench_paper128.nsa", *tuned, "TOPK_SORT_MERGE=1", name="merged",
+                      kernels=("slc_topk_heads",))
+    assert rounds["ok"] and merged["ok"], (rounds, merged)
+    assert rounds["async_copies"] == 0 and merged["async_copies"] > 0, (rounds, merged)
+    assert merged["local_loads_stores"] <= 8, merged  # 8 B of stack, 4 accesses, at the time of writing

@@ -176,6 +176,8 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
         assert {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": 4} in topk
     assert {"TOPK_KEYS_MAJOR": 1} not in topk  # head rows are off in the plan: the flag alone is invalid
     assert len(topk) == len({tuple(sorted(o.items())) for o in topk})  # no candidate twice
+    # the sorted merge, with the stages that pipeline its loop (the plan's scoring has 1)
+    assert {"TOPK_SORT_MERGE": 1} in topk and {"TOPK_SORT_MERGE": 1, "slc_topk.num_stages": 3} in topk
     # the strided overlap alone, and with keys-major head rows (16-block
     # chunks: no padding, so paper128 can take it)
     assert {"TOPK_STRIDED_OVERLAP": 1} in topk
