@@ -66,6 +66,8 @@ CONVENTIONS = {
     "speedup_vs_sdpa": "ms of sdpa_flash (or sdpa_flash_padv where flash rejects the head dims) for the same "
                        "pattern, T and pass, divided by this row's ms",
     "ms": "median of triton.testing.do_bench; stage rows: device time per call from torch.profiler",
+    "fused_output": "nsa_dsl rows: whether a forward without gradients (the fwd row) has slc_fwd write the gated "
+                    "output itself (WRITE_FINAL: no combine pass); the stage rows profile the training pass",
 }
 
 
@@ -721,15 +723,24 @@ def run_config(compiled, T: int) -> dict:
     return dict(compiled.overrides_for(T)) if hasattr(compiled, "overrides_for") else {}
 
 
+def fused_output(compiled, T: int) -> bool:
+    """Whether a forward without gradients at length T has slc_fwd write the
+    gated output itself (WRITE_FINAL), for a compiled or a tuned pattern."""
+    target = compiled.variant(T) if hasattr(compiled, "variant") else compiled
+    return bool(target.writes_final_output(T)) if hasattr(target, "writes_final_output") else False
+
+
 def run_nsa(compiled, pattern, T: int, cfg, ceil: dict, emit) -> None:
     name = pattern.name
     config = run_config(compiled, T)
     loop_order = compiled.slc_fwd_at(T)
+    fused = fused_output(compiled, T)
     base_emit = emit
 
     def emit(row):  # every nsa_dsl row records the configuration that ran
         row["config"] = config
         row["loop_order"] = loop_order
+        row["fused_output"] = fused
         base_emit(row)
 
     fl = nsa_flops(pattern, T)
