@@ -816,12 +816,10 @@ def profile_stages(compiled, pattern, T: int, fn, with_bwd: bool, fl: dict, ceil
     if not stages:
         raise RuntimeError(f"profiler saw no kernel named after the plan {plan.kernel_names}; it saw "
                            f"{sorted(others)[:8]}")
-    slc = plan.kernel("slc_fwd") if plan.has("slc_fwd") else None
-    window_in_slc = bool(slc and slc.has_const("SLC_FWD_WINDOW") and slc.const("SLC_FWD_WINDOW"))
     for kname, (pk, ms) in sorted(stages.items(), key=lambda kv: plan.kernel_names.index(kv[1][0])):
         direction = plan.kernel(pk).direction
         emit(make_row(pattern.name, T, "nsa_dsl", "bwd" if direction == "backward" else "fwd", ms,
-                      flops=stage_flop_count(kname, pk, fl, window_in_slc), ceilings=ceil, stage=kname))
+                      flops=stage_flop_count(kname, pk, fl, plan.window_in_selection), ceilings=ceil, stage=kname))
     top = sorted(others.items(), key=lambda kv: -kv[1])[:4]
     emit(make_row(pattern.name, T, "nsa_dsl", "fwd+bwd" if with_bwd else "fwd", other_ms, ceilings=ceil,
                   stage="other", note="kernels outside the plan: " + ", ".join(f"{n[:60]}={m:.3f}" for n, m in top)))

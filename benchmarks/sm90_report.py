@@ -63,9 +63,10 @@ def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None) -> tup
     compile assumed unknown strides: no vectorized or pipelined loads."""
     sig, constexprs, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
+    arg_values = CONSTEXPR_ARGS if constexpr_args is None else constexpr_args
     for i, name in enumerate(fn.arg_names):
-        if name in (constexpr_args or CONSTEXPR_ARGS):
-            sig[name], constexprs[name] = "constexpr", (constexpr_args or CONSTEXPR_ARGS)[name]
+        if name in arg_values:
+            sig[name], constexprs[name] = "constexpr", arg_values[name]
         elif name in ("D", "D_PAD", "PASS"):
             sig[name], constexprs[name] = "constexpr", dims[name]
         elif name.endswith("_ptr"):
@@ -107,6 +108,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
     from nsa_dsl.plan import apply_overrides
 
     rows = []
+    arg_values = {**CONSTEXPR_ARGS, **(constexprs or {})}
     for pattern in nsa_dsl.load_all(path):
         plan = nsa_dsl.check(pattern)
         if overrides:
@@ -128,8 +130,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     dims_list = [{"PASS": 1}, {"PASS": 2}]
                 for dims in dims_list:
                     fn = getattr(module, entry)
-                    sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16,
-                                                   {**CONSTEXPR_ARGS, **(constexprs or {})})
+                    sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, arg_values)
                     warps = kernel.warps_for(entry)
                     row = {"pattern": pattern.name, "kernel": entry, "num_warps": warps,
                            "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {}),

@@ -198,12 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest sequence drawn (default 96 on CPU, 2048 on a GPU)")
     verify.set_defaults(func=cmd_verify)
 
+    from nsa_dsl.tune import OBJECTIVES
+
     tune = sub.add_parser("tune", help="autotune tiles/warps/stages per length bucket on this GPU (kept on disk)")
     tune.add_argument("file", metavar="FILE")
     tune.add_argument("--name")
     tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
     tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
-    tune.add_argument("--objective", choices=["wall", "kernels"], default="wall",
+    tune.add_argument("--objective", choices=OBJECTIVES, default="wall",
                       help="wall: do_bench median of the whole pass; kernels: the sum of its kernels' device time"
                            " (profiler; no host time, less noise at short lengths)")
     tune.add_argument("-v", "--verbose", action="store_true")

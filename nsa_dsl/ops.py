@@ -24,6 +24,11 @@ def _strides(t: torch.Tensor) -> tuple:
     return tuple(t.stride())
 
 
+def _contiguous_gates(gates: dict) -> dict:
+    """The gates as the kernels index them: contiguous [B, T, HQ] (or None)."""
+    return {b: (g.contiguous() if g is not None else None) for b, g in gates.items()}
+
+
 def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
     """Given block indices must lie in [-1, number of blocks): anything else
     is a caller's bug that would otherwise be silently ignored."""
@@ -102,7 +107,7 @@ class CompiledPattern:
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
             o, idx = _NSAFunction.apply(self, shapes, scale, indices, *tensors)
         else:  # nothing to differentiate: no autograd record, and the output may be written fused
-            out = self.forward(q, k, v, {b: (g.contiguous() if g is not None else None) for b, g in gates.items()},
+            out = self.forward(q, k, v, _contiguous_gates(gates),
                                k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices, scale=scale,
                                shapes=shapes, final=True)
             o, idx = out["o"], out.get("indices")
@@ -125,9 +130,8 @@ class CompiledPattern:
         plan = self.plan
         if not plan.has("slc_fwd") or self.slc_fwd_at(T) != "group-centric":
             return False
-        combine, slc = plan.kernel("combine"), plan.kernel("slc_fwd")
-        folded = slc.has_const("SLC_FWD_WINDOW") and bool(slc.const("SLC_FWD_WINDOW"))
-        return bool(combine.const("COMBINE_SLC")) and (folded or not combine.const("COMBINE_SWA"))
+        combine = plan.kernel("combine")
+        return bool(combine.const("COMBINE_SLC")) and (plan.window_in_selection or not combine.const("COMBINE_SWA"))
 
     def forward(self, q, k, v, gates, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, shapes,
                 final: bool = False) -> dict:
@@ -196,7 +200,7 @@ class CompiledPattern:
                 lse_slc = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else None
                 window_args = ()
                 if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
-                    if kp.const("SLC_FWD_WINDOW"):  # ... and computes it
+                    if plan.window_in_selection:  # ... and computes it
                         kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
                         o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev) if not write_final else o_slc
                         lse_swa = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else o_slc
@@ -480,7 +484,7 @@ class _NSAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, compiled, shapes, scale, indices, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa):
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
-        gates = {b: (g.contiguous() if g is not None else None) for b, g in gates.items()}
+        gates = _contiguous_gates(gates)
         out = compiled.forward(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
                                indices=indices, scale=scale, shapes=shapes)
         inputs = dict(zip(_GRAD_ORDER, (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)))

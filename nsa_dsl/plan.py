@@ -91,6 +91,16 @@ class Plan:
     def has(self, name: str) -> bool:
         return name in self.kernel_names
 
+    @property
+    def window_in_selection(self) -> bool:
+        """Whether the group-centric selection forward also computes the
+        window branch (SLC_FWD_WINDOW=1): swa_fwd then runs only for the
+        block-centric order."""
+        if not self.has("slc_fwd"):
+            return False
+        slc = self.kernel("slc_fwd")
+        return slc.has_const("SLC_FWD_WINDOW") and bool(slc.const("SLC_FWD_WINDOW"))
+
     def loop_order_at(self, T: int) -> Optional[str]:
         """The selection forward loop order the plan runs at length T (None
         without a selection branch)."""
