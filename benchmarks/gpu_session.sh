@@ -26,6 +26,10 @@
 #       alone (RETUNE_KERNELS, from the tuned configuration, RETUNE_BUDGET_S),
 #       and paper128 benchmarked with the result (unless RETUNE_BENCH=0) -> $OUT/h200_paper128.{json,png},
 #       $OUT/retune.log, $OUT/tuned/*.json
+#   bash .device/run bash benchmarks/gpu_session.sh loop-orders
+#       the GPU tests of both selection forward loop orders, then both orders'
+#       forward kernel times and wall time per pattern and length
+#       (stage_times.py --wall, tuned base) -> $OUT/loop_orders.log
 #   bash .device/run bash benchmarks/gpu_session.sh fla
 #       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like_nowindow.nsa:
 #       fla's window branch needs flash-attn; FLA_PATTERNS for another);
@@ -78,9 +82,19 @@ case "${1:-}" in
     [ "${RETUNE_BENCH:-1}" = 0 ] && exit 0
     timeout 230 python3 benchmarks/bench.py --out "$OUT" --name h200_paper128 --tuned --budget-s 180 \
       --patterns examples/bench_paper128.nsa 2>&1 | tee "$OUT/bench_paper128.log" | tail -n 14 ;;
+  loop-orders)
+    timeout 150 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
+      -k "loop_orders or block_centric" 2>&1 | tee "$OUT/pytest_loop_orders.log" | tail -n 5
+    for spec in bench_small_group:8192,16384,32768,65536 bench_paper128:8192,65536 deepseek_nsa:8192,65536; do
+      for T in $(echo "${spec#*:}" | tr , ' '); do
+        timeout 120 python3 benchmarks/stage_times.py "examples/${spec%%:*}.nsa" --length "$T" --tuned-base --wall \
+          --calls 10 --config '{"slc_fwd": "group-centric"}' --config '{"slc_fwd": "block-centric"}' 2>&1 \
+          | sed "s/^/${spec%%:*} /" | tee -a "$OUT/loop_orders.log"
+      done
+    done ;;
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|fla" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|loop-orders|fla" >&2; exit 2 ;;
 esac

@@ -35,7 +35,7 @@ from nsa_dsl.pipeline import cache_key  # noqa: E402
 from nsa_dsl.render import render  # noqa: E402
 
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
-                 "kw_ptr", "vw_ptr", "o_final_ptr",
+                 "kw_ptr", "vw_ptr", "o_final_ptr", "part_o_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
 INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr"}
@@ -46,7 +46,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_
                   "HAS_G_SWA": True, "WRITE_FINAL": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
-    "slc_fwd_bc": ["slc_fwd_bc"],
+    "slc_fwd_bc": ["slc_fwd_bc", "slc_fwd_bc_reduce"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
@@ -126,8 +126,6 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]
-                if entry == "slc_fwd_bc":
-                    dims_list = [{"PASS": 1}, {"PASS": 2}]
                 for dims in dims_list:
                     fn = getattr(module, entry)
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, arg_values)

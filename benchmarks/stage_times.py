@@ -4,7 +4,12 @@ profiler's kernel times, so a change to one kernel is not lost in the noise
 of the whole pass (the tuner's objective; ~4% at 8k on the H200).
 
     python benchmarks/stage_times.py examples/bench_paper128.nsa --length 8192 \
-        --config '{}' --config '{"TOPK_TOKENS": 16}' [--tuned-base] [--backward]
+        --config '{}' --config '{"TOPK_TOKENS": 16}' [--tuned-base] [--backward] [--wall]
+
+A config's "slc_fwd" entry ("group-centric" / "block-centric") is the
+compile(slc_fwd=...) loop order, not an override. --wall also times the
+whole pass (triton.testing.do_bench median: host work, index building and
+launch gaps included).
 
 --tuned-base: each --config is applied on top of the shipped tuned
 configuration of that length's bucket (what `compile(tuned=True)` runs).
@@ -39,6 +44,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tuned-base", action="store_true")
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--wall", action="store_true")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("stage_times: needs a CUDA GPU (profiler kernel times)", file=sys.stderr)
@@ -49,8 +55,10 @@ def main(argv=None) -> int:
     inputs = random_case(pattern, 1, args.length, torch.bfloat16, seed=args.length, device="cuda")
     do = torch.randn(*inputs["q"].shape[:3], pattern.dims.v, device="cuda", dtype=torch.bfloat16)
     for text in args.config or ["{}"]:
-        overrides = {**base, **json.loads(text)}
-        compiled = nsa_dsl.compile(pattern, overrides=overrides or None)
+        config = json.loads(text)
+        order = config.pop("slc_fwd", None)
+        overrides = {**base, **config}
+        compiled = nsa_dsl.compile(pattern, overrides=overrides or None, slc_fwd=order)
         leaves = {n: t.detach().requires_grad_(args.backward) for n, t in inputs.items()}
 
         def step():
@@ -62,7 +70,12 @@ def main(argv=None) -> int:
         stages, other_ms, _ = group_kernel_times(events, compiled.plan.kernel_names, args.calls)
         total = sum(ms for _, ms in stages.values()) + other_ms
         parts = " ".join(f"{name}={ms:.3f}" for name, (_, ms) in sorted(stages.items(), key=lambda kv: -kv[1][1]))
-        print(f"T={args.length} {text}: total {total:.3f} ms | {parts} other={other_ms:.3f}", flush=True)
+        wall = ""
+        if args.wall:
+            import triton.testing
+
+            wall = f" wall {triton.testing.do_bench(step, warmup=25, rep=100, return_mode='median'):.3f} ms"
+        print(f"T={args.length} {text}: total {total:.3f} ms{wall} | {parts} other={other_ms:.3f}", flush=True)
     return 0
 
 

@@ -257,16 +257,20 @@ class LoopOrderBytes(NamedTuple):
     why: str
 
 
-# Float32 atomic adds into the block-centric output accumulator count this
-# many times a streamed byte. Calibrated on the H200 (benchmarks/NOTES.md, v4
-# measured): with 4 the model's group/block-centric ratio is within 35% of the
-# five measured selection-forward time ratios (small_group 0.47 vs 0.35 at 8k,
-# 1.75 vs 1.45 at 64k; paper128 0.26 vs 0.26 and 0.35 vs 0.39; deepseek_nsa
-# 0.42 vs 0.67 at 64k); counting them as plain bytes predicted 8x where 1.45x
-# was measured.
-ATOMIC_BYTE_WEIGHT = 4
+# A block-centric byte counts this many group-centric ones: its partials and
+# gathered queries stream through HBM, while the group-centric order's
+# repeated block loads mostly hit L2 (a KV head's keys and values, 32 MB at
+# 64k for d=128, fit in the H200's 50 MB L2), and its index is built by
+# sorting every selected entry. Fitted on the H200 (benchmarks/NOTES.md v9,
+# forward wall times of both orders): measured group/block time ratios
+# small_group 0.47 / 1.04 / 1.31 / 1.55 at 8k / 16k / 32k / 64k, paper128
+# 0.54 / 0.94 and deepseek_nsa 0.61 / 0.95 at 8k / 64k; with 4 the model
+# says 0.66 / 1.17 / 1.83 / 2.48, 0.37 / 0.50 and 0.40 / 0.54, and picks
+# the faster order at each of the nine (16k, a tie, stays group-centric).
+BLOCK_CENTRIC_BYTE_WEIGHT = 4
 # Block-centric must be predicted this much cheaper before the plan takes it:
-# its extra index memory and two passes are not in the byte count.
+# building its index (a sort of every selected entry) and the launches are
+# not in the byte count.
 BLOCK_CENTRIC_MARGIN = 1.25
 # The lengths at which the plan compares the two orders (and picks the first
 # from which block-centric wins at every longer one).
@@ -314,19 +318,20 @@ def selection_loop_bytes(pattern: Pattern, group_rows: int, tokens_per_program: 
     group-centric: the union of a program's S positions' blocks (see
       _group_centric_blocks_per_position), keys and values loaded once
       each; plus q and o.
-    block-centric: per selected block, the G query rows read twice (two
-      passes), the float32 output accumulator read and written by atomics
-      (weighted by ATOMIC_BYTE_WEIGHT), the per-slot statistics written and
-      read; block loads shared by the `chunk` positions of a program (twice:
-      two passes); plus lse and the final output cast."""
+    block-centric: per selected block, the G query rows read once, the
+      per-slot partial output (element_bytes) and log-sum-exp (float32)
+      written by slc_fwd_bc and read by the reduction, the index entry
+      (position and slot, int32 each); block loads shared by the `chunk`
+      positions of a program; per position, the partial statistics' -inf
+      fill and the final output and lse."""
     s = pattern.select
     g, dqk, dv = pattern.group, pattern.dims.qk, pattern.dims.v
     eb = element_bytes
     block_bytes = s.block * (dqk + dv) * eb
     group = _group_centric_blocks_per_position(s, tokens_per_program, T) * block_bytes + g * (dqk + dv) * eb
-    per_block = (2 * g * dqk * eb + ATOMIC_BYTE_WEIGHT * 2 * g * dv * 4 + 2 * g * 4
-                 + 2 / chunk * block_bytes)
-    block = _selected_blocks_per_position(s, T) * per_block + g * 4 * 2 + g * dv * (4 + eb)
+    per_block = g * dqk * eb + 2 * g * dv * eb + 2 * g * 4 + 2 * 4 + block_bytes / chunk
+    block = BLOCK_CENTRIC_BYTE_WEIGHT * (_selected_blocks_per_position(s, T) * per_block + s.top * g * 4
+                                         + g * (dv * eb + 4))
     ratio = group / block
     if ratio >= BLOCK_CENTRIC_MARGIN:
         choice = "block-centric"

@@ -59,15 +59,12 @@ class CompiledPattern:
         self.deterministic = deterministic
         self.slc_dkdv = choice
         # Selection forward loop order: the plan's (cost-model) choice unless
-        # overridden; the block-centric kernel sums with atomics, so
-        # deterministic=True runs the group-centric one.
+        # overridden. Both orders are deterministic (the block-centric one
+        # reduces per-slot partials in slot order, without atomics).
         if slc_fwd not in (None, "group-centric", "block-centric"):
             raise ValueError(f"slc_fwd: expected 'group-centric' or 'block-centric', got {slc_fwd!r}")
-        if deterministic and slc_fwd == "block-centric":
-            raise ValueError("slc_fwd='block-centric' adds with float32 atomics, not deterministic; use"
-                             " deterministic=False or slc_fwd='group-centric'")
         # None: the plan's order at each call's length (Plan.loop_order_at)
-        self.slc_fwd_override = "group-centric" if (deterministic and plan.has("slc_fwd")) else slc_fwd
+        self.slc_fwd_override = slc_fwd
         self.plan = plan
         self.pattern = plan.pattern
         self.module = module
@@ -83,8 +80,8 @@ class CompiledPattern:
 
     def slc_fwd_at(self, T: int) -> Optional[str]:
         """The selection forward loop order a call of length T runs: the
-        compile(slc_fwd=...) override (group-centric under deterministic=True),
-        else the plan's order for T; None without a selection branch."""
+        compile(slc_fwd=...) override, else the plan's order for T; None
+        without a selection branch."""
         order = self.plan.loop_order_at(T)
         return order if order is None or self.slc_fwd_override is None else self.slc_fwd_override
 
@@ -239,41 +236,46 @@ class CompiledPattern:
         return out
 
     def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes) -> tuple:
-        """slc_fwd_bc's two passes around the inverted index: (o_slc, lse_slc)
-        exactly as the group-centric kernel leaves them (lse in log2 units,
-        +inf and a zero output for a position that sees no selected key)."""
+        """slc_fwd_bc and its slot reduction around the inverted index, slice
+        by slice of BC_SLICE positions: (o_slc, lse_slc) exactly as the
+        group-centric kernel leaves them (lse in log2 units, +inf and a zero
+        output for a position that sees no selected key)."""
         p, m = self.pattern, self.module
         kp = self.plan.kernel("slc_fwd_bc")
         B, T = shapes.batch, shapes.length
         HQ, HKV, G, DV, top = p.heads.q, p.heads.kv, p.group, p.dims.v, p.select.top
         dev = q.device
         n_blocks = _cdiv(T, p.select.block)
-        offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True)
+        o = self._alloc((B, T, HQ, DV), q.dtype, dev)
+        lse = self._alloc((B, HQ, T), torch.float32, dev)
+        if T == 0:
+            return o, lse
+        TS = min(T, max(1, kp.const("BC_SLICE") // B))  # BC_SLICE (batch element, position) pairs a slice
+        offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True,
+                                                       slice_len=TS)
         chunks = chunk_segments(offsets, kp.const("BC_CHUNK"))
-        n_chunks = chunks["segment"].numel()
-        # Per-slot statistics; slots a position did not use stay -inf.
-        stats = torch.full((B, T, HKV, top, G), float("-inf"), dtype=torch.float32, device=dev)
-        acc = torch.zeros((B, T, HQ, DV), dtype=torch.float32, device=dev)
-        lse = torch.full((B, HQ, T), float("inf"), dtype=torch.float32, device=dev)
-        if n_chunks == 0:
-            return acc.to(q.dtype), lse
-
-        def launch(pass_: int) -> None:
-            m.slc_fwd_bc[(n_chunks,)](q, k, v, chunks["segment"], chunks["start"], chunks["end"], positions, slots,
-                                      stats, lse, acc, T, n_blocks, qk_scale_log2,
-                                      *_strides(q), *_strides(k), *_strides(v), PASS=pass_,
-                                      num_warps=kp.num_warps, num_stages=kp.num_stages)
-
-        launch(1)
-        # log2-sum-exp over the slots: the softmax denominator of each row.
-        top_m = stats.amax(dim=3, keepdim=True)
-        seen = torch.isfinite(top_m)
-        safe_m = torch.where(seen, top_m, torch.zeros_like(top_m))
-        total = torch.exp2(stats - safe_m).sum(dim=3, keepdim=True)
-        row = torch.where(seen, safe_m + torch.log2(total), torch.full_like(top_m, float("inf")))
-        lse = row.squeeze(3).reshape(B, T, HQ).transpose(1, 2).contiguous()
-        launch(2)
-        return acc.to(q.dtype), lse
+        per_slice = B * HKV * n_blocks
+        first_chunk = chunks["per_segment"][::per_slice].tolist()  # each slice's first chunk, and the end
+        # Per-slot partials of one slice, reused by the next: the outputs in
+        # the input dtype (normalised over one block, so bounded by |v|), the
+        # log2-sum-exp in float32, -inf for a slot a position did not use.
+        part_o = self._alloc((B, TS, HKV, top, G, DV), q.dtype, dev)
+        part_lse = torch.empty((B, TS, HKV, top, G), dtype=torch.float32, device=dev)
+        reduce_rows = kp.const("BC_REDUCE_ROWS")
+        for i, t0 in enumerate(range(0, T, TS)):
+            ts = min(TS, T - t0)
+            part_lse.fill_(float("-inf"))
+            c0, c1 = first_chunk[i], first_chunk[i + 1]
+            if c1 > c0:
+                m.slc_fwd_bc[(c1 - c0,)](q, k, v, chunks["segment"][c0:c1], chunks["start"][c0:c1],
+                                         chunks["end"][c0:c1], positions, slots, part_o, part_lse,
+                                         T, t0, TS, i * per_slice, n_blocks, qk_scale_log2,
+                                         *_strides(q), *_strides(k), *_strides(v),
+                                         num_warps=kp.num_warps, num_stages=kp.num_stages)
+            n_rows = B * TS * HQ
+            m.slc_fwd_bc_reduce[(_cdiv(n_rows, reduce_rows),)](part_o, part_lse, o, lse, T, t0, TS, ts, n_rows,
+                                                               *_strides(o), num_warps=4, num_stages=1)
+        return o, lse
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         kp = self.plan.kernel("combine")
@@ -430,27 +432,36 @@ class CompiledPattern:
         return grads
 
 
-def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with_slots: bool = False) -> tuple:
+def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with_slots: bool = False,
+                       slice_len: Optional[int] = None) -> tuple:
     """The inverted selection index: for every (batch, KV head, block) the
     ascending positions whose selection holds that block, as CSR arrays
     (offsets [B*HKV*n_blocks + 1] int32, positions int32), and with
     with_slots=True the slot of the index row each entry came from (int32).
     Blocks past a position (which it cannot attend) are dropped, and a block
     repeated in a row counts once (its first slot).
+    slice_len: the positions are cut into slices of that many, and every
+    slice has its own segments, slice-major (offsets then has
+    cdiv(T, slice_len) * B*HKV*n_blocks + 1 entries), so one index serves a
+    kernel launched slice by slice.
     Its size is at most B*T*HKV*top: never T x blocks."""
     B, T, HKV, _ = indices.shape
     dev = indices.device
+    n_slices = 1 if slice_len is None else max(1, -(-T // slice_len))
     idx = indices.long()
     t = torch.arange(T, device=dev).view(1, T, 1, 1)
     usable = (idx >= 0) & (idx <= t // block)
     usable &= first_occurrence(idx)
     b_i, t_i, h_i, slot_i = usable.nonzero(as_tuple=True)
     blk = idx[usable]
-    key, order = torch.sort(((b_i * HKV + h_i) * n_blocks + blk) * T + t_i)  # by segment, then position
+    slice_i = t_i // slice_len if slice_len is not None else 0
+    segment = ((slice_i * B + b_i) * HKV + h_i) * n_blocks + blk
+    key, order = torch.sort(segment * T + t_i)  # by segment, then position
     segment = key // T
     positions = (key % T).to(torch.int32)
-    counts = torch.bincount(segment, minlength=B * HKV * n_blocks)
-    offsets = torch.zeros(B * HKV * n_blocks + 1, dtype=torch.int64, device=dev)
+    n_segments = n_slices * B * HKV * n_blocks
+    counts = torch.bincount(segment, minlength=n_segments)
+    offsets = torch.zeros(n_segments + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
     if with_slots:
         return offsets.to(torch.int32), positions, slot_i[order].to(torch.int32)

@@ -81,8 +81,8 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     selection branch's key/value gradients then use the block-centric
     inverted index, never float32 atomics). slc_dkdv overrides the plan's
     choice: "inverted-index" or "atomic". slc_fwd overrides the plan's selection
-    forward loop order: "group-centric" or "block-centric" (float32 atomics, so
-    never with deterministic=True, which runs group-centric). overrides replaces tunable plan
+    forward loop order: "group-centric" or "block-centric" (both deterministic).
+    overrides replaces tunable plan
     constants (tile sizes, work splits, <kernel>.num_warps/num_stages; see
     plan.TUNABLE): what is computed stays the same. tuned=True returns a
     TunedPattern that runs each call with the configuration `nsa-dsl tune`

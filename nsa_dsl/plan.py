@@ -21,6 +21,9 @@ def next_pow2(n: int) -> int:
 
 # The smallest M, N and K a tensor-core dot accepts in Triton.
 MMA_MIN = 16
+# The block-centric selection forward's per-slot partial outputs take about
+# this many bytes at most: longer sequences run in slices of positions.
+BC_PARTIAL_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
@@ -326,14 +329,21 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         # can pick either; only the launched one is compiled by Triton).
         bc_tokens = max(1, 64 // group_rows)
         bc_chunk = 16 * bc_tokens
+        # per position: 16-bit partial outputs (float32 inputs take twice that)
+        part_bytes = p.heads.q * s.top * (p.dims.v * 2 + 4)
+        bc_slice = max(s.block, (BC_PARTIAL_BYTES // part_bytes) // s.block * s.block)
         kernels.append(KernelPlan(
             "slc_fwd_bc", "slc_fwd_bc.py.jinja",
             f"attention over the selected blocks, block-centric: one program per chunk of up to {bc_chunk}"
             f" positions that chose a (KV head, block), {bc_tokens} position(s) x {group_rows} rows per tile;"
-            " two passes (per-slot statistics, then float32 atomics into the output)",
-            "(chunks of the inverted index,) x 2 passes",
-            (("SLC_BLOCK", s.block), ("TOP", s.top), ("GROUP_ROWS", group_rows), ("BC_TOKENS", bc_tokens),
-             ("BC_CHUNK", bc_chunk)),
+            " each (position, slot) row's result stored normalised with its log-sum-exp, then a reduction over"
+            f" the {s.top} slots (no atomics); slices of {bc_slice} positions bound the partials' memory",
+            "(chunks of the inverted index,), then (cdiv(B*TS*HQ, BC_REDUCE_ROWS),), per slice",
+            (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
+             ("BC_TOKENS", bc_tokens), ("BC_CHUNK", bc_chunk), ("BC_REDUCE_ROWS", 32),
+             # (batch element, position) pairs per slice: the per-slot
+             # partials of a slice take about BC_PARTIAL_BYTES
+             ("BC_SLICE", bc_slice)),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
         # Both orders were measured on the H200 (benchmarks/NOTES.md, v4
         # measured); the cost model, calibrated there, picks by length.
@@ -345,8 +355,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         else:
             notes.append(f"selection forward loop order: group-centric below T={bc_from}, block-centric from"
                          f" it, by the cost model ({orders[bc_from].why})")
-        notes[-1] += ("; compile(..., slc_fwd='group-centric' | 'block-centric') overrides,"
-                      " deterministic=True always runs group-centric")
+        notes[-1] += "; compile(..., slc_fwd='group-centric' | 'block-centric') overrides"
 
     if p.window is not None:
         kernels.append(KernelPlan(
@@ -526,6 +535,7 @@ TUNABLE = {
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
+    "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
@@ -582,6 +592,11 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if rows < MMA_MIN:
             raise ValueError(f"override SLC_BWD_TOKENS: SLC_BWD_TOKENS x GROUP_ROWS = {rows} rows per dK/dV tile;"
                              f" the products need at least {MMA_MIN}")
+    if "BC_TOKENS" in consts:
+        rows = consts["BC_TOKENS"] * plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
+        if rows < MMA_MIN:
+            raise ValueError(f"override BC_TOKENS: BC_TOKENS x GROUP_ROWS = {rows} rows per tile; the products"
+                             f" need at least {MMA_MIN}")
     if "TOPK_CHUNK_BLOCKS" in consts:
         k = plan.kernel("slc_topk")
         blocks = consts["TOPK_CHUNK_BLOCKS"]
