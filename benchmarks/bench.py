@@ -725,8 +725,9 @@ def run_config(compiled, T: int) -> dict:
 
 
 def fused_output(compiled, T: int) -> bool:
-    """Whether a forward without gradients at length T has slc_fwd write the
-    gated output itself (WRITE_FINAL), for a compiled or a tuned pattern."""
+    """Whether a forward without gradients at length T has the selection
+    (slc_fwd, or the block-centric slot reduction) write the gated output
+    itself (WRITE_FINAL), for a compiled or a tuned pattern."""
     target = compiled.variant(T) if hasattr(compiled, "variant") else compiled
     return bool(target.writes_final_output(T)) if hasattr(target, "writes_final_output") else False
 

@@ -29,7 +29,9 @@
 #   bash .device/run bash benchmarks/gpu_session.sh loop-orders
 #       the GPU tests of both selection forward loop orders, then both orders'
 #       forward kernel times and wall time per pattern and length
-#       (stage_times.py --wall, tuned base) -> $OUT/loop_orders.log
+#       (stage_times.py --wall, tuned base; LOOP_ORDER_SPECS pattern:T,T ...,
+#       LOOP_ORDER_EXTRA one more config) -> $OUT/loop_orders.log; with
+#       LOOP_ORDER_BENCH=examples/X.nsa that pattern's tuned benchmark too
 #   bash .device/run bash benchmarks/gpu_session.sh fla
 #       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like_nowindow.nsa:
 #       fla's window branch needs flash-attn; FLA_PATTERNS for another);
@@ -85,13 +87,18 @@ case "${1:-}" in
   loop-orders)
     timeout 150 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf \
       -k "loop_orders or block_centric" 2>&1 | tee "$OUT/pytest_loop_orders.log" | tail -n 5
-    for spec in bench_small_group:8192,16384,32768,65536 bench_paper128:8192,65536 deepseek_nsa:8192,65536; do
+    for spec in ${LOOP_ORDER_SPECS:-bench_small_group:8192,16384,32768,65536 bench_paper128:8192,65536 deepseek_nsa:8192,65536}; do
       for T in $(echo "${spec#*:}" | tr , ' '); do
         timeout 120 python3 benchmarks/stage_times.py "examples/${spec%%:*}.nsa" --length "$T" --tuned-base --wall \
-          --calls 10 --config '{"slc_fwd": "group-centric"}' --config '{"slc_fwd": "block-centric"}' 2>&1 \
+          --calls 10 --config '{"slc_fwd": "group-centric"}' --config '{"slc_fwd": "block-centric"}' \
+          ${LOOP_ORDER_EXTRA:+--config "$LOOP_ORDER_EXTRA"} 2>&1 | grep -v "UserWarning\|_warn_once" \
           | sed "s/^/${spec%%:*} /" | tee -a "$OUT/loop_orders.log"
       done
-    done ;;
+    done
+    # LOOP_ORDER_BENCH=<pattern file>: that pattern's rows of the tuned benchmark
+    [ -n "${LOOP_ORDER_BENCH:-}" ] && timeout 200 python3 benchmarks/bench.py --out "$OUT" --tuned --budget-s 170 \
+      --no-cold-start --patterns "$LOOP_ORDER_BENCH" --name "h200_$(basename "$LOOP_ORDER_BENCH" .nsa)" 2>&1 \
+      | tee "$OUT/bench_loop_orders.log" | tail -n 12 ;;
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;

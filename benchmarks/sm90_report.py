@@ -38,7 +38,7 @@ BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr"
                  "kw_ptr", "vw_ptr", "o_final_ptr", "part_o_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
 INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
-                "segment_chunks_ptr", "offsets_ptr", "slots_ptr"}
+                "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward, the forward of a training call).
@@ -143,7 +143,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         row["shared_bytes"] = compiled.metadata.shared  # dynamic + static
                         row["ok"] = True
                     except Exception as exc:  # noqa: BLE001 - reported, and the run goes on
-                        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:400]}")
+                        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[-1500:]}")
                     rows.append(row)
     return rows
 

@@ -120,15 +120,21 @@ class CompiledPattern:
 
     # ------------------------------------------------------------- forward
     def writes_final_output(self, T: int) -> bool:
-        """Whether a call of length T that needs no gradient has slc_fwd
-        write the gated output itself (WRITE_FINAL: no combine launch, no
-        branch output stored): the selection runs group-centric, is a
-        combined branch, and a combined window is folded into it."""
+        """Whether a call of length T that needs no gradient has the
+        selection write the gated output itself (WRITE_FINAL: no combine
+        launch, no selection output stored): the selection is a combined
+        branch and either runs block-centric (its slot reduction writes it,
+        the window computed first) or group-centric with a combined window
+        folded into it."""
         plan = self.plan
-        if not plan.has("slc_fwd") or self.slc_fwd_at(T) != "group-centric":
+        if not plan.has("slc_fwd"):
             return False
         combine = plan.kernel("combine")
-        return bool(combine.const("COMBINE_SLC")) and (plan.window_in_selection or not combine.const("COMBINE_SWA"))
+        if not combine.const("COMBINE_SLC"):
+            return False
+        if self.slc_fwd_at(T) == "block-centric":
+            return True
+        return plan.window_in_selection or not combine.const("COMBINE_SWA")
 
     def forward(self, q, k, v, gates, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, shapes,
                 final: bool = False) -> dict:
@@ -187,7 +193,13 @@ class CompiledPattern:
                                num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
             if self.slc_fwd_at(T) == "block-centric":
-                o_slc, lse_slc = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes)
+                write_final = final and self.writes_final_output(T)
+                if write_final and p.window is not None:  # the reduction reads o_swa
+                    self._window_forward(q, k, v, k_swa, v_swa, out, qk_scale_log2, shapes)
+                o_slc, lse_slc, o = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes,
+                                                                  out if write_final else None, gates)
+                if write_final:
+                    out["o"] = o
             else:
                 kp = plan.kernel("slc_fwd")
                 write_final = final and self.writes_final_output(T)
@@ -221,41 +233,56 @@ class CompiledPattern:
             out["o_slc"], out["lse_slc"] = o_slc, lse_slc
 
         if p.window is not None and "o_swa" not in out and "o" not in out:  # not folded into slc_fwd
-            kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
-            kp = plan.kernel("swa_fwd")
-            o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev)
-            lse_swa = self._alloc((B, HQ, T), torch.float32, dev)
-            grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * HQ)
-            m.swa_fwd[grid](q, kw, vw, o_swa, lse_swa, T, T, qk_scale_log2,
-                            *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa),
-                            num_warps=kp.num_warps, num_stages=kp.num_stages)
-            out["o_swa"], out["lse_swa"] = o_swa, lse_swa
+            self._window_forward(q, k, v, k_swa, v_swa, out, qk_scale_log2, shapes)
 
-        if "o" not in out:  # slc_fwd did not write it (WRITE_FINAL)
+        if "o" not in out:  # the selection did not write it (WRITE_FINAL)
             out["o"] = self._combine(out, gates, B * T * HQ, q)
         return out
 
-    def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes) -> tuple:
+    def _window_forward(self, q, k, v, k_swa, v_swa, out: dict, qk_scale_log2: float, shapes) -> None:
+        """swa_fwd: the window branch's o_swa and lse_swa into out."""
+        p = self.pattern
+        B, T = shapes.batch, shapes.length
+        kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
+        kp = self.plan.kernel("swa_fwd")
+        o_swa = self._alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
+        lse_swa = self._alloc((B, p.heads.q, T), torch.float32, q.device)
+        grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * p.heads.q)
+        self.module.swa_fwd[grid](q, kw, vw, o_swa, lse_swa, T, T, qk_scale_log2,
+                                  *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa),
+                                  num_warps=kp.num_warps, num_stages=kp.num_stages)
+        out["o_swa"], out["lse_swa"] = o_swa, lse_swa
+
+    def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes, final_from: Optional[dict],
+                                 gates: dict) -> tuple:
         """slc_fwd_bc and its slot reduction around the inverted index, slice
-        by slice of BC_SLICE positions: (o_slc, lse_slc) exactly as the
-        group-centric kernel leaves them (lse in log2 units, +inf and a zero
-        output for a position that sees no selected key)."""
+        by slice of BC_SLICE positions: (o_slc, lse_slc, None) exactly as
+        the group-centric kernel leaves them (lse in log2 units, +inf and a
+        zero output for a position that sees no selected key). final_from
+        (the forward's outputs so far: o_cmp, o_swa): the reduction writes
+        the gated output instead, (None, None, o)."""
         p, m = self.pattern, self.module
         kp = self.plan.kernel("slc_fwd_bc")
         B, T = shapes.batch, shapes.length
         HQ, HKV, G, DV, top = p.heads.q, p.heads.kv, p.group, p.dims.v, p.select.top
         dev = q.device
         n_blocks = _cdiv(T, p.select.block)
+        write_final = final_from is not None
         o = self._alloc((B, T, HQ, DV), q.dtype, dev)
-        lse = self._alloc((B, HQ, T), torch.float32, dev)
+        lse = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else o  # o: an unused pointer
         if T == 0:
-            return o, lse
+            return (None, None, o) if write_final else (o, lse, None)
+        # the gated sum's other branches and gates (unused pointers are o)
+        if write_final:
+            final_args = [o, *(final_from.get(n) if final_from.get(n) is not None else o for n in ("o_cmp", "o_swa")),
+                          *(gates[b] if gates[b] is not None else o for b in (Branch.CMP, Branch.SLC, Branch.SWA))]
+        else:
+            final_args = [o] * 6
         TS = min(T, max(1, kp.const("BC_SLICE") // B))  # BC_SLICE (batch element, position) pairs a slice
+        n_slices = _cdiv(T, TS)
         offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True,
                                                        slice_len=TS)
-        chunks = chunk_segments(offsets, kp.const("BC_CHUNK"))
-        per_slice = B * HKV * n_blocks
-        first_chunk = chunks["per_segment"][::per_slice].tolist()  # each slice's first chunk, and the end
+        chunks = chunk_table(offsets, kp.const("BC_CHUNK"), n_slices, B * TS * HKV * top)
         # Per-slot partials of one slice, reused by the next: the outputs in
         # the input dtype (normalised over one block, so bounded by |v|), the
         # log2-sum-exp in float32, -inf for a slot a position did not use.
@@ -263,19 +290,19 @@ class CompiledPattern:
         part_lse = torch.empty((B, TS, HKV, top, G), dtype=torch.float32, device=dev)
         reduce_rows = kp.const("BC_REDUCE_ROWS")
         for i, t0 in enumerate(range(0, T, TS)):
-            ts = min(TS, T - t0)
             part_lse.fill_(float("-inf"))
-            c0, c1 = first_chunk[i], first_chunk[i + 1]
-            if c1 > c0:
-                m.slc_fwd_bc[(c1 - c0,)](q, k, v, chunks["segment"][c0:c1], chunks["start"][c0:c1],
-                                         chunks["end"][c0:c1], positions, slots, part_o, part_lse,
-                                         T, t0, TS, i * per_slice, n_blocks, qk_scale_log2,
-                                         *_strides(q), *_strides(k), *_strides(v),
-                                         num_warps=kp.num_warps, num_stages=kp.num_stages)
+            m.slc_fwd_bc[(chunks["grid"],)](q, k, v, chunks["slice_first"], chunks["segment"], chunks["start"],
+                                           chunks["end"], positions, slots, part_o, part_lse,
+                                           T, t0, TS, i, i * B * HKV * n_blocks, n_blocks, qk_scale_log2,
+                                           *_strides(q), *_strides(k), *_strides(v),
+                                           num_warps=kp.num_warps, num_stages=kp.num_stages)
             n_rows = B * TS * HQ
-            m.slc_fwd_bc_reduce[(_cdiv(n_rows, reduce_rows),)](part_o, part_lse, o, lse, T, t0, TS, ts, n_rows,
-                                                               *_strides(o), num_warps=4, num_stages=1)
-        return o, lse
+            m.slc_fwd_bc_reduce[(_cdiv(n_rows, reduce_rows),)](
+                part_o, part_lse, o, lse, T, t0, TS, min(TS, T - t0), n_rows, *_strides(o), *final_args,
+                WRITE_FINAL=write_final, HAS_G_CMP=gates[Branch.CMP] is not None,
+                HAS_G_SLC=gates[Branch.SLC] is not None, HAS_G_SWA=gates[Branch.SWA] is not None,
+                num_warps=4, num_stages=2)
+        return (None, None, o) if write_final else (o, lse, None)
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         kp = self.plan.kernel("combine")
@@ -444,28 +471,54 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     slice has its own segments, slice-major (offsets then has
     cdiv(T, slice_len) * B*HKV*n_blocks + 1 entries), so one index serves a
     kernel launched slice by slice.
-    Its size is at most B*T*HKV*top: never T x blocks."""
-    B, T, HKV, _ = indices.shape
+    No host synchronisation: every index entry is sorted, the dropped ones
+    under a key past the last segment, so positions and slots always hold
+    B*T*HKV*top entries and those past offsets[-1] belong to no segment.
+    Never T x blocks."""
+    B, T, HKV, top = indices.shape
     dev = indices.device
     n_slices = 1 if slice_len is None else max(1, -(-T // slice_len))
+    n_segments = n_slices * B * HKV * n_blocks
     idx = indices.long()
     t = torch.arange(T, device=dev).view(1, T, 1, 1)
     usable = (idx >= 0) & (idx <= t // block)
     usable &= first_occurrence(idx)
-    b_i, t_i, h_i, slot_i = usable.nonzero(as_tuple=True)
-    blk = idx[usable]
-    slice_i = t_i // slice_len if slice_len is not None else 0
-    segment = ((slice_i * B + b_i) * HKV + h_i) * n_blocks + blk
-    key, order = torch.sort(segment * T + t_i)  # by segment, then position
-    segment = key // T
-    positions = (key % T).to(torch.int32)
-    n_segments = n_slices * B * HKV * n_blocks
-    counts = torch.bincount(segment, minlength=n_segments)
+    slice_t = t // slice_len if slice_len is not None else 0
+    b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+    h = torch.arange(HKV, device=dev).view(1, 1, HKV, 1)
+    segment = torch.where(usable, ((slice_t * B + b) * HKV + h) * n_blocks + idx, n_segments)
+    # stable: within a segment the entries keep their (position, slot) order
+    ordered, order = torch.sort(segment.flatten(), stable=True)
+    counts = torch.bincount(ordered, minlength=n_segments + 1)[:n_segments]
     offsets = torch.zeros(n_segments + 1, dtype=torch.int64, device=dev)
     offsets[1:] = torch.cumsum(counts, 0)
+    positions = ((order // (HKV * top)) % T).to(torch.int32)
     if with_slots:
-        return offsets.to(torch.int32), positions, slot_i[order].to(torch.int32)
+        return offsets.to(torch.int32), positions, (order % top).to(torch.int32)
     return offsets.to(torch.int32), positions
+
+
+def chunk_table(offsets: torch.Tensor, chunk: int, n_slices: int, max_entries_per_slice: int) -> dict:
+    """chunk_segments without a host synchronisation, for a launch per slice
+    of a slice-major index: chunk c of the whole index is (segment, start,
+    end) of arrays sized for the most chunks the index can have, and
+    slice_first [n_slices + 1] says which chunks belong to slice i. A
+    slice's launch takes `grid` programs (its most possible chunks); a
+    program past slice_first[i + 1] has nothing to do."""
+    n_segments = offsets.numel() - 1
+    per_slice = n_segments // n_slices
+    counts = (offsets[1:] - offsets[:-1]).long()
+    per = (counts + chunk - 1) // chunk
+    first = torch.zeros(n_segments + 1, dtype=torch.int64, device=offsets.device)
+    first[1:] = torch.cumsum(per, 0)  # chunks before each segment
+    grid = -(-max_entries_per_slice // chunk) + per_slice  # ceil per segment adds at most one each
+    n_max = n_slices * grid
+    c = torch.arange(n_max, device=offsets.device)
+    segment = (torch.searchsorted(first[1:], c, right=True)).clamp(max=n_segments - 1)
+    start = offsets[segment].long() + (c - first[segment]) * chunk
+    end = torch.minimum(start + chunk, offsets[segment + 1].long())
+    return {"segment": segment.to(torch.int32), "start": start.to(torch.int32), "end": end.to(torch.int32),
+            "slice_first": first[::per_slice].to(torch.int32), "grid": grid}
 
 
 def chunk_segments(offsets: torch.Tensor, chunk: int) -> dict:

@@ -12,7 +12,7 @@ import nsa_dsl
 from nsa_dsl.check import check
 from nsa_dsl.cost import BLOCK_CENTRIC_BYTE_WEIGHT, block_centric_from, selection_loop_bytes
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
-from nsa_dsl.ops import block_to_positions
+from nsa_dsl.ops import block_to_positions, chunk_table
 from nsa_dsl.plan import SLC_LIST_MAX
 from nsa_dsl.tune import launched
 from nsa_dsl.validate import validate_inputs
@@ -249,6 +249,37 @@ def test_sliced_inverted_index_numbers_segments_slice_major():
                        (1, 0, 2, 0), (1, 1, 3, 1), (1, 2, 2, 1), (1, 2, 3, 0)]
 
 
+@settings(max_examples=30, deadline=None)
+@given(T=st.integers(1, 90), B=st.integers(1, 2), HKV=st.integers(1, 3), top=st.integers(1, 5),
+       block=st.sampled_from([1, 4, 16]), slice_len=st.integers(1, 40), chunk=st.integers(1, 9),
+       seed=st.integers(0, 2**31 - 1))
+def test_chunk_table_covers_each_slices_entries_once(T, B, HKV, top, block, slice_len, chunk, seed):
+    # the forward's sync-free chunking: the chunks a slice's launch finds
+    # (slice_first[i] + program < slice_first[i + 1], program < grid) cover
+    # every entry of that slice's segments exactly once, each chunk inside
+    # one segment and at most `chunk` long
+    n_blocks = -(-T // block)
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, n_blocks, (B, T, HKV, top), generator=gen, dtype=torch.int32)
+    n_slices = -(-T // slice_len)
+    offsets, positions, slots = block_to_positions(idx, block, n_blocks, with_slots=True, slice_len=slice_len)
+    assert positions.numel() == B * T * HKV * top  # dropped entries sorted past offsets[-1]
+    table = chunk_table(offsets, chunk, n_slices, B * slice_len * HKV * top)
+    per_slice = B * HKV * n_blocks
+    seen = torch.zeros(int(offsets[-1]), dtype=torch.int64)
+    for i in range(n_slices):
+        first, last = int(table["slice_first"][i]), int(table["slice_first"][i + 1])
+        assert last - first <= table["grid"]
+        for c in range(first, last):
+            seg, start, end = int(table["segment"][c]), int(table["start"][c]), int(table["end"][c])
+            assert i * per_slice <= seg < (i + 1) * per_slice
+            assert int(offsets[seg]) <= start < end <= int(offsets[seg + 1]) and end - start <= chunk
+            seen[start:end] += 1
+            for e in range(start, end):
+                assert int(positions[e]) // slice_len == i
+    assert torch.equal(seen, torch.ones_like(seen))
+
+
 def test_block_centric_tile_rows_are_checked():
     p = nsa_dsl.load("examples/bench_small_group.nsa")  # G=2
     with pytest.raises(ValueError, match="BC_TOKENS x GROUP_ROWS = 8 rows"):
@@ -383,18 +414,19 @@ def test_window_fold_needs_a_window():
 
 @settings(max_examples=12)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(1, 80),
-       batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1), fold=st.booleans(),
+       batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1), fold=st.booleans(), order=st.sampled_from(ORDERS),
        dtype=st.sampled_from([torch.float32, torch.float16]))
 def test_a_call_without_gradients_has_the_selection_kernel_write_the_output(pattern, length, batch, seed, fold,
-                                                                            dtype):
-    # WRITE_FINAL: with nothing to differentiate, slc_fwd writes the gated
-    # sum itself (reading o_cmp back) where the selection is combined and a
-    # combined window is folded into it; no branch output is kept. The
-    # output must equal the training call's and the reference.
+                                                                            order, dtype):
+    # WRITE_FINAL: with nothing to differentiate, the selection writes the
+    # gated sum itself (reading o_cmp back) where it is combined: slc_fwd
+    # where a combined window is folded into it, the block-centric slot
+    # reduction always (swa_fwd runs first); no selection output is kept.
+    # The output must equal the training call's and the reference.
     fold = fold and pattern.window is not None
-    compiled = nsa_dsl.compile(pattern, slc_fwd="group-centric", overrides={"SLC_FWD_WINDOW": 1} if fold else None)
+    compiled = nsa_dsl.compile(pattern, slc_fwd=order, overrides={"SLC_FWD_WINDOW": 1} if fold else None)
     combined = pattern.combined_branches
-    expect_fused = Branch.SLC in combined and (fold or Branch.SWA not in combined)
+    expect_fused = Branch.SLC in combined and (order == "block-centric" or fold or Branch.SWA not in combined)
     assert compiled.writes_final_output(length) == expect_fused
     args = random_inputs(pattern, batch, length, dtype, seed, device=DEVICE)
     compiled.poison = True
