@@ -262,12 +262,14 @@ class LoopOrderBytes(NamedTuple):
 # repeated block loads mostly hit L2 (a KV head's keys and values, 32 MB at
 # 64k for d=128, fit in the H200's 50 MB L2), and its index is built by
 # sorting every selected entry. Fitted on the H200 (benchmarks/NOTES.md v9,
-# forward wall times of both orders): measured group/block time ratios
-# small_group 0.47 / 1.04 / 1.31 / 1.55 at 8k / 16k / 32k / 64k, paper128
-# 0.54 / 0.94 and deepseek_nsa 0.61 / 0.95 at 8k / 64k; with 4 the model
-# says 0.66 / 1.17 / 1.83 / 2.48, 0.37 / 0.50 and 0.40 / 0.54, and picks
-# the faster order at each of the nine (16k, a tie, stays group-centric).
-BLOCK_CENTRIC_BYTE_WEIGHT = 4
+# forward wall times of both orders, the sync-free index): measured
+# group/block time ratios small_group 0.67 / 1.13 / 1.66 at 8k / 16k / 64k
+# (1.31 at 32k before the index lost its host synchronisations), paper128
+# 0.61 / 0.97 and deepseek_nsa 0.61 / 0.96 at 8k / 64k; with 3.5 the model
+# says 0.75 / 1.34 / 2.83 (2.09 at 32k), 0.42 / 0.57 and 0.46 / 0.62: it
+# overrates block-centric for small groups and underrates it for G=16, but
+# picks the faster order at every measured point.
+BLOCK_CENTRIC_BYTE_WEIGHT = 3.5
 # Block-centric must be predicted this much cheaper before the plan takes it:
 # building its index (a sort of every selected entry) and the launches are
 # not in the byte count.

@@ -489,9 +489,9 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     segment = torch.where(usable, ((slice_t * B + b) * HKV + h) * n_blocks + idx, n_segments)
     # stable: within a segment the entries keep their (position, slot) order
     ordered, order = torch.sort(segment.flatten(), stable=True)
-    counts = torch.bincount(ordered, minlength=n_segments + 1)[:n_segments]
-    offsets = torch.zeros(n_segments + 1, dtype=torch.int64, device=dev)
-    offsets[1:] = torch.cumsum(counts, 0)
+    # each segment's first entry in the sorted keys (bincount would read the
+    # largest key back to the host to size its output)
+    offsets = torch.searchsorted(ordered, torch.arange(n_segments + 1, device=dev))
     positions = ((order // (HKV * top)) % T).to(torch.int32)
     if with_slots:
         return offsets.to(torch.int32), positions, (order % top).to(torch.int32)

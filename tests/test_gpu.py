@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import nsa_dsl
-from nsa_dsl.ir import Pool
+from nsa_dsl.ir import Branch, Pool
+from nsa_dsl.validate import validate_inputs
 from nsa_dsl.reference import compress_mean, overlap_weights
 from strategies import TOLERANCE, random_inputs, rel_error, upcast
 
@@ -149,6 +150,26 @@ def test_block_centric_forward_is_bit_identical_and_slices_agree():
           "bit_identical": bool(torch.equal(o, again)), "slices_equal": bool(torch.equal(o, in_slices))})
     assert torch.equal(o, again) and torch.equal(o, in_slices)
     assert err < TOLERANCE[torch.bfloat16]
+
+
+def test_block_centric_selection_never_waits_for_the_device():
+    """The block-centric forward's index, chunking and launches are queued
+    without reading anything back to the host (torch's sync debug mode
+    raises on any device-to-host synchronisation)."""
+    pattern = _patterns()["small_group"]
+    args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=82, device="cuda")
+    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": 2048})
+    _, indices = compiled(**args, return_indices=True)  # compiles the kernels, makes the blocks
+    no_gates = {b: None for b in Branch}
+    shapes = validate_inputs(pattern, args["q"], args["k"], args["v"], no_gates, indices=indices)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o_slc, lse_slc, _ = compiled._selection_block_centric(args["q"], args["k"], args["v"], indices, 0.1, shapes,
+                                                             None, no_gates)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(o_slc).all() and lse_slc.shape == (1, pattern.heads.q, 8192)
 
 
 def test_selection_union_list_matches_reference_bf16():
