@@ -301,7 +301,7 @@ class CompiledPattern:
                 part_o, part_lse, o, lse, T, t0, TS, min(TS, T - t0), n_rows, *_strides(o), *final_args,
                 WRITE_FINAL=write_final, HAS_G_CMP=gates[Branch.CMP] is not None,
                 HAS_G_SLC=gates[Branch.SLC] is not None, HAS_G_SWA=gates[Branch.SWA] is not None,
-                num_warps=4, num_stages=2)
+                num_warps=4, num_stages=kp.const("BC_REDUCE_STAGES"))
         return (None, None, o) if write_final else (o, lse, None)
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:

@@ -340,7 +340,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             f" the {s.top} slots (no atomics); slices of {bc_slice} positions bound the partials' memory",
             "(chunks of the inverted index,), then (cdiv(B*TS*HQ, BC_REDUCE_ROWS),), per slice",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
-             ("BC_TOKENS", bc_tokens), ("BC_CHUNK", bc_chunk), ("BC_REDUCE_ROWS", 32),
+             ("BC_TOKENS", bc_tokens), ("BC_CHUNK", bc_chunk),
+             # slc_fwd_bc_reduce: rows a program, and the stages of its slot
+             # loop (32 rows on 2 stages measured best of 32 / 64, v9)
+             ("BC_REDUCE_ROWS", 32), ("BC_REDUCE_STAGES", 2),
              # (batch element, position) pairs per slice: the per-slot
              # partials of a slice take about BC_PARTIAL_BYTES
              ("BC_SLICE", bc_slice)),
@@ -524,6 +527,13 @@ def _flag(value: int) -> bool:
 
 _flag.__doc__ = "0 or 1"
 
+
+def _stages(value: int) -> bool:
+    return 1 <= value <= 8
+
+
+_stages.__doc__ = "in 1..8 (stages of a kernel that is not the KernelPlan's own launch)"
+
 # Constants a user (or the autotuner) may change without changing what is
 # computed: tile shapes and work splits. Anything else is the pattern's own.
 TUNABLE = {
@@ -535,7 +545,7 @@ TUNABLE = {
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
-    "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_SLICE": _positive,
+    "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

@@ -127,7 +127,8 @@ def candidates(plan: Plan, kernel: str) -> list:
                     if (n, warps) != (names[tile], names[warps_name]):
                         options.append({tile: n, warps_name: warps})
     for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("SLC_BWD_DQ_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
-                           ("SLC_BWD_CHUNK", 256, 4096), ("BC_TOKENS", 1, 64), ("BC_CHUNK", 16, 4096)):
+                           ("SLC_BWD_CHUNK", 256, 4096), ("BC_TOKENS", 1, 64), ("BC_CHUNK", 16, 4096),
+                           ("BC_REDUCE_ROWS", 8, 128)):
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
@@ -183,6 +184,13 @@ def candidates(plan: Plan, kernel: str) -> list:
         options.append({"TOPK_SORT_MERGE": 1 - names["TOPK_SORT_MERGE"]})
         if not names["TOPK_SORT_MERGE"] and k.num_stages < 2:
             options.append({"TOPK_SORT_MERGE": 1, f"{kernel}.num_stages": 3})
+    if "BC_REDUCE_STAGES" in names:
+        # the slot reduction's loop loads one slot's partials an iteration:
+        # more stages keep more of them in flight (paper128 at 64k on the
+        # H200: 5.3 ms for ~9.6 GB, a third of the copy bandwidth, v9)
+        for stages in (1, 2, 3, 4):
+            if stages != names["BC_REDUCE_STAGES"]:
+                options.append({"BC_REDUCE_STAGES": stages})
     if "TOPK_STRIDED_OVERLAP" in names:
         # the overlap weights as the per-block pattern (where it fits: the
         # plan refuses the rest), for whichever scoring kernel runs

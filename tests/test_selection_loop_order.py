@@ -14,7 +14,7 @@ from nsa_dsl.cost import BLOCK_CENTRIC_BYTE_WEIGHT, block_centric_from, selectio
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
 from nsa_dsl.ops import block_to_positions, chunk_table
 from nsa_dsl.plan import SLC_LIST_MAX
-from nsa_dsl.tune import launched
+from nsa_dsl.tune import candidates, launched
 from nsa_dsl.validate import validate_inputs
 from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
                         valid_patterns)
@@ -285,6 +285,12 @@ def test_block_centric_tile_rows_are_checked():
     with pytest.raises(ValueError, match="BC_TOKENS x GROUP_ROWS = 8 rows"):
         nsa_dsl.compile(p, overrides={"BC_TOKENS": 4})
     assert nsa_dsl.compile(p, overrides={"BC_TOKENS": 8}).plan.kernel("slc_fwd_bc").const("BC_TOKENS") == 8
+    with pytest.raises(ValueError, match="BC_REDUCE_STAGES: must be in 1..8"):
+        nsa_dsl.compile(p, overrides={"BC_REDUCE_STAGES": 0})
+    # the tuner tries the reduction's tile and stages, never a refused tile
+    tried = candidates(check(p), "slc_fwd_bc")
+    assert {"BC_REDUCE_STAGES": 3} in tried and {"BC_REDUCE_ROWS": 16} in tried
+    assert {"BC_TOKENS": 4} not in tried and {"BC_TOKENS": 8} in tried
 
 
 def _list_fits(p: Pattern) -> bool:
