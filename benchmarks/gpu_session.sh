@@ -52,7 +52,7 @@ case "${1:-}" in
     # The slowest stages first (NOTES.md v3, paper128 at 64k), 64k before 8k;
     # a candidate compiles only the kernel it changes (~2-4 s each).
     timeout 560 python3 -m nsa_dsl.cli tune "${TUNE_PATTERN:-examples/bench_paper128.nsa}" --lengths "${TUNE_LENGTHS:-65536,8192}" -v \
-      --kernels cmp_bwd,slc_bwd,slc_fwd,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" --from-tuned \
+      --kernels cmp_bwd,slc_bwd,slc_fwd,slc_fwd_bc,slc_topk,swa_bwd,cmp_fwd,swa_fwd --budget-s "${TUNE_BUDGET_S:-500}" --from-tuned \
       --objective "${TUNE_OBJECTIVE:-wall}" \
       --export "$OUT/tuned" 2>&1 | tee "$OUT/tune_$(basename "${TUNE_PATTERN:-bench_paper128}" .nsa).log" \
       | grep -v "^T=" | tail -n 20 ;;

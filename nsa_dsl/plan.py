@@ -106,9 +106,13 @@ class Plan:
 
     def loop_order_at(self, T: int) -> Optional[str]:
         """The selection forward loop order the plan runs at length T (None
-        without a selection branch)."""
+        without a selection branch): SLC_FWD_ORDER where set, else the cost
+        model's."""
         if not self.has("slc_fwd"):
             return None
+        forced = self.kernel("slc_fwd").const("SLC_FWD_ORDER")
+        if forced >= 0:
+            return ("group-centric", "block-centric")[forced]
         if self.block_centric_from is not None and T >= self.block_centric_from:
             return "block-centric"
         return "group-centric"
@@ -116,6 +120,9 @@ class Plan:
     def loop_order_summary(self) -> Optional[str]:
         if not self.has("slc_fwd"):
             return None
+        forced = self.kernel("slc_fwd").const("SLC_FWD_ORDER")
+        if forced >= 0:
+            return f"{('group-centric', 'block-centric')[forced]} at every length (SLC_FWD_ORDER={forced})"
         if self.block_centric_from is None:
             return "group-centric at every length"
         return f"group-centric below T={self.block_centric_from}, block-centric from it"
@@ -315,7 +322,12 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # TOP_PAD <= SLC_LIST_MAX: with 3 stages the tuner's choice for
              # paper128 at 8k and 64k on the H200 (23.9 -> 18.5 ms at 64k,
              # NOTES.md v6); not yet timed on other patterns.
-             ("SLC_FWD_LIST", 0))
+             ("SLC_FWD_LIST", 0),
+             # The selection forward's loop order: -1 the cost model's choice
+             # by length (block_centric_from), 0 group-centric, 1
+             # block-centric at every length. Tunable, so the tuner can
+             # settle a length bucket by measuring both orders.
+             ("SLC_FWD_ORDER", -1))
             # 1: the same program also computes the window branch for its
             # rows (o_swa, lse_swa) and swa_fwd is not launched: q is read
             # once and each window key tile serves the group's heads
@@ -528,6 +540,13 @@ def _flag(value: int) -> bool:
 _flag.__doc__ = "0 or 1"
 
 
+def _order(value: int) -> bool:
+    return value in (-1, 0, 1)
+
+
+_order.__doc__ = "-1 (by the cost model), 0 (group-centric) or 1 (block-centric)"
+
+
 def _stages(value: int) -> bool:
     return 1 <= value <= 8
 
@@ -547,7 +566,7 @@ TUNABLE = {
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_FWD_WINDOW": _flag, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
+    "SLC_FWD_WINDOW": _flag, "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),

@@ -201,6 +201,14 @@ def candidates(plan: Plan, kernel: str) -> list:
     for stages in (1, 2, 3):
         if stages != k.num_stages:
             options.append({f"{kernel}.num_stages": stages})
+    if kernel in ("slc_fwd", "slc_fwd_bc"):
+        # the other loop order, measured instead of predicted (last: the
+        # kernel's own settings are tuned first); once taken, the other
+        # kernel is the launched one and is tuned in its turn
+        current = plan.kernel("slc_fwd").const("SLC_FWD_ORDER")
+        for order in (0, 1):
+            if order != current:
+                options.append({"SLC_FWD_ORDER": order})
     # The plan's rules decide what this pattern can take (e.g. the union
     # list's size limit, the head-rows tile bounds): not repeated here.
     return [o for o in options if _applies(plan, o)]
@@ -261,7 +269,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
         for kernel in order:
             if plan.kernel(kernel).direction == "backward" and not backward:
                 continue
-            if not launched(plan, kernel, length):
+            if not launched(apply_overrides(plan, best), kernel, length):  # best may set the loop order
                 continue
             for option in candidates(plan, kernel)[1:]:
                 if out_of_time():

@@ -331,3 +331,37 @@ def test_the_kernel_time_objective_is_checked_and_needs_a_device():
     else:
         with pytest.raises(RuntimeError, match="need a CUDA device"):
             kernel_ms(lambda: None)
+
+
+def test_the_tuner_measures_the_other_selection_loop_order_and_then_tunes_its_kernel():
+    # A fake device on which the block-centric order is faster at 9000 (the
+    # plan's model picks group-centric there) and its reduction likes 16
+    # rows: the tuner takes SLC_FWD_ORDER=1 from slc_fwd's candidates, then
+    # tunes slc_fwd_bc, now launched; at 1000 group-centric stays.
+    plan = nsa_dsl.check(PATTERN)
+    assert plan.loop_order_at(9000) == "group-centric"
+
+    def timer(plan, overrides, length):
+        block_centric = apply_overrides(plan, overrides).loop_order_at(length) == "block-centric"
+        ms = 5.0 if block_centric and length > 4096 else 10.0 if block_centric else 6.0
+        return ms - (0.5 if block_centric and overrides.get("BC_REDUCE_ROWS") == 16 else 0.0)
+
+    configs = tune(PATTERN, [1000, 9000], timer, device="fake-gpu", kernels=["slc_fwd", "slc_fwd_bc"])
+    assert configs[16384]["SLC_FWD_ORDER"] == 1 and configs[16384]["BC_REDUCE_ROWS"] == 16
+    assert configs[1024].get("SLC_FWD_ORDER", -1) != 1 and "BC_REDUCE_ROWS" not in configs[1024]
+    tuned = TunedPattern(PATTERN, "fake-gpu", nsa_dsl.compile)
+    assert tuned.slc_fwd_at(9000) == "block-centric" and tuned.slc_fwd_at(1000) == "group-centric"
+
+
+def test_selection_loop_order_override():
+    plan = nsa_dsl.check(PATTERN)
+    for order, name in ((0, "group-centric"), (1, "block-centric")):
+        forced = apply_overrides(plan, {"SLC_FWD_ORDER": order})
+        assert {forced.loop_order_at(T) for T in (1, 1000, 1 << 20)} == {name}
+        assert f"{name} at every length (SLC_FWD_ORDER={order})" in forced.explain()
+    assert apply_overrides(plan, {"SLC_FWD_ORDER": -1}).loop_order_at(1 << 20) == plan.loop_order_at(1 << 20)
+    with pytest.raises(ValueError, match="SLC_FWD_ORDER: must be -1"):
+        nsa_dsl.compile(PATTERN, overrides={"SLC_FWD_ORDER": 2})
+    # compile(slc_fwd=...) still decides over the constant
+    assert nsa_dsl.compile(PATTERN, slc_fwd="group-centric",
+                           overrides={"SLC_FWD_ORDER": 1}).slc_fwd_at(100) == "group-centric"
