@@ -116,6 +116,16 @@ def candidates(plan: Plan, kernel: str) -> list:
                 for n in _scaled(names[n_name], lo=16, hi=128):
                     if (m, n) != (names[m_name], names[n_name]):
                         options.append({m_name: m, n_name: n})
+    # The forward flash loops: 128 query rows need two warpgroups (8 warps)
+    # to hold their accumulator, so the tile and the warps move together
+    # (coordinate descent tries each alone). paper128's cmp_fwd compiled for
+    # sm_90 at 128 x 64 on 8 warps: 236 registers, no spill, 128 KB shared
+    # with 3 stages; at 64k it ran ~440 TFLOP/s at 64 x 64 on 4 (v9).
+    for m_name, n_name, fwd in (("CMP_BLOCK_M", "CMP_BLOCK_N", "cmp_fwd"), ("SWA_BLOCK_M", "SWA_BLOCK_N", "swa_fwd")):
+        if kernel == fwd and m_name in names and names[m_name] < 128:
+            for n in sorted({names[n_name], 64}):
+                options.append({m_name: 128, n_name: n, f"{kernel}.num_warps": 8})
+                options.append({m_name: 128, n_name: n, f"{kernel}.num_warps": 8, f"{kernel}.num_stages": 3})
     # The dK/dV kernel's key tile and warps move together: two warpgroups
     # hold twice the keys' dK, dV without spilling (paper128 on sm_90: 128
     # keys on 8 warps). Tried from any tuned configuration.

@@ -157,6 +157,10 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
         assert {f"{kernel}.num_stages": 2} in candidates(paper, kernel), kernel
     # the union list compares SLC_TOKENS * TOP_PAD entries pairwise: 4 * 16
     # for paper128, 32 * 16 for small_group (over SLC_LIST_MAX)
+    # two warpgroups for 128 query rows: the forward flash tiles move with the warps
+    for kernel, m_name, n_name in (("cmp_fwd", "CMP_BLOCK_M", "CMP_BLOCK_N"), ("swa_fwd", "SWA_BLOCK_M", "SWA_BLOCK_N")):
+        assert {m_name: 128, n_name: 64, f"{kernel}.num_warps": 8} in candidates(paper, kernel)
+        assert {m_name: 128, n_name: 64, f"{kernel}.num_warps": 8, f"{kernel}.num_stages": 3} in candidates(paper, kernel)
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
     assert {"SLC_FWD_WINDOW": 1} in candidates(paper, "slc_fwd")  # the window inside the selection forward
     assert {"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": 32} in candidates(paper, "slc_fwd")  # with its own key step
