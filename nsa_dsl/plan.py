@@ -360,8 +360,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # partials of a slice take about BC_PARTIAL_BYTES
              ("BC_SLICE", bc_slice)),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
-        # Both orders were measured on the H200 (benchmarks/NOTES.md, v4
-        # measured); the cost model, calibrated there, picks by length.
+        # Both orders were measured on the H200 (benchmarks/NOTES.md v9); the
+        # cost model, calibrated there, picks by length (SLC_FWD_ORDER or
+        # compile(slc_fwd=...) overrides it).
         orders = {T: selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, T) for T in LOOP_ORDER_LENGTHS}
         bc_from = block_centric_from(orders)
         if bc_from is None:
@@ -566,7 +567,8 @@ TUNABLE = {
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_FWD_WINDOW": _flag, "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag, "TOPK_HEAD_ROWS": _flag,
+    "SLC_FWD_WINDOW": _flag, "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
+    "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
