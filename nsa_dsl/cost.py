@@ -266,7 +266,7 @@ class LoopOrderBytes(NamedTuple):
 # group/block time ratios small_group 0.67 / 1.13 / 1.66 at 8k / 16k / 64k
 # (1.31 at 32k before the index lost its host synchronisations), paper128
 # 0.61 / 0.97 and deepseek_nsa 0.61 / 0.96 at 8k / 64k; with 3.5 the model
-# says 0.75 / 1.34 / 2.83 (2.09 at 32k), 0.42 / 0.57 and 0.46 / 0.62: it
+# says 0.76 / 1.34 / 2.83 (2.09 at 32k), 0.43 / 0.57 and 0.46 / 0.61: it
 # overrates block-centric for small groups and underrates it for G=16, but
 # picks the faster order at every measured point.
 BLOCK_CENTRIC_BYTE_WEIGHT = 3.5

@@ -128,7 +128,7 @@ def test_plan_chooses_loop_order_by_length():
     paper = nsa_dsl.load("examples/bench_paper128.nsa")
     small = nsa_dsl.load("examples/bench_small_group.nsa")
     # G=16 fills the MMA tile with one position's heads: group-centric at
-    # every length (on the H200 the block-centric forward was 1.64x slower
+    # every length (on the H200 the block-centric forward was 1.63x slower
     # at 8k and 1.03x at 64k, NOTES.md v9).
     plan = check(paper)
     assert plan.block_centric_from is None
