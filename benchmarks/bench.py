@@ -66,8 +66,9 @@ CONVENTIONS = {
     "speedup_vs_sdpa": "ms of sdpa_flash (or sdpa_flash_padv where flash rejects the head dims) for the same "
                        "pattern, T and pass, divided by this row's ms",
     "ms": "median of triton.testing.do_bench; stage rows: device time per call from torch.profiler",
-    "fused_output": "nsa_dsl rows: whether a forward without gradients (the fwd row) has slc_fwd write the gated "
-                    "output itself (WRITE_FINAL: no combine pass); the stage rows profile the training pass",
+    "fused_output": "nsa_dsl rows: whether a forward without gradients (the fwd row) has the selection (slc_fwd or "
+                    "the block-centric slot reduction) write the gated output itself (WRITE_FINAL: no combine "
+                    "pass); the stage rows profile the training pass",
 }
 
 

@@ -67,7 +67,7 @@ def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None) -> tup
     for i, name in enumerate(fn.arg_names):
         if name in arg_values:
             sig[name], constexprs[name] = "constexpr", arg_values[name]
-        elif name in ("D", "D_PAD", "PASS"):
+        elif name in ("D", "D_PAD"):
             sig[name], constexprs[name] = "constexpr", dims[name]
         elif name.endswith("_ptr"):
             sig[name] = "*bf16" if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
@@ -131,8 +131,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, arg_values)
                     warps = kernel.warps_for(entry)
                     row = {"pattern": pattern.name, "kernel": entry, "num_warps": warps,
-                           "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {}),
-                           **({"pass": dims["PASS"]} if "PASS" in dims else {})}
+                           "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {})}
                     try:
                         compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                                                   options={"num_warps": warps, "num_stages": kernel.num_stages})

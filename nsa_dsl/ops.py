@@ -29,6 +29,17 @@ def _contiguous_gates(gates: dict) -> dict:
     return {b: (g.contiguous() if g is not None else None) for b, g in gates.items()}
 
 
+_GATED = (Branch.CMP, Branch.SLC, Branch.SWA)
+
+
+def _gate_args(gates: dict, unused: torch.Tensor) -> tuple:
+    """The three gates as kernel arguments: pointers (`unused`, never read,
+    where a gate is absent: Triton needs a tensor) and the HAS_G_CMP /
+    HAS_G_SLC / HAS_G_SWA constexprs."""
+    pointers = [gates[b] if gates[b] is not None else unused for b in _GATED]
+    return pointers, {f"HAS_G_{b.value.upper()}": gates[b] is not None for b in _GATED}
+
+
 def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
     """Given block indices must lie in [-1, number of blocks): anything else
     is a caller's bug that would otherwise be silently ignored."""
@@ -192,8 +203,8 @@ class CompiledPattern:
                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
                                num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
+            write_final = final and self.writes_final_output(T)
             if self.slc_fwd_at(T) == "block-centric":
-                write_final = final and self.writes_final_output(T)
                 if write_final and p.window is not None:  # the reduction reads o_swa
                     self._window_forward(q, k, v, k_swa, v_swa, out, qk_scale_log2, shapes)
                 o_slc, lse_slc, o = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes,
@@ -202,7 +213,6 @@ class CompiledPattern:
                     out["o"] = o
             else:
                 kp = plan.kernel("slc_fwd")
-                write_final = final and self.writes_final_output(T)
                 # With write_final the branch output and statistics pointers
                 # are never written: o_slc then points at the final output.
                 o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
@@ -219,13 +229,11 @@ class CompiledPattern:
                     else:  # unused pointers
                         window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
                 o_cmp = out.get("o_cmp")
-                gate_args = [gates[b] if gates[b] is not None else o_slc for b in (Branch.CMP, Branch.SLC, Branch.SWA)]
-                final_args = (o_slc, o_cmp if o_cmp is not None else o_slc, *gate_args)
+                gate_ptrs, has_gates = _gate_args(gates, o_slc)
                 m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
                     q, k, v, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
-                    *final_args, WRITE_FINAL=write_final, HAS_G_CMP=gates[Branch.CMP] is not None,
-                    HAS_G_SLC=gates[Branch.SLC] is not None, HAS_G_SWA=gates[Branch.SWA] is not None,
+                    o_slc, o_cmp if o_cmp is not None else o_slc, *gate_ptrs, WRITE_FINAL=write_final, **has_gates,
                     num_warps=kp.num_warps, num_stages=kp.num_stages)
                 if write_final:
                     out["o"] = o_slc
@@ -273,11 +281,8 @@ class CompiledPattern:
         if T == 0:
             return (None, None, o) if write_final else (o, lse, None)
         # the gated sum's other branches and gates (unused pointers are o)
-        if write_final:
-            final_args = [o, *(final_from.get(n) if final_from.get(n) is not None else o for n in ("o_cmp", "o_swa")),
-                          *(gates[b] if gates[b] is not None else o for b in (Branch.CMP, Branch.SLC, Branch.SWA))]
-        else:
-            final_args = [o] * 6
+        others = [final_from.get(n) if write_final and final_from.get(n) is not None else o for n in ("o_cmp", "o_swa")]
+        gate_ptrs, has_gates = _gate_args(gates, o)
         TS = min(T, max(1, kp.const("BC_SLICE") // B))  # BC_SLICE (batch element, position) pairs a slice
         n_slices = _cdiv(T, TS)
         offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True,
@@ -298,31 +303,24 @@ class CompiledPattern:
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             n_rows = B * TS * HQ
             m.slc_fwd_bc_reduce[(_cdiv(n_rows, reduce_rows),)](
-                part_o, part_lse, o, lse, T, t0, TS, min(TS, T - t0), n_rows, *_strides(o), *final_args,
-                WRITE_FINAL=write_final, HAS_G_CMP=gates[Branch.CMP] is not None,
-                HAS_G_SLC=gates[Branch.SLC] is not None, HAS_G_SWA=gates[Branch.SWA] is not None,
-                num_warps=4, num_stages=kp.const("BC_REDUCE_STAGES"))
+                part_o, part_lse, o, lse, T, t0, TS, min(TS, T - t0), n_rows, *_strides(o), o, *others, *gate_ptrs,
+                WRITE_FINAL=write_final, **has_gates, num_warps=4, num_stages=kp.const("BC_REDUCE_STAGES"))
         return (None, None, o) if write_final else (o, lse, None)
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         kp = self.plan.kernel("combine")
         o = self._alloc((*like.shape[:3], self.pattern.dims.v), like.dtype, like.device)
-        branch_out = {b: out.get(f"o_{b.value}") for b in (Branch.CMP, Branch.SLC, Branch.SWA)}
+        branch_out = {b: out.get(f"o_{b.value}") for b in _GATED}
         # Unused pointers are never read (their COMBINE_* constant is False);
-        # pass o so every pointer argument is a real tensor.
-        ptrs = [branch_out[b] if branch_out[b] is not None else o for b in (Branch.CMP, Branch.SLC, Branch.SWA)]
-        gate_ptrs = []
-        for b in (Branch.CMP, Branch.SLC, Branch.SWA):
-            g = gates[b]
-            gate_ptrs.append(g.contiguous() if g is not None else o)
+        # pass o so every pointer argument is a real tensor. Gates arrive
+        # contiguous (forward's contract).
+        ptrs = [branch_out[b] if branch_out[b] is not None else o for b in _GATED]
+        gate_ptrs, has_gates = _gate_args(gates, o)
         for t in ptrs:
             if t is not o and not t.is_contiguous():  # pragma: no cover - branch outputs are allocated contiguous
                 raise AssertionError("branch outputs must be contiguous")
         grid = (_cdiv(n_rows, kp.const("COMBINE_ROWS")),)
-        self.module.combine[grid](o, *ptrs, *gate_ptrs, n_rows,
-                                  HAS_G_CMP=gates[Branch.CMP] is not None,
-                                  HAS_G_SLC=gates[Branch.SLC] is not None,
-                                  HAS_G_SWA=gates[Branch.SWA] is not None,
+        self.module.combine[grid](o, *ptrs, *gate_ptrs, n_rows, **has_gates,
                                   num_warps=kp.num_warps, num_stages=kp.num_stages)
         return o
 
@@ -356,16 +354,15 @@ class CompiledPattern:
             dk_swa = torch.zeros_like(dk)
             dv_swa = torch.zeros_like(dv)
 
-        gates = {b: saved.get(f"g_{b.value}") for b in (Branch.CMP, Branch.SLC, Branch.SWA)}
+        gates = {b: saved.get(f"g_{b.value}") for b in _GATED}
         dg = torch.zeros((3, n_rows), dtype=f32, device=dev)
         delta = torch.zeros((3, B, HQ, T), dtype=f32, device=dev)
         kp = plan.kernel("bwd_prep")
-        outs = [saved.get(f"o_{b.value}") if b in combined else None for b in (Branch.CMP, Branch.SLC, Branch.SWA)]
+        outs = [saved.get(f"o_{b.value}") if b in combined else None for b in _GATED]
+        gate_ptrs, has_gates = _gate_args(gates, do)
         m.bwd_prep[(_cdiv(n_rows, kp.const("COMBINE_ROWS")),)](
-            do, *[o if o is not None else do for o in outs], *[g if g is not None else do for g in gates.values()],
-            dg, delta, n_rows, T,
-            HAS_G_CMP=gates[Branch.CMP] is not None, HAS_G_SLC=gates[Branch.SLC] is not None,
-            HAS_G_SWA=gates[Branch.SWA] is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            do, *[o if o is not None else do for o in outs], *gate_ptrs,
+            dg, delta, n_rows, T, **has_gates, num_warps=kp.num_warps, num_stages=kp.num_stages)
 
         def flash(branch: str, keys, values, dk_out, dv_out, n_keys, stat_lse, branch_delta, gate):
             kp = plan.kernel(f"{branch}_bwd")

@@ -420,8 +420,6 @@ def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_
     never recorded. objective "kernels" times the sum of the pass's kernels
     instead (kernel_ms: no host time, less noise). `device` and `bench`
     (step -> ms) let a CPU test drive it."""
-    import math
-
     import torch
 
     from .pipeline import compile as compile_pattern
