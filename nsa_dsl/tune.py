@@ -194,6 +194,14 @@ def candidates(plan: Plan, kernel: str) -> list:
         options.append({"TOPK_SORT_MERGE": 1 - names["TOPK_SORT_MERGE"]})
         if not names["TOPK_SORT_MERGE"] and k.num_stages < 2:
             options.append({"TOPK_SORT_MERGE": 1, f"{kernel}.num_stages": 3})
+    if "BC_SLICE" in names and kernel == "slc_fwd_bc":
+        # Shorter slices keep the q rows a slice gathers (16 per position
+        # for top-16) in L2: at paper128's 64k a slice of ~8k positions
+        # gathers from 32 MB of q per KV head, and slc_fwd_bc moved ~34 GB
+        # in 10.7 ms (v9). Each slice re-reads the keys and values of the
+        # blocks it reaches, so not too short.
+        for v in _scaled(names["BC_SLICE"], factors=(0.0625, 0.125, 0.25, 0.5), lo=256, hi=1 << 30):
+            options.append({"BC_SLICE": v})
     if "BC_REDUCE_STAGES" in names:
         # the slot reduction's loop loads one slot's partials an iteration:
         # more stages keep more of them in flight (paper128 at 64k on the
@@ -219,6 +227,13 @@ def candidates(plan: Plan, kernel: str) -> list:
         for order in (0, 1):
             if order != current:
                 options.append({"SLC_FWD_ORDER": order})
+        if kernel == "slc_fwd" and current != 1:
+            # block-centric with shorter slices too (see BC_SLICE above): a
+            # flip at the default slice could lose where a tuned one wins,
+            # and the block-centric kernel is tuned only once it runs
+            bc_slice = plan.kernel("slc_fwd_bc").const("BC_SLICE")
+            for v in _scaled(bc_slice, factors=(0.125, 0.25), lo=256, hi=1 << 30):
+                options.append({"SLC_FWD_ORDER": 1, "BC_SLICE": v})
     # The plan's rules decide what this pattern can take (e.g. the union
     # list's size limit, the head-rows tile bounds): not repeated here.
     return [o for o in options if _applies(plan, o)]

@@ -141,8 +141,9 @@ def test_tune_only_the_named_kernels_in_their_order():
     tried = [keys for keys in seen if keys]
     names = [k for keys in tried for k in keys]
     assert names and all(n.startswith(("SWA_BWD", "swa_bwd", "SLC_TOKENS", "SLC_FWD_", "slc_fwd")) for n in names
-                         if n != "SWA_BLOCK_N"), names
+                         if n not in ("SWA_BLOCK_N", "BC_SLICE")), names
     assert all("SLC_FWD_WINDOW" in keys for keys in tried if "SWA_BLOCK_N" in keys)  # the folded window's step
+    assert all("SLC_FWD_ORDER" in keys for keys in tried if "BC_SLICE" in keys)  # the flip's slice
     first_slc = next(i for i, keys in enumerate(tried) if any(k.startswith(("SLC_", "slc_fwd")) for k in keys))
     assert all(any(k.startswith(("SWA_BWD", "swa_bwd")) for k in keys) for keys in tried[:first_slc])
     with pytest.raises(ValueError, match="not in the plan"):
@@ -355,6 +356,25 @@ def test_the_tuner_measures_the_other_selection_loop_order_and_then_tunes_its_ke
     assert configs[1024].get("SLC_FWD_ORDER", -1) != 1 and "BC_REDUCE_ROWS" not in configs[1024]
     tuned = TunedPattern(PATTERN, "fake-gpu", nsa_dsl.compile)
     assert tuned.slc_fwd_at(9000) == "block-centric" and tuned.slc_fwd_at(1000) == "group-centric"
+
+
+def test_the_tuner_flips_to_block_centric_where_only_a_shorter_slice_wins():
+    # A fake device on which block-centric at the default slice loses to
+    # group-centric but wins with slices an eighth as long (q stays in L2):
+    # a lone order flip would be rejected and slc_fwd_bc never tuned.
+    plan = nsa_dsl.check(PATTERN)
+    default_slice = plan.kernel("slc_fwd_bc").const("BC_SLICE")
+    assert plan.loop_order_at(9000) == "group-centric"
+
+    def timer(plan, overrides, length):
+        tried = apply_overrides(plan, overrides)
+        if tried.loop_order_at(length) != "block-centric":
+            return 6.0
+        return 4.0 if tried.kernel("slc_fwd_bc").const("BC_SLICE") < default_slice // 4 else 7.0
+
+    configs = tune(PATTERN, [9000], timer, device="fake-gpu", kernels=["slc_fwd", "slc_fwd_bc"])
+    assert configs[16384]["SLC_FWD_ORDER"] == 1
+    assert configs[16384]["BC_SLICE"] < default_slice // 4
 
 
 def test_selection_loop_order_override():
