@@ -154,7 +154,8 @@ def cmd_tune(args) -> int:
                           objective=args.objective)
         configs = tune(pattern, lengths, timer, device=device_kind(),
                        backward=not args.forward_only, log=print if args.verbose else None, budget_s=left,
-                       kernels=args.kernels.split(",") if args.kernels else None, from_tuned=args.from_tuned)
+                       kernels=args.kernels.split(",") if args.kernels else None, from_tuned=args.from_tuned,
+                       objective=f"{args.objective}, {'forward' if args.forward_only else 'forward+backward'}")
         for length in lengths:
             found = configs.get(bucket_of(length))
             print(f"{pattern.name} T={length} (bucket {bucket_of(length)}): "

@@ -56,12 +56,13 @@ def _read_configs(path: Path, pattern: Pattern, device: str) -> Optional[dict]:
         return None
     if raw.get("canonical") != pattern.canonical() or raw.get("device") != device:
         return None  # a hash collision or a stale file: never trust it
-    return {int(b): dict(entry["overrides"]) for b, entry in raw.get("buckets", {}).items()}
+    return {int(b): dict(entry) for b, entry in raw.get("buckets", {}).items()}
 
 
-def load_configs(pattern: Pattern, device: str) -> dict:
-    """{bucket: overrides} recorded for this pattern and device: this
-    machine's cache, else the configurations shipped with the package, else {}."""
+def load_records(pattern: Pattern, device: str) -> dict:
+    """{bucket: record} ("overrides", and where known "ms", "objective",
+    "note") for this pattern and device: this machine's cache, else the
+    configurations shipped with the package, else {}."""
     for path in (config_path(pattern, device), SHIPPED_DIR / config_name(pattern, device)):
         found = _read_configs(path, pattern, device)
         if found is not None:
@@ -69,12 +70,27 @@ def load_configs(pattern: Pattern, device: str) -> dict:
     return {}
 
 
-def save_configs(pattern: Pattern, device: str, configs: dict, timings: dict) -> Path:
+def load_configs(pattern: Pattern, device: str) -> dict:
+    """{bucket: overrides} recorded for this pattern and device (see load_records)."""
+    return {b: dict(record["overrides"]) for b, record in load_records(pattern, device).items()}
+
+
+def save_configs(pattern: Pattern, device: str, configs: dict, timings: dict, *, objective: Optional[str] = None,
+                 earlier: Optional[dict] = None) -> Path:
+    """Record {bucket: overrides}; a bucket timed in this run gets its ms
+    and the objective they measure, one not re-tuned keeps the record it
+    had in `earlier` (load_records), its time and note included."""
     path = config_path(pattern, device)
-    payload = {
-        "pattern": pattern.name, "canonical": pattern.canonical(), "device": device,
-        "buckets": {str(b): {"overrides": configs[b], "ms": timings.get(b)} for b in sorted(configs)},
-    }
+    buckets = {}
+    for b in sorted(configs):
+        if b in timings:
+            record = {"overrides": configs[b], "ms": timings[b]}
+            if objective is not None:
+                record["objective"] = objective
+        else:
+            record = {**(earlier or {}).get(b, {"ms": None}), "overrides": configs[b]}
+        buckets[str(b)] = record
+    payload = {"pattern": pattern.name, "canonical": pattern.canonical(), "device": device, "buckets": buckets}
     cache._atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
     return path
 
@@ -250,7 +266,7 @@ def _applies(plan: Plan, overrides: dict) -> bool:
 def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *, device: str,
          backward: bool = True, log: Optional[Callable[[str], None]] = None,
          budget_s: Optional[float] = None, clock: Callable[[], float] = time.monotonic,
-         kernels: Optional[list] = None, from_tuned: bool = False) -> dict:
+         kernels: Optional[list] = None, from_tuned: bool = False, objective: Optional[str] = None) -> dict:
     """Coordinate descent per length bucket; returns {bucket: overrides} and
     records it with the timings after every length (so a run cut short keeps
     what it finished). `timer(plan, overrides, T)` returns the milliseconds
@@ -261,7 +277,9 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     tunes only those, in that order (the slowest stages first, say);
     default: every launched kernel in launch order. `from_tuned` starts each
     bucket from its recorded (or shipped) configuration instead of the
-    plan's defaults, so a re-tune spends its time on what is new."""
+    plan's defaults, so a re-tune spends its time on what is new.
+    `objective` says what the timer measures (recorded with each bucket
+    timed here); buckets not re-tuned keep their records as they were."""
     from .check import check
 
     plan = check(pattern)
@@ -270,7 +288,8 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     if unknown:
         raise ValueError(f"kernels: {', '.join(unknown)} not in the plan of {pattern.name!r}"
                          f" ({', '.join(plan.kernel_names)})")
-    configs = load_configs(pattern, device)
+    earlier = load_records(pattern, device)
+    configs = {b: dict(record["overrides"]) for b, record in earlier.items()}
     timings = {}
     start = clock()
 
@@ -313,7 +332,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
                     best, best_ms = trial, ms
         configs[bucket] = best
         timings[bucket] = best_ms
-        save_configs(pattern, device, configs, timings)
+        save_configs(pattern, device, configs, timings, objective=objective, earlier=earlier)
     return configs
 
 

@@ -119,6 +119,27 @@ def test_shipped_configs_are_the_fallback(tmp_path, monkeypatch):
     assert load_configs(PATTERN, "fake-gpu") == {1024: {}}
 
 
+def test_a_retune_of_one_length_keeps_the_other_buckets_records(tmp_path, monkeypatch):
+    # Re-tuning 64k from the shipped record once dropped 8k's time and the
+    # notes of both (they were rewritten as {"ms": null}).
+    import nsa_dsl.tune as tune_mod
+    from nsa_dsl.tune import load_records
+
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    monkeypatch.setattr(tune_mod, "SHIPPED_DIR", shipped)
+    record = {"pattern": PATTERN.name, "canonical": PATTERN.canonical(), "device": "fake-gpu",
+              "buckets": {"1024": {"overrides": {"SLC_TOKENS": 2}, "ms": 3.5, "note": "measured by hand"},
+                          "16384": {"overrides": {}, "ms": 9.0, "note": "older"}}}
+    (shipped / tune_mod.config_name(PATTERN, "fake-gpu")).write_text(json.dumps(record))
+    tune(PATTERN, [9000], lambda plan, o, t: 1.0, device="fake-gpu", kernels=["slc_fwd"], from_tuned=True,
+         objective="wall, forward")
+    records = load_records(PATTERN, "fake-gpu")
+    assert records[1024] == {"overrides": {"SLC_TOKENS": 2}, "ms": 3.5, "note": "measured by hand"}
+    assert records[16384]["ms"] == 1.0 and records[16384]["objective"] == "wall, forward"
+    assert "note" not in records[16384]  # the old note described the old time
+
+
 def test_stale_tuned_config_falls_back_to_defaults_with_a_warning():
     path = config_path(PATTERN, device_kind())
     path.parent.mkdir(parents=True, exist_ok=True)
