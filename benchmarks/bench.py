@@ -439,7 +439,8 @@ def stage_flop_count(name: str, plan_kernel: str, fl: dict, window_in_slc: bool 
     window branch (SLC_FWD_WINDOW), so its row counts both."""
     counts = {"cmp_fwd": fl["cmp"], "slc_topk": fl["score"], "slc_fwd": fl["slc"] + (fl["swa"] if window_in_slc else 0),
               "slc_fwd_bc": fl["slc"], "swa_fwd": fl["swa"],
-              "slc_fwd_bc_reduce": 0}  # its slot reduction: no matrix work (no FLOPs counted twice)
+              "slc_fwd_bc_reduce": 0,  # its slot reduction: no matrix work (no FLOPs counted twice)
+              "slc_fwd_bc_merge_window": fl["swa"]}  # the slot reduction with the window (BC_FOLD_WINDOW)
     return counts.get(name, counts.get(plan_kernel)) or None
 
 

@@ -46,7 +46,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_
                   "HAS_G_SWA": True, "WRITE_FINAL": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
-    "slc_fwd_bc": ["slc_fwd_bc", "slc_fwd_bc_reduce"],
+    "slc_fwd_bc": ["slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
@@ -123,6 +123,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     continue
                 if entry == "slc_topk_heads" and kernel.const("STATIC_SELECTION"):
                     continue  # learned scoring only
+                if entry == "slc_fwd_bc_merge_window" and not kernel.has_const("BC_FOLD_WINDOW"):
+                    continue  # patterns with a window only
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]
@@ -130,11 +132,14 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     fn = getattr(module, entry)
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, arg_values)
                     warps = kernel.warps_for(entry)
+                    # ops.py launches the slot reductions with their own stages
+                    stages = (kernel.const("BC_REDUCE_STAGES") if entry in ("slc_fwd_bc_reduce", "slc_fwd_bc_merge_window")
+                              else kernel.num_stages)
                     row = {"pattern": pattern.name, "kernel": entry, "num_warps": warps,
-                           "num_stages": kernel.num_stages, **({"D": dims["D"]} if "D" in dims else {})}
+                           "num_stages": stages, **({"D": dims["D"]} if "D" in dims else {})}
                     try:
                         compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
-                                                  options={"num_warps": warps, "num_stages": kernel.num_stages})
+                                                  options={"num_warps": warps, "num_stages": stages})
                         row.update(resources(compiled.asm["cubin"], tool_dir))
                         # loads Triton's software pipeliner turned into cp.async
                         # (0: every load waits for its data in the loop)

@@ -205,10 +205,15 @@ class CompiledPattern:
             out["indices"] = indices
             write_final = final and self.writes_final_output(T)
             if self.slc_fwd_at(T) == "block-centric":
-                if write_final and p.window is not None:  # the reduction reads o_swa
+                fold = plan.window_in_block_centric
+                if write_final and p.window is not None and not fold:  # the reduction reads o_swa
                     self._window_forward(q, k, v, k_swa, v_swa, out, qk_scale_log2, shapes)
+                window = None
+                if fold:  # the reduction computes the window (into out unless write_final)
+                    window = (k_swa, v_swa) if k_swa is not None else (k, v)
                 o_slc, lse_slc, o = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes,
-                                                                  out if write_final else None, gates)
+                                                                  out if write_final else None, gates,
+                                                                  window=window, window_out=out)
                 if write_final:
                     out["o"] = o
             else:
@@ -262,13 +267,16 @@ class CompiledPattern:
         out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 
     def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes, final_from: Optional[dict],
-                                 gates: dict) -> tuple:
+                                 gates: dict, window: Optional[tuple] = None, window_out: Optional[dict] = None) -> tuple:
         """slc_fwd_bc and its slot reduction around the inverted index, slice
         by slice of BC_SLICE positions: (o_slc, lse_slc, None) exactly as
         the group-centric kernel leaves them (lse in log2 units, +inf and a
         zero output for a position that sees no selected key). final_from
         (the forward's outputs so far: o_cmp, o_swa): the reduction writes
-        the gated output instead, (None, None, o)."""
+        the gated output instead, (None, None, o). window (the window
+        branch's keys and values, BC_FOLD_WINDOW): the reduction is
+        slc_fwd_bc_merge_window, which computes the window branch too, into
+        window_out["o_swa"], ["lse_swa"] (with final_from, only into o)."""
         p, m = self.pattern, self.module
         kp = self.plan.kernel("slc_fwd_bc")
         B, T = shapes.batch, shapes.length
@@ -284,6 +292,10 @@ class CompiledPattern:
         others = [final_from.get(n) if write_final and final_from.get(n) is not None else o for n in ("o_cmp", "o_swa")]
         gate_ptrs, has_gates = _gate_args(gates, o)
         TS = min(T, max(1, kp.const("BC_SLICE") // B))  # BC_SLICE (batch element, position) pairs a slice
+        if window is not None and TS < T:
+            # the merge's tiles of BC_WINDOW_TOKENS positions never straddle slices
+            tokens = kp.const("BC_WINDOW_TOKENS")
+            TS = max(tokens, TS - TS % tokens)
         n_slices = _cdiv(T, TS)
         offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True,
                                                        slice_len=TS)
@@ -294,6 +306,16 @@ class CompiledPattern:
         part_o = self._alloc((B, TS, HKV, top, G, DV), q.dtype, dev)
         part_lse = torch.empty((B, TS, HKV, top, G), dtype=torch.float32, device=dev)
         reduce_rows = kp.const("BC_REDUCE_ROWS")
+        if window is not None:
+            kw, vw = window
+            if write_final:
+                o_swa = lse_swa = o  # unused pointers
+            else:
+                o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev)
+                lse_swa = self._alloc((B, HQ, T), torch.float32, dev)
+                window_out["o_swa"], window_out["lse_swa"] = o_swa, lse_swa
+            tokens = kp.const("BC_WINDOW_TOKENS")
+            o_cmp = final_from.get("o_cmp") if write_final else None
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
             m.slc_fwd_bc[(chunks["grid"],)](q, k, v, chunks["slice_first"], chunks["segment"], chunks["start"],
@@ -301,6 +323,14 @@ class CompiledPattern:
                                            T, t0, TS, i, i * B * HKV * n_blocks, n_blocks, qk_scale_log2,
                                            *_strides(q), *_strides(k), *_strides(v),
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
+            if window is not None:
+                m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
+                    q, kw, vw, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS, qk_scale_log2,
+                    *_strides(q), *_strides(kw), *_strides(vw), *_strides(o), *_strides(o_swa),
+                    o, o_cmp if o_cmp is not None else o, *gate_ptrs,
+                    WRITE_FINAL=write_final, **has_gates, num_warps=kp.num_warps,
+                    num_stages=kp.const("BC_REDUCE_STAGES"))
+                continue
             n_rows = B * TS * HQ
             m.slc_fwd_bc_reduce[(_cdiv(n_rows, reduce_rows),)](
                 part_o, part_lse, o, lse, T, t0, TS, min(TS, T - t0), n_rows, *_strides(o), o, *others, *gate_ptrs,

@@ -95,6 +95,16 @@ class Plan:
         return name in self.kernel_names
 
     @property
+    def window_in_block_centric(self) -> bool:
+        """Whether the block-centric selection forward's slot reduction also
+        computes the window branch (BC_FOLD_WINDOW=1): swa_fwd then runs
+        only for the group-centric order, unless that folds it too."""
+        if not self.has("slc_fwd_bc"):
+            return False
+        bc = self.kernel("slc_fwd_bc")
+        return bc.has_const("BC_FOLD_WINDOW") and bool(bc.const("BC_FOLD_WINDOW"))
+
+    @property
     def window_in_selection(self) -> bool:
         """Whether the group-centric selection forward also computes the
         window branch (SLC_FWD_WINDOW=1): swa_fwd then runs only for the
@@ -164,7 +174,11 @@ def _attention_tiles(d_pad: int) -> tuple:
         # specialization (contiguous strides) 4 warps do not spill and the
         # K/V loads are pipelined (results/sm90_report.txt).
         return 64, 64, 4, 2
-    return 64, 32, 8, 2
+    # Wider (deepseek_nsa's 192, padded to 256): 128 query rows on two
+    # warpgroups, 64 keys, 3 stages. The H200 tuner took it for both cmp_fwd
+    # and swa_fwd at 64k (whole forward 111.8 -> 73.4 ms with both, the old
+    # default 64 x 32 on 8 warps; NOTES.md v10).
+    return 128, 64, 8, 3
 
 
 def _topk_chunking(cmp_block: int, cmp_stride: int, slc_block: int) -> tuple:
@@ -358,7 +372,15 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("BC_REDUCE_ROWS", 32), ("BC_REDUCE_STAGES", 2),
              # (batch element, position) pairs per slice: the per-slot
              # partials of a slice take about BC_PARTIAL_BYTES
-             ("BC_SLICE", bc_slice)),
+             ("BC_SLICE", bc_slice))
+            # 1: the window branch is computed by the slot reduction's
+            # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
+            # the group's heads a tile, as the group-centric fold) and
+            # swa_fwd is not launched: q read once for both, no o_swa round
+            # trip for the gated output, and the reduction's memory-bound
+            # slot loop runs beside the window's dots. Off until timed.
+            + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)))
+               if p.window is not None else ()),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
         # Both orders were measured on the H200 (benchmarks/NOTES.md v9); the
         # cost model, calibrated there, picks by length (SLC_FWD_ORDER or
@@ -567,7 +589,8 @@ TUNABLE = {
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
-    "SLC_FWD_WINDOW": _flag, "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
+    "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
+    "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
@@ -623,11 +646,12 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if rows < MMA_MIN:
             raise ValueError(f"override SLC_BWD_TOKENS: SLC_BWD_TOKENS x GROUP_ROWS = {rows} rows per dK/dV tile;"
                              f" the products need at least {MMA_MIN}")
-    if "BC_TOKENS" in consts:
-        rows = consts["BC_TOKENS"] * plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
-        if rows < MMA_MIN:
-            raise ValueError(f"override BC_TOKENS: BC_TOKENS x GROUP_ROWS = {rows} rows per tile; the products"
-                             f" need at least {MMA_MIN}")
+    for name in ("BC_TOKENS", "BC_WINDOW_TOKENS"):
+        if name in consts:
+            rows = consts[name] * plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
+            if rows < MMA_MIN:
+                raise ValueError(f"override {name}: {name} x GROUP_ROWS = {rows} rows per tile; the products"
+                                 f" need at least {MMA_MIN}")
     if "TOPK_CHUNK_BLOCKS" in consts:
         k = plan.kernel("slc_topk")
         blocks = consts["TOPK_CHUNK_BLOCKS"]

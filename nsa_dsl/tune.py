@@ -218,6 +218,15 @@ def candidates(plan: Plan, kernel: str) -> list:
         # blocks it reaches, so not too short.
         for v in _scaled(names["BC_SLICE"], factors=(0.0625, 0.125, 0.25, 0.5), lo=256, hi=1 << 30):
             options.append({"BC_SLICE": v})
+    if "BC_FOLD_WINDOW" in names and kernel == "slc_fwd_bc":
+        # the window in the slot reduction's programs, or swa_fwd apart; its
+        # tile's positions move only while it is on (off they change nothing)
+        options.append({"BC_FOLD_WINDOW": 1 - names["BC_FOLD_WINDOW"]})
+        tokens = _scaled(names["BC_WINDOW_TOKENS"], factors=(0.5, 2), lo=1, hi=64)
+        if names["BC_FOLD_WINDOW"]:
+            options += [{"BC_WINDOW_TOKENS": t} for t in tokens]
+        else:
+            options += [{"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": t} for t in tokens]
     if "BC_REDUCE_STAGES" in names:
         # the slot reduction's loop loads one slot's partials an iteration:
         # more stages keep more of them in flight (paper128 at 64k on the

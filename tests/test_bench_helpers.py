@@ -547,6 +547,7 @@ def test_stage_flops_follow_the_plan_kernel():
     assert bench.stage_flop_count("slc_topk_heads", "slc_topk", fl) == 2.0  # alternative entry point
     assert bench.stage_flop_count("slc_fwd_bc", "slc_fwd_bc", fl) == 3.0  # the other loop order
     assert bench.stage_flop_count("slc_fwd_bc_reduce", "slc_fwd_bc", fl) is None  # not the branch's FLOPs again
+    assert bench.stage_flop_count("slc_fwd_bc_merge_window", "slc_fwd_bc", fl) == fl["swa"]  # BC_FOLD_WINDOW
     assert bench.stage_flop_count("slc_fwd", "slc_fwd", fl) == 3.0
     assert bench.stage_flop_count("slc_fwd", "slc_fwd", fl, window_in_slc=True) == 7.0  # SLC_FWD_WINDOW
     assert bench.stage_flop_count("slc_fwd_bc", "slc_fwd_bc", fl, window_in_slc=True) == 3.0  # swa_fwd ran

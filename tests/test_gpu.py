@@ -286,10 +286,14 @@ def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     # the tuned paper128 selection forward (list, 3 stages) with the fold
     ("bench_paper128", {"SLC_FWD_WINDOW": 1, "SLC_FWD_LIST": 1, "slc_fwd.num_stages": 3}),
     ("deepseek_nsa", {"SLC_FWD_WINDOW": 1}),
-], ids=["paper128", "paper128_list", "deepseek_nsa"])
+    # block-centric: the window in the slot reduction's programs
+    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1}),
+    ("deepseek_nsa", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1}),
+], ids=["paper128", "paper128_list", "deepseek_nsa", "paper128_bc", "deepseek_nsa_bc"])
 def test_window_folded_into_selection_bf16(name, overrides):
-    """SLC_FWD_WINDOW compiled for Hopper: the window branch computed by the
-    selection forward's programs, output and every gradient (the backward
+    """SLC_FWD_WINDOW (group-centric) and BC_FOLD_WINDOW (block-centric)
+    compiled for Hopper: the window branch computed by the selection
+    forward's programs, output and every gradient (the backward
     reads its o_swa and lse_swa) against float64. Without gradients the
     same kernel writes the gated output itself (WRITE_FINAL): it must match
     the training call's output (combine's sum of the stored branches)."""

@@ -234,6 +234,40 @@ def test_block_centric_in_slices_equals_one_pass(pattern, length, batch, slice_l
     assert rel_error(sliced(**args, indices=indices), expected) < TOLERANCE[torch.float32]
 
 
+@settings(max_examples=8, deadline=None)
+@given(pattern=valid_patterns().filter(lambda p: p.select is not None and p.window is not None),
+       length=st.integers(1, 70), batch=st.integers(1, 2), slice_len=st.integers(1, 40),
+       tokens=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**31 - 1))
+def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length, batch, slice_len, tokens, seed):
+    """BC_FOLD_WINDOW: slc_fwd_bc_merge_window sums the slots as
+    slc_fwd_bc_reduce does (the same o_slc and lse bits) and computes the
+    window branch in place of swa_fwd (its o_swa, lse_swa within float32
+    tolerance of swa_fwd's), in slices whose tiles of BC_WINDOW_TOKENS
+    positions may end past T; the gated output of a call without gradients
+    (written by the merge) and the gradients match float64."""
+    args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
+    base = {"BC_SLICE": slice_len * batch}
+    apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
+    group_rows = apart.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
+    tokens = max(tokens, -(-16 // group_rows))  # the tile's dots need 16 rows
+    folded = nsa_dsl.compile(pattern, slc_fwd="block-centric",
+                             overrides={**base, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens})
+    assert folded.plan.window_in_block_centric and not apart.plan.window_in_block_centric
+    _, indices = apart(**args, return_indices=True)
+    a, b = _intermediates(apart, args, indices), _intermediates(folded, args, indices)
+    assert torch.equal(a["o_slc"], b["o_slc"]) and torch.equal(a["lse_slc"], b["lse_slc"])
+    assert rel_error(b["o_swa"], a["o_swa"]) < TOLERANCE[torch.float32]
+    finite = torch.isfinite(a["lse_swa"])
+    assert torch.equal(finite, torch.isfinite(b["lse_swa"]))
+    assert torch.allclose(b["lse_swa"][finite], a["lse_swa"][finite], rtol=1e-5, atol=1e-5)
+    final = _intermediates(folded, args, indices, final=True)
+    if folded.writes_final_output(length):  # the merge wrote o: no branch output kept
+        assert "o_swa" not in final and final["o_slc"] is None
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
+    assert rel_error(final["o"], expected) < TOLERANCE[torch.float32]
+    assert_gradients_match_reference(pattern, folded, args, seed)
+
+
 def test_sliced_inverted_index_numbers_segments_slice_major():
     idx = torch.tensor([[[[0, 1]], [[1, 0]], [[0, 2]], [[2, 1]]]], dtype=torch.int32)  # B=1, T=4, HKV=1, top=2
     # block size 1, slices of 2 positions: slice 0 holds t=0,1, slice 1 t=2,3
