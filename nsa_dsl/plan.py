@@ -377,8 +377,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
             # the group's heads a tile, as the group-centric fold) and
             # swa_fwd is not launched: q read once for both, no o_swa round
-            # trip for the gated output, and the reduction's memory-bound
-            # slot loop runs beside the window's dots. Off until timed.
+            # trip for the gated output. Timed on the H200 (NOTES v10): a tie
+            # with swa_fwd apart for paper128 at 64k (the two kinds of work
+            # did not overlap), so off unless a tuned record sets it.
             + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)))
                if p.window is not None else ()),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))

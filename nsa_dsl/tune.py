@@ -211,12 +211,12 @@ def candidates(plan: Plan, kernel: str) -> list:
         if not names["TOPK_SORT_MERGE"] and k.num_stages < 2:
             options.append({"TOPK_SORT_MERGE": 1, f"{kernel}.num_stages": 3})
     if "BC_SLICE" in names and kernel == "slc_fwd_bc":
-        # Shorter slices keep the q rows a slice gathers (16 per position
-        # for top-16) in L2: at paper128's 64k a slice of ~8k positions
-        # gathers from 32 MB of q per KV head, and slc_fwd_bc moved ~34 GB
-        # in 10.7 ms (v9). Each slice re-reads the keys and values of the
-        # blocks it reaches, so not too short.
-        for v in _scaled(names["BC_SLICE"], factors=(0.0625, 0.125, 0.25, 0.5), lo=256, hi=1 << 30):
+        # Shorter slices could keep the q rows a slice gathers (16 per
+        # position for top-16) in L2, but each slice re-reads the keys and
+        # values of the blocks it reaches: at paper128's 64k every shorter
+        # slice was slower on the H200 (8064 -> 504 positions: 40.4 -> 47.4
+        # ms forward, NOTES v10), so measured per pattern, not assumed.
+        for v in _scaled(names["BC_SLICE"], factors=(0.125, 0.25, 0.5), lo=256, hi=1 << 30):
             options.append({"BC_SLICE": v})
     if "BC_FOLD_WINDOW" in names and kernel == "slc_fwd_bc":
         # the window in the slot reduction's programs, or swa_fwd apart; its
