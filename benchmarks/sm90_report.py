@@ -40,6 +40,7 @@ BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr"
 INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
+INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward, the forward of a training call).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
@@ -70,7 +71,7 @@ def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None) -> tup
         elif name in ("D", "D_PAD"):
             sig[name], constexprs[name] = "constexpr", dims[name]
         elif name.endswith("_ptr"):
-            sig[name] = "*bf16" if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
+            sig[name] = INPUT_POINTER if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
             attrs[(i,)] = divisible
         elif name in FLOATS:
             sig[name] = "fp32"
@@ -163,7 +164,11 @@ def main(argv=None) -> int:
     ap.add_argument("--arg", action="append", default=[], metavar="NAME=0|1",
                     help="a kernel-argument constexpr other than ops.py's training-call value, e.g. WRITE_FINAL=1"
                          " (slc_fwd as a call without gradients runs it; repeatable)")
+    ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
+                    help="the inputs' dtype (q, k, v, gates, outputs); default bf16")
     args = ap.parse_args(argv)
+    global INPUT_POINTER
+    INPUT_POINTER = "*" + args.dtype
     overrides = {k: int(v) for k, v in (o.split("=", 1) for o in args.override)}
     constexprs = {}
     for item in args.arg:

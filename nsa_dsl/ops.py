@@ -81,6 +81,9 @@ class CompiledPattern:
         self.module = module
         self.source_path = Path(source_path)
         self.cache_key = cache_key
+        # (kernel, input dtype) -> the pipeline stages that fit in shared
+        # memory where the plan's did not (see _launch_fitting)
+        self.fitted_stages = {}
 
     def __repr__(self) -> str:
         return f"CompiledPattern({self.pattern.name!r}, kernels={list(self.plan.kernel_names)}, source={str(self.source_path)!r})"
@@ -122,6 +125,30 @@ class CompiledPattern:
         if return_indices:
             return o, idx
         return o
+
+    def _launch_fitting(self, name: str, grid, args: tuple, *, dtype, num_warps: int, num_stages: int) -> None:
+        """Launch a flash-style forward kernel, with fewer pipeline stages if
+        the compiled kernel needs more shared memory than the device has
+        (float32 inputs, or a tuned record made for 16-bit ones: the plan
+        sizes its tiles for 16-bit inputs). Each stage holds one K and one V
+        tile, so fewer stages compute the same thing, less overlapped. The
+        stages that fit are remembered per kernel and dtype; a kernel that
+        does not fit on one stage is a ValueError naming the tiles to lower."""
+        from triton.runtime.errors import OutOfResources
+
+        key = (name, dtype)
+        stages = self.fitted_stages.get(key, num_stages)
+        while True:
+            try:
+                getattr(self.module, name)[grid](*args, num_warps=num_warps, num_stages=stages)
+                return
+            except OutOfResources as exc:
+                if stages <= 1:
+                    raise ValueError(f"{name} does not fit in this device's shared memory with {dtype} inputs even on"
+                                     f" one pipeline stage ({exc}); lower its BLOCK_M / BLOCK_N with"
+                                     f" compile(..., overrides={{...}})") from exc
+                stages -= 1
+                self.fitted_stages[key] = stages
 
     def _alloc(self, shape, dtype, device) -> torch.Tensor:
         if not self.poison:
@@ -181,9 +208,9 @@ class CompiledPattern:
             o_arg = o_cmp if write_o else lse_cmp  # unused pointer when the output is not needed
             o_strides = _strides(o_cmp) if write_o else (0, 0, 0, 0)
             grid = (_cdiv(T, kp.const("CMP_BLOCK_M")), B * HQ)
-            m.cmp_fwd[grid](q, k_cmp, v_cmp, o_arg, lse_cmp, T, Tc, qk_scale_log2,
-                            *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides,
-                            num_warps=kp.num_warps, num_stages=kp.num_stages)
+            self._launch_fitting("cmp_fwd", grid, (q, k_cmp, v_cmp, o_arg, lse_cmp, T, Tc, qk_scale_log2,
+                                                   *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides),
+                                 dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_cmp"], out["lse_cmp"] = o_cmp, lse_cmp
 
         if p.select is not None:
@@ -261,9 +288,9 @@ class CompiledPattern:
         o_swa = self._alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
         lse_swa = self._alloc((B, p.heads.q, T), torch.float32, q.device)
         grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * p.heads.q)
-        self.module.swa_fwd[grid](q, kw, vw, o_swa, lse_swa, T, T, qk_scale_log2,
-                                  *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa),
-                                  num_warps=kp.num_warps, num_stages=kp.num_stages)
+        self._launch_fitting("swa_fwd", grid, (q, kw, vw, o_swa, lse_swa, T, T, qk_scale_log2,
+                                               *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa)),
+                             dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
         out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 
     def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes, final_from: Optional[dict],

@@ -160,12 +160,27 @@ class Plan:
         return "\n".join(lines)
 
 
-def _attention_tiles(d_pad: int) -> tuple:
+# Shared memory one block may use on sm_90 (Hopper), bytes.
+SM90_SHARED_PER_BLOCK = 232448
+
+
+def flash_fwd_shared_bytes(block_m: int, block_n: int, stages: int, qk_pad: int, v_pad: int) -> int:
+    """Shared memory of a flash-style forward loop with 16-bit inputs: the q
+    tile plus one K and one V tile per pipeline stage (what the sm_90
+    compile reports for cmp_fwd and swa_fwd: deepseek_nsa's 128 x 64 on 3
+    stages 212992 bytes, qk = v = 256 262144)."""
+    return 2 * (block_m * qk_pad + stages * block_n * (qk_pad + v_pad))
+
+
+def _attention_tiles(qk_pad: int, v_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a flash-style loop.
 
     Wider heads get a narrower key tile so the K and V tiles of a pipeline
-    stage stay well inside Hopper's 228 KB of shared memory.
+    stage stay well inside Hopper's 228 KB of shared memory. (Float32
+    inputs take more; ops.py lowers the stages of a launch that does not
+    fit.)
     """
+    d_pad = max(qk_pad, v_pad)
     if d_pad <= 64:
         return 64, 64, 4, 3
     if d_pad <= 128:
@@ -177,8 +192,11 @@ def _attention_tiles(d_pad: int) -> tuple:
     # Wider (deepseek_nsa's 192, padded to 256): 128 query rows on two
     # warpgroups, 64 keys, 3 stages. The H200 tuner took it for both cmp_fwd
     # and swa_fwd at 64k (whole forward 111.8 -> 73.4 ms with both, the old
-    # default 64 x 32 on 8 warps; NOTES.md v10).
-    return 128, 64, 8, 3
+    # default 64 x 32 on 8 warps; NOTES.md v10). Where it does not fit (qk =
+    # v = 256: 256 KB), the old default.
+    if flash_fwd_shared_bytes(128, 64, 3, qk_pad, v_pad) <= SM90_SHARED_PER_BLOCK:
+        return 128, 64, 8, 3
+    return 64, 32, 8, 2
 
 
 def _topk_chunking(cmp_block: int, cmp_stride: int, slc_block: int) -> tuple:
@@ -249,7 +267,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
     static = False
     bc_from = None
     d_max = max(qk_pad, v_pad)
-    bm, bn, warps, stages = _attention_tiles(d_max)
+    bm, bn, warps, stages = _attention_tiles(qk_pad, v_pad)
 
     if p.compress is not None:
         c = p.compress

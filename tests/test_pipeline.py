@@ -151,3 +151,40 @@ def test_compiling_an_invalid_pattern_raises_spec_error(cache_dir):
         nsa_dsl.compile(bad)
     with pytest.raises(TypeError, match="expects a Pattern"):
         nsa_dsl.compile("pattern w {}")
+
+
+def test_a_flash_forward_that_does_not_fit_in_shared_memory_runs_on_fewer_stages():
+    # The plan sizes deepseek_nsa's flash tiles for 16-bit inputs (128 x 64
+    # on 3 stages: 208 KB); float32 inputs take more than a block may have
+    # (sm_90 compile: 352 KB on 3 stages, 193 KB on 1). The launch lowers the
+    # stages until the kernel fits, remembers them, and names the tiles when
+    # even one stage does not fit.
+    from types import SimpleNamespace
+
+    import torch
+    from triton.runtime.errors import OutOfResources
+
+    from nsa_dsl.ops import CompiledPattern
+
+    launches = []
+
+    class Kernel:
+        def __init__(self, limit_stages):
+            self.limit_stages = limit_stages
+
+        def __getitem__(self, grid):
+            def launch(*args, num_warps, num_stages):
+                launches.append(num_stages)
+                if num_stages > self.limit_stages:
+                    raise OutOfResources(120000 * num_stages, 232448, "shared memory")
+            return launch
+
+    host = SimpleNamespace(module=SimpleNamespace(cmp_fwd=Kernel(1), swa_fwd=Kernel(0)), fitted_stages={})
+    CompiledPattern._launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=3)
+    assert launches == [3, 2, 1] and host.fitted_stages == {("cmp_fwd", torch.float32): 1}
+    CompiledPattern._launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=3)
+    assert launches[3:] == [1]  # remembered: no failing attempts again
+    CompiledPattern._launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.bfloat16, num_warps=8, num_stages=1)
+    assert launches[4:] == [1]
+    with pytest.raises(ValueError, match="swa_fwd does not fit .* even on one pipeline stage"):
+        CompiledPattern._launch_fitting(host, "swa_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=2)

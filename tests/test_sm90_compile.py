@@ -67,6 +67,22 @@ def test_paper_pattern_compiles_for_sm90(tmp_path):
             assert r["async_copies"] > 0, r
 
 
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+@pytest.mark.parametrize("qk, v", [(192, 128), (256, 256), (256, 128), (144, 256)])
+def test_wide_heads_flash_forward_tiles_fit_in_shared_memory(tmp_path, qk, v):
+    # The d > 128 default (128 x 64 on 8 warps, 3 stages: deepseek_nsa's
+    # tuned tiles) takes 256 KB of shared memory at qk = v = 256, past what a
+    # block may have: such heads must get tiles that fit.
+    path = tmp_path / "wide.nsa"
+    path.write_text(f"pattern wide {{ heads q=16 kv=1\n dims qk={qk} v={v}\n compress block=32 stride=16 pool=mean\n"
+                    " select block=64 top=4 initial=1 local=1\n window size=256 }\n")
+    rows = _report(tmp_path, str(path), kernels=("cmp_fwd", "swa_fwd"))
+    assert {r["kernel"] for r in rows} == {"cmp_fwd", "swa_fwd"}
+    for r in rows:
+        assert r["ok"] and r["shared_bytes"] <= H100_SHARED_LIMIT, r
+        assert r["stack_bytes"] == 0, f"{r['kernel']} spills at qk={qk} v={v}: {r}"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
 def test_union_list_lets_the_selection_forward_pipeline(tmp_path):
