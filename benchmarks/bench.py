@@ -678,7 +678,11 @@ _OTHER_ORDER: dict = {}  # (pattern, loop order) -> CompiledPattern
 
 def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: dict, note) -> None:
     """The forward with the selection loop order the plan did not choose, as
-    impl "nsa_dsl_<order>", so both orders and the choice are on record."""
+    impl "nsa_dsl_<order>", so both orders and the choice are on record.
+    A tuned call's other order runs the same tuned record (its settings for
+    that order's kernel included, where the tuner measured them) with only
+    the order changed: an untuned row beside a tuned one compared tiles,
+    not orders (paper128 at 64k: 59.9 ms group-centric untuned, 41.2 tuned)."""
     import nsa_dsl  # imported where used, as in the other GPU paths: main() imports it only locally
 
     runs = compiled.slc_fwd_at(T)
@@ -687,10 +691,11 @@ def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: d
     other = "block-centric" if runs == "group-centric" else "group-centric"
     impl = "nsa_dsl_" + other
     why = f"selection forward {other}; the plan runs {runs} at T={T}"
+    config = {k: v for k, v in run_config(compiled, T).items() if k != "SLC_FWD_ORDER"}
     try:
-        key = (pattern, other)
-        if key not in _OTHER_ORDER:  # compiled once per pattern, not per length
-            _OTHER_ORDER[key] = nsa_dsl.compile(pattern, slc_fwd=other)
+        key = (pattern, other, tuple(sorted(config.items())))
+        if key not in _OTHER_ORDER:  # compiled once per pattern and configuration, not per length
+            _OTHER_ORDER[key] = nsa_dsl.compile(pattern, slc_fwd=other, overrides=config or None)
         alt = _OTHER_ORDER[key]
         x = nsa_inputs(pattern, T)
         fn = lambda: nsa_call(alt, x)  # noqa: E731
@@ -701,7 +706,7 @@ def run_other_loop_order(compiled, pattern, T: int, cfg, ceil: dict, emit, fl: d
                        note=why + (f"; {note}" if note else ""))
     except Exception as e:  # noqa: BLE001 - every failure becomes a row
         row = make_row(pattern.name, T, impl, "fwd", ceilings=ceil, error=_short(e), note=why)
-    row["loop_order"], row["config"] = other, {}  # the plan's default tiles
+    row["loop_order"], row["config"] = other, config
     emit(row)
     x = fn = alt = None
     _cleanup()

@@ -467,6 +467,32 @@ def test_other_loop_order_row_runs_the_other_kernel(monkeypatch):
     torch.testing.assert_close(calls[0], bench.nsa_call(compiled, x), rtol=1e-4, atol=1e-5)
 
 
+def test_other_loop_order_row_runs_the_tuned_record_with_only_the_order_changed(monkeypatch):
+    # A tuned call's other-order row once ran the plan's default tiles, so
+    # it compared tunings, not orders.
+    p = _pattern(q=4, kv=2, qk=16, cblock=16, cstride=16, sblock=16, top=2, initial=1, local=1, window=16)
+    tuned = {"SLC_FWD_ORDER": 1, "BC_REDUCE_ROWS": 16, "SLC_TOKENS": 2}
+
+    class Tuned:  # what run_other_loop_order reads of a TunedPattern
+        def slc_fwd_at(self, T):
+            return "block-centric"
+
+        def overrides_for(self, T):
+            return tuned
+
+    compiled_with = []
+    monkeypatch.setattr(nsa_dsl, "compile", lambda pattern, **kw: compiled_with.append(kw) or nsa_dsl.check(pattern))
+    monkeypatch.setattr(bench, "nsa_inputs", lambda pattern, T: {})
+    monkeypatch.setattr(bench, "nsa_call", lambda compiled, x: None)
+    monkeypatch.setattr(bench, "bench_ms", lambda fn, warmup, rep, grad_to_none=None: 2.5)
+    rows = []
+    cfg = bench.resolve_config(bench.build_parser().parse_args(["--quick"]))
+    bench.run_other_loop_order(Tuned(), p, 48, cfg, {}, rows.append, {"fwd": 1.0}, None)
+    assert compiled_with == [{"slc_fwd": "group-centric", "overrides": {"BC_REDUCE_ROWS": 16, "SLC_TOKENS": 2}}]
+    assert rows[0]["impl"] == "nsa_dsl_group-centric" and rows[0]["ms"] == 2.5
+    assert rows[0]["config"] == {"BC_REDUCE_ROWS": 16, "SLC_TOKENS": 2}
+
+
 def _unresolved_names(path: Path) -> set:
     """Names a function of the file reads as globals that neither the module
     (its top-level assignments, definitions and imports) nor builtins
