@@ -610,10 +610,15 @@ def _short(e: BaseException) -> str:
 
 
 def bench_ms(fn, warmup: float, rep: float, grad_to_none=None) -> float:
-    import triton.testing
+    """Median milliseconds of fn over at least MIN_TIMED_RUNS timed calls
+    after warm-up (do_bench alone times as many as fit in rep ms: one for a
+    64k training pass or SDPA's 750 ms)."""
+    from nsa_dsl.tune import wall_ms
 
-    return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none,
-                                         return_mode="median"))
+    return wall_ms(fn, warmup, rep, MIN_TIMED_RUNS, grad_to_none=grad_to_none)
+
+
+MIN_TIMED_RUNS = 5
 
 
 def peak_gb(fn) -> float:

@@ -605,3 +605,20 @@ def test_fused_output_says_which_forward_a_call_without_gradients_runs():
 
     assert bench.fused_output(Tuned(), 48) and not bench.fused_output(Tuned(), 16)
     assert not bench.fused_output(object(), 48)
+
+
+def test_bench_ms_takes_the_median_of_several_timed_runs_of_a_long_pass(monkeypatch):
+    # "median of many timed runs": do_bench alone timed one call of a pass
+    # longer than its rep window (SDPA's 64k forward+backward, 750 ms).
+    import triton.testing
+
+    calls = []
+
+    def fake_do_bench(fn, warmup, rep, return_mode, grad_to_none=None):
+        calls.append((rep, grad_to_none))
+        return 150.0
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    leaves = [torch.zeros(1)]
+    assert bench.bench_ms(lambda: None, 25, 100, grad_to_none=leaves) == 150.0
+    assert calls == [(100, leaves), (150.0 * bench.MIN_TIMED_RUNS, leaves)] and bench.MIN_TIMED_RUNS >= 5

@@ -410,3 +410,20 @@ def test_selection_loop_order_override():
     # compile(slc_fwd=...) still decides over the constant
     assert nsa_dsl.compile(PATTERN, slc_fwd="group-centric",
                            overrides={"SLC_FWD_ORDER": 1}).slc_fwd_at(100) == "group-centric"
+
+
+def test_the_wall_timer_takes_at_least_five_samples_of_a_long_pass():
+    # do_bench times as many calls as fit in rep ms: one for a 40 ms pass.
+    from nsa_dsl.tune import wall_ms
+
+    calls = []
+
+    def fake_do_bench(step, warmup, rep, return_mode):
+        calls.append((warmup, rep, return_mode))
+        return 40.0 if len(calls) == 1 else 39.0
+
+    assert wall_ms(lambda: None, 10, 40, do_bench=fake_do_bench) == 39.0
+    assert calls == [(10, 40, "median"), (0, 200.0, "median")]
+    calls.clear()
+    short = lambda step, warmup, rep, return_mode: calls.append(rep) or 2.0  # noqa: E731
+    assert wall_ms(lambda: None, 10, 40, do_bench=short) == 2.0 and calls == [40]  # 20 samples fit already
