@@ -398,11 +398,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             # trip for the gated output. Timed on the H200 (NOTES v10): a tie
             # with swa_fwd apart for paper128 at 64k (the two kinds of work
             # did not overlap), so off unless a tuned record sets it.
-            # 1 (with BC_FOLD_WINDOW): odd merge programs sum their slots
-            # before computing their window, even ones after, so each SM
-            # holds programs in both phases (streaming partials, matrix
-            # work) instead of all in the same one. Off until timed.
-            + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)), ("BC_MERGE_ALTERNATE", 0))
+            + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)))
                if p.window is not None else ()),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
         # Both orders were measured on the H200 (benchmarks/NOTES.md v9); the
@@ -613,7 +609,6 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
-    "BC_MERGE_ALTERNATE": _flag,
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

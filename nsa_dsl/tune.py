@@ -225,12 +225,8 @@ def candidates(plan: Plan, kernel: str) -> list:
         tokens = _scaled(names["BC_WINDOW_TOKENS"], factors=(0.5, 2), lo=1, hi=64)
         if names["BC_FOLD_WINDOW"]:
             options += [{"BC_WINDOW_TOKENS": t} for t in tokens]
-            # the merge programs' two phases in alternating order (a tie
-            # with the fold on or off, v10, means they did not overlap)
-            options.append({"BC_MERGE_ALTERNATE": 1 - names["BC_MERGE_ALTERNATE"]})
         else:
             options += [{"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": t} for t in tokens]
-            options.append({"BC_FOLD_WINDOW": 1, "BC_MERGE_ALTERNATE": 1})
     if "BC_REDUCE_STAGES" in names:
         # the slot reduction's loop loads one slot's partials an iteration:
         # more stages keep more of them in flight (paper128 at 64k on the

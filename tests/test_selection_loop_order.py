@@ -237,24 +237,21 @@ def test_block_centric_in_slices_equals_one_pass(pattern, length, batch, slice_l
 @settings(max_examples=5, deadline=None)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None and p.window is not None),
        length=st.integers(1, 70), batch=st.integers(1, 2), slice_len=st.integers(1, 40),
-       tokens=st.sampled_from([1, 2, 4, 8]), alternate=st.sampled_from([0, 1]), seed=st.integers(0, 2**31 - 1))
-def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length, batch, slice_len, tokens, alternate,
-                                                                 seed):
+       tokens=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**31 - 1))
+def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length, batch, slice_len, tokens, seed):
     """BC_FOLD_WINDOW: slc_fwd_bc_merge_window sums the slots as
     slc_fwd_bc_reduce does (the same o_slc and lse bits) and computes the
     window branch in place of swa_fwd (its o_swa, lse_swa within float32
     tolerance of swa_fwd's), in slices whose tiles of BC_WINDOW_TOKENS
     positions may end past T; the gated output of a call without gradients
-    (written by the merge) and the gradients match float64. Either phase
-    order (BC_MERGE_ALTERNATE: odd programs sum their slots first)."""
+    (written by the merge) and the gradients match float64."""
     args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
     base = {"BC_SLICE": slice_len * batch}
     apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
     group_rows = apart.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
     tokens = max(tokens, -(-16 // group_rows))  # the tile's dots need 16 rows
     folded = nsa_dsl.compile(pattern, slc_fwd="block-centric",
-                             overrides={**base, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens,
-                                        "BC_MERGE_ALTERNATE": alternate})
+                             overrides={**base, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens})
     assert folded.plan.window_in_block_centric and not apart.plan.window_in_block_centric
     _, indices = apart(**args, return_indices=True)
     a, b = _intermediates(apart, args, indices), _intermediates(folded, args, indices)
@@ -269,28 +266,6 @@ def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length
     expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
     assert rel_error(final["o"], expected) < TOLERANCE[torch.float32]
     assert_gradients_match_reference(pattern, folded, args, seed)
-
-
-def test_merge_phase_order_changes_no_bit():
-    """BC_MERGE_ALTERNATE only reorders each merge program's two phases
-    (odd programs sum their slots before computing their window): every
-    branch output and statistic is bit-identical to one order for all, and
-    the gated output of a call without gradients is too. Small tiles and a
-    slice boundary so programs of both parities cover each case."""
-    pattern = nsa_dsl.parse("pattern m { heads q=4 kv=2 dims qk=16 compress block=16 stride=8"
-                            " select block=16 top=3 initial=1 local=1 window size=20 }")
-    args = random_inputs(pattern, 2, 70, torch.float32, 7, device=DEVICE)
-    base = {"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 8, "BC_SLICE": 2 * 40}
-    one = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
-    alt = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_MERGE_ALTERNATE": 1})
-    _, indices = one(**args, return_indices=True)
-    a, b = _intermediates(one, args, indices), _intermediates(alt, args, indices)
-    for name in ("o_slc", "lse_slc", "o_swa", "lse_swa", "o"):
-        assert torch.equal(a[name], b[name]), name
-    fa, fb = _intermediates(one, args, indices, final=True), _intermediates(alt, args, indices, final=True)
-    assert alt.writes_final_output(70) and torch.equal(fa["o"], fb["o"])
-    expected = nsa_dsl.reference(pattern, **upcast(args), indices=indices.to(DEVICE))
-    assert rel_error(fb["o"], expected) < TOLERANCE[torch.float32]
 
 
 def test_sliced_inverted_index_numbers_segments_slice_major():
