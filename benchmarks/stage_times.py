@@ -45,6 +45,8 @@ def main(argv=None) -> int:
     ap.add_argument("--backward", action="store_true")
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--wall", action="store_true")
+    ap.add_argument("--others", type=int, default=0, metavar="N",
+                    help="also list the N slowest kernels outside the plan (torch's index building, fills)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("stage_times: needs a CUDA GPU (profiler kernel times)", file=sys.stderr)
@@ -67,13 +69,15 @@ def main(argv=None) -> int:
                 out.backward(do)
 
         events = kernel_events(step, args.calls, warmup=3)
-        stages, other_ms, _ = group_kernel_times(events, compiled.plan.kernel_names, args.calls)
+        stages, other_ms, others = group_kernel_times(events, compiled.plan.kernel_names, args.calls)
         total = sum(ms for _, ms in stages.values()) + other_ms
         parts = " ".join(f"{name}={ms:.3f}" for name, (_, ms) in sorted(stages.items(), key=lambda kv: -kv[1][1]))
         wall = ""
         if args.wall:  # the median of at least 10 calls (do_bench alone times one call at 64k)
             wall = f" wall {wall_ms(step, warmup_ms=25, rep_ms=100, min_reps=10):.3f} ms"
         print(f"T={args.length} {text}: total {total:.3f} ms{wall} | {parts} other={other_ms:.3f}", flush=True)
+        for name, ms in sorted(others.items(), key=lambda kv: -kv[1])[:args.others]:
+            print(f"    other {ms:.3f} ms  {name[:150]}", flush=True)
     return 0
 
 
