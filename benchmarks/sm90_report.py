@@ -109,11 +109,13 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
     from nsa_dsl.plan import apply_overrides
 
     rows = []
-    arg_values = {**CONSTEXPR_ARGS, **(constexprs or {})}
     for pattern in nsa_dsl.load_all(path):
         plan = nsa_dsl.check(pattern)
         if overrides:
             plan = apply_overrides(plan, overrides)
+        # the merge attends the forced blocks where the plan has it do so
+        # (for indices from its own scoring, as the benchmark runs it)
+        arg_values = {**CONSTEXPR_ARGS, "FORCED": plan.forced_in_merge, **(constexprs or {})}
         key = cache_key(plan, device="cuda-sm90")
         module = cache.load_module(key, cache.store(key, render(plan, key)))
         target = GPUTarget("cuda", 90, 32)
@@ -173,7 +175,7 @@ def main(argv=None) -> int:
     constexprs = {}
     for item in args.arg:
         name, value = item.split("=", 1)
-        if name not in CONSTEXPR_ARGS:
+        if name not in CONSTEXPR_ARGS and name != "FORCED":
             ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
         constexprs[name] = bool(int(value))
     rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs)]

@@ -215,6 +215,7 @@ class CompiledPattern:
 
         if p.select is not None:
             top = p.select.top
+            own_indices = indices is None  # scored here: every visible forced block is in them
             if indices is None:
                 kp = plan.kernel("slc_topk")
                 indices = self._alloc((B, T, HKV, top), torch.int32, dev)
@@ -240,7 +241,8 @@ class CompiledPattern:
                     window = (k_swa, v_swa) if k_swa is not None else (k, v)
                 o_slc, lse_slc, o = self._selection_block_centric(q, k, v, indices, qk_scale_log2, shapes,
                                                                   out if write_final else None, gates,
-                                                                  window=window, window_out=out)
+                                                                  window=window, window_out=out,
+                                                                  forced=own_indices and plan.forced_in_merge)
                 if write_final:
                     out["o"] = o
             else:
@@ -294,7 +296,8 @@ class CompiledPattern:
         out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 
     def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes, final_from: Optional[dict],
-                                 gates: dict, window: Optional[tuple] = None, window_out: Optional[dict] = None) -> tuple:
+                                 gates: dict, window: Optional[tuple] = None, window_out: Optional[dict] = None,
+                                 forced: bool = False) -> tuple:
         """slc_fwd_bc and its slot reduction around the inverted index, slice
         by slice of BC_SLICE positions: (o_slc, lse_slc, None) exactly as
         the group-centric kernel leaves them (lse in log2 units, +inf and a
@@ -303,7 +306,9 @@ class CompiledPattern:
         the gated output instead, (None, None, o). window (the window
         branch's keys and values, BC_FOLD_WINDOW): the reduction is
         slc_fwd_bc_merge_window, which computes the window branch too, into
-        window_out["o_swa"], ["lse_swa"] (with final_from, only into o)."""
+        window_out["o_swa"], ["lse_swa"] (with final_from, only into o).
+        forced (with window; indices that hold every visible forced block):
+        the merge attends the forced blocks, slc_fwd_bc only the others."""
         p, m = self.pattern, self.module
         kp = self.plan.kernel("slc_fwd_bc")
         B, T = shapes.batch, shapes.length
@@ -324,8 +329,11 @@ class CompiledPattern:
             tokens = kp.const("BC_WINDOW_TOKENS")
             TS = max(tokens, TS - TS % tokens)
         n_slices = _cdiv(T, TS)
-        offsets, positions, slots = block_to_positions(indices, p.select.block, n_blocks, with_slots=True,
-                                                       slice_len=TS)
+        if forced and window is None:
+            raise ValueError("forced blocks in the merge need the window folded into it (BC_FOLD_WINDOW)")
+        offsets, positions, slots = block_to_positions(
+            indices, p.select.block, n_blocks, with_slots=True, slice_len=TS,
+            skip_forced=(p.select.initial, p.select.local) if forced else None)
         chunks = chunk_table(offsets, kp.const("BC_CHUNK"), n_slices, B * TS * HKV * top)
         # Per-slot partials of one slice, reused by the next: the outputs in
         # the input dtype (normalised over one block, so bounded by |v|), the
@@ -352,11 +360,11 @@ class CompiledPattern:
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             if window is not None:
                 m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
-                    q, kw, vw, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS, qk_scale_log2,
-                    *_strides(q), *_strides(kw), *_strides(vw), *_strides(o), *_strides(o_swa),
-                    o, o_cmp if o_cmp is not None else o, *gate_ptrs,
-                    WRITE_FINAL=write_final, **has_gates, num_warps=kp.num_warps,
-                    num_stages=kp.const("BC_REDUCE_STAGES"))
+                    q, k, v, kw, vw, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS, qk_scale_log2,
+                    *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
+                    *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
+                    WRITE_FINAL=write_final, FORCED=forced, **has_gates,
+                    num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ
             m.slc_fwd_bc_reduce[(_cdiv(n_rows, reduce_rows),)](
@@ -514,13 +522,15 @@ class CompiledPattern:
 
 
 def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with_slots: bool = False,
-                       slice_len: Optional[int] = None) -> tuple:
+                       slice_len: Optional[int] = None, skip_forced: Optional[tuple] = None) -> tuple:
     """The inverted selection index: for every (batch, KV head, block) the
     ascending positions whose selection holds that block, as CSR arrays
     (offsets [B*HKV*n_blocks + 1] int32, positions int32), and with
     with_slots=True the slot of the index row each entry came from (int32).
     Blocks past a position (which it cannot attend) are dropped, and a block
-    repeated in a row counts once (its first slot).
+    repeated in a row counts once (its first slot). skip_forced = (initial,
+    local): a position's forced blocks are dropped too (the block-centric
+    merge attends them, BC_MERGE_FORCED).
     slice_len: the positions are cut into slices of that many, and every
     slice has its own segments, slice-major (offsets then has
     cdiv(T, slice_len) * B*HKV*n_blocks + 1 entries), so one index serves a
@@ -537,6 +547,9 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     t = torch.arange(T, device=dev).view(1, T, 1, 1)
     usable = (idx >= 0) & (idx <= t // block)
     usable &= first_occurrence(idx)
+    if skip_forced is not None:
+        initial, local = skip_forced
+        usable &= (idx >= initial) & (idx <= t // block - local)
     slice_t = t // slice_len if slice_len is not None else 0
     b = torch.arange(B, device=dev).view(B, 1, 1, 1)
     h = torch.arange(HKV, device=dev).view(1, 1, HKV, 1)

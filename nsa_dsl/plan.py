@@ -52,8 +52,11 @@ class KernelPlan:
 
     def warps_for(self, entry: str) -> int:
         """Warps of one of the kernel's entry points: the flash-style dK/dV
-        kernels carry their own (*_BWD_DKDV_WARPS); the rest launch with
+        kernels carry their own (*_BWD_DKDV_WARPS), and so does the
+        block-centric merge (BC_MERGE_WARPS); the rest launch with
         num_warps."""
+        if entry == "slc_fwd_bc_merge_window" and self.has_const("BC_MERGE_WARPS"):
+            return self.const("BC_MERGE_WARPS")
         if entry.endswith("_bwd_dkdv"):
             name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
             if self.has_const(name):
@@ -103,6 +106,17 @@ class Plan:
             return False
         bc = self.kernel("slc_fwd_bc")
         return bc.has_const("BC_FOLD_WINDOW") and bool(bc.const("BC_FOLD_WINDOW"))
+
+    @property
+    def forced_in_merge(self) -> bool:
+        """Whether the block-centric merge attends the forced blocks itself
+        (BC_MERGE_FORCED=1 with the window folded in, and forced blocks to
+        attend): slc_fwd_bc then skips them, for indices from the plan's own
+        scoring (given indices need not hold them; ops decides per call)."""
+        if not self.window_in_block_centric:
+            return False
+        bc = self.kernel("slc_fwd_bc")
+        return bool(bc.const("BC_MERGE_FORCED")) and bc.const("INITIAL") + bc.const("LOCAL") > 0
 
     @property
     def window_in_selection(self) -> bool:
@@ -398,7 +412,18 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             # trip for the gated output. Timed on the H200 (NOTES v10): a tie
             # with swa_fwd apart for paper128 at 64k (the two kinds of work
             # did not overlap), so off unless a tuned record sets it.
-            + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)))
+            + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)),
+                # 1 (with BC_FOLD_WINDOW, indices from the plan's own
+                # scoring, which always holds every visible forced block):
+                # the forced blocks (initial, local) are attended by the
+                # merge's programs, whose consecutive positions share them,
+                # instead of one partial per position and forced block in
+                # slc_fwd_bc: (initial + local) / top of the partials'
+                # traffic moves to one tile loop a program. Off until timed.
+                ("BC_MERGE_FORCED", 0), ("INITIAL", s.initial), ("LOCAL", s.local),
+                # warps of slc_fwd_bc_merge_window (the slot loop and the
+                # window's tiles), apart from slc_fwd_bc's
+                ("BC_MERGE_WARPS", 4 if d_max <= 128 else 8))
                if p.window is not None else ()),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
         # Both orders were measured on the H200 (benchmarks/NOTES.md v9); the
@@ -609,6 +634,7 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
+    "BC_MERGE_FORCED": _flag, "BC_MERGE_WARPS": _warps,
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

@@ -225,8 +225,14 @@ def candidates(plan: Plan, kernel: str) -> list:
         tokens = _scaled(names["BC_WINDOW_TOKENS"], factors=(0.5, 2), lo=1, hi=64)
         if names["BC_FOLD_WINDOW"]:
             options += [{"BC_WINDOW_TOKENS": t} for t in tokens]
+            # the forced blocks in the merge (fewer partials, a tile loop
+            # more a program), on the merge's own warps too
+            flip = {"BC_MERGE_FORCED": 1 - names["BC_MERGE_FORCED"]}
+            other_warps = 8 if names["BC_MERGE_WARPS"] == 4 else 4
+            options += [flip, {"BC_MERGE_WARPS": other_warps}, {**flip, "BC_MERGE_WARPS": other_warps}]
         else:
             options += [{"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": t} for t in tokens]
+            options.append({"BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1})
     if "BC_REDUCE_STAGES" in names:
         # the slot reduction's loop loads one slot's partials an iteration:
         # more stages keep more of them in flight (paper128 at 64k on the

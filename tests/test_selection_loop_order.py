@@ -268,6 +268,52 @@ def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length
     assert_gradients_match_reference(pattern, folded, args, seed)
 
 
+@settings(max_examples=4, deadline=None)
+@given(pattern=valid_patterns().filter(lambda p: p.select is not None and p.window is not None
+                                       and p.select.initial + p.select.local > 0),
+       length=st.integers(1, 70), batch=st.integers(1, 2), slice_len=st.integers(1, 40),
+       tokens=st.sampled_from([1, 2, 4, 8, 32]), seed=st.integers(0, 2**31 - 1))
+def test_block_centric_merge_attends_the_forced_blocks(pattern, length, batch, slice_len, tokens, seed):
+    """BC_MERGE_FORCED: with indices from the plan's own scoring the merge
+    attends the forced blocks (a tile's positions may span two blocks) and
+    slc_fwd_bc the rest: o_slc and lse_slc within float32 tolerance of the
+    merge that sums every slot, the window untouched, the gated output of
+    a call without gradients against float64. Given indices need not hold
+    the forced blocks: there the merge sums every slot, bit for bit."""
+    args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
+    probe = nsa_dsl.compile(pattern, slc_fwd="block-centric")
+    tokens = max(tokens, -(-16 // probe.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")))  # 16 rows a dot
+    base = {"BC_SLICE": slice_len * batch, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens}
+    every_slot = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
+    forced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_MERGE_FORCED": 1})
+    assert forced.plan.forced_in_merge and not every_slot.plan.forced_in_merge
+    a, b = _intermediates(every_slot, args, None), _intermediates(forced, args, None)
+    assert torch.equal(a["indices"], b["indices"])
+    assert rel_error(b["o_slc"], a["o_slc"]) < TOLERANCE[torch.float32]
+    finite = torch.isfinite(a["lse_slc"])
+    assert torch.equal(finite, torch.isfinite(b["lse_slc"]))
+    assert torch.allclose(b["lse_slc"][finite], a["lse_slc"][finite], rtol=1e-5, atol=1e-5)
+    assert torch.equal(a["o_swa"], b["o_swa"]) and torch.equal(a["lse_swa"], b["lse_swa"])
+    final = _intermediates(forced, args, None, final=True)
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=b["indices"].to(DEVICE))
+    assert rel_error(final["o"], expected) < TOLERANCE[torch.float32]
+    given_a, given_b = _intermediates(every_slot, args, a["indices"]), _intermediates(forced, args, a["indices"])
+    assert torch.equal(given_a["o_slc"], given_b["o_slc"]) and torch.equal(given_a["lse_slc"], given_b["lse_slc"])
+
+
+def test_forced_blocks_in_the_merge_train():
+    """The backward reads the merge's o_slc and lse_slc: with the forced
+    blocks attended there, every gradient still matches float64 (initial
+    and local blocks overlapping at the first positions)."""
+    pattern = nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
+                            " select block=16 top=4 initial=1 local=2 window size=24 }")
+    args = random_inputs(pattern, 1, 75, torch.float32, 5, device=DEVICE)
+    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric",
+                               overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1})
+    assert compiled.plan.forced_in_merge
+    assert_gradients_match_reference(pattern, compiled, args, 5)
+
+
 def test_sliced_inverted_index_numbers_segments_slice_major():
     idx = torch.tensor([[[[0, 1]], [[1, 0]], [[0, 2]], [[2, 1]]]], dtype=torch.int32)  # B=1, T=4, HKV=1, top=2
     # block size 1, slices of 2 positions: slice 0 holds t=0,1, slice 1 t=2,3
