@@ -12,8 +12,9 @@ import nsa_dsl
 from nsa_dsl.check import check
 from nsa_dsl.cost import BLOCK_CENTRIC_BYTE_WEIGHT, block_centric_from, selection_loop_bytes
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
-from nsa_dsl.ops import block_to_positions, chunk_table
+from nsa_dsl.ops import block_to_positions, chunk_table, first_in_row
 from nsa_dsl.plan import SLC_LIST_MAX
+from nsa_dsl.reference import first_occurrence
 from nsa_dsl.tune import candidates, launched
 from nsa_dsl.validate import validate_inputs
 from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
@@ -312,6 +313,17 @@ def test_forced_blocks_in_the_merge_train():
                                overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1})
     assert compiled.plan.forced_in_merge
     assert_gradients_match_reference(pattern, compiled, args, 5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 9), st.integers(1, 17)), n_blocks=st.integers(1, 6),
+       seed=st.integers(0, 2**31 - 1))
+def test_pairwise_first_occurrence_equals_the_sorted_one(shape, n_blocks, seed):
+    # the inverted index's duplicate test (pairs of slots) against the
+    # reference's (a sort per row), on rows full of repeats and -1
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(-1, n_blocks, shape, generator=gen, dtype=torch.int32)
+    assert torch.equal(first_in_row(idx), first_occurrence(idx.long()))
 
 
 def test_sliced_inverted_index_numbers_segments_slice_major():
