@@ -326,6 +326,24 @@ def test_pairwise_first_occurrence_equals_the_sorted_one(shape, n_blocks, seed):
     assert torch.equal(first_in_row(idx), first_occurrence(idx.long()))
 
 
+@settings(max_examples=20, deadline=None)
+@given(T=st.integers(1, 60), B=st.integers(1, 2), HKV=st.integers(1, 2), top=st.integers(1, 6),
+       block=st.sampled_from([1, 4, 16]), slice_len=st.sampled_from([None, 7, 32]), seed=st.integers(0, 2**31 - 1))
+def test_distinct_rows_skip_the_duplicate_test_and_change_nothing(T, B, HKV, top, block, slice_len, seed):
+    # rows as the scoring writes them (distinct blocks, -1 padded): the
+    # index built without the duplicate test is the same index
+    n_blocks = -(-T // block)
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(B, T, HKV, n_blocks, generator=gen)
+    take = min(top, n_blocks)
+    idx = torch.full((B, T, HKV, top), -1, dtype=torch.int32)
+    idx[..., :take] = scores.topk(take, dim=-1).indices.to(torch.int32)
+    checked = block_to_positions(idx, block, n_blocks, with_slots=True, slice_len=slice_len)
+    trusted = block_to_positions(idx, block, n_blocks, with_slots=True, slice_len=slice_len, distinct=True)
+    for a, b in zip(checked, trusted):
+        assert torch.equal(a, b)
+
+
 def test_sliced_inverted_index_numbers_segments_slice_major():
     idx = torch.tensor([[[[0, 1]], [[1, 0]], [[0, 2]], [[2, 1]]]], dtype=torch.int32)  # B=1, T=4, HKV=1, top=2
     # block size 1, slices of 2 positions: slice 0 holds t=0,1, slice 1 t=2,3
