@@ -37,7 +37,7 @@ from nsa_dsl.render import render  # noqa: E402
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
                  "kw_ptr", "vw_ptr", "o_final_ptr", "part_o_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
-INT_POINTERS = {"idx_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
+INT_POINTERS = {"idx_ptr", "key_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
@@ -47,7 +47,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_
                   "HAS_G_SWA": True, "WRITE_FINAL": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
-    "slc_fwd_bc": ["slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
+    "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
@@ -115,7 +115,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
             plan = apply_overrides(plan, overrides)
         # the merge attends the forced blocks where the plan has it do so
         # (for indices from its own scoring, as the benchmark runs it)
-        arg_values = {**CONSTEXPR_ARGS, "FORCED": plan.forced_in_merge, **(constexprs or {})}
+        arg_values = {**CONSTEXPR_ARGS, "FORCED": plan.forced_in_merge, "SKIP_FORCED": plan.forced_in_merge,
+                      "DISTINCT": True, **(constexprs or {})}
         key = cache_key(plan, device="cuda-sm90")
         module = cache.load_module(key, cache.store(key, render(plan, key)))
         target = GPUTarget("cuda", 90, 32)
@@ -175,7 +176,7 @@ def main(argv=None) -> int:
     constexprs = {}
     for item in args.arg:
         name, value = item.split("=", 1)
-        if name not in CONSTEXPR_ARGS and name != "FORCED":
+        if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT"):
             ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
         constexprs[name] = bool(int(value))
     rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs)]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -334,7 +334,8 @@ class CompiledPattern:
             raise ValueError("forced blocks in the merge need the window folded into it (BC_FOLD_WINDOW)")
         offsets, positions, slots = block_to_positions(
             indices, p.select.block, n_blocks, with_slots=True, slice_len=TS,
-            skip_forced=(p.select.initial, p.select.local) if forced else None, distinct=distinct)
+            skip_forced=(p.select.initial, p.select.local) if forced else None, distinct=distinct,
+            keys_fn=self._index_keys)
         chunks = chunk_table(offsets, kp.const("BC_CHUNK"), n_slices, B * TS * HKV * top)
         # Per-slot partials of one slice, reused by the next: the outputs in
         # the input dtype (normalised over one block, so bounded by |v|), the
@@ -372,6 +373,23 @@ class CompiledPattern:
                 part_o, part_lse, o, lse, T, t0, TS, min(TS, T - t0), n_rows, *_strides(o), o, *others, *gate_ptrs,
                 WRITE_FINAL=write_final, **has_gates, num_warps=4, num_stages=kp.const("BC_REDUCE_STAGES"))
         return (None, None, o) if write_final else (o, lse, None)
+
+    def _index_keys(self, indices: torch.Tensor, slice_len: int, n_blocks: int, n_segments: int,
+                    skip_forced: Optional[tuple], distinct: bool) -> torch.Tensor:
+        """block_to_positions' sort keys from slc_index_keys (int32, one
+        pass over the indices)."""
+        kp = self.plan.kernel("slc_fwd_bc")
+        B, T, HKV, top = indices.shape
+        if skip_forced is not None and tuple(skip_forced) != (kp.const("INITIAL"), kp.const("LOCAL")):
+            raise ValueError(f"forced blocks {skip_forced}: the plan's are"
+                             f" {(kp.const('INITIAL'), kp.const('LOCAL'))}")  # pragma: no cover - ops passes its own
+        keys = torch.empty((B, T, HKV, top), dtype=torch.int32, device=indices.device)
+        n_rows = B * T * HKV
+        if n_rows:
+            self.module.slc_index_keys[(_cdiv(n_rows, kp.const("INDEX_ROWS")),)](
+                indices, keys, T, slice_len, n_blocks, n_segments, n_rows, B, *_strides(indices),
+                SKIP_FORCED=skip_forced is not None, DISTINCT=distinct, num_warps=4, num_stages=1)
+        return keys
 
     def _combine(self, out: dict, gates: dict, n_rows: int, like: torch.Tensor) -> torch.Tensor:
         kp = self.plan.kernel("combine")
@@ -495,7 +513,7 @@ class CompiledPattern:
             if not atomic:
                 n_blocks = _cdiv(T, p.select.block)
                 offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
-                                                        distinct=indices_distinct)
+                                                        distinct=indices_distinct, keys_fn=self._index_keys)
                 chunks = chunk_segments(offsets, kp.const("SLC_BWD_CHUNK"))
                 n_chunks = chunks["segment"].numel()
                 if n_chunks:
@@ -527,7 +545,7 @@ class CompiledPattern:
 
 def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with_slots: bool = False,
                        slice_len: Optional[int] = None, skip_forced: Optional[tuple] = None,
-                       distinct: bool = False) -> tuple:
+                       distinct: bool = False, keys_fn: Optional[Callable] = None) -> tuple:
     """The inverted selection index: for every (batch, KV head, block) the
     ascending positions whose selection holds that block, as CSR arrays
     (offsets [B*HKV*n_blocks + 1] int32, positions int32), and with
@@ -538,6 +556,9 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     merge attends them, BC_MERGE_FORCED). distinct=True: no row repeats a
     block (the plan's scoring writes each at most once), so the duplicate
     test is skipped (0.56 ms of paper128's 64k forward on the H200).
+    keys_fn(indices, slice_len, n_blocks, n_segments, skip_forced, distinct)
+    -> int32 keys: the sort keys from one kernel (slc_index_keys) instead
+    of the torch steps below (where 32-bit keys fit).
     slice_len: the positions are cut into slices of that many, and every
     slice has its own segments, slice-major (offsets then has
     cdiv(T, slice_len) * B*HKV*n_blocks + 1 entries), so one index serves a
@@ -553,18 +574,21 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     # 32-bit keys where they fit: the global radix sort then makes half the
     # passes (and every elementwise step moves half the bytes)
     key_type = torch.int32 if n_segments < 2**31 - 1 else torch.int64
-    idx = indices.to(key_type)
-    t = torch.arange(T, device=dev, dtype=key_type).view(1, T, 1, 1)
-    usable = (idx >= 0) & (idx <= t // block)
-    if not distinct:
-        usable &= first_in_row(idx)
-    if skip_forced is not None:
-        initial, local = skip_forced
-        usable &= (idx >= initial) & (idx <= t // block - local)
-    slice_t = t // slice_len if slice_len is not None else 0
-    b = torch.arange(B, device=dev, dtype=key_type).view(B, 1, 1, 1)
-    h = torch.arange(HKV, device=dev, dtype=key_type).view(1, 1, HKV, 1)
-    segment = torch.where(usable, ((slice_t * B + b) * HKV + h) * n_blocks + idx, n_segments)
+    if keys_fn is not None and key_type == torch.int32:
+        segment = keys_fn(indices, slice_len or max(T, 1), n_blocks, n_segments, skip_forced, distinct)
+    else:
+        idx = indices.to(key_type)
+        t = torch.arange(T, device=dev, dtype=key_type).view(1, T, 1, 1)
+        usable = (idx >= 0) & (idx <= t // block)
+        if not distinct:
+            usable &= first_in_row(idx)
+        if skip_forced is not None:
+            initial, local = skip_forced
+            usable &= (idx >= initial) & (idx <= t // block - local)
+        slice_t = t // slice_len if slice_len is not None else 0
+        b = torch.arange(B, device=dev, dtype=key_type).view(B, 1, 1, 1)
+        h = torch.arange(HKV, device=dev, dtype=key_type).view(1, 1, HKV, 1)
+        segment = torch.where(usable, ((slice_t * B + b) * HKV + h) * n_blocks + idx, n_segments)
     # stable: within a segment the entries keep their (position, slot) order
     ordered, order = torch.sort(segment.flatten(), stable=True)
     # each segment's first entry in the sorted keys (bincount would read the

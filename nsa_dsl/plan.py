@@ -404,7 +404,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("BC_REDUCE_ROWS", 32), ("BC_REDUCE_STAGES", 2),
              # (batch element, position) pairs per slice: the per-slot
              # partials of a slice take about BC_PARTIAL_BYTES
-             ("BC_SLICE", bc_slice))
+             ("BC_SLICE", bc_slice),
+             # slc_index_keys (the inverted index's sort keys, forward and
+             # backward): index rows a program; the forced blocks' rule
+             ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local))
             # 1: the window branch is computed by the slot reduction's
             # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
             # the group's heads a tile, as the group-centric fold) and
@@ -419,8 +422,11 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # merge's programs, whose consecutive positions share them,
                 # instead of one partial per position and forced block in
                 # slc_fwd_bc: (initial + local) / top of the partials'
-                # traffic moves to one tile loop a program. Off until timed.
-                ("BC_MERGE_FORCED", 0), ("INITIAL", s.initial), ("LOCAL", s.local),
+                # traffic moves to one tile loop a program. Off by default;
+                # paper128's 64k record takes it (NOTES v11: 40.62 -> 39.99
+                # ms forward on the H200, slc_fwd_bc 10.60 -> 8.65, the
+                # merge 9.18 -> 10.90).
+                ("BC_MERGE_FORCED", 0),
                 # warps of slc_fwd_bc_merge_window (the slot loop and the
                 # window's tiles), apart from slc_fwd_bc's
                 ("BC_MERGE_WARPS", 4 if d_max <= 128 else 8))
@@ -634,7 +640,7 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
-    "BC_MERGE_FORCED": _flag, "BC_MERGE_WARPS": _warps,
+    "BC_MERGE_FORCED": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

@@ -344,6 +344,33 @@ def test_distinct_rows_skip_the_duplicate_test_and_change_nothing(T, B, HKV, top
         assert torch.equal(a, b)
 
 
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 50), B=st.integers(1, 2), kv=st.sampled_from([1, 2]), top=st.integers(3, 6),
+       slice_len=st.sampled_from([None, 5, 16]), skip=st.booleans(), distinct=st.booleans(),
+       seed=st.integers(0, 2**31 - 1))
+def test_index_keys_kernel_builds_the_same_index(T, B, kv, top, slice_len, skip, distinct, seed):
+    # slc_index_keys (one kernel) against the torch steps, on rows with
+    # repeats, -1 and blocks past the position (distinct: rows as the
+    # scoring writes them), slices, and the forced blocks dropped or kept
+    pattern = nsa_dsl.parse(f"pattern ix {{ heads q={2 * kv} kv={kv} dims qk=16 compress block=16 stride=8"
+                            f" select block=16 top={top} initial=1 local=2 window size=16 }}")
+    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric")
+    n_blocks = -(-T // 16)
+    gen = torch.Generator().manual_seed(seed)
+    if distinct:
+        take = min(top, n_blocks)
+        idx = torch.full((B, T, kv, top), -1, dtype=torch.int32)
+        idx[..., :take] = torch.rand(B, T, kv, n_blocks, generator=gen).topk(take, dim=-1).indices.to(torch.int32)
+    else:
+        idx = torch.randint(-1, n_blocks + 1, (B, T, kv, top), generator=gen, dtype=torch.int32)
+    idx = idx.to(DEVICE)
+    kwargs = dict(with_slots=True, slice_len=slice_len, skip_forced=(1, 2) if skip else None, distinct=distinct)
+    by_torch = block_to_positions(idx, 16, n_blocks, **kwargs)
+    by_kernel = block_to_positions(idx, 16, n_blocks, keys_fn=compiled._index_keys, **kwargs)
+    for a, b in zip(by_torch, by_kernel):
+        assert torch.equal(a, b)
+
+
 def test_sliced_inverted_index_numbers_segments_slice_major():
     idx = torch.tensor([[[[0, 1]], [[1, 0]], [[0, 2]], [[2, 1]]]], dtype=torch.int32)  # B=1, T=4, HKV=1, top=2
     # block size 1, slices of 2 positions: slice 0 holds t=0,1, slice 1 t=2,3
