@@ -514,14 +514,17 @@ class CompiledPattern:
                 n_blocks = _cdiv(T, p.select.block)
                 offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
                                                         distinct=indices_distinct, keys_fn=self._index_keys)
-                chunks = chunk_segments(offsets, kp.const("SLC_BWD_CHUNK"))
-                n_chunks = chunks["segment"].numel()
-                if n_chunks:
-                    part_k = torch.empty((n_chunks, p.select.block, DQK), dtype=f32, device=dev)
-                    part_v = torch.empty((n_chunks, p.select.block, DV), dtype=f32, device=dev)
-                    m.slc_bwd_dkdv[(n_chunks,)](
-                        q, k, v, do, g_arg, saved["lse_slc"], delta[1], chunks["segment"], chunks["start"],
-                        chunks["end"], positions, part_k, part_v, dq,
+                # Sized for the most chunks the index can have, so nothing
+                # is read back to the host (the exact count, read back to
+                # size these, was the backward's one synchronisation);
+                # programs past the index's last chunk return at once.
+                chunks = chunk_table(offsets, kp.const("SLC_BWD_CHUNK"), 1, indices.numel())
+                if T > 0:
+                    part_k = torch.empty((chunks["grid"], p.select.block, DQK), dtype=f32, device=dev)
+                    part_v = torch.empty((chunks["grid"], p.select.block, DV), dtype=f32, device=dev)
+                    m.slc_bwd_dkdv[(chunks["grid"],)](
+                        q, k, v, do, g_arg, saved["lse_slc"], delta[1], chunks["slice_first"], chunks["segment"],
+                        chunks["start"], chunks["end"], positions, part_k, part_v, dq,
                         T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
                         HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.num_warps, num_stages=kp.num_stages)
                     m.slc_bwd_reduce[(B * HKV * n_blocks,)](part_k, part_v, chunks["per_segment"], dk, dv,
@@ -613,12 +616,16 @@ def first_in_row(idx: torch.Tensor) -> torch.Tensor:
 
 
 def chunk_table(offsets: torch.Tensor, chunk: int, n_slices: int, max_entries_per_slice: int) -> dict:
-    """chunk_segments without a host synchronisation, for a launch per slice
-    of a slice-major index: chunk c of the whole index is (segment, start,
-    end) of arrays sized for the most chunks the index can have, and
+    """Every segment of the inverted index cut into chunks of at most
+    `chunk` positions, without a host synchronisation, for a launch per
+    slice of a slice-major index (n_slices 1: one launch): chunk c of the
+    whole index is (segment, start, end) of arrays sized for the most
+    chunks the index can have, and
     slice_first [n_slices + 1] says which chunks belong to slice i. A
     slice's launch takes `grid` programs (its most possible chunks); a
-    program past slice_first[i + 1] has nothing to do."""
+    program past slice_first[i + 1] has nothing to do. per_segment
+    [n_segments + 1]: the chunks of segment s are per_segment[s] ..
+    per_segment[s + 1] - 1 (CSR)."""
     n_segments = offsets.numel() - 1
     per_slice = n_segments // n_slices
     counts = (offsets[1:] - offsets[:-1]).long()
@@ -632,24 +639,7 @@ def chunk_table(offsets: torch.Tensor, chunk: int, n_slices: int, max_entries_pe
     start = offsets[segment].long() + (c - first[segment]) * chunk
     end = torch.minimum(start + chunk, offsets[segment + 1].long())
     return {"segment": segment.to(torch.int32), "start": start.to(torch.int32), "end": end.to(torch.int32),
-            "slice_first": first[::per_slice].to(torch.int32), "grid": grid}
-
-
-def chunk_segments(offsets: torch.Tensor, chunk: int) -> dict:
-    """Cut every segment of the inverted index into chunks of at most
-    `chunk` positions: per chunk its segment, first and past-the-end entry
-    (int32), and per segment the range of its chunks (per_segment, CSR)."""
-    counts = (offsets[1:] - offsets[:-1]).long()
-    per = (counts + chunk - 1) // chunk
-    n_segments = counts.numel()
-    per_segment = torch.zeros(n_segments + 1, dtype=torch.int64, device=offsets.device)
-    per_segment[1:] = torch.cumsum(per, 0)
-    segment = torch.repeat_interleave(torch.arange(n_segments, device=offsets.device), per)
-    local = torch.arange(segment.numel(), device=offsets.device) - per_segment[segment]
-    start = offsets[segment].long() + local * chunk
-    end = torch.minimum(start + chunk, offsets[segment + 1].long())
-    return {"segment": segment.to(torch.int32), "start": start.to(torch.int32), "end": end.to(torch.int32),
-            "per_segment": per_segment.to(torch.int32)}
+            "slice_first": first[::per_slice].to(torch.int32), "per_segment": first.to(torch.int32), "grid": grid}
 
 
 _GRAD_ORDER = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa")

@@ -172,6 +172,29 @@ def test_block_centric_selection_never_waits_for_the_device():
     assert torch.isfinite(o_slc).all() and lse_slc.shape == (1, pattern.heads.q, 8192)
 
 
+def test_selection_backward_never_waits_for_the_device():
+    """The selection's dK/dV pass (inverted index, chunking, launches) is
+    queued without reading anything back to the host: the chunk buffers are
+    sized for the most chunks the index can have (torch's sync debug mode
+    raises on any device-to-host synchronisation)."""
+    pattern = _patterns()["small_group"]
+    args = random_inputs(pattern, 1, 4096, torch.bfloat16, seed=83, device="cuda")
+    compiled = nsa_dsl.compile(pattern)
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+    o, _ = compiled(**leaves, return_indices=True)
+    do = torch.randn_like(o)
+    o.backward(do)  # compiles the backward kernels
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+    o, _ = compiled(**leaves, return_indices=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        o.backward(do)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.isfinite(t.grad).all() for t in leaves.values())
+
+
 def test_selection_union_list_matches_reference_bf16():
     """SLC_FWD_LIST=1 (the union as a list, a pipelined counted loop) on the
     paper's pattern: right in bf16 and equal to the while-walk's output."""
