@@ -1023,7 +1023,11 @@ def oracle_block_mask(pattern, T: int, indices: torch.Tensor) -> tuple:
     return make_block_mask(tables, oracle_mask_mod(table, pattern.group, s.block, w), T), density
 
 
-def run_flex(compiled, pattern, T: int, cfg, ceil: dict, emit, budget: Budget) -> None:
+def run_flex(compiled, pattern, T: int, cfg, ceil: dict, emit, budget: Budget, oracle: bool = False) -> None:
+    """FlexAttention rows of one pattern and length: the static block-mask
+    approximation (the issue's baseline), or with oracle=True the block mask
+    of nsa_dsl's own selections (larger tables, slower: the main loop runs
+    every static row first, so the time budget never skips one for these)."""
     p = pattern
     s, w = p.select, (p.window.size if p.window is not None else None)
     hq, hkv, dqk, dv = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
@@ -1032,17 +1036,19 @@ def run_flex(compiled, pattern, T: int, cfg, ceil: dict, emit, budget: Budget) -
                    "no compressed branch, no gates")
     variants = []
     if s is None:
-        emit(make_row(p.name, T, "flex", "fwd", ceilings=ceil, error="pattern has no select branch"))
+        if not oracle:
+            emit(make_row(p.name, T, "flex", "fwd", ceilings=ceil, error="pattern has no select branch"))
         return
-    try:
-        bm, density = static_block_mask(p, T)
-        variants.append(("flex", bm, static_mask_flops(p, T),
-                         f"{static_note}; visits {100 * density:.1f}% of the causal {FLEX_BLOCK}x{FLEX_BLOCK} tiles"))
-    except Exception as e:  # noqa: BLE001
-        for ps in PASSES:
-            emit(make_row(p.name, T, "flex", ps, ceilings=ceil, error=_short(e), note=static_note))
-    need = table_bytes(hkv, T, s.block) * 4 + 2 * 4 * hq * (T // FLEX_BLOCK) ** 2 * 4
-    if need > cfg.oracle_max_gb * 1e9:
+    if not oracle:
+        try:
+            bm, density = static_block_mask(p, T)
+            variants.append(("flex", bm, static_mask_flops(p, T),
+                             f"{static_note}; visits {100 * density:.1f}% of the causal {FLEX_BLOCK}x{FLEX_BLOCK}"
+                             " tiles"))
+        except Exception as e:  # noqa: BLE001
+            for ps in PASSES:
+                emit(make_row(p.name, T, "flex", ps, ceilings=ceil, error=_short(e), note=static_note))
+    elif (need := table_bytes(hkv, T, s.block) * 4 + 2 * 4 * hq * (T // FLEX_BLOCK) ** 2 * 4) > cfg.oracle_max_gb * 1e9:
         for ps in PASSES:
             emit(make_row(p.name, T, "flex_oracle_blocks", ps, ceilings=ceil,
                           note=f"skipped: mask tables need ~{need / 1e9:.1f} GB > --oracle-max-gb {cfg.oracle_max_gb}"))
@@ -1297,14 +1303,16 @@ def main(argv=None) -> int:
                 run_fla(pattern, T, cfg, ceil, emit)
 
     if cfg.flex:
-        for path, pattern in patterns:
-            compiled = compiled_by_name.get(pattern.name)
-            for T in cfg.lengths:
-                try:
-                    run_flex(compiled, pattern, T, cfg, ceil, emit, budget)
-                except Exception as e:  # noqa: BLE001
-                    emit(make_row(pattern.name, T, "flex", "fwd", error=_short(e)))
-                _cleanup()
+        for oracle in (False, True):  # every static row (the baseline) before any oracle row
+            for path, pattern in patterns:
+                compiled = compiled_by_name.get(pattern.name)
+                for T in cfg.lengths:
+                    try:
+                        run_flex(compiled, pattern, T, cfg, ceil, emit, budget, oracle=oracle)
+                    except Exception as e:  # noqa: BLE001
+                        emit(make_row(pattern.name, T, "flex_oracle_blocks" if oracle else "flex", "fwd",
+                                      error=_short(e)))
+                    _cleanup()
 
     header["wall_s"] = budget.elapsed()
     attach_speedups(rows)

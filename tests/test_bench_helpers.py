@@ -622,3 +622,17 @@ def test_bench_ms_takes_the_median_of_several_timed_runs_of_a_long_pass(monkeypa
     leaves = [torch.zeros(1)]
     assert bench.bench_ms(lambda: None, 25, 100, grad_to_none=leaves) == 150.0
     assert calls == [(100, leaves), (150.0 * bench.MIN_TIMED_RUNS, leaves)] and bench.MIN_TIMED_RUNS >= 5
+
+
+def test_flex_rows_static_before_oracle():
+    # the time budget skips rows from the end of the flex loop: every static
+    # block-mask row (the FlexAttention baseline) runs before any
+    # oracle row; a pattern without selection has one error row, not two
+    source = (ROOT / "benchmarks" / "bench.py").read_text()
+    loop = source.index("for oracle in (False, True):")
+    assert loop < source.index("run_flex(compiled, pattern, T, cfg, ceil, emit, budget, oracle=oracle)")
+    rows = []
+    no_select = nsa_dsl.parse("pattern w { heads q=2 kv=1 dims qk=16 window size=16 }")
+    for oracle in (False, True):
+        bench.run_flex(None, no_select, 64, None, {}, rows.append, None, oracle=oracle)
+    assert [(r["impl"], r["error"]) for r in rows] == [("flex", "pattern has no select branch")]
