@@ -260,16 +260,19 @@ class LoopOrderBytes(NamedTuple):
 # A block-centric byte counts this many group-centric ones: its partials and
 # gathered queries stream through HBM, while the group-centric order's
 # repeated block loads mostly hit L2 (a KV head's keys and values, 32 MB at
-# 64k for d=128, fit in the H200's 50 MB L2), and its index is built by
-# sorting every selected entry. Fitted on the H200 (benchmarks/NOTES.md v9,
-# forward wall times of both orders, the sync-free index): measured
-# group/block time ratios small_group 0.67 / 1.13 / 1.66 at 8k / 16k / 64k
-# (1.31 at 32k before the index lost its host synchronisations), paper128
-# 0.61 / 0.97 and deepseek_nsa 0.61 / 0.96 at 8k / 64k; with 3.5 the model
-# says 0.76 / 1.34 / 2.83 (2.09 at 32k), 0.43 / 0.57 and 0.46 / 0.61: it
-# overrates block-centric for small groups and underrates it for G=16, but
-# picks the faster order at every measured point.
-BLOCK_CENTRIC_BYTE_WEIGHT = 3.5
+# 64k for d=128, fit in the H200's 50 MB L2). Fitted on the H200 to the
+# forward wall times of both orders in session 9's benchmark
+# (benchmarks/NOTES.md v11: tuned records, the index's keys in one kernel
+# pass), group/block time ratios: small_group 1.28 / 1.82 / 1.96 / 2.01 at
+# 8k / 16k / 32k / 64k, paper128 0.81 / 0.94 / 1.05 / 1.11, deepseek_nsa
+# 0.76 / 0.86 / 0.93 / 0.99. With 2.0 the model says 1.32 / 2.35 / 3.66 /
+# 4.96, 0.75 / 0.87 / 0.95 / 1.00 and 0.80 / 0.93 / 1.02 / 1.08: block-
+# centric from 8k for small_group, group-centric for both G=16 patterns
+# (paper128's 5-11% at 32k and 64k are inside the margin below; its 64k
+# record picks block-centric). Session 7's 3.5 fitted the index of then
+# (a sort per row, ~2.4 ms at 64k): it kept small_group group-centric at 8k,
+# 1.28x slower there now.
+BLOCK_CENTRIC_BYTE_WEIGHT = 2.0
 # Block-centric must be predicted this much cheaper before the plan takes it:
 # building its index (a sort of every selected entry) and the launches are
 # not in the byte count.
