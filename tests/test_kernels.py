@@ -519,3 +519,60 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
         apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 16})
     assert apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 32}).kernel("slc_topk").const(
         "TOPK_SORT_MERGE") == 1
+
+
+def _climbing_inputs(p, T, height):
+    """q and k leaning on one direction, k the more the later its position
+    (cubically, to `height`): each row's scores climb slowly, then
+    fast."""
+    args = random_inputs(p, 1, T, torch.float32, seed=11, device=DEVICE)
+    gen = torch.Generator().manual_seed(3)
+    lean = torch.randn(p.dims.qk, generator=gen)
+    lean = (lean / lean.norm()).to(DEVICE)
+    climb = (height * (torch.arange(T, dtype=torch.float32) / T) ** 3).to(DEVICE)
+    args["k"] = 0.3 * args["k"] + climb[None, :, None, None] * lean
+    args["q"] = 0.3 * args["q"] + 4.0 * lean
+    return args
+
+
+@pytest.mark.parametrize("order_flags", [
+    {"SLC_FWD_ORDER": 0, "SLC_FWD_WINDOW": 1},
+    {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1},
+], ids=["group-centric+window", "block-centric+merge"])
+def test_lazy_rescale_matches_reference_when_scores_climb(order_flags):
+    """RESCALE_SLACK > 0 keeps a row's running maximum until a tile's
+    maximum passes it by more than the slack. Scores that climb along the
+    sequence by hundreds (log2 units) across a row's key tiles: a missed
+    rescale overflows float32 (2**128) to inf or NaN, a wrong one leaves a
+    stale factor in the output or in the log-sum-exp the backward reads.
+    Every forward branch runs its online softmax here (compressed; the
+    window folded into the selection's programs; the selected and forced
+    blocks of either loop order), in 16-key tiles: the output against the
+    float64 reference and against rescaling at every tile, then every
+    gradient on a gentler climb (steep scores make float32 gradients
+    ill-conditioned whatever the forward does)."""
+    p = Pattern(name="climb", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                compress=Compress(block=8, stride=4), select=Select(block=16, top=3, initial=1, local=1),
+                window=Window(size=47))
+    T = 96
+    args = _climbing_inputs(p, T, 100.0)
+    # the premise: along the last row, the maxima of 16-key tiles (log2
+    # units of the kernel's scale) climb past the slack (8) at some tile
+    # and by less than it, but above 0, at another, and by more than
+    # float32's exponent range in all
+    scale_log2 = math.log2(math.e) / math.sqrt(p.dims.qk)
+    s = (args["k"][0, :, 0].double() @ args["q"][0, T - 1, 0].double()).cpu() * scale_log2
+    climbs = torch.stack([s[i:i + 16].max() for i in range(0, T, 16)]).diff()
+    assert (climbs > 8).any() and ((climbs > 0) & (climbs < 8)).any() and climbs.sum() > 128, climbs
+    tiles = {f"{b}_{m}": 16 for b in ("CMP", "SWA") for m in ("BLOCK_M", "BLOCK_N")}
+    outputs = {}
+    for slack in (0, 8):
+        compiled = nsa_dsl.compile(p, overrides={**tiles, **order_flags, "RESCALE_SLACK": slack})
+        o, indices = compiled(**args, return_indices=True)
+        assert torch.isfinite(o).all()
+        expected = nsa_dsl.reference(p, **upcast(args), indices=indices.to(DEVICE))
+        assert rel_error(o, expected) < TOLERANCE[torch.float32], slack
+        outputs[slack] = (o, indices)
+    assert torch.equal(outputs[0][1], outputs[8][1])
+    assert rel_error(outputs[8][0], outputs[0][0]) < TOLERANCE[torch.float32]
+    assert_gradients_match_reference(p, compiled, _climbing_inputs(p, T, 20.0), seed=8)
