@@ -257,14 +257,6 @@ def _topk_chunk_shape(blocks: int, cmp_stride: int, slc_block: int) -> tuple:
     return blocks, max(MMA_MIN, blocks), blocks * (slc_block // cmp_stride)
 
 
-# The forward kernels' online softmax (_online_softmax_step): 0 rescales
-# the running maxima, sums and outputs at every key tile; SLACK > 0 only
-# when a row's maximum grew past its running one by more than SLACK (log2
-# units), the probabilities then staying below 2**SLACK. The same value in
-# every kernel that has it (one constant of the module).
-_RESCALE = (("RESCALE_SLACK", 0),)
-
-
 def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
     """Decide the kernels for a pattern the checker accepted."""
     p = pattern
@@ -307,7 +299,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             + ("" if need_cmp_out else " (statistics only: cmp is not combined, its lse ranks blocks)"),
             "(cdiv(T, CMP_BLOCK_M), B*HQ)",
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BLOCK_M", bm), ("CMP_BLOCK_N", bn),
-             ("CMP_WRITE_O", need_cmp_out)) + _RESCALE,
+             ("CMP_WRITE_O", need_cmp_out)),
             num_warps=warps, num_stages=stages))
 
     if p.select is not None:
@@ -381,7 +373,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # by length (block_centric_from), 0 group-centric, 1
              # block-centric at every length. Tunable, so the tuner can
              # settle a length bucket by measuring both orders.
-             ("SLC_FWD_ORDER", -1)) + _RESCALE
+             ("SLC_FWD_ORDER", -1))
             # 1: the same program also computes the window branch for its
             # rows (o_swa, lse_swa) and swa_fwd is not launched: q is read
             # once and each window key tile serves the group's heads
@@ -415,7 +407,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("BC_SLICE", bc_slice),
              # slc_index_keys (the inverted index's sort keys, forward and
              # backward): index rows a program; the forced blocks' rule
-             ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local)) + _RESCALE
+             ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local))
             # 1: the window branch is computed by the slot reduction's
             # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
             # the group's heads a tile, as the group-centric fold) and
@@ -458,7 +450,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             "swa_fwd", "swa_fwd.py.jinja",
             f"sliding-window attention over the last {p.window.size} positions",
             "(cdiv(T, SWA_BLOCK_M), B*HQ)",
-            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn)) + _RESCALE,
+            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn)),
             num_warps=warps, num_stages=stages))
 
     kernels.append(KernelPlan(
@@ -628,13 +620,6 @@ def _order(value: int) -> bool:
 _order.__doc__ = "-1 (by the cost model), 0 (group-centric) or 1 (block-centric)"
 
 
-def _slack(value: int) -> bool:
-    return 0 <= value <= 15
-
-
-_slack.__doc__ = "in 0..15 (log2 units the running maxima may lag: probabilities up to 2**15 stay finite in fp16)"
-
-
 def _stages(value: int) -> bool:
     return 1 <= value <= 8
 
@@ -655,7 +640,7 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
-    "BC_MERGE_FORCED": _flag, "RESCALE_SLACK": _slack, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "BC_MERGE_FORCED": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
