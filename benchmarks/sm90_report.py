@@ -44,7 +44,7 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward, the forward of a training call).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
-                  "HAS_G_SWA": True, "WRITE_FINAL": False}
+                  "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -54,20 +54,24 @@ ENTRY_POINTS = {
 }
 
 
-def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None) -> tuple:
+def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None, descriptors: dict = None) -> tuple:
     """(signature, constexprs, attrs) as Triton's JIT specializes a launch
     from ops.py with contiguous tensors: the innermost strides (stride_*d,
     stride_ik) are 1 and become constants; the other strides of [B, T, H, D]
     tensors are multiples of 16 (head dims are) and so are the pointers
     (torch allocates 256-byte aligned), which Triton marks tt.divisibility=16;
     the index tensor's outer strides are multiples of TOP. Without this the
-    compile assumed unknown strides: no vectorized or pipelined loads."""
+    compile assumed unknown strides: no vectorized or pipelined loads.
+    descriptors: {argument: Triton type} of the arguments passed as tensor
+    descriptors (the TMA path of cmp_fwd / swa_fwd)."""
     sig, constexprs, attrs = {}, {}, {}
     divisible = [["tt.divisibility", 16]]
     arg_values = CONSTEXPR_ARGS if constexpr_args is None else constexpr_args
     for i, name in enumerate(fn.arg_names):
         if name in arg_values:
             sig[name], constexprs[name] = "constexpr", arg_values[name]
+        elif descriptors and name in descriptors:
+            sig[name] = descriptors[name]
         elif name in ("D", "D_PAD"):
             sig[name], constexprs[name] = "constexpr", dims[name]
         elif name.endswith("_ptr"):
@@ -134,7 +138,17 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]
                 for dims in dims_list:
                     fn = getattr(module, entry)
-                    sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, arg_values)
+                    # the flash-style forwards' TMA path (CMP_TMA / SWA_TMA):
+                    # k and v arrive as descriptors of [1, BLOCK_N, 1, D] boxes
+                    tma_flag = {"cmp_fwd": "CMP", "swa_fwd": "SWA"}.get(entry)
+                    descriptors, entry_args = None, arg_values
+                    if tma_flag and kernel.const(f"{tma_flag}_TMA"):
+                        bn, elem = kernel.const(f"{tma_flag}_BLOCK_N"), INPUT_POINTER[1:]
+                        descriptors = {"k_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
+                                       "v_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
+                        entry_args = {**arg_values, "TMA": True}
+                    sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
+                                                   descriptors)
                     warps = kernel.warps_for(entry)
                     # ops.py launches the slot reductions with their own stages
                     stages = (kernel.const("BC_REDUCE_STAGES") if entry in ("slc_fwd_bc_reduce", "slc_fwd_bc_merge_window")

@@ -39,6 +39,34 @@ def _gate_args(gates: dict, unused: torch.Tensor) -> tuple:
     return pointers, {f"HAS_G_{b.value.upper()}": gates[b] is not None for b in _GATED}
 
 
+def _tma_fits(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors (TMA on Hopper) can read these [B, T, H, D]
+    tensors: the innermost stride 1, the others and the base address
+    multiples of 16 bytes (the copy engine's rule; Triton's interpreter
+    reads them too). On CUDA, compute capability 9.0 or later."""
+    for t in tensors:
+        size = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+            return False
+        if t.is_cuda and torch.cuda.get_device_capability(t.device)[0] < 9:
+            return False
+    return True
+
+
+def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int, d_qk_pad: int,
+                 d_v_pad: int) -> tuple:
+    """(k, v, TMA) as a flash-style forward kernel takes them: tensor
+    descriptors of [1, block_n, 1, D padded] boxes where the plan asks for
+    them (CMP_TMA / SWA_TMA) and the tensors allow them, else the tensors
+    themselves (the kernel's pointer path: the same values)."""
+    if not (plan_flag and _tma_fits(k, v)):
+        return k, v, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor.from_tensor(k, [1, block_n, 1, d_qk_pad]),
+            TensorDescriptor.from_tensor(v, [1, block_n, 1, d_v_pad]), True)
+
+
 def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
     """Given block indices must lie in [-1, number of blocks): anything else
     is a caller's bug that would otherwise be silently ignored."""
@@ -207,8 +235,10 @@ class CompiledPattern:
             o_arg = o_cmp if write_o else lse_cmp  # unused pointer when the output is not needed
             o_strides = _strides(o_cmp) if write_o else (0, 0, 0, 0)
             grid = (_cdiv(T, kp.const("CMP_BLOCK_M")), B * HQ)
-            self._launch_fitting("cmp_fwd", grid, (q, k_cmp, v_cmp, o_arg, lse_cmp, T, Tc, qk_scale_log2,
-                                                   *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides),
+            k_arg, v_arg, tma = _kv_operands(kp.const("CMP_TMA"), k_cmp, v_cmp, kp.const("CMP_BLOCK_N"),
+                                             plan.qk_pad, plan.v_pad)
+            self._launch_fitting("cmp_fwd", grid, (q, k_arg, v_arg, o_arg, lse_cmp, T, Tc, qk_scale_log2,
+                                                   *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides, tma),
                                  dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_cmp"], out["lse_cmp"] = o_cmp, lse_cmp
 
@@ -290,8 +320,10 @@ class CompiledPattern:
         o_swa = self._alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
         lse_swa = self._alloc((B, p.heads.q, T), torch.float32, q.device)
         grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * p.heads.q)
-        self._launch_fitting("swa_fwd", grid, (q, kw, vw, o_swa, lse_swa, T, T, qk_scale_log2,
-                                               *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa)),
+        k_arg, v_arg, tma = _kv_operands(kp.const("SWA_TMA"), kw, vw, kp.const("SWA_BLOCK_N"),
+                                         self.plan.qk_pad, self.plan.v_pad)
+        self._launch_fitting("swa_fwd", grid, (q, k_arg, v_arg, o_swa, lse_swa, T, T, qk_scale_log2,
+                                               *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa), tma),
                              dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
         out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 

@@ -299,7 +299,11 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             + ("" if need_cmp_out else " (statistics only: cmp is not combined, its lse ranks blocks)"),
             "(cdiv(T, CMP_BLOCK_M), B*HQ)",
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BLOCK_M", bm), ("CMP_BLOCK_N", bn),
-             ("CMP_WRITE_O", need_cmp_out)),
+             ("CMP_WRITE_O", need_cmp_out),
+             # 1: k and v through tensor descriptors (TMA on Hopper) where
+             # the tensors allow it (ops._tma_fits), instead of per-thread
+             # addressed loads. Off until timed on the H200.
+             ("CMP_TMA", 0)),
             num_warps=warps, num_stages=stages))
 
     if p.select is not None:
@@ -450,7 +454,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             "swa_fwd", "swa_fwd.py.jinja",
             f"sliding-window attention over the last {p.window.size} positions",
             "(cdiv(T, SWA_BLOCK_M), B*HQ)",
-            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn)),
+            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn), ("SWA_TMA", 0)),
             num_warps=warps, num_stages=stages))
 
     kernels.append(KernelPlan(
@@ -640,7 +644,7 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
-    "BC_MERGE_FORCED": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

@@ -519,3 +519,60 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
         apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 16})
     assert apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 32}).kernel("slc_topk").const(
         "TOPK_SORT_MERGE") == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
+def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype):
+    """CMP_TMA / SWA_TMA: the compressed and window forwards read k and v
+    through tensor descriptors (TMA on Hopper) instead of addressed loads.
+    Same tiles, same order, same products: the same bits as the pointer
+    path, right against the reference, at lengths that leave a partial last
+    key tile (zero-filled past the end by the descriptor) and with batch
+    and KV-head coordinates past 0."""
+    from nsa_dsl import ops
+
+    p = Pattern(name="tma", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=32), compress=Compress(block=8, stride=4),
+                select=Select(block=16, top=2, initial=1, local=1), window=Window(size=40))
+    tiles = {"CMP_BLOCK_M": 16, "CMP_BLOCK_N": 16, "SWA_BLOCK_M": 16, "SWA_BLOCK_N": 16, "SLC_FWD_ORDER": 0}
+    used = []
+    real = ops._kv_operands
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        used.append(result[2])
+        return result
+
+    for T in (37, 131):
+        args = random_inputs(p, 2, T, dtype, seed=T, device=DEVICE)
+        outs = {}
+        for tma in (0, 1):
+            compiled = nsa_dsl.compile(p, overrides={**tiles, "CMP_TMA": tma, "SWA_TMA": tma})
+            compiled.poison = True
+            used.clear()
+            ops._kv_operands = spy
+            try:
+                outs[tma] = compiled(**args, return_indices=True)
+            finally:
+                ops._kv_operands = real
+            assert used == [bool(tma), bool(tma)]  # both kernels took the path asked for
+        (o0, i0), (o1, i1) = outs[0], outs[1]
+        assert torch.equal(i0, i1) and torch.equal(o0, o1)
+        expected = nsa_dsl.reference(p, **upcast(args), indices=i1.to(DEVICE))
+        assert rel_error(o1, expected) < TOLERANCE[dtype]
+
+
+def test_tensor_descriptors_only_where_the_copy_engine_can_read():
+    """ops._tma_fits: descriptors need the innermost stride 1 and the other
+    strides and the base 16-byte aligned; anything else takes the pointer
+    path (the kernel's TMA constexpr False), never a wrong read."""
+    from nsa_dsl.ops import _kv_operands, _tma_fits
+
+    k = torch.randn(2, 10, 4, 16)
+    assert _tma_fits(k, k)
+    assert not _tma_fits(k.transpose(2, 3))  # innermost stride 4
+    assert not _tma_fits(torch.randn(2, 10, 4, 6)[..., :5])  # heads 6 floats (24 bytes) apart
+    assert not _tma_fits(torch.randn(2 * 10 * 4 * 16 + 1)[1:].view(2, 10, 4, 16))  # base 4 bytes off
+    assert _kv_operands(False, k, k, 16, 16, 16) == (k, k, False)
+    k_arg, v_arg, tma = _kv_operands(True, k, k, 16, 16, 16)
+    assert tma and k_arg.block_shape == [1, 16, 1, 16]
+    assert _kv_operands(True, k.transpose(2, 3), k, 16, 16, 16)[2] is False
