@@ -343,6 +343,31 @@ def test_window_folded_into_selection_bf16(name, overrides):
         assert e < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {e:.3e}"
 
 
+@pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa", "small_group"])
+def test_kv_through_tensor_descriptors_bf16(name):
+    """CMP_TMA / SWA_TMA compiled for Hopper (TMA copies into shared
+    memory): the compressed and window forwards against float64 and
+    against the pointer path on the same blocks, then every gradient (the
+    backward reads their o and lse)."""
+    pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
+    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "SLC_FWD_ORDER": 0}  # group-centric: swa_fwd runs
+    args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=31, device="cuda")
+    compiled = nsa_dsl.compile(pattern, overrides=flags)
+    compiled.poison = True
+    o, indices = compiled(**args, return_indices=True)
+    assert torch.isfinite(o).all()
+    err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
+    pointers = nsa_dsl.compile(pattern, overrides={**flags, "CMP_TMA": 0, "SWA_TMA": 0})
+    diff = rel_error(o, pointers(**args, indices=indices))
+    errors = _bf16_gradient_errors(pattern, 2048, seed=32, overrides=flags)
+    _log({"test": "kv_tensor_descriptors", "pattern": name, "dtype": "bf16", "T": 8192, "rel_err": err,
+          "rel_diff_to_pointers": diff, "grad_T": 2048, "grad_rel_err": errors})
+    assert err < TOLERANCE[torch.bfloat16], f"forward: relative error {err:.3e}"
+    assert diff < 1e-3, f"the same products as the pointer path: relative difference {diff:.3e}"
+    for n, e in errors.items():
+        assert e < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {e:.3e}"
+
+
 @pytest.mark.parametrize("strategy", ["inverted-index", "atomic"])
 def test_selection_key_gradients_strategies_agree(strategy):
     pattern = _patterns()["small_group"]
