@@ -147,6 +147,10 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {"k_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
                         entry_args = {**arg_values, "TMA": True}
+                    if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
+                        descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
+                                                 f" 1, {plan.qk_pad}]>"}
+                        entry_args = {**arg_values, "TMA": True}
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
                     warps = kernel.warps_for(entry)

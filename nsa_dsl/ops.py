@@ -253,12 +253,21 @@ class CompiledPattern:
                     m.slc_topk[grid](q, q, q, indices, T, 0, qk_scale_log2, *_strides(q), 0, 0, 0, 0,
                                      *_strides(indices), num_warps=kp.num_warps, num_stages=kp.num_stages)
                 else:
-                    topk = m.slc_topk
                     if kp.const("TOPK_HEAD_ROWS"):  # tiles of TOPK_TOKENS positions x the group's heads
-                        topk, grid = m.slc_topk_heads, (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
-                    topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
-                               *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
-                               num_warps=kp.num_warps, num_stages=kp.num_stages)
+                        grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
+                        k_arg, tma = out["k_cmp"], False
+                        if kp.const("TOPK_TMA") and _tma_fits(k_arg):
+                            from triton.tools.tensor_descriptor import TensorDescriptor
+
+                            k_arg, tma = TensorDescriptor.from_tensor(
+                                k_arg, [1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad]), True
+                        m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
+                                               *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), tma,
+                                               num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    else:
+                        m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
+                                         *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
+                                         num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
             write_final = final and self.writes_final_output(T)
             if self.slc_fwd_at(T) == "block-centric":

@@ -342,6 +342,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # the sum over the heads needs fewer shuffles. Off until
                  # timed on a GPU; `nsa-dsl tune` tries it.
                  ("TOPK_KEYS_MAJOR", 0),
+                 # 1 (head rows only): the compressed keys through a tensor
+                 # descriptor (TMA on Hopper) where they allow it, as
+                 # CMP_TMA. Off until timed.
+                 ("TOPK_TMA", 0),
                  # 1: the overlap weights applied as the per-block pattern
                  # they are (in-thread sums and one shift) instead of two
                  # float32 products a chunk; where no token reaches two
@@ -644,7 +648,7 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
-    "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

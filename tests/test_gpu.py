@@ -345,19 +345,22 @@ def test_window_folded_into_selection_bf16(name, overrides):
 
 @pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa", "small_group"])
 def test_kv_through_tensor_descriptors_bf16(name):
-    """CMP_TMA / SWA_TMA compiled for Hopper (TMA copies into shared
-    memory): the compressed and window forwards against float64 and
-    against the pointer path on the same blocks, then every gradient (the
-    backward reads their o and lse)."""
+    """CMP_TMA / SWA_TMA / TOPK_TMA compiled for Hopper (TMA copies into
+    shared memory): the forward against float64 (and the blocks the scoring
+    chose against the float64 block scores) and against the pointer path on
+    the same blocks, then every gradient (the backward reads the compressed
+    and window branches' o and lse)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
-    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "SLC_FWD_ORDER": 0}  # group-centric: swa_fwd runs
+    # group-centric: swa_fwd runs; head-rows scoring: TOPK_TMA applies
+    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "TOPK_TMA": 1, "TOPK_HEAD_ROWS": 1, "SLC_FWD_ORDER": 0}
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=31, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=flags)
     compiled.poison = True
     o, indices = compiled(**args, return_indices=True)
     assert torch.isfinite(o).all()
     err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
-    pointers = nsa_dsl.compile(pattern, overrides={**flags, "CMP_TMA": 0, "SWA_TMA": 0})
+    _sampled_selection_check(pattern, args, indices, rows=32)
+    pointers = nsa_dsl.compile(pattern, overrides={**flags, "CMP_TMA": 0, "SWA_TMA": 0, "TOPK_TMA": 0})
     diff = rel_error(o, pointers(**args, indices=indices))
     errors = _bf16_gradient_errors(pattern, 2048, seed=32, overrides=flags)
     _log({"test": "kv_tensor_descriptors", "pattern": name, "dtype": "bf16", "T": 8192, "rel_err": err,
