@@ -343,7 +343,7 @@ def test_window_folded_into_selection_bf16(name, overrides):
         assert e < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {e:.3e}"
 
 
-@pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa", "small_group"])
+@pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa", "bench_small_group"])
 def test_kv_through_tensor_descriptors_bf16(name):
     """CMP_TMA / SWA_TMA / TOPK_TMA compiled for Hopper (TMA copies into
     shared memory): the forward against float64 (and the blocks the scoring
