@@ -147,6 +147,11 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {"k_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
                         entry_args = {**arg_values, "TMA": True}
+                    if entry == "slc_fwd_bc_merge_window" and plan.kernel("swa_fwd").const("SWA_TMA"):  # its window
+                        bn, elem = plan.kernel("swa_fwd").const("SWA_BLOCK_N"), INPUT_POINTER[1:]
+                        descriptors = {"kw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
+                                       "vw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
+                        entry_args = {**arg_values, "TMA": True}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
                                                  f" 1, {plan.qk_pad}]>"}

@@ -394,6 +394,9 @@ class CompiledPattern:
                 window_out["o_swa"], window_out["lse_swa"] = o_swa, lse_swa
             tokens = kp.const("BC_WINDOW_TOKENS")
             o_cmp = final_from.get("o_cmp") if write_final else None
+            swa = self.plan.kernel("swa_fwd")  # the window's tiles and its SWA_TMA
+            kw_arg, vw_arg, window_tma = _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"),
+                                                      self.plan.qk_pad, self.plan.v_pad)
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
             m.slc_fwd_bc[(chunks["grid"],)](q, k, v, chunks["slice_first"], chunks["segment"], chunks["start"],
@@ -403,10 +406,10 @@ class CompiledPattern:
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             if window is not None:
                 m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
-                    q, k, v, kw, vw, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS, qk_scale_log2,
+                    q, k, v, kw_arg, vw_arg, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS, qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
-                    WRITE_FINAL=write_final, FORCED=forced, **has_gates,
+                    WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ

@@ -343,16 +343,21 @@ def test_window_folded_into_selection_bf16(name, overrides):
         assert e < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {e:.3e}"
 
 
-@pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa", "bench_small_group"])
-def test_kv_through_tensor_descriptors_bf16(name):
+@pytest.mark.parametrize("name, order", [
+    ("bench_paper128", {"SLC_FWD_ORDER": 0}), ("deepseek_nsa", {"SLC_FWD_ORDER": 0}),
+    ("bench_small_group", {"SLC_FWD_ORDER": 0}),
+    # the window in the block-centric merge's programs (SWA_TMA there)
+    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
+], ids=["paper128", "deepseek_nsa", "small_group", "paper128_merge"])
+def test_kv_through_tensor_descriptors_bf16(name, order):
     """CMP_TMA / SWA_TMA / TOPK_TMA compiled for Hopper (TMA copies into
     shared memory): the forward against float64 (and the blocks the scoring
     chose against the float64 block scores) and against the pointer path on
     the same blocks, then every gradient (the backward reads the compressed
     and window branches' o and lse)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
-    # group-centric: swa_fwd runs; head-rows scoring: TOPK_TMA applies
-    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "TOPK_TMA": 1, "TOPK_HEAD_ROWS": 1, "SLC_FWD_ORDER": 0}
+    # head-rows scoring: TOPK_TMA applies
+    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "TOPK_TMA": 1, "TOPK_HEAD_ROWS": 1, **order}
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=31, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=flags)
     compiled.poison = True
@@ -363,7 +368,7 @@ def test_kv_through_tensor_descriptors_bf16(name):
     pointers = nsa_dsl.compile(pattern, overrides={**flags, "CMP_TMA": 0, "SWA_TMA": 0, "TOPK_TMA": 0})
     diff = rel_error(o, pointers(**args, indices=indices))
     errors = _bf16_gradient_errors(pattern, 2048, seed=32, overrides=flags)
-    _log({"test": "kv_tensor_descriptors", "pattern": name, "dtype": "bf16", "T": 8192, "rel_err": err,
+    _log({"test": "kv_tensor_descriptors", "pattern": name, "order": order, "dtype": "bf16", "T": 8192, "rel_err": err,
           "rel_diff_to_pointers": diff, "grad_T": 2048, "grad_rel_err": errors})
     assert err < TOLERANCE[torch.bfloat16], f"forward: relative error {err:.3e}"
     assert diff < 1e-3, f"the same products as the pointer path: relative difference {diff:.3e}"

@@ -522,19 +522,23 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype):
+@pytest.mark.parametrize("order", [{"SLC_FWD_ORDER": 0},
+                                   {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}],
+                         ids=["swa_fwd", "window_in_merge"])
+def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
     """CMP_TMA / SWA_TMA / TOPK_TMA: the compressed and window forwards read
     k and v, the head-rows scoring the compressed keys, through tensor
     descriptors (TMA on Hopper) instead of addressed loads.
     Same tiles, same order, same products: the same bits as the pointer
     path, right against the reference, at lengths that leave a partial last
     key tile (zero-filled past the end by the descriptor) and with batch
-    and KV-head coordinates past 0."""
+    and KV-head coordinates past 0; the window in swa_fwd and in the
+    block-centric merge's programs (SWA_TMA there too)."""
     from nsa_dsl import ops
 
     p = Pattern(name="tma", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=32), compress=Compress(block=8, stride=4),
                 select=Select(block=16, top=3, initial=1, local=1), window=Window(size=40))
-    tiles = {"CMP_BLOCK_M": 16, "CMP_BLOCK_N": 16, "SWA_BLOCK_M": 16, "SWA_BLOCK_N": 16, "SLC_FWD_ORDER": 0,
+    tiles = {"CMP_BLOCK_M": 16, "CMP_BLOCK_N": 16, "SWA_BLOCK_M": 16, "SWA_BLOCK_N": 16, **order,
              "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8}  # the head-rows scoring: TOPK_TMA
     used = []
     real = ops._kv_operands
