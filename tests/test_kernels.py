@@ -548,7 +548,7 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
         used.append(result[2])
         return result
 
-    for T in (37, 131):
+    for T in (131,):  # 31 compressed tokens: a partial last key tile for both branches
         args = random_inputs(p, 2, T, dtype, seed=T, device=DEVICE)
         outs = {}
         for tma in (0, 1):
