@@ -44,7 +44,8 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward, the forward of a training call).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
-                  "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False}
+                  "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False,
+                  "KV_DESC": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -152,6 +153,13 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {"kw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "vw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
                         entry_args = {**arg_values, "TMA": True}
+                    flag = {"slc_fwd_bc": "SLC_TMA", "slc_fwd_bc_merge_window": "BC_FORCED_TMA"}.get(entry)
+                    if flag and kernel.has_const(flag) and kernel.const(flag):  # the selection's blocks
+                        elem = INPUT_POINTER[1:]
+                        descriptors = {**(descriptors or {}),
+                                       "k_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.qk_pad}]>",
+                                       "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
+                        entry_args = {**entry_args, "KV_DESC": True}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
                                                  f" 1, {plan.qk_pad}]>"}

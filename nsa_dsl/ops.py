@@ -378,6 +378,8 @@ class CompiledPattern:
             skip_forced=(p.select.initial, p.select.local) if forced else None, distinct=distinct,
             keys_fn=self._index_keys)
         chunks = chunk_table(offsets, kp.const("BC_CHUNK"), n_slices, B * TS * HKV * top)
+        k_sel, v_sel, kv_desc = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, self.plan.qk_pad,
+                                             self.plan.v_pad)
         # Per-slot partials of one slice, reused by the next: the outputs in
         # the input dtype (normalised over one block, so bounded by |v|), the
         # log2-sum-exp in float32, -inf for a slot a position did not use.
@@ -397,19 +399,22 @@ class CompiledPattern:
             swa = self.plan.kernel("swa_fwd")  # the window's tiles and its SWA_TMA
             kw_arg, vw_arg, window_tma = _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"),
                                                       self.plan.qk_pad, self.plan.v_pad)
+            k_forced, v_forced, forced_desc = _kv_operands(forced and kp.const("BC_FORCED_TMA"), k, v, p.select.block,
+                                                           self.plan.qk_pad, self.plan.v_pad)
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
-            m.slc_fwd_bc[(chunks["grid"],)](q, k, v, chunks["slice_first"], chunks["segment"], chunks["start"],
-                                           chunks["end"], positions, slots, part_o, part_lse,
+            m.slc_fwd_bc[(chunks["grid"],)](q, k_sel, v_sel, chunks["slice_first"], chunks["segment"],
+                                           chunks["start"], chunks["end"], positions, slots, part_o, part_lse,
                                            T, t0, TS, i, i * B * HKV * n_blocks, n_blocks, qk_scale_log2,
-                                           *_strides(q), *_strides(k), *_strides(v),
+                                           *_strides(q), *_strides(k), *_strides(v), kv_desc,
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             if window is not None:
                 m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
-                    q, k, v, kw_arg, vw_arg, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS, qk_scale_log2,
+                    q, k_forced, v_forced, kw_arg, vw_arg, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS,
+                    qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
-                    WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma,
+                    WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma, KV_DESC=forced_desc,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ

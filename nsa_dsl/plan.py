@@ -415,7 +415,12 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("BC_SLICE", bc_slice),
              # slc_index_keys (the inverted index's sort keys, forward and
              # backward): index rows a program; the forced blocks' rule
-             ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local))
+             ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local),
+             # 1: slc_fwd_bc reads its block's k and v through tensor
+             # descriptors where they allow it (ops._tma_fits), as CMP_TMA.
+             # Off until timed: sm_90 168 -> 174 registers for paper128, so
+             # 2 programs an SM instead of 3.
+             ("SLC_TMA", 0))
             # 1: the window branch is computed by the slot reduction's
             # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
             # the group's heads a tile, as the group-centric fold) and
@@ -435,6 +440,11 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # ms forward on the H200, slc_fwd_bc 10.60 -> 8.65, the
                 # merge 9.18 -> 10.90).
                 ("BC_MERGE_FORCED", 0),
+                # 1: the merge reads the forced blocks' k and v through
+                # tensor descriptors (as SLC_TMA). Off until timed; sm_90
+                # for paper128: the forward-only merge's 32 bytes of spill
+                # gone, the training one 174 -> 155 registers.
+                ("BC_FORCED_TMA", 0),
                 # warps of slc_fwd_bc_merge_window (the slot loop and the
                 # window's tiles), apart from slc_fwd_bc's
                 ("BC_MERGE_WARPS", 4 if d_max <= 128 else 8))
@@ -648,7 +658,8 @@ TUNABLE = {
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
-    "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
+    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,

@@ -347,17 +347,17 @@ def test_window_folded_into_selection_bf16(name, overrides):
     ("bench_paper128", {"SLC_FWD_ORDER": 0}), ("deepseek_nsa", {"SLC_FWD_ORDER": 0}),
     ("bench_small_group", {"SLC_FWD_ORDER": 0}),
     # the window in the block-centric merge's programs (SWA_TMA there)
-    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
+    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_FORCED_TMA": 1}),
 ], ids=["paper128", "deepseek_nsa", "small_group", "paper128_merge"])
 def test_kv_through_tensor_descriptors_bf16(name, order):
-    """CMP_TMA / SWA_TMA / TOPK_TMA compiled for Hopper (TMA copies into
-    shared memory): the forward against float64 (and the blocks the scoring
-    chose against the float64 block scores) and against the pointer path on
-    the same blocks, then every gradient (the backward reads the compressed
-    and window branches' o and lse)."""
+    """The *_TMA flags compiled for Hopper (TMA copies into shared memory;
+    SLC_TMA and BC_FORCED_TMA in the block-centric case): the forward
+    against float64 (and the blocks the scoring chose against the float64
+    block scores) and against the pointer path on its own scoring, then
+    every gradient (the backward reads the branches' o and lse)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
     # head-rows scoring: TOPK_TMA applies
-    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "TOPK_TMA": 1, "TOPK_HEAD_ROWS": 1, **order}
+    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "TOPK_TMA": 1, "SLC_TMA": 1, "TOPK_HEAD_ROWS": 1, **order}
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=31, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=flags)
     compiled.poison = True
@@ -369,7 +369,7 @@ def test_kv_through_tensor_descriptors_bf16(name, order):
     # not attend the forced blocks itself (BC_MERGE_FORCED is for the
     # plan's own scoring) and would sum in another order (1.4e-3 apart on
     # the H200, session 10), not the comparison meant here
-    pointers = nsa_dsl.compile(pattern, overrides={**flags, "CMP_TMA": 0, "SWA_TMA": 0, "TOPK_TMA": 0})
+    pointers = nsa_dsl.compile(pattern, overrides={**flags, **{n: 0 for n in flags if n.endswith("_TMA")}})
     o_pointers, indices_pointers = pointers(**args, return_indices=True)
     assert torch.equal(indices, indices_pointers), "the scoring chose other blocks through descriptors"
     diff = rel_error(o, o_pointers)

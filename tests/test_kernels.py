@@ -526,9 +526,11 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
                                    {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}],
                          ids=["swa_fwd", "window_in_merge"])
 def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
-    """CMP_TMA / SWA_TMA / TOPK_TMA: the compressed and window forwards read
-    k and v, the head-rows scoring the compressed keys, through tensor
-    descriptors (TMA on Hopper) instead of addressed loads.
+    """CMP_TMA / SWA_TMA / TOPK_TMA / SLC_TMA / BC_FORCED_TMA: the compressed
+    and window forwards read k and v, the head-rows scoring the compressed
+    keys, the block-centric selection and its merge the selected and forced
+    blocks, through tensor descriptors (TMA on Hopper) instead of addressed
+    loads.
     Same tiles, same order, same products: the same bits as the pointer
     path, right against the reference, at lengths that leave a partial last
     key tile (zero-filled past the end by the descriptor) and with batch
@@ -552,7 +554,10 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
         args = random_inputs(p, 2, T, dtype, seed=T, device=DEVICE)
         outs = {}
         for tma in (0, 1):
-            compiled = nsa_dsl.compile(p, overrides={**tiles, "CMP_TMA": tma, "SWA_TMA": tma, "TOPK_TMA": tma})
+            flags = {"CMP_TMA": tma, "SWA_TMA": tma, "TOPK_TMA": tma, "SLC_TMA": tma}
+            if order["SLC_FWD_ORDER"]:
+                flags["BC_FORCED_TMA"] = tma
+            compiled = nsa_dsl.compile(p, overrides={**tiles, **flags})
             compiled.poison = True
             used.clear()
             ops._kv_operands = spy
@@ -560,7 +565,9 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
                 outs[tma] = compiled(**args, return_indices=True)
             finally:
                 ops._kv_operands = real
-            assert used == [bool(tma), bool(tma)]  # both kernels took the path asked for
+            # every kernel took the path asked for: cmp_fwd and the window's;
+            # block-centric also slc_fwd_bc's blocks and the merge's forced ones
+            assert used == [bool(tma)] * (4 if order["SLC_FWD_ORDER"] else 2)
         (o0, i0), (o1, i1) = outs[0], outs[1]
         assert torch.equal(i0, i1) and torch.equal(o0, o1)
         expected = nsa_dsl.reference(p, **upcast(args), indices=i1.to(DEVICE))
