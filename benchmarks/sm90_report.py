@@ -148,12 +148,16 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {"k_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
                         entry_args = {**arg_values, "TMA": True}
-                    if entry == "slc_fwd_bc_merge_window" and plan.kernel("swa_fwd").const("SWA_TMA"):  # its window
+                    window_entry = (entry == "slc_fwd_bc_merge_window"
+                                    or entry == "slc_fwd" and kernel.has_const("SLC_FWD_WINDOW")
+                                    and kernel.const("SLC_FWD_WINDOW"))
+                    if window_entry and plan.kernel("swa_fwd").const("SWA_TMA"):  # the folded window
                         bn, elem = plan.kernel("swa_fwd").const("SWA_BLOCK_N"), INPUT_POINTER[1:]
                         descriptors = {"kw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "vw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
                         entry_args = {**arg_values, "TMA": True}
-                    flag = {"slc_fwd_bc": "SLC_TMA", "slc_fwd_bc_merge_window": "BC_FORCED_TMA"}.get(entry)
+                    flag = {"slc_fwd": "SLC_TMA", "slc_fwd_bc": "SLC_TMA",
+                            "slc_fwd_bc_merge_window": "BC_FORCED_TMA"}.get(entry)
                     if flag and kernel.has_const(flag) and kernel.const(flag):  # the selection's blocks
                         elem = INPUT_POINTER[1:]
                         descriptors = {**(descriptors or {}),

@@ -303,11 +303,19 @@ class CompiledPattern:
                         window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
                 o_cmp = out.get("o_cmp")
                 gate_ptrs, has_gates = _gate_args(gates, o_slc)
+                k_arg, v_arg, kv_desc = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad,
+                                                     plan.v_pad)
+                window_tma = False
+                if kp.has_const("SLC_FWD_WINDOW") and plan.window_in_selection:
+                    swa = plan.kernel("swa_fwd")
+                    kw_arg, vw_arg, window_tma = _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"),
+                                                              plan.qk_pad, plan.v_pad)
+                    window_args = (kw_arg, vw_arg) + window_args[2:]
                 m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
-                    q, k, v, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
+                    q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
                     o_slc, o_cmp if o_cmp is not None else o_slc, *gate_ptrs, WRITE_FINAL=write_final, **has_gates,
-                    num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    KV_DESC=kv_desc, TMA=window_tma, num_warps=kp.num_warps, num_stages=kp.num_stages)
                 if write_final:
                     out["o"] = o_slc
                     o_slc = None

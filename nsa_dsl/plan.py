@@ -381,7 +381,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # by length (block_centric_from), 0 group-centric, 1
              # block-centric at every length. Tunable, so the tuner can
              # settle a length bucket by measuring both orders.
-             ("SLC_FWD_ORDER", -1))
+             ("SLC_FWD_ORDER", -1),
+             # the selected blocks through tensor descriptors (as in
+             # slc_fwd_bc, one constant for both orders; off until timed)
+             ("SLC_TMA", 0))
             # 1: the same program also computes the window branch for its
             # rows (o_swa, lse_swa) and swa_fwd is not launched: q is read
             # once and each window key tile serves the group's heads

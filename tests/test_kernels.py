@@ -522,20 +522,20 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("order", [{"SLC_FWD_ORDER": 0},
+@pytest.mark.parametrize("order", [{"SLC_FWD_ORDER": 0}, {"SLC_FWD_ORDER": 0, "SLC_FWD_WINDOW": 1},
                                    {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}],
-                         ids=["swa_fwd", "window_in_merge"])
+                         ids=["swa_fwd", "window_in_slc_fwd", "window_in_merge"])
 def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
     """CMP_TMA / SWA_TMA / TOPK_TMA / SLC_TMA / BC_FORCED_TMA: the compressed
     and window forwards read k and v, the head-rows scoring the compressed
-    keys, the block-centric selection and its merge the selected and forced
-    blocks, through tensor descriptors (TMA on Hopper) instead of addressed
-    loads.
-    Same tiles, same order, same products: the same bits as the pointer
-    path, right against the reference, at lengths that leave a partial last
-    key tile (zero-filled past the end by the descriptor) and with batch
-    and KV-head coordinates past 0; the window in swa_fwd and in the
-    block-centric merge's programs (SWA_TMA there too)."""
+    keys, either selection order the selected blocks and the merge the
+    forced ones, through tensor descriptors (TMA on Hopper) instead of
+    addressed loads. Same tiles, same order, same products: the same bits
+    as the pointer path, right against the reference, at a length that
+    leaves a partial last key tile (zero-filled past the end by the
+    descriptor), with batch and KV-head coordinates past 0, and the window
+    in swa_fwd, in the group-centric selection's programs and in the
+    block-centric merge's."""
     from nsa_dsl import ops
 
     p = Pattern(name="tma", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=32), compress=Compress(block=8, stride=4),
@@ -565,9 +565,9 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
                 outs[tma] = compiled(**args, return_indices=True)
             finally:
                 ops._kv_operands = real
-            # every kernel took the path asked for: cmp_fwd and the window's;
-            # block-centric also slc_fwd_bc's blocks and the merge's forced ones
-            assert used == [bool(tma)] * (4 if order["SLC_FWD_ORDER"] else 2)
+            # every kernel took the path asked for: cmp_fwd, the selection's
+            # blocks and the window's; block-centric also the merge's forced
+            assert used == [bool(tma)] * (4 if order["SLC_FWD_ORDER"] else 3)
         (o0, i0), (o1, i1) = outs[0], outs[1]
         assert torch.equal(i0, i1) and torch.equal(o0, o1)
         expected = nsa_dsl.reference(p, **upcast(args), indices=i1.to(DEVICE))
