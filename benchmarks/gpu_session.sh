@@ -36,6 +36,11 @@
 #       fla-core's parallel_nsa beside nsa_dsl (examples/bench_fla_like_nowindow.nsa:
 #       fla's window branch needs flash-attn; FLA_PATTERNS for another);
 #       needs benchmarks/fetch_fla_wheels.sh first and carry [".device", ".whl"]
+#   bash .device/run bash benchmarks/gpu_session.sh tma
+#       the descriptor (TMA) paths: their GPU tests, then paper128's forward
+#       with each flag not yet timed on top of the tuned record, at 64k
+#       (SLC_TMA, BC_FORCED_TMA) and 8k (SLC_TMA, SWA_TMA in the fold)
+#       -> $OUT/pytest_tma.log, $OUT/tma.log (~4 minutes)
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa_out}
@@ -102,6 +107,14 @@ case "${1:-}" in
   bench-tuned)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 --tuned 2>&1 | tee "$OUT/bench.log" \
       | tail -n 40 ;;
+  tma)
+    timeout 200 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 90 -rf -k "tensor_descriptors" 2>&1 \
+      | tee "$OUT/pytest_tma.log" | tail -n 5
+    S="python3 benchmarks/stage_times.py examples/bench_paper128.nsa --tuned-base --wall"
+    timeout 120 $S --length 65536 --config '{}' --config '{"SLC_TMA": 1}' --config '{"BC_FORCED_TMA": 1}' \
+      --config '{"SLC_TMA": 1, "BC_FORCED_TMA": 1}' 2>&1 | grep "^T=" | tee "$OUT/tma.log"
+    timeout 60 $S --length 8192 --config '{}' --config '{"SLC_TMA": 1}' --config '{"SWA_TMA": 1}' \
+      --config '{"SLC_TMA": 1, "SWA_TMA": 1}' 2>&1 | grep "^T=" | tee -a "$OUT/tma.log" ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|loop-orders|fla" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|loop-orders|fla|tma" >&2; exit 2 ;;
 esac
