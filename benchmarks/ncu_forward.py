@@ -17,15 +17,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def main(argv=None) -> int:
     import torch
 
     import nsa_dsl
-    from nsa_dsl.pipeline import device_kind
-    from nsa_dsl.tune import TunedPattern
-    from nsa_dsl.verify import random_case
+    from stage_times import pass_inputs
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pattern")
@@ -37,14 +36,11 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("ncu_forward: needs a CUDA GPU", file=sys.stderr)
         return 2
-    pattern = nsa_dsl.load(args.pattern)
-    base = TunedPattern(pattern, device_kind(), nsa_dsl.compile).overrides_for(args.length) if args.tuned_base else {}
+    pattern, base, inputs, do = pass_inputs(args.pattern, args.length, args.tuned_base)
     config = json.loads(args.config)
     order = config.pop("slc_fwd", None)
     compiled = nsa_dsl.compile(pattern, overrides={**base, **config} or None, slc_fwd=order)
-    inputs = random_case(pattern, 1, args.length, torch.bfloat16, seed=args.length, device="cuda")
     leaves = {n: t.detach().requires_grad_(args.backward) for n, t in inputs.items()}
-    do = torch.randn(*inputs["q"].shape[:3], pattern.dims.v, device="cuda", dtype=torch.bfloat16)
 
     def step():
         out = compiled(**leaves)

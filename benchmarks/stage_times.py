@@ -27,15 +27,32 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
+def pass_inputs(pattern_path: str, length: int, tuned_base: bool) -> tuple:
+    """(pattern, the base overrides, random bf16 inputs on the GPU, an
+    output gradient) for timing or profiling one pattern's pass at
+    `length`: the base is the shipped tuned configuration of that length's
+    bucket when tuned_base, else none. Shared with ncu_forward.py."""
+    import torch
+
+    import nsa_dsl
+    from nsa_dsl.pipeline import device_kind
+    from nsa_dsl.tune import TunedPattern
+    from nsa_dsl.verify import random_case
+
+    pattern = nsa_dsl.load(pattern_path)
+    base = TunedPattern(pattern, device_kind(), nsa_dsl.compile).overrides_for(length) if tuned_base else {}
+    inputs = random_case(pattern, 1, length, torch.bfloat16, seed=length, device="cuda")
+    do = torch.randn(*inputs["q"].shape[:3], pattern.dims.v, device="cuda", dtype=torch.bfloat16)
+    return pattern, base, inputs, do
+
+
 def main(argv=None) -> int:
     import torch
 
     import nsa_dsl
     from bench import group_kernel_times
     from nsa_dsl.profiling import kernel_events
-    from nsa_dsl.pipeline import device_kind
-    from nsa_dsl.tune import TunedPattern, wall_ms
-    from nsa_dsl.verify import random_case
+    from nsa_dsl.tune import wall_ms
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("pattern")
@@ -52,10 +69,7 @@ def main(argv=None) -> int:
         print("stage_times: needs a CUDA GPU (profiler kernel times)", file=sys.stderr)
         return 2
 
-    pattern = nsa_dsl.load(args.pattern)
-    base = TunedPattern(pattern, device_kind(), nsa_dsl.compile).overrides_for(args.length) if args.tuned_base else {}
-    inputs = random_case(pattern, 1, args.length, torch.bfloat16, seed=args.length, device="cuda")
-    do = torch.randn(*inputs["q"].shape[:3], pattern.dims.v, device="cuda", dtype=torch.bfloat16)
+    pattern, base, inputs, do = pass_inputs(args.pattern, args.length, args.tuned_base)
     for text in args.config or ["{}"]:
         config = json.loads(text)
         order = config.pop("slc_fwd", None)

@@ -53,18 +53,25 @@ def _tma_fits(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int, d_qk_pad: int,
-                 d_v_pad: int) -> tuple:
-    """(k, v, TMA) as a flash-style forward kernel takes them: tensor
-    descriptors of [1, block_n, 1, D padded] boxes where the plan asks for
-    them (CMP_TMA / SWA_TMA) and the tensors allow them, else the tensors
-    themselves (the kernel's pointer path: the same values)."""
-    if not (plan_flag and _tma_fits(k, v)):
-        return k, v, False
+def _descriptor_operands(plan_flag: bool, block_n: int, *tensors_and_pads) -> tuple:
+    """(*operands, used) for a kernel with a descriptor path: for each
+    ([B, T, H, D] tensor, D padded) a tensor descriptor of [1, block_n, 1,
+    D padded] boxes where the plan asks for them (a *_TMA flag) and every
+    tensor allows them, else the tensors themselves (the kernel's pointer
+    path: the same values)."""
+    tensors = [t for t, _ in tensors_and_pads]
+    if not (plan_flag and _tma_fits(*tensors)):
+        return (*tensors, False)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return (TensorDescriptor.from_tensor(k, [1, block_n, 1, d_qk_pad]),
-            TensorDescriptor.from_tensor(v, [1, block_n, 1, d_v_pad]), True)
+    return (*(TensorDescriptor.from_tensor(t, [1, block_n, 1, pad]) for t, pad in tensors_and_pads), True)
+
+
+def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int, d_qk_pad: int,
+                 d_v_pad: int) -> tuple:
+    """(k, v, TMA) as a forward kernel with a descriptor path takes them
+    (_descriptor_operands)."""
+    return _descriptor_operands(plan_flag, block_n, (k, d_qk_pad), (v, d_v_pad))
 
 
 def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
@@ -255,12 +262,8 @@ class CompiledPattern:
                 else:
                     if kp.const("TOPK_HEAD_ROWS"):  # tiles of TOPK_TOKENS positions x the group's heads
                         grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
-                        k_arg, tma = out["k_cmp"], False
-                        if kp.const("TOPK_TMA") and _tma_fits(k_arg):
-                            from triton.tools.tensor_descriptor import TensorDescriptor
-
-                            k_arg, tma = TensorDescriptor.from_tensor(
-                                k_arg, [1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad]), True
+                        k_arg, tma = _descriptor_operands(kp.const("TOPK_TMA"), kp.const("TOPK_CHUNK_TOKENS"),
+                                                          (out["k_cmp"], plan.qk_pad))
                         m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), tma,
                                                num_warps=kp.num_warps, num_stages=kp.num_stages)
@@ -290,27 +293,23 @@ class CompiledPattern:
                 # are never written: o_slc then points at the final output.
                 o_slc = self._alloc((B, T, HQ, DV), q.dtype, dev)
                 lse_slc = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else None
-                window_args = ()
+                window_args, window_tma = (), False
                 if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
-                    if plan.window_in_selection:  # ... and computes it
+                    if plan.window_in_selection:  # ... and computes it, reading k and v as swa_fwd would
                         kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
+                        kw_arg, vw_arg, window_tma = self._window_operands(kw, vw)
                         o_swa = self._alloc((B, T, HQ, DV), q.dtype, dev) if not write_final else o_slc
                         lse_swa = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else o_slc
                         if not write_final:
                             out["o_swa"], out["lse_swa"] = o_swa, lse_swa
-                        window_args = (kw, vw, o_swa, lse_swa, *_strides(kw), *_strides(vw), *_strides(o_swa))
+                        window_args = (kw_arg, vw_arg, o_swa, lse_swa, *_strides(kw), *_strides(vw),
+                                       *_strides(o_swa))
                     else:  # unused pointers
                         window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
                 o_cmp = out.get("o_cmp")
                 gate_ptrs, has_gates = _gate_args(gates, o_slc)
                 k_arg, v_arg, kv_desc = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad,
                                                      plan.v_pad)
-                window_tma = False
-                if kp.has_const("SLC_FWD_WINDOW") and plan.window_in_selection:
-                    swa = plan.kernel("swa_fwd")
-                    kw_arg, vw_arg, window_tma = _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"),
-                                                              plan.qk_pad, plan.v_pad)
-                    window_args = (kw_arg, vw_arg) + window_args[2:]
                 m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
                     q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
@@ -337,12 +336,19 @@ class CompiledPattern:
         o_swa = self._alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
         lse_swa = self._alloc((B, p.heads.q, T), torch.float32, q.device)
         grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * p.heads.q)
-        k_arg, v_arg, tma = _kv_operands(kp.const("SWA_TMA"), kw, vw, kp.const("SWA_BLOCK_N"),
-                                         self.plan.qk_pad, self.plan.v_pad)
+        k_arg, v_arg, tma = self._window_operands(kw, vw)
         self._launch_fitting("swa_fwd", grid, (q, k_arg, v_arg, o_swa, lse_swa, T, T, qk_scale_log2,
                                                *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa), tma),
                              dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
         out["o_swa"], out["lse_swa"] = o_swa, lse_swa
+
+    def _window_operands(self, kw: torch.Tensor, vw: torch.Tensor) -> tuple:
+        """(k, v, TMA) of the window branch wherever it is computed (swa_fwd,
+        or folded into a selection kernel): swa_fwd's key tile and its
+        SWA_TMA decide (_kv_operands)."""
+        swa = self.plan.kernel("swa_fwd")
+        return _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"), self.plan.qk_pad,
+                            self.plan.v_pad)
 
     def _selection_block_centric(self, q, k, v, indices, qk_scale_log2: float, shapes, final_from: Optional[dict],
                                  gates: dict, window: Optional[tuple] = None, window_out: Optional[dict] = None,
@@ -404,9 +410,7 @@ class CompiledPattern:
                 window_out["o_swa"], window_out["lse_swa"] = o_swa, lse_swa
             tokens = kp.const("BC_WINDOW_TOKENS")
             o_cmp = final_from.get("o_cmp") if write_final else None
-            swa = self.plan.kernel("swa_fwd")  # the window's tiles and its SWA_TMA
-            kw_arg, vw_arg, window_tma = _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"),
-                                                      self.plan.qk_pad, self.plan.v_pad)
+            kw_arg, vw_arg, window_tma = self._window_operands(kw, vw)
             k_forced, v_forced, forced_desc = _kv_operands(forced and kp.const("BC_FORCED_TMA"), k, v, p.select.block,
                                                            self.plan.qk_pad, self.plan.v_pad)
         for i, t0 in enumerate(range(0, T, TS)):
