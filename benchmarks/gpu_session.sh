@@ -41,6 +41,10 @@
 #       with each flag not yet timed on top of the tuned record, at 64k
 #       (SLC_TMA, BC_FORCED_TMA) and 8k (SLC_TMA, SWA_TMA in the fold)
 #       -> $OUT/pytest_tma.log, $OUT/tma.log (~4 minutes)
+#   FLAG_TESTS=<pytest -k> FLAG_SPECS="pattern:T ..." FLAG_CONFIGS='{"A": 1};{"B": 1}' \
+#     bash .device/run bash benchmarks/gpu_session.sh flags
+#       those GPU tests, then the forward's stage times with each config on
+#       top of the tuned record -> $OUT/pytest_flags.log, $OUT/flags.log
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa_out}
@@ -115,6 +119,20 @@ case "${1:-}" in
       --config '{"SLC_TMA": 1, "BC_FORCED_TMA": 1}' 2>&1 | grep "^T=" | tee "$OUT/tma.log"
     timeout 60 $S --length 8192 --config '{}' --config '{"SLC_TMA": 1}' --config '{"SWA_TMA": 1}' \
       --config '{"SLC_TMA": 1, "SWA_TMA": 1}' 2>&1 | grep "^T=" | tee -a "$OUT/tma.log" ;;
+  flags)
+    # GPU tests (FLAG_TESTS, a pytest -k expression), then the forward's
+    # stage times with each FLAG_CONFIGS config (';'-separated JSON) on top
+    # of the tuned record, per FLAG_SPECS pattern:T ... (wall, 10+ calls)
+    [ -n "${FLAG_TESTS:-}" ] && timeout "${FLAG_TESTS_TIMEOUT_S:-240}" python3 -m pytest tests/test_gpu.py -q -p timeout \
+      --timeout 90 -rf -k "$FLAG_TESTS" 2>&1 | tee "$OUT/pytest_flags.log" | tail -n 5
+    IFS=';' read -r -a configs <<< "${FLAG_CONFIGS:-}"
+    args=(--config '{}')
+    for c in "${configs[@]}"; do args+=(--config "$c"); done
+    for spec in ${FLAG_SPECS:-bench_paper128:65536}; do
+      timeout "${FLAG_STAGE_TIMEOUT_S:-150}" python3 benchmarks/stage_times.py "examples/${spec%%:*}.nsa" \
+        --length "${spec#*:}" --tuned-base --wall "${args[@]}" 2>&1 | grep "^T=" | sed "s/^/${spec%%:*} /" \
+        | tee -a "$OUT/flags.log"
+    done ;;
   *)
-    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|loop-orders|fla|tma" >&2; exit 2 ;;
+    echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|loop-orders|fla|tma|flags" >&2; exit 2 ;;
 esac

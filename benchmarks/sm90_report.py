@@ -107,10 +107,11 @@ def resources(cubin: bytes, tool_dir: Path) -> dict:
     found["hgmma"] = sass.count("HGMMA")
     found["hmma"] = sass.count("HMMA")
     found["local_loads_stores"] = len(re.findall(r"\b(LDL|STL)\b", sass))
+    found["sass"] = sass
     return found
 
 
-def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict = None) -> list:
+def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict = None, sass_dir: str = None) -> list:
     from nsa_dsl.plan import apply_overrides
 
     rows = []
@@ -180,6 +181,10 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         compiled = triton.compile(ASTSource(fn, signature=sig, constexprs=consts, attrs=attrs), target=target,
                                                   options={"num_warps": warps, "num_stages": stages})
                         row.update(resources(compiled.asm["cubin"], tool_dir))
+                        sass = row.pop("sass")
+                        if sass_dir:  # the whole SASS, to read an instruction mix
+                            Path(sass_dir).mkdir(parents=True, exist_ok=True)
+                            Path(sass_dir, f"{pattern.name}.{entry}{dims.get('D', '')}.sass").write_text(sass)
                         # loads Triton's software pipeliner turned into cp.async
                         # (0: every load waits for its data in the loop)
                         row["async_copies"] = compiled.asm["ttgir"].count("async_copy_global_to_local")
@@ -204,6 +209,7 @@ def main(argv=None) -> int:
                          " (slc_fwd as a call without gradients runs it; repeatable)")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                     help="the inputs' dtype (q, k, v, gates, outputs); default bf16")
+    ap.add_argument("--sass-dir", help="write each kernel's SASS to DIR/<pattern>.<kernel>.sass")
     args = ap.parse_args(argv)
     global INPUT_POINTER
     INPUT_POINTER = "*" + args.dtype
@@ -214,7 +220,7 @@ def main(argv=None) -> int:
         if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT"):
             ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
         constexprs[name] = bool(int(value))
-    rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs)]
+    rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs, args.sass_dir)]
     print(f"{'pattern':16s} {'kernel':16s} {'warps':>5s} {'regs':>5s} {'stack':>6s} {'smem':>7s} {'HGMMA':>6s} {'HMMA':>5s} {'LDL/STL':>7s} {'async':>5s}")
     for r in rows:
         if not r["ok"]:

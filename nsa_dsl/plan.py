@@ -9,6 +9,7 @@ plan lists. Planning is a pure function of the (already validated) pattern.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import gcd
 from typing import Optional
 
 from .cost import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
@@ -252,6 +253,27 @@ def _strided_overlap_fits(cmp_block: int, cmp_stride: int, slc_block: int, chunk
     return ""
 
 
+def _causal_edge_forced(cmp_block: int, cmp_stride: int, slc_block: int, local: int) -> bool:
+    """True when the forced local blocks hide every compressed token a
+    position cannot see yet: with TOPK_STRIDED_OVERLAP a token adds to its
+    own block and the next only, so if the first token past a position's
+    causal edge starts in a block the position forces (its own or one of
+    the LOCAL - 1 before it), scoring may leave such tokens unmasked: what
+    they add (even inf or NaN) lands only on blocks whose score is then
+    overwritten (+inf forced, -inf not yet visible). The property repeats
+    with the period of the stride and the block, so one period past the
+    start is checked exactly."""
+    if local < 1:
+        return False
+    period = cmp_stride * slc_block // gcd(cmp_stride, slc_block)
+    for pos in range(cmp_block + slc_block * (local + 1) + period):
+        # the first token whose last position (token*stride + block - 1) is past pos
+        first_hidden = max(0, (pos - cmp_block + 1) // cmp_stride + 1)
+        if first_hidden * cmp_stride // slc_block < pos // slc_block - local + 1:
+            return False
+    return True
+
+
 def _topk_chunk_shape(blocks: int, cmp_stride: int, slc_block: int) -> tuple:
     """(blocks, blocks padded for the dot, compressed tokens) of a chunk."""
     return blocks, max(MMA_MIN, blocks), blocks * (slc_block // cmp_stride)
@@ -342,6 +364,11 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # the sum over the heads needs fewer shuffles. Off until
                  # timed on a GPU; `nsa-dsl tune` tries it.
                  ("TOPK_KEYS_MAJOR", 0),
+                 # 1 (keys-major only): the tile's rows ordered so that each
+                 # thread of the product holds whole groups of heads (see
+                 # _topk_row_order): the head sum without shuffles. Needs
+                 # TOPK_TOKENS a multiple of 4. Off until timed on a GPU.
+                 ("TOPK_HEADS_IN_THREAD", 0),
                  # 1 (head rows only): the compressed keys through a tensor
                  # descriptor (TMA on Hopper) where they allow it, as
                  # CMP_TMA. Off until timed.
@@ -351,6 +378,12 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # float32 products a chunk; where no token reaches two
                  # blocks on (see _strided_overlap_fits). Off until timed.
                  ("TOPK_STRIDED_OVERLAP", 0),
+                 # With TOPK_STRIDED_OVERLAP, skip the per-element causal
+                 # mask of the scores (a compare and a select of every
+                 # probability, ~15% of the scoring's instructions on sm_90)
+                 # where the forced local blocks hide the causal edge (see
+                 # _causal_edge_forced). Derived from the pattern.
+                 ("TOPK_EDGE_FORCED", _causal_edge_forced(c.block, c.stride, s.block, s.local)),
                  # 1: the running top set as int64 keys kept sorted, merged
                  # with each chunk by a fixed bitonic network instead of a
                  # data-dependent rounds loop, so the chunk loop is innermost
@@ -665,7 +698,7 @@ TUNABLE = {
     "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
-    "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag,
+    "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token
@@ -752,6 +785,14 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR")) and not head_rows:
             raise ValueError("override TOPK_KEYS_MAJOR: scores the head-rows kernel keys-major; it needs"
                              " TOPK_HEAD_ROWS=1")
+        if consts.get("TOPK_HEADS_IN_THREAD", k.const("TOPK_HEADS_IN_THREAD")):
+            keys_major = consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR"))
+            tokens = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS"))
+            # (head rows exist for groups of 2+ heads: GROUP_ROWS is even)
+            if not (keys_major and head_rows) or tokens % 4:
+                raise ValueError("override TOPK_HEADS_IN_THREAD: orders the keys-major head-rows tile"
+                                 " (TOPK_HEAD_ROWS=1, TOPK_KEYS_MAJOR=1) by pairs of heads and groups of 4"
+                                 f" positions; TOPK_TOKENS={tokens}")
         if consts.get("TOPK_STRIDED_OVERLAP", k.const("TOPK_STRIDED_OVERLAP")):
             why = _strided_overlap_fits(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
                                         consts.get("TOPK_CHUNK_BLOCKS", k.const("TOPK_CHUNK_BLOCKS")),

@@ -204,6 +204,12 @@ def candidates(plan: Plan, kernel: str) -> list:
             # warps only (on 8 it spilled more, sm_90 compile)
             keys_major = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
             options += [keys_major, {**keys_major, "TOPK_STRIDED_OVERLAP": 1}]
+            if tokens % 4 == 0:  # and the heads summed in-thread (tiles of whole groups of 4 positions)
+                options.append({**keys_major, "TOPK_STRIDED_OVERLAP": 1, "TOPK_HEADS_IN_THREAD": 1})
+    if "TOPK_HEADS_IN_THREAD" in names and names.get("TOPK_KEYS_MAJOR") and names.get("TOPK_HEAD_ROWS") \
+            and names["TOPK_TOKENS"] % 4 == 0:
+        # a keys-major configuration (tuned, say) with its head sum flipped
+        options.append({"TOPK_HEADS_IN_THREAD": 1 - names["TOPK_HEADS_IN_THREAD"]})
     if "TOPK_SORT_MERGE" in names:
         # the merge as a fixed network: the chunk loop becomes pipelinable,
         # which needs 2+ stages (tried together when the kernel has fewer)

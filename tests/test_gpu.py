@@ -43,7 +43,8 @@ def _log(record: dict) -> None:
 
 
 def _patterns():
-    return {"deepseek_nsa": nsa_dsl.load(PAPER), "small_group": nsa_dsl.parse(SMALL_GROUP_TEXT)}
+    return {"deepseek_nsa": nsa_dsl.load(PAPER), "small_group": nsa_dsl.parse(SMALL_GROUP_TEXT),
+            "bench_paper128": nsa_dsl.load(os.path.join(EXAMPLES, "bench_paper128.nsa"))}
 
 
 def _chunked_reference(pattern, args, indices, chunk):
@@ -242,6 +243,15 @@ def test_selection_union_list_matches_reference_bf16():
     ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
                       "TOPK_SORT_MERGE": 1, "slc_topk.num_stages": 3}),
     ("small_group", {"TOPK_SORT_MERGE": 1}),
+    # the heads summed in-thread (TOPK_HEADS_IN_THREAD) on paper128's 64k
+    # scoring (its causal mask skipped: two local blocks), deepseek_nsa's
+    # 8 warps and small_group's head pairs
+    ("bench_paper128", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
+                        "TOPK_SORT_MERGE": 1, "TOPK_TMA": 1, "TOPK_HEADS_IN_THREAD": 1, "slc_topk.num_stages": 3}),
+    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
+                      "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1, "slc_topk.num_warps": 8}),
+    ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1,
+                     "TOPK_HEADS_IN_THREAD": 1}),
 ])
 def test_topk_heads_as_rows_bf16(name, overrides):
     """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads;

@@ -485,6 +485,85 @@ def test_strided_overlap_refuses_what_it_cannot_score():
         "TOPK_STRIDED_OVERLAP") == 1
 
 
+# PAPER_SHAPED with two local blocks: the first compressed token a
+# position cannot see starts in its previous block, which it forces.
+PAPER_SHAPED_LOCAL2 = Pattern(name="paper_shaped_local2", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
+                              compress=Compress(block=8, stride=4), select=Select(block=16, top=4, initial=1, local=2))
+
+
+@pytest.mark.parametrize("block, stride, select, local", [
+    (b, s, sel, loc) for b in (4, 8, 16, 20, 32) for s in (4, 8, 16) for sel in (8, 16, 32, 64) for loc in (0, 1, 2, 3)
+    if s <= b and sel % s == 0 and b <= sel + s])
+def test_edge_forced_holds_exactly_where_hidden_tokens_reach_forced_blocks_only(block, stride, select, local):
+    # TOPK_EDGE_FORCED lets the scoring skip its causal mask. Brute force
+    # over every position of a few hundred and every token it cannot see
+    # yet (token i covers [i*stride, i*stride + block)): with the strided
+    # overlap a token adds to its own block (i*stride // select) and the
+    # next, and each such block must be forced (> the position's block -
+    # local) or not yet visible.
+    from nsa_dsl.plan import _causal_edge_forced
+
+    def hidden_tokens_only_touch_forced(pos):
+        hidden = [i for i in range(pos // stride + 2) if i * stride + block - 1 > pos]
+        return all(i * stride // select + extra > pos // select - local for i in hidden for extra in (0, 1))
+
+    truth = all(hidden_tokens_only_touch_forced(pos) for pos in range(4 * select * (local + 2) + 2 * block))
+    assert _causal_edge_forced(block, stride, select, local) == truth
+
+
+def test_scoring_unmasked_at_the_causal_edge_keeps_the_selection_rule():
+    # Two local blocks hide the causal edge, so the keys-major strided
+    # scoring skips its mask. Keys that grow along the sequence make the
+    # tokens past a position's edge score far above its log-sum-exp
+    # (probabilities of inf, and NaN where a zero weight meets them): the
+    # blocks they land on are forced or not yet visible, so the chosen blocks
+    # still obey the rule over several chunks.
+    from nsa_dsl.plan import apply_overrides
+
+    flags = {**HEAD_ROWS_KEYS_MAJOR, "TOPK_STRIDED_OVERLAP": 1, "TOPK_CHUNK_BLOCKS": 16}
+    assert apply_overrides(nsa_dsl.check(PAPER_SHAPED_LOCAL2), flags).kernel("slc_topk").const("TOPK_EDGE_FORCED")
+    assert not nsa_dsl.check(PAPER_SHAPED).kernel("slc_topk").const("TOPK_EDGE_FORCED")  # one local block
+    length = 2 * 16 * PAPER_SHAPED_LOCAL2.select.block + 40
+    args = random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float32, seed=11, device=DEVICE)
+    ramp = torch.linspace(1.0, 40.0, length, dtype=torch.float32, device=DEVICE)[None, :, None, None]
+    args["k"] = args["k"] * ramp
+    compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2, overrides=flags)
+    compiled.poison = True
+    _, indices = compiled(**args, return_indices=True)
+    assert_selection_rule(PAPER_SHAPED_LOCAL2, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+    _, masked = nsa_dsl.compile(PAPER_SHAPED_LOCAL2)(**args, return_indices=True)
+    assert torch.equal(indices, masked)
+
+
+# The 64k record's scoring (head rows, keys-major, strided overlap, sorted
+# merge) with the heads summed in-thread.
+IN_THREAD = {**HEAD_ROWS_KEYS_MAJOR, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1}
+SMALL_GROUP_LIKE = Pattern(name="small_group_like", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                           compress=Compress(block=8, stride=4), select=Select(block=16, top=5, initial=1, local=2))
+
+
+@pytest.mark.parametrize("pattern, overrides", [
+    (PAPER_LIKE, {**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_TOKENS": 4}),  # 16 heads: 8 pairs, 4 positions
+    (SMALL_GROUP_LIKE, {**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16}),  # 2 heads: one pair, 2 KV heads, 16 positions
+], ids=["sixteen-heads", "two-heads"])
+def test_heads_summed_in_thread_select_the_same_blocks(pattern, overrides):
+    # TOPK_HEADS_IN_THREAD reorders the tile's (position, head) rows so the
+    # head sum stays within a thread: the same probabilities summed in
+    # another order, so the same blocks as the plan's scoring (random fp32
+    # inputs, no ties within rounding), over several chunks.
+    length = overrides["TOPK_CHUNK_BLOCKS"] * pattern.select.block + 40
+    _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=len(pattern.name))
+
+
+def test_heads_in_thread_refuses_what_it_cannot_order():
+    from nsa_dsl.plan import apply_overrides
+
+    with pytest.raises(ValueError, match="TOPK_HEADS_IN_THREAD: orders the keys-major head-rows tile"):
+        apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_HEADS_IN_THREAD": 1})  # not keys-major
+    with pytest.raises(ValueError, match="TOPK_TOKENS=2"):
+        apply_overrides(nsa_dsl.check(PAPER_LIKE), {**IN_THREAD, "TOPK_TOKENS": 2})
+
+
 SORTED = {"TOPK_SORT_MERGE": 1}
 
 
