@@ -413,6 +413,14 @@ class CompiledPattern:
             kw_arg, vw_arg, window_tma = self._window_operands(kw, vw)
             k_forced, v_forced, forced_desc = _kv_operands(forced and kp.const("BC_FORCED_TMA"), k, v, p.select.block,
                                                            self.plan.qk_pad, self.plan.v_pad)
+            part_o_arg, slots_desc = part_o, False
+            if kp.const("BC_SLOTS_TMA") and _tma_fits(part_o):
+                # one box a slot: the tile's positions x the group's heads (padded) x D (padded)
+                from triton.tools.tensor_descriptor import TensorDescriptor
+
+                part_o_arg = TensorDescriptor.from_tensor(part_o.view(B * TS, HKV, top, G, DV),
+                                                          [tokens, 1, 1, self.plan.group_rows, self.plan.v_pad])
+                slots_desc = True
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
             m.slc_fwd_bc[(chunks["grid"],)](q, k_sel, v_sel, chunks["slice_first"], chunks["segment"],
@@ -422,11 +430,12 @@ class CompiledPattern:
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             if window is not None:
                 m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
-                    q, k_forced, v_forced, kw_arg, vw_arg, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS,
+                    q, k_forced, v_forced, kw_arg, vw_arg, part_o_arg, part_lse, o, lse, o_swa, lse_swa, T, t0, TS,
                     qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
                     WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma, KV_DESC=forced_desc,
+                    SLOTS_DESC=slots_desc,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ

@@ -481,6 +481,13 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # for paper128: the forward-only merge's 32 bytes of spill
                 # gone, the training one 174 -> 155 registers.
                 ("BC_FORCED_TMA", 0),
+                # 1: the merge reads each slot's partials through a tensor
+                # descriptor ([positions, 1, 1, heads, D] boxes of the
+                # slice's partials): Triton 3.6 pipelines those copies into
+                # shared memory (TMA on Hopper) where the addressed loads of
+                # the slot loop, which feed no product, stay plain loads
+                # (NOTES v12: ~3 TB/s). Off until timed.
+                ("BC_SLOTS_TMA", 0),
                 # warps of slc_fwd_bc_merge_window (the slot loop and the
                 # window's tiles), apart from slc_fwd_bc's
                 ("BC_MERGE_WARPS", 4 if d_max <= 128 else 8))
@@ -695,7 +702,7 @@ TUNABLE = {
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
     "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
-    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_SLOTS_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag,
