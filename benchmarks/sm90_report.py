@@ -45,7 +45,7 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # deterministic selection backward, the forward of a training call).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False,
-                  "KV_DESC": False, "SLOTS_DESC": False}
+                  "KV_DESC": False, "SLOTS_DESC": False, "KEY32": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -170,10 +170,12 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {**(descriptors or {}), "part_o_ptr": f"tensordesc<{elem}[{kernel.const('BC_WINDOW_TOKENS')},"
                                                                           f" 1, 1, {plan.group_rows}, {plan.v_pad}]>"}
                         entry_args = {**entry_args, "SLOTS_DESC": True}
+                    if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it)
+                        entry_args = {**entry_args, "KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
                                                  f" 1, {plan.qk_pad}]>"}
-                        entry_args = {**arg_values, "TMA": True}
+                        entry_args = {**entry_args, "TMA": True}
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
                     warps = kernel.warps_for(entry)

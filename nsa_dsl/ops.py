@@ -266,6 +266,7 @@ class CompiledPattern:
                                                           (out["k_cmp"], plan.qk_pad))
                         m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), tma,
+                                               KEY32=bool(kp.const("TOPK_KEY32")) and q.dtype != torch.float32,
                                                num_warps=kp.num_warps, num_stages=kp.num_stages)
                     else:
                         m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,

@@ -389,7 +389,15 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # data-dependent rounds loop, so the chunk loop is innermost
                  # and its key loads can be pipelined. Needs chunks at least
                  # TOP_PAD wide. Off until timed on a GPU.
-                 ("TOPK_SORT_MERGE", 0)),
+                 ("TOPK_SORT_MERGE", 0),
+                 # 1 (head rows, sorted merge): with 16-bit inputs the sort
+                 # keys are int32, not int64 (half the compares, selects and
+                 # shuffles of the merge network). The score keeps 31 bits
+                 # less those of the block index (_topk_keys: scores within
+                 # a relative 1.2e-4 at 1024 blocks tie, the lower block
+                 # winning), well inside what 16-bit inputs resolve;
+                 # float32 inputs keep the exact int64 keys. Off until timed.
+                 ("TOPK_KEY32", 0)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
         # Several neighbouring positions per program fill the MMA tile when
@@ -705,7 +713,7 @@ TUNABLE = {
     "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_SLOTS_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
-    "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag,
+    "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag, "TOPK_KEY32": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
     # Blocks scored per chunk by slc_topk (the chunk's padding and token
@@ -792,6 +800,10 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR")) and not head_rows:
             raise ValueError("override TOPK_KEYS_MAJOR: scores the head-rows kernel keys-major; it needs"
                              " TOPK_HEAD_ROWS=1")
+        if consts.get("TOPK_KEY32", k.const("TOPK_KEY32")) and not (
+                head_rows and consts.get("TOPK_SORT_MERGE", k.const("TOPK_SORT_MERGE"))):
+            raise ValueError("override TOPK_KEY32: the int32 keys of the head-rows scoring's sorted merge; it needs"
+                             " TOPK_HEAD_ROWS=1 and TOPK_SORT_MERGE=1")
         if consts.get("TOPK_HEADS_IN_THREAD", k.const("TOPK_HEADS_IN_THREAD")):
             keys_major = consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR"))
             tokens = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS"))

@@ -210,6 +210,9 @@ def candidates(plan: Plan, kernel: str) -> list:
             and names["TOPK_TOKENS"] % 4 == 0:
         # a keys-major configuration (tuned, say) with its head sum flipped
         options.append({"TOPK_HEADS_IN_THREAD": 1 - names["TOPK_HEADS_IN_THREAD"]})
+    if "TOPK_KEY32" in names and names.get("TOPK_HEAD_ROWS") and names["TOPK_SORT_MERGE"]:
+        # int32 sort keys for 16-bit inputs (float32 keeps int64)
+        options.append({"TOPK_KEY32": 1 - names["TOPK_KEY32"]})
     if "TOPK_SORT_MERGE" in names:
         # the merge as a fixed network: the chunk loop becomes pipelinable,
         # which needs 2+ stages (tried together when the kernel has fewer)

@@ -252,6 +252,14 @@ def test_selection_union_list_matches_reference_bf16():
                       "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1, "slc_topk.num_warps": 8}),
     ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1,
                      "TOPK_HEADS_IN_THREAD": 1}),
+    # and with int32 sort keys (TOPK_KEY32: bf16 inputs take them)
+    ("bench_paper128", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
+                        "TOPK_SORT_MERGE": 1, "TOPK_TMA": 1, "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1,
+                        "slc_topk.num_stages": 3}),
+    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
+                      "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1, "slc_topk.num_warps": 8}),
+    ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1,
+                     "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1}),
 ])
 def test_topk_heads_as_rows_bf16(name, overrides):
     """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads;

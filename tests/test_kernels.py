@@ -555,6 +555,44 @@ def test_heads_summed_in_thread_select_the_same_blocks(pattern, overrides):
     _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=len(pattern.name))
 
 
+def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
+    # TOPK_KEY32: the sorted merge on int32 keys (the score's top bits over
+    # the tile's block-index bits) for fp16/bf16 inputs. Same blocks as the
+    # int64 keys on random fp16 inputs over several chunks (18 blocks: 5
+    # index bits), and under exact ties (q = 0: the lower block wins in
+    # both); float32 inputs keep the int64 keys.
+    pattern, overrides = PAPER_SHAPED_LOCAL2, {**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16}
+    length = 16 * pattern.select.block + 40
+    key32 = []
+
+    def run(args, flag):
+        compiled = nsa_dsl.compile(pattern, overrides={**overrides, "TOPK_KEY32": flag})
+        compiled.poison = True
+        real = compiled.module.slc_topk_heads
+
+        class Spy:  # what the launch asked for
+            def __getitem__(self, grid):
+                def launch(*a, **kw):
+                    key32.append((args["q"].dtype, flag, kw["KEY32"]))
+                    return real[grid](*a, **kw)
+                return launch
+
+        compiled.module.slc_topk_heads = Spy()
+        try:
+            return compiled(**args, return_indices=True)[1]
+        finally:
+            compiled.module.slc_topk_heads = real
+
+    args = random_inputs(pattern, 1, length, torch.float16, seed=5, device=DEVICE)
+    chosen = run(args, 1)
+    assert torch.equal(chosen, run(args, 0))
+    assert_selection_rule(pattern, args, chosen, eps_rel=3e-3, eps_abs=1e-4)
+    args["q"] = torch.zeros_like(args["q"])
+    assert torch.equal(run(args, 1), run(args, 0))
+    run(random_inputs(pattern, 1, length, torch.float32, seed=5, device=DEVICE), 1)
+    assert key32 == [(torch.float16, 1, True), (torch.float16, 0, False)] * 2 + [(torch.float32, 1, False)]
+
+
 def test_heads_in_thread_refuses_what_it_cannot_order():
     from nsa_dsl.plan import apply_overrides
 
@@ -562,6 +600,8 @@ def test_heads_in_thread_refuses_what_it_cannot_order():
         apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_HEADS_IN_THREAD": 1})  # not keys-major
     with pytest.raises(ValueError, match="TOPK_TOKENS=2"):
         apply_overrides(nsa_dsl.check(PAPER_LIKE), {**IN_THREAD, "TOPK_TOKENS": 2})
+    with pytest.raises(ValueError, match="TOPK_KEY32: .* needs TOPK_HEAD_ROWS=1 and TOPK_SORT_MERGE=1"):
+        apply_overrides(nsa_dsl.check(PAPER_LIKE), {**IN_THREAD, "TOPK_SORT_MERGE": 0, "TOPK_KEY32": 1})
 
 
 SORTED = {"TOPK_SORT_MERGE": 1}
