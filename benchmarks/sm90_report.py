@@ -170,7 +170,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {**(descriptors or {}), "part_o_ptr": f"tensordesc<{elem}[{kernel.const('BC_WINDOW_TOKENS')},"
                                                                           f" 1, 1, {plan.group_rows}, {plan.v_pad}]>"}
                         entry_args = {**entry_args, "SLOTS_DESC": True}
-                    if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it)
+                    if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it up to 4096 blocks)
                         entry_args = {**entry_args, "KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"

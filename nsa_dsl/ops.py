@@ -29,6 +29,16 @@ def _contiguous_gates(gates: dict) -> dict:
 
 
 _GATED = (Branch.CMP, Branch.SLC, Branch.SWA)
+# TOPK_KEY32's int32 sort keys give the block index the low bits and the
+# score the rest: up to 2^12 blocks the score keeps 11 mantissa bits, as
+# fine as fp16 resolves; longer sequences take the int64 keys.
+KEY32_MAX_BLOCK_BITS = 12
+
+
+def _int32_keys(plan_flag: bool, dtype: torch.dtype, n_blocks: int) -> bool:
+    """Whether the scoring's sorted merge runs on int32 keys (TOPK_KEY32):
+    16-bit inputs and at most 2^KEY32_MAX_BLOCK_BITS blocks."""
+    return bool(plan_flag) and dtype != torch.float32 and (n_blocks - 1).bit_length() <= KEY32_MAX_BLOCK_BITS
 
 
 def _gate_args(gates: dict, unused: torch.Tensor) -> tuple:
@@ -266,7 +276,8 @@ class CompiledPattern:
                                                           (out["k_cmp"], plan.qk_pad))
                         m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), tma,
-                                               KEY32=bool(kp.const("TOPK_KEY32")) and q.dtype != torch.float32,
+                                               KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
+                                                                 _cdiv(T, p.select.block)),
                                                num_warps=kp.num_warps, num_stages=kp.num_stages)
                     else:
                         m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,

@@ -396,7 +396,8 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # less those of the block index (_topk_keys: scores within
                  # a relative 1.2e-4 at 1024 blocks tie, the lower block
                  # winning), well inside what 16-bit inputs resolve;
-                 # float32 inputs keep the exact int64 keys. Off until timed.
+                 # float32 inputs, and sequences of more than 4096 blocks
+                 # (ops.KEY32_MAX_BLOCK_BITS), keep the int64 keys.
                  ("TOPK_KEY32", 0)),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))

@@ -593,6 +593,31 @@ def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
     assert key32 == [(torch.float16, 1, True), (torch.float16, 0, False)] * 2 + [(torch.float32, 1, False)]
 
 
+def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monkeypatch):
+    # Past 2^KEY32_MAX_BLOCK_BITS blocks the block index would take too many
+    # of the int32 key's bits: those lengths run the int64 keys (here the
+    # limit lowered to 4 bits: 16 blocks of 16 positions).
+    from nsa_dsl import ops
+
+    assert ops._int32_keys(1, torch.bfloat16, 4096) and not ops._int32_keys(1, torch.bfloat16, 4097)
+    assert not ops._int32_keys(1, torch.float32, 16) and not ops._int32_keys(0, torch.float16, 16)
+    monkeypatch.setattr(ops, "KEY32_MAX_BLOCK_BITS", 4)
+    compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2, overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
+    real, asked = compiled.module.slc_topk_heads, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                asked.append(kw["KEY32"])
+                return real[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(compiled.module, "slc_topk_heads", Spy())
+    for length in (16 * 16, 16 * 16 + 1):  # 16 blocks, then 17
+        compiled(**random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float16, seed=1, device=DEVICE))
+    assert asked == [True, False]
+
+
 def test_heads_in_thread_refuses_what_it_cannot_order():
     from nsa_dsl.plan import apply_overrides
 
