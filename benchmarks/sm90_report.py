@@ -106,6 +106,7 @@ def resources(cubin: bytes, tool_dir: Path) -> dict:
         found[key] = int(match.group(1)) if match else None
     found["hgmma"] = sass.count("HGMMA")
     found["hmma"] = sass.count("HMMA")
+    found["shfl"] = sass.count("SHFL")  # warp shuffles (the scoring's head sum and sort network)
     found["local_loads_stores"] = len(re.findall(r"\b(LDL|STL)\b", sass))
     found["sass"] = sass
     return found

@@ -154,3 +154,20 @@ def test_sorted_merge_lets_the_scoring_loop_pipeline(tmp_path):
     assert rounds["ok"] and merged["ok"], (rounds, merged)
     assert rounds["async_copies"] == 0 and merged["async_copies"] > 0, (rounds, merged)
     assert merged["local_loads_stores"] <= 8, merged  # 8 B of stack, 4 accesses, at the time of writing
+
+
+@pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+def test_scoring_heads_in_thread_and_int32_keys_cut_the_shuffles(tmp_path):
+    # TOPK_HEADS_IN_THREAD and TOPK_KEY32's reason to exist (paper128's 64k
+    # scoring: 1597 -> 767 instructions a chunk, 8.30 -> 5.24 ms on the
+    # H200): the head sum without shuffles across lanes and a sort network
+    # on 32-bit keys. With both, the kernel must use at most half the warp
+    # shuffles and stay in registers.
+    tuned = ("TOPK_HEAD_ROWS=1", "TOPK_TOKENS=16", "TOPK_KEYS_MAJOR=1", "TOPK_STRIDED_OVERLAP=1", "TOPK_SORT_MERGE=1",
+             "TOPK_TMA=1", "slc_topk.num_stages=3")
+    before, = _report(tmp_path, "bench_paper128.nsa", *tuned, name="before", kernels=("slc_topk_heads",))
+    after, = _report(tmp_path, "bench_paper128.nsa", *tuned, "TOPK_HEADS_IN_THREAD=1", "TOPK_KEY32=1", name="after",
+                     kernels=("slc_topk_heads",))
+    assert before["ok"] and after["ok"], (before, after)
+    assert after["shfl"] * 2 <= before["shfl"], (before["shfl"], after["shfl"])
+    assert after["stack_bytes"] == 0 and after["local_loads_stores"] == 0, after
