@@ -44,7 +44,8 @@
 #   FLAG_TESTS=<pytest -k> FLAG_SPECS="pattern:T ..." FLAG_CONFIGS='{"A": 1};{"B": 1}' \
 #     bash .device/run bash benchmarks/gpu_session.sh flags
 #       those GPU tests, then the forward's stage times with each config on
-#       top of the tuned record -> $OUT/pytest_flags.log, $OUT/flags.log
+#       top of the tuned record (FLAG_BACKWARD=1: the training pass's too)
+#       -> $OUT/pytest_flags.log, $OUT/flags.log
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
 OUT=${OUT:-/tmp/nsa_out}
@@ -128,10 +129,13 @@ case "${1:-}" in
     IFS=';' read -r -a configs <<< "${FLAG_CONFIGS:-}"
     args=(--config '{}')
     for c in "${configs[@]}"; do args+=(--config "$c"); done
+    # FLAG_BACKWARD=1: each spec's training pass (forward + backward) too
     for spec in ${FLAG_SPECS:-bench_paper128:65536}; do
-      timeout "${FLAG_STAGE_TIMEOUT_S:-150}" python3 benchmarks/stage_times.py "examples/${spec%%:*}.nsa" \
-        --length "${spec#*:}" --tuned-base --wall "${args[@]}" 2>&1 | grep "^T=" | sed "s/^/${spec%%:*} /" \
-        | tee -a "$OUT/flags.log"
+      for pass in "" ${FLAG_BACKWARD:+--backward}; do
+        timeout "${FLAG_STAGE_TIMEOUT_S:-150}" python3 benchmarks/stage_times.py "examples/${spec%%:*}.nsa" \
+          --length "${spec#*:}" --tuned-base --wall $pass "${args[@]}" 2>&1 | grep "^T=" \
+          | sed "s/^/${spec%%:*} ${pass:+(fwd+bwd) }/" | tee -a "$OUT/flags.log"
+      done
     done ;;
   *)
     echo "usage: gpu_session.sh tests|bench|tune|train|retune|bench-tuned|loop-orders|fla|tma|flags" >&2; exit 2 ;;

@@ -121,9 +121,10 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
         if overrides:
             plan = apply_overrides(plan, overrides)
         # the merge attends the forced blocks where the plan has it do so
-        # (for indices from its own scoring, as the benchmark runs it)
+        # (for indices from its own scoring, as the benchmark runs it), and
+        # scores the local blocks once for the window where the plan asks
         arg_values = {**CONSTEXPR_ARGS, "FORCED": plan.forced_in_merge, "SKIP_FORCED": plan.forced_in_merge,
-                      "DISTINCT": True, **(constexprs or {})}
+                      "DISTINCT": True, "LOCAL_SHARED": plan.local_in_window, **(constexprs or {})}
         key = cache_key(plan, device="cuda-sm90")
         module = cache.load_module(key, cache.store(key, render(plan, key)))
         target = GPUTarget("cuda", 90, 32)
@@ -225,7 +226,7 @@ def main(argv=None) -> int:
     constexprs = {}
     for item in args.arg:
         name, value = item.split("=", 1)
-        if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT"):
+        if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT", "LOCAL_SHARED"):
             ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
         constexprs[name] = bool(int(value))
     rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs, args.sass_dir)]

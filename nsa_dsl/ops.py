@@ -425,6 +425,11 @@ class CompiledPattern:
             kw_arg, vw_arg, window_tma = self._window_operands(kw, vw)
             k_forced, v_forced, forced_desc = _kv_operands(forced and kp.const("BC_FORCED_TMA"), k, v, p.select.block,
                                                            self.plan.qk_pad, self.plan.v_pad)
+            # the local blocks' keys scored once for the window and the
+            # forced blocks: only where the window reads these very k and v
+            # and the merge computes it (not for a combined output without it)
+            local_shared = (forced and self.plan.local_in_window and kw is k and vw is v
+                            and (not write_final or self.plan.kernel("combine").const("COMBINE_SWA")))
             part_o_arg, slots_desc = part_o, False
             if kp.const("BC_SLOTS_TMA") and _tma_fits(part_o):
                 # one box a slot: the tile's positions x the group's heads (padded) x D (padded)
@@ -447,7 +452,7 @@ class CompiledPattern:
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
                     WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma, KV_DESC=forced_desc,
-                    SLOTS_DESC=slots_desc,
+                    SLOTS_DESC=slots_desc, LOCAL_SHARED=local_shared,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ

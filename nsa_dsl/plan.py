@@ -120,6 +120,14 @@ class Plan:
         return bool(bc.const("BC_MERGE_FORCED")) and bc.const("INITIAL") + bc.const("LOCAL") > 0
 
     @property
+    def local_in_window(self) -> bool:
+        """Whether the merge scores the local blocks' keys once for the
+        window and the forced blocks (BC_LOCAL_IN_WINDOW=1, forced blocks
+        in the merge): for calls whose window reads the selection's own k
+        and v (ops decides per call)."""
+        return self.forced_in_merge and bool(self.kernel("slc_fwd_bc").const("BC_LOCAL_IN_WINDOW"))
+
+    @property
     def window_in_selection(self) -> bool:
         """Whether the group-centric selection forward also computes the
         window branch (SLC_FWD_WINDOW=1): swa_fwd then runs only for the
@@ -490,6 +498,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # for paper128: the forward-only merge's 32 bytes of spill
                 # gone, the training one 174 -> 155 registers.
                 ("BC_FORCED_TMA", 0),
+                # 1 (with BC_MERGE_FORCED, the window reading the selection's
+                # own k and v): the local blocks lie inside the window, so
+                # the merge scores their key tiles once for both branches
+                # (_bc_window_forced): LOCAL of the forced blocks' QK^T and
+                # k/v loads gone. Needs the window at least LOCAL blocks
+                # long, BC_WINDOW_TOKENS and SWA_BLOCK_N dividing the block
+                # (checked where it is set). Off until timed.
+                ("BC_LOCAL_IN_WINDOW", 0),
                 # 1: the merge reads each slot's partials through a tensor
                 # descriptor ([positions, 1, 1, heads, D] boxes of the
                 # slice's partials): Triton 3.6 pipelines those copies into
@@ -711,7 +727,7 @@ TUNABLE = {
     "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
     "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
-    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_SLOTS_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag, "BC_SLOTS_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag, "TOPK_KEY32": _flag,
@@ -822,6 +838,18 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if head_rows and not 16 <= rows <= 256:
             raise ValueError(f"override TOPK_HEAD_ROWS: TOPK_TOKENS x GROUP_ROWS = {rows} rows per tile; the"
                              " product needs 16 to 256")
+    bc_consts = dict(plan.kernel("slc_fwd_bc").constants) if plan.has("slc_fwd_bc") else {}
+    if consts.get("BC_LOCAL_IN_WINDOW", bc_consts.get("BC_LOCAL_IN_WINDOW")):
+        bc, swa = plan.kernel("slc_fwd_bc"), plan.kernel("swa_fwd")
+        block, local = bc.const("SLC_BLOCK"), bc.const("LOCAL")
+        tokens = consts.get("BC_WINDOW_TOKENS", bc.const("BC_WINDOW_TOKENS"))
+        swa_n = consts.get("SWA_BLOCK_N", swa.const("SWA_BLOCK_N"))
+        # the local blocks' key tiles must be the same keys for the window
+        # and the forced blocks (_bc_window_forced)
+        if swa.const("WINDOW") < local * block or block % tokens or block % swa_n:
+            raise ValueError(f"override BC_LOCAL_IN_WINDOW: needs the window ({swa.const('WINDOW')}) at least LOCAL x"
+                             f" the selection block ({local} x {block}), and BC_WINDOW_TOKENS ({tokens}) and"
+                             f" SWA_BLOCK_N ({swa_n}) dividing the block")
     kernels = []
     for k in plan.kernels:
         constants = tuple((key, consts.get(key, value)) for key, value in k.constants)

@@ -115,3 +115,17 @@ def assert_gradients_match_reference(pattern: Pattern, compiled, args: dict, see
             continue
         err = rel_error(leaves[name].grad, up[name].grad)
         assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e} for {pattern.canonical()}"
+
+
+class LaunchSpy:
+    """Stands in for a generated kernel: launches it as given and records
+    one keyword argument of each launch (a constexpr ops.py chose)."""
+
+    def __init__(self, kernel, name: str, record: list, tag=()):
+        self.kernel, self.name, self.record, self.tag = kernel, name, record, tuple(tag)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.record.append((*self.tag, kwargs[self.name]) if self.tag else kwargs[self.name])
+            return self.kernel[grid](*args, **kwargs)
+        return launch

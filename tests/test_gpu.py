@@ -333,8 +333,13 @@ def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     # ... and the forced blocks attended there (indices from the scoring)
     ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
     ("deepseek_nsa", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
+    # ... with the local blocks' key tiles scored once for both (descriptors
+    # for the window's and the forced blocks' keys, as paper128's record)
+    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_LOCAL_IN_WINDOW": 1,
+                        "SWA_TMA": 1, "BC_FORCED_TMA": 1}),
+    ("deepseek_nsa", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_LOCAL_IN_WINDOW": 1}),
 ], ids=["paper128", "paper128_list", "deepseek_nsa", "paper128_bc", "deepseek_nsa_bc", "paper128_bc_forced",
-        "deepseek_nsa_bc_forced"])
+        "deepseek_nsa_bc_forced", "paper128_bc_local", "deepseek_nsa_bc_local"])
 def test_window_folded_into_selection_bf16(name, overrides):
     """SLC_FWD_WINDOW (group-centric) and BC_FOLD_WINDOW (block-centric)
     compiled for Hopper: the window branch computed by the selection

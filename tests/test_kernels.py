@@ -13,7 +13,7 @@ from hypothesis import given, settings, strategies as st
 import nsa_dsl
 from nsa_dsl.reference import block_scores, compress_mean
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Pool, Select, Window
-from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
+from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, random_inputs, rel_error, upcast,
                         valid_patterns)
 
 from conftest import HAS_CUDA
@@ -391,20 +391,6 @@ MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=1
                       compress=Compress(block=4, stride=1), select=Select(block=16, top=5, initial=1, local=1))
 
 
-class _LaunchSpy:
-    """Stands in for a generated kernel: launches it as given and records
-    one keyword argument of each launch (a constexpr ops.py chose)."""
-
-    def __init__(self, kernel, name: str, record: list, tag=()):
-        self.kernel, self.name, self.record, self.tag = kernel, name, record, tuple(tag)
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.record.append((*self.tag, kwargs[self.name]) if self.tag else kwargs[self.name])
-            return self.kernel[grid](*args, **kwargs)
-        return launch
-
-
 def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed, args=None):
     """A scoring variant's blocks obey the selection rule and equal the
     plan's own kernel's (random fp32 inputs, or the given ones: no ties
@@ -583,7 +569,7 @@ def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
         compiled = nsa_dsl.compile(pattern, overrides={**overrides, "TOPK_KEY32": flag})
         compiled.poison = True
         real = compiled.module.slc_topk_heads
-        compiled.module.slc_topk_heads = _LaunchSpy(real, "KEY32", key32, tag=(args["q"].dtype, flag))
+        compiled.module.slc_topk_heads = LaunchSpy(real, "KEY32", key32, tag=(args["q"].dtype, flag))
         try:
             return compiled(**args, return_indices=True)[1]
         finally:
@@ -610,7 +596,7 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
     monkeypatch.setattr(ops, "KEY32_MAX_BLOCK_BITS", 4)
     compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2, overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
     asked = []
-    monkeypatch.setattr(compiled.module, "slc_topk_heads", _LaunchSpy(compiled.module.slc_topk_heads, "KEY32", asked))
+    monkeypatch.setattr(compiled.module, "slc_topk_heads", LaunchSpy(compiled.module.slc_topk_heads, "KEY32", asked))
     for length in (16 * 16, 16 * 16 + 1):  # 16 blocks, then 17
         compiled(**random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float16, seed=1, device=DEVICE))
     assert asked == [True, False]
@@ -705,7 +691,7 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
             merges = []  # the merge's SLOTS_DESC (BC_SLOTS_TMA: the slots' partials)
             real_merge = compiled.module.slc_fwd_bc_merge_window
             ops._kv_operands = spy
-            compiled.module.slc_fwd_bc_merge_window = _LaunchSpy(real_merge, "SLOTS_DESC", merges)
+            compiled.module.slc_fwd_bc_merge_window = LaunchSpy(real_merge, "SLOTS_DESC", merges)
             try:
                 outs[tma] = compiled(**args, return_indices=True)
             finally:

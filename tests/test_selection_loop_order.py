@@ -17,7 +17,7 @@ from nsa_dsl.plan import SLC_LIST_MAX
 from nsa_dsl.reference import first_occurrence
 from nsa_dsl.tune import candidates, launched
 from nsa_dsl.validate import validate_inputs
-from strategies import (TOLERANCE, assert_gradients_match_reference, random_inputs, rel_error, upcast,
+from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, random_inputs, rel_error, upcast,
                         valid_patterns)
 
 from conftest import HAS_CUDA
@@ -312,6 +312,104 @@ def test_forced_blocks_in_the_merge_train():
                                overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1})
     assert compiled.plan.forced_in_merge
     assert_gradients_match_reference(pattern, compiled, args, 5)
+
+
+@st.composite
+def _local_in_window_patterns(draw):
+    """Patterns whose window covers the local blocks (BC_LOCAL_IN_WINDOW's
+    condition), drawn valid and then given such a window: from exactly
+    LOCAL blocks long to a little past."""
+    from dataclasses import replace
+
+    p = draw(valid_patterns().filter(lambda p: p.select is not None and p.window is not None
+                                     and p.select.local > 0))
+    least = p.select.local * p.select.block
+    return replace(p, window=Window(size=draw(st.integers(least, least + 40))))
+
+
+def _merge_launches(compiled, record: list):
+    """Record the LOCAL_SHARED of every merge launch of compiled."""
+    compiled.module.slc_fwd_bc_merge_window = LaunchSpy(compiled.module.slc_fwd_bc_merge_window, "LOCAL_SHARED",
+                                                        record)
+
+
+@settings(max_examples=4, deadline=None)
+@given(pattern=_local_in_window_patterns(), length=st.integers(1, 140), batch=st.integers(1, 2),
+       slice_len=st.integers(1, 48), seed=st.integers(0, 2**31 - 1))
+def test_merge_scores_the_local_blocks_once_for_window_and_selection(pattern, length, batch, slice_len, seed):
+    """BC_LOCAL_IN_WINDOW: the merge's window reads the same keys as the
+    forced local blocks, so their key tiles are scored once for both (the
+    window's tiles below them aligned to end there). Every branch output
+    and statistic within float32 tolerance of the merge that attends the
+    forced blocks apart, the gated output of a call without gradients
+    against float64; with the window on its own keys (k_swa, v_swa) the
+    merge takes the separate path, and agrees again."""
+    args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
+    block = pattern.select.block
+    probe = nsa_dsl.compile(pattern, slc_fwd="block-centric")
+    tokens = max(-(-16 // probe.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")), 1)  # 16 rows a dot
+    base = {"BC_SLICE": slice_len * batch, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens, "BC_MERGE_FORCED": 1,
+            "SWA_BLOCK_N": 16}
+    apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
+    shared = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_LOCAL_IN_WINDOW": 1})
+    assert shared.plan.local_in_window and not apart.plan.local_in_window and block % tokens == 0
+    launches = []
+    _merge_launches(shared, launches)
+    a, b = _intermediates(apart, args, None), _intermediates(shared, args, None)
+    assert launches and all(launches)  # the shared path ran, every slice
+    assert torch.equal(a["indices"], b["indices"])
+    for name in ("o_slc", "o_swa"):
+        assert rel_error(b[name], a[name]) < TOLERANCE[torch.float32], name
+    for name in ("lse_slc", "lse_swa"):
+        finite = torch.isfinite(a[name])
+        assert torch.equal(finite, torch.isfinite(b[name])), name
+        assert torch.allclose(b[name][finite], a[name][finite], rtol=1e-5, atol=1e-5), name
+    final = _intermediates(shared, args, None, final=True)
+    expected = nsa_dsl.reference(pattern, **upcast(args), indices=b["indices"].to(DEVICE))
+    assert rel_error(final["o"], expected) < TOLERANCE[torch.float32]
+
+    launches.clear()
+    own_keys = random_inputs(pattern, batch, length, torch.float32, seed, separate_window_kv=True, device=DEVICE)
+    out_shared, out_apart = shared(**own_keys), apart(**own_keys)
+    assert launches and not any(launches)
+    assert rel_error(out_shared, out_apart) < TOLERANCE[torch.float32]
+
+
+def test_local_blocks_scored_once_train():
+    """The backward reads the shared pass's o_swa, lse_swa, o_slc and
+    lse_slc: every gradient matches float64, with the initial block inside
+    the local ones at the first positions and the window exactly LOCAL
+    blocks long."""
+    pattern = nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
+                            " select block=16 top=4 initial=1 local=2 window size=32 }")
+    args = random_inputs(pattern, 1, 75, torch.float32, 6, device=DEVICE)
+    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric",
+                               overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1,
+                                          "SWA_BLOCK_N": 16, "BC_LOCAL_IN_WINDOW": 1})
+    launches = []
+    _merge_launches(compiled, launches)
+    assert_gradients_match_reference(pattern, compiled, args, 6)
+    assert launches and all(launches)
+
+
+def test_local_blocks_in_the_window_needs_a_window_that_covers_them():
+    from nsa_dsl.plan import apply_overrides
+
+    def plan(window: int):
+        return nsa_dsl.check(nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
+                                           f" select block=32 top=4 initial=1 local=2 window size={window} }}"))
+
+    flags = {"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1, "SWA_BLOCK_N": 16}
+    with pytest.raises(ValueError, match="BC_LOCAL_IN_WINDOW: needs the window \\(63\\) at least LOCAL"):
+        apply_overrides(plan(63), {**flags, "BC_LOCAL_IN_WINDOW": 1})
+    with pytest.raises(ValueError, match="SWA_BLOCK_N \\(64\\) dividing the block"):
+        apply_overrides(plan(64), {**flags, "SWA_BLOCK_N": 64, "BC_LOCAL_IN_WINDOW": 1})
+    with pytest.raises(ValueError, match="BC_WINDOW_TOKENS \\(64\\)"):
+        apply_overrides(plan(64), {**flags, "BC_WINDOW_TOKENS": 64, "BC_LOCAL_IN_WINDOW": 1})
+    assert apply_overrides(plan(64), {**flags, "BC_LOCAL_IN_WINDOW": 1}).local_in_window
+    # set first, then a tile that breaks it: still refused
+    with pytest.raises(ValueError, match="SWA_BLOCK_N \\(64\\) dividing the block"):
+        apply_overrides(apply_overrides(plan(64), {**flags, "BC_LOCAL_IN_WINDOW": 1}), {"SWA_BLOCK_N": 64})
 
 
 @settings(max_examples=30, deadline=None)
