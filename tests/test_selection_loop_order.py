@@ -589,8 +589,15 @@ def test_backward_union_list_gives_the_same_gradients(pattern, length, seed, str
         indices = idx if indices is None else indices
         out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype))
         grads.append({n: t.grad for n, t in leaves.items()})
+    assert grads[0]["q"] is not None
     for name, g in grads[0].items():
-        assert g is not None and torch.equal(g, grads[1][name]), name
+        # an input that reaches the output only through the top-n choice
+        # (k_cmp, v_cmp of pool=mlp when the compressed branch is not
+        # combined) has no gradient in either run
+        if g is None:
+            assert grads[1][name] is None, name
+            continue
+        assert torch.equal(g, grads[1][name]), name
 
 
 @settings(max_examples=8)
