@@ -333,8 +333,8 @@ def _merge_launches(compiled, record: list):
                                                         record)
 
 
-@settings(max_examples=4, deadline=None)
-@given(pattern=_local_in_window_patterns(), length=st.integers(1, 140), batch=st.integers(1, 2),
+@settings(max_examples=3, deadline=None)
+@given(pattern=_local_in_window_patterns(), length=st.integers(1, 110), batch=st.integers(1, 2),
        slice_len=st.integers(1, 48), seed=st.integers(0, 2**31 - 1))
 def test_merge_scores_the_local_blocks_once_for_window_and_selection(pattern, length, batch, slice_len, seed):
     """BC_LOCAL_IN_WINDOW: the merge's window reads the same keys as the
@@ -571,7 +571,7 @@ def _dq_list_fits(p: Pattern) -> bool:
     return k.const("SLC_BWD_DQ_TOKENS") * k.const("TOP_PAD") <= SLC_LIST_MAX
 
 
-@settings(max_examples=10)
+@settings(max_examples=6)
 @given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None and _dq_list_fits(p)),
        length=st.integers(1, 64), seed=st.integers(0, 2**31 - 1),
        strategy=st.sampled_from(["inverted-index", "atomic"]))
