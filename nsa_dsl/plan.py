@@ -846,6 +846,8 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         swa_n = consts.get("SWA_BLOCK_N", swa.const("SWA_BLOCK_N"))
         # the local blocks' key tiles must be the same keys for the window
         # and the forced blocks (_bc_window_forced)
+        if local < 1:
+            raise ValueError("override BC_LOCAL_IN_WINDOW: the pattern forces no local blocks (local=0)")
         if swa.const("WINDOW") < local * block or block % tokens or block % swa_n:
             raise ValueError(f"override BC_LOCAL_IN_WINDOW: needs the window ({swa.const('WINDOW')}) at least LOCAL x"
                              f" the selection block ({local} x {block}), and BC_WINDOW_TOKENS ({tokens}) and"

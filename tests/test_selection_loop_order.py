@@ -48,7 +48,7 @@ def _intermediates(compiled, args: dict, indices, final: bool = False) -> dict:
                             scale=pattern.dims.qk ** -0.5, shapes=shapes, final=final)
 
 
-@settings(max_examples=15)
+@settings(max_examples=10)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(1, 80),
        batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float32, torch.float16]))
@@ -215,7 +215,7 @@ def test_block_centric_forward_reduces_without_atomics():
     assert "atomic" not in bc.replace("without atomics", "").replace("No atomics", "")
 
 
-@settings(max_examples=10)
+@settings(max_examples=7)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(2, 80),
        batch=st.integers(1, 2), slice_len=st.integers(1, 40), seed=st.integers(0, 2**31 - 1))
 def test_block_centric_in_slices_equals_one_pass(pattern, length, batch, slice_len, seed):
@@ -395,9 +395,9 @@ def test_local_blocks_scored_once_train():
 def test_local_blocks_in_the_window_needs_a_window_that_covers_them():
     from nsa_dsl.plan import apply_overrides
 
-    def plan(window: int):
+    def plan(window: int, local: int = 2):
         return nsa_dsl.check(nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
-                                           f" select block=32 top=4 initial=1 local=2 window size={window} }}"))
+                                           f" select block=32 top=4 initial=1 local={local} window size={window} }}"))
 
     flags = {"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1, "SWA_BLOCK_N": 16}
     with pytest.raises(ValueError, match="BC_LOCAL_IN_WINDOW: needs the window \\(63\\) at least LOCAL"):
@@ -406,6 +406,8 @@ def test_local_blocks_in_the_window_needs_a_window_that_covers_them():
         apply_overrides(plan(64), {**flags, "SWA_BLOCK_N": 64, "BC_LOCAL_IN_WINDOW": 1})
     with pytest.raises(ValueError, match="BC_WINDOW_TOKENS \\(64\\)"):
         apply_overrides(plan(64), {**flags, "BC_WINDOW_TOKENS": 64, "BC_LOCAL_IN_WINDOW": 1})
+    with pytest.raises(ValueError, match="BC_LOCAL_IN_WINDOW: the pattern forces no local blocks"):
+        apply_overrides(plan(64, local=0), {**flags, "BC_LOCAL_IN_WINDOW": 1})
     assert apply_overrides(plan(64), {**flags, "BC_LOCAL_IN_WINDOW": 1}).local_in_window
     # set first, then a tile that breaks it: still refused
     with pytest.raises(ValueError, match="SWA_BLOCK_N \\(64\\) dividing the block"):
@@ -533,7 +535,7 @@ def _list_fits(p: Pattern) -> bool:
     return k.const("SLC_TOKENS") * k.const("TOP_PAD") <= SLC_LIST_MAX
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None and _list_fits(p)),
        length=st.integers(1, 96), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float32, torch.float16]))
@@ -615,7 +617,7 @@ def test_keys_major_selection_dkdv_matches_float64_autograd(pattern, length, see
     assert_gradients_match_reference(pattern, compiled, args, seed)
 
 
-@settings(max_examples=10)
+@settings(max_examples=7)
 @given(pattern=valid_patterns(need_window=True).filter(lambda p: p.select is not None),
        length=st.integers(1, 80), batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float32, torch.float16]))
