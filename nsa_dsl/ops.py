@@ -170,6 +170,26 @@ class CompiledPattern:
             return o, idx
         return o
 
+    def select_blocks(self, q, k, v, *, k_cmp=None, v_cmp=None, scale=None) -> torch.Tensor:
+        """The selection branch's block indices for q, k and v, [B, T, HKV,
+        top] int32 (ascending, -1 padded): the blocks a call on the same
+        inputs attends, without computing any attention output. Only the
+        compression, its statistics and the top-n scoring run. For looking
+        at what the scoring chooses, or for handing the same indices to
+        later calls (indices=...). No gradient flows through them."""
+        p = self.pattern
+        if p.select is None:
+            raise ValueError(f"select_blocks: pattern {p.name!r} has no select branch, so there are no indices")
+        shapes = validate_inputs(p, q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale)
+        problem = device_problem(q)
+        if problem is not None:
+            raise RuntimeError(f"nsa_dsl: {problem}")
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
+        with torch.no_grad():
+            out = self.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,
+                               scale=scale, shapes=shapes, indices_only=True)
+        return out["indices"]
+
     def _launch_fitting(self, name: str, grid, args: tuple, *, dtype, num_warps: int, num_stages: int) -> None:
         """Launch a flash-style forward kernel, with fewer pipeline stages if
         the compiled kernel needs more shared memory than the device has
@@ -219,12 +239,13 @@ class CompiledPattern:
         return plan.window_in_selection or not combine.const("COMBINE_SWA")
 
     def forward(self, q, k, v, gates, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, shapes,
-                final: bool = False) -> dict:
+                final: bool = False, indices_only: bool = False) -> dict:
         """Run every kernel of the plan; return all intermediate tensors
         (branch outputs, statistics, indices) by name. final=True (nothing
         will be differentiated): where writes_final_output allows, slc_fwd
         writes "o" itself and the selection's and window's outputs and
-        statistics are not kept. Gates must be contiguous."""
+        statistics are not kept. Gates must be contiguous. indices_only:
+        stop once the selection's indices exist (select_blocks)."""
         plan, m = self.plan, self.module
         p = self.pattern
         B, T, Tc = shapes.batch, shapes.length, shapes.compressed
@@ -284,6 +305,8 @@ class CompiledPattern:
                                          *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
                                          num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["indices"] = indices
+            if indices_only:
+                return out
             write_final = final and self.writes_final_output(T)
             if self.slc_fwd_at(T) == "block-centric":
                 fold = plan.window_in_block_centric

@@ -105,7 +105,10 @@ def assert_gradients_match_reference(pattern: Pattern, compiled, args: dict, see
     import nsa_dsl
 
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
-    o, indices = compiled(**leaves, return_indices=True)
+    if pattern.select is None:  # no selection: no block indices
+        o, indices = compiled(**leaves), None
+    else:
+        o, indices = compiled(**leaves, return_indices=True)
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.device)
     o.backward(do)
     up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}

@@ -131,6 +131,35 @@ def test_indices_argument_bypasses_scoring():
     assert rel_error(o, o_own) > 1e-3, "indices= had no effect"
 
 
+@settings(max_examples=6, deadline=None)
+@given(pattern=valid_patterns(max_group=4).filter(lambda p: p.select is not None), length=st.integers(1, 60),
+       batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_select_blocks_returns_the_blocks_a_call_attends(pattern, length, batch, seed):
+    """select_blocks runs only the compression and the scoring: the same
+    indices as a whole call on the same inputs (the same kernels, so the
+    same bits), without a gradient even where the inputs have one, and a
+    call given them computes the same output."""
+    args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
+    compiled = nsa_dsl.compile(pattern)
+    compiled.poison = True
+    o, indices = compiled(**args, return_indices=True)
+    leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+    chosen = _blocks(compiled, leaves)
+    assert chosen.dtype == torch.int32 and not chosen.requires_grad
+    assert torch.equal(chosen, indices)
+    assert torch.equal(compiled(**args, indices=chosen), o)
+
+
+def test_select_blocks_refuses_what_it_cannot_answer():
+    no_select = Pattern(name="window_only", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8))
+    args = random_inputs(no_select, 1, 16, torch.float32, seed=1, device=DEVICE)
+    with pytest.raises(ValueError, match="select_blocks: pattern 'window_only' has no select branch"):
+        nsa_dsl.compile(no_select).select_blocks(args["q"], args["k"], args["v"])
+    args = random_inputs(PAPER_LIKE, 1, 16, torch.float32, seed=1, device=DEVICE)
+    with pytest.raises(ValueError, match="k: expected"):
+        nsa_dsl.compile(PAPER_LIKE).select_blocks(args["q"], args["k"][:, :8], args["v"])
+
+
 def test_window_only_equals_causal_attention_when_window_covers_everything():
     p = Pattern(name="wide", heads=Heads(q=4, kv=2), dims=Dims(qk=32, v=16), window=Window(size=1000))
     args = random_inputs(p, 2, 50, torch.float32, seed=3, gates=False, device=DEVICE)
@@ -188,7 +217,7 @@ def test_selection_key_gradients_split_into_many_chunks_match_reference():
     p = PAPER_LIKE
     args = random_inputs(p, 2, 70, torch.float32, seed=21, device=DEVICE)
     results = []
-    for chunk in (1, 3, 1024):
+    for chunk in (1, 3):  # the default chunk (1024 here) runs in every other selection test
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
         compiled = nsa_dsl.compile(p, deterministic=True, overrides={"SLC_BWD_CHUNK": chunk})
         o, idx = compiled(**leaves, return_indices=True)
@@ -309,10 +338,9 @@ def test_topk_heads_as_rows_on_a_paper_like_group(tokens, keys_major):
     compiled = nsa_dsl.compile(PAPER_LIKE, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens,
                                                       "TOPK_KEYS_MAJOR": keys_major})
     compiled.poison = True
-    _, indices = compiled(**args, return_indices=True)
+    indices = _blocks(compiled, args)
     assert_selection_rule(PAPER_LIKE, args, indices, eps_rel=1e-5, eps_abs=1e-6)
-    _, default = nsa_dsl.compile(PAPER_LIKE)(**args, return_indices=True)
-    assert torch.equal(indices, default)  # random inputs: no ties within float32 rounding
+    assert torch.equal(indices, _blocks(nsa_dsl.compile(PAPER_LIKE), args))  # random inputs: no ties in float32
 
 
 def test_topk_heads_as_rows_refuses_tiles_a_product_cannot_take():
@@ -347,8 +375,7 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
     strides, so a one-row slip there cannot change a result; stride 1 with
     a last key tile of 2 tokens (169 - 7 = 10 x 16 + 2) is the closest."""
     p = Pattern(name="open_tiles", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
-                compress=Compress(block=cmp_block, stride=cmp_stride), select=Select(block=16, top=2, initial=1, local=1),
-                window=Window(size=4 * tile - 1))
+                compress=Compress(block=cmp_block, stride=cmp_stride), window=Window(size=4 * tile - 1))
     sizes = {f"{b}_{m}": tile for b in ("CMP", "SWA", "CMP_BWD", "SWA_BWD") for m in ("BLOCK_M", "BLOCK_N")}
     # the premise: a tile of rows well inside the sequence sees whole key
     # tiles of the window (and of the compressed tokens) without a mask
@@ -359,9 +386,8 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
         flags = {**sizes, "CMP_BWD_FUSE_DQ": fuse, "SWA_BWD_FUSE_DQ": fuse}
         compiled = nsa_dsl.compile(p, overrides=flags)
         args = random_inputs(p, 1 + fuse, T, torch.float32, seed=tile + fuse, device=DEVICE)
-        o, indices = compiled(**args, return_indices=True)
-        expected = nsa_dsl.reference(p, **upcast(args), indices=indices.to(DEVICE))
-        assert rel_error(o, expected) < TOLERANCE[torch.float32]
+        expected = nsa_dsl.reference(p, **upcast(args))
+        assert rel_error(compiled(**args), expected) < TOLERANCE[torch.float32]
         assert_gradients_match_reference(p, compiled, args, seed=tile)
 
 
@@ -391,6 +417,12 @@ MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=1
                       compress=Compress(block=4, stride=1), select=Select(block=16, top=5, initial=1, local=1))
 
 
+def _blocks(compiled, args: dict) -> torch.Tensor:
+    """The blocks compiled's scoring chooses for random_inputs' args
+    (select_blocks: no attention computed)."""
+    return compiled.select_blocks(args["q"], args["k"], args["v"], k_cmp=args.get("k_cmp"), v_cmp=args.get("v_cmp"))
+
+
 def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed, args=None):
     """A scoring variant's blocks obey the selection rule and equal the
     plan's own kernel's (random fp32 inputs, or the given ones: no ties
@@ -399,10 +431,9 @@ def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed, args=None)
         args = random_inputs(pattern, 1, length, torch.float32, seed=seed, device=DEVICE)
     compiled = nsa_dsl.compile(pattern, overrides=overrides)
     compiled.poison = True
-    _, indices = compiled(**args, return_indices=True)
+    indices = _blocks(compiled, args)
     assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
-    _, default = nsa_dsl.compile(pattern)(**args, return_indices=True)
-    assert torch.equal(indices, default)
+    assert torch.equal(indices, _blocks(nsa_dsl.compile(pattern), args))
 
 
 @pytest.mark.parametrize("pattern, overrides", [
@@ -434,8 +465,7 @@ def test_topk_narrowest_chunk_a_compressed_token_can_straddle():
     for overrides in ({"TOPK_CHUNK_BLOCKS": 4}, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}):
         compiled = nsa_dsl.compile(p, overrides=overrides)
         compiled.poison = True
-        _, indices = compiled(**args, return_indices=True)
-        assert_selection_rule(p, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+        assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
 
 
 # The paper's overlap shape at a small scale: 4 compressed tokens start in
@@ -571,7 +601,7 @@ def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
         real = compiled.module.slc_topk_heads
         compiled.module.slc_topk_heads = LaunchSpy(real, "KEY32", key32, tag=(args["q"].dtype, flag))
         try:
-            return compiled(**args, return_indices=True)[1]
+            return _blocks(compiled, args)
         finally:
             compiled.module.slc_topk_heads = real
 
@@ -630,9 +660,9 @@ def test_sorted_merge_selects_the_same_blocks(pattern, overrides):
     _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=7)
     args = random_inputs(pattern, 1, length, torch.float32, seed=8, device=DEVICE)
     args["q"] = torch.zeros_like(args["q"])
-    _, merged = nsa_dsl.compile(pattern, overrides=overrides)(**args, return_indices=True)
-    _, rounds = nsa_dsl.compile(pattern, overrides={k: v for k, v in overrides.items() if k != "TOPK_SORT_MERGE"})(
-        **args, return_indices=True)
+    merged = _blocks(nsa_dsl.compile(pattern, overrides=overrides), args)
+    rounds = _blocks(nsa_dsl.compile(pattern, overrides={k: v for k, v in overrides.items() if k != "TOPK_SORT_MERGE"}),
+                     args)
     assert torch.equal(merged, rounds)
     assert_selection_rule(pattern, args, merged, eps_rel=1e-5, eps_abs=1e-6)
 
@@ -649,10 +679,12 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
         "TOPK_SORT_MERGE") == 1
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "fp16"])
-@pytest.mark.parametrize("order", [{"SLC_FWD_ORDER": 0}, {"SLC_FWD_ORDER": 0, "SLC_FWD_WINDOW": 1},
-                                   {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}],
-                         ids=["swa_fwd", "window_in_slc_fwd", "window_in_merge"])
+@pytest.mark.parametrize("dtype, order", [
+    (torch.float32, {"SLC_FWD_ORDER": 0}),
+    (torch.float16, {"SLC_FWD_ORDER": 0, "SLC_FWD_WINDOW": 1}),
+    (torch.float32, {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
+    (torch.float16, {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
+], ids=["swa_fwd-fp32", "window_in_slc_fwd-fp16", "window_in_merge-fp32", "window_in_merge-fp16"])
 def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
     """CMP_TMA / SWA_TMA / TOPK_TMA / SLC_TMA / BC_FORCED_TMA / BC_SLOTS_TMA:
     the compressed and window forwards read k and v, the head-rows scoring
