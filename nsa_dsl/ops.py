@@ -63,25 +63,24 @@ def _tma_fits(*tensors: torch.Tensor) -> bool:
     return True
 
 
-def _descriptor_operands(plan_flag: bool, block_n: int, *tensors_and_pads) -> tuple:
+def _descriptor_operands(plan_flag: bool, *tensors_and_boxes) -> tuple:
     """(*operands, used) for a kernel with a descriptor path: for each
-    ([B, T, H, D] tensor, D padded) a tensor descriptor of [1, block_n, 1,
-    D padded] boxes where the plan asks for them (a *_TMA flag) and every
-    tensor allows them, else the tensors themselves (the kernel's pointer
-    path: the same values)."""
-    tensors = [t for t, _ in tensors_and_pads]
+    (tensor, box shape) a tensor descriptor of such boxes where the plan
+    asks for them (a *_TMA flag) and every tensor allows them, else the
+    tensors themselves (the kernel's pointer path: the same values)."""
+    tensors = [t for t, _ in tensors_and_boxes]
     if not (plan_flag and _tma_fits(*tensors)):
         return (*tensors, False)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return (*(TensorDescriptor.from_tensor(t, [1, block_n, 1, pad]) for t, pad in tensors_and_pads), True)
+    return (*(TensorDescriptor.from_tensor(t, list(box)) for t, box in tensors_and_boxes), True)
 
 
 def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int, d_qk_pad: int,
                  d_v_pad: int) -> tuple:
-    """(k, v, TMA) as a forward kernel with a descriptor path takes them
-    (_descriptor_operands)."""
-    return _descriptor_operands(plan_flag, block_n, (k, d_qk_pad), (v, d_v_pad))
+    """(k, v, TMA) as a forward kernel with a descriptor path takes them:
+    [1, block_n, 1, D padded] boxes of [B, T, HKV, D] (_descriptor_operands)."""
+    return _descriptor_operands(plan_flag, (k, (1, block_n, 1, d_qk_pad)), (v, (1, block_n, 1, d_v_pad)))
 
 
 def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
@@ -293,8 +292,8 @@ class CompiledPattern:
                 else:
                     if kp.const("TOPK_HEAD_ROWS"):  # tiles of TOPK_TOKENS positions x the group's heads
                         grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
-                        k_arg, tma = _descriptor_operands(kp.const("TOPK_TMA"), kp.const("TOPK_CHUNK_TOKENS"),
-                                                          (out["k_cmp"], plan.qk_pad))
+                        k_arg, tma = _descriptor_operands(kp.const("TOPK_TMA"), (
+                            out["k_cmp"], (1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad)))
                         m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), tma,
                                                KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
@@ -453,14 +452,11 @@ class CompiledPattern:
             # and the merge computes it (not for a combined output without it)
             local_shared = (forced and self.plan.local_in_window and kw is k and vw is v
                             and (not write_final or self.plan.kernel("combine").const("COMBINE_SWA")))
-            part_o_arg, slots_desc = part_o, False
-            if kp.const("BC_SLOTS_TMA") and _tma_fits(part_o):
-                # one box a slot: the tile's positions x the group's heads (padded) x D (padded)
-                from triton.tools.tensor_descriptor import TensorDescriptor
-
-                part_o_arg = TensorDescriptor.from_tensor(part_o.view(B * TS, HKV, top, G, DV),
-                                                          [tokens, 1, 1, self.plan.group_rows, self.plan.v_pad])
-                slots_desc = True
+            # BC_SLOTS_TMA: one box a slot, the tile's positions x the group's
+            # heads (padded) x D (padded), of the partials as [(b, t - t0), kv
+            # head, slot, head, D]
+            part_o_arg, slots_desc = _descriptor_operands(kp.const("BC_SLOTS_TMA"), (
+                part_o.view(B * TS, HKV, top, G, DV), (tokens, 1, 1, self.plan.group_rows, self.plan.v_pad)))
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
             m.slc_fwd_bc[(chunks["grid"],)](q, k_sel, v_sel, chunks["slice_first"], chunks["segment"],

@@ -215,7 +215,7 @@ def test_selection_key_gradients_split_into_many_chunks_match_reference():
     chunks of SLC_BWD_CHUNK positions and reduced in order; force tiny
     chunks so every path of the split and the reduction runs."""
     p = PAPER_LIKE
-    args = random_inputs(p, 2, 70, torch.float32, seed=21, device=DEVICE)
+    args = random_inputs(p, 2, 48, torch.float32, seed=21, device=DEVICE)
     results = []
     for chunk in (1, 3):  # the default chunk (1024 here) runs in every other selection test
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
@@ -263,8 +263,9 @@ def test_top_n_merges_across_many_scoring_chunks(top, initial, local):
     kp = nsa_dsl.check(p).kernel("slc_topk")
     assert kp.const("TOPK_CHUNK_BLOCKS") == 4
     args = random_inputs(p, 2, 300, torch.float32, seed=top * 7 + local, device=DEVICE)
-    _, _, indices = run_and_compare(p, args, torch.float32)
-    assert_selection_rule(p, args, indices, eps_rel=1e-5, eps_abs=1e-6)
+    compiled = nsa_dsl.compile(p)
+    compiled.poison = True  # every index must be written
+    assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
 
 
 @settings(max_examples=15)
@@ -309,7 +310,7 @@ def _learned_selection(p: Pattern) -> bool:
     return p.select is not None and not p.select.is_static and p.compress is not None
 
 
-@settings(max_examples=20)
+@settings(max_examples=12)
 @given(pattern=valid_patterns().filter(_learned_selection), length=st.integers(1, 96),
        seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES), keys_major=st.sampled_from([0, 1]))
 def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed, dtype, keys_major):

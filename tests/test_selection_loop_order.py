@@ -48,7 +48,7 @@ def _intermediates(compiled, args: dict, indices, final: bool = False) -> dict:
                             scale=pattern.dims.qk ** -0.5, shapes=shapes, final=final)
 
 
-@settings(max_examples=10)
+@settings(max_examples=7)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(1, 80),
        batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1),
        dtype=st.sampled_from([torch.float32, torch.float16]))
@@ -234,7 +234,7 @@ def test_block_centric_in_slices_equals_one_pass(pattern, length, batch, slice_l
     assert rel_error(sliced(**args, indices=indices), expected) < TOLERANCE[torch.float32]
 
 
-@settings(max_examples=5, deadline=None)
+@settings(max_examples=4, deadline=None)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None and p.window is not None),
        length=st.integers(1, 70), batch=st.integers(1, 2), slice_len=st.integers(1, 40),
        tokens=st.sampled_from([1, 2, 4, 8]), seed=st.integers(0, 2**31 - 1))
@@ -268,7 +268,7 @@ def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length
     assert_gradients_match_reference(pattern, folded, args, seed)
 
 
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=3, deadline=None)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None and p.window is not None
                                        and p.select.initial + p.select.local > 0),
        length=st.integers(1, 70), batch=st.integers(1, 2), slice_len=st.integers(1, 40),
@@ -661,7 +661,7 @@ def test_window_fold_needs_a_window():
         nsa_dsl.compile(no_window, overrides={"SLC_FWD_WINDOW": 1})
 
 
-@settings(max_examples=12)
+@settings(max_examples=9)
 @given(pattern=valid_patterns().filter(lambda p: p.select is not None), length=st.integers(1, 80),
        batch=st.integers(1, 2), seed=st.integers(0, 2**31 - 1), fold=st.booleans(), order=st.sampled_from(ORDERS),
        dtype=st.sampled_from([torch.float32, torch.float16]))
