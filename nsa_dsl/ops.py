@@ -147,14 +147,10 @@ class CompiledPattern:
                  v_swa=None, indices=None, scale=None, return_indices=False):
         p = self.pattern
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
-        shapes = validate_inputs(p, q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
-                                 indices=indices, scale=scale)
-        problem = device_problem(q)
-        if problem is not None:
-            raise RuntimeError(f"nsa_dsl: {problem}")
+        shapes, scale = self._checked(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
+                                      indices=indices, scale=scale)
         if return_indices and p.select is None:
             raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
         if indices is not None:
             _check_index_range(indices, p.select.block, shapes.length)
         tensors = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)
@@ -169,6 +165,16 @@ class CompiledPattern:
             return o, idx
         return o
 
+    def _checked(self, q, k, v, gates: dict, *, scale, **tensors) -> tuple:
+        """(shapes, scale) of a call's inputs once they are valid for the
+        pattern (validate_inputs) and the device can run the kernels; the
+        scale defaults to 1/sqrt(Dqk)."""
+        shapes = validate_inputs(self.pattern, q, k, v, gates, scale=scale, **tensors)
+        problem = device_problem(q)
+        if problem is not None:
+            raise RuntimeError(f"nsa_dsl: {problem}")
+        return shapes, float(scale) if scale is not None else 1.0 / math.sqrt(self.pattern.dims.qk)
+
     def select_blocks(self, q, k, v, *, k_cmp=None, v_cmp=None, scale=None) -> torch.Tensor:
         """The selection branch's block indices for q, k and v, [B, T, HKV,
         top] int32 (ascending, -1 padded): the blocks a call on the same
@@ -179,11 +185,7 @@ class CompiledPattern:
         p = self.pattern
         if p.select is None:
             raise ValueError(f"select_blocks: pattern {p.name!r} has no select branch, so there are no indices")
-        shapes = validate_inputs(p, q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale)
-        problem = device_problem(q)
-        if problem is not None:
-            raise RuntimeError(f"nsa_dsl: {problem}")
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
+        shapes, scale = self._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale)
         with torch.no_grad():
             out = self.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,
                                scale=scale, shapes=shapes, indices_only=True)
