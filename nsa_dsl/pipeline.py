@@ -88,10 +88,12 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     TunedPattern that runs each call with the configuration `nsa-dsl tune`
     recorded for its length bucket on this device (a tuned bucket within two
     doublings where its own is not, the defaults where none is)."""
+    from .interpreter import prepare
     from .ops import CompiledPattern
 
     if not isinstance(pattern, Pattern):
         raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
+    prepare()  # before the cache key (it names the device) and the import (triton.jit reads the variable)
     if tuned:
         if overrides:
             raise ValueError("compile: pass either tuned=True or overrides, not both")
