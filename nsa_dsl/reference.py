@@ -69,6 +69,7 @@ Conventions decided here
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Sequence
 
@@ -210,12 +211,52 @@ def _softmax_masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     visible (or an empty last dim) gives all zeros, never NaN."""
     if logits.shape[-1] == 0:
         return logits
-    logits = logits.masked_fill(~mask, float("-inf"))
-    m = logits.detach().amax(dim=-1, keepdim=True)
+    masked = logits.masked_fill(~mask, float("-inf"))
+    m = masked.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(logits - m)
+    e = torch.exp(masked - m)
     den = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(den > 0, den, torch.ones_like(den))
+    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    if _term_sizes_on:
+        return _TermSizeSoftmax.apply(logits, p.detach())
+    return p
+
+
+_term_sizes_on = False
+
+
+class _TermSizeSoftmax(torch.autograd.Function):
+    """The softmax's value with a backward that adds the sizes of its terms:
+    d logits = p * (|g| + |sum(p * g)|) instead of p * (g - sum(p * g)).
+
+    The true backward subtracts each row's mean, so a gradient reached through
+    it can be exactly 0 (dq and dk at length 1, where one key is visible)
+    while a kernel in fp16 leaves rounding noise the size of the terms that
+    cancelled. Gradients computed with this backward are those terms' size:
+    the scale an absolute error floor needs (see term_sizes)."""
+
+    @staticmethod
+    def forward(ctx, logits, p):
+        ctx.save_for_backward(p)
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return p * (g.abs() + (p * g).sum(dim=-1, keepdim=True).abs()), None
+
+
+@contextlib.contextmanager
+def term_sizes():
+    """Within this block, reference()'s gradients are the sizes of the terms
+    the true gradients sum (softmax backward without its cancellation; the
+    outputs are unchanged). Used for error floors, never for training."""
+    global _term_sizes_on
+    previous, _term_sizes_on = _term_sizes_on, True
+    try:
+        yield
+    finally:
+        _term_sizes_on = previous
 
 
 def _attend(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
