@@ -39,6 +39,38 @@ def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> 
         raise ValueError(f"{name}: expected shape {meaning} = {list(expected)}, got {_shape(t)}")
 
 
+def _sdpa_layout(p: Pattern, tensors: dict) -> tuple:
+    """(the first swapped name, the names to transpose, B, T) when q, k, v
+    look like [B, H, T, D] (the layout of torch's scaled_dot_product_attention
+    and FlexAttention): each is 4-d with its head dim last, and either dim 1
+    is its head count while dim 2 is not (swapped) or dim 2 is (the
+    [B, T, H, D] nsa_dsl takes), with one B and one T across the three, and
+    at least one swapped. A tensor whose dims 1 and 2 both equal its head
+    count (T = H) fits either; it is named too, since q, k and v are almost
+    always built the same way. () when the shapes say nothing of the kind."""
+    heads = {"q": (p.heads.q, p.dims.qk), "k": (p.heads.kv, p.dims.qk), "v": (p.heads.kv, p.dims.v)}
+    swapped, either, batches, lengths = [], [], set(), set()
+    for name, t in tensors.items():
+        h, d = heads[name]
+        if t.dim() != 4 or t.shape[3] != d:
+            return ()
+        if t.shape[1] == h and t.shape[2] == h:
+            either.append(name)
+            lengths.add(h)
+        elif t.shape[1] == h:
+            swapped.append(name)
+            lengths.add(t.shape[2])
+        elif t.shape[2] == h:
+            lengths.add(t.shape[1])
+        else:
+            return ()
+        batches.add(t.shape[0])
+    if not swapped or len(batches) != 1 or len(lengths) != 1:
+        return ()
+    names = tuple(n for n in tensors if n in swapped or n in either)
+    return swapped[0], names, batches.pop(), lengths.pop()
+
+
 def compressed_length(pattern: Pattern, length: int) -> int:
     c = pattern.compress
     if c is None or length < c.block:
@@ -54,8 +86,18 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
     v = _expect_tensor("v", v)
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-d tensor [B, T, HQ={p.heads.q}, Dqk={p.dims.qk}], got shape {_shape(q)}")
-    batch, length = q.shape[0], q.shape[1]
     hq, hkv, dqk, dv = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
+    sdpa = _sdpa_layout(p, {"q": q, "k": k, "v": v})
+    if sdpa:
+        # Read with T from dim 1, such inputs would be reported against a
+        # length that is really the head count; say what they look like.
+        name, names, batch, length = sdpa
+        t, h, d, meaning = {"q": (q, hq, dqk, "[B, T, HQ, Dqk]"), "k": (k, hkv, dqk, "[B, T, HKV, Dqk]"),
+                            "v": (v, hkv, dv, "[B, T, HKV, Dv]")}[name]
+        raise ValueError(f"{name}: expected shape {meaning} = {[batch, length, h, d]}, got {_shape(t)}:"
+                         " looks like [B, H, T, D] (the SDPA layout); nsa_dsl takes [B, T, H, D]: pass "
+                         + ", ".join(f"{n}.transpose(1, 2)" for n in names))
+    batch, length = q.shape[0], q.shape[1]
     _expect_shape("q", q, (batch, length, hq, dqk), "[B, T, HQ, Dqk]")
     _expect_shape("k", k, (batch, length, hkv, dqk), "[B, T, HKV, Dqk]")
     _expect_shape("v", v, (batch, length, hkv, dv), "[B, T, HKV, Dv]")

@@ -2,10 +2,14 @@
 ValueError naming the argument, what was expected and what came."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 import nsa_dsl
+from nsa_dsl.ir import Branch
+from nsa_dsl.validate import validate_inputs
 from strategies import random_inputs
 
 PATTERN = nsa_dsl.parse("""
@@ -87,3 +91,61 @@ def test_cpu_tensors_without_interpreter_get_a_clear_error(monkeypatch, compiled
         pytest.skip("CUDA machine: CPU tensors are a different path")
     with pytest.raises(RuntimeError, match="set TRITON_INTERPRET=1 before triton is imported"):
         compiled(**args)
+
+
+# ---------------------------------------------------------------------------
+# validate_inputs directly: the checks run before any launch (no compile)
+# ---------------------------------------------------------------------------
+def validate(**args):
+    """validate_inputs with compiled(...)'s keyword names."""
+    args = dict(args)
+    gates = {b: args.pop(f"g_{b.value}", None) for b in Branch}
+    return validate_inputs(PATTERN, args.pop("q"), args.pop("k"), args.pop("v"), gates, **args)
+
+
+def sdpa(t):
+    """[B, T, H, D] -> [B, H, T, D], as torch's scaled_dot_product_attention takes it."""
+    return t.transpose(1, 2)
+
+
+HINT = "looks like [B, H, T, D] (the SDPA layout); nsa_dsl takes [B, T, H, D]: pass "
+
+
+@pytest.mark.parametrize("swapped, named, expected", [
+    (("q", "k", "v"), "q", "[B, T, HQ, Dqk] = [1, 20, 4, 32], got [1, 4, 20, 32]"),
+    (("q",), "q", "[B, T, HQ, Dqk] = [1, 20, 4, 32], got [1, 4, 20, 32]"),
+    (("k", "v"), "k", "[B, T, HKV, Dqk] = [1, 20, 2, 32], got [1, 2, 20, 32]"),
+    (("v",), "v", "[B, T, HKV, Dv] = [1, 20, 2, 16], got [1, 2, 20, 16]"),
+])
+def test_sdpa_layout_gets_a_transpose_hint(args, swapped, named, expected):
+    """[B, H, T, D] inputs used to be read with T = H ("expected [1, 4, 4,
+    32]"); now the error gives the real T and says which to transpose."""
+    bad = {**args, **{n: sdpa(args[n]) for n in swapped}}
+    with pytest.raises(ValueError) as exc:
+        validate(**bad)
+    message = str(exc.value)
+    assert message == f"{named}: expected shape {expected}: {HINT}" + ", ".join(f"{n}.transpose(1, 2)" for n in swapped)
+    # following the hint makes them valid
+    fixed = {**bad, **{n: bad[n].transpose(1, 2) for n in swapped}}
+    assert validate(**fixed).length == 20
+
+
+def test_sdpa_hint_names_a_tensor_whose_length_equals_its_heads(args):
+    """At T = HQ = 4, q reads as valid either way; k and v do not, and the
+    three are almost always laid out alike: q is named with them."""
+    short = random_inputs(PATTERN, 1, 4, torch.float32, seed=4)
+    with pytest.raises(ValueError, match=re.escape("k: expected shape [B, T, HKV, Dqk] = [1, 4, 2, 32], got"
+                                                   " [1, 2, 4, 32]: " + HINT + "q.transpose(1, 2), k.transpose(1,"
+                                                   " 2), v.transpose(1, 2)")):
+        validate(**{**short, "q": sdpa(short["q"]), "k": sdpa(short["k"]), "v": sdpa(short["v"])})
+
+
+@pytest.mark.parametrize("change", [
+    lambda a: {**a, "q": sdpa(a["q"])[..., :16]},  # swapped, but the head dim is wrong too
+    lambda a: {**a, "q": sdpa(a["q"]), "k": sdpa(a["k"])[:, :, :19]},  # two lengths
+    lambda a: {**a, "q": sdpa(a["q"])[:, :, :19], "k": a["k"][:, :19]},  # swapped q, but k says T = 19 and v 20
+])
+def test_no_sdpa_hint_where_the_shapes_do_not_say_so(args, change):
+    with pytest.raises(ValueError) as exc:
+        validate(**change(args))
+    assert "SDPA" not in str(exc.value)
