@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,11 +44,11 @@ def args():
     (lambda a: a.update(q=a["q"].double(), k=a["k"].double(), v=a["v"].double()), r"q: pattern 'p' allows dtype fp16 \| fp32, got torch.float64"),
     (lambda a: a.update(g_slc=a["g_slc"][:, :5]), r"g_slc: expected shape \[B, T, HQ\] = \[1, 20, 4\]"),
     (lambda a: a.pop("k_cmp"), r"k_cmp: pattern 'p' pools by mlp, so k_cmp must be passed: shape \[B, Tc, HKV, Dqk\] = \[1, 4, 2, 32\]"),
-    (lambda a: a.update(v_cmp=a["v_cmp"][:, :2]), r"v_cmp: expected shape \[B, Tc, HKV, D\] = \[1, 4, 2, 16\]"),
+    (lambda a: a.update(v_cmp=a["v_cmp"][:, :2]), r"v_cmp: expected shape \[B, Tc, HKV, Dv\] = \[1, 4, 2, 16\]"),
     (lambda a: a.update(k_swa=a["k"]), r"k_swa, v_swa: pass both or neither"),
     (lambda a: a.update(indices=torch.zeros(1, 20, 2, 3)), r"indices: expected int32 or int64"),
     (lambda a: a.update(indices=torch.full((1, 20, 2, 3), 2, dtype=torch.int32)), r"indices: block ids must lie in \[-1, 2\)"),
-    (lambda a: a.update(scale=-1.0), r"scale: expected a positive number"),
+    (lambda a: a.update(scale=-1.0), r"scale: expected a positive finite number"),
 ])
 def test_bad_inputs_are_named(compiled, args, change, match):
     change(args)
@@ -149,3 +150,61 @@ def test_no_sdpa_hint_where_the_shapes_do_not_say_so(args, change):
     with pytest.raises(ValueError) as exc:
         validate(**change(args))
     assert "SDPA" not in str(exc.value)
+
+
+def test_repeated_kv_heads_are_named(args):
+    with pytest.raises(ValueError, match=re.escape(
+            "v: expected shape [B, T, HKV, Dv] = [1, 20, 2, 16], got [1, 20, 4, 16]: 4 heads, one per query head;"
+            " nsa_dsl takes the 2 KV heads, each shared by G=2 query heads")):
+        validate(**{**args, "v": args["v"].repeat_interleave(2, dim=2)})
+
+
+# Every tensor argument with a wrong size: the error names it, the expected
+# shape with its sizes, and the shape that came.
+@pytest.mark.parametrize("name, cut, expected", [
+    ("q", lambda t: t[..., :8], "[B, T, HQ, Dqk] = [1, 20, 4, 32], got [1, 20, 4, 8]"),
+    ("k", lambda t: t[:, :19], "[B, T, HKV, Dqk] = [1, 20, 2, 32] (B and T from q), got [1, 19, 2, 32]"),
+    ("v", lambda t: t[:, :, :1], "[B, T, HKV, Dv] = [1, 20, 2, 16], got [1, 20, 1, 16]"),
+    ("g_cmp", lambda t: t[:, :, :2], "[B, T, HQ] = [1, 20, 4], got [1, 20, 2]"),
+    ("g_slc", lambda t: t[:, :5], "[B, T, HQ] = [1, 20, 4] (B and T from q), got [1, 5, 4]"),
+    ("g_swa", lambda t: t.unsqueeze(-1), "a 3-d tensor [B, T, HQ] = [1, 20, 4], got a 4-d tensor of shape"
+                                         " [1, 20, 4, 1]"),
+    ("k_cmp", lambda t: t[:, :3], "[B, Tc, HKV, Dqk] = [1, 4, 2, 32] (B from q; Tc = (T - block) // stride + 1"
+                                  " = (20 - 8) // 4 + 1 = 4), got [1, 3, 2, 32]"),
+    ("v_cmp", lambda t: t[..., :8], "[B, Tc, HKV, Dv] = [1, 4, 2, 16], got [1, 4, 2, 8]"),
+    ("k_swa", lambda t: t[:, :, :1], "[B, T, HKV, Dqk] = [1, 20, 2, 32], got [1, 20, 1, 32]"),
+    ("v_swa", lambda t: t[:, :10], "[B, T, HKV, Dv] = [1, 20, 2, 16] (B and T from q), got [1, 10, 2, 16]"),
+    ("indices", lambda t: t[..., :2], "[B, T, HKV, top] = [1, 20, 2, 3], got [1, 20, 2, 2]"),
+])
+def test_every_tensor_error_names_argument_expected_and_got(args, name, cut, expected):
+    full = dict(args, k_swa=args["k"], v_swa=args["v"], indices=torch.zeros(1, 20, 2, 3, dtype=torch.int32))
+    assert validate(**full).length == 20  # valid as a whole
+    with pytest.raises(ValueError) as exc:
+        validate(**{**full, name: cut(full[name])})
+    message = str(exc.value)
+    assert message.startswith(f"{name}: expected ") and expected in message, message
+
+
+def test_mlp_pooling_without_k_cmp_says_how_many_compressed_tokens(args):
+    short = random_inputs(PATTERN, 1, 6, torch.float32, seed=5)  # shorter than one compress block of 8
+    short.pop("k_cmp")
+    with pytest.raises(ValueError, match=re.escape("k_cmp: pattern 'p' pools by mlp, so k_cmp must be passed: shape"
+                                                   " [B, Tc, HKV, Dqk] = [1, 0, 2, 32] (B from q; Tc = 0: T=6 is"
+                                                   " shorter than one compress block of 8)")):
+        validate(**short)
+
+
+def test_window_keys_say_which_one_came(args):
+    with pytest.raises(ValueError, match="k_swa, v_swa: pass both or neither .*; got v_swa only"):
+        validate(**args, v_swa=args["v"])
+
+
+@pytest.mark.parametrize("scale", [True, float("inf"), float("nan"), 0.0, -0.5, "0.1", torch.tensor(0.125)])
+def test_bad_scales_are_refused(args, scale):
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite number \(a float\), got "):
+        validate(**args, scale=scale)
+
+
+@pytest.mark.parametrize("scale", [0.125, 1, np.float32(0.125), np.float64(0.2)])
+def test_scales_of_any_real_type_are_taken(args, scale):
+    assert validate(**args, scale=scale).length == 20
