@@ -64,6 +64,13 @@ def test_renderer_refuses_free_text():
         render_mod.render(make_plan(bad_name))
 
 
+def test_renderer_refuses_a_name_with_a_trailing_newline():
+    # `^...$` would accept "abc\n" ($ matches before a final newline): the
+    # whole name must be an identifier.
+    with pytest.raises(ValueError, match="not an identifier"):
+        render_mod.render(make_plan(window_pattern(name="abc\n")))
+
+
 def test_source_file_name_cannot_escape_its_comment():
     p = Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8),
                 source="evil\nimport os\n")
