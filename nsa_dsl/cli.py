@@ -1,7 +1,8 @@
 """`nsa-dsl`: check, explain, emit, verify, and manage the kernel cache.
 
 Exit codes: 0 success, 1 an invalid pattern (or a failed verify), 2 a usage
-error (bad arguments, unreadable file). The CLI uses only the public API.
+error (bad arguments, unreadable file, unusable cache folder). The CLI uses
+only the public API.
 """
 from __future__ import annotations
 
@@ -94,18 +95,42 @@ def cmd_emit(args) -> int:
     return 0
 
 
+def _describe_entry(entry) -> str:
+    """Two lines: key, pattern, state, size and path; then its kernels and
+    the spec it came from (an entry without a header says so)."""
+    header = entry.header
+    first = (f"{entry.key[:16]}  {header.get('pattern', '?'):20s}  {'ok' if entry.valid else 'CORRUPT':7s}"
+             f"  {entry.size:8d} B  {entry.path}")
+    if "pattern" not in header:
+        return first + "\n    (no header: not written by nsa_dsl, or damaged)"
+    return first + f"\n    kernels: {header.get('kernels', '?')}; source: {header.get('source', '?')}"
+
+
 def cmd_cache(args) -> int:
+    """Each action does what it can and reports a folder that cannot take
+    new entries (why, and how to fix it) with exit status 2: `path` still
+    prints the path, `list` lists what it can read (a read-only cache still
+    serves its entries), `clear` removes nothing."""
     from nsa_dsl import cache
 
-    if args.action == "path":
-        print(cache.cache_dir())
-    elif args.action == "list":
-        entries = cache.entries()
-        for key, path, size, valid in entries:
-            print(f"{key[:16]}  {size:8d} B  {'ok' if valid else 'CORRUPT'}  {path}")
-        print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {cache.cache_dir()}")
-    elif args.action == "clear":
-        print(f"removed {cache.clear()} entr(ies) from {cache.cache_dir()}")
+    problem = cache.problem()
+    try:
+        if args.action == "path":
+            print(cache.cache_dir())
+        elif args.action == "list":
+            entries = cache.entries()
+            for entry in entries:
+                print(_describe_entry(entry))
+            print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} in {cache.cache_dir()}")
+        elif args.action == "clear" and problem is None:
+            print(f"removed {cache.clear()} entr(ies) from {cache.cache_dir()}")
+    except cache.CacheError as exc:
+        print(f"nsa-dsl cache {args.action}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    if problem is not None:
+        print(f"nsa-dsl cache {args.action}: the cache folder {cache.cache_dir()} cannot take new entries:"
+              f" {problem}; set {cache.ENV_VAR} to a writable folder", file=sys.stderr)
+        return USAGE_ERROR
     return 0
 
 
@@ -186,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     emit.set_defaults(func=cmd_emit)
 
     cache = sub.add_parser("cache", help="the on-disk kernel cache ($NSA_DSL_CACHE_DIR)")
-    cache.add_argument("action", choices=["path", "list", "clear"])
+    cache.add_argument("action", choices=["path", "list", "clear"],
+                       help="path: where it is; list: each entry's pattern, kernels and source; clear: remove all")
     cache.set_defaults(func=cmd_cache)
 
     verify = sub.add_parser("verify", help="property-test the kernels of a pattern against the dense reference")
@@ -226,7 +252,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)  # exits with 2 on a usage error
     if getattr(args, "examples", 1) < 1:
         parser.error("--examples must be at least 1")
-    return args.func(args)
+    from nsa_dsl.cache import CacheError
+
+    try:
+        return args.func(args)
+    except CacheError as exc:  # verify and tune compile: an unusable cache folder is the user's to fix
+        print(f"nsa-dsl {args.command}: {exc}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import nsa_dsl
 from nsa_dsl.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,6 +101,55 @@ def test_cache_commands(tmp_path, capsys, monkeypatch):
     assert code == 0 and "removed 1" in out
     code, out, _ = run(capsys, "cache", "list")
     assert "0 entries" in out
+
+
+def test_cache_list_names_each_entrys_pattern_and_kernels(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "cache"))
+    compiled = nsa_dsl.compile(nsa_dsl.load(EXAMPLES / "window_only.nsa"))
+    code, out, _ = run(capsys, "cache", "list")
+    assert code == 0
+    first, second = out.splitlines()[:2]
+    assert first.startswith(f"{compiled.cache_key[:16]}  window_only ")
+    assert second.strip() == (f"kernels: {', '.join(compiled.plan.kernel_names)};"
+                              f" source: {EXAMPLES / 'window_only.nsa'}")
+    # An entry without a header (not ours, or damaged) is listed, not a crash.
+    compiled.source_path.write_text("x = 1\n")
+    code, out, _ = run(capsys, "cache", "list")
+    assert code == 0 and " ?  " in out and "CORRUPT" in out and "(no header" in out
+
+
+@pytest.mark.parametrize("action", ["path", "list", "clear"])
+def test_cache_commands_report_a_cache_dir_that_is_a_file(tmp_path, capsys, monkeypatch, action):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(afile))
+    code, out, err = run(capsys, "cache", action)
+    assert code == 2
+    assert f"{afile} is a file, not a folder" in err and "NSA_DSL_CACHE_DIR" in err
+    assert "entries" not in out and "removed" not in out
+
+
+def test_cache_commands_report_a_read_only_cache_dir(tmp_path, capsys, monkeypatch):
+    from test_cache import read_only
+
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "cache"))
+    nsa_dsl.compile(nsa_dsl.load(EXAMPLES / "window_only.nsa"))
+    read_only(monkeypatch, tmp_path / "cache")
+    code, out, err = run(capsys, "cache", "list")
+    assert code == 2 and "1 entry" in out  # what it holds is still listed
+    assert f"{tmp_path / 'cache'} is not writable" in err and "cannot take new entries" in err
+    code, out, err = run(capsys, "cache", "clear")
+    assert code == 2 and "removed" not in out and "is not writable" in err
+    assert len(list((tmp_path / "cache").glob("??/*.py"))) == 1
+
+
+def test_verify_with_an_unusable_cache_dir_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    # verify compiles first: the cache error comes before any case runs.
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("NSA_DSL_CACHE_DIR", str(tmp_path / "afile"))
+    code, _, err = run(capsys, "verify", str(EXAMPLES / "window_only.nsa"), "--examples", "1")
+    assert code == 2 and err.startswith("nsa-dsl verify: cannot use the nsa_dsl kernel cache folder")
+    assert "NSA_DSL_CACHE_DIR" in err
 
 
 def test_verify_passes_on_window_only(capsys):
