@@ -7,6 +7,7 @@ only the public API.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shutil
 import sys
@@ -14,6 +15,10 @@ import time
 from pathlib import Path
 
 USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """A problem with the command line itself: printed, exit status 2."""
 
 
 def _load_patterns(path: str, name=None):
@@ -75,23 +80,79 @@ def cmd_check(args) -> int:
     return status
 
 
+# A longer stem is cut: names are unbounded in the grammar, file names are
+# not (255 bytes on most file systems).
+_MAX_STEM = 80
+
+
+def output_name(pattern_name: str) -> str:
+    """The file `emit` writes a pattern to: `<name>_nsa.py`. The suffix keeps
+    a pattern called `triton`, `tl` or `__init__` from emitting a file that
+    shadows a real module should that folder ever be on sys.path. A long name
+    is cut and ends in a short hash of the whole name, so two long names
+    that share a beginning still get two files."""
+    stem = pattern_name
+    if len(stem) > _MAX_STEM:
+        digest = hashlib.sha256(pattern_name.encode()).hexdigest()[:8]
+        stem = f"{stem[:_MAX_STEM - len(digest) - 1]}_{digest}"
+    return f"{stem}_nsa.py"
+
+
+def _output_folder(path: str) -> Path:
+    """The -o folder, created if need be; UsageError when it cannot be."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {path} is a file; give a folder to write the sources into")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create output folder {path}: {exc.strerror}") from exc
+    return out
+
+
+def _targets(out: Path, patterns: list) -> list:
+    """The file of each pattern in `out`; UsageError when two patterns (of
+    a folder's files) would overwrite each other."""
+    targets, seen = [], {}
+    for pattern in patterns:
+        target = out / output_name(pattern.name)
+        if target in seen:
+            raise UsageError(f"patterns {seen[target].name} of {seen[target].source} and {pattern.name} of"
+                             f" {pattern.source} would both be written to {target}; pass --name")
+        seen[target] = pattern
+        targets.append(target)
+    return targets
+
+
 def cmd_emit(args) -> int:
     import nsa_dsl
 
     patterns, code = _load_or_report("emit", args.file, args.name)
     if patterns is None:
         return code
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
+    # Render every pattern before writing any: an invalid one among many
+    # leaves no half-written output, and every invalid one is reported.
+    emitted, status = [], 0
     for pattern in patterns:
         try:
-            key, source = nsa_dsl.emit(pattern)
+            emitted.append(nsa_dsl.emit(pattern))
         except nsa_dsl.SpecError as exc:
             print(exc, file=sys.stderr)
-            return 1
-        target = out / f"{pattern.name}.py"
-        target.write_text(source)
-        print(f"{target}  (cache key {key[:16]}…)")
+            status = 1
+    if status:
+        return status
+    try:
+        targets = _targets(Path(args.output), patterns)
+        _output_folder(args.output)
+        for target, (key, source) in zip(targets, emitted):
+            try:
+                target.write_text(source, encoding="utf-8")
+            except OSError as exc:
+                raise UsageError(f"cannot write {target}: {exc.strerror}") from exc
+            print(f"{target}  (cache key {key[:16]}…)")
+    except UsageError as exc:
+        print(f"nsa-dsl emit: {exc}", file=sys.stderr)
+        return USAGE_ERROR
     return 0
 
 
@@ -204,10 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--explain", action="store_true", help="print the plan: kernels, tiles, loop order, cost model")
     check.set_defaults(func=cmd_check)
 
-    emit = sub.add_parser("emit", help="write the generated Triton source of each pattern")
+    emit = sub.add_parser("emit", help="write the generated Triton source of each pattern to DIR/<name>_nsa.py")
     emit.add_argument("file", metavar="FILE")
-    emit.add_argument("-o", "--output", required=True, metavar="DIR")
-    emit.add_argument("--name")
+    emit.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write into (created if need be)")
+    emit.add_argument("--name", help="only the pattern of this name")
     emit.set_defaults(func=cmd_emit)
 
     cache = sub.add_parser("cache", help="the on-disk kernel cache ($NSA_DSL_CACHE_DIR)")
