@@ -3,6 +3,12 @@
 Exit codes: 0 success, 1 an invalid pattern (or a failed verify), 2 a usage
 error (bad arguments, unreadable file, unusable cache folder). The CLI uses
 only the public API.
+
+Every FILE argument may also be `-`, the spec read from standard input
+(diagnostics then name `<stdin>`), or a folder, meaning the *.nsa files
+directly inside it in sorted order: not its subfolders (as the shell reads
+DIR/*.nsa; name each subfolder you want) and not hidden files (editors'
+backups).
 """
 from __future__ import annotations
 
@@ -14,35 +20,125 @@ import sys
 import time
 from pathlib import Path
 
+from nsa_dsl import __version__
+
 USAGE_ERROR = 2
+STDIN = "-"
+STDIN_NAME = "<stdin>"
+FOLDER_HELP = "a .nsa file, - for standard input, or a folder: its *.nsa files (sorted; not its subfolders)"
 
 
 class UsageError(Exception):
     """A problem with the command line itself: printed, exit status 2."""
 
 
+def _spec_files(arg: str) -> list:
+    """The spec files one FILE argument names: `-` and files as they are
+    (a missing file is reported when it is read), a folder as its *.nsa
+    files, sorted, non-recursively."""
+    if arg == STDIN or not os.path.isdir(arg):
+        return [arg]
+    try:
+        found = sorted(str(path) for path in Path(arg).iterdir()
+                       if path.suffix == ".nsa" and not path.name.startswith(".") and path.is_file())
+    except OSError as exc:
+        raise UsageError(f"cannot read folder {arg}: {exc.strerror}") from exc
+    if not found:
+        raise UsageError(f"no .nsa files in folder {arg}")
+    return found
+
+
+def _read_stdin() -> str:
+    """Standard input as UTF-8, whatever the locale: the same text a spec
+    file would give (and the same error when it is not UTF-8)."""
+    import nsa_dsl
+    from nsa_dsl.ir import Span
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stand-in (tests, embedding)
+        return sys.stdin.read()
+    try:
+        return stream.read().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise nsa_dsl.SpecError.at(Span.unknown(STDIN_NAME), f"cannot read spec: {exc}",
+                                   "give the spec as UTF-8 text") from None
+
+
 def _load_patterns(path: str, name=None):
     import nsa_dsl
 
-    if not Path(path).is_file():
+    if path == STDIN:
+        text = _read_stdin()
+        return [nsa_dsl.parse(text, STDIN_NAME, name)] if name is not None else nsa_dsl.parse_all(text, STDIN_NAME)
+    # exists(), not is_file(): a named pipe such as bash's <(...) is readable too.
+    if not Path(path).exists():
         raise FileNotFoundError(path)
     if name is not None:
         return [nsa_dsl.load(path, name=name)]
     return nsa_dsl.load_all(path)
 
 
+def _read_specs(files: list, name=None) -> tuple:
+    """(patterns, errors): the patterns of `files` (with `name`, those so
+    named) and the SpecError of each file that does not parse, so that every
+    bad spec of a folder is named at once."""
+    import nsa_dsl
+
+    patterns, errors = [], []
+    for path in files:
+        try:
+            # One file must hold `name` (load says which names it has); of a
+            # folder's files, any may.
+            found = _load_patterns(path, name if len(files) == 1 else None)
+        except nsa_dsl.SpecError as exc:
+            errors.append(exc)
+            continue
+        patterns += [p for p in found if name is None or p.name == name]
+    return patterns, errors
+
+
 def _load_or_report(command: str, path: str, name=None):
     """(patterns, None) or (None, exit code) with the problem printed."""
+    try:
+        patterns, errors = _read_specs(_spec_files(path), name)
+    except FileNotFoundError as exc:
+        print(f"nsa-dsl {command}: no such file: {exc}", file=sys.stderr)
+        return None, USAGE_ERROR
+    except UsageError as exc:
+        print(f"nsa-dsl {command}: {exc}", file=sys.stderr)
+        return None, USAGE_ERROR
+    for exc in errors:
+        print(exc, file=sys.stderr)
+    if errors:
+        return None, 1
+    if not patterns:  # only a folder's files can all lack `name`: one file's load says so itself
+        print(f"nsa-dsl {command}: no pattern named {name} in folder {path}", file=sys.stderr)
+        return None, USAGE_ERROR
+    return patterns, None
+
+
+def _check_files(args_files: list, name) -> list:
+    """The files `check` reads: each folder's .nsa files, and with --name
+    only those of a folder that define that pattern (or do not parse, so
+    the check reports them); a file named on its own is kept as it is."""
+    files = []
+    for arg in args_files:
+        found = _spec_files(arg)
+        if name is not None and arg != STDIN and os.path.isdir(arg):
+            found = [path for path in found if _defines_or_fails(path, name)]
+            if not found:
+                raise UsageError(f"no pattern named {name} in folder {arg}")
+        files += found
+    return files
+
+
+def _defines_or_fails(path: str, name: str) -> bool:
     import nsa_dsl
 
     try:
-        return _load_patterns(path, name), None
-    except FileNotFoundError:
-        print(f"nsa-dsl {command}: no such file: {path}", file=sys.stderr)
-        return None, USAGE_ERROR
-    except nsa_dsl.SpecError as exc:
-        print(exc, file=sys.stderr)
-        return None, 1
+        return any(p.name == name for p in _load_patterns(path))
+    except nsa_dsl.SpecError:
+        return True
 
 
 def cmd_check(args) -> int:
@@ -256,17 +352,21 @@ def cmd_tune(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nsa-dsl", description="Compile NSA sparse-attention patterns to Triton kernels.")
+    parser = argparse.ArgumentParser(
+        prog="nsa-dsl", description="Compile NSA sparse-attention patterns to Triton kernels.",
+        epilog="FILE is a .nsa file, - for standard input, or a folder: the *.nsa files directly inside it,"
+               " in sorted order (not its subfolders).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     check = sub.add_parser("check", help="validate pattern files (every violation at once)")
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("files", nargs="+", metavar="FILE", help=FOLDER_HELP)
     check.add_argument("--name", help="only the pattern of this name")
     check.add_argument("--explain", action="store_true", help="print the plan: kernels, tiles, loop order, cost model")
     check.set_defaults(func=cmd_check)
 
     emit = sub.add_parser("emit", help="write the generated Triton source of each pattern to DIR/<name>_nsa.py")
-    emit.add_argument("file", metavar="FILE")
+    emit.add_argument("file", metavar="FILE", help=FOLDER_HELP)
     emit.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write into (created if need be)")
     emit.add_argument("--name", help="only the pattern of this name")
     emit.set_defaults(func=cmd_emit)
@@ -277,8 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.set_defaults(func=cmd_cache)
 
     verify = sub.add_parser("verify", help="property-test the kernels of a pattern against the dense reference")
-    verify.add_argument("file", metavar="FILE")
-    verify.add_argument("--name")
+    verify.add_argument("file", metavar="FILE", help=FOLDER_HELP)
+    verify.add_argument("--name", help="only the pattern of this name")
     verify.add_argument("--examples", type=int, default=20)
     verify.add_argument("--seed", type=int, default=0)
     verify.add_argument("--grad", action="store_true", help="check gradients too")
@@ -289,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nsa_dsl.tune import OBJECTIVES
 
     tune = sub.add_parser("tune", help="autotune tiles/warps/stages per length bucket on this GPU (kept on disk)")
-    tune.add_argument("file", metavar="FILE")
+    tune.add_argument("file", metavar="FILE", help=FOLDER_HELP)
     tune.add_argument("--name")
     tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
     tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
@@ -313,6 +413,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)  # exits with 2 on a usage error
     if getattr(args, "examples", 1) < 1:
         parser.error("--examples must be at least 1")
+    if args.command == "check":  # cmd_check reads file by file: hand it the files of each folder
+        try:
+            args.files = _check_files(args.files, args.name)
+        except UsageError as exc:
+            print(f"nsa-dsl check: {exc}", file=sys.stderr)
+            return USAGE_ERROR
     from nsa_dsl.cache import CacheError
 
     try:
