@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import os
 import shutil
 import sys
@@ -291,6 +292,52 @@ def cmd_cache(args) -> int:
     return 0
 
 
+class Progress:
+    """One status line on stderr, rewritten in place while a long command
+    runs; nothing at all when stderr is not a terminal (a log or a pipe would
+    only collect carriage returns)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.shown = False
+
+    def show(self, text: str) -> None:
+        if not self.enabled:
+            return
+        # Cut to the terminal's width: a wrapped line could not be rewritten.
+        width = shutil.get_terminal_size().columns - 1
+        self.stream.write("\r\x1b[K" + text[:width])
+        self.stream.flush()
+        self.shown = True
+
+    def clear(self) -> None:
+        """Erase the line, before other output or at the end."""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
+def _takes(function, keyword: str) -> bool:
+    """Whether `function` accepts `keyword`: verify() gains its progress hook
+    in its own change, and verify must keep working on either side of it."""
+    try:
+        return keyword in inspect.signature(function).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return False
+
+
+def _verify_progress(progress: Progress, pattern_name: str):
+    """verify's progress(n, examples) hook: which case runs, how long so far."""
+    start = time.monotonic()
+
+    def on_case(number: int, examples: int) -> None:
+        what = f"case {number}/{examples}" if number <= examples else f"shrinking a failure (case {number})"
+        progress.show(f"nsa-dsl verify: {pattern_name}: {what}, {time.monotonic() - start:.0f} s")
+    return on_case
+
+
 def cmd_verify(args) -> int:
     # The interpreter must be chosen before triton is imported.
     import torch
@@ -303,6 +350,12 @@ def cmd_verify(args) -> int:
     patterns, code = _load_or_report("verify", args.file, args.name)
     if patterns is None:
         return code
+    progress = Progress()
+
+    def report(*lines) -> None:  # verify's own output: clear the status line first
+        progress.clear()
+        print(*lines)
+
     ok = True
     for pattern in patterns:
         try:
@@ -310,7 +363,12 @@ def cmd_verify(args) -> int:
         except nsa_dsl.SpecError as exc:
             print(exc, file=sys.stderr)
             return 1
-        ok &= verify(pattern, examples=args.examples, seed=args.seed, grad=args.grad, max_length=args.max_length)
+        hook = {"progress": _verify_progress(progress, pattern.name)} if _takes(verify, "progress") else {}
+        try:
+            ok &= verify(pattern, examples=args.examples, seed=args.seed, grad=args.grad,
+                         max_length=args.max_length, out=report, **hook)
+        finally:
+            progress.clear()
     return 0 if ok else 1
 
 

@@ -322,6 +322,37 @@ def fake_verify(monkeypatch, with_progress=True):
     return seen
 
 
+class TerminalErr(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_verify_shows_progress_on_a_terminal(capsys, monkeypatch):
+    fake_verify(monkeypatch)
+    terminal = TerminalErr()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code = main(["verify", str(EXAMPLES / "window_only.nsa"), "--examples", "3"])
+    assert code == 0
+    shown = terminal.getvalue()
+    for number in (1, 2, 3):
+        assert f"\r\x1b[Knsa-dsl verify: window_only: case {number}/3, " in shown
+    assert shown.endswith("\r\x1b[K")  # the line is erased before the report and at the end
+    assert capsys.readouterr().out == "pattern window_only: OK\n"
+
+
+def test_verify_is_silent_on_stderr_that_is_not_a_terminal(capsys, monkeypatch):
+    fake_verify(monkeypatch)
+    code, out, err = run(capsys, "verify", str(EXAMPLES / "window_only.nsa"), "--examples", "3")
+    assert code == 0 and err == "" and out == "pattern window_only: OK\n"
+
+
+def test_verify_without_a_progress_hook_still_runs(capsys, monkeypatch):
+    fake_verify(monkeypatch, with_progress=False)
+    monkeypatch.setattr(sys, "stderr", TerminalErr())
+    assert main(["verify", str(EXAMPLES / "window_only.nsa"), "--examples", "3"]) == 0
+    assert sys.stderr.getvalue() == ""
+
+
 def test_verify_passes_on_window_only(capsys):
     code, out, _ = run(capsys, "verify", str(EXAMPLES / "window_only.nsa"), "--examples", "3", "--max-length", "40")
     assert code == 0, out
