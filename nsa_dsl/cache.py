@@ -1,14 +1,14 @@
 """Generated source -> loaded Python module, through an on-disk cache.
 
 Entry layout: <cache dir>/<key[:2]>/<key>.py plus <key>.sha256 holding the
-digest of the file's bytes. The key is computed by the caller (compile.py)
+digest of the file's bytes. The key is computed by the caller (pipeline.py)
 from everything that determines the generated text; the digest protects the
 entry itself: a truncated, corrupted or edited file no longer matches its
 digest and is rebuilt rather than trusted.
 
 Writes go to a temporary file in the same folder followed by os.replace, so
 a reader never sees half a file; a per-entry lock file (fcntl.flock) keeps
-two processes from building the same entry at once. Modules are loaded by
+two processes from writing the same entry at once. Modules are loaded by
 import (importlib), never by exec of a string: Triton needs the source file to
 exist for its JIT.
 
