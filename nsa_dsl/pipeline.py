@@ -45,7 +45,9 @@ def cache_key(plan: Plan, device: Optional[str] = None) -> str:
     h = hashlib.sha256()
 
     def feed(label: str, text: str) -> None:
-        h.update(label.encode() + b"\0" + text.encode() + b"\0")
+        # surrogateescape: a file name that is not valid UTF-8 arrives from
+        # os.fsdecode with lone surrogates; hash its original bytes.
+        h.update(label.encode() + b"\0" + text.encode("utf-8", "surrogateescape") + b"\0")
 
     feed("pattern", plan.pattern.canonical())
     feed("source", plan.pattern.source)
