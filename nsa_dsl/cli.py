@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import os
 import shutil
 import sys
@@ -319,15 +318,6 @@ class Progress:
             self.shown = False
 
 
-def _takes(function, keyword: str) -> bool:
-    """Whether `function` accepts `keyword`: verify() gains its progress hook
-    in its own change, and verify must keep working on either side of it."""
-    try:
-        return keyword in inspect.signature(function).parameters
-    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        return False
-
-
 def _verify_progress(progress: Progress, pattern_name: str):
     """verify's progress(n, examples) hook: which case runs, how long so far."""
     start = time.monotonic()
@@ -363,10 +353,10 @@ def cmd_verify(args) -> int:
         except nsa_dsl.SpecError as exc:
             print(exc, file=sys.stderr)
             return 1
-        hook = {"progress": _verify_progress(progress, pattern.name)} if _takes(verify, "progress") else {}
         try:
             ok &= verify(pattern, examples=args.examples, seed=args.seed, grad=args.grad,
-                         max_length=args.max_length, out=report, **hook)
+                         max_length=args.max_length, out=report,
+                         progress=_verify_progress(progress, pattern.name))
         finally:
             progress.clear()
     return 0 if ok else 1

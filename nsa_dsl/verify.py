@@ -131,7 +131,8 @@ def selection_problems(pattern: Pattern, args: dict, indices: torch.Tensor, eps:
 
 @dataclass
 class Report:
-    cases: int = 0
+    cases: int = 0  # cases that passed
+    failed: int = 0  # cases that failed, the shrinking's included
     worst: dict = field(default_factory=dict)  # name -> worst relative error / tolerance seen
     seconds: float = 0.0
 
@@ -139,7 +140,9 @@ class Report:
         self.worst[name] = max(self.worst.get(name, 0.0), error / tolerance)
 
     def render(self) -> str:
-        lines = [f"{self.cases} case(s) in {self.seconds:.1f} s; worst error as a fraction of its tolerance:"]
+        failed = f", {self.failed} failed (while shrinking)" if self.failed else ""
+        lines = [f"{self.cases} case(s) passed{failed} in {self.seconds:.1f} s;"
+                 " worst error seen as a fraction of its tolerance:"]
         for name in sorted(self.worst):
             lines.append(f"  {name:10s} {self.worst[name]:.3f}")
         return "\n".join(lines)
@@ -195,9 +198,11 @@ def check_case(compiled, pattern: Pattern, batch: int, length: int, dtype: torch
 
 
 def verify(pattern: Pattern, *, examples: int = 20, seed: int = 0, grad: bool = False, max_length=None,
-           device=None, out=print) -> bool:
+           device=None, out=print, progress=None) -> bool:
     """Run `examples` drawn cases; print a report; True when all agree.
-    On a failure hypothesis shrinks the case, which is printed."""
+    On a failure hypothesis shrinks the case, which is printed.
+    progress(n, examples), when given, is called as the n-th case starts
+    (n > examples while hypothesis shrinks a failure)."""
     try:
         from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -216,6 +221,7 @@ def verify(pattern: Pattern, *, examples: int = 20, seed: int = 0, grad: bool = 
     compiled = compile_pattern(pattern)
     report = Report()
     failure = {}
+    started = 0
 
     @fix_seed(seed)
     @settings(max_examples=examples, deadline=None, database=None, derandomize=False,
@@ -225,9 +231,14 @@ def verify(pattern: Pattern, *, examples: int = 20, seed: int = 0, grad: bool = 
     @given(batch=st.integers(1, 2), length=st.integers(1, max_length), dtype=st.sampled_from(dtypes),
            case_seed=st.integers(0, 9999))
     def run(batch, length, dtype, case_seed):
+        nonlocal started
+        started += 1
+        if progress is not None:
+            progress(started, examples)
         try:
             check_case(compiled, pattern, batch, length, dtype, case_seed, device, grad, report)
         except AssertionError as exc:
+            report.failed += 1
             failure.update(batch=batch, length=length, dtype=str(dtype).replace("torch.", ""), seed=case_seed,
                            reason=str(exc))
             raise

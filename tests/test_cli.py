@@ -296,28 +296,20 @@ def test_verify_with_an_unusable_cache_dir_is_a_usage_error(tmp_path, capsys, mo
     assert "NSA_DSL_CACHE_DIR" in err
 
 
-def fake_verify(monkeypatch, with_progress=True):
-    """Replace the interpreter-bound verify with one that reports three cases
-    through the progress hook (when it takes one) and prints as verify does;
-    returns the patterns it was called with."""
+def fake_verify(monkeypatch):
+    """Replace the interpreter-bound verify with one that reports its cases
+    through the progress hook and prints as verify does; returns the
+    patterns it was called with."""
     import nsa_dsl.verify as verify_mod
 
     seen = []
 
-    def calls(pattern, out, progress=None, examples=3):
+    def verify(pattern, *, examples, seed, grad, max_length, out=print, progress=None):
         seen.append(pattern)
         for number in range(1, examples + 1):
-            if progress is not None:
-                progress(number, examples)
+            progress(number, examples)
         out(f"pattern {pattern.name}: OK")
         return True
-
-    if with_progress:
-        def verify(pattern, *, examples, seed, grad, max_length, out=print, progress=None):
-            return calls(pattern, out, progress, examples)
-    else:
-        def verify(pattern, *, examples, seed, grad, max_length, out=print):
-            return calls(pattern, out, None, examples)
     monkeypatch.setattr(verify_mod, "verify", verify)
     return seen
 
@@ -344,13 +336,6 @@ def test_verify_is_silent_on_stderr_that_is_not_a_terminal(capsys, monkeypatch):
     fake_verify(monkeypatch)
     code, out, err = run(capsys, "verify", str(EXAMPLES / "window_only.nsa"), "--examples", "3")
     assert code == 0 and err == "" and out == "pattern window_only: OK\n"
-
-
-def test_verify_without_a_progress_hook_still_runs(capsys, monkeypatch):
-    fake_verify(monkeypatch, with_progress=False)
-    monkeypatch.setattr(sys, "stderr", TerminalErr())
-    assert main(["verify", str(EXAMPLES / "window_only.nsa"), "--examples", "3"]) == 0
-    assert sys.stderr.getvalue() == ""
 
 
 def test_verify_passes_on_window_only(capsys):

@@ -81,3 +81,13 @@ def test_a_real_error_of_1e_2_still_fails(name, length):
     # tol for fp16 is 2e-3: an error of 1e-2 of the gradient's norm must fail
     with pytest.raises(AssertionError, match=f"gradient of {name}"):
         check_case(_stand_in(name, 1e-2), WINDOW, 1, length, torch.float16, 7, "cpu", True, Report())
+
+
+def test_verify_reports_each_case_to_its_progress_hook():
+    from nsa_dsl.verify import verify
+
+    seen, lines = [], []
+    ok = verify(WINDOW, examples=3, max_length=9, progress=lambda n, total: seen.append((n, total)),
+                out=lines.append)
+    assert ok and seen == [(1, 3), (2, 3), (3, 3)]
+    assert lines[1].startswith("3 case(s) passed in ")
