@@ -14,7 +14,7 @@ Layouts (batch first, as flash-attn):
 
 Public functions
 ----------------
-reference(pattern, q, k, v, *, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa,
+reference(pattern, q, k, v, g_cmp, g_slc, g_swa, *, k_cmp, v_cmp, k_swa, v_swa,
           indices, scale, return_indices, query_chunk)
     o [B, T, HQ, Dv] = sum over pattern.combined_branches of gate * branch output;
     with return_indices=True, (o, indices).
@@ -749,10 +749,10 @@ def reference(
     q,
     k,
     v,
-    *,
     g_cmp=None,
     g_slc=None,
     g_swa=None,
+    *,
     k_cmp=None,
     v_cmp=None,
     k_swa=None,
@@ -778,20 +778,20 @@ def reference(
     """
     B, T, cd, t = _prepare(pattern, q, k, v, k_cmp, v_cmp, k_swa, v_swa, indices, query_chunk)
     gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa}
-    declared = pattern.declared_branches
+    combined = pattern.combined_branches
     for name, branch in _GATES:
         g = gates[name]
         if g is None:
             continue
-        if branch not in declared:
-            raise ValueError(f"{name}: given, but the pattern has no {branch.value} branch")
+        if branch not in combined:  # the same refusal as the compiled call's (validate.py)
+            raise ValueError(f"{name}: pattern {pattern.name!r} does not combine the {branch.value} branch"
+                             f" (combined: {', '.join(b.value for b in combined)}); pass no {name}")
         _check_shape(name, g, ("B", "T", "HQ"), (B, T, pattern.heads.q))
         if not g.dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating dtype, got {g.dtype}")
     if return_indices and pattern.select is None:
         raise ValueError("return_indices: the pattern has no select branch, so there are no indices")
     scale = _default_scale(pattern, scale)
-    combined = pattern.combined_branches
     outs, idx = _run(pattern, t, B, T, cd, indices, scale, query_chunk, combined, return_indices, bool(gather))
     o = None
     for name, branch in _GATES:
