@@ -53,8 +53,12 @@ def _tma_fits(*tensors: torch.Tensor) -> bool:
     """Whether tensor descriptors (TMA on Hopper) can read these [B, T, H, D]
     tensors: the innermost stride 1, the others and the base address
     multiples of 16 bytes (the copy engine's rule; Triton's interpreter
-    reads them too). On CUDA, compute capability 9.0 or later."""
+    reads them too). On CUDA, compute capability 9.0 or later. An empty
+    tensor (no compressed token yet: T < the compression block) has no
+    descriptor: a box needs every dimension positive."""
     for t in tensors:
+        if t.numel() == 0:
+            return False
         size = t.element_size()
         if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
             return False

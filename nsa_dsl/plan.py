@@ -397,6 +397,30 @@ def _topk_min_chunk_blocks(cmp_block: int, cmp_stride: int, slc_block: int) -> i
     return max(1, -(-(cmp_block - cmp_stride) // slc_block))
 
 
+def _scoring_path(cmp_block: int, cmp_stride: int, slc_block: int, group_rows: int, top_pad: int,
+                  chunk_blocks: int, chunk_pad: int) -> dict:
+    """The block scoring's production path: every switch that each shipped
+    record took (nsa_dsl/tuned/, measured on the H200: NOTES v7 to v13) is
+    on wherever it is legal for the pattern, with the checks apply_overrides
+    makes. TOPK_TOKENS is the records' choice: 16 positions for groups of 16
+    heads (256 rows), 64 rows of positions x heads for smaller groups."""
+    tokens = max(1, 256 // group_rows) if group_rows >= 16 else max(1, 64 // group_rows)
+    head_rows = 16 <= tokens * group_rows <= 256
+    sort_merge = chunk_pad >= top_pad
+    return {
+        "TOPK_TOKENS": tokens,
+        "TOPK_HEAD_ROWS": int(head_rows),
+        "TOPK_KEYS_MAJOR": int(head_rows),
+        # pairs of heads and groups of 4 positions (_topk_row_order)
+        "TOPK_HEADS_IN_THREAD": int(head_rows and tokens % 4 == 0 and group_rows >= 2),
+        "TOPK_TMA": int(head_rows),
+        "TOPK_STRIDED_OVERLAP": int(not _strided_overlap_fits(cmp_block, cmp_stride, slc_block, chunk_blocks,
+                                                              chunk_pad)),
+        "TOPK_SORT_MERGE": int(sort_merge),
+        "TOPK_KEY32": int(head_rows and sort_merge),
+    }
+
+
 def _strided_overlap_fits(cmp_block: int, cmp_stride: int, slc_block: int, chunk_blocks: int,
                           chunk_pad: int) -> str:
     """Why TOPK_STRIDED_OVERLAP cannot score this pattern ("" when it can):
@@ -484,9 +508,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BLOCK_M", bm), ("CMP_BLOCK_N", bn),
              ("CMP_WRITE_O", need_cmp_out),
              # 1: k and v through tensor descriptors (TMA on Hopper) where
-             # the tensors allow it (ops._tma_fits), instead of per-thread
-             # addressed loads. Off until timed on the H200.
-             ("CMP_TMA", 0)),
+             # the tensors allow it (ops._tma_fits; else the pointer path),
+             # instead of per-thread addressed loads: cmp_fwd 9.95 -> 8.99 ms
+             # at 64k on the H200 (NOTES v12), taken by every record.
+             ("CMP_TMA", 1)),
             num_warps=warps, num_stages=stages))
 
     if p.select is not None:
@@ -506,6 +531,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         else:
             c = p.compress
             chunk_blocks, chunk_pad, chunk_tokens = _topk_chunking(c.block, c.stride, s.block)
+            scoring = _scoring_path(c.block, c.stride, s.block, group_rows, npad, chunk_blocks, chunk_pad)
             kernels.append(KernelPlan(
                 "slc_topk", "slc_topk.py.jinja",
                 f"block importance from the compressed probabilities (overlap-weighted, summed over the G={g}"
@@ -515,43 +541,44 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  ("LOCAL", s.local), ("STATIC_SELECTION", False), ("TOPK_BLOCK_M", 16),
                  ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks),
                  ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens),
-                 # 1: slc_topk_heads, the group's heads as rows (TOPK_TOKENS
-                 # positions x GROUP_ROWS): q loaded once, one wide product
-                 # per chunk instead of G narrow ones. Off, tunable: on the
-                 # H200 the tuner takes it for paper128 (16 positions at 8k
-                 # and 64k: slc_topk 15.6 -> 15.0 ms at 64k, NOTES.md v7).
-                 ("TOPK_HEAD_ROWS", 0), ("TOPK_TOKENS", max(1, 64 // group_rows)), ("GROUP_ROWS", group_rows),
-                 # 1 (head rows only): score [tokens, rows], K_chunk @ q^T, so
-                 # the sum over the heads needs fewer shuffles. Off until
-                 # timed on a GPU; `nsa-dsl tune` tries it.
-                 ("TOPK_KEYS_MAJOR", 0),
-                 # 1 (keys-major only): the tile's rows ordered so that each
-                 # thread of the product holds whole groups of heads (see
-                 # _topk_row_order): the head sum without shuffles. Needs
-                 # TOPK_TOKENS a multiple of 4. Off until timed on a GPU.
-                 ("TOPK_HEADS_IN_THREAD", 0),
-                 # 1 (head rows only): the compressed keys through a tensor
-                 # descriptor (TMA on Hopper) where they allow it, as
-                 # CMP_TMA. Off until timed.
-                 ("TOPK_TMA", 0),
-                 # 1: the overlap weights applied as the per-block pattern
-                 # they are (in-thread sums and one shift) instead of two
-                 # float32 products a chunk; where no token reaches two
-                 # blocks on (see _strided_overlap_fits). Off until timed.
-                 ("TOPK_STRIDED_OVERLAP", 0),
+                 # The scoring's path (_scoring_path: each switch on wherever
+                 # it is legal; every shipped record took all of them).
+                 # TOPK_HEAD_ROWS: slc_topk_heads, the group's heads as rows
+                 # (TOPK_TOKENS positions x GROUP_ROWS): q loaded once, one
+                 # wide product per chunk instead of G narrow ones (slc_topk
+                 # 15.6 -> 15.0 ms at 64k on the H200, NOTES.md v7).
+                 ("TOPK_HEAD_ROWS", scoring["TOPK_HEAD_ROWS"]), ("TOPK_TOKENS", scoring["TOPK_TOKENS"]),
+                 ("GROUP_ROWS", group_rows),
+                 # TOPK_KEYS_MAJOR (head rows): score [tokens, rows], K_chunk
+                 # @ q^T, so the sum over the heads needs fewer shuffles.
+                 ("TOPK_KEYS_MAJOR", scoring["TOPK_KEYS_MAJOR"]),
+                 # TOPK_HEADS_IN_THREAD (keys-major): the tile's rows ordered
+                 # so that each thread holds whole groups of heads
+                 # (_topk_row_order): the head sum without shuffles
+                 # (slc_topk_heads 8.30 -> 5.85 ms at 64k, NOTES v13).
+                 ("TOPK_HEADS_IN_THREAD", scoring["TOPK_HEADS_IN_THREAD"]),
+                 # TOPK_TMA (head rows): the compressed keys through a tensor
+                 # descriptor where they allow it, as CMP_TMA (NOTES v12).
+                 ("TOPK_TMA", scoring["TOPK_TMA"]),
+                 # TOPK_STRIDED_OVERLAP: the overlap weights applied as the
+                 # per-block pattern they are (in-thread sums and one shift)
+                 # instead of two float32 products a chunk; where no token
+                 # reaches two blocks on (_strided_overlap_fits).
+                 ("TOPK_STRIDED_OVERLAP", scoring["TOPK_STRIDED_OVERLAP"]),
                  # With TOPK_STRIDED_OVERLAP, skip the per-element causal
                  # mask of the scores (a compare and a select of every
                  # probability, ~15% of the scoring's instructions on sm_90)
                  # where the forced local blocks hide the causal edge (see
                  # _causal_edge_forced). Derived from the pattern.
                  ("TOPK_EDGE_FORCED", _causal_edge_forced(c.block, c.stride, s.block, s.local)),
-                 # 1: the running top set as int64 keys kept sorted, merged
-                 # with each chunk by a fixed bitonic network instead of a
-                 # data-dependent rounds loop, so the chunk loop is innermost
-                 # and its key loads can be pipelined. Needs chunks at least
-                 # TOP_PAD wide. Off until timed on a GPU.
-                 ("TOPK_SORT_MERGE", 0),
-                 # 1 (head rows, sorted merge): with 16-bit inputs the sort
+                 # TOPK_SORT_MERGE: the running top set as int64 keys kept
+                 # sorted, merged with each chunk by a fixed bitonic network
+                 # instead of a data-dependent rounds loop, so the chunk loop
+                 # is innermost and its key loads are pipelined (3 stages;
+                 # 12.55 -> 8.49 ms at 64k, NOTES v9). Needs chunks at least
+                 # TOP_PAD wide.
+                 ("TOPK_SORT_MERGE", scoring["TOPK_SORT_MERGE"]),
+                 # TOPK_KEY32 (head rows, sorted merge): with 16-bit inputs the sort
                  # keys are int32, not int64 (half the compares, selects and
                  # shuffles of the merge network). The score keeps 31 bits
                  # less those of the block index (_topk_keys: scores within
@@ -559,9 +586,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # winning), well inside what 16-bit inputs resolve;
                  # float32 inputs, and sequences of more than 4096 blocks
                  # (ops.KEY32_MAX_BLOCK_BITS), keep the int64 keys.
-                 ("TOPK_KEY32", 0)),
+                 ("TOPK_KEY32", scoring["TOPK_KEY32"])),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
-                num_warps=8 if chunk_pad >= 64 else 4, num_stages=1))
+                num_warps=8 if chunk_pad >= 64 else 4, num_stages=3 if scoring["TOPK_SORT_MERGE"] else 1))
         # Several neighbouring positions per program fill the MMA tile when
         # the group is small (they share most of their selected blocks).
         slc_tokens = max(1, 64 // group_rows)
@@ -689,7 +716,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             "swa_fwd", "swa_fwd.py.jinja",
             f"sliding-window attention over the last {p.window.size} positions",
             "(cdiv(T, SWA_BLOCK_M), B*HQ)",
-            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn), ("SWA_TMA", 0)),
+            # SWA_TMA: k and v through tensor descriptors where they allow
+            # it, as CMP_TMA (the merge's window 11.04 -> 10.58 ms at 64k,
+            # NOTES v12); every record but paper128's 8k one (inert there) took it.
+            (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn), ("SWA_TMA", 1)),
             num_warps=warps, num_stages=stages))
 
     kernels.append(KernelPlan(

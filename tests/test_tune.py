@@ -189,32 +189,24 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_KEYS_MAJOR": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
-    # slc_topk with the heads as rows: 4 positions x 16 heads, and 2, 8 or 16
-    # positions, each on 4 and 8 warps (256 rows of scores spill on 4)
+    # slc_topk: the plan's scoring already takes every switch where legal
+    # (head rows, 16 positions x 16 heads, keys-major, heads in thread, sorted
+    # merge on 3 stages, int32 keys, strided overlap, descriptors): the tuner
+    # moves the positions a tile with the warps, and still measures each
+    # switch turned off
     topk = candidates(paper, "slc_topk")
-    assert {"TOPK_HEAD_ROWS": 1} in topk
-    for tokens in (2, 8, 16):
-        for warps in (4, 8):
-            assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
-    assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 4, "slc_topk.num_warps": 8} in topk
-    # keys-major scoring with each tile size on 4 warps
-    for tokens in (2, 4, 8, 16):
-        assert {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": 4} in topk
-    assert {"TOPK_KEYS_MAJOR": 1} not in topk  # head rows are off in the plan: the flag alone is invalid
-    assert len(topk) == len({tuple(sorted(o.items())) for o in topk})  # no candidate twice
-    # the sorted merge, with the stages that pipeline its loop (the plan's scoring has 1)
-    assert {"TOPK_SORT_MERGE": 1} in topk and {"TOPK_SORT_MERGE": 1, "slc_topk.num_stages": 3} in topk
-    # the strided overlap alone, and with keys-major head rows (16-block
-    # chunks: no padding, so paper128 can take it)
-    assert {"TOPK_STRIDED_OVERLAP": 1} in topk
-    assert {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_TOKENS": 16,
-            "slc_topk.num_warps": 4} in topk
-    assert {"TOPK_STRIDED_OVERLAP": 1, "TOPK_CHUNK_BLOCKS": 8} not in topk
+    k = paper.kernel("slc_topk")
+    assert (k.const("TOPK_HEAD_ROWS"), k.const("TOPK_TOKENS"), k.const("TOPK_SORT_MERGE"), k.num_stages) == (1, 16, 1, 3)
+    for tokens, warps in ((8, 4), (8, 8), (16, 8)):
+        assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
     assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
+    for flag in ("TOPK_STRIDED_OVERLAP", "TOPK_HEADS_IN_THREAD", "TOPK_KEY32"):  # (the sorted merge: only with KEY32)
+        assert {flag: 0} in topk, flag
+    assert len(topk) == len({tuple(sorted(o.items())) for o in topk})  # no candidate twice
     # wider scoring chunks (16 blocks by default for paper128), alone and on 8 warps
-    for option in ({"TOPK_CHUNK_BLOCKS": 32}, {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8},
-                   {"TOPK_CHUNK_BLOCKS": 8}):
+    for option in ({"TOPK_CHUNK_BLOCKS": 32}, {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8}):
         assert option in topk, option
+    assert {"TOPK_CHUNK_BLOCKS": 8} not in topk  # padded to 16 lanes, which the strided overlap refuses
     assert not any(o.get("TOPK_CHUNK_BLOCKS", 0) > 32 for o in topk)  # 64 spills on sm_90
     for option in topk:
         apply_overrides(paper, option)
@@ -300,7 +292,7 @@ def test_topk_chunk_override_sets_what_follows_from_it():
     k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 64}).kernel("slc_topk")
     # 64 blocks of 64 positions, a compressed token every 16: 256 tokens
     assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_CHUNK_TOKENS")) == (64, 64, 256)
-    k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 4}).kernel("slc_topk")
+    k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_STRIDED_OVERLAP": 0}).kernel("slc_topk")  # padded: no strided overlap
     assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_CHUNK_TOKENS")) == (4, 16, 16)
     # compressed blocks of 64 every 16 positions reach 48 positions past a
     # chunk: one 16-position block per chunk cannot hold that
