@@ -36,14 +36,19 @@ from typing import Iterable, Iterator, Optional
 import sympy
 
 from .errors import Diagnostic, SpecError
-from .ir import BRANCH_ORDER, Branch, Compress, Combine, Dims, DType, DTypes, Heads, Pattern, Pool, Select, Window
+from .ir import BRANCH_ORDER, MAX_NUMBER, Branch, Compress, Combine, Dims, DType, DTypes, Heads, Pattern, Pool, Select, Window
 
 MAX_HEADS = 1024
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 16, 256, 16
 MAX_COMPRESS_BLOCK = 1024
 SELECT_BLOCK_MIN, SELECT_BLOCK_MAX = 16, 256
 MAX_TOP = 4096
-MAX_WINDOW = 2**31 - 1
+MAX_WINDOW = MAX_NUMBER  # the parser's bound on every number: positions are int32
+# Patterns built in code are not bounded by the parser. An int this long is
+# no count of anything, and messages print values (Python refuses to print
+# more than 4300 digits), so it is a type error, reported before any rule
+# computes with it.
+MAX_DIGITS = 100
 # Rows of the smallest tensor-core tile (M of an MMA); the selection kernel
 # stacks the G query heads of a group as rows of one tile.
 MMA_ROWS = 16
@@ -55,7 +60,8 @@ RULES = {
     "pattern.heads": "the pattern has a heads statement",
     "pattern.dims": "the pattern has a dims statement",
     "pattern.branches": "at least one of compress, select, window is declared",
-    "type": "every numeric value is an integer and every enum value a member of its enum",
+    "type": f"every numeric value is an integer of at most {MAX_DIGITS} digits and every enum value a member"
+            " of its enum",
     "heads.q.range": f"1 <= heads.q <= {MAX_HEADS}",
     "heads.kv.range": f"1 <= heads.kv <= {MAX_HEADS}",
     "heads.divisible": "heads.q is a multiple of heads.kv",
@@ -106,6 +112,22 @@ def _warning(rule: str, message: str, span, hint: Optional[str] = None) -> Findi
 # ---------------------------------------------------------------------------
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _too_long(value: int) -> bool:
+    """More than MAX_DIGITS decimal digits (decided without printing it)."""
+    return abs(value) >= 10**MAX_DIGITS
+
+
+def _digits(value: int) -> int:
+    """Decimal digits of a huge |value|, from its bit length: printing it may fail."""
+    n = abs(value)
+    guess = max(1, int(n.bit_length() * 0.30102999566398120))  # log10(2)
+    while n >= 10**guess:
+        guess += 1
+    while guess > 1 and n < 10**(guess - 1):
+        guess -= 1
+    return guess
 
 
 def _is_pow2(n: int) -> bool:
@@ -189,6 +211,11 @@ def _type_findings(pattern: Pattern) -> tuple:
             if not _is_int(value):
                 found.append(_error("type", f"{stmt_name}.{key} must be an integer; got {value!r}", stmt.at(key),
                                     f"write {stmt_name} {key}=<a whole number>"))
+                bad.add(f"{stmt_name}.{key}")
+            elif _too_long(value):
+                found.append(_error("type", f"{stmt_name}.{key} must be an integer of at most {MAX_DIGITS} digits;"
+                                            f" got a {_digits(value)}-digit number", stmt.at(key),
+                                    f"a pattern's numbers are at most {MAX_NUMBER} (the kernels index with int32)"))
                 bad.add(f"{stmt_name}.{key}")
     c = pattern.compress
     if isinstance(c, Compress) and not isinstance(c.pool, Pool):

@@ -20,8 +20,10 @@ Choices the language makes (grammar/nsa.lark has the grammar itself):
   around `=` are allowed; `#` comments run to the end of the line;
 - the fixed words (statements, keys, values, `pattern`, `extends`, `off`) are
   reserved and cannot name a pattern;
-- numbers are decimal digits of any size, 0 included (the checker judges
-  them); only a number too long for Python to convert (sys.int_info) fails;
+- numbers are decimal digits, 0 included, leading zeros allowed, at most
+  ir.MAX_NUMBER (2**31 - 1: the kernels index with int32); a larger one is
+  an error here, before it is ever converted, so no later pass meets a
+  number it cannot print. Within that bound the checker judges them;
 - `NAME off` works for compress, select and window, only in a pattern that
   extends one which has that statement.
 """
@@ -457,12 +459,17 @@ class _Builder:
     def value(self, key: str, tok: Token):
         if key in _ENUM_KEYS:
             return _ENUM_KEYS[key](str(tok))
-        try:
-            return int(str(tok))
-        except ValueError:  # more digits than Python will convert (sys.int_info)
-            self.error(self.src.of(tok), f"the number given for {key} has {len(tok)} digits",
-                       "that is more digits than can be represented; use a smaller number")
+        digits = str(tok).lstrip("0") or "0"
+        # Compare lengths first: int() of thousands of digits is slow, and past
+        # 4300 digits Python refuses to convert at all.
+        if len(digits) > len(str(ir.MAX_NUMBER)) or int(digits) > ir.MAX_NUMBER:
+            shown = digits if len(digits) <= 24 else f"{digits[:8]}... ({len(digits)} digits)"
+            self.error(self.src.of(tok), f"{key}={shown} is too large: a number in a pattern is at most"
+                                         f" {ir.MAX_NUMBER}",
+                       "the kernels index positions, blocks and heads with int32 (2**31 - 1 at most);"
+                       f" `nsa-dsl check` gives the real limit of {key}")
             return None
+        return int(digits)
 
     def listed(self, kind: str, keyword: Token, names: list):
         cls, field, enum, noun = _LISTED[kind]

@@ -306,6 +306,19 @@ def test_huge_numbers_are_fast_errors():
     assert all(d.severity == "error" and d.hint for d in found)
 
 
+def test_numbers_too_long_to_print_are_type_errors_not_value_errors():
+    # A pattern built in code is not bounded by the parser. Python refuses to
+    # print an int of more than 4300 digits, and every message prints values.
+    huge = 10**5000
+    p = pattern(heads=Heads(q=huge, kv=4), select=Select(block=16, top=1, initial=huge - 1, local=1),
+                window=Window(size=-huge))
+    found = validate(p)
+    assert Counter(d.rule for d in found) == Counter({"type": 3})
+    assert all("5001-digit" in d.message or "5000-digit" in d.message for d in found)
+    with pytest.raises(SpecError):
+        check(p)
+
+
 def test_api_helpers():
     p = pattern(heads=Heads(q=8, kv=2), **PAPER)
     found = validate(p)

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
+import nsa_dsl
 from nsa_dsl import ir
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Branch, DType, Pool
+from nsa_dsl.ir import MAX_NUMBER, Branch, DType, Pool
 from nsa_dsl.parse import (RESERVED, REMOVABLE, STATEMENTS, format_all, format_pattern, load,
                            load_all, parse, parse_all)
 from nsa_dsl.resources import grammar_path
@@ -148,10 +149,32 @@ def test_keys_in_any_order():
     assert a == b and a.select == ir.Select(block=16, top=4, initial=3, local=0)
 
 
-def test_zero_and_huge_numbers_are_the_checkers_business():
-    p = parse(body("window size=0", "select block=00064 top=123456789012345678901234567890"))
+def test_zero_and_large_numbers_up_to_int32_are_the_checkers_business():
+    p = parse(body("window size=0", "select block=00064 top=2147483647 initial=0002147483647"))
     assert p.window.size == 0 and p.select.block == 64
-    assert p.select.top == 123456789012345678901234567890
+    assert p.select.top == p.select.initial == MAX_NUMBER == 2**31 - 1
+
+
+@pytest.mark.parametrize("digits", ["2147483648", "99999999999", "0" * 20 + "4294967296", "9" * 4300,
+                                    "9" * 5000])
+def test_numbers_past_int32_are_a_spec_error_at_the_number(digits):
+    text = body("window size=" + digits)
+    err = error_of(text)
+    (diag,) = err.diagnostics
+    assert (diag.span.line, diag.span.column) == (4, 17)
+    assert diag.span.end_column == 17 + len(digits)
+    assert "size" in diag.message and "at most 2147483647" in diag.message
+    assert "int32" in diag.hint
+    assert len(diag.message) < 120  # a huge number is not spelled out in the message
+
+
+def test_issue_26_a_4300_digit_number_is_a_spec_error_not_a_value_error():
+    # Before: parse accepted it and the checker failed formatting initial + local
+    # with Python's "Exceeds the limit (4300 digits) for integer string conversion".
+    text = ("pattern p { heads q=1 kv=1 dims qk=16 select block=16 top=1 initial=" + "9" * 4300
+            + " local=1 }")
+    with pytest.raises(SpecError, match="initial"):
+        nsa_dsl.check(parse(text))
 
 
 def test_off_removes_an_inherited_branch():
@@ -345,7 +368,7 @@ def test_golden_error_messages(text, expected):
     (BASE + "}\n}", "unexpected '}'", "expected 'pattern' or the end of the file"),
     ("", "no pattern in this file", None),
     ("# only a comment\n", "no pattern in this file", None),
-    (body("window size=" + "9" * 5000), "has 5000 digits", None),
+    (body("window size=" + "9" * 5000), "at most 2147483647", "int32"),
 ])
 def test_error_messages(text, message, hint):
     err = error_of(text)
@@ -373,7 +396,7 @@ def test_a_child_of_a_broken_parent_reports_only_the_parent():
 # ---------------------------------------------------------------------------
 # Property tests: patterns drawn by construction, printed, parsed back
 # ---------------------------------------------------------------------------
-numbers = st.integers(min_value=0, max_value=2**40)
+numbers = st.integers(min_value=0, max_value=MAX_NUMBER)
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,12}", fullmatch=True).filter(
     lambda n: n not in RESERVED)
 gaps = st.lists(st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\n\n    ", "  # note {=}\n", "#\n"]),
