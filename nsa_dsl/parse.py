@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -111,8 +112,39 @@ def _did_you_mean(word: str, choices: Iterable[str]) -> str:
 # ---------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------
-def parse_all(text: str, filename: str = "<string>") -> list:
-    """Every pattern in `text`, in file order, with `extends` resolved."""
+Text = Union[str, bytes, bytearray]
+PathArg = Union[str, "os.PathLike[str]"]
+
+
+def parse_all(text: Text, filename: PathArg = "<string>") -> list:
+    """Every pattern in `text`, in file order, with `extends` resolved.
+
+    `text` is a str or UTF-8 bytes; a byte-order mark at its start is
+    skipped. Raises SpecError for any problem with the spec, TypeError for
+    arguments of the wrong type."""
+    filename = _path_arg("parse_all", "filename", filename)
+    return _build(_text_arg("parse_all", text, filename), filename)
+
+
+def parse(text: Text, filename: PathArg = "<string>", name: Optional[str] = None) -> Pattern:
+    """The only pattern in `text`, or the one called `name`."""
+    filename = _path_arg("parse", "filename", filename)
+    _name_arg("parse", name)
+    return _pick(_build(_text_arg("parse", text, filename), filename), filename, name)
+
+
+def load_all(path: PathArg) -> list:
+    path = _path_arg("load_all", "path", path)
+    return _build(_read(path), path)
+
+
+def load(path: PathArg, name: Optional[str] = None) -> Pattern:
+    path = _path_arg("load", "path", path)
+    _name_arg("load", name)
+    return _pick(_build(_read(path), path), path, name)
+
+
+def _build(text: str, filename: str) -> list:
     src = _Source(text, filename)
     try:
         tree = _parser().parse(text)
@@ -121,26 +153,60 @@ def parse_all(text: str, filename: str = "<string>") -> list:
     return _Builder(src).build(tree)
 
 
-def parse(text: str, filename: str = "<string>", name: Optional[str] = None) -> Pattern:
-    """The only pattern in `text`, or the one called `name`."""
-    return _pick(parse_all(text, filename), filename, name)
+# ---- the arguments: a wrong type is the caller's bug (TypeError), naming the
+# argument; bad content is the spec's (SpecError) ----
+def _type_error(func: str, argument: str, expected: str, value) -> TypeError:
+    return TypeError(f"{func}: {argument} must be {expected}; got {type(value).__name__}")
 
 
-def load_all(path: Union[str, Path]) -> list:
-    return parse_all(_read(path), str(path))
+def _text_arg(func: str, text, filename: str) -> str:
+    if isinstance(text, (bytes, bytearray)):
+        return _decode(bytes(text), filename)
+    if not isinstance(text, str):
+        raise _type_error(func, "text", "str or UTF-8 bytes", text)
+    return _without_bom(text)
 
 
-def load(path: Union[str, Path], name: Optional[str] = None) -> Pattern:
-    return parse(_read(path), str(path), name)
+def _path_arg(func: str, argument: str, value) -> str:
+    # os.fspath of a PathLike may give bytes; only str names a spec.
+    name = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(name, str):
+        raise _type_error(func, argument, "str or os.PathLike", value)
+    return name
 
 
-def _read(path: Union[str, Path]) -> str:
+def _name_arg(func: str, name) -> None:
+    if name is not None and not isinstance(name, str):
+        raise _type_error(func, "name", "str or None", name)
+
+
+def _without_bom(text: str) -> str:
+    """Editors may save UTF-8 with a byte-order mark; it is not part of the
+    spec, and columns count from the character after it, as editors show."""
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _decode(data: bytes, filename: str) -> str:
     try:
-        return Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise SpecError.at(Span.unknown(str(path)), f"cannot read spec file: {reason}",
+        return _without_bom(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        # Everything before the bad byte decodes: place the caret from it.
+        before = _without_bom(data[:err.start].decode("utf-8"))
+        line = before.count("\n") + 1
+        column = len(before) - before.rfind("\n")
+        shown = _without_bom(data.decode("utf-8", "replace")).split("\n")[line - 1].rstrip("\r")
+        raise SpecError.at(Span(filename, line, column, column + 1, shown),
+                           f"the spec is not UTF-8 text: byte 0x{data[err.start]:02x} cannot be decoded",
+                           "save the file as UTF-8 (specs are plain text)") from None
+
+
+def _read(path: str) -> str:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise SpecError.at(Span.unknown(path), f"cannot read spec file: {err.strerror or err}",
                            "give the path of a readable UTF-8 .nsa file") from None
+    return _decode(data, path)
 
 
 def _pick(patterns: list, filename: str, name: Optional[str]) -> Pattern:

@@ -259,8 +259,82 @@ def test_an_unreadable_file_is_a_spec_error_naming_the_path(tmp_path):
             load(path)
     binary = tmp_path / "binary.nsa"
     binary.write_bytes(b"\xff\xfe\x00pattern")
-    with pytest.raises(SpecError, match="cannot read spec file"):
+    with pytest.raises(SpecError, match="not UTF-8") as info:
         load_all(binary)
+    (diag,) = info.value.diagnostics
+    assert (diag.span.file, diag.span.line, diag.span.column) == (str(binary), 1, 1)
+
+
+# ---------------------------------------------------------------------------
+# Arguments of the API: types, bytes, a byte-order mark (issues 19 and 26)
+# ---------------------------------------------------------------------------
+ONE = "pattern p { heads q=1 kv=1 dims qk=16 window size=1 }"
+
+
+@pytest.mark.parametrize("call, argument, expected", [
+    (lambda: parse(None), "text", "str or UTF-8 bytes"),
+    (lambda: parse(123), "text", "str or UTF-8 bytes"),
+    (lambda: parse(["pattern"]), "text", "str or UTF-8 bytes"),
+    (lambda: parse(ONE, name=123), "name", "str or None"),
+    (lambda: parse(ONE, filename=None), "filename", "str or os.PathLike"),
+    (lambda: parse(ONE, filename=b"spec.nsa"), "filename", "str or os.PathLike"),
+    (lambda: parse_all(None), "text", "str or UTF-8 bytes"),
+    (lambda: parse_all(ONE, filename=1.5), "filename", "str or os.PathLike"),
+    (lambda: load(None), "path", "str or os.PathLike"),
+    (lambda: load(7), "path", "str or os.PathLike"),
+    (lambda: load(b"spec.nsa"), "path", "str or os.PathLike"),
+    (lambda: load(EXAMPLES / "window_only.nsa", name=b"window_only"), "name", "str or None"),
+    (lambda: load_all(None), "path", "str or os.PathLike"),
+], ids=["parse-None", "parse-int", "parse-list", "parse-name", "parse-filename-None", "parse-filename-bytes",
+        "parse_all-None", "parse_all-filename", "load-None", "load-int", "load-bytes", "load-name",
+        "load_all-None"])
+def test_arguments_of_the_wrong_type_are_type_errors_naming_them(call, argument, expected):
+    with pytest.raises(TypeError) as info:
+        call()
+    assert type(info.value) is TypeError  # not an AttributeError, not a SpecError
+    message = str(info.value)
+    assert f"{argument} must be {expected}" in message
+    assert re.search(r"got (NoneType|int|list|bytes|float)$", message), message
+
+
+def test_bytes_are_decoded_as_utf8():
+    assert parse(ONE.encode()) == parse(bytearray(ONE.encode())) == parse(ONE)
+    assert parse_all(ONE.encode(), "b.nsa")[0].source == "b.nsa"
+    # A filename may be a path object; it is kept as a str.
+    assert parse(ONE, filename=Path("dir") / "p.nsa").source == str(Path("dir") / "p.nsa")
+
+
+def test_bytes_that_are_not_utf8_are_a_spec_error_at_the_bad_byte():
+    data = "# über\npattern p { heads q=1 \xff kv=1 }".encode().replace(b"\xc3\xbf", b"\xff")
+    with pytest.raises(SpecError, match="not UTF-8") as info:
+        parse(data, "latin.nsa")
+    (diag,) = info.value.diagnostics
+    assert (diag.span.file, diag.span.line, diag.span.column) == ("latin.nsa", 2, 23)
+    assert diag.span.line_text == "pattern p { heads q=1 \ufffd kv=1 }"
+    assert "0xff" in diag.message and "UTF-8" in diag.hint
+
+
+@pytest.mark.parametrize("bom", ["\ufeff", "\ufeff".encode()], ids=["str", "bytes"])
+def test_a_byte_order_mark_at_the_start_is_skipped(bom):
+    text = bom + (ONE if isinstance(bom, str) else ONE.encode())
+    p = parse(text)
+    assert p == parse(ONE)
+    # Columns count from the first character after the mark, as an editor shows them.
+    assert (p.span.line, p.span.column) == (1, 9) and p.span.line_text == ONE
+    err = error_of(bom + (b"pattern p {" if isinstance(bom, bytes) else "pattern p {"))
+    assert (err.diagnostics[0].span.column, err.diagnostics[0].span.line_text) == (11, "pattern p {")
+
+
+def test_a_byte_order_mark_elsewhere_is_an_error():
+    err = error_of(ONE + "\n\ufeff")
+    assert err.diagnostics[0].span.line == 2 and "\\ufeff" in err.diagnostics[0].message
+
+
+def test_load_skips_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.nsa"
+    path.write_bytes(b"\xef\xbb\xbf" + THREE.encode())
+    assert load_all(path) == [DEEPSEEK, MOBA, LONG]
+    assert load(path, name="moba_like").span.line_text == "pattern moba_like {"
 
 
 # ---------------------------------------------------------------------------
