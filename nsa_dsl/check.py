@@ -92,6 +92,45 @@ WARNINGS = {
 }
 
 
+# The statements each rule reads to decide. After a syntax error the parser
+# skips text and says, per pattern, which statements that text may have
+# belonged to (Parsed.unsure, "*" for any); a finding that reads one of them
+# may exist only because of the skip ("no heads statement" after a typo in the
+# heads line, "top > initial + local needs a compress branch" after a broken
+# compress line), so check_parsed does not report it.
+_BRANCH_STATEMENTS = frozenset({"compress", "select", "window"})
+READS = {
+    "pattern.heads": {"heads"},
+    "pattern.dims": {"dims"},
+    "pattern.branches": _BRANCH_STATEMENTS,
+    "type": {"heads", "dims", "compress", "select", "window", "combine", "dtype"},
+    "heads.q.range": {"heads"},
+    "heads.kv.range": {"heads"},
+    "heads.divisible": {"heads"},
+    "dims.qk.range": {"dims"},
+    "dims.v.range": {"dims"},
+    "compress.block.range": {"compress"},
+    "compress.stride.range": {"compress"},
+    "compress.divisible": {"compress"},
+    "select.block.range": {"select"},
+    "select.block.stride": {"select", "compress"},
+    "select.top.range": {"select"},
+    "select.initial.range": {"select"},
+    "select.local.range": {"select"},
+    "select.top.forced": {"select"},
+    "select.top.unranked": {"select", "compress"},
+    "window.size.range": {"window"},
+    "combine.empty": {"combine"},
+    "combine.undeclared": {"combine", *_BRANCH_STATEMENTS},
+    "dtype.empty": {"dtype"},
+    "heads.group.small": {"heads", "select"},
+    "heads.group.pow2": {"heads", "select"},
+    "dims.qk.pad": {"dims"},
+    "dims.v.pad": {"dims"},
+    "branch.unused": {"combine", *_BRANCH_STATEMENTS},
+}
+
+
 @dataclass(frozen=True)
 class Finding(Diagnostic):
     """A Diagnostic that also names the rule (a key of RULES or WARNINGS)."""
@@ -552,3 +591,60 @@ def check(pattern: Pattern):
     from .plan import make_plan
 
     return make_plan(pattern, raise_if_invalid(pattern))
+
+
+# ---------------------------------------------------------------------------
+# A whole file: the parser's errors and every pattern's findings together
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Report:
+    """What `nsa-dsl check` says about one file.
+
+    diagnostics: every syntax, structure and rule error and every warning,
+      in file order, each once (a pattern inherits its parent's statements,
+      and with them the same finding at the same spot).
+    checked: (pattern, its findings, complete) per pattern built; complete is
+      False when text the pattern may own was skipped after a syntax error,
+      so that only the findings that cannot come from the skip are kept.
+    """
+
+    diagnostics: tuple
+    checked: tuple
+
+    @property
+    def errors(self) -> tuple:
+        return errors_of(self.diagnostics)
+
+
+def trusted(finding: Finding, unsure) -> bool:
+    """Whether `finding` stands whatever the skipped text held: its rule
+    reads none of the `unsure` statements."""
+    if not unsure:
+        return True
+    return "*" not in unsure and not READS[finding.rule] & set(unsure)
+
+
+def check_parsed(parsed) -> Report:
+    """Validate every pattern of a file read by nsa_dsl.parse.parse_source
+    or load_source (a Parsed; read by its fields, as this module imports no
+    parser), keeping the findings that the parser's recovery cannot have
+    caused, next to the parser's own diagnostics."""
+    found = list(parsed.diagnostics)
+    checked = []
+    for pattern in parsed.patterns:
+        unsure = parsed.unsure.get(pattern.name, frozenset())
+        findings = tuple(f for f in validate(pattern) if trusted(f, unsure))
+        checked.append((pattern, findings, not unsure))
+        found.extend(findings)
+    return Report(_in_file_order(found), tuple(checked))
+
+
+def _in_file_order(diagnostics: Iterable[Diagnostic]) -> tuple:
+    seen, unique = set(), []
+    for d in diagnostics:
+        key = (d.severity, d.message, d.span, d.hint)
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    # Stable: the findings at one spot keep the checker's order.
+    return tuple(sorted(unique, key=lambda d: (d.span.line, d.span.column) if d.span is not None else (0, 0)))

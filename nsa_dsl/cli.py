@@ -41,28 +41,34 @@ def _load_or_report(command: str, path: str, name=None):
 
 def cmd_check(args) -> int:
     import nsa_dsl
-    from nsa_dsl.check import errors_of, validate, warnings_of
+    from nsa_dsl.check import check_parsed, errors_of, warnings_of
     from nsa_dsl.cost import explain as explain_cost
+    from nsa_dsl.parse import load_source
 
     status = 0
     for path in args.files:
-        try:
-            patterns = _load_patterns(path, args.name)
-        except FileNotFoundError:
+        if not Path(path).is_file():
             print(f"nsa-dsl check: no such file: {path}", file=sys.stderr)
             return USAGE_ERROR
-        except nsa_dsl.SpecError as exc:
+        try:
+            parsed = load_source(path)  # every syntax error of the file, and what still parsed
+        except nsa_dsl.SpecError as exc:  # not readable as UTF-8 text
             print(exc, file=sys.stderr)
             status = 1
             continue
-        for pattern in patterns:
-            found = validate(pattern)
-            errors, warnings = errors_of(found), warnings_of(found)
-            for diag in (*errors, *warnings):
-                print(diag.render(), file=sys.stderr)
-            if errors:
+        if args.name is not None:
+            parsed = parsed.only(args.name)
+        report = check_parsed(parsed)
+        # Syntax, structure and rule errors and warnings together, in file order.
+        for diag in report.diagnostics:
+            print(diag.render(), file=sys.stderr)
+        for pattern, findings, complete in report.checked:
+            errors, warnings = errors_of(findings), warnings_of(findings)
+            if errors or not complete:
                 status = 1
-                print(f"{path}: pattern {pattern.name}: {len(errors)} error(s)", file=sys.stderr)
+                print(f"{path}: pattern {pattern.name}: {len(errors)} error(s)"
+                      + ("" if complete else "; checked in part: a syntax error skipped some of its text"),
+                      file=sys.stderr)
                 continue
             print(f"{path}: pattern {pattern.name}: ok"
                   + (f" ({len(warnings)} warning(s))" if warnings else ""))
@@ -71,6 +77,9 @@ def cmd_check(args) -> int:
                 print(plan.explain())
                 print(explain_cost(pattern))
                 print()
+        if parsed.diagnostics:
+            status = 1
+            print(f"{path}: {len(parsed.diagnostics)} syntax or structure error(s)", file=sys.stderr)
     return status
 
 
