@@ -36,7 +36,8 @@ from typing import Iterable, Iterator, Optional
 import sympy
 
 from .errors import Diagnostic, SpecError
-from .ir import BRANCH_ORDER, MAX_NUMBER, Branch, Compress, Combine, Dims, DType, DTypes, Heads, Pattern, Pool, Select, Window
+from .ir import (BRANCH_ORDER, MAX_NUMBER, Branch, Compress, Combine, Dims, DType, DTypes, Heads, Pattern, Pool,
+                 Select, Window)
 
 MAX_HEADS = 1024
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 16, 256, 16

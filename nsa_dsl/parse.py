@@ -925,7 +925,7 @@ class _Builder:
             self.error(self.src.of(tok), f"{key}={shown} is too large: a number in a pattern is at most"
                                          f" {ir.MAX_NUMBER}",
                        "the kernels index positions, blocks and heads with int32 (2**31 - 1 at most);"
-                       f" `nsa-dsl check` gives the real limit of {key}")
+                       f" `nsa-dsl check` then says the limit of {key} itself")
             return None
         return int(digits)
 
