@@ -852,8 +852,10 @@ class _Builder:
         for kind, (keyword, value) in own.items():
             if _is_off(value) and inherited[kind] is None and self.sure(kind, parent_unsure):
                 present = [k for k in STATEMENTS if inherited[k] is not None]
+                # (After a syntax error the parent may have no statement left.)
+                has = _or_list(present, "and") if present else "no statement that parsed"
                 self.error(self.src.of(keyword, value), f"'{kind} off' but '{parent}' has no {kind} to remove",
-                           f"drop this line; '{parent}' has {_or_list(present, 'and')}")
+                           f"drop this line; '{parent}' has {has}")
             merged[kind] = None if _is_off(value) else value
         return merged
 

@@ -623,6 +623,16 @@ def test_structure_errors_come_with_syntax_errors_in_file_order():
         (4, 16, "window is given twice in pattern 'a'")]
 
 
+def test_off_against_a_parent_left_empty_by_recovery_is_an_error_not_a_crash():
+    # Found by the fuzzer: the parent's only statement was broken, so it was
+    # built with no statement at all, and the hint listing what it has failed.
+    text = "pattern c { heads v=0 }\npattern a extends c { compress off }"
+    parsed = parse_source(text, "spec.nsa")
+    assert [(line, m) for line, _, m in located(parsed.diagnostics)] == [
+        (1, "'v' is not a key of heads"), (2, "'compress off' but 'c' has no compress to remove")]
+    assert parsed.diagnostics[1].hint == "drop this line; 'c' has no statement that parsed"
+
+
 def test_parsed_only_keeps_one_pattern_and_the_files_errors():
     parsed = parse_source(SEVEN, "spec.nsa")
     second = parsed.only("second")

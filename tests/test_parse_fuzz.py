@@ -285,6 +285,7 @@ def grammar_files(draw):
 @fuzz(8)
 @given(grammar_files())
 @example("pattern a { heads q=9 kv=3 dims qk=00064 select block=" + "9" * 5000 + " top=1 }")
+@example("pattern a { }\npattern a { }\npattern c { heads v=0 }\npattern a { }\npattern a extends c { compress off }")
 def test_files_generated_from_the_grammar(text):
     check(text)
 
