@@ -43,6 +43,9 @@ sequences, Mod for the remainders), so `ratio_to_dense` and `table` are exact:
 they substitute an integer T. `smooth` forms drop the Piecewise (T beyond every
 block and window size) and replace each remainder by its mean over the
 residues; they are for reading, exact on average and within O(l'/T) per token.
+`pieces` keep the short-sequence cases too: one formula per range of T (the
+ranges below a block or window are exact, the last one is the smooth form),
+which `by_length` adds up across branches and `format_expr` prints.
 """
 from __future__ import annotations
 
@@ -110,6 +113,114 @@ def compressed_tokens(block: int, stride: int, length=T):
     return sympy.Piecewise((0, length < block), (sympy.floor((length - block) / sympy.Integer(stride)) + 1, True))
 
 
+def compressed_tokens_smooth(block: int, stride: int, length=T):
+    """Tc for T >= l with the floor's remainder averaged: (T - l)/d + 1 -
+    (d - 1)/(2d)."""
+    d = sympy.Integer(stride)
+    return (length - block) / d + (d + 1) / (2 * d)
+
+
+# ---------------------------------------------------------------------------
+# Formulas by range of T, for reading
+# ---------------------------------------------------------------------------
+def _upper_bound(condition) -> int:
+    """The largest integer T a piece's condition (T < a or T <= b) allows."""
+    if isinstance(condition, sympy.StrictLessThan) and condition.lhs == T and condition.rhs.is_Integer:
+        return int(condition.rhs) - 1
+    if isinstance(condition, sympy.LessThan) and condition.lhs == T and condition.rhs.is_Integer:
+        return int(condition.rhs)
+    raise ValueError(f"not a bound on T: {condition}")
+
+
+def pieces_of(exact, smooth) -> tuple:
+    """((upper, expr), ..., (None, smooth)): the exact Piecewise's short-
+    sequence cases (each holds for T <= upper, after the previous one),
+    then the smooth form for every longer T. The short cases carry no
+    remainder (Mod or floor), so they are exact."""
+    if not isinstance(exact, sympy.Piecewise):
+        return ((None, smooth),)
+    short = tuple((_upper_bound(cond), expr) for expr, cond in exact.args[:-1])
+    return tuple((upper, expr) for upper, expr in short if upper >= 1) + ((None, smooth),)
+
+
+def _piece_at(pieces: tuple, length: int):
+    for upper, expr in pieces:
+        if upper is None or length <= upper:
+            return expr
+    raise AssertionError("the last piece has no upper bound")
+
+
+def by_length(*piece_lists) -> tuple:
+    """The sum of several pieces_of() lists, one formula per range of T:
+    (((lo, hi), expr), ...) with hi None for the last range (T >= lo)."""
+    bounds = sorted({upper for pieces in piece_lists for upper, _ in pieces if upper is not None})
+    ranges, lo = [], 1
+    for hi in bounds + [None]:
+        if hi is not None and hi < lo:
+            continue
+        at = lo if hi is None else hi
+        ranges.append(((lo, hi), sympy.expand(sympy.Add(*(_piece_at(p, at) for p in piece_lists)))))
+        lo = None if hi is None else hi + 1
+    return tuple(ranges)
+
+
+def format_range(lo: int, hi: Optional[int]) -> str:
+    if hi is None:
+        return f"T >= {lo}" if lo > 1 else "any T"
+    return f"T <= {hi}" if lo <= 1 else (f"T = {lo}" if lo == hi else f"{lo} <= T <= {hi}")
+
+
+def _format_number(value) -> str:
+    """Integers up to six digits exactly, anything else to four significant
+    digits (the model's own inputs are rounder than that)."""
+    if value.is_Integer and abs(value) < 10**6:
+        return str(int(value))
+    text = f"{float(value):.4g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        text = f"{mantissa}e{int(exponent)}"
+    return text
+
+
+def format_expr(expr) -> str:
+    """A sum of c*T^k (k an integer, possibly negative) written the way a
+    person reads it, highest power of T first: `2048*T + 6.153e7 - 2.55e10/T`.
+    sympy.sympify of the result gives the expression back to four
+    significant digits per coefficient."""
+    expr = sympy.expand(expr)
+    if expr.free_symbols - {T}:
+        raise ValueError(f"{expr} is not an expression in T alone")
+    terms = sympy.collect(expr, T, evaluate=False)
+    by_power = []
+    for monomial, coeff in terms.items():
+        base, power = (T, sympy.Integer(0)) if monomial == 1 else monomial.as_base_exp()
+        if base != T or not power.is_Integer or not coeff.is_Rational:
+            raise ValueError(f"{expr} is not a sum of rational multiples of powers of T")
+        by_power.append((int(power), coeff))
+    parts = []
+    for power, coeff in sorted(by_power, reverse=True):
+        if coeff == 0:
+            continue
+        sign = "-" if coeff < 0 else "+"
+        magnitude = abs(coeff)
+        number = _format_number(magnitude)
+        if power == 0:
+            body = number
+        else:
+            var = "T" if abs(power) == 1 else f"T**{abs(power)}"
+            if power > 0:
+                body = var if magnitude == 1 else f"{number}*{var}"
+            else:
+                body = f"{number}/{var}"
+        parts.append((sign, body))
+    if not parts:
+        return "0"
+    text = ("-" if parts[0][0] == "-" else "") + parts[0][1]
+    for sign, body in parts[1:]:
+        text += f" {sign} {body}"
+    return text
+
+
 # ---------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------
@@ -121,6 +232,8 @@ class Term:
     what: str  # what is counted, in words
     flops: sympy.Expr  # exact, Piecewise/Mod in T
     smooth: sympy.Expr  # for T beyond every block and window size, remainders averaged
+    pieces: tuple = ()  # ((upper, expr), ..., (None, smooth)): by range of T (pieces_of)
+    short: str = ""  # `what` in a few words, for explain's one line per branch
 
 
 class CostRow(NamedTuple):
@@ -142,6 +255,7 @@ class Cost:
     dense: sympy.Expr  # dense causal attention FLOPs per token, (Dqk + Dv)*HQ*(T + 1)
     bytes: sympy.Expr  # minimum bytes per token (see the module docstring)
     element_bytes: int = 2
+    bytes_pieces: tuple = ()  # the bytes by range of T (pieces_of)
 
     def term(self, name: str) -> Optional[Term]:
         for t in self.terms:
@@ -157,6 +271,12 @@ class Cost:
         if not value.is_Rational:
             raise ValueError(f"{expr} did not evaluate to a number at T={length}: {value}")
         return value
+
+    def total_by_length(self) -> tuple:
+        """Total attention FLOPs per token, one formula per range of T
+        (((lo, hi), expr), ...): exact below the last block or window size,
+        the smooth form from there on."""
+        return by_length(*(t.pieces for t in self.terms))
 
     def ratio_to_dense(self, length: int) -> float:
         """Predicted dense / NSA attention FLOPs at sequence length `length`
@@ -184,27 +304,30 @@ def cost_model(pattern: Pattern, element_bytes: int = 2) -> Cost:
     combined = p.combined_branches
     terms = []
 
-    def add(name, what, flops_per_key, keys):
+    def add(name, what, short, flops_per_key, keys):
         exact, smooth = keys
-        terms.append(Term(name, what, hq * flops_per_key * exact / T, sympy.expand(hq * flops_per_key * smooth / T)))
+        per_token = hq * flops_per_key / T
+        pieces = tuple((upper, sympy.expand(per_token * e)) for upper, e in pieces_of(exact, smooth))
+        terms.append(Term(name, what, per_token * exact, sympy.expand(per_token * smooth), pieces, short))
 
     c, s, w = p.compress, p.select, p.window
     if c is not None:
         keys = compressed_keys(c.block, c.stride)
         if Branch.CMP in combined:
-            add("cmp", "compressed attention, QK^T and PV over the visible compressed tokens", 2 * (dqk + dv), keys)
+            add("cmp", "compressed attention, QK^T and PV over the visible compressed tokens",
+                "QK^T+PV over the compressed tokens", 2 * (dqk + dv), keys)
         else:
             add("cmp", "compressed attention, QK^T only (its log-sum-exp ranks blocks; cmp is not combined)",
-                2 * dqk, keys)
+                "QK^T only (ranks blocks; not combined)", 2 * dqk, keys)
     if s is not None:
         if not s.is_static:
             add("scoring", "block scoring: QK^T over the visible compressed tokens recomputed to rank blocks",
-                2 * dqk, compressed_keys(c.block, c.stride))
+                "QK^T again, to rank blocks", 2 * dqk, compressed_keys(c.block, c.stride))
         add("slc", f"selection, QK^T and PV over the keys <= t of the {s.top} selected blocks of {s.block}",
-            2 * (dqk + dv), selected_keys(s.block, s.top, s.local))
+            f"QK^T+PV over {s.top} blocks of {s.block}", 2 * (dqk + dv), selected_keys(s.block, s.top, s.local))
     if w is not None:
-        add("swa", f"sliding window, QK^T and PV over the last {w.size} positions", 2 * (dqk + dv),
-            window_keys(w.size))
+        add("swa", f"sliding window, QK^T and PV over the last {w.size} positions",
+            f"QK^T+PV over the last {w.size}", 2 * (dqk + dv), window_keys(w.size))
 
     total = sympy.Add(*(t.flops for t in terms))
     smooth_total = sympy.expand(sympy.Add(*(t.smooth for t in terms)))
@@ -212,33 +335,56 @@ def cost_model(pattern: Pattern, element_bytes: int = 2) -> Cost:
 
     per_token = hq * dqk + hkv * dqk + hkv * dv + hq * len(combined) + hq * dv  # q, k, v, gates, o
     nbytes = sympy.Integer(element_bytes * per_token)
+    bytes_pieces = ((None, nbytes),)
     if c is not None and c.pool is Pool.MLP:
-        nbytes += element_bytes * hkv * (dqk + dv) * compressed_tokens(c.block, c.stride) / T
-    return Cost(p, T, tuple(terms), total, smooth_total, dense, nbytes, element_bytes)
+        per_compressed = element_bytes * hkv * (dqk + dv) / T
+        tc = compressed_tokens(c.block, c.stride)
+        bytes_pieces = tuple((upper, sympy.expand(nbytes + per_compressed * e))
+                             for upper, e in pieces_of(tc, compressed_tokens_smooth(c.block, c.stride)))
+        nbytes += per_compressed * tc
+    return Cost(p, T, tuple(terms), total, smooth_total, dense, nbytes, element_bytes, bytes_pieces)
 
 
 def _num(x: float) -> str:
     return f"{x:.3e}"
 
 
+def format_pieces(ranges) -> str:
+    """by_length() output as `T <= 31: 0;  T >= 32: 1280*T - ...`."""
+    return ";  ".join(f"{format_range(*span)}: {format_expr(expr)}" for span, expr in ranges)
+
+
+def _long_run_ratio(cost: Cost) -> str:
+    """Where dense/NSA heads as T grows: the ratio of the leading terms."""
+    (_, last), = cost.total_by_length()[-1:]
+    limit = sympy.limit(cost.dense / last, T, sympy.oo)
+    if limit is sympy.oo:
+        return ("dense/NSA grows without bound with T (NSA FLOPs per token stop growing past the last block or"
+                " window)")
+    return f"dense/NSA tends to {float(limit):.2f} as T grows (the ratio of the T terms)"
+
+
 def explain(pattern: Pattern, Ts=DEFAULT_TS, element_bytes: int = 2) -> str:  # noqa: N803
-    """The cost model in words: per-branch FLOPs per token (smooth form, then
-    exact), dense attention, minimum bytes, and the dense/NSA ratio table."""
+    """The cost model in words, one line per branch: attention FLOPs per
+    token as formulas in T by range of T (format_expr: no Piecewise), their
+    total past the last block or window size, dense attention, minimum
+    bytes, and the dense/NSA table at the lengths Ts. Cost's expressions
+    keep the exact forms for code."""
     cost = cost_model(pattern, element_bytes)
     p = pattern
-    lines = [f"cost model of pattern {p.name} (per token, causal, batch 1, all {p.heads.q} query heads;"
-             f" a multiply-add is 2 FLOPs)"]
-    lines.append("attention FLOPs per token; '~' is the form for T beyond every block and window size with"
-                 " remainders averaged, '=' the exact sum over t = 0..T-1:")
+    lines = [f"cost per token of a causal sequence of T positions (batch 1, all {p.heads.q} query heads)",
+             "attention FLOPs (a multiply-add is 2), exact up to each block or window size, then with T mod a"
+             " block averaged:"]
+    width = max((len(t.short) for t in cost.terms), default=0)
     for t in cost.terms:
-        lines.append(f"  {t.name}: {t.what}")
-        lines.append(f"      ~ {t.smooth}")
-        lines.append(f"      = {t.flops}")
-    lines.append(f"  total ~ {cost.smooth_total}")
-    lines.append(f"  dense causal attention = {cost.dense}")
-    lines.append(f"minimum bytes per token ({element_bytes}-byte elements; inputs read once, outputs written once)"
-                 f" = {cost.bytes}")
-    lines.append("")
+        lines.append(f"  {t.name:<8} {t.short:<{width}}  {format_pieces(by_length(t.pieces))}")
+    ranges = cost.total_by_length()
+    if len(cost.terms) > 1:
+        shorter = "; shorter T: add the lines above" if len(ranges) > 1 else ""
+        lines.append(f"  {'total':<8} {format_pieces(ranges[-1:])}{shorter}")
+    lines.append(f"  dense causal attention: {format_expr(cost.dense)};  {_long_run_ratio(cost)}")
+    lines.append(f"minimum bytes per token ({element_bytes}-byte elements, inputs read and output written once):"
+                 f" {format_pieces(by_length(cost.bytes_pieces))}")
     header = f"{'T':>8}  {'NSA FLOP/token':>14}  {'dense FLOP/token':>16}  {'dense/NSA':>9}  {'bytes/token':>11}" \
              f"  {'FLOP/byte':>9}"
     lines.append(header)
@@ -347,6 +493,8 @@ def selection_loop_bytes(pattern: Pattern, group_rows: int, tokens_per_program: 
         choice = "group-centric"
         why = (f"at T={T} block-centric predicted {ratio:.2f}x fewer weighted bytes"
                f" (< the {BLOCK_CENTRIC_MARGIN}x margin)")
+        if ratio < 1:  # reads as "2.67x more", not "0.37x fewer"
+            why = f"at T={T} block-centric predicted {1 / ratio:.2f}x more weighted bytes than group-centric"
     return LoopOrderBytes(group, block, choice, why)
 
 

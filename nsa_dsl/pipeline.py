@@ -45,7 +45,9 @@ def cache_key(plan: Plan, device: Optional[str] = None) -> str:
     h = hashlib.sha256()
 
     def feed(label: str, text: str) -> None:
-        h.update(label.encode() + b"\0" + text.encode() + b"\0")
+        # surrogateescape: a file name that is not valid UTF-8 arrives from
+        # os.fsdecode with lone surrogates; hash its original bytes.
+        h.update(label.encode() + b"\0" + text.encode("utf-8", "surrogateescape") + b"\0")
 
     feed("pattern", plan.pattern.canonical())
     feed("source", plan.pattern.source)
@@ -88,10 +90,12 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     TunedPattern that runs each call with the configuration `nsa-dsl tune`
     recorded for its length bucket on this device (a tuned bucket within two
     doublings where its own is not, the defaults where none is)."""
+    from .interpreter import prepare
     from .ops import CompiledPattern
 
     if not isinstance(pattern, Pattern):
         raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
+    prepare()  # before the cache key (it names the device) and the import (triton.jit reads the variable)
     if tuned:
         if overrides:
             raise ValueError("compile: pass either tuned=True or overrides, not both")

@@ -8,6 +8,7 @@ plan lists. Planning is a pure function of the (already validated) pattern.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from math import gcd
 from typing import Optional
@@ -160,7 +161,64 @@ class Plan:
             return "group-centric at every length"
         return f"group-centric below T={self.block_centric_from}, block-centric from it"
 
-    def explain(self) -> str:
+    def explain(self, verbose: bool = False) -> str:
+        """The plan in words, for `nsa-dsl check --explain`: one line per
+        kernel (what it does, when it runs) and one with its tiles and
+        launch; the constants that restate the pattern and the switches
+        that are off are left out (verbose=True prints every constant,
+        grid and the plan's notes word for word)."""
+        if verbose:
+            return self._explain_all()
+        p = self.pattern
+        combined = p.combined_branches
+        lines = [f"pattern {p.name}: heads q={p.heads.q} kv={p.heads.kv} (G={p.group} per KV head),"
+                 f" head dims qk={p.dims.qk} v={p.dims.v}, branches {', '.join(b.value for b in p.declared_branches)}"
+                 + (" (all combined)" if len(combined) == len(p.declared_branches)
+                    else f" (combined: {', '.join(b.value for b in combined)})")]
+        pad = [f"{name} {dim} -> {padded}" for name, dim, padded in (("qk", p.dims.qk, self.qk_pad),
+                                                                    ("v", p.dims.v, self.v_pad)) if padded != dim]
+        if pad:
+            lines.append(f"  head dims padded to powers of two in registers ({', '.join(pad)}); memory traffic stays"
+                         " at the declared size")
+        if self.has("slc_fwd"):
+            lines.append(f"  selection loop order: {self.loop_order_summary()}"
+                         f" (G={p.group} query heads as rows of a {self.group_rows}-row MMA tile)")
+            why = self._loop_order_reason()
+            if why:
+                lines.append(f"    {why}")
+        off = sum(_shown_constants(k)[1] for k in self.kernels)
+        lines.append("kernels in launch order (backward: training only"
+                     + (f"; {off} switches that are off not shown, see explain(verbose=True)" if off else "")
+                     + "):")
+        for k in self.kernels:
+            shown, _ = _shown_constants(k)
+            what = f"  - {k.name} ({k.direction}): {_summary(self, k)}{_when_launched(self, k)}"
+            launch = f"{k.num_warps} warps, {k.num_stages} stage{'s' if k.num_stages > 1 else ''}"
+            settings = f"{' '.join(f'{n}={v}' for n, v in shown)}{'; ' if shown else ''}{launch}"
+            # one line where it fits a terminal, else the settings below
+            if len(what) + len(settings) + 4 <= EXPLAIN_WIDTH:
+                lines.append(f"{what}  [{settings}]")
+            else:
+                lines += [what, f"      [{settings}]"]
+        # notes the lines above do not already say (none today: kept so a
+        # new note is never silently dropped)
+        lines += [f"  note: {note}" for note in self.notes if not note.startswith(_NOTES_SHOWN)]
+        return "\n".join(lines)
+
+    def _loop_order_reason(self) -> str:
+        """Why the cost model chose the selection loop order, from the
+        plan's own note ("... by the cost model (WHY); compile(...)
+        overrides"), unless SLC_FWD_ORDER forces an order."""
+        if self.kernel("slc_fwd").const("SLC_FWD_ORDER") >= 0:
+            return ""
+        for note in self.notes:
+            found = re.match(r"selection forward loop order: .* by the cost model \((.*)\); compile", note)
+            if found:
+                return f"why: {found.group(1)}; compile(..., slc_fwd=...) overrides"
+        return ""
+
+    def _explain_all(self) -> str:
+        """Every constant of every kernel, its grid, and the plan's notes."""
         p = self.pattern
         lines = [f"pattern {p.name}: {len(self.kernels)} kernel(s), branches {', '.join(b.value for b in p.declared_branches)}"
                  f" (combined: {', '.join(b.value for b in p.combined_branches)})"]
@@ -181,6 +239,101 @@ class Plan:
         for note in self.notes:
             lines.append(f"  note: {note}")
         return "\n".join(lines)
+
+
+# --- explain's helpers (printing only: no decision is made here) -----------
+
+# Columns explain aims for: a kernel's summary and its settings share a line
+# where they fit.
+EXPLAIN_WIDTH = 120
+
+# The beginnings of make_plan's notes that explain's lines already say:
+# the loop order (and its why), the selection dK/dV in slc_bwd's line, the
+# padding in the header, a static selection in slc_topk's line.
+_NOTES_SHOWN = ("selection forward loop order:", "selection dK/dV:", "head dims are padded",
+                "top == initial + local")
+
+# Plan.slc_dkdv in words (compile(..., slc_dkdv=) picks the other)
+_SLC_DKDV = {"inverted-index": "per block over an inverted index (deterministic)",
+             "atomic": "by float32 atomics from the query side (not deterministic)"}
+
+# Constants that restate the pattern (block sizes, top-n, window, which
+# branches are combined) or a decision printed on its own line: explain's
+# one-line summary leaves them out, verbose prints them.
+_RESTATED = {"CMP_BLOCK", "CMP_STRIDE", "SLC_BLOCK", "TOP", "TOP_PAD", "INITIAL", "LOCAL", "WINDOW",
+             "STATIC_SELECTION", "GROUP_ROWS", "COMBINE_CMP", "COMBINE_SLC", "COMBINE_SWA", "SLC_FWD_ORDER"}
+
+
+def _shown_constants(kernel: KernelPlan) -> tuple:
+    """(the constants worth a line: tiles, work splits, switches that are
+    on; how many tunable switches are off and left out)."""
+    shown, off = [], 0
+    for name, value in kernel.constants:
+        if name in _RESTATED:
+            continue
+        if value is False or (value == 0 and TUNABLE.get(name) is _flag):
+            off += name in TUNABLE
+            continue
+        shown.append((name, value))
+    return tuple(shown), off
+
+
+def _gated_sum(branches) -> str:
+    return " + ".join(f"g_{b.value}*o_{b.value}" for b in branches)
+
+
+def _summary(plan: Plan, k: KernelPlan) -> str:
+    """What a kernel does, in a few words (KernelPlan.role has the long form)."""
+    c = dict(k.constants)
+    summaries = {
+        "cmp_pool": lambda: f"mean-pools k, v into k_cmp, v_cmp (blocks of {c['CMP_BLOCK']} every {c['CMP_STRIDE']})",
+        "cmp_fwd": lambda: "attention over the compressed tokens in the query's past"
+                           + ("" if c["CMP_WRITE_O"] else ": log-sum-exp only, to rank blocks"),
+        "slc_topk": lambda: (f"the forced blocks ({c['INITIAL']} initial, {c['LOCAL']} local) by formula, no scoring"
+                             if c["STATIC_SELECTION"] else
+                             f"scores blocks from the compressed probabilities, keeps the top {c['TOP']}"
+                             f" ({c['INITIAL']} initial + {c['LOCAL']} local forced)"),
+        "slc_fwd": lambda: f"attention over the {c['TOP']} selected blocks, group-centric: {c['SLC_TOKENS']}"
+                           f" position(s) x {c['GROUP_ROWS']} head rows a tile",
+        "slc_fwd_bc": lambda: f"the same, block-centric: the positions that chose each block, then a"
+                              f" {c['TOP']}-slot reduction",
+        "swa_fwd": lambda: f"attention over the last {c['WINDOW']} positions",
+        "combine": lambda: "o = " + _gated_sum(plan.pattern.combined_branches),
+        "bwd_prep": lambda: "gate gradients and each branch's softmax-backward term",
+        "cmp_bwd": lambda: "dq, dk_cmp, dv_cmp of cmp_fwd",
+        "cmp_pool_bwd": lambda: "dk, dv of the mean pooling",
+        "slc_bwd": lambda: f"dq, dk, dv of the selection; dK/dV {_SLC_DKDV[plan.slc_dkdv]}",
+        "swa_bwd": lambda: "dq, dk, dv of the window",
+    }
+    if k.name in summaries:
+        return summaries[k.name]()
+    return k.role.split(";")[0]  # a kernel without a summary yet: its role's first clause
+
+
+def _when_launched(plan: Plan, k: KernelPlan) -> str:
+    """When a default call runs the kernel, for the kernels that do not
+    always run: the two selection loop orders, and the window where a
+    selection kernel computes it."""
+    if k.name == "slc_fwd_bc":
+        if plan.loop_order_at(1 << 30) != "block-centric":
+            return " [not launched by default]"
+        if plan.loop_order_at(1) == "block-centric":
+            return ""
+        return f" [from T={plan.block_centric_from}]"
+    if k.name == "slc_fwd":
+        if plan.loop_order_at(1) == "block-centric":
+            return " [not launched by default]"
+        if plan.loop_order_at(1 << 30) == "block-centric":
+            return f" [below T={plan.block_centric_from}]"
+        return ""
+    if k.name == "swa_fwd":
+        if plan.window_in_selection and plan.window_in_block_centric:
+            return " [not launched: both selection orders compute the window]"
+        if plan.window_in_selection:
+            return " [runs with block-centric only: slc_fwd computes the window]"
+        if plan.window_in_block_centric:
+            return " [runs with group-centric only: the block-centric merge computes the window]"
+    return ""
 
 
 # Shared memory one block may use on sm_90 (Hopper), bytes.

@@ -14,7 +14,7 @@ Layouts (batch first, as flash-attn):
 
 Public functions
 ----------------
-reference(pattern, q, k, v, *, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa,
+reference(pattern, q, k, v, g_cmp, g_slc, g_swa, *, k_cmp, v_cmp, k_swa, v_swa,
           indices, scale, return_indices, query_chunk)
     o [B, T, HQ, Dv] = sum over pattern.combined_branches of gate * branch output;
     with return_indices=True, (o, indices).
@@ -69,6 +69,7 @@ Conventions decided here
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Dict, Optional, Sequence
 
@@ -210,12 +211,52 @@ def _softmax_masked(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     visible (or an empty last dim) gives all zeros, never NaN."""
     if logits.shape[-1] == 0:
         return logits
-    logits = logits.masked_fill(~mask, float("-inf"))
-    m = logits.detach().amax(dim=-1, keepdim=True)
+    masked = logits.masked_fill(~mask, float("-inf"))
+    m = masked.detach().amax(dim=-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(logits - m)
+    e = torch.exp(masked - m)
     den = e.sum(dim=-1, keepdim=True)
-    return e / torch.where(den > 0, den, torch.ones_like(den))
+    p = e / torch.where(den > 0, den, torch.ones_like(den))
+    if _term_sizes_on:
+        return _TermSizeSoftmax.apply(logits, p.detach())
+    return p
+
+
+_term_sizes_on = False
+
+
+class _TermSizeSoftmax(torch.autograd.Function):
+    """The softmax's value with a backward that adds the sizes of its terms:
+    d logits = p * (|g| + |sum(p * g)|) instead of p * (g - sum(p * g)).
+
+    The true backward subtracts each row's mean, so a gradient reached through
+    it can be exactly 0 (dq and dk at length 1, where one key is visible)
+    while a kernel in fp16 leaves rounding noise the size of the terms that
+    cancelled. Gradients computed with this backward are those terms' size:
+    the scale an absolute error floor needs (see term_sizes)."""
+
+    @staticmethod
+    def forward(ctx, logits, p):
+        ctx.save_for_backward(p)
+        return p.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (p,) = ctx.saved_tensors
+        return p * (g.abs() + (p * g).sum(dim=-1, keepdim=True).abs()), None
+
+
+@contextlib.contextmanager
+def term_sizes():
+    """Within this block, reference()'s gradients are the sizes of the terms
+    the true gradients sum (softmax backward without its cancellation; the
+    outputs are unchanged). Used for error floors, never for training."""
+    global _term_sizes_on
+    previous, _term_sizes_on = _term_sizes_on, True
+    try:
+        yield
+    finally:
+        _term_sizes_on = previous
 
 
 def _attend(q5: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -708,10 +749,10 @@ def reference(
     q,
     k,
     v,
-    *,
     g_cmp=None,
     g_slc=None,
     g_swa=None,
+    *,
     k_cmp=None,
     v_cmp=None,
     k_swa=None,
@@ -737,20 +778,20 @@ def reference(
     """
     B, T, cd, t = _prepare(pattern, q, k, v, k_cmp, v_cmp, k_swa, v_swa, indices, query_chunk)
     gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa}
-    declared = pattern.declared_branches
+    combined = pattern.combined_branches
     for name, branch in _GATES:
         g = gates[name]
         if g is None:
             continue
-        if branch not in declared:
-            raise ValueError(f"{name}: given, but the pattern has no {branch.value} branch")
+        if branch not in combined:  # the same refusal as the compiled call's (validate.py)
+            raise ValueError(f"{name}: pattern {pattern.name!r} does not combine the {branch.value} branch"
+                             f" (combined: {', '.join(b.value for b in combined)}); pass no {name}")
         _check_shape(name, g, ("B", "T", "HQ"), (B, T, pattern.heads.q))
         if not g.dtype.is_floating_point:
             raise ValueError(f"{name}: expected a floating dtype, got {g.dtype}")
     if return_indices and pattern.select is None:
         raise ValueError("return_indices: the pattern has no select branch, so there are no indices")
     scale = _default_scale(pattern, scale)
-    combined = pattern.combined_branches
     outs, idx = _run(pattern, t, B, T, cd, indices, scale, query_chunk, combined, return_indices, bool(gather))
     o = None
     for name, branch in _GATES:

@@ -20,7 +20,8 @@ from .resources import template_dir
 
 # The only strings a constant may take; anything else is a bug upstream.
 _ENUM_WORDS = frozenset({"ieee", "tf32", "tf32x3"})
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Used with fullmatch: `$` alone would also accept a trailing newline.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _literal(value) -> str:
@@ -81,7 +82,7 @@ def _constants_by_kernel(plan: Plan) -> list:
 
 def render(plan: Plan, cache_key: str = "(not cached)") -> str:
     pattern = plan.pattern
-    if not _IDENTIFIER.match(pattern.name):
+    if not _IDENTIFIER.fullmatch(pattern.name):
         raise ValueError(f"nsa_dsl.render: pattern name {pattern.name!r} is not an identifier")
     template = _environment().get_template("module.py.jinja")
     return template.render(

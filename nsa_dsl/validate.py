@@ -3,6 +3,8 @@ kernel launch, and every failure is a ValueError that names the argument,
 what was expected and what came."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,12 +33,48 @@ def _expect_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str) -> None:
+def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str, why: str = "") -> None:
+    """`why`: how the expected sizes were derived, added where the first
+    two (B and T, or Tc, all following from q) are what differs, so the
+    caller sees which tensor set them."""
     if t.dim() != len(expected):
         raise ValueError(f"{name}: expected a {len(expected)}-d tensor {meaning} = {list(expected)},"
                          f" got a {t.dim()}-d tensor of shape {_shape(t)}")
     if tuple(t.shape) != tuple(expected):
-        raise ValueError(f"{name}: expected shape {meaning} = {list(expected)}, got {_shape(t)}")
+        note = f" ({why})" if why and tuple(t.shape[:2]) != tuple(expected[:2]) else ""
+        raise ValueError(f"{name}: expected shape {meaning} = {list(expected)}{note}, got {_shape(t)}")
+
+
+def _sdpa_layout(p: Pattern, tensors: dict) -> tuple:
+    """(the first swapped name, the names to transpose, B, T) when q, k, v
+    look like [B, H, T, D] (the layout of torch's scaled_dot_product_attention
+    and FlexAttention): each is 4-d with its head dim last, and either dim 1
+    is its head count while dim 2 is not (swapped) or dim 2 is (the
+    [B, T, H, D] nsa_dsl takes), with one B and one T across the three, and
+    at least one swapped. A tensor whose dims 1 and 2 both equal its head
+    count (T = H) fits either; it is named too, since q, k and v are almost
+    always built the same way. () when the shapes say nothing of the kind."""
+    heads = {"q": (p.heads.q, p.dims.qk), "k": (p.heads.kv, p.dims.qk), "v": (p.heads.kv, p.dims.v)}
+    swapped, either, batches, lengths = [], [], set(), set()
+    for name, t in tensors.items():
+        h, d = heads[name]
+        if t.dim() != 4 or t.shape[3] != d:
+            return ()
+        if t.shape[1] == h and t.shape[2] == h:
+            either.append(name)
+            lengths.add(h)
+        elif t.shape[1] == h:
+            swapped.append(name)
+            lengths.add(t.shape[2])
+        elif t.shape[2] == h:
+            lengths.add(t.shape[1])
+        else:
+            return ()
+        batches.add(t.shape[0])
+    if not swapped or len(batches) != 1 or len(lengths) != 1:
+        return ()
+    names = tuple(n for n in tensors if n in swapped or n in either)
+    return swapped[0], names, batches.pop(), lengths.pop()
 
 
 def compressed_length(pattern: Pattern, length: int) -> int:
@@ -54,11 +92,28 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
     v = _expect_tensor("v", v)
     if q.dim() != 4:
         raise ValueError(f"q: expected a 4-d tensor [B, T, HQ={p.heads.q}, Dqk={p.dims.qk}], got shape {_shape(q)}")
-    batch, length = q.shape[0], q.shape[1]
     hq, hkv, dqk, dv = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
+    sdpa = _sdpa_layout(p, {"q": q, "k": k, "v": v})
+    if sdpa:
+        # Read with T from dim 1, such inputs would be reported against a
+        # length that is really the head count; say what they look like.
+        name, names, batch, length = sdpa
+        t, h, d, meaning = {"q": (q, hq, dqk, "[B, T, HQ, Dqk]"), "k": (k, hkv, dqk, "[B, T, HKV, Dqk]"),
+                            "v": (v, hkv, dv, "[B, T, HKV, Dv]")}[name]
+        raise ValueError(f"{name}: expected shape {meaning} = {[batch, length, h, d]}, got {_shape(t)}:"
+                         " looks like [B, H, T, D] (the SDPA layout); nsa_dsl takes [B, T, H, D]: pass "
+                         + ", ".join(f"{n}.transpose(1, 2)" for n in names))
+    batch, length = q.shape[0], q.shape[1]
     _expect_shape("q", q, (batch, length, hq, dqk), "[B, T, HQ, Dqk]")
-    _expect_shape("k", k, (batch, length, hkv, dqk), "[B, T, HKV, Dqk]")
-    _expect_shape("v", v, (batch, length, hkv, dv), "[B, T, HKV, Dv]")
+    from_q = "B and T from q"
+    for name, t, d, meaning in (("k", k, dqk, "[B, T, HKV, Dqk]"), ("v", v, dv, "[B, T, HKV, Dv]")):
+        if hq != hkv and t.dim() == 4 and tuple(t.shape) == (batch, length, hq, d):
+            # GQA keys and values repeated to the query heads (what SDPA
+            # without enable_gqa needs) are HQ/HKV times the data
+            raise ValueError(f"{name}: expected shape {meaning} = {[batch, length, hkv, d]}, got {_shape(t)}:"
+                             f" {hq} heads, one per query head; nsa_dsl takes the {hkv} KV heads, each shared by"
+                             f" G={p.group} query heads (do not repeat_interleave them)")
+        _expect_shape(name, t, (batch, length, hkv, d), meaning, from_q)
     if length < 1 or batch < 1:
         raise ValueError(f"q: batch and sequence length must be at least 1, got shape {_shape(q)}")
 
@@ -83,14 +138,19 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
         if branch not in combined:
             raise ValueError(f"{name}: pattern {p.name!r} does not combine the {branch.value} branch"
                              f" (combined: {', '.join(b.value for b in combined)}); pass no {name}")
-        _expect_shape(name, gate, (batch, length, hq), "[B, T, HQ]")
+        _expect_shape(name, gate, (batch, length, hq), "[B, T, HQ]", from_q)
         if not gate.is_floating_point():
             raise ValueError(f"{name}: expected a floating-point tensor, got {gate.dtype}")
         if gate.device != device:
             raise ValueError(f"{name}: expected device {device} (the device of q), got {gate.device}")
 
     tc = compressed_length(p, length)
-    for name, t, d in (("k_cmp", k_cmp, dqk), ("v_cmp", v_cmp, dv)):
+    if p.compress is not None:
+        # how Tc follows from T: a caller pooling k_cmp, v_cmp itself (pool=mlp) may count them otherwise
+        tc_from = (f"B from q; Tc = (T - block) // stride + 1 = ({length} - {p.compress.block}) //"
+                   f" {p.compress.stride} + 1 = {tc}" if length >= p.compress.block else
+                   f"B from q; Tc = 0: T={length} is shorter than one compress block of {p.compress.block}")
+    for name, t, d, meaning in (("k_cmp", k_cmp, dqk, "[B, Tc, HKV, Dqk]"), ("v_cmp", v_cmp, dv, "[B, Tc, HKV, Dv]")):
         if p.compress is None:
             if t is not None:
                 raise ValueError(f"{name}: pattern {p.name!r} has no compress branch; pass no {name}")
@@ -102,35 +162,41 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
             continue
         if t is None:
             raise ValueError(f"{name}: pattern {p.name!r} pools by mlp, so {name} must be passed:"
-                             f" shape [B, Tc, HKV, {'Dqk' if name == 'k_cmp' else 'Dv'}] = {[batch, tc, hkv, d]}")
+                             f" shape {meaning} = {[batch, tc, hkv, d]} ({tc_from})")
         t = _expect_tensor(name, t)
-        _expect_shape(name, t, (batch, tc, hkv, d), "[B, Tc, HKV, D]")
+        _expect_shape(name, t, (batch, tc, hkv, d), meaning, tc_from)
         if t.dtype != q.dtype or t.device != device:
             raise ValueError(f"{name}: expected dtype {q.dtype} on {device}, got {t.dtype} on {t.device}")
 
-    for name, t, d in (("k_swa", k_swa, dqk), ("v_swa", v_swa, dv)):
+    for name, t, d, meaning in (("k_swa", k_swa, dqk, "[B, T, HKV, Dqk]"), ("v_swa", v_swa, dv, "[B, T, HKV, Dv]")):
         if t is None:
             continue
         if p.window is None:
             raise ValueError(f"{name}: pattern {p.name!r} has no window branch; pass no {name}")
         t = _expect_tensor(name, t)
-        _expect_shape(name, t, (batch, length, hkv, d), "[B, T, HKV, D]")
+        _expect_shape(name, t, (batch, length, hkv, d), meaning, from_q)
         if t.dtype != q.dtype or t.device != device:
             raise ValueError(f"{name}: expected dtype {q.dtype} on {device}, got {t.dtype} on {t.device}")
     if (k_swa is None) != (v_swa is None):
-        raise ValueError("k_swa, v_swa: pass both or neither (the window branch's own keys and values)")
+        raise ValueError("k_swa, v_swa: pass both or neither (the window branch's own keys and values);"
+                         f" got {'k_swa' if v_swa is None else 'v_swa'} only")
 
     if indices is not None:
         if p.select is None:
             raise ValueError(f"indices: pattern {p.name!r} has no select branch; pass no indices")
         indices = _expect_tensor("indices", indices)
-        _expect_shape("indices", indices, (batch, length, hkv, p.select.top), "[B, T, HKV, top]")
+        _expect_shape("indices", indices, (batch, length, hkv, p.select.top), "[B, T, HKV, top]", from_q)
         if indices.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"indices: expected int32 or int64 block indices (-1 for none), got {indices.dtype}")
         if indices.device != device:
             raise ValueError(f"indices: expected device {device} (the device of q), got {indices.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-        raise ValueError(f"scale: expected a positive number, got {scale!r}")
+    # numbers.Real takes numpy scalars too (np.float32 is no float); a bool
+    # is an int to Python but never meant as a scale; inf or nan would
+    # reach the kernels as garbage
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a positive finite number (a float), got {scale!r}"
+                         + (" (a tensor: pass float(scale))" if isinstance(scale, torch.Tensor) else ""))
     return Shapes(batch, length, tc)
 
 

@@ -10,7 +10,7 @@ import pytest
 import sympy
 from hypothesis import given, settings, strategies as st
 
-from nsa_dsl.cost import CostRow, compressed_tokens, cost_model, explain
+from nsa_dsl.cost import CostRow, by_length, compressed_tokens, cost_model, explain, format_expr, format_range
 from nsa_dsl.errors import SpecError
 from nsa_dsl.ir import Branch, Combine, Compress, Dims, Heads, Pattern, Pool, Select, Window
 
@@ -260,8 +260,9 @@ def test_table_and_explain():
     assert rows[-1].ratio == pytest.approx(cost.ratio_to_dense(65536))
     assert rows[-1].flops * rows[-1].ratio == pytest.approx(rows[-1].dense_flops)
     text = explain(SANITY)
-    for word in ("cmp:", "scoring:", "slc:", "swa:", "dense causal attention", "minimum bytes", "dense/NSA"):
-        assert word in text
+    for start in ("  cmp ", "  scoring ", "  slc ", "  swa ", "  total ", "  dense causal attention",
+                  "minimum bytes", f"{'T':>8}  NSA FLOP/token"):
+        assert f"\n{start}" in text
     for length in (8192, 16384, 32768, 65536):
         assert f"\n{length:>8}  " in text
     assert f"{cost.ratio_to_dense(65536):.2f}" in text.splitlines()[-1]
@@ -272,3 +273,63 @@ def test_rejected_patterns_have_no_cost():
         cost_model(make(select=(64, 16, 1, 2)))  # top > forced without compress
     with pytest.raises(ValueError):
         cost_model(SANITY).ratio_to_dense(0)
+
+
+# ---------------------------------------------------------------------------
+# The readable forms explain prints
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("index", range(len(SMALL)))
+def test_ranges_below_the_last_bound_are_exact(index, unchecked):
+    """Each branch's formulas by range of T (Term.pieces through by_length):
+    every range with an upper end equals the brute-force sum at each of
+    its lengths; the open last range is the smooth form."""
+    p = SMALL[index]
+    cost = cost_model(p)
+    for term in cost.terms:
+        ranges = by_length(term.pieces)
+        assert ranges[-1][0][1] is None and ranges[-1][1] == term.smooth
+        for (lo, hi), expr in ranges[:-1]:
+            for length in range(lo, hi + 1):
+                assert expr.subs(cost.T, length) == brute_force(p, length)[term.name], (term.name, length)
+    # the total's ranges add the branches' formulas that hold in each range
+
+    def formula_at(ranges, length):
+        return next(expr for (lo, hi), expr in ranges if lo <= length and (hi is None or length <= hi))
+
+    for (lo, hi), expr in cost.total_by_length():
+        for length in (lo, hi if hi is not None else lo + 1000):
+            assert expr.subs(cost.T, length) == sum(formula_at(by_length(t.pieces), length).subs(cost.T, length)
+                                                    for t in cost.terms)
+
+
+def test_smooth_ranges_are_exact_on_average_over_a_period():
+    """The last range averages T mod a block: over a whole period of T (the
+    blocks' and strides' least common multiple) the sequence totals T*f(T)
+    match the exact ones."""
+    cost = cost_model(SANITY)
+    (_, smooth), = cost.total_by_length()[-1:]
+    start = 4096
+    lengths = range(start, start + 64)  # lcm of stride 16 and select block 64
+    assert sum(length * smooth.subs(cost.T, length) for length in lengths) == \
+        sum(length * cost.at(cost.total, length) for length in lengths)
+    (_, smooth_bytes), = by_length(cost_model(make(compress=(32, 16), pool=Pool.MLP)).bytes_pieces)[-1:]
+    mlp = cost_model(make(compress=(32, 16), pool=Pool.MLP))
+    assert sum(n * smooth_bytes.subs(mlp.T, n) for n in range(100, 116)) == \
+        sum(n * mlp.at(mlp.bytes, n) for n in range(100, 116))
+
+
+def test_format_expr_reads_back_to_four_digits():
+    t = sympy.Symbol("T", positive=True, integer=True)
+    assert format_expr(2048 * t + 61530112 - sympy.Integer(25503820800) / t) == "2048*T + 6.153e7 - 2.55e10/T"
+    assert format_expr(20480 * t + 20480) == "20480*T + 20480"
+    assert format_expr(sympy.Rational(1, 3) * t**2 - 5 - 7 / t**2) == "0.3333*T**2 - 5 - 7/T**2"
+    assert format_expr(-t + sympy.Integer(3)) == "-T + 3"
+    assert format_expr(sympy.Integer(0)) == "0"
+    expr = sympy.Rational(123456789, 7) * t - sympy.Rational(5, 3) + sympy.Integer(10) ** 9 / t
+    back = sympy.sympify(format_expr(expr), locals={"T": t})
+    for length in (1, 100, 10**6):
+        assert float(back.subs(t, length)) == pytest.approx(float(expr.subs(t, length)), rel=1e-3)
+    with pytest.raises(ValueError):
+        format_expr(sympy.sqrt(t))
+    assert [format_range(1, 31), format_range(32, 512), format_range(513, None), format_range(1, None)] == \
+        ["T <= 31", "32 <= T <= 512", "T >= 513", "any T"]

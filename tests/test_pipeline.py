@@ -64,6 +64,13 @@ def test_renderer_refuses_free_text():
         render_mod.render(make_plan(bad_name))
 
 
+def test_renderer_refuses_a_name_with_a_trailing_newline():
+    # `^...$` would accept "abc\n" ($ matches before a final newline): the
+    # whole name must be an identifier.
+    with pytest.raises(ValueError, match="not an identifier"):
+        render_mod.render(make_plan(window_pattern(name="abc\n")))
+
+
 def test_source_file_name_cannot_escape_its_comment():
     p = Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8),
                 source="evil\nimport os\n")
@@ -88,6 +95,19 @@ def test_cache_key_depends_on_what_decides_the_code():
     assert base != cache_key(make_plan(window_pattern(8)), device="cuda-sm90")
     moved = Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8), source="x.nsa")
     assert base != cache_key(make_plan(moved))
+
+
+def test_cache_key_of_a_file_name_that_is_not_utf8():
+    # os.fsdecode(b"bad\xff.nsa") carries a lone surrogate, which .encode()
+    # refuses; the key hashes the name's original bytes instead, so two such
+    # names still get two keys.
+    def from_file(raw: bytes):
+        return Pattern(name="w", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8),
+                       source=os.fsdecode(raw))
+
+    bad = cache_key(make_plan(from_file(b"bad\xff.nsa")))
+    assert bad != cache_key(make_plan(from_file(b"bad\xfe.nsa")))
+    assert bad == cache_key(make_plan(from_file(b"bad\xff.nsa")))
 
 
 def test_cache_key_covers_templates(monkeypatch):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 import nsa_dsl
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,3 +35,18 @@ def test_language_examples_in_readme_parse():
     block = README.split("## The language", 1)[1].split("```", 2)[1]
     names = [p.name for p in nsa_dsl.parse_all(block, "README.md")]
     assert names == ["deepseek_nsa", "moba_like", "long_window"]
+
+
+def test_python_api_section_runs_as_written(capsys):
+    section = README.split("## Python API", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 1
+    namespace: dict = {}
+    exec(compile(blocks[0], "README.md (Python API)", "exec"), namespace)  # noqa: S102 - our own README
+    o, ref, idx = namespace["o"], namespace["ref"], namespace["idx"]
+    tolerance = 1e-5 if o.dtype == torch.float32 else 1.6e-2  # NSA_MATH.md: fp32 on the CPU, bf16 on a GPU
+    assert ((o.float() - ref.float()).norm() / ref.float().norm()).item() < tolerance
+    assert idx.shape == (1, 96, 2, 4)
+    assert all(namespace[n].grad is not None for n in ("q", "k", "v"))
+    assert namespace["y"].shape == (1, 96, 256)
+    assert "relative error" in capsys.readouterr().out

@@ -512,6 +512,7 @@ def test_gates_weight_the_branches():
     assert set(br) == {Branch.CMP, Branch.SLC, Branch.SWA}
     want = gc[..., None] * br[Branch.CMP] + gs[..., None] * br[Branch.SLC] + gw[..., None] * br[Branch.SWA]
     torch.testing.assert_close(reference(p, q, k, v, g_cmp=gc, g_slc=gs, g_swa=gw), want)
+    torch.testing.assert_close(reference(p, q, k, v, gc, gs, gw), want)  # gates positional, as the compiled call's
     # missing gates are 1
     torch.testing.assert_close(
         reference(p, q, k, v, g_cmp=gc), gc[..., None] * br[Branch.CMP] + br[Branch.SLC] + br[Branch.SWA]
@@ -528,13 +529,15 @@ def test_combine_subset():
     # compress declared for ranking only: only the selection is summed
     p = _full_pattern(combine=[Branch.SLC])
     assert p.combined_branches == (Branch.SLC,)
-    o, idx = reference(p, q, k, v, g_slc=gs, g_cmp=gc, return_indices=True)  # g_cmp accepted, unused
+    with pytest.raises(ValueError, match=r"g_cmp: pattern .* does not combine the cmp branch \(combined: slc\)"):
+        reference(p, q, k, v, g_slc=gs, g_cmp=gc)  # refused, as by the compiled call: it would be ignored
+    o, idx = reference(p, q, k, v, g_slc=gs, return_indices=True)
     torch.testing.assert_close(o, gs[..., None] * br[Branch.SLC])
     _, idx_full = reference(full, q, k, v, return_indices=True)
     assert idx.equal(idx_full)
     p = _full_pattern(combine=[Branch.SWA, Branch.CMP])
     torch.testing.assert_close(
-        reference(p, q, k, v, g_cmp=gc, g_slc=gs, g_swa=gw),
+        reference(p, q, k, v, g_cmp=gc, g_swa=gw),
         gc[..., None] * br[Branch.CMP] + gw[..., None] * br[Branch.SWA],
     )
     assert set(reference_branches(p, q, k, v)) == {Branch.CMP, Branch.SLC, Branch.SWA}
@@ -711,7 +714,7 @@ def test_validation_errors():
     pw = make_pattern(window=Window(size=3))
     with pytest.raises(ValueError, match=r"k_cmp: given, but the pattern has no compress"):
         reference(pw, q, k, v, k_cmp=kc)
-    with pytest.raises(ValueError, match=r"g_slc: given, but the pattern has no slc"):
+    with pytest.raises(ValueError, match=r"g_slc: pattern .* does not combine the slc branch"):
         reference(pw, q, k, v, g_slc=torch.ones(1, 12, 4, dtype=F64))
     with pytest.raises(ValueError, match=r"return_indices"):
         reference(pw, q, k, v, return_indices=True)

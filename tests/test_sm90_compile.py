@@ -28,6 +28,24 @@ def _nvidia_backend_available() -> bool:
         return False
 
 
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:
+        return "none"
+
+
+# Register allocation is a property of the compiler: these counts were tuned
+# on the GPU machine's Triton (3.6), and .ci/run runs this file under it. Under
+# Triton 3.9 the two kernels below still compile, with 32 and 24 bytes of stack.
+GPU_MACHINE_TRITON = "3.6."
+on_the_gpu_machines_triton = pytest.mark.skipif(
+    not _triton_version().startswith(GPU_MACHINE_TRITON),
+    reason=f"spill counts of the GPU machine's compiler (triton {GPU_MACHINE_TRITON}x); .ci/run runs them under it")
+
+
 def _report(tmp_path, pattern_file: str, *overrides: str, name: str = "report", kernels: tuple = (),
             args: tuple = ()) -> list:
     """benchmarks/sm90_report.py's rows for one pattern file (fresh caches),
@@ -130,6 +148,7 @@ def test_keys_major_selection_dkdv_stays_in_registers_on_wgmma(tmp_path):
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+@on_the_gpu_machines_triton
 def test_selection_forward_writing_the_final_output_compiles_for_sm90(tmp_path):
     # WRITE_FINAL with the folded window (the call without gradients): the
     # interpreter ran it, but a static_assert on an int constant compiled
@@ -157,6 +176,7 @@ def test_sorted_merge_lets_the_scoring_loop_pipeline(tmp_path):
 
 
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
+@on_the_gpu_machines_triton
 def test_scoring_heads_in_thread_and_int32_keys_cut_the_shuffles(tmp_path):
     # TOPK_HEADS_IN_THREAD and TOPK_KEY32's reason to exist (paper128's 64k
     # scoring: 1597 -> 767 instructions a chunk, 8.30 -> 5.24 ms on the

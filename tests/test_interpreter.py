@@ -1,0 +1,53 @@
+"""Running the kernels on a CPU-only machine: the interpreter is chosen
+without the user knowing the variable, and mended where an older Triton
+breaks with the newest numpy."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from nsa_dsl import interpreter
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: no CUDA device")
+
+
+def test_prepare_chooses_the_interpreter_without_a_gpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(interpreter, "_warned", False)
+    with pytest.warns(UserWarning, match="interpreter"):
+        interpreter.prepare()
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough
+        monkeypatch.delenv("TRITON_INTERPRET")
+        interpreter.prepare()
+
+
+def test_prepare_leaves_an_explicit_choice(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    interpreter.prepare()
+    assert os.environ["TRITON_INTERPRET"] == "0"
+
+
+@triton.jit
+def _sum_first(src, dst, bounds):
+    # A loop bound loaded at run time: Triton 3.6's interpreter turned it into
+    # an int with int() of a one-element array, which numpy 2.4 refuses.
+    n = tl.load(bounds)
+    acc = tl.zeros([4], dtype=tl.float32)
+    for i in range(0, n):
+        acc += tl.load(src + i * 4 + tl.arange(0, 4))
+    tl.store(dst + tl.arange(0, 4), acc)
+
+
+def test_a_loaded_loop_bound_runs_in_the_interpreter():
+    interpreter.prepare()
+    src = torch.randn(5, 4)
+    dst = torch.full((4,), float("nan"))
+    _sum_first[(1,)](src, dst, torch.tensor([3], dtype=torch.int32))
+    torch.testing.assert_close(dst, src[:3].sum(0))
