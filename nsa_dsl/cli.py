@@ -145,15 +145,17 @@ def cmd_check(args) -> int:
     import nsa_dsl
     from nsa_dsl.check import check_parsed, errors_of, warnings_of
     from nsa_dsl.cost import explain as explain_cost
-    from nsa_dsl.parse import load_source
+    from nsa_dsl.parse import load_source, parse_source
 
     status = 0
     for path in args.files:
-        if not Path(path).is_file():
+        # exists(), not is_file(): a named pipe such as bash's <(...) is readable too.
+        if path != STDIN and not Path(path).exists():
             print(f"nsa-dsl check: no such file: {path}", file=sys.stderr)
             return USAGE_ERROR
         try:
-            parsed = load_source(path)  # every syntax error of the file, and what still parsed
+            # Every syntax error of the file, and the patterns that still parsed.
+            parsed = parse_source(_read_stdin(), STDIN_NAME) if path == STDIN else load_source(path)
         except nsa_dsl.SpecError as exc:  # not readable as UTF-8 text
             print(exc, file=sys.stderr)
             status = 1

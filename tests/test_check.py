@@ -589,6 +589,19 @@ def test_cli_check_prints_syntax_and_rule_errors_together(tmp_path, capsys):
     assert f"{spec}: 4 syntax or structure error(s)" in err
 
 
+def test_cli_check_of_standard_input_reports_every_error_too(capsys, monkeypatch):
+    import io
+    import sys
+
+    from nsa_dsl.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(SEVEN.encode()), encoding="utf-8"))
+    assert main(["check", "-"]) == 1
+    err = capsys.readouterr().err
+    assert [line.split(": error: ")[0] for line in err.splitlines() if ": error: " in line] == \
+        [f"<stdin>:{line}:{col}" for line, col, _ in sorted(SEVEN_SYNTAX + SEVEN_RULES)]
+
+
 def test_cli_check_name_keeps_the_files_syntax_errors(tmp_path, capsys):
     from nsa_dsl.cli import main
 
