@@ -36,14 +36,20 @@ from typing import Iterable, Iterator, Optional
 import sympy
 
 from .errors import Diagnostic, SpecError
-from .ir import BRANCH_ORDER, Branch, Compress, Combine, Dims, DType, DTypes, Heads, Pattern, Pool, Select, Window
+from .ir import (BRANCH_ORDER, MAX_NUMBER, Branch, Compress, Combine, Dims, DType, DTypes, Heads, Pattern, Pool,
+                 Select, Window)
 
 MAX_HEADS = 1024
 HEAD_DIM_MIN, HEAD_DIM_MAX, HEAD_DIM_STEP = 16, 256, 16
 MAX_COMPRESS_BLOCK = 1024
 SELECT_BLOCK_MIN, SELECT_BLOCK_MAX = 16, 256
 MAX_TOP = 4096
-MAX_WINDOW = 2**31 - 1
+MAX_WINDOW = MAX_NUMBER  # the parser's bound on every number: positions are int32
+# Patterns built in code are not bounded by the parser. An int this long is
+# no count of anything, and messages print values (Python refuses to print
+# more than 4300 digits), so it is a type error, reported before any rule
+# computes with it.
+MAX_DIGITS = 100
 # Rows of the smallest tensor-core tile (M of an MMA); the selection kernel
 # stacks the G query heads of a group as rows of one tile.
 MMA_ROWS = 16
@@ -55,7 +61,8 @@ RULES = {
     "pattern.heads": "the pattern has a heads statement",
     "pattern.dims": "the pattern has a dims statement",
     "pattern.branches": "at least one of compress, select, window is declared",
-    "type": "every numeric value is an integer and every enum value a member of its enum",
+    "type": f"every numeric value is an integer of at most {MAX_DIGITS} digits and every enum value a member"
+            " of its enum",
     "heads.q.range": f"1 <= heads.q <= {MAX_HEADS}",
     "heads.kv.range": f"1 <= heads.kv <= {MAX_HEADS}",
     "heads.divisible": "heads.q is a multiple of heads.kv",
@@ -86,6 +93,45 @@ WARNINGS = {
 }
 
 
+# The statements each rule reads to decide. After a syntax error the parser
+# skips text and says, per pattern, which statements that text may have
+# belonged to (Parsed.unsure, "*" for any); a finding that reads one of them
+# may exist only because of the skip ("no heads statement" after a typo in the
+# heads line, "top > initial + local needs a compress branch" after a broken
+# compress line), so check_parsed does not report it.
+_BRANCH_STATEMENTS = frozenset({"compress", "select", "window"})
+READS = {
+    "pattern.heads": {"heads"},
+    "pattern.dims": {"dims"},
+    "pattern.branches": _BRANCH_STATEMENTS,
+    "type": {"heads", "dims", "compress", "select", "window", "combine", "dtype"},
+    "heads.q.range": {"heads"},
+    "heads.kv.range": {"heads"},
+    "heads.divisible": {"heads"},
+    "dims.qk.range": {"dims"},
+    "dims.v.range": {"dims"},
+    "compress.block.range": {"compress"},
+    "compress.stride.range": {"compress"},
+    "compress.divisible": {"compress"},
+    "select.block.range": {"select"},
+    "select.block.stride": {"select", "compress"},
+    "select.top.range": {"select"},
+    "select.initial.range": {"select"},
+    "select.local.range": {"select"},
+    "select.top.forced": {"select"},
+    "select.top.unranked": {"select", "compress"},
+    "window.size.range": {"window"},
+    "combine.empty": {"combine"},
+    "combine.undeclared": {"combine", *_BRANCH_STATEMENTS},
+    "dtype.empty": {"dtype"},
+    "heads.group.small": {"heads", "select"},
+    "heads.group.pow2": {"heads", "select"},
+    "dims.qk.pad": {"dims"},
+    "dims.v.pad": {"dims"},
+    "branch.unused": {"combine", *_BRANCH_STATEMENTS},
+}
+
+
 @dataclass(frozen=True)
 class Finding(Diagnostic):
     """A Diagnostic that also names the rule (a key of RULES or WARNINGS)."""
@@ -106,6 +152,22 @@ def _warning(rule: str, message: str, span, hint: Optional[str] = None) -> Findi
 # ---------------------------------------------------------------------------
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _too_long(value: int) -> bool:
+    """More than MAX_DIGITS decimal digits (decided without printing it)."""
+    return abs(value) >= 10**MAX_DIGITS
+
+
+def _digits(value: int) -> int:
+    """Decimal digits of a huge |value|, from its bit length: printing it may fail."""
+    n = abs(value)
+    guess = max(1, int(n.bit_length() * 0.30102999566398120))  # log10(2)
+    while n >= 10**guess:
+        guess += 1
+    while guess > 1 and n < 10**(guess - 1):
+        guess -= 1
+    return guess
 
 
 def _is_pow2(n: int) -> bool:
@@ -189,6 +251,11 @@ def _type_findings(pattern: Pattern) -> tuple:
             if not _is_int(value):
                 found.append(_error("type", f"{stmt_name}.{key} must be an integer; got {value!r}", stmt.at(key),
                                     f"write {stmt_name} {key}=<a whole number>"))
+                bad.add(f"{stmt_name}.{key}")
+            elif _too_long(value):
+                found.append(_error("type", f"{stmt_name}.{key} must be an integer of at most {MAX_DIGITS} digits;"
+                                            f" got a {_digits(value)}-digit number", stmt.at(key),
+                                    f"a pattern's numbers are at most {MAX_NUMBER} (the kernels index with int32)"))
                 bad.add(f"{stmt_name}.{key}")
     c = pattern.compress
     if isinstance(c, Compress) and not isinstance(c.pool, Pool):
@@ -525,3 +592,60 @@ def check(pattern: Pattern):
     from .plan import make_plan
 
     return make_plan(pattern, raise_if_invalid(pattern))
+
+
+# ---------------------------------------------------------------------------
+# A whole file: the parser's errors and every pattern's findings together
+# ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Report:
+    """What `nsa-dsl check` says about one file.
+
+    diagnostics: every syntax, structure and rule error and every warning,
+      in file order, each once (a pattern inherits its parent's statements,
+      and with them the same finding at the same spot).
+    checked: (pattern, its findings, complete) per pattern built; complete is
+      False when text the pattern may own was skipped after a syntax error,
+      so that only the findings that cannot come from the skip are kept.
+    """
+
+    diagnostics: tuple
+    checked: tuple
+
+    @property
+    def errors(self) -> tuple:
+        return errors_of(self.diagnostics)
+
+
+def trusted(finding: Finding, unsure) -> bool:
+    """Whether `finding` stands whatever the skipped text held: its rule
+    reads none of the `unsure` statements."""
+    if not unsure:
+        return True
+    return "*" not in unsure and not READS[finding.rule] & set(unsure)
+
+
+def check_parsed(parsed) -> Report:
+    """Validate every pattern of a file read by nsa_dsl.parse.parse_source
+    or load_source (a Parsed; read by its fields, as this module imports no
+    parser), keeping the findings that the parser's recovery cannot have
+    caused, next to the parser's own diagnostics."""
+    found = list(parsed.diagnostics)
+    checked = []
+    for pattern in parsed.patterns:
+        unsure = parsed.unsure.get(pattern.name, frozenset())
+        findings = tuple(f for f in validate(pattern) if trusted(f, unsure))
+        checked.append((pattern, findings, not unsure))
+        found.extend(findings)
+    return Report(_in_file_order(found), tuple(checked))
+
+
+def _in_file_order(diagnostics: Iterable[Diagnostic]) -> tuple:
+    seen, unique = set(), []
+    for d in diagnostics:
+        key = (d.severity, d.message, d.span, d.hint)
+        if key not in seen:
+            seen.add(key)
+            unique.append(d)
+    # Stable: the findings at one spot keep the checker's order.
+    return tuple(sorted(unique, key=lambda d: (d.span.line, d.span.column) if d.span is not None else (0, 0)))

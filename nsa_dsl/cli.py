@@ -143,28 +143,36 @@ def _defines_or_fails(path: str, name: str) -> bool:
 
 def cmd_check(args) -> int:
     import nsa_dsl
-    from nsa_dsl.check import errors_of, validate, warnings_of
+    from nsa_dsl.check import check_parsed, errors_of, warnings_of
     from nsa_dsl.cost import explain as explain_cost
+    from nsa_dsl.parse import load_source, parse_source
 
     status = 0
     for path in args.files:
-        try:
-            patterns = _load_patterns(path, args.name)
-        except FileNotFoundError:
+        # exists(), not is_file(): a named pipe such as bash's <(...) is readable too.
+        if path != STDIN and not Path(path).exists():
             print(f"nsa-dsl check: no such file: {path}", file=sys.stderr)
             return USAGE_ERROR
-        except nsa_dsl.SpecError as exc:
+        try:
+            # Every syntax error of the file, and the patterns that still parsed.
+            parsed = parse_source(_read_stdin(), STDIN_NAME) if path == STDIN else load_source(path)
+        except nsa_dsl.SpecError as exc:  # not readable as UTF-8 text
             print(exc, file=sys.stderr)
             status = 1
             continue
-        for pattern in patterns:
-            found = validate(pattern)
-            errors, warnings = errors_of(found), warnings_of(found)
-            for diag in (*errors, *warnings):
-                print(diag.render(), file=sys.stderr)
-            if errors:
+        if args.name is not None:
+            parsed = parsed.only(args.name)
+        report = check_parsed(parsed)
+        # Syntax, structure and rule errors and warnings together, in file order.
+        for diag in report.diagnostics:
+            print(diag.render(), file=sys.stderr)
+        for pattern, findings, complete in report.checked:
+            errors, warnings = errors_of(findings), warnings_of(findings)
+            if errors or not complete:
                 status = 1
-                print(f"{path}: pattern {pattern.name}: {len(errors)} error(s)", file=sys.stderr)
+                print(f"{path}: pattern {pattern.name}: {len(errors)} error(s)"
+                      + ("" if complete else "; checked in part: a syntax error skipped some of its text"),
+                      file=sys.stderr)
                 continue
             print(f"{path}: pattern {pattern.name}: ok"
                   + (f" ({len(warnings)} warning(s))" if warnings else ""))
@@ -173,6 +181,9 @@ def cmd_check(args) -> int:
                 print(plan.explain())
                 print(explain_cost(pattern))
                 print()
+        if parsed.diagnostics:
+            status = 1
+            print(f"{path}: {len(parsed.diagnostics)} syntax or structure error(s)", file=sys.stderr)
     return status
 
 

@@ -14,6 +14,12 @@ import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
+# The largest number a pattern may hold, whatever the key: the kernels index
+# positions, blocks and counts with int32. The parser rejects anything larger
+# (so no later pass ever formats or multiplies a 4300-digit number), and the
+# checker's own limits all lie at or below it.
+MAX_NUMBER = 2**31 - 1
+
 
 @dataclass(frozen=True)
 class Span:

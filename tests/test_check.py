@@ -2,7 +2,8 @@
 user reads it, warnings only where the hardware really wastes work.
 
 Patterns are built directly from nsa_dsl.ir (with hand-made spans where the
-rendering is under test), so these tests do not depend on the parser."""
+rendering is under test), so these tests do not depend on the parser; only
+the last section, a whole file's syntax and rule errors together, parses."""
 from __future__ import annotations
 
 import time
@@ -12,10 +13,11 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from nsa_dsl import ir
-from nsa_dsl.check import (RULES, WARNINGS, Finding, check, errors_of, raise_if_invalid, validate,
-                           warnings_of)
+from nsa_dsl.check import (READS, RULES, WARNINGS, Finding, check, check_parsed, errors_of, raise_if_invalid,
+                           validate, warnings_of)
 from nsa_dsl.errors import Diagnostic, SpecError
 from nsa_dsl.ir import Branch, Combine, Compress, Dims, DType, DTypes, Heads, Pattern, Pool, Select, Window
+from nsa_dsl.parse import STATEMENTS, parse_source
 
 FILE = "spec.nsa"
 
@@ -306,6 +308,19 @@ def test_huge_numbers_are_fast_errors():
     assert all(d.severity == "error" and d.hint for d in found)
 
 
+def test_numbers_too_long_to_print_are_type_errors_not_value_errors():
+    # A pattern built in code is not bounded by the parser. Python refuses to
+    # print an int of more than 4300 digits, and every message prints values.
+    huge = 10**5000
+    p = pattern(heads=Heads(q=huge, kv=4), select=Select(block=16, top=1, initial=huge - 1, local=1),
+                window=Window(size=-huge))
+    found = validate(p)
+    assert Counter(d.rule for d in found) == Counter({"type": 3})
+    assert all("5001-digit" in d.message or "5000-digit" in d.message for d in found)
+    with pytest.raises(SpecError):
+        check(p)
+
+
 def test_api_helpers():
     p = pattern(heads=Heads(q=8, kv=2), **PAPER)
     found = validate(p)
@@ -478,3 +493,125 @@ def test_shared_valid_patterns_strategy_is_accepted():
         assert errors_of(validate(p)) == ()
 
     accepted()
+
+
+# ---------------------------------------------------------------------------
+# A whole file: syntax and rule errors together, none caused by the recovery
+# ---------------------------------------------------------------------------
+from test_parse import SEVEN, SEVEN_SYNTAX  # noqa: E402  (one copy of the seven-mistake file)
+
+SEVEN_RULES = [
+    (6, 20, "select.block.stride"),   # first: block=16, stride=32
+    (14, 19, "window.size.range"),    # second: size=0
+    (17, 21, "heads.divisible"),      # third: q=8, kv=3
+]
+
+
+def test_seven_mistakes_in_three_patterns_all_reported_in_file_order():
+    report = check_parsed(parse_source(SEVEN, "spec.nsa"))
+    assert [(d.span.line, d.span.column) for d in report.diagnostics] == sorted(
+        [(line, col) for line, col, _ in SEVEN_SYNTAX] + [(line, col) for line, col, _ in SEVEN_RULES])
+    assert report.diagnostics == report.errors  # no warning for these patterns
+    found = [(d.span.line, d.span.column, getattr(d, "rule", None) or d.message) for d in report.diagnostics]
+    assert found == sorted(SEVEN_SYNTAX + SEVEN_RULES)
+    # Each pattern had text skipped: none is called complete.
+    assert [(p.name, len(errors_of(f)), complete) for p, f, complete in report.checked] == [
+        ("first", 1, False), ("second", 1, False), ("third", 1, False)]
+
+
+def test_reads_names_every_rule_and_only_statements():
+    assert set(READS) == set(RULES) | set(WARNINGS)
+    assert all(reads and set(reads) <= set(STATEMENTS) for reads in READS.values())
+
+
+def report_of(text):
+    report = check_parsed(parse_source(text, "spec.nsa"))
+    return [(d.span.line, d.span.column, getattr(d, "rule", None) or d.message) for d in report.diagnostics]
+
+
+@pytest.mark.parametrize("text, expected", [
+    # compress broken: without it select.top > forced would be "unranked", and
+    # block=64 "not a multiple" of a stride nobody knows: neither is reported.
+    ("pattern p { heads q=16 kv=1 dims qk=64 compress block=32 strid=12 select block=64 top=8 }",
+     [(1, 58, "unknown key 'strid' in compress")]),
+    # window misspelt: combine swa names it; no "undeclared", no "no branch".
+    ("pattern p { heads q=16 kv=1 dims qk=64 windw size=8 combine swa }",
+     [(1, 40, "unknown statement 'windw'")]),
+    # heads broken: no "no heads statement", no group warning; dims still judged.
+    ("pattern p { heads q=@ kv=1 dims qk=40 v=64 select block=16 top=1 initial=0 local=1 }",
+     [(1, 21, "unexpected character '@'"), (1, 36, "dims.qk.range")]),
+    # A child of a pattern with a broken heads inherits the doubt, and its own window is judged.
+    ("pattern a { heads q=8 kv=@ dims qk=64 window size=8 }\npattern b extends a { window size=0 }",
+     [(1, 26, "unexpected character '@'"), (2, 35, "window.size.range")]),
+    # Patterns without mistakes in a broken file are checked as usual, warnings included.
+    ("pattern a { heads q=1 kv=1 @ dims qk=16 window size=1 }\n"
+     "pattern b { heads q=4 kv=4 dims qk=48 v=64 select block=16 top=1 initial=0 local=1 }",
+     [(1, 28, "unexpected character '@'"), (2, 26, "heads.group.small"), (2, 36, "dims.qk.pad")]),
+])
+def test_no_rule_error_is_a_consequence_of_the_recovery(text, expected):
+    assert report_of(text) == expected
+
+
+def test_a_childs_error_inherited_from_its_parent_is_reported_once():
+    text = "pattern a { heads q=8 kv=2 dims qk=64 window size=0 }\npattern b extends a { dtype fp16 }"
+    assert report_of(text) == [(1, 51, "window.size.range")]
+    report = check_parsed(parse_source(text, "spec.nsa"))
+    assert [len(errors_of(f)) for _, f, _ in report.checked] == [1, 1]
+
+
+def test_cli_check_prints_syntax_and_rule_errors_together(tmp_path, capsys):
+    from nsa_dsl.cli import main
+
+    spec = tmp_path / "seven.nsa"
+    spec.write_text(SEVEN)
+    assert main(["check", str(spec)]) == 1
+    err = capsys.readouterr().err
+    rule_messages = {
+        "select.block.stride": "select.block must be a multiple of compress.stride (32); got 16",
+        "window.size.range": "window.size must be between 1 and 2147483647 (positions each query attends to,"
+                             " itself included); got 0",
+        "heads.divisible": "heads.q must be a multiple of heads.kv (each key/value head serves q/kv query heads);"
+                           " got q=8, kv=3",
+    }
+    expected = sorted(SEVEN_SYNTAX + [(line, col, rule_messages[rule]) for line, col, rule in SEVEN_RULES])
+    assert [line for line in err.splitlines() if ": error: " in line] == \
+        [f"{spec}:{line}:{col}: error: {message}" for line, col, message in expected]
+    # Each with its line, a caret and a hint.
+    assert (f"{spec}:12:23: error: unknown key 'strid' in compress\n"
+            "        compress block=32 strid=16\n"
+            "                          ^^^^^\n"
+            "  hint: did you mean 'stride'?") in err
+    assert (f"{spec}:6:20: error: {rule_messages['select.block.stride']}\n"
+            "        select   block=16 top=4\n"
+            "                       ^^\n"
+            "  hint: did you mean 32?") in err
+    assert f"{spec}: pattern first: 1 error(s); checked in part" in err
+    assert f"{spec}: 4 syntax or structure error(s)" in err
+
+
+def test_cli_check_of_standard_input_reports_every_error_too(capsys, monkeypatch):
+    import io
+    import sys
+
+    from nsa_dsl.cli import main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(SEVEN.encode()), encoding="utf-8"))
+    assert main(["check", "-"]) == 1
+    err = capsys.readouterr().err
+    assert [line.split(": error: ")[0] for line in err.splitlines() if ": error: " in line] == \
+        [f"<stdin>:{line}:{col}" for line, col, _ in sorted(SEVEN_SYNTAX + SEVEN_RULES)]
+
+
+def test_cli_check_name_keeps_the_files_syntax_errors(tmp_path, capsys):
+    from nsa_dsl.cli import main
+
+    spec = tmp_path / "seven.nsa"
+    spec.write_text(SEVEN)
+    assert main(["check", "--name", "third", str(spec)]) == 1
+    err = capsys.readouterr().err
+    assert f"{spec}:17:21: error: heads.q must be a multiple of heads.kv" in err
+    assert f"{spec}:14:19" not in err  # second's rule error: not asked for
+    assert f"{spec}:12:23: error: unknown key 'strid'" in err  # the file does not parse: said anyway
+    assert main(["check", "--name", "thrid", str(spec)]) == 1
+    assert "no pattern named 'thrid'" in capsys.readouterr().err
+

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
+import nsa_dsl
 from nsa_dsl import ir
 from nsa_dsl.errors import SpecError
-from nsa_dsl.ir import Branch, DType, Pool
+from nsa_dsl.ir import MAX_NUMBER, Branch, DType, Pool
 from nsa_dsl.parse import (RESERVED, REMOVABLE, STATEMENTS, format_all, format_pattern, load,
-                           load_all, parse, parse_all)
+                           load_all, parse, parse_all, parse_source)
 from nsa_dsl.resources import grammar_path
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -148,10 +149,32 @@ def test_keys_in_any_order():
     assert a == b and a.select == ir.Select(block=16, top=4, initial=3, local=0)
 
 
-def test_zero_and_huge_numbers_are_the_checkers_business():
-    p = parse(body("window size=0", "select block=00064 top=123456789012345678901234567890"))
+def test_zero_and_large_numbers_up_to_int32_are_the_checkers_business():
+    p = parse(body("window size=0", "select block=00064 top=2147483647 initial=0002147483647"))
     assert p.window.size == 0 and p.select.block == 64
-    assert p.select.top == 123456789012345678901234567890
+    assert p.select.top == p.select.initial == MAX_NUMBER == 2**31 - 1
+
+
+@pytest.mark.parametrize("digits", ["2147483648", "99999999999", "0" * 20 + "4294967296", "9" * 4300,
+                                    "9" * 5000])
+def test_numbers_past_int32_are_a_spec_error_at_the_number(digits):
+    text = body("window size=" + digits)
+    err = error_of(text)
+    (diag,) = err.diagnostics
+    assert (diag.span.line, diag.span.column) == (4, 17)
+    assert diag.span.end_column == 17 + len(digits)
+    assert "size" in diag.message and "at most 2147483647" in diag.message
+    assert "int32" in diag.hint
+    assert len(diag.message) < 120  # a huge number is not spelled out in the message
+
+
+def test_issue_26_a_4300_digit_number_is_a_spec_error_not_a_value_error():
+    # Before: parse accepted it and the checker failed formatting initial + local
+    # with Python's "Exceeds the limit (4300 digits) for integer string conversion".
+    text = ("pattern p { heads q=1 kv=1 dims qk=16 select block=16 top=1 initial=" + "9" * 4300
+            + " local=1 }")
+    with pytest.raises(SpecError, match="initial"):
+        nsa_dsl.check(parse(text))
 
 
 def test_off_removes_an_inherited_branch():
@@ -236,8 +259,82 @@ def test_an_unreadable_file_is_a_spec_error_naming_the_path(tmp_path):
             load(path)
     binary = tmp_path / "binary.nsa"
     binary.write_bytes(b"\xff\xfe\x00pattern")
-    with pytest.raises(SpecError, match="cannot read spec file"):
+    with pytest.raises(SpecError, match="not UTF-8") as info:
         load_all(binary)
+    (diag,) = info.value.diagnostics
+    assert (diag.span.file, diag.span.line, diag.span.column) == (str(binary), 1, 1)
+
+
+# ---------------------------------------------------------------------------
+# Arguments of the API: types, bytes, a byte-order mark (issues 19 and 26)
+# ---------------------------------------------------------------------------
+ONE = "pattern p { heads q=1 kv=1 dims qk=16 window size=1 }"
+
+
+@pytest.mark.parametrize("call, argument, expected", [
+    (lambda: parse(None), "text", "str or UTF-8 bytes"),
+    (lambda: parse(123), "text", "str or UTF-8 bytes"),
+    (lambda: parse(["pattern"]), "text", "str or UTF-8 bytes"),
+    (lambda: parse(ONE, name=123), "name", "str or None"),
+    (lambda: parse(ONE, filename=None), "filename", "str or os.PathLike"),
+    (lambda: parse(ONE, filename=b"spec.nsa"), "filename", "str or os.PathLike"),
+    (lambda: parse_all(None), "text", "str or UTF-8 bytes"),
+    (lambda: parse_all(ONE, filename=1.5), "filename", "str or os.PathLike"),
+    (lambda: load(None), "path", "str or os.PathLike"),
+    (lambda: load(7), "path", "str or os.PathLike"),
+    (lambda: load(b"spec.nsa"), "path", "str or os.PathLike"),
+    (lambda: load(EXAMPLES / "window_only.nsa", name=b"window_only"), "name", "str or None"),
+    (lambda: load_all(None), "path", "str or os.PathLike"),
+], ids=["parse-None", "parse-int", "parse-list", "parse-name", "parse-filename-None", "parse-filename-bytes",
+        "parse_all-None", "parse_all-filename", "load-None", "load-int", "load-bytes", "load-name",
+        "load_all-None"])
+def test_arguments_of_the_wrong_type_are_type_errors_naming_them(call, argument, expected):
+    with pytest.raises(TypeError) as info:
+        call()
+    assert type(info.value) is TypeError  # not an AttributeError, not a SpecError
+    message = str(info.value)
+    assert f"{argument} must be {expected}" in message
+    assert re.search(r"got (NoneType|int|list|bytes|float)$", message), message
+
+
+def test_bytes_are_decoded_as_utf8():
+    assert parse(ONE.encode()) == parse(bytearray(ONE.encode())) == parse(ONE)
+    assert parse_all(ONE.encode(), "b.nsa")[0].source == "b.nsa"
+    # A filename may be a path object; it is kept as a str.
+    assert parse(ONE, filename=Path("dir") / "p.nsa").source == str(Path("dir") / "p.nsa")
+
+
+def test_bytes_that_are_not_utf8_are_a_spec_error_at_the_bad_byte():
+    data = "# über\npattern p { heads q=1 \xff kv=1 }".encode().replace(b"\xc3\xbf", b"\xff")
+    with pytest.raises(SpecError, match="not UTF-8") as info:
+        parse(data, "latin.nsa")
+    (diag,) = info.value.diagnostics
+    assert (diag.span.file, diag.span.line, diag.span.column) == ("latin.nsa", 2, 23)
+    assert diag.span.line_text == "pattern p { heads q=1 \ufffd kv=1 }"
+    assert "0xff" in diag.message and "UTF-8" in diag.hint
+
+
+@pytest.mark.parametrize("bom", ["\ufeff", "\ufeff".encode()], ids=["str", "bytes"])
+def test_a_byte_order_mark_at_the_start_is_skipped(bom):
+    text = bom + (ONE if isinstance(bom, str) else ONE.encode())
+    p = parse(text)
+    assert p == parse(ONE)
+    # Columns count from the first character after the mark, as an editor shows them.
+    assert (p.span.line, p.span.column) == (1, 9) and p.span.line_text == ONE
+    err = error_of(bom + (b"pattern p {" if isinstance(bom, bytes) else "pattern p {"))
+    assert (err.diagnostics[0].span.column, err.diagnostics[0].span.line_text) == (11, "pattern p {")
+
+
+def test_a_byte_order_mark_elsewhere_is_an_error():
+    err = error_of(ONE + "\n\ufeff")
+    assert err.diagnostics[0].span.line == 2 and "\\ufeff" in err.diagnostics[0].message
+
+
+def test_load_skips_a_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.nsa"
+    path.write_bytes(b"\xef\xbb\xbf" + THREE.encode())
+    assert load_all(path) == [DEEPSEEK, MOBA, LONG]
+    assert load(path, name="moba_like").span.line_text == "pattern moba_like {"
 
 
 # ---------------------------------------------------------------------------
@@ -281,8 +378,8 @@ GOLDEN = [
         "  hint: expected a number",
     ),
     (  # unterminated pattern: at its open brace
-        "pattern p extends base {\n    heads q=1 kv=1\n",
-        "spec.nsa:1:24: error: pattern 'p' is never closed: the file ends before its '}'\n"
+        BASE + "}\npattern p extends base {\n    heads q=1 kv=1\n",
+        "spec.nsa:5:24: error: pattern 'p' is never closed: the file ends before its '}'\n"
         "    pattern p extends base {\n"
         "                           ^\n"
         "  hint: add '}' after its last statement",
@@ -345,13 +442,14 @@ def test_golden_error_messages(text, expected):
     (BASE + "}\n}", "unexpected '}'", "expected 'pattern' or the end of the file"),
     ("", "no pattern in this file", None),
     ("# only a comment\n", "no pattern in this file", None),
-    (body("window size=" + "9" * 5000), "has 5000 digits", None),
+    (body("window size=" + "9" * 5000), "at most 2147483647", "int32"),
 ])
 def test_error_messages(text, message, hint):
     err = error_of(text)
-    assert message in err.diagnostics[0].message
+    # Other, real, errors may come too (`body("heads off")` also gives heads twice).
+    (diag,) = [d for d in err.diagnostics if message in d.message]
     if hint is not None:
-        assert hint in err.diagnostics[0].hint
+        assert hint in diag.hint
     assert all(d.span is not None and d.span.file == "spec.nsa" and d.span.line >= 1
                for d in err.diagnostics)
 
@@ -371,9 +469,183 @@ def test_a_child_of_a_broken_parent_reports_only_the_parent():
 
 
 # ---------------------------------------------------------------------------
+# Recovery: every syntax error of a file in one run (issue 19)
+# ---------------------------------------------------------------------------
+# Seven mistakes in three patterns: four syntax errors (a bad character, an
+# unknown key, a missing '}', a bad value) and three rule violations, which
+# the checker finds (tests/test_check.py runs the same file).
+SEVEN = """\
+# Seven mistakes in three patterns.
+pattern first {
+    heads    q=16 kv=1
+    dims     qk=64 v=@64
+    compress block=64 stride=32
+    select   block=16 top=4
+}
+
+pattern second {
+    heads    q=16 kv=1
+    dims     qk=64
+    compress block=32 strid=16
+    select   block=16 top=2 initial=1 local=1
+    window   size=0
+
+pattern third extends first {
+    heads    q=8 kv=3
+    compress block=32 stride=16 pool=max
+    select   block=32 top=4
+    dtype    bf16 fp16
+}
+"""
+SEVEN_SYNTAX = [
+    (4, 22, "unexpected character '@'"),
+    (12, 23, "unknown key 'strid' in compress"),
+    (16, 1, "'}' missing before this pattern: pattern 'second' (line 9) is never closed"),
+    (18, 38, "'max' is not a valid pool"),
+]
+
+
+def located(diagnostics):
+    return [(d.span.line, d.span.column, d.message) for d in diagnostics]
+
+
+def test_every_syntax_error_of_a_file_is_reported_in_one_run():
+    err = error_of(SEVEN)
+    assert located(err.diagnostics) == SEVEN_SYNTAX
+    # Each one renders with the file, the line and a caret.
+    assert "spec.nsa:12:23: error: unknown key 'strid' in compress\n" \
+           "        compress block=32 strid=16\n" \
+           "                          ^^^^^\n" in str(err)
+    assert "spec.nsa:16:1: error: '}' missing before this pattern" in str(err)
+    with pytest.raises(SpecError) as info:
+        parse_all(SEVEN, "spec.nsa")
+    assert info.value.diagnostics == err.diagnostics
+
+
+def test_load_reports_every_syntax_error_too(tmp_path):
+    path = tmp_path / "seven.nsa"
+    path.write_text(SEVEN)
+    for call in (load, load_all):
+        with pytest.raises(SpecError) as info:
+            call(path)
+        assert located(info.value.diagnostics) == SEVEN_SYNTAX
+        assert all(d.span.file == str(path) for d in info.value.diagnostics)
+
+
+def test_what_recovery_skipped_is_recorded_per_pattern():
+    parsed = parse_source(SEVEN, "spec.nsa")
+    assert located(parsed.diagnostics) == SEVEN_SYNTAX
+    first, second, third = parsed.patterns
+    # The broken dims line was dropped; the rest of `first` is as written.
+    assert first.dims is None and first.select == ir.Select(block=16, top=4)
+    assert second.window == ir.Window(size=0) and second.compress is None
+    assert third.heads == ir.Heads(q=8, kv=3) and third.compress is None and third.select.block == 32
+    assert dict(parsed.unsure) == {"first": {"dims"}, "second": {"compress"},
+                                   "third": {"dims", "compress"}}  # third inherits first's dims
+    assert parsed.names == ("first", "second", "third")
+
+
+R = "pattern r { heads q=16 kv=1 dims qk=64 window size=8 }\n"
+
+
+@pytest.mark.parametrize("text, expected, unsure", [
+    # A statement cut short is dropped, and not reported again as missing.
+    ("pattern p { heads q=1 kv= dims qk=16 window size=4 }", [(1, 27, "unexpected 'dims'")], {"heads"}),
+    # A misspelt statement: the statement before it stays whole.
+    ("pattern p { heads q=1 kv=1 windw size=512 dims qk=16 }",
+     [(1, 28, "unknown statement 'windw'")], {"window"}),
+    # Junk inside a statement: its keys after the junk were skipped, so no "missing kv".
+    ("pattern p { heads q=64 xyz kv=4 dims qk=16 window size=4 }",
+     [(1, 24, "unknown statement 'xyz'")], {"heads", "*"}),
+    ("pattern p { heads q=64 foo=2 kv=4 dims qk=16 window size=4 }",
+     [(1, 24, "unknown key 'foo' in heads")], {"heads"}),
+    # One error per statement, however many statements are broken.
+    ("pattern p {\n heads q=1 kv=1 @\n dims qk=@\n window size=-1\n combine cmp foo\n}",
+     [(2, 17, "unexpected character '@'"), (3, 10, "unexpected character '@'"),
+      (4, 14, "unexpected character '-'"), (5, 14, "'foo' is neither a branch nor a statement")],
+     {"heads", "dims", "window", "combine", "*"}),
+    # Stray braces and text between patterns.
+    (R.replace("}", "}}}"), [(1, 55, "unexpected '}'")], None),
+    (R + "@@ 12 }\n" + R.replace(" r ", " s "), [(2, 1, "unexpected character '@'")], None),
+    # Text after a pattern's '}' may belong to it: its rules on heads and dims are not trusted.
+    ("pattern p { heads q=1 } kv=1 dims qk=16 }", [(1, 25, "unexpected 'kv'")], {"heads", "dims"}),
+    # A header that does not parse loses its pattern, and no pattern extending it complains.
+    ("pattern 123 { heads q=1 kv=1 }\n" + R + "pattern b extends a { window size=1 }",
+     [(1, 9, "unexpected number 123")], None),
+    ("pattern a extnds r { heads q=1 kv=1 }\n" + R + "pattern b extends a { window size=1 }",
+     [(1, 11, "unexpected 'extnds'")], None),
+    ("pattern pattern { heads q=1 kv=1 }\n" + R, [(1, 9, "'pattern' is a reserved word and cannot name a pattern")],
+     None),
+    # A body open at the end of the file: the file is cut short, anything may be missing.
+    ("pattern p {\n heads q=@", [(2, 10, "unexpected character '@'"),
+                                 (1, 11, "pattern 'p' is never closed: the file ends before its '}'")],
+     {"heads", "*"}),
+])
+def test_recovery_reports_each_mistake_once_and_nothing_it_caused(text, expected, unsure):
+    parsed = parse_source(text, "spec.nsa")
+    assert located(parsed.diagnostics) == sorted(expected)
+    if unsure is not None:
+        assert set(parsed.unsure[parsed.patterns[0].name]) == unsure
+    # The pattern(s) without mistakes come through untouched.
+    if "pattern r " in text:
+        assert parse(R) in parsed.patterns
+
+
+def test_a_missing_brace_is_supplied_and_both_patterns_are_built():
+    text = "pattern a {\n heads q=1 kv=1 dims qk=16 window size=1\npattern b extends a {\n window size=2\n}\n"
+    parsed = parse_source(text, "spec.nsa")
+    (diag,) = parsed.diagnostics
+    assert diag.render() == (
+        "spec.nsa:3:1: error: '}' missing before this pattern: pattern 'a' (line 1) is never closed\n"
+        "    pattern b extends a {\n"
+        "    ^^^^^^^\n"
+        "  hint: add '}' after the last statement of 'a'")
+    a, b = parsed.patterns
+    assert b == dataclasses.replace(a, name="b", extends="a", window=ir.Window(size=2))
+    assert not parsed.unsure
+
+
+def test_a_stray_pattern_word_makes_the_pattern_it_closed_unsure():
+    # `pattern` inside a body looks like a missing '}'; when no header follows,
+    # the rest may well belong to the body: no "heads is missing kv".
+    parsed = parse_source("pattern a { heads q=1 pattern kv=1 dims qk=16 window size=1 }", "spec.nsa")
+    assert [m for _, _, m in located(parsed.diagnostics)] == [
+        "'}' missing before this pattern: pattern 'a' (line 1) is never closed",
+        "'kv' is a reserved word and cannot name a pattern"]
+    assert parsed.unsure == {"a": {"*"}}
+
+
+def test_structure_errors_come_with_syntax_errors_in_file_order():
+    text = "pattern a {\n heads q=1 kv=1 q=2\n dims qk=16 @\n window size=1 window size=2\n}"
+    err = error_of(text)
+    assert located(err.diagnostics) == [
+        (2, 17, "duplicate key 'q' in heads"), (3, 13, "unexpected character '@'"),
+        (4, 16, "window is given twice in pattern 'a'")]
+
+
+def test_off_against_a_parent_left_empty_by_recovery_is_an_error_not_a_crash():
+    # Found by the fuzzer: the parent's only statement was broken, so it was
+    # built with no statement at all, and the hint listing what it has failed.
+    text = "pattern c { heads v=0 }\npattern a extends c { compress off }"
+    parsed = parse_source(text, "spec.nsa")
+    assert [(line, m) for line, _, m in located(parsed.diagnostics)] == [
+        (1, "'v' is not a key of heads"), (2, "'compress off' but 'c' has no compress to remove")]
+    assert parsed.diagnostics[1].hint == "drop this line; 'c' has no statement that parsed"
+
+
+def test_parsed_only_keeps_one_pattern_and_the_files_errors():
+    parsed = parse_source(SEVEN, "spec.nsa")
+    second = parsed.only("second")
+    assert [p.name for p in second.patterns] == ["second"] and second.diagnostics == parsed.diagnostics
+    missing = parsed.only("sceond")
+    assert missing.patterns == () and "no pattern named 'sceond'" in missing.diagnostics[0].message
+    assert "did you mean 'second'?" in missing.diagnostics[0].hint
+
+
+# ---------------------------------------------------------------------------
 # Property tests: patterns drawn by construction, printed, parsed back
 # ---------------------------------------------------------------------------
-numbers = st.integers(min_value=0, max_value=2**40)
+numbers = st.integers(min_value=0, max_value=MAX_NUMBER)
 names = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,12}", fullmatch=True).filter(
     lambda n: n not in RESERVED)
 gaps = st.lists(st.sampled_from([" ", "  ", "\t", "\n", "\r\n", "\n\n    ", "  # note {=}\n", "#\n"]),
