@@ -156,6 +156,8 @@ def cmd_check(args) -> int:
         try:
             # Every syntax error of the file, and the patterns that still parsed.
             parsed = parse_source(_read_stdin(), STDIN_NAME) if path == STDIN else load_source(path)
+            if path == STDIN:
+                path = STDIN_NAME  # what the report calls it
         except nsa_dsl.SpecError as exc:  # not readable as UTF-8 text
             print(exc, file=sys.stderr)
             status = 1
