@@ -421,6 +421,27 @@ def _scoring_path(cmp_block: int, cmp_stride: int, slc_block: int, group_rows: i
     }
 
 
+def _scoring_follows(k, consts: dict) -> None:
+    """The scoring switches the plan turned on because they were legal
+    (_scoring_path) turn off with an override that takes their legality
+    away, e.g. TOPK_KEYS_MAJOR=0 takes TOPK_HEADS_IN_THREAD along; a switch
+    the override sets itself is kept, and checked like any other."""
+    def now(name):
+        return consts.get(name, k.const(name))
+
+    if now("TOPK_CHUNK_BLOCKS_PAD") < k.const("TOP_PAD"):
+        consts.setdefault("TOPK_SORT_MERGE", 0)
+    if _strided_overlap_fits(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
+                             now("TOPK_CHUNK_BLOCKS"), now("TOPK_CHUNK_BLOCKS_PAD")):
+        consts.setdefault("TOPK_STRIDED_OVERLAP", 0)
+    if not now("TOPK_HEAD_ROWS"):
+        consts.setdefault("TOPK_KEYS_MAJOR", 0)
+    if not (now("TOPK_HEAD_ROWS") and now("TOPK_KEYS_MAJOR")) or now("TOPK_TOKENS") % 4:
+        consts.setdefault("TOPK_HEADS_IN_THREAD", 0)
+    if not (now("TOPK_HEAD_ROWS") and now("TOPK_SORT_MERGE")):
+        consts.setdefault("TOPK_KEY32", 0)
+
+
 def _strided_overlap_fits(cmp_block: int, cmp_stride: int, slc_block: int, chunk_blocks: int,
                           chunk_pad: int) -> str:
     """Why TOPK_STRIDED_OVERLAP cannot score this pattern ("" when it can):
@@ -987,6 +1008,8 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
                                  f" ({cmp_block - cmp_stride}): at least {least}")
             _, consts["TOPK_CHUNK_BLOCKS_PAD"], consts["TOPK_CHUNK_TOKENS"] = _topk_chunk_shape(blocks, cmp_stride,
                                                                                                  slc_block)
+    if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
+        _scoring_follows(plan.kernel("slc_topk"), consts)
     if consts.get("TOPK_SORT_MERGE"):
         k = plan.kernel("slc_topk")
         width = consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD"))

@@ -200,13 +200,13 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     for tokens, warps in ((8, 4), (8, 8), (16, 8)):
         assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
     assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
-    for flag in ("TOPK_STRIDED_OVERLAP", "TOPK_HEADS_IN_THREAD", "TOPK_KEY32"):  # (the sorted merge: only with KEY32)
+    for flag in ("TOPK_SORT_MERGE", "TOPK_STRIDED_OVERLAP", "TOPK_HEADS_IN_THREAD", "TOPK_KEY32"):
         assert {flag: 0} in topk, flag
     assert len(topk) == len({tuple(sorted(o.items())) for o in topk})  # no candidate twice
     # wider scoring chunks (16 blocks by default for paper128), alone and on 8 warps
     for option in ({"TOPK_CHUNK_BLOCKS": 32}, {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8}):
         assert option in topk, option
-    assert {"TOPK_CHUNK_BLOCKS": 8} not in topk  # padded to 16 lanes, which the strided overlap refuses
+    assert {"TOPK_CHUNK_BLOCKS": 8} in topk  # padded to 16 lanes: the strided overlap turns off with it
     assert not any(o.get("TOPK_CHUNK_BLOCKS", 0) > 32 for o in topk)  # 64 spills on sm_90
     for option in topk:
         apply_overrides(paper, option)
@@ -292,7 +292,7 @@ def test_topk_chunk_override_sets_what_follows_from_it():
     k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 64}).kernel("slc_topk")
     # 64 blocks of 64 positions, a compressed token every 16: 256 tokens
     assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_CHUNK_TOKENS")) == (64, 64, 256)
-    k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_STRIDED_OVERLAP": 0}).kernel("slc_topk")  # padded: no strided overlap
+    k = apply_overrides(paper, {"TOPK_CHUNK_BLOCKS": 4}).kernel("slc_topk")
     assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_CHUNK_TOKENS")) == (4, 16, 16)
     # compressed blocks of 64 every 16 positions reach 48 positions past a
     # chunk: one 16-position block per chunk cannot hold that
@@ -419,3 +419,17 @@ def test_the_wall_timer_takes_at_least_five_samples_of_a_long_pass():
     calls.clear()
     short = lambda step, warmup, rep, return_mode: calls.append(rep) or 2.0  # noqa: E731
     assert wall_ms(lambda: None, 10, 40, do_bench=short) == 2.0 and calls == [40]  # 20 samples fit already
+
+
+def test_an_override_takes_the_scoring_switches_that_depend_on_it_along():
+    # The plan turns the scoring's switches on where legal; turning one off
+    # turns off those that need it, while an explicit setting is checked.
+    paper = nsa_dsl.check(nsa_dsl.load("examples/bench_paper128.nsa"))
+    k = apply_overrides(paper, {"TOPK_KEYS_MAJOR": 0}).kernel("slc_topk")
+    assert (k.const("TOPK_KEYS_MAJOR"), k.const("TOPK_HEADS_IN_THREAD"), k.const("TOPK_HEAD_ROWS")) == (0, 0, 1)
+    k = apply_overrides(paper, {"TOPK_HEAD_ROWS": 0}).kernel("slc_topk")
+    assert (k.const("TOPK_KEYS_MAJOR"), k.const("TOPK_HEADS_IN_THREAD"), k.const("TOPK_KEY32")) == (0, 0, 0)
+    k = apply_overrides(paper, {"TOPK_SORT_MERGE": 0}).kernel("slc_topk")
+    assert (k.const("TOPK_KEY32"), k.const("TOPK_STRIDED_OVERLAP")) == (0, 1)
+    with pytest.raises(ValueError, match="TOPK_HEADS_IN_THREAD"):
+        apply_overrides(paper, {"TOPK_KEYS_MAJOR": 0, "TOPK_HEADS_IN_THREAD": 1})
