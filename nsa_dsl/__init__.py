@@ -8,14 +8,13 @@ The names below are bound eagerly: several share their name with the
 submodule that defines them (nsa_dsl.reference, nsa_dsl.check), and a lazily
 bound function would be shadowed once that submodule is imported.
 """
-__version__ = "0.1.0"
-
-from .errors import Diagnostic, SpecError  # noqa: E402
-from .ir import Branch, DType, Pattern, Pool  # noqa: E402
-from .parse import load, load_all, parse, parse_all  # noqa: E402
-from .check import check  # noqa: E402
-from .reference import reference  # noqa: E402
-from .pipeline import compile, emit  # noqa: E402,A004
+from .version import __version__
+from .errors import Diagnostic, SpecError
+from .ir import Branch, DType, Pattern, Pool
+from .parse import load, load_all, parse, parse_all
+from .check import check
+from .reference import reference
+from .pipeline import compile, emit  # noqa: A004
 
 
 def __getattr__(name):

@@ -6,11 +6,12 @@ import hashlib
 import os
 from typing import Optional
 
-from . import __version__, cache
+from . import cache
 from .ir import Pattern
 from .plan import Plan
 from .render import render, template_sources
 from .resources import grammar_path
+from .version import __version__
 
 
 def device_kind() -> str:
