@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from math import gcd
 from typing import Optional
 
-from .cost import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
 from .ir import Branch, Pattern
+from .loop_order import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
 
 
 def next_pow2(n: int) -> int:
