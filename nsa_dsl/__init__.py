@@ -4,17 +4,17 @@
     compiled = nsa_dsl.compile(pattern)
     o = compiled(q, k, v, g_cmp, g_slc, g_swa)
 
-The names below are bound eagerly: several share their name with the
-submodule that defines them (nsa_dsl.reference, nsa_dsl.check), and a lazily
-bound function would be shadowed once that submodule is imported.
+The names below are bound eagerly: some share their name with a submodule
+(the function nsa_dsl.reference with the module reference.py, nsa_dsl.check,
+defined in pipeline.py, with the checker check.py), and a lazily bound
+function would be shadowed once that submodule is imported.
 """
 from .version import __version__
 from .errors import Diagnostic, SpecError
 from .ir import Branch, DType, Pattern, Pool
 from .parse import load, load_all, parse, parse_all
-from .check import check
 from .reference import reference
-from .pipeline import compile, emit  # noqa: A004
+from .pipeline import check, compile, emit  # noqa: A004
 
 
 def __getattr__(name):

@@ -1,5 +1,5 @@
 """The pipeline in one place: Pattern -> checked Plan -> source -> cached,
-imported module -> CompiledPattern."""
+imported module -> CompiledPattern. `check` is its first step."""
 from __future__ import annotations
 
 import hashlib
@@ -7,8 +7,9 @@ import os
 from typing import Optional
 
 from . import cache
+from .check import raise_if_invalid
 from .ir import Pattern
-from .plan import Plan
+from .plan import Plan, make_plan
 from .render import render, template_sources
 from .resources import grammar_path
 from .version import __version__
@@ -63,15 +64,15 @@ def cache_key(plan: Plan, device: Optional[str] = None) -> str:
     return h.hexdigest()
 
 
-def plan_for(pattern: Pattern) -> Plan:
-    from .check import check
-
-    return check(pattern)
+def check(pattern: Pattern) -> Plan:
+    """The compiler's checking step: validate, then plan. Returns the Plan
+    (carrying the warnings) or raises SpecError with every error."""
+    return make_plan(pattern, raise_if_invalid(pattern))
 
 
 def emit(pattern: Pattern) -> tuple:
     """(cache key, generated source) without touching the cache."""
-    plan = plan_for(pattern)
+    plan = check(pattern)
     key = cache_key(plan)
     return key, render(plan, key)
 
@@ -104,7 +105,7 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
 
         return TunedPattern(pattern, device_kind(), compile, deterministic=deterministic, slc_dkdv=slc_dkdv,
                             slc_fwd=slc_fwd)
-    plan = plan_for(pattern)
+    plan = check(pattern)
     if overrides:
         from .plan import apply_overrides
 

@@ -304,7 +304,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     plan's defaults, so a re-tune spends its time on what is new.
     `objective` says what the timer measures (recorded with each bucket
     timed here); buckets not re-tuned keep their records as they were."""
-    from .check import check
+    from .pipeline import check
 
     plan = check(pattern)
     order = list(plan.kernel_names) if kernels is None else list(kernels)
