@@ -380,7 +380,8 @@ def cmd_tune(args) -> int:
 
     import nsa_dsl
     from nsa_dsl.pipeline import device_kind
-    from nsa_dsl.tune import bucket_of, config_path, gpu_timer, tune
+    from nsa_dsl.records import bucket_of, config_path
+    from nsa_dsl.tune import gpu_timer, tune
 
     if not torch.cuda.is_available():
         print("nsa-dsl tune: tuning times kernels on a CUDA GPU, and none is available", file=sys.stderr)

@@ -10,6 +10,7 @@ from . import cache
 from .check import raise_if_invalid
 from .ir import Pattern
 from .plan import Plan, make_plan
+from .records import TunedPattern
 from .render import render, template_sources
 from .resources import grammar_path
 from .version import __version__
@@ -101,8 +102,6 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     if tuned:
         if overrides:
             raise ValueError("compile: pass either tuned=True or overrides, not both")
-        from .tune import TunedPattern
-
         return TunedPattern(pattern, device_kind(), compile, deterministic=deterministic, slc_dkdv=slc_dkdv,
                             slc_fwd=slc_fwd)
     plan = check(pattern)
