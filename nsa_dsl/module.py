@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ir import Branch, Pattern, Pool
+from .parse import load_all
+from .pipeline import compile as compile_pattern
+from .reference import reference
 
 __all__ = ["NSAttention", "CompressionMLP"]
 
@@ -34,8 +37,6 @@ def _resolve_pattern(pattern) -> Pattern:
     if isinstance(pattern, Pattern):
         return pattern
     if isinstance(pattern, (str, os.PathLike)):
-        from .parse import load_all
-
         found = load_all(pattern)
         if len(found) != 1:
             names = ", ".join(p.name for p in found)
@@ -351,8 +352,6 @@ class NSAttention(nn.Module):
     def compiled(self):
         """The CompiledPattern (compiled on first access, then kept)."""
         if self._compiled is None:
-            from . import compile as compile_pattern  # the package-level function
-
             self._compiled = compile_pattern(self.pattern)
         return self._compiled
 
@@ -369,8 +368,6 @@ class NSAttention(nn.Module):
                         f"{' | '.join(d.value for d in self.pattern.allowed_dtypes)}, but the projections gave "
                         f"{q.dtype}; convert the layer (.to(dtype)), use torch.autocast, or backend='reference'")
                 return self.compiled(**args, scale=self.scale)
-            from .reference import reference
-
             return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk,
                              gather=backend == "gather")
 
