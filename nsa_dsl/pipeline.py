@@ -8,8 +8,10 @@ from typing import Optional
 
 from . import cache
 from .check import raise_if_invalid
+from .interpreter import prepare
 from .ir import Pattern
-from .plan import Plan, make_plan
+from .ops import CompiledPattern
+from .plan import Plan, apply_overrides, make_plan
 from .records import TunedPattern
 from .render import render, template_sources
 from .resources import grammar_path
@@ -93,9 +95,6 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     TunedPattern that runs each call with the configuration `nsa-dsl tune`
     recorded for its length bucket on this device (a tuned bucket within two
     doublings where its own is not, the defaults where none is)."""
-    from .interpreter import prepare
-    from .ops import CompiledPattern
-
     if not isinstance(pattern, Pattern):
         raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
     prepare()  # before the cache key (it names the device) and the import (triton.jit reads the variable)
@@ -106,8 +105,6 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
                             slc_fwd=slc_fwd)
     plan = check(pattern)
     if overrides:
-        from .plan import apply_overrides
-
         plan = apply_overrides(plan, overrides)
     key = cache_key(plan)
     path, _built = cache.get_or_build(key, lambda: render(plan, key))

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .ir import Branch, DType, Pattern, Pool
-from .reference import compress_mean, overlap_weights, reference
+from .pipeline import compile as compile_pattern
+from .reference import compress_mean, overlap_weights, reference, term_sizes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 _TORCH = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
@@ -48,8 +49,6 @@ def gradient_floors(pattern: Pattern, inputs: dict, do: torch.Tensor, extra: dic
     the inputs' contribution". Where the exact gradient is 0 by that
     cancellation (dq, dk at length 1), the kernel's rounding noise is judged
     against the size of the terms that cancelled."""
-    from .reference import term_sizes
-
     leaves = {n: t.detach().double().requires_grad_(True) for n, t in inputs.items()}
     with term_sizes():
         reference(pattern, **leaves, **extra).backward(do.double())
@@ -207,7 +206,6 @@ def verify(pattern: Pattern, *, examples: int = 20, seed: int = 0, grad: bool = 
         from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError("nsa-dsl verify needs hypothesis: pip install 'nsa-dsl[verify]'") from exc
-    from .pipeline import compile as compile_pattern
 
     on_gpu = torch.cuda.is_available() and device != "cpu"
     device = "cuda" if on_gpu else "cpu"
