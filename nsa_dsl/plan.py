@@ -9,7 +9,7 @@ plan lists. Planning is a pure function of the (already validated) pattern.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import gcd
 from typing import Optional
 
@@ -927,8 +927,6 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
     """A copy of the plan with tunable constants replaced, e.g.
     {"SLC_TOKENS": 8, "slc_fwd.num_warps": 8}. Unknown names and invalid
     values are errors, never ignored."""
-    from dataclasses import replace
-
     consts, launch = {}, {}
     for name, value in overrides.items():
         if not isinstance(value, int) or isinstance(value, bool):

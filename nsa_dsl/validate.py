@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -202,8 +203,6 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
 
 def device_problem(t: torch.Tensor) -> Optional[str]:
     """Why generated kernels cannot run on this tensor's device, or None."""
-    import os
-
     if t.device.type == "cuda":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return "TRITON_INTERPRET=1 is set but the inputs are on a CUDA device; unset it to run compiled kernels"
