@@ -15,15 +15,7 @@ from .ir import Branch, DType, Pattern, Pool
 from .parse import load, load_all, parse, parse_all
 from .reference import reference
 from .pipeline import check, compile, emit  # noqa: A004
-
-
-def __getattr__(name):
-    if name == "NSAttention":
-        from .module import NSAttention
-
-        return NSAttention
-    raise AttributeError(f"module 'nsa_dsl' has no attribute {name!r}")
-
+from .module import NSAttention
 
 __all__ = [
     "Branch", "DType", "Diagnostic", "NSAttention", "Pattern", "Pool", "SpecError",
