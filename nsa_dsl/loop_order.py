@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .geometry import num_blocks
 from .ir import Pattern
 
 
@@ -54,7 +55,7 @@ def _blocks_seen(select, T: int) -> tuple:
     last block may be partial). Tensors, not a Python loop: the plan
     evaluates the loop-order model at lengths up to 2^20 on every
     compile, and a loop over their blocks took ~40 ms of a warm start."""
-    j = torch.arange(-(-T // select.block), dtype=torch.float64)
+    j = torch.arange(num_blocks(T, select.block), dtype=torch.float64)
     return j + 1, torch.clamp(T - j * select.block, max=select.block)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import num_compressed
 from .ir import Branch, Pattern, Pool
 from .parse import load_all
 from .pipeline import compile as compile_pattern
@@ -99,7 +100,7 @@ class CompressionMLP(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def num_compressed(self, T: int) -> int:
-        return 0 if T < self.block else (T - self.block) // self.stride + 1
+        return num_compressed(T, self.block, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:

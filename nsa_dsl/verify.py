@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .geometry import compressed_end, compressed_length, num_blocks
 from .ir import Branch, DType, Pattern, Pool
 from .pipeline import compile as compile_pattern
 from .reference import compress_mean, overlap_weights, reference, term_sizes
@@ -68,7 +69,7 @@ def random_case(pattern: Pattern, batch: int, length: int, dtype: torch.dtype, s
         args[f"g_{b.value}"] = torch.rand(batch, length, hq, generator=gen).to(dtype=dtype, device=device)
     c = pattern.compress
     if c is not None and c.pool is Pool.MLP:
-        tc = 0 if length < c.block else (length - c.block) // c.stride + 1
+        tc = compressed_length(pattern, length)
         args["k_cmp"] = rnd(batch, tc, hkv, dqk)
         args["v_cmp"] = rnd(batch, tc, hkv, dv)
     return args
@@ -88,13 +89,14 @@ def selection_problems(pattern: Pattern, args: dict, indices: torch.Tensor, eps:
     scores = None
     if not s.is_static:
         k_cmp = args["k_cmp"].double() if c.pool is Pool.MLP else compress_mean(args["k"].double(), c.block, c.stride)
-        n_blocks = -(-T // s.block)
+        n_blocks = num_blocks(T, s.block)
         W = overlap_weights(c.block, c.stride, s.block, k_cmp.shape[1], n_blocks, dtype=torch.float64,
                             device=q.device)
         scale = args.get("scale") or 1.0 / math.sqrt(pattern.dims.qk)
         t = torch.arange(T, device=q.device)
         logits = torch.einsum("bthd,bchd->bthc", q, k_cmp.repeat_interleave(G, dim=2)) * scale
-        visible = (torch.arange(k_cmp.shape[1], device=q.device)[None, :] * c.stride + c.block - 1) <= t[:, None]
+        tokens = torch.arange(k_cmp.shape[1], device=q.device)
+        visible = compressed_end(tokens[None, :], c.block, c.stride) <= t[:, None]
         logits = logits.masked_fill(~visible[None, :, None, :], float("-inf"))
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see nothing: 0
         scores = (p @ W).view(B, T, pattern.heads.kv, G, n_blocks).sum(3).cpu()
