@@ -39,6 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from nsa_dsl.geometry import compressed_length, num_blocks, visible_compressed  # noqa: E402
+
 DEFAULT_PATTERNS = ("examples/bench_paper128.nsa", "examples/deepseek_nsa.nsa", "examples/bench_small_group.nsa")
 DEFAULT_LENGTHS = (8192, 16384, 32768, 65536)
 QUICK_LENGTHS = (8192, 16384)
@@ -73,11 +75,6 @@ CONVENTIONS = {
 
 
 # ====================================================================== FLOPs
-def cmp_visible(t: int, block: int, stride: int) -> int:
-    """Compressed tokens query t sees: token i iff i*stride + block - 1 <= t."""
-    return max(0, (t + 1 - block) // stride + 1)
-
-
 def slc_keys(t: int, block: int, top: int, local: int) -> tuple:
     """(keys query t attends to in the selection branch, exact?).
 
@@ -141,7 +138,7 @@ def nsa_flops(pattern, T: int) -> dict:
     bwd_base = 0
     if p.compress is not None:
         c = p.compress
-        keys = sum(cmp_visible(t, c.block, c.stride) for t in range(T))
+        keys = sum(visible_compressed(t, c.block, c.stride) for t in range(T))
         per = 2 * dqk + (2 * dv if "cmp" in combined else 0)
         out["cmp"] = hq * keys * per
         if "cmp" in combined:
@@ -193,13 +190,6 @@ def pass_flops(fwd: float, pass_: str, bwd: Optional[float] = None) -> float:
     return fwd + (BWD_FACTOR * fwd if bwd is None else bwd)
 
 
-def compressed_len(pattern, T: int) -> int:
-    c = pattern.compress
-    if c is None or T < c.block:
-        return 0
-    return (T - c.block) // c.stride + 1
-
-
 def io_bytes(pattern, T: int, impl: str, pass_: str, elem: int = ELEM_BYTES) -> int:
     """Minimum bytes: inputs read once, outputs written once (see CONVENTIONS)."""
     p = pattern
@@ -208,7 +198,7 @@ def io_bytes(pattern, T: int, impl: str, pass_: str, elem: int = ELEM_BYTES) -> 
     if impl == "nsa_dsl":
         inputs += T * hq * len(p.combined_branches)
         if p.compress is not None and p.compress.pool.value == "mlp":
-            inputs += compressed_len(p, T) * hkv * (dqk + dv)
+            inputs += compressed_length(p, T) * hkv * (dqk + dv)
     outputs = T * hq * dv
     total = inputs + outputs
     return elem * (total if pass_ == "fwd" else 2 * total)
@@ -231,7 +221,7 @@ def selection_table(indices: torch.Tensor, T: int, block: int) -> torch.Tensor:
     table[h, t, j] is True when query t of KV head h selected block j."""
     if indices.dim() != 4 or indices.shape[0] != 1 or indices.shape[1] != T:
         raise ValueError(f"indices: expected [1, {T}, HKV, top], got {tuple(indices.shape)}")
-    nb = -(-T // block)
+    nb = num_blocks(T, block)
     idx = indices[0].permute(1, 0, 2).long()  # [HKV, T, top]
     idx = torch.where(idx < 0, torch.full_like(idx, nb), idx)
     table = torch.zeros(idx.shape[0], T, nb + 1, dtype=torch.bool, device=indices.device)
@@ -242,7 +232,7 @@ def selection_table(indices: torch.Tensor, T: int, block: int) -> torch.Tensor:
 def static_table(T: int, block: int, initial: int, local: int, device=None) -> torch.Tensor:
     """The forced blocks as a [1, T, NB] table: the first `initial` blocks
     and the `local` blocks ending at the query's, causal."""
-    nb = -(-T // block)
+    nb = num_blocks(T, block)
     t = torch.arange(T, device=device)[:, None]
     j = torch.arange(nb, device=device)[None, :]
     qb = t // block
@@ -251,7 +241,7 @@ def static_table(T: int, block: int, initial: int, local: int, device=None) -> t
 
 
 def table_bytes(heads: int, T: int, block: int) -> int:
-    return heads * T * (-(-T // block))
+    return heads * T * num_blocks(T, block)
 
 
 def flex_block_tables(table: torch.Tensor, sel_block: int, window: Optional[int], fblock: int = FLEX_BLOCK) -> tuple:
@@ -664,7 +654,7 @@ def nsa_inputs(pattern, T: int, requires_grad: bool = False, seed: int = 0, devi
     for b in ("cmp", "slc", "swa"):
         x[f"g_{b}"] = rnd(1, T, hq, uniform=True) if b in combined else None
     if p.compress is not None and p.compress.pool.value == "mlp":
-        tc = compressed_len(p, T)
+        tc = compressed_length(p, T)
         x["k_cmp"], x["v_cmp"] = rnd(1, tc, hkv, dqk), rnd(1, tc, hkv, dv)
     return x
 

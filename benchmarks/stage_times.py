@@ -36,7 +36,7 @@ def pass_inputs(pattern_path: str, length: int, tuned_base: bool) -> tuple:
 
     import nsa_dsl
     from nsa_dsl.pipeline import device_kind
-    from nsa_dsl.tune import TunedPattern
+    from nsa_dsl.records import TunedPattern
     from nsa_dsl.verify import random_case
 
     pattern = nsa_dsl.load(pattern_path)

@@ -4,27 +4,18 @@
     compiled = nsa_dsl.compile(pattern)
     o = compiled(q, k, v, g_cmp, g_slc, g_swa)
 
-The names below are bound eagerly: several share their name with the
-submodule that defines them (nsa_dsl.reference, nsa_dsl.check), and a lazily
-bound function would be shadowed once that submodule is imported.
+The names below are bound eagerly: some share their name with a submodule
+(the function nsa_dsl.reference with the module reference.py, nsa_dsl.check,
+defined in pipeline.py, with the checker check.py), and a lazily bound
+function would be shadowed once that submodule is imported.
 """
-__version__ = "0.1.0"
-
-from .errors import Diagnostic, SpecError  # noqa: E402
-from .ir import Branch, DType, Pattern, Pool  # noqa: E402
-from .parse import load, load_all, parse, parse_all  # noqa: E402
-from .check import check  # noqa: E402
-from .reference import reference  # noqa: E402
-from .pipeline import compile, emit  # noqa: E402,A004
-
-
-def __getattr__(name):
-    if name == "NSAttention":
-        from .module import NSAttention
-
-        return NSAttention
-    raise AttributeError(f"module 'nsa_dsl' has no attribute {name!r}")
-
+from .version import __version__
+from .errors import Diagnostic, SpecError
+from .ir import Branch, DType, Pattern, Pool
+from .parse import load, load_all, parse, parse_all
+from .reference import reference
+from .pipeline import check, compile, emit  # noqa: A004
+from .module import NSAttention
 
 __all__ = [
     "Branch", "DType", "Diagnostic", "NSAttention", "Pattern", "Pool", "SpecError",

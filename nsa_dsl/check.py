@@ -3,8 +3,9 @@
 `validate(pattern)` is a pure function. It never raises for a bad pattern; it
 returns one Diagnostic per violated rule (errors) and per legal-but-wasteful
 choice (warnings), each pointing at the `key=value` that causes it and saying
-what would be valid. `raise_if_invalid` turns the errors into one SpecError;
-`check` is the compiler's entry point: validate, then plan.
+what would be valid. `raise_if_invalid` turns the errors into one SpecError.
+The compiler's entry point, `check` (validate, then plan), is pipeline.py's:
+the checker knows nothing of plans.
 
 Every diagnostic is a `Finding`, a Diagnostic that also carries the id of the
 rule it reports (e.g. "select.block.stride"), so tools and tests can tell the
@@ -584,14 +585,6 @@ def raise_if_invalid(pattern: Pattern) -> tuple:
     if errors:
         raise SpecError(errors)
     return warnings_of(found)
-
-
-def check(pattern: Pattern):
-    """The compiler's checking step: validate, then plan. Returns the Plan
-    (carrying the warnings) or raises SpecError with every error."""
-    from .plan import make_plan
-
-    return make_plan(pattern, raise_if_invalid(pattern))
 
 
 # ---------------------------------------------------------------------------

@@ -20,7 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-from nsa_dsl import __version__
+import nsa_dsl
+import nsa_dsl.verify
+from nsa_dsl import __version__, cache
+from nsa_dsl.check import check_parsed, errors_of, warnings_of
+from nsa_dsl.cost import explain as explain_cost
+from nsa_dsl.ir import Span
+from nsa_dsl.parse import load_source, parse_source
+from nsa_dsl.pipeline import device_kind
+from nsa_dsl.records import bucket_of, config_path
+from nsa_dsl.tune import OBJECTIVES, gpu_timer, tune
 
 USAGE_ERROR = 2
 STDIN = "-"
@@ -51,9 +60,6 @@ def _spec_files(arg: str) -> list:
 def _read_stdin() -> str:
     """Standard input as UTF-8, whatever the locale: the same text a spec
     file would give (and the same error when it is not UTF-8)."""
-    import nsa_dsl
-    from nsa_dsl.ir import Span
-
     stream = getattr(sys.stdin, "buffer", None)
     if stream is None:  # a text-only stand-in (tests, embedding)
         return sys.stdin.read()
@@ -65,8 +71,6 @@ def _read_stdin() -> str:
 
 
 def _load_patterns(path: str, name=None):
-    import nsa_dsl
-
     if path == STDIN:
         text = _read_stdin()
         return [nsa_dsl.parse(text, STDIN_NAME, name)] if name is not None else nsa_dsl.parse_all(text, STDIN_NAME)
@@ -82,8 +86,6 @@ def _read_specs(files: list, name=None) -> tuple:
     """(patterns, errors): the patterns of `files` (with `name`, those so
     named) and the SpecError of each file that does not parse, so that every
     bad spec of a folder is named at once."""
-    import nsa_dsl
-
     patterns, errors = [], []
     for path in files:
         try:
@@ -133,8 +135,6 @@ def _check_files(args_files: list, name) -> list:
 
 
 def _defines_or_fails(path: str, name: str) -> bool:
-    import nsa_dsl
-
     try:
         return any(p.name == name for p in _load_patterns(path))
     except nsa_dsl.SpecError:
@@ -142,11 +142,6 @@ def _defines_or_fails(path: str, name: str) -> bool:
 
 
 def cmd_check(args) -> int:
-    import nsa_dsl
-    from nsa_dsl.check import check_parsed, errors_of, warnings_of
-    from nsa_dsl.cost import explain as explain_cost
-    from nsa_dsl.parse import load_source, parse_source
-
     status = 0
     for path in args.files:
         # exists(), not is_file(): a named pipe such as bash's <(...) is readable too.
@@ -234,8 +229,6 @@ def _targets(out: Path, patterns: list) -> list:
 
 
 def cmd_emit(args) -> int:
-    import nsa_dsl
-
     patterns, code = _load_or_report("emit", args.file, args.name)
     if patterns is None:
         return code
@@ -281,8 +274,6 @@ def cmd_cache(args) -> int:
     new entries (why, and how to fix it) with exit status 2: `path` still
     prints the path, `list` lists what it can read (a read-only cache still
     serves its entries), `clear` removes nothing."""
-    from nsa_dsl import cache
-
     problem = cache.problem()
     try:
         if args.action == "path":
@@ -347,9 +338,6 @@ def cmd_verify(args) -> int:
 
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    import nsa_dsl
-    from nsa_dsl.verify import verify
-
     patterns, code = _load_or_report("verify", args.file, args.name)
     if patterns is None:
         return code
@@ -367,9 +355,10 @@ def cmd_verify(args) -> int:
             print(exc, file=sys.stderr)
             return 1
         try:
-            ok &= verify(pattern, examples=args.examples, seed=args.seed, grad=args.grad,
-                         max_length=args.max_length, out=report,
-                         progress=_verify_progress(progress, pattern.name))
+            # nsa_dsl.verify.verify, looked up at the call: tests stand in for it
+            ok &= nsa_dsl.verify.verify(pattern, examples=args.examples, seed=args.seed, grad=args.grad,
+                                        max_length=args.max_length, out=report,
+                                        progress=_verify_progress(progress, pattern.name))
         finally:
             progress.clear()
     return 0 if ok else 1
@@ -377,10 +366,6 @@ def cmd_verify(args) -> int:
 
 def cmd_tune(args) -> int:
     import torch
-
-    import nsa_dsl
-    from nsa_dsl.pipeline import device_kind
-    from nsa_dsl.tune import bucket_of, config_path, gpu_timer, tune
 
     if not torch.cuda.is_available():
         print("nsa-dsl tune: tuning times kernels on a CUDA GPU, and none is available", file=sys.stderr)
@@ -432,10 +417,10 @@ def build_parser() -> argparse.ArgumentParser:
     emit.add_argument("--name", help="only the pattern of this name")
     emit.set_defaults(func=cmd_emit)
 
-    cache = sub.add_parser("cache", help="the on-disk kernel cache ($NSA_DSL_CACHE_DIR)")
-    cache.add_argument("action", choices=["path", "list", "clear"],
-                       help="path: where it is; list: each entry's pattern, kernels and source; clear: remove all")
-    cache.set_defaults(func=cmd_cache)
+    cache_cmd = sub.add_parser("cache", help="the on-disk kernel cache ($NSA_DSL_CACHE_DIR)")
+    cache_cmd.add_argument("action", choices=["path", "list", "clear"],
+                           help="path: where it is; list: each entry's pattern, kernels and source; clear: remove all")
+    cache_cmd.set_defaults(func=cmd_cache)
 
     verify = sub.add_parser("verify", help="property-test the kernels of a pattern against the dense reference")
     verify.add_argument("file", metavar="FILE", help=FOLDER_HELP)
@@ -447,25 +432,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest sequence drawn (default 96 on CPU, 2048 on a GPU)")
     verify.set_defaults(func=cmd_verify)
 
-    from nsa_dsl.tune import OBJECTIVES
-
-    tune = sub.add_parser("tune", help="autotune tiles/warps/stages per length bucket on this GPU (kept on disk)")
-    tune.add_argument("file", metavar="FILE", help=FOLDER_HELP)
-    tune.add_argument("--name")
-    tune.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
-    tune.add_argument("--forward-only", action="store_true", help="time the forward pass only")
-    tune.add_argument("--objective", choices=OBJECTIVES, default="wall",
-                      help="wall: do_bench median of the whole pass; kernels: the sum of its kernels' device time"
-                           " (profiler; no host time, less noise at short lengths)")
-    tune.add_argument("-v", "--verbose", action="store_true")
-    tune.add_argument("--kernels", help="comma-separated plan kernels to tune, in this order (default: all)")
-    tune.add_argument("--from-tuned", action="store_true",
-                      help="start from the recorded or shipped configuration of each length, not the defaults")
-    tune.add_argument("--budget-s", type=float, default=None,
-                      help="start no candidate after this many seconds (what was tuned is kept)")
-    tune.add_argument("--export", metavar="DIR",
-                      help="also copy the recorded configuration to DIR (e.g. nsa_dsl/tuned, to ship it)")
-    tune.set_defaults(func=cmd_tune)
+    tune_cmd = sub.add_parser("tune", help="autotune tiles/warps/stages per length bucket on this GPU (kept on disk)")
+    tune_cmd.add_argument("file", metavar="FILE", help=FOLDER_HELP)
+    tune_cmd.add_argument("--name")
+    tune_cmd.add_argument("--lengths", default="8192,65536", help="comma-separated sequence lengths to tune at")
+    tune_cmd.add_argument("--forward-only", action="store_true", help="time the forward pass only")
+    tune_cmd.add_argument("--objective", choices=OBJECTIVES, default="wall",
+                          help="wall: do_bench median of the whole pass; kernels: the sum of its kernels' device time"
+                               " (profiler; no host time, less noise at short lengths)")
+    tune_cmd.add_argument("-v", "--verbose", action="store_true")
+    tune_cmd.add_argument("--kernels", help="comma-separated plan kernels to tune, in this order (default: all)")
+    tune_cmd.add_argument("--from-tuned", action="store_true",
+                          help="start from the recorded or shipped configuration of each length, not the defaults")
+    tune_cmd.add_argument("--budget-s", type=float, default=None,
+                          help="start no candidate after this many seconds (what was tuned is kept)")
+    tune_cmd.add_argument("--export", metavar="DIR",
+                          help="also copy the recorded configuration to DIR (e.g. nsa_dsl/tuned, to ship it)")
+    tune_cmd.set_defaults(func=cmd_tune)
     return parser
 
 
@@ -480,11 +463,9 @@ def main(argv=None) -> int:
         except UsageError as exc:
             print(f"nsa-dsl check: {exc}", file=sys.stderr)
             return USAGE_ERROR
-    from nsa_dsl.cache import CacheError
-
     try:
         return args.func(args)
-    except CacheError as exc:  # verify and tune compile: an unusable cache folder is the user's to fix
+    except cache.CacheError as exc:  # verify and tune compile: an unusable cache folder is the user's to fix
         print(f"nsa-dsl {args.command}: {exc}", file=sys.stderr)
         return USAGE_ERROR
 

@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .geometry import num_compressed
 from .ir import Branch, Pattern, Pool
+from .parse import load_all
+from .pipeline import compile as compile_pattern
+from .reference import reference
 
 __all__ = ["NSAttention", "CompressionMLP"]
 
@@ -34,8 +38,6 @@ def _resolve_pattern(pattern) -> Pattern:
     if isinstance(pattern, Pattern):
         return pattern
     if isinstance(pattern, (str, os.PathLike)):
-        from .parse import load_all
-
         found = load_all(pattern)
         if len(found) != 1:
             names = ", ".join(p.name for p in found)
@@ -98,7 +100,7 @@ class CompressionMLP(nn.Module):
         nn.init.zeros_(self.fc2.bias)
 
     def num_compressed(self, T: int) -> int:
-        return 0 if T < self.block else (T - self.block) // self.stride + 1
+        return num_compressed(T, self.block, self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.dim:
@@ -351,8 +353,6 @@ class NSAttention(nn.Module):
     def compiled(self):
         """The CompiledPattern (compiled on first access, then kept)."""
         if self._compiled is None:
-            from . import compile as compile_pattern  # the package-level function
-
             self._compiled = compile_pattern(self.pattern)
         return self._compiled
 
@@ -369,8 +369,6 @@ class NSAttention(nn.Module):
                         f"{' | '.join(d.value for d in self.pattern.allowed_dtypes)}, but the projections gave "
                         f"{q.dtype}; convert the layer (.to(dtype)), use torch.autocast, or backend='reference'")
                 return self.compiled(**args, scale=self.scale)
-            from .reference import reference
-
             return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk,
                              gather=backend == "gather")
 

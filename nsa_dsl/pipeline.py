@@ -1,16 +1,21 @@
 """The pipeline in one place: Pattern -> checked Plan -> source -> cached,
-imported module -> CompiledPattern."""
+imported module -> CompiledPattern. `check` is its first step."""
 from __future__ import annotations
 
 import hashlib
 import os
 from typing import Optional
 
-from . import __version__, cache
+from . import cache
+from .check import raise_if_invalid
+from .interpreter import prepare
 from .ir import Pattern
-from .plan import Plan
+from .ops import CompiledPattern
+from .plan import Plan, apply_overrides, make_plan
+from .records import TunedPattern
 from .render import render, template_sources
 from .resources import grammar_path
+from .version import __version__
 
 
 def device_kind() -> str:
@@ -62,15 +67,15 @@ def cache_key(plan: Plan, device: Optional[str] = None) -> str:
     return h.hexdigest()
 
 
-def plan_for(pattern: Pattern) -> Plan:
-    from .check import check
-
-    return check(pattern)
+def check(pattern: Pattern) -> Plan:
+    """The compiler's checking step: validate, then plan. Returns the Plan
+    (carrying the warnings) or raises SpecError with every error."""
+    return make_plan(pattern, raise_if_invalid(pattern))
 
 
 def emit(pattern: Pattern) -> tuple:
     """(cache key, generated source) without touching the cache."""
-    plan = plan_for(pattern)
+    plan = check(pattern)
     key = cache_key(plan)
     return key, render(plan, key)
 
@@ -90,23 +95,16 @@ def compile(pattern: Pattern, *, deterministic: bool = False, slc_dkdv: Optional
     TunedPattern that runs each call with the configuration `nsa-dsl tune`
     recorded for its length bucket on this device (a tuned bucket within two
     doublings where its own is not, the defaults where none is)."""
-    from .interpreter import prepare
-    from .ops import CompiledPattern
-
     if not isinstance(pattern, Pattern):
         raise TypeError(f"nsa_dsl.compile expects a Pattern (from nsa_dsl.parse or nsa_dsl.load), got {type(pattern).__name__}")
     prepare()  # before the cache key (it names the device) and the import (triton.jit reads the variable)
     if tuned:
         if overrides:
             raise ValueError("compile: pass either tuned=True or overrides, not both")
-        from .tune import TunedPattern
-
         return TunedPattern(pattern, device_kind(), compile, deterministic=deterministic, slc_dkdv=slc_dkdv,
                             slc_fwd=slc_fwd)
-    plan = plan_for(pattern)
+    plan = check(pattern)
     if overrides:
-        from .plan import apply_overrides
-
         plan = apply_overrides(plan, overrides)
     key = cache_key(plan)
     path, _built = cache.get_or_build(key, lambda: render(plan, key))

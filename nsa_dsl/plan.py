@@ -9,12 +9,13 @@ plan lists. Planning is a pure function of the (already validated) pattern.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import gcd
 from typing import Optional
 
-from .cost import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
+from .geometry import visible_compressed
 from .ir import Branch, Pattern
+from .loop_order import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
 
 
 def next_pow2(n: int) -> int:
@@ -473,8 +474,9 @@ def _causal_edge_forced(cmp_block: int, cmp_stride: int, slc_block: int, local: 
         return False
     period = cmp_stride * slc_block // gcd(cmp_stride, slc_block)
     for pos in range(cmp_block + slc_block * (local + 1) + period):
-        # the first token whose last position (token*stride + block - 1) is past pos
-        first_hidden = max(0, (pos - cmp_block + 1) // cmp_stride + 1)
+        # the first token whose last position (token*stride + block - 1) is past pos: the
+        # number of tokens pos sees
+        first_hidden = visible_compressed(pos, cmp_block, cmp_stride)
         if first_hidden * cmp_stride // slc_block < pos // slc_block - local + 1:
             return False
     return True
@@ -948,8 +950,6 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
     """A copy of the plan with tunable constants replaced, e.g.
     {"SLC_TOKENS": 8, "slc_fwd.num_warps": 8}. Unknown names and invalid
     values are errors, never ignored."""
-    from dataclasses import replace
-
     consts, launch = {}, {}
     for name, value in overrides.items():
         if not isinstance(value, int) or isinstance(value, bool):

@@ -2,7 +2,8 @@
 
 This module is the oracle every kernel is tested against, so it follows
 shared/NSA_MATH.md literally and favours clarity over speed. It imports only
-the IR and torch, never kernel code.
+the IR, the sequence geometry (geometry.py: Tc, NB, which compressed tokens a
+position sees) and torch, never kernel code.
 
 Layouts (batch first, as flash-attn):
     q            [B, T, HQ, Dqk]          HQ = G * HKV, query head h uses KV head h // G
@@ -21,7 +22,6 @@ reference(pattern, q, k, v, g_cmp, g_slc, g_swa, *, k_cmp, v_cmp, k_swa, v_swa,
 reference_branches(pattern, q, k, v, *, k_cmp, v_cmp, k_swa, v_swa, indices,
                    scale, query_chunk, return_indices=False)
     {Branch: ungated output [B, T, HQ, Dv]} for every *declared* branch.
-num_compressed(T, block, stride) -> Tc;  num_blocks(T, select_block) -> NB
 compress_mean(x, block, stride) -> [B, Tc, H, D] mean pooling.
 overlap_weights(block, stride, select_block, Tc, NB) -> W [Tc, NB]
     W[i, j] = |[i*d, i*d+l) ∩ [j*l', (j+1)*l')| / d.
@@ -75,13 +75,12 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from .geometry import compressed_end, num_blocks, num_compressed
 from .ir import Branch, Pattern, Pool
 
 __all__ = [
     "reference",
     "reference_branches",
-    "num_compressed",
-    "num_blocks",
     "compress_mean",
     "overlap_weights",
     "compressed_attention",
@@ -93,18 +92,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- sizes
-
-
-def num_compressed(T: int, block: int, stride: int) -> int:
-    """Tc = max(0, floor((T - l) / d) + 1): compressed tokens of a length-T sequence."""
-    if T < block:
-        return 0
-    return (T - block) // stride + 1
-
-
-def num_blocks(T: int, select_block: int) -> int:
-    """NB = ceil(T / l'): selection blocks of a length-T sequence."""
-    return -(-T // select_block)
 
 
 # --------------------------------------------------------------------------- validation helpers
@@ -286,7 +273,7 @@ def _cmp_chunk(pattern, q5, k_cmp, v_cmp, t0, t1, scale):
     Tc = k_cmp.shape[1]
     t = _positions(t0, t1, q5.device).unsqueeze(1)  # [N, 1]
     i = torch.arange(Tc, device=q5.device, dtype=torch.int64).unsqueeze(0)  # [1, Tc]
-    visible = (i * c.stride + c.block - 1) <= t  # [N, Tc]
+    visible = compressed_end(i, c.block, c.stride) <= t  # [N, Tc]
     mask = visible[None, :, None, None, :]
     if v_cmp is None:
         logits = torch.einsum("bnkgd,bskd->bnkgs", q5, k_cmp) * scale

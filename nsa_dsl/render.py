@@ -14,9 +14,9 @@ from functools import lru_cache
 
 import jinja2
 
-from . import __version__
 from .plan import Plan
 from .resources import template_dir
+from .version import __version__
 
 # The only strings a constant may take; anything else is a bug upstream.
 _ENUM_WORDS = frozenset({"ieee", "tf32", "tf32x3"})

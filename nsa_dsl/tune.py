@@ -1,98 +1,28 @@
-"""Autotuning: tile sizes, work splits, warps and stages per pattern, per
-device and per sequence-length bucket, kept on disk beside the kernels.
+"""Autotuning: the search for tile sizes, work splits, warps and stages per
+pattern, per device and per sequence-length bucket (records.py keeps what
+it finds and runs calls with it).
 
-A bucket is the power of two at or above T (clamped to 1k..128k), so a new
-length reuses its bucket's configuration and never re-tunes. Tuning is a
-coordinate descent over the plan's kernels in launch order: for each kernel,
-try its candidate settings with the others fixed, keep the fastest whole
-pass (forward, or forward + backward). Every candidate computes the same
-function (only plan.TUNABLE constants and launch settings change), so
-tuning can never change results.
+Tuning is a coordinate descent over the plan's kernels in launch order: for
+each kernel, try its candidate settings with the others fixed, keep the
+fastest whole pass (forward, or forward + backward). Every candidate
+computes the same function (only plan.TUNABLE constants and launch settings
+change), so tuning can never change results.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import os
 import time
 import warnings
-from pathlib import Path
 from typing import Callable, Optional
 
-from . import cache
+import torch
+
+from . import pipeline
 from .ir import Pattern
 from .plan import Plan, apply_overrides
-
-MIN_BUCKET, MAX_BUCKET = 1024, 131072
-
-
-def bucket_of(length: int) -> int:
-    b = MIN_BUCKET
-    while b < length and b < MAX_BUCKET:
-        b *= 2
-    return b
-
-
-# Configurations tuned on real devices and committed with the package (the
-# results of `nsa-dsl tune --export nsa_dsl/tuned`): used where this
-# machine's cache has none, so a fresh install starts from measured tiles.
-SHIPPED_DIR = Path(__file__).resolve().parent / "tuned"
-
-
-def config_name(pattern: Pattern, device: str) -> str:
-    digest = hashlib.sha256((pattern.canonical() + "\0" + device).encode()).hexdigest()[:24]
-    return f"{pattern.name}-{digest}.json"
-
-
-def config_path(pattern: Pattern, device: str) -> Path:
-    return cache.cache_dir() / "tuned" / config_name(pattern, device)
-
-
-def _read_configs(path: Path, pattern: Pattern, device: str) -> Optional[dict]:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if raw.get("canonical") != pattern.canonical() or raw.get("device") != device:
-        return None  # a hash collision or a stale file: never trust it
-    return {int(b): dict(entry) for b, entry in raw.get("buckets", {}).items()}
-
-
-def load_records(pattern: Pattern, device: str) -> dict:
-    """{bucket: record} ("overrides", and where known "ms", "objective",
-    "note") for this pattern and device: this machine's cache, else the
-    configurations shipped with the package, else {}."""
-    for path in (config_path(pattern, device), SHIPPED_DIR / config_name(pattern, device)):
-        found = _read_configs(path, pattern, device)
-        if found is not None:
-            return found
-    return {}
-
-
-def load_configs(pattern: Pattern, device: str) -> dict:
-    """{bucket: overrides} recorded for this pattern and device (see load_records)."""
-    return {b: dict(record["overrides"]) for b, record in load_records(pattern, device).items()}
-
-
-def save_configs(pattern: Pattern, device: str, configs: dict, timings: dict, *, objective: Optional[str] = None,
-                 earlier: Optional[dict] = None) -> Path:
-    """Record {bucket: overrides}; a bucket timed in this run gets its ms
-    and the objective they measure, one not re-tuned keeps the record it
-    had in `earlier` (load_records), its time and note included."""
-    path = config_path(pattern, device)
-    buckets = {}
-    for b in sorted(configs):
-        if b in timings:
-            record = {"overrides": configs[b], "ms": timings[b]}
-            if objective is not None:
-                record["objective"] = objective
-        else:
-            record = {**(earlier or {}).get(b, {"ms": None}), "overrides": configs[b]}
-        buckets[str(b)] = record
-    payload = {"pattern": pattern.name, "canonical": pattern.canonical(), "device": device, "buckets": buckets}
-    cache._atomic_write(path, (json.dumps(payload, indent=1, sort_keys=True) + "\n").encode())
-    return path
+from .profiling import kernel_events
+from .records import bucket_of, load_records, save_configs
+from .verify import TOLERANCE, random_case, rel_error
 
 
 def _scaled(value: int, factors=(0.5, 1, 2), lo: int = 1, hi: int = 256) -> list:
@@ -304,9 +234,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     plan's defaults, so a re-tune spends its time on what is new.
     `objective` says what the timer measures (recorded with each bucket
     timed here); buckets not re-tuned keep their records as they were."""
-    from .check import check
-
-    plan = check(pattern)
+    plan = pipeline.check(pattern)
     order = list(plan.kernel_names) if kernels is None else list(kernels)
     unknown = [k for k in order if k not in plan.kernel_names]
     if unknown:
@@ -360,66 +288,6 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
     return configs
 
 
-# How far (in doublings of the length) a bucket never tuned borrows the
-# configuration of the nearest tuned one: the tiles that won at 8k and 64k
-# are a better start for 16k and 32k than the plan's defaults (every
-# recorded configuration computes the same values; only speed can differ).
-NEAREST_BUCKET_OCTAVES = 2
-
-
-def tuned_bucket(configs: dict, length: int) -> Optional[int]:
-    """The bucket whose configuration runs a call of this length: its own
-    when tuned, else the nearest tuned one within NEAREST_BUCKET_OCTAVES
-    (the shorter on a tie), else None (the plan's defaults)."""
-    bucket = bucket_of(length)
-    if bucket in configs:
-        return bucket
-    distance = {b: abs(math.log2(b) - math.log2(bucket)) for b in configs}
-    near = [b for b, d in distance.items() if d <= NEAREST_BUCKET_OCTAVES]
-    return min(near, key=lambda b: (distance[b], b)) if near else None
-
-
-class TunedPattern:
-    """A compiled pattern that runs each call with its length bucket's tuned
-    configuration (see tuned_bucket: a nearby bucket's for one never tuned,
-    the plan's defaults with none near)."""
-
-    def __init__(self, pattern: Pattern, device: str, compile_fn, **compile_kwargs):
-        self.pattern = pattern
-        self.device = device
-        self.configs = load_configs(pattern, device)
-        self._compile = compile_fn
-        self._kwargs = compile_kwargs
-        self._variants = {}
-        self.plan = self.variant(None).plan
-
-    def overrides_for(self, length: int) -> dict:
-        bucket = tuned_bucket(self.configs, length)
-        return {} if bucket is None else self.configs[bucket]
-
-    def variant(self, length: Optional[int]):
-        overrides = {} if length is None else self.overrides_for(length)
-        key = tuple(sorted(overrides.items()))
-        if key not in self._variants:
-            try:
-                self._variants[key] = self._compile(self.pattern, overrides=overrides or None, **self._kwargs)
-            except ValueError as exc:
-                # A record from an older plan (a constant since renamed or
-                # removed): run the defaults rather than fail the call.
-                warnings.warn(f"tuned configuration for {self.pattern.name!r} at T={length} no longer applies"
-                              f" ({exc}); using the plan's defaults", RuntimeWarning, stacklevel=3)
-                self.configs.pop(tuned_bucket(self.configs, length), None)
-                self._variants[key] = self.variant(None)
-        return self._variants[key]
-
-    def slc_fwd_at(self, T: int) -> Optional[str]:
-        return self.variant(T).slc_fwd_at(T)
-
-    def __call__(self, q, *args, **kwargs):
-        length = q.shape[1] if hasattr(q, "shape") and len(q.shape) >= 2 else None
-        return self.variant(length)(q, *args, **kwargs)
-
-
 def config_result(compiled, args: dict, do=None) -> dict:
     """What one configuration computes on `args`: the output and, given the
     output gradient `do`, every input's gradient (float32 copies)."""
@@ -436,8 +304,6 @@ def config_result(compiled, args: dict, do=None) -> dict:
 def disagreement(reference: dict, got: dict, tolerance: float) -> Optional[str]:
     """None when every tensor of `got` is within relative error `tolerance`
     of `reference` (the plan's defaults) and finite; else which is not."""
-    from .verify import rel_error
-
     for name, ref in reference.items():
         if name not in got:
             return f"{name}: missing"
@@ -455,8 +321,6 @@ def kernel_ms(step: Callable[[], None], calls: int = 10, warmup: int = 3) -> flo
     host work and launch gaps left out. The tuner's other objective: a whole
     training pass at 8k moved ~4% between do_bench runs on the H200, more
     than the 0.08 ms a scoring tile changed (benchmarks/NOTES.md v8)."""
-    from .profiling import kernel_events
-
     device_us = [us for _, us in kernel_events(step, calls, warmup)]
     if not device_us:
         raise RuntimeError("kernel_ms: the profiler recorded no device kernel for the step")
@@ -494,11 +358,6 @@ def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_
     never recorded. objective "kernels" times the sum of the pass's kernels
     instead (kernel_ms: no host time, less noise). `device` and `bench`
     (step -> ms) let a CPU test drive it."""
-    import torch
-
-    from .pipeline import compile as compile_pattern
-    from .verify import TOLERANCE, random_case
-
     if objective not in OBJECTIVES:
         raise ValueError(f"gpu_timer: objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
     if bench is None and objective == "kernels":
@@ -521,10 +380,10 @@ def gpu_timer(backward: bool = True, batch: int = 1, warmup_ms: float = 10, rep_
             inputs[length] = (args, do)
         args, do = inputs[length]
         try:
-            compiled = compile_pattern(pattern, overrides=overrides or None)
+            compiled = pipeline.compile(pattern, overrides=overrides or None)
             got = config_result(compiled, args, do)
             if length not in reference:
-                reference[length] = got if not overrides else config_result(compile_pattern(pattern), args, do)
+                reference[length] = got if not overrides else config_result(pipeline.compile(pattern), args, do)
             wrong = disagreement(reference[length], got, TOLERANCE[args["q"].dtype])
             if wrong is not None:
                 # always said: a variant computing something else is a bug to report

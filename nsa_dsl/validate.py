@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
+from .geometry import compressed_length
 from .ir import Branch, DType, Pattern
 
 TORCH_DTYPES = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
@@ -75,13 +77,6 @@ def _sdpa_layout(p: Pattern, tensors: dict) -> tuple:
         return ()
     names = tuple(n for n in tensors if n in swapped or n in either)
     return swapped[0], names, batches.pop(), lengths.pop()
-
-
-def compressed_length(pattern: Pattern, length: int) -> int:
-    c = pattern.compress
-    if c is None or length < c.block:
-        return 0
-    return (length - c.block) // c.stride + 1
 
 
 def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp=None, k_swa=None,
@@ -202,8 +197,6 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
 
 def device_problem(t: torch.Tensor) -> Optional[str]:
     """Why generated kernels cannot run on this tensor's device, or None."""
-    import os
-
     if t.device.type == "cuda":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return "TRITON_INTERPRET=1 is set but the inputs are on a CUDA device; unset it to run compiled kernels"

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .geometry import compressed_end, compressed_length, num_blocks
 from .ir import Branch, DType, Pattern, Pool
-from .reference import compress_mean, overlap_weights, reference
+from .pipeline import compile as compile_pattern
+from .reference import compress_mean, overlap_weights, reference, term_sizes
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 _TORCH = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
@@ -48,8 +50,6 @@ def gradient_floors(pattern: Pattern, inputs: dict, do: torch.Tensor, extra: dic
     the inputs' contribution". Where the exact gradient is 0 by that
     cancellation (dq, dk at length 1), the kernel's rounding noise is judged
     against the size of the terms that cancelled."""
-    from .reference import term_sizes
-
     leaves = {n: t.detach().double().requires_grad_(True) for n, t in inputs.items()}
     with term_sizes():
         reference(pattern, **leaves, **extra).backward(do.double())
@@ -69,7 +69,7 @@ def random_case(pattern: Pattern, batch: int, length: int, dtype: torch.dtype, s
         args[f"g_{b.value}"] = torch.rand(batch, length, hq, generator=gen).to(dtype=dtype, device=device)
     c = pattern.compress
     if c is not None and c.pool is Pool.MLP:
-        tc = 0 if length < c.block else (length - c.block) // c.stride + 1
+        tc = compressed_length(pattern, length)
         args["k_cmp"] = rnd(batch, tc, hkv, dqk)
         args["v_cmp"] = rnd(batch, tc, hkv, dv)
     return args
@@ -89,13 +89,14 @@ def selection_problems(pattern: Pattern, args: dict, indices: torch.Tensor, eps:
     scores = None
     if not s.is_static:
         k_cmp = args["k_cmp"].double() if c.pool is Pool.MLP else compress_mean(args["k"].double(), c.block, c.stride)
-        n_blocks = -(-T // s.block)
+        n_blocks = num_blocks(T, s.block)
         W = overlap_weights(c.block, c.stride, s.block, k_cmp.shape[1], n_blocks, dtype=torch.float64,
                             device=q.device)
         scale = args.get("scale") or 1.0 / math.sqrt(pattern.dims.qk)
         t = torch.arange(T, device=q.device)
         logits = torch.einsum("bthd,bchd->bthc", q, k_cmp.repeat_interleave(G, dim=2)) * scale
-        visible = (torch.arange(k_cmp.shape[1], device=q.device)[None, :] * c.stride + c.block - 1) <= t[:, None]
+        tokens = torch.arange(k_cmp.shape[1], device=q.device)
+        visible = compressed_end(tokens[None, :], c.block, c.stride) <= t[:, None]
         logits = logits.masked_fill(~visible[None, :, None, :], float("-inf"))
         p = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # rows that see nothing: 0
         scores = (p @ W).view(B, T, pattern.heads.kv, G, n_blocks).sum(3).cpu()
@@ -207,7 +208,6 @@ def verify(pattern: Pattern, *, examples: int = 20, seed: int = 0, grad: bool = 
         from hypothesis import HealthCheck, Phase, given, seed as fix_seed, settings, strategies as st
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise RuntimeError("nsa-dsl verify needs hypothesis: pip install 'nsa-dsl[verify]'") from exc
-    from .pipeline import compile as compile_pattern
 
     on_gpu = torch.cuda.is_available() and device != "cpu"
     device = "cuda" if on_gpu else "cpu"

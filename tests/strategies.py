@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from hypothesis import strategies as st
 
+from nsa_dsl.geometry import compressed_length
 from nsa_dsl.ir import Branch, Combine, Compress, Dims, Heads, Pattern, Pool, Select, Window
 
 
@@ -72,7 +73,7 @@ def random_inputs(pattern: Pattern, batch: int, length: int, dtype: torch.dtype,
             args[f"g_{b.value}"] = torch.rand(batch, length, hq, generator=gen).to(dtype=dtype, device=device)
     c = pattern.compress
     if c is not None and c.pool is Pool.MLP:
-        tc = 0 if length < c.block else (length - c.block) // c.stride + 1
+        tc = compressed_length(pattern, length)
         args["k_cmp"] = rnd(batch, tc, hkv, dqk)
         args["v_cmp"] = rnd(batch, tc, hkv, dv)
     if separate_window_kv and pattern.window is not None:

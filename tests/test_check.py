@@ -13,11 +13,12 @@ import pytest
 from hypothesis import example, given, settings, strategies as st
 
 from nsa_dsl import ir
-from nsa_dsl.check import (READS, RULES, WARNINGS, Finding, check, check_parsed, errors_of, raise_if_invalid,
-                           validate, warnings_of)
+from nsa_dsl.check import (READS, RULES, WARNINGS, Finding, check_parsed, errors_of, raise_if_invalid, validate,
+                           warnings_of)
 from nsa_dsl.errors import Diagnostic, SpecError
 from nsa_dsl.ir import Branch, Combine, Compress, Dims, DType, DTypes, Heads, Pattern, Pool, Select, Window
 from nsa_dsl.parse import STATEMENTS, parse_source
+from nsa_dsl.pipeline import check
 
 FILE = "spec.nsa"
 

@@ -10,8 +10,11 @@ import pytest
 import sympy
 from hypothesis import given, settings, strategies as st
 
-from nsa_dsl.cost import CostRow, by_length, compressed_tokens, cost_model, explain, format_expr, format_range
+import nsa_dsl.cost as cost_module
+from nsa_dsl.cost import (CostRow, by_length, compressed_keys, compressed_tokens, cost_model, explain, format_expr,
+                          format_range)
 from nsa_dsl.errors import SpecError
+from nsa_dsl.geometry import num_compressed, visible_compressed
 from nsa_dsl.ir import Branch, Combine, Compress, Dims, Heads, Pattern, Pool, Select, Window
 
 
@@ -104,10 +107,7 @@ SMALL = [
 def unchecked(monkeypatch):
     """The tiny patterns above break the checker's minimum sizes (4-token
     blocks); the model itself is plain arithmetic, so skip the check."""
-    import importlib
-
-    check_module = importlib.import_module("nsa_dsl.check")  # not nsa_dsl.check: the package exports a function
-    monkeypatch.setattr(check_module, "raise_if_invalid", lambda pattern: ())
+    monkeypatch.setattr(cost_module, "raise_if_invalid", lambda pattern: ())
 
 
 @pytest.mark.parametrize("index", range(len(SMALL)))
@@ -244,6 +244,19 @@ def test_bytes_count_inputs_and_outputs_once():
     tc = (100 - 32) // 16 + 1  # compressed tokens at T = 100: passed in for mlp pooling
     assert mlp.at(mlp.bytes, 100) == sympy.Rational(plain * 100 + 2 * tc * 2 * (64 + 32), 100)
     assert compressed_tokens(32, 16).subs(sympy.Symbol("T", positive=True, integer=True), 31) == 0
+
+
+@pytest.mark.parametrize("block,stride", [(32, 16), (8, 4), (4, 1), (16, 16), (5, 5), (1, 1)])
+def test_sympy_token_counts_are_the_geometrys(block, stride):
+    # The cost model's sympy Tc and its sum of visible tokens over t are
+    # the sequence geometry's (nsa_dsl.geometry, the one owner) at every T.
+    T = sympy.Symbol("T", positive=True, integer=True)
+    tokens, (keys, _) = compressed_tokens(block, stride), compressed_keys(block, stride)
+    seen = 0
+    for length in range(1, 3 * block + 4 * stride + 2):
+        seen += visible_compressed(length - 1, block, stride)
+        assert tokens.subs(T, length) == num_compressed(length, block, stride), length
+        assert keys.subs(T, length) == seen, length
 
 
 def test_uncombined_compress_counts_scores_only():

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import nsa_dsl
+from nsa_dsl.geometry import num_blocks, visible_compressed
 from nsa_dsl.ir import Branch, Pool
 from nsa_dsl.validate import validate_inputs
 from nsa_dsl.reference import compress_mean, overlap_weights
@@ -68,12 +69,12 @@ def _sampled_selection_check(pattern, args, indices, rows=64, eps=0.05):
     c = pattern.compress
     G = pattern.group
     scale = pattern.dims.qk ** -0.5
-    n_blocks = -(-T // s.block)
+    n_blocks = num_blocks(T, s.block)
     W = overlap_weights(c.block, c.stride, s.block, k_cmp.shape[1], n_blocks, dtype=torch.float64,
                         device=k_cmp.device)
     worst_violation = 0.0
     for t in positions.tolist():
-        n_vis = 0 if t + 1 < c.block else (t + 1 - c.block) // c.stride + 1
+        n_vis = visible_compressed(t, c.block, c.stride)
         cur = t // s.block
         forced = {j for j in range(cur + 1) if j < s.initial or j > cur - s.local}
         for h in range(pattern.heads.kv):

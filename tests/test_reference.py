@@ -23,12 +23,11 @@ from nsa_dsl.ir import (
     Select,
     Window,
 )
+from nsa_dsl.geometry import num_blocks, num_compressed
 from nsa_dsl.reference import (
     block_scores,
     compress_mean,
     compressed_attention,
-    num_blocks,
-    num_compressed,
     overlap_weights,
     reference,
     reference_branches,
@@ -100,18 +99,6 @@ def rel(a, b):
 
 
 # --------------------------------------------------------------------------- sizes and pooling
-
-
-def test_num_compressed_and_blocks():
-    assert num_compressed(31, 32, 16) == 0
-    assert num_compressed(32, 32, 16) == 1
-    assert num_compressed(47, 32, 16) == 1
-    assert num_compressed(48, 32, 16) == 2
-    assert num_compressed(0, 1, 1) == 0
-    assert num_compressed(5, 1, 1) == 5
-    assert num_blocks(1, 64) == 1
-    assert num_blocks(64, 64) == 1
-    assert num_blocks(65, 64) == 2
 
 
 def test_compress_mean_by_hand():
@@ -828,7 +815,7 @@ def test_gathered_branches_equal_the_dense_reference(pattern, length, seed, chun
     extra = {}
     if given_indices and pattern.select is not None:
         gen = torch.Generator().manual_seed(seed)
-        n_blocks = -(-length // pattern.select.block)
+        n_blocks = num_blocks(length, pattern.select.block)
         idx = torch.randint(-1, n_blocks, (1, length, pattern.heads.kv, pattern.select.top), generator=gen)
         if pattern.select.top > 1:
             idx[..., 1] = idx[..., 0]  # a repeated block counts once

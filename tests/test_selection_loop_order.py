@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import nsa_dsl
-from nsa_dsl.check import check
-from nsa_dsl.cost import BLOCK_CENTRIC_BYTE_WEIGHT, block_centric_from, selection_loop_bytes
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Select, Window
+from nsa_dsl.loop_order import BLOCK_CENTRIC_BYTE_WEIGHT, block_centric_from, selection_loop_bytes
 from nsa_dsl.ops import block_to_positions, chunk_table, first_in_row
+from nsa_dsl.pipeline import check
 from nsa_dsl.plan import SLC_LIST_MAX
 from nsa_dsl.reference import first_occurrence
 from nsa_dsl.tune import candidates, launched

@@ -10,7 +10,8 @@ import torch
 import nsa_dsl
 from nsa_dsl.pipeline import device_kind
 from nsa_dsl.plan import apply_overrides
-from nsa_dsl.tune import TunedPattern, bucket_of, candidates, config_path, load_configs, tune, tuned_bucket
+from nsa_dsl.records import TunedPattern, bucket_of, config_path, load_configs, tuned_bucket
+from nsa_dsl.tune import candidates, tune
 from strategies import random_inputs, rel_error
 
 PATTERN = nsa_dsl.parse("""
@@ -104,10 +105,10 @@ def test_budget_stops_the_search_and_keeps_finished_lengths():
 
 
 def test_shipped_configs_are_the_fallback(tmp_path, monkeypatch):
-    import nsa_dsl.tune as tune_mod
+    import nsa_dsl.records as records_mod
 
     shipped = tmp_path / "shipped"
-    monkeypatch.setattr(tune_mod, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(records_mod, "SHIPPED_DIR", shipped)
     assert load_configs(PATTERN, "fake-gpu") == {}
     tune(PATTERN, [1000], lambda plan, o, t: 1.0 / (1 + o.get("SLC_TOKENS", 0)), device="fake-gpu")
     local = config_path(PATTERN, "fake-gpu")
@@ -122,16 +123,16 @@ def test_shipped_configs_are_the_fallback(tmp_path, monkeypatch):
 def test_a_retune_of_one_length_keeps_the_other_buckets_records(tmp_path, monkeypatch):
     # Re-tuning 64k from the shipped record once dropped 8k's time and the
     # notes of both (they were rewritten as {"ms": null}).
-    import nsa_dsl.tune as tune_mod
-    from nsa_dsl.tune import load_records
+    import nsa_dsl.records as records_mod
+    from nsa_dsl.records import load_records
 
     shipped = tmp_path / "shipped"
     shipped.mkdir()
-    monkeypatch.setattr(tune_mod, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(records_mod, "SHIPPED_DIR", shipped)
     record = {"pattern": PATTERN.name, "canonical": PATTERN.canonical(), "device": "fake-gpu",
               "buckets": {"1024": {"overrides": {"SLC_TOKENS": 2}, "ms": 3.5, "note": "measured by hand"},
                           "16384": {"overrides": {}, "ms": 9.0, "note": "older"}}}
-    (shipped / tune_mod.config_name(PATTERN, "fake-gpu")).write_text(json.dumps(record))
+    (shipped / records_mod.config_name(PATTERN, "fake-gpu")).write_text(json.dumps(record))
     tune(PATTERN, [9000], lambda plan, o, t: 1.0, device="fake-gpu", kernels=["slc_fwd"], from_tuned=True,
          objective="wall, forward")
     records = load_records(PATTERN, "fake-gpu")
@@ -321,7 +322,7 @@ def test_every_shipped_configuration_applies_to_its_example():
     # plan's defaults on every user's machine (TunedPattern warns, once)
     from pathlib import Path
 
-    from nsa_dsl.tune import SHIPPED_DIR
+    from nsa_dsl.records import SHIPPED_DIR
 
     examples = {}
     for path in sorted(Path(__file__).resolve().parents[1].glob("examples/*.nsa")):
