@@ -43,7 +43,7 @@ FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as ops.py passes them (gates present, the
 # deterministic selection backward, the forward of a training call).
-CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "FUSE_DQ": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
+CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False,
                   "KV_DESC": False, "SLOTS_DESC": False, "KEY32": False}
 ENTRY_POINTS = {

@@ -521,12 +521,6 @@ class CompiledPattern:
         return o
 
     # ------------------------------------------------------------ backward
-    def _fuse_dq(self, kp, flag: str) -> bool:
-        """Whether a branch's dK/dV kernel also adds dq (float32 atomics, so
-        its dq kernel is skipped): where the plan or a tuned record sets the
-        flag, and never under deterministic=True."""
-        return bool(kp.const(flag)) and not self.deterministic
-
     def backward(self, saved: dict, do: torch.Tensor, shapes, scale: float, needs: dict,
                  indices_distinct: bool = False) -> dict:
         """Gradients of every differentiable input from dO, recomputing the
@@ -570,11 +564,9 @@ class CompiledPattern:
             common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
                       *_strides(do))
             g_arg = gate if gate is not None else do
-            fuse_dq = self._fuse_dq(kp, f"{prefix}_BWD_FUSE_DQ")
-            if not fuse_dq:
-                getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
-                    q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
-                    HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
+                q, keys, values, do, g_arg, stat_lse, branch_delta, dq, *common,
+                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
             if n_keys == 0:
                 return
             if split:  # per-query-head shares, summed over each group here
@@ -584,9 +576,8 @@ class CompiledPattern:
                 dk_part, dv_part = dk_out, dv_out
             dkdv_bn = kp.const(f"{prefix}_BWD_DKDV_BLOCK_N")
             getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, dkdv_bn), B * (HQ if split else HKV))](
-                q, keys, values, do, g_arg, stat_lse, branch_delta, dk_part, dv_part, dq, *common,
-                HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.warps_for(f"{branch}_bwd_dkdv"),
-                num_stages=kp.num_stages)
+                q, keys, values, do, g_arg, stat_lse, branch_delta, dk_part, dv_part, *common,
+                HAS_GATE=gate is not None, num_warps=kp.warps_for(f"{branch}_bwd_dkdv"), num_stages=kp.num_stages)
             if split:
                 G = p.group
                 dk_out += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)
@@ -612,16 +603,13 @@ class CompiledPattern:
             kp = plan.kernel("slc_bwd")
             indices = saved["indices"]
             atomic = self.slc_dkdv == "atomic"
-            # (the atomic dK/dV strategy has no dK/dV pass to fuse into)
-            fuse_dq = self._fuse_dq(kp, "SLC_BWD_FUSE_DQ") and not atomic
             gate = gates[Branch.SLC]
             g_arg = gate if gate is not None else do
-            if not fuse_dq:
-                m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
-                    q, k, v, do, g_arg, saved["lse_slc"], delta[1], indices, dq, dk, dv,
-                    T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                    *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
-                    num_warps=kp.num_warps, num_stages=kp.num_stages)
+            m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
+                q, k, v, do, g_arg, saved["lse_slc"], delta[1], indices, dq, dk, dv,
+                T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
+                num_warps=kp.num_warps, num_stages=kp.num_stages)
             if not atomic:
                 n_blocks = _cdiv(T, p.select.block)
                 offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
@@ -636,9 +624,9 @@ class CompiledPattern:
                     part_v = torch.empty((chunks["grid"], p.select.block, DV), dtype=f32, device=dev)
                     m.slc_bwd_dkdv[(chunks["grid"],)](
                         q, k, v, do, g_arg, saved["lse_slc"], delta[1], chunks["slice_first"], chunks["segment"],
-                        chunks["start"], chunks["end"], positions, part_k, part_v, dq,
+                        chunks["start"], chunks["end"], positions, part_k, part_v,
                         T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                        HAS_GATE=gate is not None, FUSE_DQ=fuse_dq, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                        HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
                     m.slc_bwd_reduce[(B * HKV * n_blocks,)](part_k, part_v, chunks["per_segment"], dk, dv,
                                                             T, n_blocks, num_warps=4, num_stages=1)
 

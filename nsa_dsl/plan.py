@@ -817,10 +817,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              ("CMP_BWD_DKDV_BLOCK_N", bn), ("CMP_BWD_DKDV_WARPS", warps),
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
-             ("CMP_BWD_SPLIT_HEADS", p.group > 1),
-             # 1: dq added inside the dK/dV kernel with atomics: slower on the
-             # H200 in every tuner trial (NOTES.md v4 measured), left tunable
-             ("CMP_BWD_FUSE_DQ", 0)),
+             ("CMP_BWD_SPLIT_HEADS", p.group > 1)),
             num_warps=warps, num_stages=1, direction="backward"))
         if c.pool.value == "mean":
             kernels.append(KernelPlan(
@@ -846,10 +843,6 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # it for paper128 at 8k only, within 1%: NOTES.md v6).
              ("SLC_BWD_DQ_LIST", 0),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
-             # 1: the dK/dV pass also adds dq with atomics and slc_bwd_dq is
-             # skipped (never under deterministic=True). Measured slower on
-             # the H200 (203 -> 240 ms fwd+bwd at 64k); `nsa-dsl tune` tries it.
-             ("SLC_BWD_FUSE_DQ", 0),
              # 1: slc_bwd_dkdv computes S^T = K Q^T ([keys, rows]), so P^T and
              # dS^T need no register transpose (the flash-style dK/dV kernels'
              # change: cmp_bwd_dkdv 37.6 -> 27.6 ms at 64k, NOTES.md v7).
@@ -868,7 +861,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_DKDV_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
              ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps),
-             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_FUSE_DQ", 0)),
+             ("SWA_BWD_SPLIT_HEADS", False)),
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
 
@@ -930,7 +923,7 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
     "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
-    "SLC_BWD_FUSE_DQ": _flag, "CMP_BWD_FUSE_DQ": _flag, "SWA_BWD_FUSE_DQ": _flag, "SLC_FWD_LIST": _flag,
+    "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
     "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
     "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag, "BC_SLOTS_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),

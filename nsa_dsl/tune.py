@@ -97,9 +97,8 @@ def candidates(plan: Plan, kernel: str) -> list:
             options.append({"TOPK_CHUNK_BLOCKS": blocks})
             if blocks > names["TOPK_CHUNK_BLOCKS"] and k.num_warps != 8:
                 options.append({"TOPK_CHUNK_BLOCKS": blocks, f"{kernel}.num_warps": 8})
-    for flag in ("SLC_BWD_FUSE_DQ", "CMP_BWD_FUSE_DQ", "SWA_BWD_FUSE_DQ", "SLC_BWD_KEYS_MAJOR"):
-        if flag in names:
-            options.append({flag: 1 - names[flag]})
+    if "SLC_BWD_KEYS_MAJOR" in names:
+        options.append({"SLC_BWD_KEYS_MAJOR": 1 - names["SLC_BWD_KEYS_MAJOR"]})
     if "SLC_FWD_WINDOW" in names:  # the window branch inside slc_fwd, or its own kernel
         options.append({"SLC_FWD_WINDOW": 1 - names["SLC_FWD_WINDOW"]})
         if not names["SLC_FWD_WINDOW"]:

@@ -315,8 +315,7 @@ def test_gradients_match_reference_bf16(name, length):
     {"CMP_BWD_DKDV_BLOCK_N": 128, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 128, "SWA_BWD_DKDV_WARPS": 8},
     {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 32, "SWA_BWD_DKDV_WARPS": 4},
     {"SLC_BWD_KEYS_MAJOR": 1},
-    {"SLC_BWD_KEYS_MAJOR": 1, "SLC_BWD_FUSE_DQ": 1},
-], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major", "slc_keys_major_fused"])
+], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major"])
 def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     """The keys-major dK/dV kernels compiled for Hopper with the key tiles
     and warps the tuner may pick (two warpgroups on 128 keys among them),

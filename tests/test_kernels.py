@@ -268,44 +268,6 @@ def test_top_n_merges_across_many_scoring_chunks(top, initial, local):
     assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
 
 
-@settings(max_examples=15)
-@given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None),
-       length=st.integers(1, 64), seed=st.integers(0, 2**31 - 1))
-def test_fused_dq_matches_float64_autograd(pattern, length, seed):
-    """<BRANCH>_BWD_FUSE_DQ=1 for every combined branch: each dK/dV pass adds
-    dq with atomics instead of a separate dq pass; every gradient still
-    matches the reference."""
-    args = random_inputs(pattern, 1, length, torch.float32, seed, device=DEVICE)
-    flags = {f"{b.value.upper()}_BWD_FUSE_DQ": 1 for b in pattern.combined_branches}
-    assert_gradients_match_reference(pattern, nsa_dsl.compile(pattern, overrides=flags), args, seed)
-
-
-def test_fused_dq_is_off_under_determinism(monkeypatch):
-    """deterministic=True never takes an atomic dq path, even when asked."""
-    p = PAPER_LIKE
-    flags = {"SLC_BWD_FUSE_DQ": 1, "CMP_BWD_FUSE_DQ": 1, "SWA_BWD_FUSE_DQ": 1}
-    launched = []
-    for deterministic in (True, False):
-        compiled = nsa_dsl.compile(p, deterministic=deterministic, overrides=flags)
-
-        class Spy:
-            def __init__(self, name, real):
-                self.name, self.real = name, real
-
-            def __getitem__(self, grid):
-                launched.append((deterministic, self.name))
-                return self.real[grid]
-
-        for name in ("slc_bwd_dq", "cmp_bwd_dq", "swa_bwd_dq"):
-            monkeypatch.setattr(compiled.module, name, Spy(name, getattr(compiled.module, name)))
-        args = {n: t.requires_grad_(True)
-                for n, t in random_inputs(p, 1, 40, torch.float32, seed=2, device=DEVICE).items()}
-        compiled(**args).sum().backward()
-    assert sorted(name for det, name in launched if det) == ["cmp_bwd_dq", "slc_bwd_dq", "swa_bwd_dq"], \
-        "the separate, deterministic dq passes must all run"
-    assert not [name for det, name in launched if not det], "with the flags set, no separate dq pass runs"
-
-
 def _learned_selection(p: Pattern) -> bool:
     return p.select is not None and not p.select.is_static and p.compress is not None
 
@@ -366,7 +328,7 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
     hundred positions put most tiles in the open middle, with masked tiles
     on both sides of the window's band: output and every gradient must match
     the reference (a tile wrongly taken as open would attend to keys it may
-    not see). Fused dq too: its atomics run in the open dK/dV tiles.
+    not see).
 
     A boundary off by one changes which tiles are open only where it falls
     on a tile edge: a window of 4 tiles - 1 puts the window's far end and
@@ -383,13 +345,11 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
     first_row, last_row = 5 * tile, 6 * tile - 1
     assert first_row + 1 - max(last_row - p.window.size + 1, 0) >= 2 * tile
     assert (T - p.compress.block) // p.compress.stride + 1 >= 2 * tile
-    for fuse in (0, 1):
-        flags = {**sizes, "CMP_BWD_FUSE_DQ": fuse, "SWA_BWD_FUSE_DQ": fuse}
-        compiled = nsa_dsl.compile(p, overrides=flags)
-        args = random_inputs(p, 1 + fuse, T, torch.float32, seed=tile + fuse, device=DEVICE)
-        expected = nsa_dsl.reference(p, **upcast(args))
-        assert rel_error(compiled(**args), expected) < TOLERANCE[torch.float32]
-        assert_gradients_match_reference(p, compiled, args, seed=tile)
+    compiled = nsa_dsl.compile(p, overrides=sizes)
+    args = random_inputs(p, 1, T, torch.float32, seed=tile, device=DEVICE)
+    expected = nsa_dsl.reference(p, **upcast(args))
+    assert rel_error(compiled(**args), expected) < TOLERANCE[torch.float32]
+    assert_gradients_match_reference(p, compiled, args, seed=tile)
 
 
 @pytest.mark.parametrize("dq_keys, dkdv_keys", [(32, 16), (16, 32)])

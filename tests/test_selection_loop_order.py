@@ -605,13 +605,12 @@ def test_backward_union_list_gives_the_same_gradients(pattern, length, seed, str
 @settings(max_examples=8)
 @given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None
                                                  and Branch.SLC in p.combined_branches),
-       length=st.integers(1, 80), seed=st.integers(0, 2**31 - 1), fuse_dq=st.sampled_from([0, 1]))
-def test_keys_major_selection_dkdv_matches_float64_autograd(pattern, length, seed, fuse_dq):
+       length=st.integers(1, 80), seed=st.integers(0, 2**31 - 1))
+def test_keys_major_selection_dkdv_matches_float64_autograd(pattern, length, seed):
     # SLC_BWD_KEYS_MAJOR: the block-centric dK/dV kernel computes S^T, P^T
-    # and dS^T ([keys, rows]) instead of transposing P and dS; with FUSE_DQ
-    # its dq share comes from dS^T transposed. Every gradient must match.
-    compiled = nsa_dsl.compile(pattern, slc_dkdv="inverted-index",
-                               overrides={"SLC_BWD_KEYS_MAJOR": 1, "SLC_BWD_FUSE_DQ": fuse_dq})
+    # and dS^T ([keys, rows]) instead of transposing P and dS. Every
+    # gradient must match.
+    compiled = nsa_dsl.compile(pattern, slc_dkdv="inverted-index", overrides={"SLC_BWD_KEYS_MAJOR": 1})
     assert compiled.plan.kernel("slc_bwd").const("SLC_BWD_KEYS_MAJOR") == 1
     args = random_inputs(pattern, 1 + seed % 2, length, torch.float32, seed, device=DEVICE)
     assert_gradients_match_reference(pattern, compiled, args, seed)
