@@ -45,7 +45,7 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # deterministic selection backward, the forward of a training call).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False,
-                  "KV_DESC": False, "SLOTS_DESC": False, "KEY32": False}
+                  "KV_DESC": False, "KEY32": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -167,11 +167,6 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                                        "k_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
                         entry_args = {**entry_args, "KV_DESC": True}
-                    if entry == "slc_fwd_bc_merge_window" and kernel.const("BC_SLOTS_TMA"):  # the slots' partials
-                        elem = INPUT_POINTER[1:]
-                        descriptors = {**(descriptors or {}), "part_o_ptr": f"tensordesc<{elem}[{kernel.const('BC_WINDOW_TOKENS')},"
-                                                                          f" 1, 1, {plan.group_rows}, {plan.v_pad}]>"}
-                        entry_args = {**entry_args, "SLOTS_DESC": True}
                     if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it up to 4096 blocks)
                         entry_args = {**entry_args, "KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise

@@ -458,11 +458,6 @@ class CompiledPattern:
             # and the merge computes it (not for a combined output without it)
             local_shared = (forced and self.plan.local_in_window and kw is k and vw is v
                             and (not write_final or self.plan.kernel("combine").const("COMBINE_SWA")))
-            # BC_SLOTS_TMA: one box a slot, the tile's positions x the group's
-            # heads (padded) x D (padded), of the partials as [(b, t - t0), kv
-            # head, slot, head, D]
-            part_o_arg, slots_desc = _descriptor_operands(kp.const("BC_SLOTS_TMA"), (
-                part_o.view(B * TS, HKV, top, G, DV), (tokens, 1, 1, self.plan.group_rows, self.plan.v_pad)))
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
             m.slc_fwd_bc[(chunks["grid"],)](q, k_sel, v_sel, chunks["slice_first"], chunks["segment"],
@@ -472,12 +467,12 @@ class CompiledPattern:
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             if window is not None:
                 m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
-                    q, k_forced, v_forced, kw_arg, vw_arg, part_o_arg, part_lse, o, lse, o_swa, lse_swa, T, t0, TS,
+                    q, k_forced, v_forced, kw_arg, vw_arg, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS,
                     qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
                     WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma, KV_DESC=forced_desc,
-                    SLOTS_DESC=slots_desc, LOCAL_SHARED=local_shared,
+                    LOCAL_SHARED=local_shared,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ

@@ -709,13 +709,6 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # long, BC_WINDOW_TOKENS and SWA_BLOCK_N dividing the block
                 # (checked where it is set). Off until timed.
                 ("BC_LOCAL_IN_WINDOW", 0),
-                # 1: the merge reads each slot's partials through a tensor
-                # descriptor ([positions, 1, 1, heads, D] boxes of the
-                # slice's partials): Triton 3.6 pipelines those copies into
-                # shared memory (TMA on Hopper) where the addressed loads of
-                # the slot loop, which feed no product, stay plain loads
-                # (NOTES v12: ~3 TB/s). Off until timed.
-                ("BC_SLOTS_TMA", 0),
                 # warps of slc_fwd_bc_merge_window (the slot loop and the
                 # window's tiles), apart from slc_fwd_bc's
                 ("BC_MERGE_WARPS", 4 if d_max <= 128 else 8))
@@ -926,7 +919,7 @@ TUNABLE = {
     "SLC_FWD_LIST": _flag,
     "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
     "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
-    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag, "BC_SLOTS_TMA": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag, "TOPK_KEY32": _flag,

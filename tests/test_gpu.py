@@ -378,8 +378,7 @@ def test_window_folded_into_selection_bf16(name, overrides):
     # the window in the group-centric selection's programs (SLC_FWD_WINDOW)
     ("bench_paper128", {"SLC_FWD_ORDER": 0, "SLC_FWD_WINDOW": 1}),
     # the window in the block-centric merge's programs (SWA_TMA there)
-    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_FORCED_TMA": 1,
-                        "BC_SLOTS_TMA": 1}),
+    ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_FORCED_TMA": 1}),
 ], ids=["paper128", "deepseek_nsa", "small_group", "paper128_fold", "paper128_merge"])
 def test_kv_through_tensor_descriptors_bf16(name, order):
     """The *_TMA flags compiled for Hopper (TMA copies into shared memory;
