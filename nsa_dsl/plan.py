@@ -905,7 +905,8 @@ def _stages(value: int) -> bool:
 _stages.__doc__ = "in 1..8 (stages of a kernel that is not the KernelPlan's own launch)"
 
 # Constants a user (or the autotuner) may change without changing what is
-# computed: tile shapes and work splits. Anything else is the pattern's own.
+# computed: tile shapes, work splits and the code-path switches. Anything
+# else is the pattern's own or the plan's.
 TUNABLE = {
     "SWA_BLOCK_M": _pow2_at_least(16), "SWA_BLOCK_N": _pow2_at_least(16),
     "CMP_BLOCK_M": _pow2_at_least(16), "CMP_BLOCK_N": _pow2_at_least(16),
@@ -914,20 +915,27 @@ TUNABLE = {
     "SWA_BWD_DKDV_BLOCK_N": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
-    "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_TOKENS": _pow2_at_least(1), "BC_CHUNK": _positive,
-    "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages, "BC_SLICE": _positive,
-    "SLC_FWD_LIST": _flag,
-    "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag, "BC_WINDOW_TOKENS": _pow2_at_least(1),
+    "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages,
+    "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,
     "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
-    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag, "BC_MERGE_WARPS": _warps, "INDEX_ROWS": _pow2_at_least(1),
+    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag,
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_HEAD_ROWS": _flag,
     "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag, "TOPK_KEY32": _flag,
     "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
-    "SLC_BWD_CHUNK": _positive, "POOL_BLOCK_C": _pow2_at_least(1), "COMBINE_ROWS": _pow2_at_least(1),
-    # Blocks scored per chunk by slc_topk (the chunk's padding and token
-    # count follow): wider chunks read each query tile for more keys and
-    # merge fewer times, in more registers.
+    "SLC_BWD_CHUNK": _positive,
+}
+
+# The plan's own sizes that no tuned record sets are not tunable (NOTES
+# v15): BC_TOKENS, BC_CHUNK, BC_SLICE, BC_WINDOW_TOKENS, BC_MERGE_WARPS,
+# INDEX_ROWS, POOL_BLOCK_C, COMBINE_ROWS, TOPK_CHUNK_BLOCKS. Tests run
+# kernels at values the plan derives for other shapes through the ones
+# below (tests/strategies.py: derived_overrides lets apply_overrides take
+# them, under the same checks).
+DERIVED = {
+    "BC_SLICE": _positive, "BC_WINDOW_TOKENS": _pow2_at_least(1),
+    # blocks scored per chunk by slc_topk (the chunk's padding and token
+    # count follow)
     "TOPK_CHUNK_BLOCKS": _pow2_at_least(1),
 }
 
@@ -974,12 +982,11 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
         if rows < MMA_MIN:
             raise ValueError(f"override SLC_BWD_TOKENS: SLC_BWD_TOKENS x GROUP_ROWS = {rows} rows per dK/dV tile;"
                              f" the products need at least {MMA_MIN}")
-    for name in ("BC_TOKENS", "BC_WINDOW_TOKENS"):
-        if name in consts:
-            rows = consts[name] * plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
-            if rows < MMA_MIN:
-                raise ValueError(f"override {name}: {name} x GROUP_ROWS = {rows} rows per tile; the products"
-                                 f" need at least {MMA_MIN}")
+    if "BC_WINDOW_TOKENS" in consts:
+        rows = consts["BC_WINDOW_TOKENS"] * plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
+        if rows < MMA_MIN:
+            raise ValueError(f"override BC_WINDOW_TOKENS: BC_WINDOW_TOKENS x GROUP_ROWS = {rows} rows per tile;"
+                             f" the products need at least {MMA_MIN}")
     if "TOPK_CHUNK_BLOCKS" in consts:
         k = plan.kernel("slc_topk")
         blocks = consts["TOPK_CHUNK_BLOCKS"]

@@ -83,20 +83,10 @@ def candidates(plan: Plan, kernel: str) -> list:
                     if (n, warps) != (names[tile], names[warps_name]):
                         options.append({tile: n, warps_name: warps})
     for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("SLC_BWD_DQ_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
-                           ("SLC_BWD_CHUNK", 256, 4096), ("BC_TOKENS", 1, 64), ("BC_CHUNK", 16, 4096),
-                           ("BC_REDUCE_ROWS", 8, 128)):
+                           ("SLC_BWD_CHUNK", 256, 4096), ("BC_REDUCE_ROWS", 8, 128)):
         if single in names:
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
-    if "TOPK_CHUNK_BLOCKS" in names:
-        # wider scoring chunks hold [rows, tokens] probabilities for more
-        # tokens: on 8 warps too, which have the registers for them (paper128
-        # on sm_90: 32 blocks on 8 warps compile without spills, 64 spill
-        # 7 KB a thread, so no wider than twice the plan's width)
-        for blocks in _scaled(names["TOPK_CHUNK_BLOCKS"], factors=(0.5, 2), lo=1, hi=256):
-            options.append({"TOPK_CHUNK_BLOCKS": blocks})
-            if blocks > names["TOPK_CHUNK_BLOCKS"] and k.num_warps != 8:
-                options.append({"TOPK_CHUNK_BLOCKS": blocks, f"{kernel}.num_warps": 8})
     if "SLC_BWD_KEYS_MAJOR" in names:
         options.append({"SLC_BWD_KEYS_MAJOR": 1 - names["SLC_BWD_KEYS_MAJOR"]})
     if "SLC_FWD_WINDOW" in names:  # the window branch inside slc_fwd, or its own kernel
@@ -148,28 +138,14 @@ def candidates(plan: Plan, kernel: str) -> list:
         options.append({"TOPK_SORT_MERGE": 1 - names["TOPK_SORT_MERGE"]})
         if not names["TOPK_SORT_MERGE"] and k.num_stages < 2:
             options.append({"TOPK_SORT_MERGE": 1, f"{kernel}.num_stages": 3})
-    if "BC_SLICE" in names and kernel == "slc_fwd_bc":
-        # Shorter slices could keep the q rows a slice gathers (16 per
-        # position for top-16) in L2, but each slice re-reads the keys and
-        # values of the blocks it reaches: at paper128's 64k every shorter
-        # slice was slower on the H200 (8064 -> 504 positions: 40.4 -> 47.4
-        # ms forward, NOTES v10), so measured per pattern, not assumed.
-        for v in _scaled(names["BC_SLICE"], factors=(0.125, 0.25, 0.5), lo=256, hi=1 << 30):
-            options.append({"BC_SLICE": v})
     if "BC_FOLD_WINDOW" in names and kernel == "slc_fwd_bc":
-        # the window in the slot reduction's programs, or swa_fwd apart; its
-        # tile's positions move only while it is on (off they change nothing)
+        # the window in the slot reduction's programs, or swa_fwd apart
         options.append({"BC_FOLD_WINDOW": 1 - names["BC_FOLD_WINDOW"]})
-        tokens = _scaled(names["BC_WINDOW_TOKENS"], factors=(0.5, 2), lo=1, hi=64)
         if names["BC_FOLD_WINDOW"]:
-            options += [{"BC_WINDOW_TOKENS": t} for t in tokens]
             # the forced blocks in the merge (fewer partials, a tile loop
-            # more a program), on the merge's own warps too
-            flip = {"BC_MERGE_FORCED": 1 - names["BC_MERGE_FORCED"]}
-            other_warps = 8 if names["BC_MERGE_WARPS"] == 4 else 4
-            options += [flip, {"BC_MERGE_WARPS": other_warps}, {**flip, "BC_MERGE_WARPS": other_warps}]
+            # more a program)
+            options.append({"BC_MERGE_FORCED": 1 - names["BC_MERGE_FORCED"]})
         else:
-            options += [{"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": t} for t in tokens]
             options.append({"BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1})
     if "BC_REDUCE_STAGES" in names:
         # the slot reduction's loop loads one slot's partials an iteration:
@@ -196,13 +172,6 @@ def candidates(plan: Plan, kernel: str) -> list:
         for order in (0, 1):
             if order != current:
                 options.append({"SLC_FWD_ORDER": order})
-        if kernel == "slc_fwd" and current != 1:
-            # block-centric with shorter slices too (see BC_SLICE above): a
-            # flip at the default slice could lose where a tuned one wins,
-            # and the block-centric kernel is tuned only once it runs
-            bc_slice = plan.kernel("slc_fwd_bc").const("BC_SLICE")
-            for v in _scaled(bc_slice, factors=(0.125, 0.25), lo=256, hi=1 << 30):
-                options.append({"SLC_FWD_ORDER": 1, "BC_SLICE": v})
     # The plan's rules decide what this pattern can take (e.g. the union
     # list's size limit, the head-rows tile bounds): not repeated here.
     return [o for o in options if _applies(plan, o)]

@@ -3,6 +3,9 @@ construction (every rule of the checker satisfied by how the numbers are
 chosen, not by filtering) and random inputs for them."""
 from __future__ import annotations
 
+import contextlib
+from unittest import mock
+
 import torch
 from hypothesis import strategies as st
 
@@ -133,3 +136,16 @@ class LaunchSpy:
             self.record.append((*self.tag, kwargs[self.name]) if self.tag else kwargs[self.name])
             return self.kernel[grid](*args, **kwargs)
         return launch
+
+
+@contextlib.contextmanager
+def derived_overrides():
+    """Inside it, compile(overrides=) and apply_overrides also take the
+    constants of nsa_dsl.plan.DERIVED (the plan derives them from the
+    pattern; no user or tuned record sets them), under the checks tunable
+    ones get: for tests that run a kernel at a value the plan derives for
+    another shape (a scoring chunk, a slice, the merge's tile)."""
+    from nsa_dsl import plan
+
+    with mock.patch.dict(plan.TUNABLE, plan.DERIVED):
+        yield

@@ -19,7 +19,7 @@ from nsa_dsl.geometry import num_blocks, visible_compressed
 from nsa_dsl.ir import Branch, Pool
 from nsa_dsl.validate import validate_inputs
 from nsa_dsl.reference import compress_mean, overlap_weights
-from strategies import TOLERANCE, random_inputs, rel_error, upcast
+from strategies import TOLERANCE, derived_overrides, random_inputs, rel_error, upcast
 
 pytestmark = pytest.mark.gpu
 
@@ -139,11 +139,13 @@ def test_both_selection_loop_orders_match_reference_bf16(name, order):
 def test_block_centric_forward_is_bit_identical_and_slices_agree():
     """The block-centric forward reduces per-slot partials in slot order (no
     atomics): two runs give the same bits, and so does a run in slices of
-    1024 positions (BC_SLICE), which shares one inverted index."""
+    1024 positions (BC_SLICE, the plan's: ~32k positions here), which
+    shares one inverted index."""
     pattern = _patterns()["small_group"]
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=81, device="cuda")
     compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric")
-    sliced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": 1024})
+    with derived_overrides():
+        sliced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": 1024})
     o, indices = compiled(**args, return_indices=True)
     again = compiled(**args, indices=indices)
     in_slices = sliced(**args, indices=indices)
@@ -160,7 +162,8 @@ def test_block_centric_selection_never_waits_for_the_device():
     raises on any device-to-host synchronisation)."""
     pattern = _patterns()["small_group"]
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=82, device="cuda")
-    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": 2048})
+    with derived_overrides():  # four slices
+        compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": 2048})
     _, indices = compiled(**args, return_indices=True)  # compiles the kernels, makes the blocks
     no_gates = {b: None for b in Branch}
     shapes = validate_inputs(pattern, args["q"], args["k"], args["v"], no_gates, indices=indices)
@@ -232,9 +235,6 @@ def test_selection_union_list_matches_reference_bf16():
     ("small_group", {"TOPK_HEAD_ROWS": 1}),
     # 16 positions x 16 heads = 256 rows on 8 warps (a tuner candidate)
     ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "slc_topk.num_warps": 8}),
-    # wider scoring chunks (tuner candidates; 16 blocks by default here)
-    ("deepseek_nsa", {"TOPK_CHUNK_BLOCKS": 32, "slc_topk.num_warps": 8}),
-    ("deepseek_nsa", {"TOPK_CHUNK_BLOCKS": 32, "TOPK_HEAD_ROWS": 1}),
     ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1}),
     ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1}),
     ("deepseek_nsa", {"TOPK_STRIDED_OVERLAP": 1}),
@@ -263,8 +263,8 @@ def test_selection_union_list_matches_reference_bf16():
                      "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1}),
 ])
 def test_topk_heads_as_rows_bf16(name, overrides):
-    """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads;
-    other chunk widths) compiled: their blocks obey the selection rule and
+    """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads,
+    and its flags) compiled: their blocks obey the selection rule and
     the forward with them matches the reference."""
     pattern = _patterns()[name]
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=79, device="cuda")

@@ -13,8 +13,8 @@ from hypothesis import given, settings, strategies as st
 import nsa_dsl
 from nsa_dsl.reference import block_scores, compress_mean
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Pool, Select, Window
-from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, random_inputs, rel_error, upcast,
-                        valid_patterns)
+from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, derived_overrides, random_inputs,
+                        rel_error, upcast, valid_patterns)
 
 from conftest import HAS_CUDA
 
@@ -387,10 +387,12 @@ def _blocks(compiled, args: dict) -> torch.Tensor:
 def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed, args=None):
     """A scoring variant's blocks obey the selection rule and equal the
     plan's own kernel's (random fp32 inputs, or the given ones: no ties
-    within rounding)."""
+    within rounding). The variant may score in chunks of another width
+    (TOPK_CHUNK_BLOCKS, which the plan derives from the pattern)."""
     if args is None:
         args = random_inputs(pattern, 1, length, torch.float32, seed=seed, device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, overrides=overrides)
+    with derived_overrides():
+        compiled = nsa_dsl.compile(pattern, overrides=overrides)
     compiled.poison = True
     indices = _blocks(compiled, args)
     assert_selection_rule(pattern, args, indices, eps_rel=1e-5, eps_abs=1e-6)
@@ -406,9 +408,10 @@ def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed, args=None)
     (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16, "TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1}),
 ], ids=["wider", "wider-heads", "narrower", "narrower-heads", "narrower-heads-2", "wider-heads-keys-major"])
 def test_topk_chunk_width_keeps_the_selection_rule(pattern, overrides):
-    # The scoring chunk's width is tunable: wider chunks merge fewer times,
-    # narrower ones hand the next chunk more straddling tokens. Same blocks
-    # as the default width (random inputs: no ties within float32).
+    # The scoring chunk's width, which the plan derives from the pattern
+    # (4 to 64 blocks): wider chunks merge fewer times, narrower ones hand
+    # the next chunk more straddling tokens. Same blocks as the pattern's
+    # own width (random inputs: no ties within float32).
     default_width = nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS")
     assert default_width != overrides["TOPK_CHUNK_BLOCKS"]
     # the overridden width splits the sequence into two or more chunks
@@ -424,7 +427,8 @@ def test_topk_narrowest_chunk_a_compressed_token_can_straddle():
                 select=Select(block=16, top=4, initial=1, local=1))
     args = random_inputs(p, 1, 300, torch.float32, seed=3, device=DEVICE)
     for overrides in ({"TOPK_CHUNK_BLOCKS": 4}, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}):
-        compiled = nsa_dsl.compile(p, overrides=overrides)
+        with derived_overrides():
+            compiled = nsa_dsl.compile(p, overrides=overrides)
         compiled.poison = True
         assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
 
@@ -472,8 +476,9 @@ def test_strided_overlap_refuses_what_it_cannot_score():
     with pytest.raises(ValueError, match="TOPK_STRIDED_OVERLAP: a compressed token of 24 positions"):
         apply_overrides(nsa_dsl.check(far), {"TOPK_STRIDED_OVERLAP": 1})
     # a chunk of 4 blocks padded to 16 for the products
+    assert nsa_dsl.check(MANY_CHUNKS).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS_PAD") == 16
     with pytest.raises(ValueError, match="TOPK_STRIDED_OVERLAP: a chunk of 4 blocks is padded to 16"):
-        apply_overrides(nsa_dsl.check(PAPER_SHAPED), {"TOPK_STRIDED_OVERLAP": 1, "TOPK_CHUNK_BLOCKS": 4})
+        apply_overrides(nsa_dsl.check(MANY_CHUNKS), {"TOPK_STRIDED_OVERLAP": 1})
     assert apply_overrides(nsa_dsl.check(REACH_EDGE), {"TOPK_STRIDED_OVERLAP": 1}).kernel("slc_topk").const(
         "TOPK_STRIDED_OVERLAP") == 1
 
@@ -516,7 +521,8 @@ def test_scoring_unmasked_at_the_causal_edge_keeps_the_selection_rule(keys_major
 
     flags = {**HEAD_ROWS_KEYS_MAJOR, "TOPK_KEYS_MAJOR": keys_major, "TOPK_STRIDED_OVERLAP": 1,
              "TOPK_CHUNK_BLOCKS": 16}
-    assert apply_overrides(nsa_dsl.check(PAPER_SHAPED_LOCAL2), flags).kernel("slc_topk").const("TOPK_EDGE_FORCED")
+    with derived_overrides():
+        assert apply_overrides(nsa_dsl.check(PAPER_SHAPED_LOCAL2), flags).kernel("slc_topk").const("TOPK_EDGE_FORCED")
     assert not nsa_dsl.check(PAPER_SHAPED).kernel("slc_topk").const("TOPK_EDGE_FORCED")  # one local block
     length = 16 * PAPER_SHAPED_LOCAL2.select.block + 40  # past one chunk edge
     args = random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float32, seed=11, device=DEVICE)
@@ -557,7 +563,8 @@ def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
     key32 = []
 
     def run(args, flag):
-        compiled = nsa_dsl.compile(pattern, overrides={**overrides, "TOPK_KEY32": flag})
+        with derived_overrides():
+            compiled = nsa_dsl.compile(pattern, overrides={**overrides, "TOPK_KEY32": flag})
         compiled.poison = True
         real = compiled.module.slc_topk_heads
         compiled.module.slc_topk_heads = LaunchSpy(real, "KEY32", key32, tag=(args["q"].dtype, flag))
@@ -585,7 +592,9 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
     assert ops._int32_keys(1, torch.bfloat16, 4096) and not ops._int32_keys(1, torch.bfloat16, 4097)
     assert not ops._int32_keys(1, torch.float32, 16) and not ops._int32_keys(0, torch.float16, 16)
     monkeypatch.setattr(ops, "KEY32_MAX_BLOCK_BITS", 4)
-    compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2, overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
+    with derived_overrides():
+        compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2,
+                                   overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
     asked = []
     monkeypatch.setattr(compiled.module, "slc_topk_heads", LaunchSpy(compiled.module.slc_topk_heads, "KEY32", asked))
     for length in (16 * 16, 16 * 16 + 1):  # 16 blocks, then 17
@@ -621,9 +630,10 @@ def test_sorted_merge_selects_the_same_blocks(pattern, overrides):
     _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=7)
     args = random_inputs(pattern, 1, length, torch.float32, seed=8, device=DEVICE)
     args["q"] = torch.zeros_like(args["q"])
-    merged = _blocks(nsa_dsl.compile(pattern, overrides=overrides), args)
-    rounds = _blocks(nsa_dsl.compile(pattern, overrides={k: v for k, v in overrides.items() if k != "TOPK_SORT_MERGE"}),
-                     args)
+    with derived_overrides():
+        merged = _blocks(nsa_dsl.compile(pattern, overrides=overrides), args)
+        rounds = _blocks(nsa_dsl.compile(pattern, overrides={k: v for k, v in overrides.items()
+                                                             if k != "TOPK_SORT_MERGE"}), args)
     assert torch.equal(merged, rounds)
     assert_selection_rule(pattern, args, merged, eps_rel=1e-5, eps_abs=1e-6)
 
@@ -633,11 +643,13 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
 
     wide_top = Pattern(name="wide_top", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
                        compress=Compress(block=8, stride=4), select=Select(block=16, top=20, initial=1, local=1))
-    plan = nsa_dsl.check(wide_top)  # TOP_PAD 32
+    plan = nsa_dsl.check(wide_top)  # TOP_PAD 32, chunks of 16 blocks
+    assert plan.kernel("slc_topk").const("TOPK_CHUNK_BLOCKS_PAD") == 16
     with pytest.raises(ValueError, match="TOPK_SORT_MERGE: takes a chunk's best TOP_PAD = 32 blocks"):
-        apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 16})
-    assert apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 32}).kernel("slc_topk").const(
-        "TOPK_SORT_MERGE") == 1
+        apply_overrides(plan, {"TOPK_SORT_MERGE": 1})
+    with derived_overrides():  # chunks of 32 blocks, as the plan derives for other shapes
+        assert apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 32}).kernel("slc_topk").const(
+            "TOPK_SORT_MERGE") == 1
 
 
 @pytest.mark.parametrize("dtype, order", [

@@ -17,8 +17,8 @@ from nsa_dsl.plan import SLC_LIST_MAX
 from nsa_dsl.reference import first_occurrence
 from nsa_dsl.tune import candidates, launched
 from nsa_dsl.validate import validate_inputs
-from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, random_inputs, rel_error, upcast,
-                        valid_patterns)
+from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, derived_overrides, random_inputs,
+                        rel_error, upcast, valid_patterns)
 
 from conftest import HAS_CUDA
 
@@ -225,7 +225,8 @@ def test_block_centric_in_slices_equals_one_pass(pattern, length, batch, slice_l
     branch output and statistics are bit-identical."""
     args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
     whole = nsa_dsl.compile(pattern, slc_fwd="block-centric")
-    sliced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": slice_len * batch})
+    with derived_overrides():
+        sliced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={"BC_SLICE": slice_len * batch})
     assert whole.plan.kernel("slc_fwd_bc").const("BC_SLICE") >= 80 * 2
     _, indices = whole(**args, return_indices=True)
     a, b = _intermediates(whole, args, indices), _intermediates(sliced, args, indices)
@@ -247,11 +248,12 @@ def test_block_centric_with_the_window_folded_into_its_reduction(pattern, length
     (written by the merge) and the gradients match float64."""
     args = random_inputs(pattern, batch, length, torch.float32, seed, device=DEVICE)
     base = {"BC_SLICE": slice_len * batch}
-    apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
-    group_rows = apart.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
-    tokens = max(tokens, -(-16 // group_rows))  # the tile's dots need 16 rows
-    folded = nsa_dsl.compile(pattern, slc_fwd="block-centric",
-                             overrides={**base, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens})
+    with derived_overrides():
+        apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
+        group_rows = apart.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")
+        tokens = max(tokens, -(-16 // group_rows))  # the tile's dots need 16 rows
+        folded = nsa_dsl.compile(pattern, slc_fwd="block-centric",
+                                 overrides={**base, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens})
     assert folded.plan.window_in_block_centric and not apart.plan.window_in_block_centric
     _, indices = apart(**args, return_indices=True)
     a, b = _intermediates(apart, args, indices), _intermediates(folded, args, indices)
@@ -284,8 +286,9 @@ def test_block_centric_merge_attends_the_forced_blocks(pattern, length, batch, s
     probe = nsa_dsl.compile(pattern, slc_fwd="block-centric")
     tokens = max(tokens, -(-16 // probe.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")))  # 16 rows a dot
     base = {"BC_SLICE": slice_len * batch, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens}
-    every_slot = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
-    forced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_MERGE_FORCED": 1})
+    with derived_overrides():
+        every_slot = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
+        forced = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_MERGE_FORCED": 1})
     assert forced.plan.forced_in_merge and not every_slot.plan.forced_in_merge
     a, b = _intermediates(every_slot, args, None), _intermediates(forced, args, None)
     assert torch.equal(a["indices"], b["indices"])
@@ -308,8 +311,9 @@ def test_forced_blocks_in_the_merge_train():
     pattern = nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
                             " select block=16 top=4 initial=1 local=2 window size=24 }")
     args = random_inputs(pattern, 1, 75, torch.float32, 5, device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric",
-                               overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1})
+    with derived_overrides():
+        compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric",
+                                   overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1})
     assert compiled.plan.forced_in_merge
     assert_gradients_match_reference(pattern, compiled, args, 5)
 
@@ -350,8 +354,9 @@ def test_merge_scores_the_local_blocks_once_for_window_and_selection(pattern, le
     tokens = max(-(-16 // probe.plan.kernel("slc_fwd_bc").const("GROUP_ROWS")), 1)  # 16 rows a dot
     base = {"BC_SLICE": slice_len * batch, "BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": tokens, "BC_MERGE_FORCED": 1,
             "SWA_BLOCK_N": 16}
-    apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
-    shared = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_LOCAL_IN_WINDOW": 1})
+    with derived_overrides():
+        apart = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides=base)
+        shared = nsa_dsl.compile(pattern, slc_fwd="block-centric", overrides={**base, "BC_LOCAL_IN_WINDOW": 1})
     assert shared.plan.local_in_window and not apart.plan.local_in_window and block % tokens == 0
     launches = []
     _merge_launches(shared, launches)
@@ -383,9 +388,10 @@ def test_local_blocks_scored_once_train():
     pattern = nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
                             " select block=16 top=4 initial=1 local=2 window size=32 }")
     args = random_inputs(pattern, 1, 75, torch.float32, 6, device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric",
-                               overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1,
-                                          "SWA_BLOCK_N": 16, "BC_LOCAL_IN_WINDOW": 1})
+    with derived_overrides():
+        compiled = nsa_dsl.compile(pattern, slc_fwd="block-centric",
+                                   overrides={"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1,
+                                              "SWA_BLOCK_N": 16, "BC_LOCAL_IN_WINDOW": 1})
     launches = []
     _merge_launches(compiled, launches)
     assert_gradients_match_reference(pattern, compiled, args, 6)
@@ -395,17 +401,19 @@ def test_local_blocks_scored_once_train():
 def test_local_blocks_in_the_window_needs_a_window_that_covers_them():
     from nsa_dsl.plan import apply_overrides
 
-    def plan(window: int, local: int = 2):
-        return nsa_dsl.check(nsa_dsl.parse("pattern f { heads q=4 kv=1 dims qk=16 compress block=16 stride=8"
+    def plan(window: int, local: int = 2, heads: int = 4):
+        return nsa_dsl.check(nsa_dsl.parse(f"pattern f {{ heads q={heads} kv=1 dims qk=16 compress block=16 stride=8"
                                            f" select block=32 top=4 initial=1 local={local} window size={window} }}"))
 
-    flags = {"BC_FOLD_WINDOW": 1, "BC_WINDOW_TOKENS": 4, "BC_MERGE_FORCED": 1, "SWA_BLOCK_N": 16}
+    flags = {"BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "SWA_BLOCK_N": 16}
+    assert plan(64).kernel("slc_fwd_bc").const("BC_WINDOW_TOKENS") == 16  # 4 heads: 16 positions a tile
     with pytest.raises(ValueError, match="BC_LOCAL_IN_WINDOW: needs the window \\(63\\) at least LOCAL"):
         apply_overrides(plan(63), {**flags, "BC_LOCAL_IN_WINDOW": 1})
     with pytest.raises(ValueError, match="SWA_BLOCK_N \\(64\\) dividing the block"):
         apply_overrides(plan(64), {**flags, "SWA_BLOCK_N": 64, "BC_LOCAL_IN_WINDOW": 1})
+    # one head: tiles of 64 positions, past a block of 32
     with pytest.raises(ValueError, match="BC_WINDOW_TOKENS \\(64\\)"):
-        apply_overrides(plan(64), {**flags, "BC_WINDOW_TOKENS": 64, "BC_LOCAL_IN_WINDOW": 1})
+        apply_overrides(plan(64, heads=1), {**flags, "BC_LOCAL_IN_WINDOW": 1})
     with pytest.raises(ValueError, match="BC_LOCAL_IN_WINDOW: the pattern forces no local blocks"):
         apply_overrides(plan(64, local=0), {**flags, "BC_LOCAL_IN_WINDOW": 1})
     assert apply_overrides(plan(64), {**flags, "BC_LOCAL_IN_WINDOW": 1}).local_in_window
@@ -516,17 +524,13 @@ def test_chunk_table_covers_each_slices_entries_once(T, B, HKV, top, block, slic
     assert torch.equal(seen, torch.ones_like(seen))
 
 
-def test_block_centric_tile_rows_are_checked():
+def test_block_centric_reduction_settings_are_checked():
     p = nsa_dsl.load("examples/bench_small_group.nsa")  # G=2
-    with pytest.raises(ValueError, match="BC_TOKENS x GROUP_ROWS = 8 rows"):
-        nsa_dsl.compile(p, overrides={"BC_TOKENS": 4})
-    assert nsa_dsl.compile(p, overrides={"BC_TOKENS": 8}).plan.kernel("slc_fwd_bc").const("BC_TOKENS") == 8
     with pytest.raises(ValueError, match="BC_REDUCE_STAGES: must be in 1..8"):
         nsa_dsl.compile(p, overrides={"BC_REDUCE_STAGES": 0})
-    # the tuner tries the reduction's tile and stages, never a refused tile
+    # the tuner tries the reduction's tile and stages
     tried = candidates(check(p), "slc_fwd_bc")
     assert {"BC_REDUCE_STAGES": 3} in tried and {"BC_REDUCE_ROWS": 16} in tried
-    assert {"BC_TOKENS": 4} not in tried and {"BC_TOKENS": 8} in tried
 
 
 def _list_fits(p: Pattern) -> bool:
