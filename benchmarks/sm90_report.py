@@ -42,10 +42,11 @@ INT_POINTERS = {"idx_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "c
 FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as ops.py passes them (gates present, the
-# deterministic selection backward, the forward of a training call).
+# deterministic selection backward, the forward of a training call); the
+# descriptor switches (named as the plan's) where the plan sets them.
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
-                  "HAS_G_SWA": True, "WRITE_FINAL": False, "TMA": False,
-                  "KV_DESC": False, "KEY32": False}
+                  "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
+                  "BC_FORCED_TMA": False, "TMA": False, "KEY32": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -124,7 +125,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
         # (for indices from its own scoring, as the benchmark runs it), and
         # scores the local blocks once for the window where the plan asks
         arg_values = {**CONSTEXPR_ARGS, "FORCED": plan.forced_in_merge, "SKIP_FORCED": plan.forced_in_merge,
-                      "DISTINCT": True, "LOCAL_SHARED": plan.local_in_window, **(constexprs or {})}
+                      "DISTINCT": True, "BC_LOCAL_IN_WINDOW": plan.local_in_window, **(constexprs or {})}
         key = cache_key(plan, device="cuda-sm90")
         module = cache.load_module(key, cache.store(key, render(plan, key)))
         target = GPUTarget("cuda", 90, 32)
@@ -150,7 +151,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         bn, elem = kernel.const(f"{tma_flag}_BLOCK_N"), INPUT_POINTER[1:]
                         descriptors = {"k_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
-                        entry_args = {**arg_values, "TMA": True}
+                        entry_args = {**arg_values, f"{tma_flag}_TMA": True}
                     window_entry = (entry == "slc_fwd_bc_merge_window"
                                     or entry == "slc_fwd" and kernel.has_const("SLC_FWD_WINDOW")
                                     and kernel.const("SLC_FWD_WINDOW"))
@@ -158,7 +159,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         bn, elem = plan.kernel("swa_fwd").const("SWA_BLOCK_N"), INPUT_POINTER[1:]
                         descriptors = {"kw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "vw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
-                        entry_args = {**arg_values, "TMA": True}
+                        entry_args = {**arg_values, "SWA_TMA": True}
                     flag = {"slc_fwd": "SLC_TMA", "slc_fwd_bc": "SLC_TMA",
                             "slc_fwd_bc_merge_window": "BC_FORCED_TMA"}.get(entry)
                     if flag and kernel.has_const(flag) and kernel.const(flag):  # the selection's blocks
@@ -166,7 +167,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         descriptors = {**(descriptors or {}),
                                        "k_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
-                        entry_args = {**entry_args, "KV_DESC": True}
+                        entry_args = {**entry_args, flag: True}
                     if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it up to 4096 blocks)
                         entry_args = {**entry_args, "KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     constexprs = {}
     for item in args.arg:
         name, value = item.split("=", 1)
-        if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT", "LOCAL_SHARED"):
+        if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT", "BC_LOCAL_IN_WINDOW"):
             ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
         constexprs[name] = bool(int(value))
     rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs, args.sass_dir)]

@@ -82,8 +82,9 @@ def _descriptor_operands(plan_flag: bool, *tensors_and_boxes) -> tuple:
 
 def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int, d_qk_pad: int,
                  d_v_pad: int) -> tuple:
-    """(k, v, TMA) as a forward kernel with a descriptor path takes them:
-    [1, block_n, 1, D padded] boxes of [B, T, HKV, D] (_descriptor_operands)."""
+    """(k, v, the kernel's *_TMA argument) as a forward kernel with a
+    descriptor path takes them: [1, block_n, 1, D padded] boxes of [B, T,
+    HKV, D] (_descriptor_operands)."""
     return _descriptor_operands(plan_flag, (k, (1, block_n, 1, d_qk_pad)), (v, (1, block_n, 1, d_v_pad)))
 
 
@@ -195,7 +196,8 @@ class CompiledPattern:
                                scale=scale, shapes=shapes, indices_only=True)
         return out["indices"]
 
-    def _launch_fitting(self, name: str, grid, args: tuple, *, dtype, num_warps: int, num_stages: int) -> None:
+    def _launch_fitting(self, name: str, grid, args: tuple, *, dtype, num_warps: int, num_stages: int,
+                        **constexprs) -> None:
         """Launch a flash-style forward kernel, with fewer pipeline stages if
         the compiled kernel needs more shared memory than the device has
         (float32 inputs, or a tuned record made for 16-bit ones: the plan
@@ -209,7 +211,7 @@ class CompiledPattern:
         stages = self.fitted_stages.get(key, num_stages)
         while True:
             try:
-                getattr(self.module, name)[grid](*args, num_warps=num_warps, num_stages=stages)
+                getattr(self.module, name)[grid](*args, **constexprs, num_warps=num_warps, num_stages=stages)
                 return
             except OutOfResources as exc:
                 if stages <= 1:
@@ -278,11 +280,11 @@ class CompiledPattern:
             o_arg = o_cmp if write_o else lse_cmp  # unused pointer when the output is not needed
             o_strides = _strides(o_cmp) if write_o else (0, 0, 0, 0)
             grid = (_cdiv(T, kp.const("CMP_BLOCK_M")), B * HQ)
-            k_arg, v_arg, tma = _kv_operands(kp.const("CMP_TMA"), k_cmp, v_cmp, kp.const("CMP_BLOCK_N"),
-                                             plan.qk_pad, plan.v_pad)
+            k_arg, v_arg, cmp_tma = _kv_operands(kp.const("CMP_TMA"), k_cmp, v_cmp, kp.const("CMP_BLOCK_N"),
+                                                 plan.qk_pad, plan.v_pad)
             self._launch_fitting("cmp_fwd", grid, (q, k_arg, v_arg, o_arg, lse_cmp, T, Tc, qk_scale_log2,
-                                                   *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides, tma),
-                                 dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                                                   *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides),
+                                 CMP_TMA=cmp_tma, dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
             out["o_cmp"], out["lse_cmp"] = o_cmp, lse_cmp
 
         if p.select is not None:
@@ -348,13 +350,13 @@ class CompiledPattern:
                         window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
                 o_cmp = out.get("o_cmp")
                 gate_ptrs, has_gates = _gate_args(gates, o_slc)
-                k_arg, v_arg, kv_desc = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad,
+                k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad,
                                                      plan.v_pad)
                 m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
                     q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
                     o_slc, o_cmp if o_cmp is not None else o_slc, *gate_ptrs, WRITE_FINAL=write_final, **has_gates,
-                    KV_DESC=kv_desc, TMA=window_tma, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    SLC_TMA=slc_tma, SWA_TMA=window_tma, num_warps=kp.num_warps, num_stages=kp.num_stages)
                 if write_final:
                     out["o"] = o_slc
                     o_slc = None
@@ -376,16 +378,16 @@ class CompiledPattern:
         o_swa = self._alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
         lse_swa = self._alloc((B, p.heads.q, T), torch.float32, q.device)
         grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * p.heads.q)
-        k_arg, v_arg, tma = self._window_operands(kw, vw)
+        k_arg, v_arg, swa_tma = self._window_operands(kw, vw)
         self._launch_fitting("swa_fwd", grid, (q, k_arg, v_arg, o_swa, lse_swa, T, T, qk_scale_log2,
-                                               *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa), tma),
-                             dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                                               *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa)),
+                             SWA_TMA=swa_tma, dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
         out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 
     def _window_operands(self, kw: torch.Tensor, vw: torch.Tensor) -> tuple:
-        """(k, v, TMA) of the window branch wherever it is computed (swa_fwd,
-        or folded into a selection kernel): swa_fwd's key tile and its
-        SWA_TMA decide (_kv_operands)."""
+        """(k, v, SWA_TMA) of the window branch wherever it is computed
+        (swa_fwd, or folded into a selection kernel): swa_fwd's key tile and
+        the plan's SWA_TMA decide (_kv_operands)."""
         swa = self.plan.kernel("swa_fwd")
         return _kv_operands(swa.const("SWA_TMA"), kw, vw, swa.const("SWA_BLOCK_N"), self.plan.qk_pad,
                             self.plan.v_pad)
@@ -432,7 +434,7 @@ class CompiledPattern:
             skip_forced=(p.select.initial, p.select.local) if forced else None, distinct=distinct,
             keys_fn=self._index_keys)
         chunks = chunk_table(offsets, kp.const("BC_CHUNK"), n_slices, B * TS * HKV * top)
-        k_sel, v_sel, kv_desc = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, self.plan.qk_pad,
+        k_sel, v_sel, slc_tma = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, self.plan.qk_pad,
                                              self.plan.v_pad)
         # Per-slot partials of one slice, reused by the next: the outputs in
         # the input dtype (normalised over one block, so bounded by |v|), the
@@ -451,19 +453,19 @@ class CompiledPattern:
             tokens = kp.const("BC_WINDOW_TOKENS")
             o_cmp = final_from.get("o_cmp") if write_final else None
             kw_arg, vw_arg, window_tma = self._window_operands(kw, vw)
-            k_forced, v_forced, forced_desc = _kv_operands(forced and kp.const("BC_FORCED_TMA"), k, v, p.select.block,
-                                                           self.plan.qk_pad, self.plan.v_pad)
+            k_forced, v_forced, forced_tma = _kv_operands(forced and kp.const("BC_FORCED_TMA"), k, v, p.select.block,
+                                                          self.plan.qk_pad, self.plan.v_pad)
             # the local blocks' keys scored once for the window and the
             # forced blocks: only where the window reads these very k and v
             # and the merge computes it (not for a combined output without it)
-            local_shared = (forced and self.plan.local_in_window and kw is k and vw is v
-                            and (not write_final or self.plan.kernel("combine").const("COMBINE_SWA")))
+            local_in_window = (forced and self.plan.local_in_window and kw is k and vw is v
+                               and (not write_final or self.plan.kernel("combine").const("COMBINE_SWA")))
         for i, t0 in enumerate(range(0, T, TS)):
             part_lse.fill_(float("-inf"))
             m.slc_fwd_bc[(chunks["grid"],)](q, k_sel, v_sel, chunks["slice_first"], chunks["segment"],
                                            chunks["start"], chunks["end"], positions, slots, part_o, part_lse,
                                            T, t0, TS, i, i * B * HKV * n_blocks, n_blocks, qk_scale_log2,
-                                           *_strides(q), *_strides(k), *_strides(v), kv_desc,
+                                           *_strides(q), *_strides(k), *_strides(v), SLC_TMA=slc_tma,
                                            num_warps=kp.num_warps, num_stages=kp.num_stages)
             if window is not None:
                 m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
@@ -471,8 +473,8 @@ class CompiledPattern:
                     qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
-                    WRITE_FINAL=write_final, FORCED=forced, **has_gates, TMA=window_tma, KV_DESC=forced_desc,
-                    LOCAL_SHARED=local_shared,
+                    WRITE_FINAL=write_final, FORCED=forced, **has_gates, SWA_TMA=window_tma,
+                    BC_FORCED_TMA=forced_tma, BC_LOCAL_IN_WINDOW=local_in_window,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue
             n_rows = B * TS * HQ

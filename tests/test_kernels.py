@@ -711,7 +711,7 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
 def test_tensor_descriptors_only_where_the_copy_engine_can_read():
     """ops._tma_fits: descriptors need the innermost stride 1 and the other
     strides and the base 16-byte aligned; anything else takes the pointer
-    path (the kernel's TMA constexpr False), never a wrong read."""
+    path (the kernel's *_TMA argument False), never a wrong read."""
     from nsa_dsl.ops import _kv_operands, _tma_fits
 
     k = torch.randn(2, 10, 4, 16)

@@ -332,9 +332,9 @@ def _local_in_window_patterns(draw):
 
 
 def _merge_launches(compiled, record: list):
-    """Record the LOCAL_SHARED of every merge launch of compiled."""
-    compiled.module.slc_fwd_bc_merge_window = LaunchSpy(compiled.module.slc_fwd_bc_merge_window, "LOCAL_SHARED",
-                                                        record)
+    """Record the BC_LOCAL_IN_WINDOW of every merge launch of compiled."""
+    compiled.module.slc_fwd_bc_merge_window = LaunchSpy(compiled.module.slc_fwd_bc_merge_window,
+                                                        "BC_LOCAL_IN_WINDOW", record)
 
 
 @settings(max_examples=3, deadline=None)
