@@ -46,7 +46,7 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # descriptor switches (named as the plan's) where the plan sets them.
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
-                  "BC_FORCED_TMA": False, "TMA": False, "KEY32": False}
+                  "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -124,7 +124,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
         # the merge attends the forced blocks where the plan has it do so
         # (for indices from its own scoring, as the benchmark runs it), and
         # scores the local blocks once for the window where the plan asks
-        arg_values = {**CONSTEXPR_ARGS, "FORCED": plan.forced_in_merge, "SKIP_FORCED": plan.forced_in_merge,
+        arg_values = {**CONSTEXPR_ARGS, "BC_MERGE_FORCED": plan.forced_in_merge, "SKIP_FORCED": plan.forced_in_merge,
                       "DISTINCT": True, "BC_LOCAL_IN_WINDOW": plan.local_in_window, **(constexprs or {})}
         key = cache_key(plan, device="cuda-sm90")
         module = cache.load_module(key, cache.store(key, render(plan, key)))
@@ -169,11 +169,12 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                                        "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
                         entry_args = {**entry_args, flag: True}
                     if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it up to 4096 blocks)
-                        entry_args = {**entry_args, "KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
+                        entry_args = {**entry_args,
+                                      "TOPK_KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
                                                  f" 1, {plan.qk_pad}]>"}
-                        entry_args = {**entry_args, "TMA": True}
+                        entry_args = {**entry_args, "TOPK_TMA": True}
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
                     warps = kernel.warps_for(entry)
@@ -222,7 +223,8 @@ def main(argv=None) -> int:
     constexprs = {}
     for item in args.arg:
         name, value = item.split("=", 1)
-        if name not in CONSTEXPR_ARGS and name not in ("FORCED", "SKIP_FORCED", "DISTINCT", "BC_LOCAL_IN_WINDOW"):
+        if name not in CONSTEXPR_ARGS and name not in ("BC_MERGE_FORCED", "SKIP_FORCED", "DISTINCT",
+                                                       "BC_LOCAL_IN_WINDOW"):
             ap.error(f"--arg {name}: not a kernel-argument constexpr ({', '.join(sorted(CONSTEXPR_ARGS))})")
         constexprs[name] = bool(int(value))
     rows = [row for path in args.files for row in report(path, overrides, tuple(args.kernel), constexprs, args.sass_dir)]

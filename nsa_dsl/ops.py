@@ -300,12 +300,13 @@ class CompiledPattern:
                 else:
                     if kp.const("TOPK_HEAD_ROWS"):  # tiles of TOPK_TOKENS positions x the group's heads
                         grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
-                        k_arg, tma = _descriptor_operands(kp.const("TOPK_TMA"), (
+                        k_arg, topk_tma = _descriptor_operands(kp.const("TOPK_TMA"), (
                             out["k_cmp"], (1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad)))
                         m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
-                                               *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), tma,
-                                               KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
-                                                                 _cdiv(T, p.select.block)),
+                                               *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
+                                               TOPK_TMA=topk_tma,
+                                               TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
+                                                                      _cdiv(T, p.select.block)),
                                                num_warps=kp.num_warps, num_stages=kp.num_stages)
                     else:
                         m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
@@ -473,7 +474,7 @@ class CompiledPattern:
                     qk_scale_log2,
                     *_strides(q), *_strides(k), *_strides(v), *_strides(kw), *_strides(vw), *_strides(o),
                     *_strides(o_swa), o, o_cmp if o_cmp is not None else o, *gate_ptrs,
-                    WRITE_FINAL=write_final, FORCED=forced, **has_gates, SWA_TMA=window_tma,
+                    WRITE_FINAL=write_final, BC_MERGE_FORCED=forced, **has_gates, SWA_TMA=window_tma,
                     BC_FORCED_TMA=forced_tma, BC_LOCAL_IN_WINDOW=local_in_window,
                     num_warps=kp.warps_for("slc_fwd_bc_merge_window"), num_stages=kp.const("BC_REDUCE_STAGES"))
                 continue

@@ -567,7 +567,7 @@ def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
             compiled = nsa_dsl.compile(pattern, overrides={**overrides, "TOPK_KEY32": flag})
         compiled.poison = True
         real = compiled.module.slc_topk_heads
-        compiled.module.slc_topk_heads = LaunchSpy(real, "KEY32", key32, tag=(args["q"].dtype, flag))
+        compiled.module.slc_topk_heads = LaunchSpy(real, "TOPK_KEY32", key32, tag=(args["q"].dtype, flag))
         try:
             return _blocks(compiled, args)
         finally:
@@ -596,7 +596,8 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
         compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2,
                                    overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
     asked = []
-    monkeypatch.setattr(compiled.module, "slc_topk_heads", LaunchSpy(compiled.module.slc_topk_heads, "KEY32", asked))
+    monkeypatch.setattr(compiled.module, "slc_topk_heads",
+                        LaunchSpy(compiled.module.slc_topk_heads, "TOPK_KEY32", asked))
     for length in (16 * 16, 16 * 16 + 1):  # 16 blocks, then 17
         compiled(**random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float16, seed=1, device=DEVICE))
     assert asked == [True, False]
