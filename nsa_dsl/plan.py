@@ -628,20 +628,26 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # (same blocks, same order). Off, tunable where SLC_TOKENS *
              # TOP_PAD <= SLC_LIST_MAX: with 3 stages the tuner's choice for
              # paper128 at 8k and 64k on the H200 (23.9 -> 18.5 ms at 64k,
-             # NOTES.md v6); not yet timed on other patterns.
+             # NOTES.md v6), slower for deepseek_nsa (81.7 ms forward at 64k
+             # against 73.5, results/tune/h200_deepseek_nsa_v10_fwd.log).
              ("SLC_FWD_LIST", 0),
              # The selection forward's loop order: -1 the cost model's choice
              # by length (block_centric_from), 0 group-centric, 1
              # block-centric at every length. Tunable, so the tuner can
              # settle a length bucket by measuring both orders.
              ("SLC_FWD_ORDER", -1),
-             # the selected blocks through tensor descriptors (as in
-             # slc_fwd_bc, one constant for both orders; off until timed)
+             # 1: the selected blocks through tensor descriptors, one
+             # constant for both orders. Group-centric it wins (slc_fwd 2.13
+             # -> 1.78 ms for paper128 at 8k, 32.20 -> 28.95 for deepseek_nsa
+             # at 64k on the H200, NOTES v13; those records take it),
+             # block-centric it loses (slc_fwd_bc's comment)
              ("SLC_TMA", 0))
             # 1: the same program also computes the window branch for its
             # rows (o_swa, lse_swa) and swa_fwd is not launched: q is read
             # once and each window key tile serves the group's heads
-            # together. Only with a window; off until timed on a GPU.
+            # together. Only with a window. slc_fwd + swa_fwd 2.208 -> 2.124
+            # ms at 8k, 23.26 -> 22.39 at 64k for paper128 on the H200
+            # (NOTES.md v8); paper128's records set it.
             + ((("SLC_FWD_WINDOW", 0),) if p.window is not None else ()),
             # 4 warps: at d <= 128 8 doubled the time on the H200 (2.15 -> 4.39
             # ms at 8k, NOTES.md v2); at deepseek_nsa's 192 the tuner took 4
@@ -674,8 +680,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local),
              # 1: slc_fwd_bc reads its block's k and v through tensor
              # descriptors where they allow it (ops._tma_fits), as CMP_TMA.
-             # Off until timed: sm_90 168 -> 174 registers for paper128, so
-             # 2 programs an SM instead of 3.
+             # Slower here: slc_fwd_bc 8.75 -> 10.76 ms for paper128 at 64k
+             # on the H200 (NOTES v13; sm_90 168 -> 174 registers, so 2
+             # programs an SM instead of 3), so the block-centric records
+             # leave it off (slc_fwd's comment: where it wins).
              ("SLC_TMA", 0))
             # 1: the window branch is computed by the slot reduction's
             # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
@@ -697,9 +705,10 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # merge 9.18 -> 10.90).
                 ("BC_MERGE_FORCED", 0),
                 # 1: the merge reads the forced blocks' k and v through
-                # tensor descriptors (as SLC_TMA). Off until timed; sm_90
-                # for paper128: the forward-only merge's 32 bytes of spill
-                # gone, the training one 174 -> 155 registers.
+                # tensor descriptors (as SLC_TMA): the merge 10.56 -> 10.03
+                # ms for paper128 at 64k on the H200 (NOTES v13; sm_90: the
+                # forward-only merge's 32 bytes of spill gone, the training
+                # one 174 -> 155 registers); its 64k record takes it.
                 ("BC_FORCED_TMA", 0),
                 # 1 (with BC_MERGE_FORCED, the window reading the selection's
                 # own k and v): the local blocks lie inside the window, so
@@ -707,7 +716,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # (_bc_window_forced): LOCAL of the forced blocks' QK^T and
                 # k/v loads gone. Needs the window at least LOCAL blocks
                 # long, BC_WINDOW_TOKENS and SWA_BLOCK_N dividing the block
-                # (checked where it is set). Off until timed.
+                # (checked where it is set). The merge 10.12 -> 9.74 ms,
+                # forward 34.17 -> 33.56 for paper128 at 64k on the H200
+                # (NOTES v14); its 64k record takes it.
                 ("BC_LOCAL_IN_WINDOW", 0),
                 # warps of slc_fwd_bc_merge_window (the slot loop and the
                 # window's tiles), apart from slc_fwd_bc's
@@ -839,7 +850,9 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # 1: slc_bwd_dkdv computes S^T = K Q^T ([keys, rows]), so P^T and
              # dS^T need no register transpose (the flash-style dK/dV kernels'
              # change: cmp_bwd_dkdv 37.6 -> 27.6 ms at 64k, NOTES.md v7).
-             # Off until timed on a GPU; `nsa-dsl tune` tries it.
+             # For the selection: slc_bwd_dkdv 18.82 -> 15.11 ms for paper128
+             # at 64k on the H200, within the noise at 8k (NOTES.md v8); its
+             # 64k record takes it.
              ("SLC_BWD_KEYS_MAJOR", 0),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
