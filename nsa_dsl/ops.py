@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from .geometry import num_blocks
 from .ir import Branch
 from .plan import Plan
 from .validate import device_problem, validate_inputs
@@ -91,7 +92,7 @@ def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int
 def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
     """Given block indices must lie in [-1, number of blocks): anything else
     is a caller's bug that would otherwise be silently ignored."""
-    n_blocks = -(-length // block)
+    n_blocks = num_blocks(length, block)
     if indices.numel() == 0:
         return
     low, high = int(indices.min()), int(indices.max())
@@ -306,7 +307,7 @@ class CompiledPattern:
                                                *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
                                                TOPK_TMA=topk_tma,
                                                TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
-                                                                      _cdiv(T, p.select.block)),
+                                                                      num_blocks(T, p.select.block)),
                                                num_warps=kp.num_warps, num_stages=kp.num_stages)
                     else:
                         m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
@@ -413,7 +414,7 @@ class CompiledPattern:
         B, T = shapes.batch, shapes.length
         HQ, HKV, G, DV, top = p.heads.q, p.heads.kv, p.group, p.dims.v, p.select.top
         dev = q.device
-        n_blocks = _cdiv(T, p.select.block)
+        n_blocks = num_blocks(T, p.select.block)
         write_final = final_from is not None
         o = self._alloc((B, T, HQ, DV), q.dtype, dev)
         lse = self._alloc((B, HQ, T), torch.float32, dev) if not write_final else o  # o: an unused pointer
@@ -609,7 +610,7 @@ class CompiledPattern:
                 *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
                 num_warps=kp.num_warps, num_stages=kp.num_stages)
             if not atomic:
-                n_blocks = _cdiv(T, p.select.block)
+                n_blocks = num_blocks(T, p.select.block)
                 offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
                                                         distinct=indices_distinct, keys_fn=self._index_keys)
                 # Sized for the most chunks the index can have, so nothing
