@@ -313,7 +313,7 @@ def test_topk_heads_as_rows_refuses_tiles_a_product_cannot_take():
     with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
         apply_overrides(plan, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 32})  # 512 rows
     with pytest.raises(ValueError, match="TOPK_KEYS_MAJOR: .* needs TOPK_HEAD_ROWS=1"):
-        apply_overrides(plan, {"TOPK_KEYS_MAJOR": 1})
+        apply_overrides(plan, {"TOPK_HEAD_ROWS": 0, "TOPK_KEYS_MAJOR": 1})
     one_head = nsa_dsl.parse("pattern g1 { heads q=1 kv=1 dims qk=16 compress block=16 stride=8"
                              " select block=16 top=2 initial=1 local=0 }")
     with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
@@ -607,7 +607,7 @@ def test_heads_in_thread_refuses_what_it_cannot_order():
     from nsa_dsl.plan import apply_overrides
 
     with pytest.raises(ValueError, match="TOPK_HEADS_IN_THREAD: orders the keys-major head-rows tile"):
-        apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_HEADS_IN_THREAD": 1})  # not keys-major
+        apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_KEYS_MAJOR": 0, "TOPK_HEADS_IN_THREAD": 1})  # not keys-major
     with pytest.raises(ValueError, match="TOPK_TOKENS=2"):
         apply_overrides(nsa_dsl.check(PAPER_LIKE), {**IN_THREAD, "TOPK_TOKENS": 2})
     with pytest.raises(ValueError, match="TOPK_KEY32: .* needs TOPK_HEAD_ROWS=1 and TOPK_SORT_MERGE=1"):
