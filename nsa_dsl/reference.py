@@ -75,6 +75,7 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
+from . import varlen
 from .geometry import compressed_end, num_blocks, num_compressed
 from .ir import Branch, Pattern, Pool
 
@@ -749,6 +750,8 @@ def reference(
     return_indices=False,
     query_chunk=None,
     gather=False,
+    cu_seqlens=None,
+    max_seqlen=None,
 ):
     """NSA attention, densely: o [B, T, HQ, Dv] in q's dtype,
     o = sum over pattern.combined_branches of g_b * o_b (a missing gate is 1).
@@ -761,8 +764,19 @@ def reference(
     With return_indices=True returns (o, indices): int32 [B, T, HKV, top],
     rows ascending with -1 padding at the end (given indices come back
     unchanged). Raises ValueError for return_indices without a select branch.
+    With cu_seqlens (packed sequences, varlen.py's convention) q, k, v,
+    the gates, k_swa/v_swa and indices are [total, ...] or [1, total, ...],
+    k_cmp/v_cmp [total_c, ...] packed by varlen.compressed_seqlens; each
+    sequence is computed alone, as its own [1, T_s] batch; max_seqlen is
+    accepted for the compiled call's signature and not needed here.
+
     See the module docstring for every convention.
     """
+    if cu_seqlens is not None:
+        return _packed_reference(pattern, q, k, v, (g_cmp, g_slc, g_swa), cu_seqlens, max_seqlen,
+                                 dict(k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices,
+                                      scale=scale, return_indices=return_indices, query_chunk=query_chunk,
+                                      gather=gather))
     B, T, cd, t = _prepare(pattern, q, k, v, k_cmp, v_cmp, k_swa, v_swa, indices, query_chunk)
     gates = {"g_cmp": g_cmp, "g_slc": g_slc, "g_swa": g_swa}
     combined = pattern.combined_branches
@@ -791,3 +805,54 @@ def reference(
         o = ob if o is None else o + ob
     o = o.to(q.dtype)
     return (o, idx) if return_indices else o
+
+
+def _packed_reference(pattern, q, k, v, gates, cu_seqlens, max_seqlen, kwargs):
+    """reference() of packed sequences: each sequence alone through the
+    fixed-length reference, the results packed back in q's layout."""
+    q3, leading = varlen.unpack_layout("q", q, 3)
+    varlen.check_cu_seqlens(cu_seqlens, q3.shape[0], q3.device)
+    varlen.max_length(cu_seqlens, max_seqlen)  # type-checks max_seqlen
+    token_args = {"k": k, "v": v, "g_cmp": gates[0], "g_slc": gates[1], "g_swa": gates[2],
+                  "k_swa": kwargs.pop("k_swa"), "v_swa": kwargs.pop("v_swa"), "indices": kwargs.pop("indices")}
+    ranks = {"g_cmp": 2, "g_slc": 2, "g_swa": 2}
+    packed = {}
+    for name, x in token_args.items():
+        x, _ = varlen.unpack_layout(name, x, ranks.get(name, 3))
+        if x is not None and x.shape[0] != q3.shape[0]:
+            raise ValueError(f"{name}: {x.shape[0]} packed positions, q has {q3.shape[0]}")
+        packed[name] = x
+    cmp_args = {name: varlen.unpack_layout(name, kwargs.pop(name), 3)[0] for name in ("k_cmp", "v_cmp")}
+    cmp_bounds = None
+    if any(x is not None for x in cmp_args.values()):
+        cu_c = varlen.compressed_seqlens(pattern, cu_seqlens)
+        for name, x in cmp_args.items():
+            if x is not None and x.shape[0] != int(cu_c[-1]):
+                raise ValueError(f"{name}: {x.shape[0]} packed compressed tokens; the sequences of cu_seqlens have"
+                                 f" {int(cu_c[-1])} (nsa_dsl.compressed_seqlens)")
+        cmp_bounds = varlen.sequence_bounds(cu_c)
+    want_indices = kwargs["return_indices"]
+    if want_indices and pattern.select is None:
+        raise ValueError("return_indices: the pattern has no select branch, so there are no indices")
+    outs, idx = [], []
+    for s, (a, b) in enumerate(varlen.sequence_bounds(cu_seqlens)):
+        if a == b:
+            continue  # an empty sequence: nothing to compute
+        one = {name: None if x is None else x[a:b].unsqueeze(0) for name, x in packed.items()}
+        if cmp_bounds is not None:
+            ca, cb = cmp_bounds[s]
+            one.update({name: None if x is None else x[ca:cb].unsqueeze(0) for name, x in cmp_args.items()})
+        r = reference(pattern, q3[a:b].unsqueeze(0), one.pop("k"), one.pop("v"), one.pop("g_cmp"),
+                      one.pop("g_slc"), one.pop("g_swa"), **one, **kwargs)
+        o, i = r if want_indices else (r, None)
+        outs.append(o[0])
+        if i is not None:
+            idx.append(i[0])
+    o = torch.cat(outs) if outs else q3.new_empty(0, pattern.heads.q, pattern.dims.v)
+    if leading:
+        o = o.unsqueeze(0)
+    if not want_indices:
+        return o
+    i = (torch.cat(idx) if idx else
+         torch.empty(0, pattern.heads.kv, pattern.select.top, dtype=torch.int32, device=q3.device))
+    return o, (i.unsqueeze(0) if leading else i)

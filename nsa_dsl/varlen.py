@@ -1,0 +1,99 @@
+"""Packed variable-length sequences (flash-attn's cu_seqlens convention).
+
+Documents packed into one row: `cu_seqlens` int32 [N+1] holds each
+sequence's first position, starting at 0 and ending at `total`; sequence s
+is positions cu_seqlens[s] .. cu_seqlens[s+1] - 1 and is its own causal
+attention from its own position 0 (shared/NSA_MATH.md, applied per
+sequence). Tensors come as [total, H, D] (flash-attn) or [1, total, H, D]
+(fla); results keep the layout they came in.
+
+This module owns the packed geometry (the compressed tokens' cu_seqlens)
+and the checks of cu_seqlens itself. The checks that read its values
+(starts at 0, non-decreasing, ends at total) need the values on the host:
+they run where the values already are there (a CPU tensor) or under
+NSA_DSL_DEBUG=1; a CUDA tensor is otherwise trusted, so a training step
+stays free of host synchronisation.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from .ir import Pattern
+
+
+def debug_checks() -> bool:
+    """NSA_DSL_DEBUG=1: also check values that live on the GPU (a host sync)."""
+    return os.environ.get("NSA_DSL_DEBUG", "") not in ("", "0")
+
+
+def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens") -> None:
+    """ValueError naming `name` unless it is an int32 [N+1] tensor on
+    `device` that starts at 0, never decreases and ends at `total` (the
+    value checks: see the module docstring)."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"{name}: expected an int32 tensor [N+1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError(f"{name}: expected dtype torch.int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"{name}: expected a 1-D tensor [N+1] with N >= 0 sequences, got shape"
+                         f" {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != device:
+        raise ValueError(f"{name}: on {cu_seqlens.device}, the tensors are on {device}")
+    if cu_seqlens.device.type != "cpu" and not debug_checks():
+        return
+    values = cu_seqlens.tolist()
+    if values[0] != 0:
+        raise ValueError(f"{name}: must start at 0, starts at {values[0]}")
+    for s, (a, b) in enumerate(zip(values, values[1:])):
+        if b < a:
+            raise ValueError(f"{name}: decreases at entry {s + 1} ({a} -> {b}); lengths cannot be negative")
+    if values[-1] != total:
+        raise ValueError(f"{name}: ends at {values[-1]}, but the packed tensors hold {total} positions")
+
+
+def compressed_seqlens(pattern: Pattern, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """The cu_seqlens of the compressed tokens (k_cmp, v_cmp packed in
+    sequence order): sequence s has Tc_s = max(0, (T_s - l) // d + 1)
+    (geometry.num_compressed, per sequence). int32 on cu_seqlens' device,
+    computed there (no host sync)."""
+    c = pattern.compress
+    if c is None:
+        raise ValueError(f"pattern {pattern.name!r} has no compress branch: no compressed tokens")
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(torch.int64)
+    counts = torch.where(lengths >= c.block, (lengths - c.block) // c.stride + 1, torch.zeros_like(lengths))
+    out = torch.zeros(cu_seqlens.numel(), dtype=torch.int32, device=cu_seqlens.device)
+    out[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    return out
+
+
+def unpack_layout(name: str, x, rank: int) -> tuple:
+    """(x as [total, ...] of `rank` dims, had_leading_one) for a packed
+    tensor given as [total, ...] or [1, total, ...]."""
+    if x is None:
+        return None, False
+    if x.dim() == rank + 1 and x.shape[0] == 1:
+        return x[0], True
+    if x.dim() == rank:
+        return x, False
+    raise ValueError(f"{name}: with cu_seqlens expected [total, ...] ({rank} dims) or [1, total, ...]"
+                     f" ({rank + 1} dims), got shape {tuple(x.shape)}")
+
+
+def sequence_bounds(cu_seqlens: torch.Tensor) -> list:
+    """[(start, end)] of every sequence, on the host (one sync for a GPU tensor)."""
+    values = cu_seqlens.tolist()
+    return list(zip(values, values[1:]))
+
+
+def max_length(cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> int:
+    """max_seqlen when given (no sync), else the longest sequence (one .item())."""
+    if max_seqlen is not None:
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+            raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen!r}")
+        return max_seqlen
+    if cu_seqlens.numel() < 2:
+        return 0
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())

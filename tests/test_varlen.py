@@ -1,0 +1,106 @@
+"""Packed sequences (cu_seqlens): the reference's packed mode, the
+compressed tokens' cu_seqlens and the checks of cu_seqlens itself."""
+import pytest
+import torch
+
+import nsa_dsl
+from nsa_dsl import varlen
+from nsa_dsl.geometry import num_compressed
+from nsa_dsl.reference import reference
+
+PAPER = nsa_dsl.parse("""
+pattern small_paper {
+    heads    q=4 kv=2
+    dims     qk=16
+    compress block=8 stride=4 pool=mean
+    select   block=16 top=3 initial=1 local=1
+    window   size=24
+}
+""")
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def _packed(pattern, total, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(total, pattern.heads.q, pattern.dims.qk, generator=g, dtype=torch.float64)
+    k = torch.randn(total, pattern.heads.kv, pattern.dims.qk, generator=g, dtype=torch.float64)
+    v = torch.randn(total, pattern.heads.kv, pattern.dims.v, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("lengths", [[0], [1, 16, 0, 7], [8, 15, 33, 40], [0, 0, 50, 3]])
+def test_compressed_seqlens_count_each_sequence_alone(lengths):
+    cu_c = varlen.compressed_seqlens(PAPER, _cu(lengths))
+    counts = [num_compressed(n, PAPER.compress.block, PAPER.compress.stride) for n in lengths]
+    assert cu_c.dtype == torch.int32
+    assert cu_c.tolist() == [0] + torch.tensor(counts).cumsum(0).tolist()
+
+
+def test_sequences_do_not_see_each_other():
+    """Changing one sequence's keys changes nothing in its neighbours, and a
+    sequence packed behind others attends from its own position 0."""
+    lengths = [21, 0, 37, 1, 30]
+    cu = _cu(lengths)
+    q, k, v = _packed(PAPER, sum(lengths))
+    o, idx = reference(PAPER, q, k, v, cu_seqlens=cu, return_indices=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[21:58] += 1.0
+    v2[21:58] -= 2.0
+    o2 = reference(PAPER, q, k2, v2, cu_seqlens=cu)
+    assert torch.equal(o[:21], o2[:21]) and torch.equal(o[58:], o2[58:])
+    assert not torch.allclose(o[21:58], o2[21:58])
+    # the third sequence's first position sees only itself: its window
+    # output is its own value, its first selected block is block 0
+    alone, alone_idx = reference(PAPER, q[21:58][None], k[21:58][None], v[21:58][None], return_indices=True)
+    assert torch.equal(o[21:58], alone[0]) and torch.equal(idx[21:58], alone_idx[0])
+    assert idx[21, 0, 0].item() == 0 and (idx[21, :, 1:] == -1).all()
+
+
+def test_both_layouts_give_the_same_result_in_their_own_layout():
+    lengths = [9, 40]
+    q, k, v = _packed(PAPER, 49)
+    flat = reference(PAPER, q, k, v, cu_seqlens=_cu(lengths))
+    lead = reference(PAPER, q[None], k[None], v[None], cu_seqlens=_cu(lengths))
+    assert flat.shape == (49, 4, 16) and lead.shape == (1, 49, 4, 16)
+    assert torch.equal(flat, lead[0])
+
+
+@pytest.mark.parametrize("bad, message", [
+    (torch.tensor([0, 5, 10], dtype=torch.int64), "dtype torch.int32"),
+    (torch.tensor([1, 5, 10], dtype=torch.int32), "must start at 0"),
+    (torch.tensor([0, 6, 5, 10], dtype=torch.int32), "decreases at entry 2"),
+    (torch.tensor([0, 5, 9], dtype=torch.int32), "ends at 9"),
+    (torch.tensor([[0, 10]], dtype=torch.int32), "1-D"),
+    ([0, 10], "int32 tensor"),
+])
+def test_malformed_cu_seqlens_is_a_value_error_naming_it(bad, message):
+    q, k, v = _packed(PAPER, 10)
+    with pytest.raises(ValueError, match="cu_seqlens") as err:
+        reference(PAPER, q, k, v, cu_seqlens=bad)
+    assert message in str(err.value)
+
+
+def test_values_off_the_host_are_read_only_under_the_debug_flag(monkeypatch):
+    """Reading a device tensor's values would cost a host sync: without
+    NSA_DSL_DEBUG only its dtype, shape and device are checked (a meta
+    tensor stands in for a GPU one: it has no values to read)."""
+    cu = torch.empty(3, dtype=torch.int32, device="meta")
+    monkeypatch.delenv("NSA_DSL_DEBUG", raising=False)
+    varlen.check_cu_seqlens(cu, 5, cu.device)
+    with pytest.raises(ValueError, match="on meta"):
+        varlen.check_cu_seqlens(cu, 5, torch.device("cpu"))
+    monkeypatch.setenv("NSA_DSL_DEBUG", "1")
+    with pytest.raises(Exception):
+        varlen.check_cu_seqlens(cu, 5, cu.device)
+
+
+def test_packed_compressed_keys_of_the_wrong_count_are_refused():
+    lengths = [20, 12]
+    q, k, v = _packed(PAPER, 32)
+    cu_c = varlen.compressed_seqlens(PAPER, _cu(lengths))
+    k_cmp = torch.randn(int(cu_c[-1]) + 1, 2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="k_cmp: 7 packed compressed tokens; the sequences of cu_seqlens have 6"):
+        reference(PAPER, q, k, v, cu_seqlens=_cu(lengths), k_cmp=k_cmp, v_cmp=k_cmp)
