@@ -22,7 +22,7 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
     local): a position's forced blocks are dropped too (the block-centric
     merge attends them, BC_MERGE_FORCED). distinct=True: no row repeats a
     block (the plan's scoring writes each at most once), so the duplicate
-    test is skipped (0.56 ms of paper128's 64k forward on the H200).
+    test is skipped (its cost: NOTES v11).
     keys_fn(indices, slice_len, n_blocks, n_segments, skip_forced, distinct)
     -> int32 keys: the sort keys from one kernel (slc_index_keys) instead
     of the torch steps below (where 32-bit keys fit).
@@ -70,10 +70,9 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
 def first_in_row(idx: torch.Tensor) -> torch.Tensor:
     """[..., top] -> bool, False where an earlier slot of the row holds the
     same block (a repeated block counts once, at its first slot): the same
-    as reference.first_occurrence, by comparing every pair of slots. Its
-    per-row sort took 1.48 ms of paper128's 64k forward on the H200 (torch's
-    segmented radix sort over 4.2M int64), the pairwise test a few kernels
-    over top x top booleans a row."""
+    as reference.first_occurrence, by comparing every pair of slots: a few
+    kernels over top x top booleans a row instead of its per-row sort
+    (torch's segmented radix sort over every entry; NOTES v11)."""
     top = idx.shape[-1]
     earlier = torch.ones(top, top, dtype=torch.bool, device=idx.device).tril(-1)  # [slot, other]: other < slot
     return ~((idx.unsqueeze(-1) == idx.unsqueeze(-2)) & earlier).any(-1)
