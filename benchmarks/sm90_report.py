@@ -7,7 +7,8 @@ machine without a GPU, and report what ptxas made of it: registers, spills
 
 Triton's bundled LLVM and ptxas do the whole pipeline (TTIR -> TTGIR -> LLVM
 -> PTX -> cubin); cuobjdump (also bundled) reads the resources back. The
-pointer types follow the launch in nsa_dsl/ops.py for bf16 inputs.
+pointer types follow the launchers (nsa_dsl/launch_forward.py, launch_backward.py)
+for bf16 inputs.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ INT_POINTERS = {"idx_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "c
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
-# Kernel-argument constexprs as ops.py passes them (gates present, the
+# Kernel-argument constexprs as the launchers pass them (gates present, the
 # deterministic selection backward, the forward of a training call); the
 # descriptor switches (named as the plan's) where the plan sets them.
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
@@ -58,7 +59,7 @@ ENTRY_POINTS = {
 
 def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None, descriptors: dict = None) -> tuple:
     """(signature, constexprs, attrs) as Triton's JIT specializes a launch
-    from ops.py with contiguous tensors: the innermost strides (stride_*d,
+    from the launchers with contiguous tensors: the innermost strides (stride_*d,
     stride_ik) are 1 and become constants; the other strides of [B, T, H, D]
     tensors are multiples of 16 (head dims are) and so are the pointers
     (torch allocates 256-byte aligned), which Triton marks tt.divisibility=16;
@@ -168,7 +169,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                                        "k_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
                         entry_args = {**entry_args, flag: True}
-                    if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as ops passes it up to 4096 blocks)
+                    if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as launched up to 4096 blocks)
                         entry_args = {**entry_args,
                                       "TOPK_KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
@@ -178,7 +179,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
                     warps = kernel.warps_for(entry)
-                    # ops.py launches the slot reductions with their own stages
+                    # the slot reductions launch with their own stages
                     stages = (kernel.const("BC_REDUCE_STAGES") if entry in ("slc_fwd_bc_reduce", "slc_fwd_bc_merge_window")
                               else kernel.num_stages)
                     row = {"pattern": pattern.name, "kernel": entry, "num_warps": warps,
@@ -211,7 +212,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kernel", action="append", default=[], metavar="ENTRY",
                     help="compile only this entry point, e.g. slc_bwd_dkdv (repeatable; default: all)")
     ap.add_argument("--arg", action="append", default=[], metavar="NAME=0|1",
-                    help="a kernel-argument constexpr other than ops.py's training-call value, e.g. WRITE_FINAL=1"
+                    help="a kernel-argument constexpr other than the launchers' training-call value, e.g. WRITE_FINAL=1"
                          " (slc_fwd as a call without gradients runs it; repeatable)")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16",
                     help="the inputs' dtype (q, k, v, gates, outputs); default bf16")

@@ -28,17 +28,13 @@ class LoopOrderBytes(NamedTuple):
 # gathered queries stream through HBM, while the group-centric order's
 # repeated block loads mostly hit L2 (a KV head's keys and values, 32 MB at
 # 64k for d=128, fit in the H200's 50 MB L2). Fitted on the H200 to the
-# forward wall times of both orders in session 9's benchmark
-# (benchmarks/NOTES.md v11: tuned records, the index's keys in one kernel
-# pass), group/block time ratios: small_group 1.28 / 1.82 / 1.96 / 2.01 at
-# 8k / 16k / 32k / 64k, paper128 0.81 / 0.94 / 1.05 / 1.11, deepseek_nsa
-# 0.76 / 0.86 / 0.93 / 0.99. With 2.0 the model says 1.32 / 2.35 / 3.66 /
-# 4.96, 0.75 / 0.87 / 0.95 / 1.00 and 0.80 / 0.93 / 1.02 / 1.08: block-
-# centric from 8k for small_group, group-centric for both G=16 patterns
-# (paper128's 5-11% at 32k and 64k are inside the margin below; its 64k
-# record picks block-centric). Session 7's 3.5 fitted the index of then
-# (a sort per row, ~2.4 ms at 64k): it kept small_group group-centric at 8k,
-# 1.28x slower there now.
+# forward wall times of both orders with tuned records and the index's keys
+# in one kernel pass (NOTES v11; the measured and modelled time ratios:
+# NOTES, "Moved from code comments (issue 20)"): block-centric from 8k for
+# small_group, group-centric for both G=16 patterns (paper128's block-centric
+# gain at 32k and 64k is inside the margin below; its 64k record picks
+# block-centric). The earlier weight (3.5, NOTES v11) fitted an index built
+# by a sort per row.
 BLOCK_CENTRIC_BYTE_WEIGHT = 2.0
 # Block-centric must be predicted this much cheaper before the plan takes it:
 # building its index (a sort of every selected entry) and the launches are
@@ -54,7 +50,8 @@ def _blocks_seen(select, T: int) -> tuple:
     blocks its positions see (j + 1) and how many positions it has (the
     last block may be partial). Tensors, not a Python loop: the plan
     evaluates the loop-order model at lengths up to 2^20 on every
-    compile, and a loop over their blocks took ~40 ms of a warm start."""
+    compile, where a loop over their blocks was most of a warm start's CPU
+    side (NOTES v12)."""
     j = torch.arange(num_blocks(T, select.block), dtype=torch.float64)
     return j + 1, torch.clamp(T - j * select.block, max=select.block)
 

@@ -64,9 +64,9 @@ def candidates(plan: Plan, kernel: str) -> list:
                         options.append({m_name: m, n_name: n})
     # The forward flash loops: 128 query rows need two warpgroups (8 warps)
     # to hold their accumulator, so the tile and the warps move together
-    # (coordinate descent tries each alone). paper128's cmp_fwd compiled for
-    # sm_90 at 128 x 64 on 8 warps: 236 registers, no spill, 128 KB shared
-    # with 3 stages; at 64k it ran ~440 TFLOP/s at 64 x 64 on 4 (v9).
+    # (coordinate descent tries each alone). paper128's cmp_fwd fits 128 x 64
+    # on 8 warps for sm_90 without spilling (NOTES, "Moved from code comments
+    # (issue 20)"; its 64 x 64 rate on 4 warps: NOTES v9).
     for m_name, n_name, fwd in (("CMP_BLOCK_M", "CMP_BLOCK_N", "cmp_fwd"), ("SWA_BLOCK_M", "SWA_BLOCK_N", "swa_fwd")):
         if kernel == fwd and m_name in names and names[m_name] < 128:
             for n in sorted({names[n_name], 64}):
@@ -94,9 +94,9 @@ def candidates(plan: Plan, kernel: str) -> list:
         if not names["SLC_FWD_WINDOW"]:
             # folded, the window walks SWA_BLOCK_N keys a step for the tile's
             # rows: its best step need not be swa_fwd's (tried together).
-            # Half only: paper128's tuned slc_fwd with the fold compiled for
-            # sm_90 at 32 / 64 / 128 keys: 184 / 240 / 255 registers, the
-            # last spilling 64 B with 208 KB of shared memory.
+            # Half only: larger steps run out of registers (paper128's tuned
+            # slc_fwd with the fold spills at 128 keys on sm_90; NOTES,
+            # "Moved from code comments (issue 20)").
             swa_n = plan.kernel("swa_fwd").const("SWA_BLOCK_N")
             for n in _scaled(swa_n, factors=(0.5,), lo=16, hi=128):
                 options.append({"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": n})
@@ -149,8 +149,8 @@ def candidates(plan: Plan, kernel: str) -> list:
             options.append({"BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1})
     if "BC_REDUCE_STAGES" in names:
         # the slot reduction's loop loads one slot's partials an iteration:
-        # more stages keep more of them in flight (paper128 at 64k on the
-        # H200: 5.3 ms for ~9.6 GB, a third of the copy bandwidth, v9)
+        # more stages keep more of them in flight (the reduction is bound by
+        # latency, not bytes: NOTES v9)
         for stages in (1, 2, 3, 4):
             if stages != names["BC_REDUCE_STAGES"]:
                 options.append({"BC_REDUCE_STAGES": stages})
@@ -286,9 +286,9 @@ def disagreement(reference: dict, got: dict, tolerance: float) -> Optional[str]:
 def kernel_ms(step: Callable[[], None], calls: int = 10, warmup: int = 3) -> float:
     """Milliseconds of device kernel time per call of `step`: the sum of the
     CUDA kernels the profiler records over `calls` calls after `warmup`,
-    host work and launch gaps left out. The tuner's other objective: a whole
-    training pass at 8k moved ~4% between do_bench runs on the H200, more
-    than the 0.08 ms a scoring tile changed (benchmarks/NOTES.md v8)."""
+    host work and launch gaps left out. The tuner's other objective: a
+    whole pass's run-to-run spread can hide one kernel's change (NOTES
+    v8)."""
     device_us = [us for _, us in kernel_events(step, calls, warmup)]
     if not device_us:
         raise RuntimeError("kernel_ms: the profiler recorded no device kernel for the step")
@@ -302,9 +302,8 @@ def wall_ms(step: Callable, warmup_ms: float = 10, rep_ms: float = 40, min_reps:
             **bench_kwargs) -> float:
     """Median wall milliseconds of step() through triton.testing.do_bench,
     over at least min_reps timed calls: do_bench times as many calls as fit
-    in rep_ms, which at 64k (a 40 ms forward, a 150 ms training pass) is
-    one, and the tuner then chose between candidates 0.1 % apart on one
-    sample each (NOTES v10: the window fold's 40.548 against 40.548).
+    in rep_ms, which for a call longer than rep_ms is one, and the tuner
+    then chose between close candidates on one sample each (NOTES v10).
     bench_kwargs go to do_bench (grad_to_none, say)."""
     if do_bench is None:
         from triton.testing import do_bench

@@ -126,7 +126,7 @@ def assert_gradients_match_reference(pattern: Pattern, compiled, args: dict, see
 
 class LaunchSpy:
     """Stands in for a generated kernel: launches it as given and records
-    one keyword argument of each launch (a constexpr ops.py chose)."""
+    one keyword argument of each launch (a constexpr the launchers chose)."""
 
     def __init__(self, kernel, name: str, record: list, tag=()):
         self.kernel, self.name, self.record, self.tag = kernel, name, record, tuple(tag)

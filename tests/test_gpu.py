@@ -17,6 +17,7 @@ import torch
 import nsa_dsl
 from nsa_dsl.geometry import num_blocks, visible_compressed
 from nsa_dsl.ir import Branch, Pool
+from nsa_dsl.launch_forward import select_block_centric
 from nsa_dsl.validate import validate_inputs
 from nsa_dsl.reference import compress_mean, overlap_weights
 from strategies import TOLERANCE, derived_overrides, random_inputs, rel_error, upcast
@@ -170,8 +171,8 @@ def test_block_centric_selection_never_waits_for_the_device():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        o_slc, lse_slc, _ = compiled._selection_block_centric(args["q"], args["k"], args["v"], indices, 0.1, shapes,
-                                                             None, no_gates)
+        o_slc, lse_slc, _ = select_block_centric(compiled, q=args["q"], k=args["k"], v=args["v"], indices=indices,
+                                                 qk_scale_log2=0.1, shapes=shapes, final_from=None, gates=no_gates)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(o_slc).all() and lse_slc.shape == (1, pattern.heads.q, 8192)

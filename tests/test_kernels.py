@@ -587,11 +587,11 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
     # Past 2^KEY32_MAX_BLOCK_BITS blocks the block index would take too many
     # of the int32 key's bits: those lengths run the int64 keys (here the
     # limit lowered to 4 bits: 16 blocks of 16 positions).
-    from nsa_dsl import ops
+    from nsa_dsl import launch
 
-    assert ops._int32_keys(1, torch.bfloat16, 4096) and not ops._int32_keys(1, torch.bfloat16, 4097)
-    assert not ops._int32_keys(1, torch.float32, 16) and not ops._int32_keys(0, torch.float16, 16)
-    monkeypatch.setattr(ops, "KEY32_MAX_BLOCK_BITS", 4)
+    assert launch._int32_keys(1, torch.bfloat16, 4096) and not launch._int32_keys(1, torch.bfloat16, 4097)
+    assert not launch._int32_keys(1, torch.float32, 16) and not launch._int32_keys(0, torch.float16, 16)
+    monkeypatch.setattr(launch, "KEY32_MAX_BLOCK_BITS", 4)
     with derived_overrides():
         compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2,
                                    overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
@@ -670,14 +670,14 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
     descriptor), with batch and KV-head coordinates past 0, and the window
     in swa_fwd, in the group-centric selection's programs and in the
     block-centric merge's."""
-    from nsa_dsl import ops
+    from nsa_dsl import launch_forward
 
     p = Pattern(name="tma", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=32), compress=Compress(block=8, stride=4),
                 select=Select(block=16, top=3, initial=1, local=1), window=Window(size=40))
     tiles = {"CMP_BLOCK_M": 16, "CMP_BLOCK_N": 16, "SWA_BLOCK_M": 16, "SWA_BLOCK_N": 16, **order,
              "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8}  # the head-rows scoring: TOPK_TMA
     used = []
-    real = ops._kv_operands
+    real = launch_forward._kv_operands
 
     def spy(*a, **kw):
         result = real(*a, **kw)
@@ -694,11 +694,11 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
             compiled = nsa_dsl.compile(p, overrides={**tiles, **flags})
             compiled.poison = True
             used.clear()
-            ops._kv_operands = spy
+            launch_forward._kv_operands = spy
             try:
                 outs[tma] = compiled(**args, return_indices=True)
             finally:
-                ops._kv_operands = real
+                launch_forward._kv_operands = real
             # every kernel took the path asked for: cmp_fwd, the selection's
             # blocks and the window's; block-centric also the merge's forced
             # blocks
@@ -710,10 +710,10 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
 
 
 def test_tensor_descriptors_only_where_the_copy_engine_can_read():
-    """ops._tma_fits: descriptors need the innermost stride 1 and the other
+    """launch._tma_fits: descriptors need the innermost stride 1 and the other
     strides and the base 16-byte aligned; anything else takes the pointer
     path (the kernel's *_TMA argument False), never a wrong read."""
-    from nsa_dsl.ops import _kv_operands, _tma_fits
+    from nsa_dsl.launch import _kv_operands, _tma_fits
 
     k = torch.randn(2, 10, 4, 16)
     assert _tma_fits(k, k)

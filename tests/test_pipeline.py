@@ -184,7 +184,7 @@ def test_a_flash_forward_that_does_not_fit_in_shared_memory_runs_on_fewer_stages
     import torch
     from triton.runtime.errors import OutOfResources
 
-    from nsa_dsl.ops import CompiledPattern
+    from nsa_dsl.launch import _launch_fitting
 
     launches = []
 
@@ -200,11 +200,11 @@ def test_a_flash_forward_that_does_not_fit_in_shared_memory_runs_on_fewer_stages
             return launch
 
     host = SimpleNamespace(module=SimpleNamespace(cmp_fwd=Kernel(1), swa_fwd=Kernel(0)), fitted_stages={})
-    CompiledPattern._launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=3)
+    _launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=3)
     assert launches == [3, 2, 1] and host.fitted_stages == {("cmp_fwd", torch.float32): 1}
-    CompiledPattern._launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=3)
+    _launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=3)
     assert launches[3:] == [1]  # remembered: no failing attempts again
-    CompiledPattern._launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.bfloat16, num_warps=8, num_stages=1)
+    _launch_fitting(host, "cmp_fwd", (1,), (), dtype=torch.bfloat16, num_warps=8, num_stages=1)
     assert launches[4:] == [1]
     with pytest.raises(ValueError, match="swa_fwd does not fit .* even on one pipeline stage"):
-        CompiledPattern._launch_fitting(host, "swa_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=2)
+        _launch_fitting(host, "swa_fwd", (1,), (), dtype=torch.float32, num_warps=8, num_stages=2)

@@ -1,0 +1,126 @@
+"""The backward launchers, one per kernel family: bwd_prep (the gates'
+gradients and each branch's delta), the flash-style branches (cmp_bwd,
+swa_bwd: dQ, then dK/dV), the pooling's backward (cmp_pool_bwd) and the
+selection's (slc_bwd: dQ, then dK/dV through the inverted index or float32
+atomics).
+
+Each takes the CompiledPattern as `compiled` (its plan and kernel module)
+and the tensors as named arguments; gradients accumulate into the float32
+buffers it is given. CompiledPattern.backward allocates them and decides
+which run, in which order."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from .geometry import num_blocks
+from .inverted_index import block_to_positions, chunk_table
+from .launch import LOG2E, _cdiv, _gate_args, _strides, index_keys
+
+
+def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
+    """bwd_prep: the gates' gradients into dg [3, rows] and each combined
+    branch's delta (rowsum(dO_branch * O_branch)) into delta [3, B, HQ, T];
+    outs: the saved cmp, slc and swa outputs (None where not combined)."""
+    kp = compiled.plan.kernel("bwd_prep")
+    T = shapes.length
+    n_rows = shapes.batch * T * compiled.pattern.heads.q
+    gate_ptrs, has_gates = _gate_args(gates, do)
+    compiled.module.bwd_prep[(_cdiv(n_rows, kp.const("COMBINE_ROWS")),)](
+        do, *[o if o is not None else do for o in outs], *gate_ptrs,
+        dg, delta, n_rows, T, **has_gates, num_warps=kp.num_warps, num_stages=kp.num_stages)
+
+
+def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, delta, dq, dk, dv, n_keys: int, shapes,
+                   scale: float) -> None:
+    """{branch}_bwd_dq, then {branch}_bwd_dkdv (branch "cmp" or "swa"):
+    dQ into dq, dK and dV of keys and values (n_keys of them) into dk and
+    dv. With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
+    head's share, summed over its group here."""
+    plan, m, p = compiled.plan, compiled.module, compiled.pattern
+    B, T = shapes.batch, shapes.length
+    HQ, HKV, DQK, DV = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
+    dev = q.device
+    f32 = torch.float32
+    qk_scale_log2 = scale * LOG2E
+    kp = plan.kernel(f"{branch}_bwd")
+    prefix = branch.upper()
+    bm = kp.const(f"{prefix}_BWD_BLOCK_M")
+    split = kp.const(f"{prefix}_BWD_SPLIT_HEADS")
+    common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
+              *_strides(do))
+    g_arg = gate if gate is not None else do
+    getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
+        q, keys, values, do, g_arg, lse, delta, dq, *common,
+        HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+    if n_keys == 0:
+        return
+    if split:  # per-query-head shares, summed over each group here
+        dk_part = torch.zeros((B, n_keys, HQ, DQK), dtype=f32, device=dev)
+        dv_part = torch.zeros((B, n_keys, HQ, DV), dtype=f32, device=dev)
+    else:
+        dk_part, dv_part = dk, dv
+    dkdv_bn = kp.const(f"{prefix}_BWD_DKDV_BLOCK_N")
+    getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, dkdv_bn), B * (HQ if split else HKV))](
+        q, keys, values, do, g_arg, lse, delta, dk_part, dv_part, *common,
+        HAS_GATE=gate is not None, num_warps=kp.warps_for(f"{branch}_bwd_dkdv"), num_stages=kp.num_stages)
+    if split:
+        G = p.group
+        dk += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)
+        dv += dv_part.view(B, n_keys, HKV, G, DV).sum(3)
+
+
+def pool_backward(compiled, *, dk_cmp, dv_cmp, dk, dv, shapes) -> None:
+    """cmp_pool_bwd: the compressed keys' and values' gradients spread back
+    over the positions each pooled, into dk and dv."""
+    p = compiled.pattern
+    B, T, Tc = shapes.batch, shapes.length, shapes.compressed
+    DQK, DV = p.dims.qk, p.dims.v
+    if Tc > 0:
+        kp = compiled.plan.kernel("cmp_pool_bwd")
+        grid = (_cdiv(T, kp.const("POOL_BWD_BLOCK_P")), B * p.heads.kv)
+        for src, dst, d in ((dk_cmp, dk, DQK), (dv_cmp, dv, DV)):
+            compiled.module.cmp_pool_bwd[grid](src, dst, T, Tc, D=d, D_PAD=1 << (d - 1).bit_length(),
+                                               num_warps=kp.num_warps, num_stages=kp.num_stages)
+
+
+def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, dk, dv, shapes, scale: float,
+                       atomic: bool, distinct: bool) -> None:
+    """slc_bwd_dq (dQ, and with atomic dK/dV by float32 atomics), else
+    slc_bwd_dkdv over the inverted index in chunks of SLC_BWD_CHUNK
+    positions and slc_bwd_reduce summing each block's chunks: into dq, dk
+    and dv. distinct: no index row repeats a block (the plan's own
+    scoring)."""
+    plan, m, p = compiled.plan, compiled.module, compiled.pattern
+    B, T = shapes.batch, shapes.length
+    HKV, DQK, DV = p.heads.kv, p.dims.qk, p.dims.v
+    dev = q.device
+    f32 = torch.float32
+    qk_scale_log2 = scale * LOG2E
+    kp = plan.kernel("slc_bwd")
+    g_arg = gate if gate is not None else do
+    m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
+        q, k, v, do, g_arg, lse, delta, indices, dq, dk, dv,
+        T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
+        num_warps=kp.num_warps, num_stages=kp.num_stages)
+    if not atomic:
+        n_blocks = num_blocks(T, p.select.block)
+        offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
+                                                distinct=distinct, keys_fn=partial(index_keys, compiled))
+        # Sized for the most chunks the index can have, so nothing
+        # is read back to the host (the exact count, read back to
+        # size these, was the backward's one synchronisation);
+        # programs past the index's last chunk return at once.
+        chunks = chunk_table(offsets, kp.const("SLC_BWD_CHUNK"), 1, indices.numel())
+        if T > 0:
+            part_k = torch.empty((chunks["grid"], p.select.block, DQK), dtype=f32, device=dev)
+            part_v = torch.empty((chunks["grid"], p.select.block, DV), dtype=f32, device=dev)
+            m.slc_bwd_dkdv[(chunks["grid"],)](
+                q, k, v, do, g_arg, lse, delta, chunks["slice_first"], chunks["segment"],
+                chunks["start"], chunks["end"], positions, part_k, part_v,
+                T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
+                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            m.slc_bwd_reduce[(B * HKV * n_blocks,)](part_k, part_v, chunks["per_segment"], dk, dv,
+                                                    T, n_blocks, num_warps=4, num_stages=1)
