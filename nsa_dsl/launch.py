@@ -130,3 +130,16 @@ def index_keys(compiled, indices: torch.Tensor, slice_len: int, n_blocks: int, n
             indices, keys, T, slice_len, n_blocks, n_segments, n_rows, B, *_strides(indices),
             SKIP_FORCED=skip_forced is not None, DISTINCT=distinct, num_warps=4, num_stages=1)
     return keys
+
+
+def packed_operands(shapes, device) -> dict:
+    """A kernel's packed-sequence arguments by name: VARLEN, and the
+    int32 offsets of each sequence's positions (cu_seqlens) and compressed
+    tokens (cu_compressed); for a fixed-length call VARLEN=False and one
+    placeholder the kernel never reads."""
+    packing = shapes.packing
+    if packing is None:
+        unused = torch.zeros(1, dtype=torch.int32, device=device)
+        return {"cu_seqlens": unused, "cu_compressed": unused, "VARLEN": False}
+    cu_c = packing.cu_compressed if packing.cu_compressed is not None else packing.cu_seqlens
+    return {"cu_seqlens": packing.cu_seqlens, "cu_compressed": cu_c, "VARLEN": True}

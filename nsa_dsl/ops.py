@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import launch_backward as bwd
+from . import varlen
 from . import launch_forward as fwd
 from .autograd import NSAFunction
 from .geometry import num_blocks
@@ -34,6 +35,26 @@ def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
     if low < -1 or high >= n_blocks:
         raise ValueError(f"indices: block ids must lie in [-1, {n_blocks}) for T={length} and select block"
                          f" {block} (-1 means none); got values in [{low}, {high}]")
+
+
+def _as_one_batch(*tensors) -> tuple:
+    """Packed inputs ([total, ...] or [1, total, ...]) as one batch
+    [1, total, ...], and whether they came with the leading 1 (the output
+    keeps the caller's layout). Gates are [total, HQ] or [1, total, HQ]."""
+    names = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa", "indices")
+    q = tensors[0]
+    if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
+        raise ValueError(f"q: with cu_seqlens expected [total, HQ, Dqk] or [1, total, HQ, Dqk], got"
+                         f" {tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    leading = q.dim() == 4
+    out = []
+    for name, t in zip(names, tensors):
+        rank = 2 if name.startswith("g_") else 3
+        if isinstance(t, torch.Tensor) and leading != (t.dim() == rank + 1):
+            raise ValueError(f"{name}: q is packed as {'[1, total, ...]' if leading else '[total, ...]'}; {name}"
+                             f" must be too, got shape {tuple(t.shape)}")
+        out.append(t if not isinstance(t, torch.Tensor) or leading else t.unsqueeze(0))
+    return (*out, leading)
 
 
 class CompiledPattern:
@@ -85,14 +106,18 @@ class CompiledPattern:
 
     # ------------------------------------------------------------------ API
     def __call__(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, k_cmp=None, v_cmp=None, k_swa=None,
-                 v_swa=None, indices=None, scale=None, return_indices=False):
+                 v_swa=None, indices=None, scale=None, return_indices=False, cu_seqlens=None, max_seqlen=None):
         p = self.pattern
+        leading = True
+        if cu_seqlens is not None:  # packed sequences: computed as one batch of all positions
+            q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, leading = _as_one_batch(
+                q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices)
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
         shapes, scale = self._checked(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
-                                      indices=indices, scale=scale)
+                                      indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
         if return_indices and p.select is None:
             raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
-        if indices is not None:
+        if indices is not None and shapes.packing is None:
             _check_index_range(indices, p.select.block, shapes.length)
         tensors = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -102,35 +127,61 @@ class CompiledPattern:
                                k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices, scale=scale,
                                shapes=shapes, final=True)
             o, idx = out["o"], out.get("indices")
+        if not leading:  # packed [total, ...] in, packed [total, ...] out
+            o, idx = o[0], (idx[0] if idx is not None and idx.dim() == 4 else idx)
         if return_indices:
             return o, idx
         return o
 
-    def _checked(self, q, k, v, gates: dict, *, scale, **tensors) -> tuple:
+    def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the
         pattern (validate_inputs) and the device can run the kernels; the
-        scale defaults to 1/sqrt(Dqk)."""
-        shapes = validate_inputs(self.pattern, q, k, v, gates, scale=scale, **tensors)
+        scale defaults to 1/sqrt(Dqk). Packed inputs arrive as one batch."""
+        packing, compressed = None, None
+        if cu_seqlens is not None:
+            if not isinstance(q, torch.Tensor):
+                raise ValueError(f"q: expected a tensor, got {type(q).__name__}")
+            missing = varlen.unsupported_kernels(self.plan.kernel_names)
+            if missing:
+                raise NotImplementedError(f"cu_seqlens: pattern {self.pattern.name!r} runs kernels that do not take"
+                                          f" packed sequences yet: {', '.join(missing)}")
+            varlen.check_cu_seqlens(cu_seqlens, q.shape[1], q.device)
+            packing = varlen.packing(self.pattern, cu_seqlens, max_seqlen)
+            k_cmp = tensors.get("k_cmp")
+            compressed = (k_cmp.shape[1] if isinstance(k_cmp, torch.Tensor) and k_cmp.dim() == 4
+                          else varlen.compressed_bound(self.pattern, q.shape[1]))
+        elif max_seqlen is not None:
+            raise ValueError("max_seqlen: only with cu_seqlens (packed sequences)")
+        shapes = validate_inputs(self.pattern, q, k, v, gates, scale=scale, packing=packing, compressed=compressed,
+                                 **tensors)
         problem = device_problem(q)
         if problem is not None:
             raise RuntimeError(f"nsa_dsl: {problem}")
         return shapes, float(scale) if scale is not None else 1.0 / math.sqrt(self.pattern.dims.qk)
 
-    def select_blocks(self, q, k, v, *, k_cmp=None, v_cmp=None, scale=None) -> torch.Tensor:
+    def select_blocks(self, q, k, v, *, k_cmp=None, v_cmp=None, scale=None, cu_seqlens=None,
+                      max_seqlen=None) -> torch.Tensor:
         """The selection branch's block indices for q, k and v, [B, T, HKV,
         top] int32 (ascending, -1 padded): the blocks a call on the same
         inputs attends, without computing any attention output. Only the
         compression, its statistics and the top-n scoring run. For looking
         at what the scoring chooses, or for handing the same indices to
-        later calls (indices=...). No gradient flows through them."""
+        later calls (indices=...). No gradient flows through them. Packed
+        sequences (cu_seqlens) give [total, HKV, top] (or with q's leading
+        1) of per-sequence block numbers."""
         p = self.pattern
         if p.select is None:
             raise ValueError(f"select_blocks: pattern {p.name!r} has no select branch, so there are no indices")
-        shapes, scale = self._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale)
+        leading = True
+        if cu_seqlens is not None:
+            q, k, v, *_, k_cmp, v_cmp, _, _, _, leading = _as_one_batch(q, k, v, None, None, None, k_cmp, v_cmp,
+                                                                         None, None, None)
+        shapes, scale = self._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, cu_seqlens=cu_seqlens,
+                                      max_seqlen=max_seqlen)
         with torch.no_grad():
             out = self.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,
                                scale=scale, shapes=shapes, indices_only=True)
-        return out["indices"]
+        return out["indices"] if leading else out["indices"][0]
 
     def alloc(self, shape, dtype, device) -> torch.Tensor:
         """A buffer a kernel is meant to fill: uninitialised, or with poison

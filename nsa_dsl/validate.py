@@ -13,6 +13,7 @@ import torch
 
 from .geometry import compressed_length
 from .ir import Branch, DType, Pattern
+from .varlen import Packing
 
 TORCH_DTYPES = {DType.BF16: torch.bfloat16, DType.FP16: torch.float16, DType.FP32: torch.float32}
 _DTYPE_NAMES = {v: k.value for k, v in TORCH_DTYPES.items()}
@@ -20,9 +21,26 @@ _DTYPE_NAMES = {v: k.value for k, v in TORCH_DTYPES.items()}
 
 @dataclass(frozen=True)
 class Shapes:
+    """A call's sizes. Packed sequences (cu_seqlens) are one batch of
+    `length` = total positions and `compressed` = the packed compressed
+    tokens' buffer; `packing` then says where each sequence is, and the
+    grids run over grid_batch sequences of at most grid_length positions."""
     batch: int
     length: int
     compressed: int  # Tc, 0 without a compress branch
+    packing: Optional[Packing] = None
+
+    @property
+    def grid_batch(self) -> int:
+        return self.batch if self.packing is None else self.packing.sequences
+
+    @property
+    def grid_length(self) -> int:
+        return self.length if self.packing is None else self.packing.max_length
+
+    @property
+    def grid_compressed(self) -> int:
+        return self.compressed if self.packing is None else self.packing.max_compressed
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -80,7 +98,11 @@ def _sdpa_layout(p: Pattern, tensors: dict) -> tuple:
 
 
 def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp=None, k_swa=None,
-                    v_swa=None, indices=None, scale=None) -> Shapes:
+                    v_swa=None, indices=None, scale=None, packing: Optional[Packing] = None,
+                    compressed: Optional[int] = None) -> Shapes:
+    """Shapes of valid inputs, else a ValueError naming the argument.
+    Packed sequences come here as one batch of all positions with their
+    `packing` and the packed compressed tokens' count `compressed`."""
     p = pattern
     q = _expect_tensor("q", q)
     k = _expect_tensor("k", k)
@@ -139,8 +161,10 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
         if gate.device != device:
             raise ValueError(f"{name}: expected device {device} (the device of q), got {gate.device}")
 
-    tc = compressed_length(p, length)
-    if p.compress is not None:
+    tc = compressed_length(p, length) if compressed is None else compressed
+    if p.compress is not None and packing is not None:
+        tc_from = "the sequences of cu_seqlens: nsa_dsl.compressed_seqlens(pattern, cu_seqlens)[-1]"
+    elif p.compress is not None:
         # how Tc follows from T: a caller pooling k_cmp, v_cmp itself (pool=mlp) may count them otherwise
         tc_from = (f"B from q; Tc = (T - block) // stride + 1 = ({length} - {p.compress.block}) //"
                    f" {p.compress.stride} + 1 = {tc}" if length >= p.compress.block else
@@ -192,7 +216,7 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
                                   and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a positive finite number (a float), got {scale!r}"
                          + (" (a tensor: pass float(scale))" if isinstance(scale, torch.Tensor) else ""))
-    return Shapes(batch, length, tc)
+    return Shapes(batch, length, tc, packing)
 
 
 def device_problem(t: torch.Tensor) -> Optional[str]:

@@ -17,11 +17,39 @@ stays free of host synchronisation.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from .ir import Pattern
+
+
+@dataclass(frozen=True, eq=False)
+class Packing:
+    """A packed call's sequences, as the launchers need them: the kernels'
+    grids run over (positions of the longest sequence, sequences x heads),
+    each program finds its sequence's start and length in cu_seqlens (and
+    cu_compressed for the compressed tokens) on the device, and a program
+    past its sequence's end returns at once. No field needs a host sync
+    when max_seqlen is given."""
+    cu_seqlens: torch.Tensor  # int32 [N+1]
+    cu_compressed: Optional[torch.Tensor]  # int32 [N+1] (compressed_seqlens), None without compression
+    sequences: int  # N
+    max_length: int  # max_seqlen
+    max_compressed: int  # compressed tokens of the longest sequence
+
+
+# The plan's kernels that run packed sequences (VARLEN=True: each program
+# finds its sequence in cu_seqlens). A packed call of a plan with any other
+# kernel is refused (NotImplementedError naming them) rather than computed
+# across the documents' boundaries. combine and bwd_prep work per position:
+# the packed row is one batch to them.
+PACKED_KERNELS = frozenset({"combine", "bwd_prep"})
+
+
+def unsupported_kernels(kernel_names) -> list:
+    return [name for name in kernel_names if name not in PACKED_KERNELS]
 
 
 def debug_checks() -> bool:
@@ -97,3 +125,21 @@ def max_length(cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> int:
     if cu_seqlens.numel() < 2:
         return 0
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
+
+
+def packing(pattern: Pattern, cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> Packing:
+    """The Packing of a checked cu_seqlens (one .item() without max_seqlen)."""
+    longest = max_length(cu_seqlens, max_seqlen)
+    c = pattern.compress
+    cu_c = compressed_seqlens(pattern, cu_seqlens) if c is not None else None
+    max_c = 0 if c is None or longest < c.block else (longest - c.block) // c.stride + 1
+    return Packing(cu_seqlens, cu_c, cu_seqlens.numel() - 1, longest, max_c)
+
+
+def compressed_bound(pattern: Pattern, total: int) -> int:
+    """At least the compressed tokens of any packing of `total` positions
+    (each sequence's (T_s - l) // d + 1 <= T_s // d, as l >= d): the
+    length of the k_cmp, v_cmp the call pools itself, known without
+    reading cu_seqlens."""
+    c = pattern.compress
+    return 0 if c is None else total // c.stride
