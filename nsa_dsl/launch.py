@@ -132,6 +132,9 @@ def index_keys(compiled, indices: torch.Tensor, slice_len: int, n_blocks: int, n
     return keys
 
 
+_UNUSED_OFFSETS = {}
+
+
 def packed_operands(shapes, device) -> dict:
     """A kernel's packed-sequence arguments by name: VARLEN, and the
     int32 offsets of each sequence's positions (cu_seqlens) and compressed
@@ -139,7 +142,9 @@ def packed_operands(shapes, device) -> dict:
     placeholder the kernel never reads."""
     packing = shapes.packing
     if packing is None:
-        unused = torch.zeros(1, dtype=torch.int32, device=device)
+        unused = _UNUSED_OFFSETS.get(device)
+        if unused is None:  # one per device: a fixed-length call allocates nothing for it
+            unused = _UNUSED_OFFSETS.setdefault(device, torch.zeros(1, dtype=torch.int32, device=device))
         return {"cu_seqlens": unused, "cu_compressed": unused, "VARLEN": False}
     cu_c = packing.cu_compressed if packing.cu_compressed is not None else packing.cu_seqlens
     return {"cu_seqlens": packing.cu_seqlens, "cu_compressed": cu_c, "VARLEN": True}
