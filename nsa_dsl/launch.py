@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .ir import Branch
+from .varlen import PACKED_KERNELS
 
 LOG2E = 1.4426950408889634
 
@@ -135,16 +136,19 @@ def index_keys(compiled, indices: torch.Tensor, slice_len: int, n_blocks: int, n
 _UNUSED_OFFSETS = {}
 
 
-def packed_operands(shapes, device) -> dict:
-    """A kernel's packed-sequence arguments by name: VARLEN, and the
-    int32 offsets of each sequence's positions (cu_seqlens) and compressed
-    tokens (cu_compressed); for a fixed-length call VARLEN=False and one
-    placeholder the kernel never reads."""
+def packed_operands(shapes, device, kernel: str) -> dict:
+    """The packed-sequence arguments of plan kernel `kernel` by name: VARLEN,
+    and the int32 offsets of each sequence's positions (cu_seqlens) and
+    compressed tokens (cu_compressed); for a fixed-length call VARLEN=False
+    and one placeholder the kernel never reads. NotImplementedError for a
+    packed call of a kernel that does not take one yet."""
     packing = shapes.packing
     if packing is None:
         unused = _UNUSED_OFFSETS.get(device)
         if unused is None:  # one per device: a fixed-length call allocates nothing for it
             unused = _UNUSED_OFFSETS.setdefault(device, torch.zeros(1, dtype=torch.int32, device=device))
         return {"cu_seqlens": unused, "cu_compressed": unused, "VARLEN": False}
+    if kernel not in PACKED_KERNELS:
+        raise NotImplementedError(f"cu_seqlens: the {kernel} kernel does not take packed sequences yet")
     cu_c = packing.cu_compressed if packing.cu_compressed is not None else packing.cu_seqlens
     return {"cu_seqlens": packing.cu_seqlens, "cu_compressed": cu_c, "VARLEN": True}

@@ -141,10 +141,6 @@ class CompiledPattern:
         if cu_seqlens is not None:
             if not isinstance(q, torch.Tensor):
                 raise ValueError(f"q: expected a tensor, got {type(q).__name__}")
-            missing = varlen.unsupported_kernels(self.plan.kernel_names)
-            if missing:
-                raise NotImplementedError(f"cu_seqlens: pattern {self.pattern.name!r} runs kernels that do not take"
-                                          f" packed sequences yet: {', '.join(missing)}")
             varlen.check_cu_seqlens(cu_seqlens, q.shape[1], q.device)
             packing = varlen.packing(self.pattern, cu_seqlens, max_seqlen)
             k_cmp = tensors.get("k_cmp")

@@ -41,15 +41,12 @@ class Packing:
 
 
 # The plan's kernels that run packed sequences (VARLEN=True: each program
-# finds its sequence in cu_seqlens). A packed call of a plan with any other
-# kernel is refused (NotImplementedError naming them) rather than computed
-# across the documents' boundaries. combine and bwd_prep work per position:
-# the packed row is one batch to them.
+# finds its sequence in cu_seqlens). A packed call that would launch any
+# other kernel is refused (NotImplementedError naming it: launch.
+# packed_operands) rather than computed across the documents' boundaries.
+# combine and bwd_prep work per position: the packed row is one batch to
+# them.
 PACKED_KERNELS = frozenset({"combine", "bwd_prep"})
-
-
-def unsupported_kernels(kernel_names) -> list:
-    return [name for name in kernel_names if name not in PACKED_KERNELS]
 
 
 def debug_checks() -> bool:
