@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .geometry import num_compressed
+from .varlen import compressed_bound, compressed_seqlens
 from .ir import Branch, Pattern, Pool
 from .parse import load_all
 from .pipeline import compile as compile_pattern
@@ -101,18 +102,44 @@ class CompressionMLP(nn.Module):
     def num_compressed(self, T: int) -> int:
         return num_compressed(T, self.block, self.stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                cu_compressed: Optional[torch.Tensor] = None, rows: Optional[int] = None) -> torch.Tensor:
+        """x [B, T, H, D] -> [B, Tc, H, D]; packed sequences (x [1, total,
+        H, D], cu_seqlens and their compressed offsets cu_compressed):
+        [1, rows, H, D], each sequence pooled alone into its rows
+        cu_compressed[s]..cu_compressed[s+1]-1; rows past cu_compressed[-1]
+        are padding (a buffer of varlen.compressed_bound rows needs no host
+        sync; the kernels ignore those rows)."""
         if x.dim() != 4 or x.shape[-1] != self.dim:
             raise ValueError(f"x: expected shape [B, T, H, D={self.dim}], got {list(x.shape)}")
         B, T, H, D = x.shape
-        Tc = self.num_compressed(T)
-        if Tc == 0:
-            windows = x.new_zeros(B, 0, H, self.block, D)
+        if cu_seqlens is not None:
+            windows = self._packed_windows(x, cu_seqlens, cu_compressed, rows)
+            Tc = rows
         else:
-            # [B, Tc, H, D, block] view -> [B, Tc, H, block, D] (+ pos)
-            windows = x.unfold(1, self.block, self.stride).transpose(-1, -2) + self.pos.to(x.dtype)
+            Tc = self.num_compressed(T)
+            if Tc == 0:
+                windows = x.new_zeros(B, 0, H, self.block, D)
+            else:
+                # [B, Tc, H, D, block] view -> [B, Tc, H, block, D]
+                windows = x.unfold(1, self.block, self.stride).transpose(-1, -2)
+        windows = windows + self.pos.to(x.dtype)
         flat = windows.reshape(B, Tc, H, self.block * D)
         return windows.mean(dim=3) + self.fc2(F.gelu(self.fc1(flat)))
+
+    def _packed_windows(self, x, cu_seqlens, cu_compressed, rows: int) -> torch.Tensor:
+        """[1, rows, H, block, D]: row r is compressed token r - cu_compressed[s]
+        of the sequence s holding it, read from that sequence's positions
+        (found on the device: no host sync)."""
+        total = x.shape[1]
+        r = torch.arange(rows, device=x.device)
+        seq = torch.searchsorted(cu_compressed[1:].to(torch.int64), r, right=True)
+        seq = seq.clamp(max=max(cu_seqlens.numel() - 2, 0))
+        start = cu_seqlens.to(torch.int64)[seq] + (r - cu_compressed.to(torch.int64)[seq]) * self.stride
+        positions = (start[:, None] + torch.arange(self.block, device=x.device)).clamp(0, max(total - 1, 0))
+        if total == 0:
+            return x.new_zeros(1, rows, x.shape[2], self.block, x.shape[3])
+        return x[0, positions].permute(0, 2, 1, 3).unsqueeze(0)
 
     def extra_repr(self) -> str:
         return f"block={self.block}, stride={self.stride}, dim={self.dim}, hidden={self.hidden}"
@@ -302,10 +329,14 @@ class NSAttention(nn.Module):
         g = g.view(*x.shape[:2], len(self.gated_branches), self.pattern.heads.q)
         return {b: g[:, :, i] for i, b in enumerate(self.gated_branches)}
 
-    def attention_inputs(self, x: torch.Tensor) -> dict:
+    def attention_inputs(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                         compressed_rows: Optional[int] = None) -> dict:
         """Everything the attention call gets, as keyword arguments of
         nsa_dsl.reference / a compiled pattern (q, k, v, gates and, where the
-        pattern uses them, k_cmp, v_cmp, k_swa, v_swa), all in one dtype."""
+        pattern uses them, k_cmp, v_cmp, k_swa, v_swa), all in one dtype.
+        Packed sequences (x [1, total, hidden], cu_seqlens): phi pools each
+        sequence alone into compressed_rows rows (at least the sequences'
+        compressed tokens; default exactly them, one host sync)."""
         self._check_input(x)
         p = self.pattern
         q = self._heads(self.q_proj(x), p.heads.q, p.dims.qk)
@@ -313,7 +344,13 @@ class NSAttention(nn.Module):
         args = {"q": q, "k": k, "v": v}
         if hasattr(self, "phi_k"):
             kc, vc = (k, v) if self.kv_source[Branch.CMP] == "kv" else self._pair("cmp_kv", x)
-            args["k_cmp"], args["v_cmp"] = self.phi_k(kc), self.phi_v(vc)
+            if cu_seqlens is None:
+                args["k_cmp"], args["v_cmp"] = self.phi_k(kc), self.phi_v(vc)
+            else:
+                cu_c = compressed_seqlens(p, cu_seqlens)
+                rows = int(cu_c[-1]) if compressed_rows is None else compressed_rows
+                args["k_cmp"] = self.phi_k(kc, cu_seqlens, cu_c, rows)
+                args["v_cmp"] = self.phi_v(vc, cu_seqlens, cu_c, rows)
         if self.kv_source.get(Branch.SWA) == "swa_kv":
             args["k_swa"], args["v_swa"] = self._pair("swa_kv", x)
         for b, g in self.gates(x).items():
@@ -355,8 +392,9 @@ class NSAttention(nn.Module):
             self._compiled = compile_pattern(self.pattern)
         return self._compiled
 
-    def attend(self, args: dict, backend: Optional[str] = None) -> torch.Tensor:
-        """The attention call on attention_inputs(): o [B, T, HQ, Dv]."""
+    def attend(self, args: dict, backend: Optional[str] = None, **packed) -> torch.Tensor:
+        """The attention call on attention_inputs(): o [B, T, HQ, Dv];
+        `packed`: cu_seqlens and max_seqlen of packed sequences."""
         q = args["q"]
         backend = backend or self.resolve_backend(q.dtype, q.device)
         with torch.autocast(device_type=q.device.type, enabled=False):
@@ -367,13 +405,28 @@ class NSAttention(nn.Module):
                         f"x: the kernels of pattern {self.pattern.name!r} run in "
                         f"{' | '.join(d.value for d in self.pattern.allowed_dtypes)}, but the projections gave "
                         f"{q.dtype}; convert the layer (.to(dtype)), use torch.autocast, or backend='reference'")
-                return self.compiled(**args, scale=self.scale)
+                return self.compiled(**args, scale=self.scale, **packed)
             return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk,
-                             gather=backend == "gather")
+                             gather=backend == "gather", **packed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        args = self.attention_inputs(x)
-        o = self.attend(args)
+    def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                max_seqlen: Optional[int] = None) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden]. Packed sequences: x [1,
+        total, hidden] with cu_seqlens (int32 [N+1]) and optionally
+        max_seqlen (the kernels then need no host sync); each sequence
+        attends only within itself."""
+        packed = {}
+        rows = None
+        if cu_seqlens is not None:
+            if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != 1:
+                raise ValueError(f"x: with cu_seqlens expected [1, total, hidden={self.hidden_size}], got"
+                                 f" {list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+            packed = {"cu_seqlens": cu_seqlens, "max_seqlen": max_seqlen}
+            # phi fills a buffer of the bound, not the exact count: no host
+            # sync; its padding rows are ignored by every backend
+            rows = compressed_bound(self.pattern, x.shape[1])
+        args = self.attention_inputs(x, packed.get("cu_seqlens"), rows)
+        o = self.attend(args, **packed)
         B, T = x.shape[:2]
         return self.o_proj(o.reshape(B, T, self.pattern.heads.q * self.pattern.dims.v))
 

@@ -766,7 +766,8 @@ def reference(
     unchanged). Raises ValueError for return_indices without a select branch.
     With cu_seqlens (packed sequences, varlen.py's convention) q, k, v,
     the gates, k_swa/v_swa and indices are [total, ...] or [1, total, ...],
-    k_cmp/v_cmp [total_c, ...] packed by varlen.compressed_seqlens; each
+    k_cmp/v_cmp [total_c, ...] packed by varlen.compressed_seqlens (rows
+    past total_c are ignored); each
     sequence is computed alone, as its own [1, T_s] batch; max_seqlen is
     accepted for the compiled call's signature and not needed here.
 
@@ -827,7 +828,9 @@ def _packed_reference(pattern, q, k, v, gates, cu_seqlens, max_seqlen, kwargs):
     if any(x is not None for x in cmp_args.values()):
         cu_c = varlen.compressed_seqlens(pattern, cu_seqlens)
         for name, x in cmp_args.items():
-            if x is not None and x.shape[0] != int(cu_c[-1]):
+            # rows past the sequences' tokens are padding (a buffer of
+            # varlen.compressed_bound rows), as the compiled call takes them
+            if x is not None and x.shape[0] < int(cu_c[-1]):
                 raise ValueError(f"{name}: {x.shape[0]} packed compressed tokens; the sequences of cu_seqlens have"
                                  f" {int(cu_c[-1])} (nsa_dsl.compressed_seqlens)")
         cmp_bounds = varlen.sequence_bounds(cu_c)

@@ -97,10 +97,40 @@ def test_values_off_the_host_are_read_only_under_the_debug_flag(monkeypatch):
         varlen.check_cu_seqlens(cu, 5, cu.device)
 
 
-def test_packed_compressed_keys_of_the_wrong_count_are_refused():
+def test_packed_compressed_keys_fewer_than_the_sequences_need_are_refused():
     lengths = [20, 12]
     q, k, v = _packed(PAPER, 32)
     cu_c = varlen.compressed_seqlens(PAPER, _cu(lengths))
-    k_cmp = torch.randn(int(cu_c[-1]) + 1, 2, 16, dtype=torch.float64)
-    with pytest.raises(ValueError, match="k_cmp: 7 packed compressed tokens; the sequences of cu_seqlens have 6"):
+    k_cmp = torch.randn(int(cu_c[-1]) - 1, 2, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="k_cmp: 5 packed compressed tokens; the sequences of cu_seqlens have 6"):
         reference(PAPER, q, k, v, cu_seqlens=_cu(lengths), k_cmp=k_cmp, v_cmp=k_cmp)
+
+
+MLP = nsa_dsl.parse("""
+pattern small_mlp {
+    heads    q=4 kv=2
+    dims     qk=16
+    compress block=8 stride=4 pool=mlp
+    select   block=16 top=2 initial=1 local=1
+    window   size=16
+}
+""")
+
+
+def test_module_pools_and_attends_each_sequence_alone():
+    """NSAttention on packed sequences (reference backend, float64): each
+    sequence's output equals the layer run on that sequence alone, phi's
+    pooled rows included (its buffer's padding rows change nothing)."""
+    torch.manual_seed(0)
+    layer = nsa_dsl.NSAttention(MLP, hidden_size=24, backend="reference").double()
+    with torch.no_grad():  # phi starts as mean pooling; make its MLP count
+        for phi in (layer.phi_k, layer.phi_v):
+            phi.fc2.weight.normal_(0, 0.1)
+    lengths = [13, 0, 30, 8]
+    cu = _cu(lengths)
+    x = torch.randn(1, sum(lengths), 24, dtype=torch.float64)
+    y = layer(x, cu_seqlens=cu, max_seqlen=30)
+    assert y.shape == x.shape
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        if b > a:
+            torch.testing.assert_close(y[:, a:b], layer(x[:, a:b]), rtol=1e-12, atol=1e-12)
