@@ -314,7 +314,7 @@ def test_property_patterns_take_both_ways_of_each_scoring_decision():
 def test_scoring_tile_refuses_what_a_product_cannot_take():
     from nsa_dsl.plan import apply_overrides
 
-    with pytest.raises(ValueError, match="TOPK_TOKENS x GROUP_ROWS = 512 rows"):
+    with pytest.raises(ValueError, match="TOPK_TOKENS x GROUP_ROWS = 512 rows per tile; the product needs 16 to 256"):
         apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_TOKENS": 32})
     one_head = nsa_dsl.parse("pattern g1 { heads q=1 kv=1 dims qk=16 compress block=16 stride=8"
                              " select block=16 top=2 initial=1 local=0 }")
