@@ -424,7 +424,7 @@ def kernel_stage(name: str, kernel_names) -> Optional[str]:
 def stage_flop_count(name: str, plan_kernel: str, fl: dict, window_in_slc: bool = False) -> Optional[float]:
     """FLOPs of a forward stage row (None for the others): by the profiler's
     kernel name, else by its plan kernel, so an alternative entry point
-    (slc_topk_heads of slc_topk) or loop order (slc_fwd_bc) counts the same
+    (slc_topk_static of slc_topk) or loop order (slc_fwd_bc) counts the same
     work as the default one. window_in_slc: slc_fwd also computed the
     window branch (SLC_FWD_WINDOW), so its row counts both."""
     counts = {"cmp_fwd": fl["cmp"], "slc_topk": fl["score"], "slc_fwd": fl["slc"] + (fl["swa"] if window_in_slc else 0),

@@ -39,7 +39,7 @@
 #   bash .device/run bash benchmarks/gpu_session.sh tma
 #       the descriptor (TMA) paths: their GPU tests, then paper128's forward
 #       with each flag not yet timed on top of the tuned record, at 64k
-#       (SLC_TMA, BC_FORCED_TMA) and 8k (SLC_TMA, SWA_TMA in the fold)
+#       (SLC_TMA, BC_FORCED_TMA) and 8k (SLC_TMA)
 #       -> $OUT/pytest_tma.log, $OUT/tma.log (~4 minutes)
 #   FLAG_TESTS=<pytest -k> FLAG_SPECS="pattern:T ..." FLAG_CONFIGS='{"A": 1};{"B": 1}' \
 #     bash .device/run bash benchmarks/gpu_session.sh flags
@@ -118,8 +118,8 @@ case "${1:-}" in
     S="python3 benchmarks/stage_times.py examples/bench_paper128.nsa --tuned-base --wall"
     timeout 120 $S --length 65536 --config '{}' --config '{"SLC_TMA": 1}' --config '{"BC_FORCED_TMA": 1}' \
       --config '{"SLC_TMA": 1, "BC_FORCED_TMA": 1}' 2>&1 | grep "^T=" | tee "$OUT/tma.log"
-    timeout 60 $S --length 8192 --config '{}' --config '{"SLC_TMA": 1}' --config '{"SWA_TMA": 1}' \
-      --config '{"SLC_TMA": 1, "SWA_TMA": 1}' 2>&1 | grep "^T=" | tee -a "$OUT/tma.log" ;;
+    timeout 60 $S --length 8192 --config '{}' --config '{"SLC_TMA": 1}' 2>&1 | grep "^T=" \
+      | tee -a "$OUT/tma.log" ;;
   flags)
     # GPU tests (FLAG_TESTS, a pytest -k expression), then the forward's
     # stage times with each FLAG_CONFIGS config (';'-separated JSON) on top

@@ -44,12 +44,14 @@ FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as the launchers pass them (gates present, the
 # deterministic selection backward, the forward of a training call); the
-# descriptor switches (named as the plan's) where the plan sets them.
+# descriptor switches (named as the plan's) and the scoring's int32 keys
+# where the plan sets them, unless --arg NAME=0 asks for ops.py's run-time
+# fallback (the pointer path, int64 keys).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
                   "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False}
 ENTRY_POINTS = {
-    "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
+    "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_static"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
@@ -114,6 +116,13 @@ def resources(cubin: bytes, tool_dir: Path) -> dict:
     return found
 
 
+def _planned(kernel, flag: str, constexprs: dict) -> bool:
+    """A plan's run-time switch (CMP_TMA, SWA_TMA, TOPK_TMA, TOPK_KEY32) as
+    ops.py passes it where the tensors allow it; --arg FLAG=0 compiles the
+    fallback."""
+    return bool(kernel.const(flag)) and (constexprs or {}).get(flag, True)
+
+
 def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict = None, sass_dir: str = None) -> list:
     from nsa_dsl.plan import apply_overrides
 
@@ -135,8 +144,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
             for entry in ENTRY_POINTS[kernel.name]:
                 if only and entry not in only:
                     continue
-                if entry == "slc_topk_heads" and kernel.const("STATIC_SELECTION"):
-                    continue  # learned scoring only
+                if kernel.name == "slc_topk" and (entry == "slc_topk_static") != kernel.const("STATIC_SELECTION"):
+                    continue  # the scoring, or the static selection's forced blocks
                 if entry == "slc_fwd_bc_merge_window" and not kernel.has_const("BC_FOLD_WINDOW"):
                     continue  # patterns with a window only
                 dims_list = [{}]
@@ -148,7 +157,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     # k and v arrive as descriptors of [1, BLOCK_N, 1, D] boxes
                     tma_flag = {"cmp_fwd": "CMP", "swa_fwd": "SWA"}.get(entry)
                     descriptors, entry_args = None, arg_values
-                    if tma_flag and kernel.const(f"{tma_flag}_TMA"):
+                    if tma_flag and _planned(kernel, f"{tma_flag}_TMA", constexprs):
                         bn, elem = kernel.const(f"{tma_flag}_BLOCK_N"), INPUT_POINTER[1:]
                         descriptors = {"k_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
@@ -156,7 +165,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     window_entry = (entry == "slc_fwd_bc_merge_window"
                                     or entry == "slc_fwd" and kernel.has_const("SLC_FWD_WINDOW")
                                     and kernel.const("SLC_FWD_WINDOW"))
-                    if window_entry and plan.kernel("swa_fwd").const("SWA_TMA"):  # the folded window
+                    if window_entry and _planned(plan.kernel("swa_fwd"), "SWA_TMA", constexprs):  # the folded window
                         bn, elem = plan.kernel("swa_fwd").const("SWA_BLOCK_N"), INPUT_POINTER[1:]
                         descriptors = {"kw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.qk_pad}]>",
                                        "vw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
@@ -169,10 +178,10 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                                        "k_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
                         entry_args = {**entry_args, flag: True}
-                    if entry == "slc_topk_heads":  # int32 keys for 16-bit inputs (as launched up to 4096 blocks)
+                    if entry == "slc_topk":  # int32 keys for 16-bit inputs (as launched up to 4096 blocks)
                         entry_args = {**entry_args,
-                                      "TOPK_KEY32": bool(kernel.const("TOPK_KEY32")) and INPUT_POINTER != "*fp32"}
-                    if entry == "slc_topk_heads" and kernel.const("TOPK_TMA"):  # the compressed keys likewise
+                                      "TOPK_KEY32": _planned(kernel, "TOPK_KEY32", constexprs) and INPUT_POINTER != "*fp32"}
+                    if entry == "slc_topk" and _planned(kernel, "TOPK_TMA", constexprs):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
                                                  f" 1, {plan.qk_pad}]>"}
                         entry_args = {**entry_args, "TOPK_TMA": True}

@@ -17,6 +17,8 @@ keep absurd values (typos, fuzzers) away from the kernels and their int32
 position arithmetic, far above anything an NSA-style pattern uses:
 
   heads.q, heads.kv     1 .. 1024       the largest published models use 128
+  q / kv                <= 256 where blocks are scored (top > initial + local):
+                        the scoring's tile holds a group's heads as rows
   dims.qk, dims.v       16 .. 256, multiples of 16: a tensor-core dot needs
                         K >= 16 and one K/V tile must fit in shared memory
   compress.block        1 .. 1024       the paper uses 32
@@ -54,6 +56,10 @@ MAX_DIGITS = 100
 # Rows of the smallest tensor-core tile (M of an MMA); the selection kernel
 # stacks the G query heads of a group as rows of one tile.
 MMA_ROWS = 16
+# The most query heads per KV head where blocks are scored: the block
+# scoring's tile holds positions x the group's heads (padded to a power of
+# two) as at most 256 rows (plan.py's TOPK_ROWS_MAX).
+MAX_SCORED_GROUP = 256
 
 # The paper's settings, used in hints as an example of what works.
 PAPER_COMPRESS = "compress block=32 stride=16"
@@ -67,6 +73,8 @@ RULES = {
     "heads.q.range": f"1 <= heads.q <= {MAX_HEADS}",
     "heads.kv.range": f"1 <= heads.kv <= {MAX_HEADS}",
     "heads.divisible": "heads.q is a multiple of heads.kv",
+    "heads.group.range": f"with a select branch that ranks blocks (top > initial + local), G = q/kv <="
+                         f" {MAX_SCORED_GROUP}",
     "dims.qk.range": f"dims.qk is a multiple of {HEAD_DIM_STEP} in {HEAD_DIM_MIN}..{HEAD_DIM_MAX}",
     "dims.v.range": f"dims.v is a multiple of {HEAD_DIM_STEP} in {HEAD_DIM_MIN}..{HEAD_DIM_MAX}",
     "compress.block.range": f"1 <= compress.block <= {MAX_COMPRESS_BLOCK}",
@@ -109,6 +117,7 @@ READS = {
     "heads.q.range": {"heads"},
     "heads.kv.range": {"heads"},
     "heads.divisible": {"heads"},
+    "heads.group.range": {"heads", "select"},
     "dims.qk.range": {"dims"},
     "dims.v.range": {"dims"},
     "compress.block.range": {"compress"},
@@ -315,6 +324,19 @@ def _check_heads(h: Heads, bad: set) -> Iterator[Finding]:
                      f"heads.q must be a multiple of heads.kv (each key/value head serves q/kv query heads);"
                      f" got q={h.q}, kv={h.kv}", h.at("kv"),
                      f"did you mean {', or '.join(options)}?" if options else "kv must divide q (kv=1 always does)")
+
+
+def _check_group(h: Heads, s: Select) -> Iterator[Finding]:
+    """Heads already valid; the select statement's counts integers."""
+    g = h.q // h.kv
+    if s.top <= s.initial + s.local or g <= MAX_SCORED_GROUP:
+        return
+    least = -(-h.q // MAX_SCORED_GROUP)
+    kvs = [kv for kv in _divisors(h.q) if kv >= least]
+    yield _error("heads.group.range",
+                 f"GQA group G = q/kv = {h.q}/{h.kv} = {g} exceeds {MAX_SCORED_GROUP}: the block scoring sums a"
+                 f" group's query heads as rows of one tile of at most {MAX_SCORED_GROUP}", h.at("kv"),
+                 f"did you mean kv={min(kvs)}? (G={h.q // min(kvs)}; kv must divide q)")
 
 
 def _check_dims(d: Dims, bad: set) -> Iterator[Finding]:
@@ -533,6 +555,12 @@ def _warn_unused(pattern: Pattern) -> Iterator[Finding]:
 # ---------------------------------------------------------------------------
 # The API
 # ---------------------------------------------------------------------------
+def _heads_valid(h, bad: set, errors: list) -> bool:
+    rules = {f.rule for f in errors}
+    return isinstance(h, Heads) and not bad & {"heads.q", "heads.kv"} \
+        and not rules & {"heads.q.range", "heads.kv.range", "heads.divisible"}
+
+
 def validate(pattern: Pattern) -> tuple:
     """Every error and warning for `pattern`, errors first, each group in
     statement order. Pure: never raises for a bad pattern (a non-Pattern is
@@ -544,6 +572,9 @@ def validate(pattern: Pattern) -> tuple:
     h, d, c, s, w = pattern.heads, pattern.dims, pattern.compress, pattern.select, pattern.window
     if isinstance(h, Heads):
         errors.extend(_check_heads(h, bad))
+    if _heads_valid(h, bad, errors) and isinstance(s, Select) and not bad & {"select.top", "select.initial",
+                                                                             "select.local"}:
+        errors.extend(_check_group(h, s))
     if isinstance(d, Dims):
         errors.extend(_check_dims(d, bad))
     if isinstance(c, Compress):
@@ -557,9 +588,7 @@ def validate(pattern: Pattern) -> tuple:
 
     warnings = []
     rules = {f.rule for f in errors}
-    heads_fine = isinstance(h, Heads) and not bad & {"heads.q", "heads.kv"} \
-        and not rules & {"heads.q.range", "heads.kv.range", "heads.divisible"}
-    if heads_fine and isinstance(s, Select):
+    if _heads_valid(h, bad, errors) and isinstance(s, Select):
         warnings.extend(_warn_group(h))
     if isinstance(d, Dims):
         invalid = {k for k in ("qk", "v") if f"dims.{k}" in bad or f"dims.{k}.range" in rules}

@@ -56,7 +56,7 @@ def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log
 
 
 def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> torch.Tensor:
-    """slc_topk (or slc_topk_heads): the selection's block indices, [B, T,
+    """slc_topk (slc_topk_static for a static selection): the selection's block indices, [B, T,
     HKV, top] int32, from the compressed keys and statistics in out (a
     static selection reads neither)."""
     plan, m, p = compiled.plan, compiled.module, compiled.pattern
@@ -66,25 +66,18 @@ def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> tor
     top = p.select.top
     kp = plan.kernel("slc_topk")
     indices = compiled.alloc((B, T, HKV, top), torch.int32, dev)
-    grid = (_cdiv(T, kp.const("TOPK_BLOCK_M")), B * HKV)
     if plan.static_selection:
-        m.slc_topk[grid](q, q, q, indices, T, 0, qk_scale_log2, *_strides(q), 0, 0, 0, 0,
-                         *_strides(indices), num_warps=kp.num_warps, num_stages=kp.num_stages)
-    else:
-        if kp.const("TOPK_HEAD_ROWS"):  # tiles of TOPK_TOKENS positions x the group's heads
-            grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
-            k_arg, topk_tma = _descriptor_operands(kp.const("TOPK_TMA"), (
-                out["k_cmp"], (1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad)))
-            m.slc_topk_heads[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
-                                   *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
-                                   TOPK_TMA=topk_tma,
-                                   TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
-                                                          num_blocks(T, p.select.block)),
-                                   num_warps=kp.num_warps, num_stages=kp.num_stages)
-        else:
-            m.slc_topk[grid](q, out["k_cmp"], out["lse_cmp"], indices, T, Tc, qk_scale_log2,
-                             *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
-                             num_warps=kp.num_warps, num_stages=kp.num_stages)
+        grid = (_cdiv(T, kp.const("TOPK_BLOCK_M")), B * HKV)
+        m.slc_topk_static[grid](indices, T, *_strides(indices), num_warps=kp.num_warps, num_stages=kp.num_stages)
+    else:  # tiles of TOPK_TOKENS positions x the group's heads
+        grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
+        k_arg, topk_tma = _descriptor_operands(kp.const("TOPK_TMA"), (
+            out["k_cmp"], (1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad)))
+        m.slc_topk[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
+                         *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
+                         TOPK_TMA=topk_tma,
+                         TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype, num_blocks(T, p.select.block)),
+                         num_warps=kp.num_warps, num_stages=kp.num_stages)
     return indices
 
 

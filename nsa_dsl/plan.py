@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from math import gcd
 from typing import Optional
 
+from .check import MAX_SCORED_GROUP
 from .geometry import visible_compressed
 from .ir import Branch, Pattern
 from .loop_order import LOOP_ORDER_LENGTHS, block_centric_from, selection_loop_bytes
@@ -398,66 +399,44 @@ def _topk_min_chunk_blocks(cmp_block: int, cmp_stride: int, slc_block: int) -> i
     return max(1, -(-(cmp_block - cmp_stride) // slc_block))
 
 
-def _scoring_path(cmp_block: int, cmp_stride: int, slc_block: int, group_rows: int, top_pad: int,
+# The block scoring tiles TOPK_TOKENS positions x GROUP_ROWS heads: one
+# product of 16 to 256 rows per chunk (so the checker refuses groups of
+# more than 256 heads where blocks are scored: heads.group.range).
+TOPK_ROWS_MIN, TOPK_ROWS_MAX = MMA_MIN, MAX_SCORED_GROUP
+
+
+def _topk_tokens(group_rows: int) -> int:
+    """The scoring tile's positions: 16 for groups of 16 heads (256 rows), 64
+    rows of positions x heads for smaller groups (the shipped records'
+    choice, NOTES v7 to v13)."""
+    return max(1, 256 // group_rows) if group_rows >= 16 else max(1, 64 // group_rows)
+
+
+def _scoring_path(cmp_block: int, cmp_stride: int, slc_block: int, group_rows: int, top_pad: int, tokens: int,
                   chunk_blocks: int, chunk_pad: int) -> dict:
-    """The block scoring's production path: every switch that each shipped
-    record took (nsa_dsl/tuned/, measured on the H200: NOTES v7 to v13) is
-    on wherever it is legal for the pattern, with the checks apply_overrides
-    makes. TOPK_TOKENS is the records' choice: 16 positions for groups of 16
-    heads (256 rows), 64 rows of positions x heads for smaller groups."""
-    tokens = max(1, 256 // group_rows) if group_rows >= 16 else max(1, 64 // group_rows)
-    head_rows = 16 <= tokens * group_rows <= 256
+    """The block scoring's decisions, each on wherever it is legal for the
+    tile and the chunk (apply_overrides derives them again when
+    TOPK_TOKENS or TOPK_CHUNK_BLOCKS change)."""
     sort_merge = chunk_pad >= top_pad
     return {
-        "TOPK_TOKENS": tokens,
-        "TOPK_HEAD_ROWS": int(head_rows),
-        "TOPK_KEYS_MAJOR": int(head_rows),
         # pairs of heads and groups of 4 positions (_topk_row_order)
-        "TOPK_HEADS_IN_THREAD": int(head_rows and tokens % 4 == 0 and group_rows >= 2),
-        "TOPK_TMA": int(head_rows),
-        "TOPK_STRIDED_OVERLAP": int(not _strided_overlap_fits(cmp_block, cmp_stride, slc_block, chunk_blocks,
-                                                              chunk_pad)),
+        "TOPK_HEADS_IN_THREAD": int(tokens % 4 == 0 and group_rows >= 2),
+        "TOPK_STRIDED_OVERLAP": int(_strided_overlap_fits(cmp_block, cmp_stride, slc_block, chunk_blocks,
+                                                          chunk_pad)),
         "TOPK_SORT_MERGE": int(sort_merge),
-        "TOPK_KEY32": int(head_rows and sort_merge),
+        "TOPK_KEY32": int(sort_merge),
     }
 
 
-def _scoring_follows(k, consts: dict) -> None:
-    """The scoring switches the plan turned on because they were legal
-    (_scoring_path) turn off with an override that takes their legality
-    away, e.g. TOPK_KEYS_MAJOR=0 takes TOPK_HEADS_IN_THREAD along; a switch
-    the override sets itself is kept, and checked like any other."""
-    def now(name):
-        return consts.get(name, k.const(name))
-
-    if now("TOPK_CHUNK_BLOCKS_PAD") < k.const("TOP_PAD"):
-        consts.setdefault("TOPK_SORT_MERGE", 0)
-    if _strided_overlap_fits(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
-                             now("TOPK_CHUNK_BLOCKS"), now("TOPK_CHUNK_BLOCKS_PAD")):
-        consts.setdefault("TOPK_STRIDED_OVERLAP", 0)
-    if not now("TOPK_HEAD_ROWS"):
-        consts.setdefault("TOPK_KEYS_MAJOR", 0)
-    if not (now("TOPK_HEAD_ROWS") and now("TOPK_KEYS_MAJOR")) or now("TOPK_TOKENS") % 4:
-        consts.setdefault("TOPK_HEADS_IN_THREAD", 0)
-    if not (now("TOPK_HEAD_ROWS") and now("TOPK_SORT_MERGE")):
-        consts.setdefault("TOPK_KEY32", 0)
-
-
 def _strided_overlap_fits(cmp_block: int, cmp_stride: int, slc_block: int, chunk_blocks: int,
-                          chunk_pad: int) -> str:
-    """Why TOPK_STRIDED_OVERLAP cannot score this pattern ("" when it can):
-    it splits each compressed token's weight into its own block's share and
-    the next block's, reshaping a chunk's tokens as [blocks, tokens per
-    block] with nothing padded."""
-    per_block = slc_block // cmp_stride
-    if cmp_block > slc_block + cmp_stride:
-        return (f"a compressed token of {cmp_block} positions can reach two selection blocks past its own"
-                f" (select block {slc_block}, stride {cmp_stride}): at most select block + stride")
-    if per_block & (per_block - 1):
-        return f"{per_block} compressed tokens start in each selection block: a power of two is needed"
-    if chunk_pad != chunk_blocks:
-        return f"a chunk of {chunk_blocks} blocks is padded to {chunk_pad}: at least {chunk_pad} blocks are needed"
-    return ""
+                          chunk_pad: int) -> bool:
+    """Whether TOPK_STRIDED_OVERLAP can score this pattern: it splits each
+    compressed token's weight into its own block's share and the next
+    block's, reshaping a chunk's tokens as [blocks, tokens per block] with
+    nothing padded: a token may reach at most one block past its own, and
+    the chunk must not be padded. (The tokens per block are a power of two:
+    the checker's select.block is one and a multiple of the stride.)"""
+    return cmp_block <= slc_block + cmp_stride and chunk_pad == chunk_blocks
 
 
 def _causal_edge_forced(cmp_block: int, cmp_stride: int, slc_block: int, local: int) -> bool:
@@ -530,10 +509,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             "(cdiv(T, CMP_BLOCK_M), B*HQ)",
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BLOCK_M", bm), ("CMP_BLOCK_N", bn),
              ("CMP_WRITE_O", need_cmp_out),
-             # 1: k and v through tensor descriptors (TMA on Hopper) where
-             # the tensors allow it (ops._tma_fits; else the pointer path),
-             # instead of per-thread addressed loads: cmp_fwd 9.95 -> 8.99 ms
-             # at 64k on the H200 (NOTES v12), taken by every record.
+             # CMP_TMA: k and v through tensor descriptors (TMA copies on
+             # Hopper) instead of per-thread addressed loads where the
+             # tensors allow it (ops._tma_fits), else pointers (NOTES v12).
              ("CMP_TMA", 1)),
             num_warps=warps, num_stages=stages))
 
@@ -554,61 +532,48 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         else:
             c = p.compress
             chunk_blocks, chunk_pad, chunk_tokens = _topk_chunking(c.block, c.stride, s.block)
-            scoring = _scoring_path(c.block, c.stride, s.block, group_rows, npad, chunk_blocks, chunk_pad)
+            tokens = _topk_tokens(group_rows)
+            scoring = _scoring_path(c.block, c.stride, s.block, group_rows, npad, tokens, chunk_blocks, chunk_pad)
             kernels.append(KernelPlan(
                 "slc_topk", "slc_topk.py.jinja",
                 f"block importance from the compressed probabilities (overlap-weighted, summed over the G={g}"
-                f" heads of a group) and top-{s.top} with forced blocks, streamed in chunks of {chunk_blocks} blocks",
-                "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
+                f" heads of a group) and top-{s.top} with forced blocks, streamed in chunks of {chunk_blocks} blocks;"
+                f" a tile is {tokens} position(s) x the group's heads padded to {group_rows}",
+                "(cdiv(T, TOPK_TOKENS), B*HKV)",
                 (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
                  ("LOCAL", s.local), ("STATIC_SELECTION", False), ("TOPK_BLOCK_M", 16),
                  ("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("TOPK_CHUNK_BLOCKS", chunk_blocks),
                  ("TOPK_CHUNK_BLOCKS_PAD", chunk_pad), ("TOPK_CHUNK_TOKENS", chunk_tokens),
-                 # The scoring's path (_scoring_path: each switch on wherever
-                 # it is legal; every shipped record took all of them).
-                 # TOPK_HEAD_ROWS: slc_topk_heads, the group's heads as rows
-                 # (TOPK_TOKENS positions x GROUP_ROWS): q loaded once, one
-                 # wide product per chunk instead of G narrow ones (slc_topk
-                 # 15.6 -> 15.0 ms at 64k on the H200, NOTES.md v7).
-                 ("TOPK_HEAD_ROWS", scoring["TOPK_HEAD_ROWS"]), ("TOPK_TOKENS", scoring["TOPK_TOKENS"]),
-                 ("GROUP_ROWS", group_rows),
-                 # TOPK_KEYS_MAJOR (head rows): score [tokens, rows], K_chunk
-                 # @ q^T, so the sum over the heads needs fewer shuffles.
-                 ("TOPK_KEYS_MAJOR", scoring["TOPK_KEYS_MAJOR"]),
-                 # TOPK_HEADS_IN_THREAD (keys-major): the tile's rows ordered
-                 # so that each thread holds whole groups of heads
-                 # (_topk_row_order): the head sum without shuffles
-                 # (slc_topk_heads 8.30 -> 5.85 ms at 64k, NOTES v13).
+                 # The group's heads as rows (TOPK_TOKENS positions x
+                 # GROUP_ROWS), scored keys-major: [tokens, rows] = K_chunk @
+                 # q^T, q loaded once (NOTES v7, v8).
+                 ("TOPK_TOKENS", tokens), ("GROUP_ROWS", group_rows),
+                 # The decisions below are _scoring_path's, from legality.
+                 # TOPK_HEADS_IN_THREAD: rows ordered so that a thread holds
+                 # whole groups of heads (_topk_row_order), the head sum
+                 # without shuffles; needs TOPK_TOKENS % 4 == 0 and 2+ heads
+                 # (NOTES v13).
                  ("TOPK_HEADS_IN_THREAD", scoring["TOPK_HEADS_IN_THREAD"]),
-                 # TOPK_TMA (head rows): the compressed keys through a tensor
-                 # descriptor where they allow it, as CMP_TMA (NOTES v12).
-                 ("TOPK_TMA", scoring["TOPK_TMA"]),
-                 # TOPK_STRIDED_OVERLAP: the overlap weights applied as the
-                 # per-block pattern they are (in-thread sums and one shift)
-                 # instead of two float32 products a chunk; where no token
-                 # reaches two blocks on (_strided_overlap_fits).
+                 # TOPK_TMA: the compressed keys through a tensor descriptor
+                 # where they allow it (ops._tma_fits), else pointers (NOTES v12).
+                 ("TOPK_TMA", 1),
+                 # TOPK_STRIDED_OVERLAP: the overlap weights as the per-block
+                 # pattern they are (in-thread sums, one shift), not two
+                 # float32 products a chunk; where _strided_overlap_fits (NOTES v8).
                  ("TOPK_STRIDED_OVERLAP", scoring["TOPK_STRIDED_OVERLAP"]),
                  # With TOPK_STRIDED_OVERLAP, skip the per-element causal
-                 # mask of the scores (a compare and a select of every
-                 # probability, ~15% of the scoring's instructions on sm_90)
-                 # where the forced local blocks hide the causal edge (see
-                 # _causal_edge_forced). Derived from the pattern.
+                 # mask of the scores where the forced local blocks hide the
+                 # causal edge (_causal_edge_forced). Derived from the pattern.
                  ("TOPK_EDGE_FORCED", _causal_edge_forced(c.block, c.stride, s.block, s.local)),
-                 # TOPK_SORT_MERGE: the running top set as int64 keys kept
-                 # sorted, merged with each chunk by a fixed bitonic network
-                 # instead of a data-dependent rounds loop, so the chunk loop
-                 # is innermost and its key loads are pipelined (3 stages;
-                 # 12.55 -> 8.49 ms at 64k, NOTES v9). Needs chunks at least
-                 # TOP_PAD wide.
+                 # TOPK_SORT_MERGE: the running top set as sorted keys merged
+                 # by a bitonic network, not a data-dependent rounds loop, so
+                 # the chunk loop pipelines (3 stages); needs chunks at least
+                 # TOP_PAD wide (NOTES v9).
                  ("TOPK_SORT_MERGE", scoring["TOPK_SORT_MERGE"]),
-                 # TOPK_KEY32 (head rows, sorted merge): with 16-bit inputs the sort
-                 # keys are int32, not int64 (half the compares, selects and
-                 # shuffles of the merge network). The score keeps 31 bits
-                 # less those of the block index (_topk_keys: scores within
-                 # a relative 1.2e-4 at 1024 blocks tie, the lower block
-                 # winning), well inside what 16-bit inputs resolve;
-                 # float32 inputs, and sequences of more than 4096 blocks
-                 # (ops.KEY32_MAX_BLOCK_BITS), keep the int64 keys.
+                 # TOPK_KEY32 (sorted merge): int32 keys, not int64, for 16-bit
+                 # inputs up to 2^ops.KEY32_MAX_BLOCK_BITS blocks (_topk_keys:
+                 # the block index takes the score's low bits); else int64
+                 # at run time (NOTES v13).
                  ("TOPK_KEY32", scoring["TOPK_KEY32"])),
                 # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
                 num_warps=8 if chunk_pad >= 64 else 4, num_stages=3 if scoring["TOPK_SORT_MERGE"] else 1))
@@ -744,8 +709,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             f"sliding-window attention over the last {p.window.size} positions",
             "(cdiv(T, SWA_BLOCK_M), B*HQ)",
             # SWA_TMA: k and v through tensor descriptors where they allow
-            # it, as CMP_TMA (the merge's window 11.04 -> 10.58 ms at 64k,
-            # NOTES v12); every record but paper128's 8k one (inert there) took it.
+            # it, else pointers, as CMP_TMA (NOTES v12).
             (("WINDOW", p.window.size), ("SWA_BLOCK_M", bm), ("SWA_BLOCK_N", bn), ("SWA_TMA", 1)),
             num_warps=warps, num_stages=stages))
 
@@ -919,7 +883,9 @@ _stages.__doc__ = "in 1..8 (stages of a kernel that is not the KernelPlan's own 
 
 # Constants a user (or the autotuner) may change without changing what is
 # computed: tile shapes, work splits and the code-path switches. Anything
-# else is the pattern's own or the plan's.
+# else is the pattern's own or the plan's: the block scoring's paths and
+# cmp_fwd's / swa_fwd's descriptor reads are decided from legality alone
+# (_scoring_path; CMP_TMA, SWA_TMA, TOPK_TMA fall back at run time).
 TUNABLE = {
     "SWA_BLOCK_M": _pow2_at_least(16), "SWA_BLOCK_N": _pow2_at_least(16),
     "CMP_BLOCK_M": _pow2_at_least(16), "CMP_BLOCK_N": _pow2_at_least(16),
@@ -930,12 +896,9 @@ TUNABLE = {
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages,
     "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,
-    "BC_MERGE_FORCED": _flag, "CMP_TMA": _flag, "SWA_TMA": _flag, "TOPK_TMA": _flag,
-    "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag,
+    "BC_MERGE_FORCED": _flag, "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag,
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
-    "TOPK_HEAD_ROWS": _flag,
-    "TOPK_KEYS_MAJOR": _flag, "TOPK_SORT_MERGE": _flag, "TOPK_HEADS_IN_THREAD": _flag, "TOPK_KEY32": _flag,
-    "TOPK_STRIDED_OVERLAP": _flag, "TOPK_TOKENS": _pow2_at_least(1),
+    "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
 }
 
@@ -948,7 +911,7 @@ TUNABLE = {
 DERIVED = {
     "BC_SLICE": _positive, "BC_WINDOW_TOKENS": _pow2_at_least(1),
     # blocks scored per chunk by slc_topk (the chunk's padding and token
-    # count follow)
+    # count follow, and _scoring_path decides again)
     "TOPK_CHUNK_BLOCKS": _pow2_at_least(1),
 }
 
@@ -1014,42 +977,18 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
                                  f" ({cmp_block - cmp_stride}): at least {least}")
             _, consts["TOPK_CHUNK_BLOCKS_PAD"], consts["TOPK_CHUNK_TOKENS"] = _topk_chunk_shape(blocks, cmp_stride,
                                                                                                  slc_block)
-    if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
-        _scoring_follows(plan.kernel("slc_topk"), consts)
-    if consts.get("TOPK_SORT_MERGE"):
+    if plan.has("slc_topk") and not plan.kernel("slc_topk").const("STATIC_SELECTION"):
         k = plan.kernel("slc_topk")
-        width = consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD"))
-        if width < k.const("TOP_PAD"):
-            raise ValueError(f"override TOPK_SORT_MERGE: takes a chunk's best TOP_PAD = {k.const('TOP_PAD')}"
-                             f" blocks, but a chunk has {width} lanes (raise TOPK_CHUNK_BLOCKS)")
-    if plan.has("slc_topk") and "TOPK_TOKENS" in dict(plan.kernel("slc_topk").constants):
-        k = plan.kernel("slc_topk")
-        rows = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS")) * k.const("GROUP_ROWS")
-        head_rows = consts.get("TOPK_HEAD_ROWS", k.const("TOPK_HEAD_ROWS"))
-        if consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR")) and not head_rows:
-            raise ValueError("override TOPK_KEYS_MAJOR: scores the head-rows kernel keys-major; it needs"
-                             " TOPK_HEAD_ROWS=1")
-        if consts.get("TOPK_KEY32", k.const("TOPK_KEY32")) and not (
-                head_rows and consts.get("TOPK_SORT_MERGE", k.const("TOPK_SORT_MERGE"))):
-            raise ValueError("override TOPK_KEY32: the int32 keys of the head-rows scoring's sorted merge; it needs"
-                             " TOPK_HEAD_ROWS=1 and TOPK_SORT_MERGE=1")
-        if consts.get("TOPK_HEADS_IN_THREAD", k.const("TOPK_HEADS_IN_THREAD")):
-            keys_major = consts.get("TOPK_KEYS_MAJOR", k.const("TOPK_KEYS_MAJOR"))
-            tokens = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS"))
-            # (head rows exist for groups of 2+ heads: GROUP_ROWS is even)
-            if not (keys_major and head_rows) or tokens % 4:
-                raise ValueError("override TOPK_HEADS_IN_THREAD: orders the keys-major head-rows tile"
-                                 " (TOPK_HEAD_ROWS=1, TOPK_KEYS_MAJOR=1) by pairs of heads and groups of 4"
-                                 f" positions; TOPK_TOKENS={tokens}")
-        if consts.get("TOPK_STRIDED_OVERLAP", k.const("TOPK_STRIDED_OVERLAP")):
-            why = _strided_overlap_fits(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
-                                        consts.get("TOPK_CHUNK_BLOCKS", k.const("TOPK_CHUNK_BLOCKS")),
-                                        consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD")))
-            if why:
-                raise ValueError(f"override TOPK_STRIDED_OVERLAP: {why}")
-        if head_rows and not 16 <= rows <= 256:
-            raise ValueError(f"override TOPK_HEAD_ROWS: TOPK_TOKENS x GROUP_ROWS = {rows} rows per tile; the"
-                             " product needs 16 to 256")
+        tokens = consts.get("TOPK_TOKENS", k.const("TOPK_TOKENS"))
+        rows = tokens * k.const("GROUP_ROWS")
+        if not TOPK_ROWS_MIN <= rows <= TOPK_ROWS_MAX:
+            raise ValueError(f"override TOPK_TOKENS: TOPK_TOKENS x GROUP_ROWS = {rows} rows per tile; the product"
+                             f" needs {TOPK_ROWS_MIN} to {TOPK_ROWS_MAX}")
+        # the scoring's decisions follow the tile and the chunk
+        consts.update(_scoring_path(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
+                                    k.const("GROUP_ROWS"), k.const("TOP_PAD"), tokens,
+                                    consts.get("TOPK_CHUNK_BLOCKS", k.const("TOPK_CHUNK_BLOCKS")),
+                                    consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD"))))
     bc_consts = dict(plan.kernel("slc_fwd_bc").constants) if plan.has("slc_fwd_bc") else {}
     if consts.get("BC_LOCAL_IN_WINDOW", bc_consts.get("BC_LOCAL_IN_WINDOW")):
         bc, swa = plan.kernel("slc_fwd_bc"), plan.kernel("swa_fwd")

@@ -17,6 +17,7 @@ from typing import Optional
 
 from . import cache
 from .ir import Pattern
+from .plan import TUNABLE
 
 MIN_BUCKET, MAX_BUCKET = 1024, 131072
 
@@ -108,6 +109,20 @@ def tuned_bucket(configs: dict, length: int) -> Optional[int]:
     return min(near, key=lambda b: (distance[b], b)) if near else None
 
 
+def without_plan_decisions(plan, overrides: dict) -> dict:
+    """overrides less each name that is no longer tunable but that the plan
+    now decides, to the recorded value (a record from before the name became
+    the plan's: nothing is lost by dropping it). Any other stale name stays,
+    for apply_overrides to refuse."""
+    def decided(name: str, value) -> bool:
+        if "." in name or name in TUNABLE:
+            return False
+        planned = [v for k in plan.kernels for key, v in k.constants if key == name]
+        return bool(planned) and all(v == value for v in planned)
+
+    return {name: value for name, value in overrides.items() if not decided(name, value)}
+
+
 class TunedPattern:
     """A compiled pattern that runs each call with its length bucket's tuned
     configuration (see tuned_bucket: a nearby bucket's for one never tuned,
@@ -121,6 +136,7 @@ class TunedPattern:
         self._kwargs = compile_kwargs
         self._variants = {}
         self.plan = self.variant(None).plan
+        self.configs = {b: without_plan_decisions(self.plan, o) for b, o in self.configs.items()}
 
     def overrides_for(self, length: int) -> dict:
         bucket = tuned_bucket(self.configs, length)

@@ -21,7 +21,7 @@ from . import pipeline
 from .ir import Pattern
 from .plan import Plan, apply_overrides
 from .profiling import kernel_events
-from .records import bucket_of, load_records, save_configs
+from .records import bucket_of, load_records, save_configs, without_plan_decisions
 from .verify import TOLERANCE, random_case, rel_error
 
 
@@ -84,7 +84,8 @@ def candidates(plan: Plan, kernel: str) -> list:
                         options.append({tile: n, warps_name: warps})
     for single, lo, hi in (("SLC_TOKENS", 1, 64), ("SLC_BWD_TOKENS", 1, 64), ("SLC_BWD_DQ_TOKENS", 1, 64), ("TOPK_BLOCK_M", 16, 64),
                            ("SLC_BWD_CHUNK", 256, 4096), ("BC_REDUCE_ROWS", 8, 128)):
-        if single in names:
+        # (TOPK_BLOCK_M tiles the static selection only; a scoring's tile is TOPK_TOKENS)
+        if single in names and not (single == "TOPK_BLOCK_M" and "TOPK_TOKENS" in names):
             for v in _scaled(names[single], factors=(0.25, 0.5, 2, 4), lo=lo, hi=hi):
                 options.append({single: v})
     if "SLC_BWD_KEYS_MAJOR" in names:
@@ -107,37 +108,14 @@ def candidates(plan: Plan, kernel: str) -> list:
                 # the list's point is a pipelined loop, which needs >= 2
                 # stages: coordinate descent would not try both together
                 options.append({flag: 1, f"{kernel}.num_stages": 2})
-    if "TOPK_HEAD_ROWS" in names:
-        if not names["TOPK_HEAD_ROWS"]:
-            options.append({"TOPK_HEAD_ROWS": 1})
+    if "TOPK_TOKENS" in names:
         # More positions per tile read each chunk of compressed keys for more
         # of them, but only 8 warps hold 128-256 rows of scores without
         # spilling: the two move together (coordinate descent would try
-        # each alone). Tried from a tuned head-rows configuration too.
-        tile_tokens = [names["TOPK_TOKENS"]] + _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64)
-        for tokens in tile_tokens:
+        # each alone). The scoring's paths follow the tile (the plan's).
+        for tokens in _scaled(names["TOPK_TOKENS"], factors=(0.5, 2, 4), lo=1, hi=64):
             for warps in (4, 8):
-                if (tokens, warps) != (names["TOPK_TOKENS"], k.num_warps):  # that one is {"TOPK_HEAD_ROWS": 1}
-                    options.append({"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": warps})
-            # keys-major scoring, alone and with the strided overlap: on 4
-            # warps only (on 8 it spilled more, sm_90 compile)
-            keys_major = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_TOKENS": tokens, f"{kernel}.num_warps": 4}
-            options += [keys_major, {**keys_major, "TOPK_STRIDED_OVERLAP": 1}]
-            if tokens % 4 == 0:  # and the heads summed in-thread (tiles of whole groups of 4 positions)
-                options.append({**keys_major, "TOPK_STRIDED_OVERLAP": 1, "TOPK_HEADS_IN_THREAD": 1})
-    if "TOPK_HEADS_IN_THREAD" in names and names.get("TOPK_KEYS_MAJOR") and names.get("TOPK_HEAD_ROWS") \
-            and names["TOPK_TOKENS"] % 4 == 0:
-        # a keys-major configuration (tuned, say) with its head sum flipped
-        options.append({"TOPK_HEADS_IN_THREAD": 1 - names["TOPK_HEADS_IN_THREAD"]})
-    if "TOPK_KEY32" in names and names.get("TOPK_HEAD_ROWS") and names["TOPK_SORT_MERGE"]:
-        # int32 sort keys for 16-bit inputs (float32 keeps int64)
-        options.append({"TOPK_KEY32": 1 - names["TOPK_KEY32"]})
-    if "TOPK_SORT_MERGE" in names:
-        # the merge as a fixed network: the chunk loop becomes pipelinable,
-        # which needs 2+ stages (tried together when the kernel has fewer)
-        options.append({"TOPK_SORT_MERGE": 1 - names["TOPK_SORT_MERGE"]})
-        if not names["TOPK_SORT_MERGE"] and k.num_stages < 2:
-            options.append({"TOPK_SORT_MERGE": 1, f"{kernel}.num_stages": 3})
+                options.append({"TOPK_TOKENS": tokens, f"{kernel}.num_warps": warps})
     if "BC_FOLD_WINDOW" in names and kernel == "slc_fwd_bc":
         # the window in the slot reduction's programs, or swa_fwd apart
         options.append({"BC_FOLD_WINDOW": 1 - names["BC_FOLD_WINDOW"]})
@@ -154,10 +132,6 @@ def candidates(plan: Plan, kernel: str) -> list:
         for stages in (1, 2, 3, 4):
             if stages != names["BC_REDUCE_STAGES"]:
                 options.append({"BC_REDUCE_STAGES": stages})
-    if "TOPK_STRIDED_OVERLAP" in names:
-        # the overlap weights as the per-block pattern (where it fits: the
-        # plan refuses the rest), for whichever scoring kernel runs
-        options.append({"TOPK_STRIDED_OVERLAP": 1 - names["TOPK_STRIDED_OVERLAP"]})
     # Every kernel, backward included: with 2-3 stages Triton software-
     # pipelines the key/query tile loads of a counted loop (cp.async; the
     # sm90 report's "async" column), which a 1-stage kernel never gets.
@@ -173,7 +147,7 @@ def candidates(plan: Plan, kernel: str) -> list:
             if order != current:
                 options.append({"SLC_FWD_ORDER": order})
     # The plan's rules decide what this pattern can take (e.g. the union
-    # list's size limit, the head-rows tile bounds): not repeated here.
+    # list's size limit, the scoring tile's bounds): not repeated here.
     return [o for o in options if _applies(plan, o)]
 
 
@@ -209,7 +183,7 @@ def tune(pattern: Pattern, lengths, timer: Callable[[Plan, dict, int], float], *
         raise ValueError(f"kernels: {', '.join(unknown)} not in the plan of {pattern.name!r}"
                          f" ({', '.join(plan.kernel_names)})")
     earlier = load_records(pattern, device)
-    configs = {b: dict(record["overrides"]) for b, record in earlier.items()}
+    configs = {b: without_plan_decisions(plan, record["overrides"]) for b, record in earlier.items()}
     timings = {}
     start = clock()
 

@@ -17,8 +17,8 @@ from nsa_dsl.ir import Branch, Combine, Compress, Dims, Heads, Pattern, Pool, Se
 def valid_patterns(draw, *, max_group: int = 16, need_window: bool = False, pools=(Pool.MEAN, Pool.MLP),
                    small: bool = True) -> Pattern:
     """Small valid patterns covering every branch subset, G from 1 to
-    max_group, l != d != l', static and ranked selection, window sizes that
-    are multiples of nothing in particular."""
+    max_group, l != d != l', static and ranked selection (top up to 20),
+    window sizes that are multiples of nothing in particular."""
     g = draw(st.sampled_from([x for x in (1, 2, 3, 4, 8, 16) if x <= max_group]))
     kv = draw(st.sampled_from([1, 2])) if g <= 4 else 1
     qk = draw(st.sampled_from([16, 32, 48] if small else [16, 32, 48, 64, 128, 192]))
@@ -44,6 +44,8 @@ def valid_patterns(draw, *, max_group: int = 16, need_window: bool = False, pool
             top = max(1, forced)
             if top != forced:  # top must equal the forced count without a compress branch
                 local += 1
+        elif draw(st.integers(0, 5)) == 5:  # a top set wider than a 16-block scoring chunk: merged by rounds
+            top = draw(st.integers(17, 20))
         else:
             top = draw(st.integers(max(1, forced), forced + 3))
         select = Select(block=slc_block, top=top, initial=initial, local=local)

@@ -562,7 +562,7 @@ def test_fla_rows_say_why_they_did_not_run(monkeypatch):
 def test_stage_flops_follow_the_plan_kernel():
     fl = {"cmp": 1.0, "score": 2.0, "slc": 3.0, "swa": 4.0}
     assert bench.stage_flop_count("slc_topk", "slc_topk", fl) == 2.0
-    assert bench.stage_flop_count("slc_topk_heads", "slc_topk", fl) == 2.0  # alternative entry point
+    assert bench.stage_flop_count("slc_topk_static", "slc_topk", fl) == 2.0  # another entry point
     assert bench.stage_flop_count("slc_fwd_bc", "slc_fwd_bc", fl) == 3.0  # the other loop order
     assert bench.stage_flop_count("slc_fwd_bc_reduce", "slc_fwd_bc", fl) is None  # not the branch's FLOPs again
     assert bench.stage_flop_count("slc_fwd_bc_merge_window", "slc_fwd_bc", fl) == fl["swa"]  # BC_FOLD_WINDOW
@@ -571,7 +571,7 @@ def test_stage_flops_follow_the_plan_kernel():
     assert bench.stage_flop_count("slc_fwd_bc", "slc_fwd_bc", fl, window_in_slc=True) == 3.0  # swa_fwd ran
     assert bench.stage_flop_count("cmp_bwd_dq", "cmp_bwd", fl) is None
     names = ("cmp_fwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "swa_fwd")
-    assert bench.kernel_stage("slc_topk_heads", names) == "slc_topk"
+    assert bench.kernel_stage("slc_topk_static", names) == "slc_topk"
 
 
 def test_stage_times_needs_a_gpu(capsys):

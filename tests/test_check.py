@@ -129,6 +129,29 @@ def test_golden_select_without_compress_must_be_static():
     )
 
 
+def test_golden_scored_group_of_more_than_256_heads():
+    # The block scoring holds a group's heads as rows of one tile of at most
+    # 256: a larger group is refused where blocks are scored, not for a
+    # static selection (nothing scored) or without a select branch.
+    p = pattern(heads=spanned(Heads, 2, "heads q=1024 kv=2", q=1024, kv=2), **PAPER)
+    (d,) = errors_of(validate(p))
+    assert d.render() == (
+        "spec.nsa:2:14: error: GQA group G = q/kv = 1024/2 = 512 exceeds 256: the block scoring sums a group's"
+        " query heads as rows of one tile of at most 256\n"
+        "    heads q=1024 kv=2\n"
+        "                 ^^^^\n"
+        "  hint: did you mean kv=4? (G=256; kv must divide q)"
+    )
+    with pytest.raises(SpecError, match="exceeds 256"):
+        check(p)
+    assert check(pattern(heads=Heads(q=1024, kv=4), **PAPER)).kernel("slc_topk").const("GROUP_ROWS") == 256
+    static = pattern(heads=Heads(q=1024, kv=2), compress=Compress(block=32, stride=16),
+                     select=Select(block=64, top=3, initial=1, local=2))
+    assert not errors_of(validate(static))
+    assert not errors_of(validate(pattern(heads=Heads(q=1000, kv=1), window=Window(size=8))))
+    assert validate(pattern(heads=Heads(q=1000, kv=2), **PAPER))[0].hint == "did you mean kv=4? (G=250; kv must divide q)"
+
+
 def test_golden_combine_points_at_the_undeclared_name():
     p = pattern(window=Window(size=8), combine=spanned_combine(6, "combine swa slc", "swa", "slc"))
     (d,) = validate(p)
@@ -396,6 +419,9 @@ def expected_errors(p: Pattern) -> Counter:
         out.append("heads.kv.range")
     if h.q >= 1 and h.kv >= 1 and h.q % h.kv != 0:
         out.append("heads.divisible")
+    heads_ok = 1 <= h.q <= 1024 and 1 <= h.kv <= 1024 and h.q % h.kv == 0
+    if heads_ok and s is not None and s.top > s.initial + s.local and h.q // h.kv > 256:
+        out.append("heads.group.range")
     for key, value in (("qk", d.qk), ("v", d.v)):
         if value not in range(16, 257, 16):
             out.append(f"dims.{key}.range")

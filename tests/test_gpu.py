@@ -46,6 +46,8 @@ def _log(record: dict) -> None:
 
 def _patterns():
     return {"deepseek_nsa": nsa_dsl.load(PAPER), "small_group": nsa_dsl.parse(SMALL_GROUP_TEXT),
+            "small_group_wide": nsa_dsl.parse(SMALL_GROUP_TEXT.replace("top=16", "top=20").replace(
+                "block=32 stride=16", "block=96 stride=16")),
             "bench_paper128": nsa_dsl.load(os.path.join(EXAMPLES, "bench_paper128.nsa"))}
 
 
@@ -232,41 +234,24 @@ def test_selection_union_list_matches_reference_bf16():
 
 
 @pytest.mark.parametrize("name, overrides", [
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1}),
-    ("small_group", {"TOPK_HEAD_ROWS": 1}),
-    # 16 positions x 16 heads = 256 rows on 8 warps (a tuner candidate)
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "slc_topk.num_warps": 8}),
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1}),
-    ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1}),
-    ("deepseek_nsa", {"TOPK_STRIDED_OVERLAP": 1}),
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1}),
-    ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1}),
-    # the sorted merge, pipelined (paper128's tuned 64k scoring with it)
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
-                      "TOPK_SORT_MERGE": 1, "slc_topk.num_stages": 3}),
-    ("small_group", {"TOPK_SORT_MERGE": 1}),
-    # the heads summed in-thread (TOPK_HEADS_IN_THREAD) on paper128's 64k
-    # scoring (its causal mask skipped: two local blocks), deepseek_nsa's
-    # 8 warps and small_group's head pairs
-    ("bench_paper128", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
-                        "TOPK_SORT_MERGE": 1, "TOPK_TMA": 1, "TOPK_HEADS_IN_THREAD": 1, "slc_topk.num_stages": 3}),
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
-                      "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1, "slc_topk.num_warps": 8}),
-    ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1,
-                     "TOPK_HEADS_IN_THREAD": 1}),
-    # and with int32 sort keys (TOPK_KEY32: bf16 inputs take them)
-    ("bench_paper128", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
-                        "TOPK_SORT_MERGE": 1, "TOPK_TMA": 1, "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1,
-                        "slc_topk.num_stages": 3}),
-    ("deepseek_nsa", {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1,
-                      "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1, "slc_topk.num_warps": 8}),
-    ("small_group", {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1,
-                     "TOPK_HEADS_IN_THREAD": 1, "TOPK_KEY32": 1}),
+    # the plan's scoring: 16 positions x 16 heads (deepseek_nsa, paper128:
+    # the heads summed in-thread, the strided overlap, the sorted merge on
+    # int32 keys, the causal mask skipped with two local blocks), 32
+    # positions x 2 heads (small_group)
+    ("deepseek_nsa", {}), ("small_group", {}), ("bench_paper128", {}),
+    # tiles the tuner may pick: 16 x 16 rows on 8 warps, 8 or 2 positions
+    # (the broadcast path; 2: the heads summed across lanes)
+    ("deepseek_nsa", {"slc_topk.num_warps": 8}),
+    ("deepseek_nsa", {"TOPK_TOKENS": 8}),
+    ("deepseek_nsa", {"TOPK_TOKENS": 2}),
+    # a top set wider than the 16-block chunks (the rounds merge), compressed
+    # tokens reaching two blocks on (the overlap by products)
+    ("small_group_wide", {}),
 ])
-def test_topk_heads_as_rows_bf16(name, overrides):
-    """Scoring variants the tuner may pick (TOPK_HEAD_ROWS=1, slc_topk_heads,
-    and its flags) compiled: their blocks obey the selection rule and
-    the forward with them matches the reference."""
+def test_block_scoring_bf16(name, overrides):
+    """The scoring's paths, as the plan decides them for these patterns and
+    the tiles the tuner may pick, compiled: their blocks obey the selection
+    rule and the forward with them matches the reference."""
     pattern = _patterns()[name]
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=79, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=overrides)
@@ -275,7 +260,7 @@ def test_topk_heads_as_rows_bf16(name, overrides):
     assert torch.isfinite(o).all() and (indices >= -1).all()
     err = rel_error(o, _chunked_reference(pattern, args, indices, chunk=1024))
     violation = _sampled_selection_check(pattern, args, indices, rows=48)
-    _log({"test": "topk_heads_as_rows", "pattern": name, "overrides": overrides, "dtype": "bf16", "T": 8192, "rel_err": err,
+    _log({"test": "block_scoring", "pattern": name, "overrides": overrides, "dtype": "bf16", "T": 8192, "rel_err": err,
           "max_score_gap": violation, "tolerance": TOLERANCE[torch.bfloat16]})
     assert err < TOLERANCE[torch.bfloat16]
 
@@ -341,9 +326,9 @@ def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
     ("deepseek_nsa", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
     # ... with the local blocks' key tiles scored once for both (descriptors
-    # for the window's and the forced blocks' keys, as paper128's record)
+    # for the forced blocks' keys, as paper128's record)
     ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_LOCAL_IN_WINDOW": 1,
-                        "SWA_TMA": 1, "BC_FORCED_TMA": 1}),
+                        "BC_FORCED_TMA": 1}),
     ("deepseek_nsa", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_LOCAL_IN_WINDOW": 1}),
 ], ids=["paper128", "paper128_list", "deepseek_nsa", "paper128_bc", "deepseek_nsa_bc", "paper128_bc_forced",
         "deepseek_nsa_bc_forced", "paper128_bc_local", "deepseek_nsa_bc_local"])
@@ -381,15 +366,17 @@ def test_window_folded_into_selection_bf16(name, overrides):
     # the window in the block-centric merge's programs (SWA_TMA there)
     ("bench_paper128", {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1, "BC_FORCED_TMA": 1}),
 ], ids=["paper128", "deepseek_nsa", "small_group", "paper128_fold", "paper128_merge"])
-def test_kv_through_tensor_descriptors_bf16(name, order):
-    """The *_TMA flags compiled for Hopper (TMA copies into shared memory;
-    SLC_TMA and BC_FORCED_TMA in the block-centric case): the forward
-    against float64 (and the blocks the scoring chose against the float64
-    block scores) and against the pointer path on its own scoring, then
+def test_kv_through_tensor_descriptors_bf16(name, order, monkeypatch):
+    """The descriptor paths compiled for Hopper (TMA copies into shared
+    memory): CMP_TMA, SWA_TMA and TOPK_TMA as the plan has them, SLC_TMA and
+    BC_FORCED_TMA asked for. The forward against float64 (and the blocks the
+    scoring chose against the float64 block scores) and against the pointer
+    path (the launchers' run-time fallback, here forced) on its own scoring, then
     every gradient (the backward reads the branches' o and lse)."""
+    from nsa_dsl import launch
+
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, f"{name}.nsa"))
-    # head-rows scoring: TOPK_TMA applies
-    flags = {"CMP_TMA": 1, "SWA_TMA": 1, "TOPK_TMA": 1, "SLC_TMA": 1, "TOPK_HEAD_ROWS": 1, **order}
+    flags = {"SLC_TMA": 1, **order}
     args = random_inputs(pattern, 1, 8192, torch.bfloat16, seed=31, device="cuda")
     compiled = nsa_dsl.compile(pattern, overrides=flags)
     compiled.poison = True
@@ -401,8 +388,9 @@ def test_kv_through_tensor_descriptors_bf16(name, order):
     # not attend the forced blocks itself (BC_MERGE_FORCED is for the
     # plan's own scoring) and would sum in another order (1.4e-3 apart on
     # the H200, session 10), not the comparison meant here
-    pointers = nsa_dsl.compile(pattern, overrides={**flags, **{n: 0 for n in flags if n.endswith("_TMA")}})
-    o_pointers, indices_pointers = pointers(**args, return_indices=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(launch, "_tma_fits", lambda *tensors: False)
+        o_pointers, indices_pointers = compiled(**args, return_indices=True)
     assert torch.equal(indices, indices_pointers), "the scoring chose other blocks through descriptors"
     diff = rel_error(o, o_pointers)
     errors = _bf16_gradient_errors(pattern, 2048, seed=32, overrides=flags)

@@ -274,14 +274,13 @@ def _learned_selection(p: Pattern) -> bool:
 
 @settings(max_examples=12)
 @given(pattern=valid_patterns().filter(_learned_selection), length=st.integers(1, 96),
-       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES), keys_major=st.sampled_from([0, 1]))
-def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed, dtype, keys_major):
-    # TOPK_HEAD_ROWS=1 (slc_topk_heads): the same scores summed in another
-    # order, so the chosen blocks obey NSA_MATH.md's rule like the default
-    # kernel's, and the forward matches the reference with them. Scored
-    # keys-major ([tokens, rows]) too.
+       seed=st.integers(0, 2**31 - 1), dtype=st.sampled_from(DTYPES))
+def test_block_scoring_obeys_the_selection_rule(pattern, length, seed, dtype):
+    # Patterns that score blocks (the broad property test draws few): the
+    # chosen blocks obey NSA_MATH.md's rule, and the forward matches the
+    # reference with them.
     args = random_inputs(pattern, 1, length, dtype, seed, device=DEVICE)
-    compiled = nsa_dsl.compile(pattern, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": keys_major})
+    compiled = nsa_dsl.compile(pattern)
     compiled.poison = True
     o, indices = compiled(**args, return_indices=True)
     assert (indices >= -1).all(), "indices left unwritten (poison value)"
@@ -291,33 +290,36 @@ def test_topk_with_heads_as_rows_obeys_the_selection_rule(pattern, length, seed,
     assert rel_error(o, expected) < TOLERANCE[dtype]
 
 
-@pytest.mark.parametrize("tokens, keys_major", [(1, 0), (2, 0), (4, 0), (16, 0), (2, 1), (16, 1)])
-def test_topk_heads_as_rows_on_a_paper_like_group(tokens, keys_major):
-    # G=16 with 1-4 positions per tile: the broadcast path (fewer than 16
-    # positions per tile cannot feed the overlap product to a dot); 16
-    # positions (256 rows): the product path. Both also keys-major (the head
-    # sum over a [tokens, rows] tile's columns).
-    args = random_inputs(PAPER_LIKE, 1, 130, torch.float32, seed=tokens, device=DEVICE)
-    compiled = nsa_dsl.compile(PAPER_LIKE, overrides={"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens,
-                                                      "TOPK_KEYS_MAJOR": keys_major})
-    compiled.poison = True
-    indices = _blocks(compiled, args)
-    assert_selection_rule(PAPER_LIKE, args, indices, eps_rel=1e-5, eps_abs=1e-6)
-    assert torch.equal(indices, _blocks(nsa_dsl.compile(PAPER_LIKE), args))  # random inputs: no ties in float32
+def test_property_patterns_take_both_ways_of_each_scoring_decision():
+    # The plan decides the scoring's paths from the pattern: the broad
+    # property tests' pattern strategy must draw both ways of each, so the
+    # kernels are tested on both branches.
+    from hypothesis import HealthCheck
+
+    seen = {name: set() for name in ("TOPK_HEADS_IN_THREAD", "TOPK_STRIDED_OVERLAP", "TOPK_SORT_MERGE")}
+
+    @settings(max_examples=300, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(valid_patterns())
+    def draw(pattern):
+        if _learned_selection(pattern):
+            k = nsa_dsl.check(pattern).kernel("slc_topk")
+            for name in seen:
+                seen[name].add(k.const(name))
+
+    draw()
+    assert seen == {name: {0, 1} for name in seen}
 
 
-def test_topk_heads_as_rows_refuses_tiles_a_product_cannot_take():
+def test_scoring_tile_refuses_what_a_product_cannot_take():
     from nsa_dsl.plan import apply_overrides
 
-    plan = nsa_dsl.check(PAPER_LIKE)
-    with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
-        apply_overrides(plan, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 32})  # 512 rows
-    with pytest.raises(ValueError, match="TOPK_KEYS_MAJOR: .* needs TOPK_HEAD_ROWS=1"):
-        apply_overrides(plan, {"TOPK_HEAD_ROWS": 0, "TOPK_KEYS_MAJOR": 1})
+    with pytest.raises(ValueError, match="TOPK_TOKENS x GROUP_ROWS = 512 rows per tile; the product needs 16 to 256"):
+        apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_TOKENS": 32})
     one_head = nsa_dsl.parse("pattern g1 { heads q=1 kv=1 dims qk=16 compress block=16 stride=8"
                              " select block=16 top=2 initial=1 local=0 }")
-    with pytest.raises(ValueError, match="TOPK_HEAD_ROWS"):
-        apply_overrides(nsa_dsl.check(one_head), {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8})  # 8 rows
+    with pytest.raises(ValueError, match="TOPK_TOKENS x GROUP_ROWS = 8 rows"):
+        apply_overrides(nsa_dsl.check(one_head), {"TOPK_TOKENS": 8})
 
 
 @pytest.mark.parametrize("tile, cmp_block, cmp_stride, T", [(16, 8, 4, 167), (32, 8, 4, 327), (16, 8, 1, 169)])
@@ -401,12 +403,9 @@ def _assert_same_blocks_as_the_plan(pattern, overrides, length, seed, args=None)
 
 @pytest.mark.parametrize("pattern, overrides", [
     (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16}),  # 4 blocks by default: wider
-    (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16, "TOPK_HEAD_ROWS": 1}),
     (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 4}),  # 64 by default: narrower
-    (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}),
-    (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 8, "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 2}),
-    (MANY_CHUNKS, {"TOPK_CHUNK_BLOCKS": 16, "TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1}),
-], ids=["wider", "wider-heads", "narrower", "narrower-heads", "narrower-heads-2", "wider-heads-keys-major"])
+    (PAPER_LIKE, {"TOPK_CHUNK_BLOCKS": 8, "TOPK_TOKENS": 2}),
+], ids=["wider", "narrower", "narrower-2-positions"])
 def test_topk_chunk_width_keeps_the_selection_rule(pattern, overrides):
     # The scoring chunk's width, which the plan derives from the pattern
     # (4 to 64 blocks): wider chunks merge fewer times, narrower ones hand
@@ -426,11 +425,10 @@ def test_topk_narrowest_chunk_a_compressed_token_can_straddle():
     p = Pattern(name="far", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16), compress=Compress(block=64, stride=16),
                 select=Select(block=16, top=4, initial=1, local=1))
     args = random_inputs(p, 1, 300, torch.float32, seed=3, device=DEVICE)
-    for overrides in ({"TOPK_CHUNK_BLOCKS": 4}, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1}):
-        with derived_overrides():
-            compiled = nsa_dsl.compile(p, overrides=overrides)
-        compiled.poison = True
-        assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
+    with derived_overrides():
+        compiled = nsa_dsl.compile(p, overrides={"TOPK_CHUNK_BLOCKS": 4})
+    compiled.poison = True
+    assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
 
 
 # The paper's overlap shape at a small scale: 4 compressed tokens start in
@@ -443,44 +441,49 @@ REACH_EDGE = Pattern(name="reach_edge", heads=Heads(q=4, kv=1), dims=Dims(qk=16,
                      compress=Compress(block=20, stride=4), select=Select(block=16, top=3, initial=1, local=1))
 
 
-PER_HEAD, HEAD_ROWS_KEYS_MAJOR = {}, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1}
-
-
 # One compressed token starts in each selection block and reaches into the
-# next; 16-block chunks (64 by default: 1024 positions each).
+# next (64-block chunks by default: 1024 positions each).
 ONE_PER_BLOCK = Pattern(name="one_per_block", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
                         compress=Compress(block=32, stride=16), select=Select(block=16, top=3, initial=1, local=1))
-SIXTEEN = {"TOPK_CHUNK_BLOCKS": 16}
+# A chunk narrower than the products' 16 lanes is padded: the plan then
+# spreads the probabilities by the overlap products, not the strided pattern.
+PRODUCTS = {"TOPK_CHUNK_BLOCKS": 8}
 
 
-@pytest.mark.parametrize("pattern, kernel", [
-    (ONE_PER_BLOCK, SIXTEEN), (PAPER_SHAPED, PER_HEAD), (PAPER_SHAPED, {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16}),
-    (PAPER_SHAPED, HEAD_ROWS_KEYS_MAJOR), (REACH_EDGE, PER_HEAD),
-], ids=["one_per_block", "paper_shaped", "paper_shaped-rows16", "paper_shaped-rows16-keys", "reach_edge"])
-def test_strided_overlap_scores_as_the_overlap_product(pattern, kernel):
-    # TOPK_STRIDED_OVERLAP applies the overlap weights as the per-block
-    # pattern (own block, next block) with a carry between chunks, instead
-    # of the float32 products: the same blocks (random inputs, no ties
-    # within float32), over sequences of several chunks; each scoring kernel
-    # (per head, head rows, head rows keys-major).
-    blocks = kernel.get("TOPK_CHUNK_BLOCKS", nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS"))
-    length = 2 * blocks * pattern.select.block + 8  # a carry crosses two chunk edges
-    _assert_same_blocks_as_the_plan(pattern, {**kernel, "TOPK_STRIDED_OVERLAP": 1}, length, seed=pattern.select.block)
-
-
-def test_strided_overlap_refuses_what_it_cannot_score():
+@pytest.mark.parametrize("pattern", [ONE_PER_BLOCK, PAPER_SHAPED, REACH_EDGE],
+                         ids=["one_per_block", "paper_shaped", "reach_edge"])
+def test_strided_overlap_scores_as_the_overlap_product(pattern):
+    # TOPK_STRIDED_OVERLAP (the plan's path for these patterns) applies the
+    # overlap weights as the per-block pattern (own block, next block) with
+    # a carry between chunks, instead of the float32 products a padded chunk
+    # takes: the same blocks (random inputs, no ties within float32), over
+    # sequences of several chunks.
+    # (ONE_PER_BLOCK's chunks narrowed to 16 blocks, still strided, so
+    # that the carry crosses chunk edges.)
     from nsa_dsl.plan import apply_overrides
 
+    plan = nsa_dsl.check(pattern)
+    strided = {"TOPK_CHUNK_BLOCKS": 16} if plan.kernel("slc_topk").const("TOPK_CHUNK_BLOCKS") > 16 else {}
+    with derived_overrides():
+        for overrides, path in ((strided, 1), (PRODUCTS, 0)):
+            assert apply_overrides(plan, overrides).kernel("slc_topk").const("TOPK_STRIDED_OVERLAP") == path
+    length = 2 * 16 * pattern.select.block + 8  # the carry crosses two chunk edges
+    args = random_inputs(pattern, 1, length, torch.float32, seed=pattern.select.block, device=DEVICE)
+    with derived_overrides():
+        chosen = [_blocks(nsa_dsl.compile(pattern, overrides=o), args) for o in (strided, PRODUCTS)]
+    assert_selection_rule(pattern, args, chosen[0], eps_rel=1e-5, eps_abs=1e-6)
+    assert torch.equal(chosen[0], chosen[1])
+
+
+def test_strided_overlap_only_where_it_can_score():
     far = Pattern(name="far", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
                   compress=Compress(block=24, stride=4), select=Select(block=16, top=3, initial=1, local=1))
-    with pytest.raises(ValueError, match="TOPK_STRIDED_OVERLAP: a compressed token of 24 positions"):
-        apply_overrides(nsa_dsl.check(far), {"TOPK_STRIDED_OVERLAP": 1})
+    # a compressed token of 24 positions reaches two selection blocks of 16 past its own
+    assert nsa_dsl.check(far).kernel("slc_topk").const("TOPK_STRIDED_OVERLAP") == 0
     # a chunk of 4 blocks padded to 16 for the products
-    assert nsa_dsl.check(MANY_CHUNKS).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS_PAD") == 16
-    with pytest.raises(ValueError, match="TOPK_STRIDED_OVERLAP: a chunk of 4 blocks is padded to 16"):
-        apply_overrides(nsa_dsl.check(MANY_CHUNKS), {"TOPK_STRIDED_OVERLAP": 1})
-    assert apply_overrides(nsa_dsl.check(REACH_EDGE), {"TOPK_STRIDED_OVERLAP": 1}).kernel("slc_topk").const(
-        "TOPK_STRIDED_OVERLAP") == 1
+    k = nsa_dsl.check(MANY_CHUNKS).kernel("slc_topk")
+    assert (k.const("TOPK_CHUNK_BLOCKS"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_STRIDED_OVERLAP")) == (4, 16, 0)
+    assert nsa_dsl.check(REACH_EDGE).kernel("slc_topk").const("TOPK_STRIDED_OVERLAP") == 1
 
 
 # PAPER_SHAPED with two local blocks: the first compressed token a
@@ -509,78 +512,92 @@ def test_edge_forced_holds_exactly_where_hidden_tokens_reach_forced_blocks_only(
     assert _causal_edge_forced(block, stride, select, local) == truth
 
 
-@pytest.mark.parametrize("keys_major", [0, 1])
-def test_scoring_unmasked_at_the_causal_edge_keeps_the_selection_rule(keys_major):
-    # Two local blocks hide the causal edge, so the head-rows strided
-    # scoring (keys-major or not) skips its mask. Keys that grow along the sequence make the
-    # tokens past a position's edge score far above its log-sum-exp
-    # (probabilities of inf, and NaN where a zero weight meets them): the
-    # blocks they land on are forced or not yet visible, so the chosen blocks
-    # still obey the rule, across a chunk edge.
+def test_scoring_unmasked_at_the_causal_edge_keeps_the_selection_rule():
+    # Two local blocks hide the causal edge, so the plan's strided scoring
+    # skips its mask. Keys that grow along the sequence make the tokens past
+    # a position's edge score far above its log-sum-exp (probabilities of
+    # inf, and NaN where a zero weight meets them): the blocks they land on
+    # are forced or not yet visible, so the chosen blocks still obey the
+    # rule, across a chunk edge, and equal those of the overlap products,
+    # which keep the mask.
     from nsa_dsl.plan import apply_overrides
 
-    flags = {**HEAD_ROWS_KEYS_MAJOR, "TOPK_KEYS_MAJOR": keys_major, "TOPK_STRIDED_OVERLAP": 1,
-             "TOPK_CHUNK_BLOCKS": 16}
+    k = nsa_dsl.check(PAPER_SHAPED_LOCAL2).kernel("slc_topk")
+    assert (k.const("TOPK_EDGE_FORCED"), k.const("TOPK_STRIDED_OVERLAP"), k.const("TOPK_CHUNK_BLOCKS")) == (1, 1, 16)
     with derived_overrides():
-        assert apply_overrides(nsa_dsl.check(PAPER_SHAPED_LOCAL2), flags).kernel("slc_topk").const("TOPK_EDGE_FORCED")
+        assert apply_overrides(nsa_dsl.check(PAPER_SHAPED_LOCAL2), PRODUCTS).kernel("slc_topk").const(
+            "TOPK_STRIDED_OVERLAP") == 0
     assert not nsa_dsl.check(PAPER_SHAPED).kernel("slc_topk").const("TOPK_EDGE_FORCED")  # one local block
     length = 16 * PAPER_SHAPED_LOCAL2.select.block + 40  # past one chunk edge
     args = random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float32, seed=11, device=DEVICE)
     ramp = torch.linspace(1.0, 40.0, length, dtype=torch.float32, device=DEVICE)[None, :, None, None]
     args["k"] = args["k"] * ramp
-    # the plan's own scoring (per head, no strided overlap) keeps its mask
-    _assert_same_blocks_as_the_plan(PAPER_SHAPED_LOCAL2, flags, length, seed=None, args=args)
+    _assert_same_blocks_as_the_plan(PAPER_SHAPED_LOCAL2, PRODUCTS, length, seed=None, args=args)
+    assert_selection_rule(PAPER_SHAPED_LOCAL2, args, _blocks(nsa_dsl.compile(PAPER_SHAPED_LOCAL2), args),
+                          eps_rel=1e-5, eps_abs=1e-6)
 
 
-# The 64k record's scoring (head rows, keys-major, strided overlap, sorted
-# merge) with the heads summed in-thread.
-IN_THREAD = {**HEAD_ROWS_KEYS_MAJOR, "TOPK_STRIDED_OVERLAP": 1, "TOPK_SORT_MERGE": 1, "TOPK_HEADS_IN_THREAD": 1}
 SMALL_GROUP_LIKE = Pattern(name="small_group_like", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
                            compress=Compress(block=8, stride=4), select=Select(block=16, top=5, initial=1, local=2))
 
 
-@pytest.mark.parametrize("pattern, overrides", [
-    (PAPER_LIKE, {**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_TOKENS": 4}),  # 16 heads: 8 pairs, 4 positions
-    (SMALL_GROUP_LIKE, {**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16}),  # 2 heads: one pair, 2 KV heads, 16 positions
-], ids=["sixteen-heads", "two-heads"])
-def test_heads_summed_in_thread_select_the_same_blocks(pattern, overrides):
-    # TOPK_HEADS_IN_THREAD reorders the tile's (position, head) rows so the
-    # head sum stays within a thread: the same probabilities summed in
-    # another order, so the same blocks as the plan's scoring (random fp32
-    # inputs, no ties within rounding), over several chunks.
-    length = overrides["TOPK_CHUNK_BLOCKS"] * pattern.select.block + 40
-    _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=len(pattern.name))
+@pytest.mark.parametrize("pattern, overrides, in_thread", [
+    (PAPER_LIKE, {"TOPK_TOKENS": 1}, 0),  # 16 heads, 1 position: the head sum across lanes
+    (PAPER_LIKE, {"TOPK_TOKENS": 2, "TOPK_CHUNK_BLOCKS": 16}, 0),
+    (PAPER_LIKE, {"TOPK_TOKENS": 4, "TOPK_CHUNK_BLOCKS": 16}, 1),  # 8 pairs of heads, 4 positions
+    (SMALL_GROUP_LIKE, {"TOPK_TOKENS": 8}, 1),  # 2 heads: one pair, 2 KV heads, 8 positions
+], ids=["one-position", "two-positions", "four-positions", "two-heads"])
+def test_scoring_tiles_select_the_same_blocks(pattern, overrides, in_thread):
+    # Tiles of fewer positions than the plan's (16 x 16 heads for PAPER_LIKE,
+    # 32 x 2 for SMALL_GROUP_LIKE, both with the heads summed in-thread and
+    # the overlap by products): broadcast products instead, and the heads
+    # summed in-thread (TOPK_HEADS_IN_THREAD: the rows ordered so that a
+    # thread holds whole pairs of heads) only where the tile has whole
+    # groups of 4 positions. The same probabilities summed in another
+    # order: the same blocks as the plan's scoring (random fp32 inputs, no
+    # ties within rounding), across a chunk edge.
+    from nsa_dsl.plan import apply_overrides
+
+    assert nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_HEADS_IN_THREAD") == 1
+    with derived_overrides():
+        k = apply_overrides(nsa_dsl.check(pattern), overrides).kernel("slc_topk")
+    assert k.const("TOPK_HEADS_IN_THREAD") == in_thread
+    length = k.const("TOPK_CHUNK_BLOCKS") * pattern.select.block + 40 if k.const("TOPK_CHUNK_BLOCKS") <= 16 else 130
+    _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=len(pattern.name) + len(overrides))
 
 
-def test_int32_keys_select_the_same_blocks_for_16_bit_inputs():
+def test_int32_keys_select_the_same_blocks_for_16_bit_inputs(monkeypatch):
     # TOPK_KEY32: the sorted merge on int32 keys (the score's top bits over
     # the tile's block-index bits) for fp16/bf16 inputs. Same blocks as the
-    # int64 keys on random fp16 inputs over several chunks (18 blocks: 5
-    # index bits), and under exact ties (q = 0: the lower block wins in
-    # both); float32 inputs keep the int64 keys.
-    pattern, overrides = PAPER_SHAPED_LOCAL2, {**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16}
+    # int64 keys (the run-time fallback, here forced by a block limit of 0
+    # bits) on random fp16 inputs over several chunks (18 blocks: 5 index
+    # bits), and under exact ties (q = 0: the lower block wins in both);
+    # float32 inputs keep the int64 keys.
+    from nsa_dsl import launch
+
+    pattern = PAPER_SHAPED_LOCAL2
+    assert nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_KEY32") == 1
     length = 16 * pattern.select.block + 40
     key32 = []
+    bits = launch.KEY32_MAX_BLOCK_BITS
+    compiled = nsa_dsl.compile(pattern)
+    compiled.poison = True
+    real = compiled.module.slc_topk
 
-    def run(args, flag):
-        with derived_overrides():
-            compiled = nsa_dsl.compile(pattern, overrides={**overrides, "TOPK_KEY32": flag})
-        compiled.poison = True
-        real = compiled.module.slc_topk_heads
-        compiled.module.slc_topk_heads = LaunchSpy(real, "TOPK_KEY32", key32, tag=(args["q"].dtype, flag))
-        try:
-            return _blocks(compiled, args)
-        finally:
-            compiled.module.slc_topk_heads = real
+    def run(args, allowed):
+        monkeypatch.setattr(launch, "KEY32_MAX_BLOCK_BITS", bits if allowed else 0)
+        monkeypatch.setattr(compiled.module, "slc_topk", LaunchSpy(real, "TOPK_KEY32", key32,
+                                                                   tag=(args["q"].dtype, allowed)))
+        return _blocks(compiled, args)
 
     args = random_inputs(pattern, 1, length, torch.float16, seed=5, device=DEVICE)
-    chosen = run(args, 1)
-    assert torch.equal(chosen, run(args, 0))
+    chosen = run(args, True)
+    assert torch.equal(chosen, run(args, False))
     assert_selection_rule(pattern, args, chosen, eps_rel=3e-3, eps_abs=1e-4)
     args["q"] = torch.zeros_like(args["q"])
-    assert torch.equal(run(args, 1), run(args, 0))
-    run(random_inputs(pattern, 1, length, torch.float32, seed=5, device=DEVICE), 1)
-    assert key32 == [(torch.float16, 1, True), (torch.float16, 0, False)] * 2 + [(torch.float32, 1, False)]
+    assert torch.equal(run(args, True), run(args, False))
+    run(random_inputs(pattern, 1, length, torch.float32, seed=5, device=DEVICE), True)
+    assert key32 == [(torch.float16, True, True), (torch.float16, False, False)] * 2 + [(torch.float32, True, False)]
 
 
 def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monkeypatch):
@@ -592,65 +609,41 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
     assert launch._int32_keys(1, torch.bfloat16, 4096) and not launch._int32_keys(1, torch.bfloat16, 4097)
     assert not launch._int32_keys(1, torch.float32, 16) and not launch._int32_keys(0, torch.float16, 16)
     monkeypatch.setattr(launch, "KEY32_MAX_BLOCK_BITS", 4)
-    with derived_overrides():
-        compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2,
-                                   overrides={**IN_THREAD, "TOPK_CHUNK_BLOCKS": 16, "TOPK_KEY32": 1})
+    compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2)
     asked = []
-    monkeypatch.setattr(compiled.module, "slc_topk_heads",
-                        LaunchSpy(compiled.module.slc_topk_heads, "TOPK_KEY32", asked))
+    monkeypatch.setattr(compiled.module, "slc_topk", LaunchSpy(compiled.module.slc_topk, "TOPK_KEY32", asked))
     for length in (16 * 16, 16 * 16 + 1):  # 16 blocks, then 17
         compiled(**random_inputs(PAPER_SHAPED_LOCAL2, 1, length, torch.float16, seed=1, device=DEVICE))
     assert asked == [True, False]
 
 
-def test_heads_in_thread_refuses_what_it_cannot_order():
+# A top set wider than the plan's 16-block chunks: the rounds merge.
+WIDE_TOP = Pattern(name="wide_top", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16),
+                   compress=Compress(block=8, stride=4), select=Select(block=16, top=20, initial=1, local=1))
+SORTED = {"TOPK_CHUNK_BLOCKS": 32}  # chunks as wide as the set's 32 slots: the sorted merge
+
+
+def test_sorted_merge_selects_the_same_blocks():
+    # TOPK_SORT_MERGE keeps the running set as sorted keys (score, then the
+    # lower block) merged by a bitonic network; where a chunk is narrower
+    # than the set (TOP_PAD) the plan merges by rounds instead. The same
+    # blocks over several chunks, and under exact ties too (q = 0: every
+    # visible compressed token equally likely, so whole blocks tie and only
+    # the lower-index rule decides).
     from nsa_dsl.plan import apply_overrides
 
-    with pytest.raises(ValueError, match="TOPK_HEADS_IN_THREAD: orders the keys-major head-rows tile"):
-        apply_overrides(nsa_dsl.check(PAPER_LIKE), {"TOPK_KEYS_MAJOR": 0, "TOPK_HEADS_IN_THREAD": 1})  # not keys-major
-    with pytest.raises(ValueError, match="TOPK_TOKENS=2"):
-        apply_overrides(nsa_dsl.check(PAPER_LIKE), {**IN_THREAD, "TOPK_TOKENS": 2})
-    with pytest.raises(ValueError, match="TOPK_KEY32: .* needs TOPK_HEAD_ROWS=1 and TOPK_SORT_MERGE=1"):
-        apply_overrides(nsa_dsl.check(PAPER_LIKE), {**IN_THREAD, "TOPK_SORT_MERGE": 0, "TOPK_KEY32": 1})
-
-
-SORTED = {"TOPK_SORT_MERGE": 1}
-
-
-@pytest.mark.parametrize("pattern, overrides", [
-    (MANY_CHUNKS, SORTED),  # 4-block chunks
-    (PAPER_SHAPED, {"TOPK_CHUNK_BLOCKS": 4, "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 16, "TOPK_KEYS_MAJOR": 1, **SORTED}),
-], ids=["per-head", "head-rows-keys-major"])
-def test_sorted_merge_selects_the_same_blocks(pattern, overrides):
-    # TOPK_SORT_MERGE keeps the running set as sorted int64 keys (score,
-    # then the lower block) merged by a bitonic network: the same blocks as
-    # the rounds merge over several chunks, and under exact ties too (q = 0:
-    # every visible compressed token equally likely, so whole blocks tie and
-    # only the lower-index rule decides). Three chunks of 4 blocks.
-    length = 3 * 4 * pattern.select.block + 5
-    _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=7)
-    args = random_inputs(pattern, 1, length, torch.float32, seed=8, device=DEVICE)
-    args["q"] = torch.zeros_like(args["q"])
+    plan = nsa_dsl.check(WIDE_TOP)  # TOP_PAD 32, chunks of 16 blocks
+    k = plan.kernel("slc_topk")
+    assert (k.const("TOP_PAD"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_SORT_MERGE"), k.num_stages) == (
+        32, 16, 0, 1)
     with derived_overrides():
-        merged = _blocks(nsa_dsl.compile(pattern, overrides=overrides), args)
-        rounds = _blocks(nsa_dsl.compile(pattern, overrides={k: v for k, v in overrides.items()
-                                                             if k != "TOPK_SORT_MERGE"}), args)
-    assert torch.equal(merged, rounds)
-    assert_selection_rule(pattern, args, merged, eps_rel=1e-5, eps_abs=1e-6)
-
-
-def test_sorted_merge_needs_chunks_as_wide_as_the_set():
-    from nsa_dsl.plan import apply_overrides
-
-    wide_top = Pattern(name="wide_top", heads=Heads(q=4, kv=1), dims=Dims(qk=16, v=16),
-                       compress=Compress(block=8, stride=4), select=Select(block=16, top=20, initial=1, local=1))
-    plan = nsa_dsl.check(wide_top)  # TOP_PAD 32, chunks of 16 blocks
-    assert plan.kernel("slc_topk").const("TOPK_CHUNK_BLOCKS_PAD") == 16
-    with pytest.raises(ValueError, match="TOPK_SORT_MERGE: takes a chunk's best TOP_PAD = 32 blocks"):
-        apply_overrides(plan, {"TOPK_SORT_MERGE": 1})
-    with derived_overrides():  # chunks of 32 blocks, as the plan derives for other shapes
-        assert apply_overrides(plan, {"TOPK_SORT_MERGE": 1, "TOPK_CHUNK_BLOCKS": 32}).kernel("slc_topk").const(
-            "TOPK_SORT_MERGE") == 1
+        k = apply_overrides(plan, SORTED).kernel("slc_topk")
+    assert (k.const("TOPK_SORT_MERGE"), k.const("TOPK_KEY32")) == (1, 1)
+    length = 2 * 16 * WIDE_TOP.select.block + 5  # 33 blocks: 3 chunks merged by rounds, 2 sorted
+    _assert_same_blocks_as_the_plan(WIDE_TOP, SORTED, length, seed=7)
+    args = random_inputs(WIDE_TOP, 1, length, torch.float32, seed=8, device=DEVICE)
+    args["q"] = torch.zeros_like(args["q"])
+    _assert_same_blocks_as_the_plan(WIDE_TOP, SORTED, length, seed=None, args=args)
 
 
 @pytest.mark.parametrize("dtype, order", [
@@ -659,50 +652,53 @@ def test_sorted_merge_needs_chunks_as_wide_as_the_set():
     (torch.float32, {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
     (torch.float16, {"SLC_FWD_ORDER": 1, "BC_FOLD_WINDOW": 1, "BC_MERGE_FORCED": 1}),
 ], ids=["swa_fwd-fp32", "window_in_slc_fwd-fp16", "window_in_merge-fp32", "window_in_merge-fp16"])
-def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order):
+def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order, monkeypatch):
     """CMP_TMA / SWA_TMA / TOPK_TMA / SLC_TMA / BC_FORCED_TMA: the compressed
-    and window forwards read k and v, the head-rows scoring the compressed
-    keys, either selection order the selected blocks and the merge the
-    forced ones, through tensor descriptors (TMA on Hopper) instead of
-    addressed loads. Same tiles, same order, same products: the same bits
-    as the pointer path, right against the reference, at a length that
+    and window forwards read k and v, the scoring the compressed keys,
+    either selection order the selected blocks and the merge the forced
+    ones, through tensor descriptors (TMA on Hopper) instead of addressed
+    loads. Same tiles, same order, same products: the same bits as the
+    pointer path (the run-time fallback where descriptors cannot read the
+    tensors, here forced), right against the reference, at a length that
     leaves a partial last key tile (zero-filled past the end by the
     descriptor), with batch and KV-head coordinates past 0, and the window
     in swa_fwd, in the group-centric selection's programs and in the
     block-centric merge's."""
-    from nsa_dsl import launch_forward
+    from nsa_dsl import launch, launch_forward
 
     p = Pattern(name="tma", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=32), compress=Compress(block=8, stride=4),
                 select=Select(block=16, top=3, initial=1, local=1), window=Window(size=40))
     tiles = {"CMP_BLOCK_M": 16, "CMP_BLOCK_N": 16, "SWA_BLOCK_M": 16, "SWA_BLOCK_N": 16, **order,
-             "TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": 8}  # the head-rows scoring: TOPK_TMA
+             "TOPK_TOKENS": 8, "SLC_TMA": 1}
+    if order["SLC_FWD_ORDER"]:
+        tiles["BC_FORCED_TMA"] = 1
+    plan = nsa_dsl.check(p)
+    assert plan.kernel("cmp_fwd").const("CMP_TMA") and plan.kernel("swa_fwd").const("SWA_TMA")
+    assert plan.kernel("slc_topk").const("TOPK_TMA")
     used = []
-    real = launch_forward._kv_operands
+    real, fits = launch._descriptor_operands, launch._tma_fits
 
     def spy(*a, **kw):
         result = real(*a, **kw)
-        used.append(result[2])
+        used.append(result[-1])
         return result
 
+    # launch._kv_operands calls it from launch, the scoring's launcher by its own name
+    monkeypatch.setattr(launch, "_descriptor_operands", spy)
+    monkeypatch.setattr(launch_forward, "_descriptor_operands", spy)
     for T in (131,):  # 31 compressed tokens: a partial last key tile for both branches
         args = random_inputs(p, 2, T, dtype, seed=T, device=DEVICE)
         outs = {}
         for tma in (0, 1):
-            flags = {"CMP_TMA": tma, "SWA_TMA": tma, "TOPK_TMA": tma, "SLC_TMA": tma}
-            if order["SLC_FWD_ORDER"]:
-                flags["BC_FORCED_TMA"] = tma
-            compiled = nsa_dsl.compile(p, overrides={**tiles, **flags})
+            monkeypatch.setattr(launch, "_tma_fits", fits if tma else lambda *tensors: False)
+            compiled = nsa_dsl.compile(p, overrides=tiles)
             compiled.poison = True
             used.clear()
-            launch_forward._kv_operands = spy
-            try:
-                outs[tma] = compiled(**args, return_indices=True)
-            finally:
-                launch_forward._kv_operands = real
-            # every kernel took the path asked for: cmp_fwd, the selection's
-            # blocks and the window's; block-centric also the merge's forced
-            # blocks
-            assert used == [bool(tma)] * (4 if order["SLC_FWD_ORDER"] else 3)
+            outs[tma] = compiled(**args, return_indices=True)
+            # every kernel took the path asked for: cmp_fwd, the scoring, the
+            # selection's blocks and the window's; block-centric also the
+            # merge's forced blocks
+            assert used == [bool(tma)] * (5 if order["SLC_FWD_ORDER"] else 4)
         (o0, i0), (o1, i1) = outs[0], outs[1]
         assert torch.equal(i0, i1) and torch.equal(o0, o1)
         expected = nsa_dsl.reference(p, **upcast(args), indices=i1.to(DEVICE))

@@ -83,8 +83,8 @@ def test_paper_pattern_compiles_for_sm90(tmp_path):
     # (The plan reads k and v through descriptors by default, TMA copies the
     # report does not count: the pointer path, where descriptors cannot
     # read the tensors, is the one checked here.)
-    pointers = _report(tmp_path, "deepseek_nsa.nsa", "CMP_TMA=0", "SWA_TMA=0", name="pointers",
-                       kernels=("cmp_fwd", "swa_fwd"))
+    pointers = _report(tmp_path, "deepseek_nsa.nsa", name="pointers", kernels=("cmp_fwd", "swa_fwd"),
+                       args=("CMP_TMA=0", "SWA_TMA=0"))
     assert {r["kernel"] for r in pointers} == {"cmp_fwd", "swa_fwd"}
     for r in pointers:
         assert r["async_copies"] > 0, r
@@ -125,14 +125,18 @@ def test_union_list_lets_the_selection_forward_pipeline(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not _nvidia_backend_available(), reason="this triton build has no NVIDIA backend (ptxas)")
 def test_scoring_kernels_do_not_spill(tmp_path):
-    # small_group's head-rows scoring tile (32 positions x 2 heads) takes the
-    # product path; with a separate loop for the chunks that need no causal
-    # mask it spilled ~1 KB a thread (146 -> 255 registers): the product
-    # path keeps one loop. Both scoring kernels must stay in registers.
-    rows = _report(tmp_path, "bench_small_group.nsa", kernels=("slc_topk", "slc_topk_heads"))
-    scoring = [r for r in rows if r["kernel"] in ("slc_topk", "slc_topk_heads")]
-    assert {r["kernel"] for r in scoring} == {"slc_topk", "slc_topk_heads"}
-    for r in scoring:
+    # small_group's scoring tile (32 positions x 2 heads) takes the product
+    # path; with a separate loop for the chunks that need no causal mask it
+    # spilled ~1 KB a thread (146 -> 255 registers): the product path keeps
+    # one loop. The scoring, and a static selection's kernel, must stay in
+    # registers.
+    static = tmp_path / "static.nsa"
+    static.write_text("pattern static { heads q=16 kv=8\n dims qk=128\n select block=64 top=3 initial=1 local=2\n"
+                      " window size=512 }\n")
+    rows = (_report(tmp_path, "bench_small_group.nsa", kernels=("slc_topk", "slc_topk_static"))
+            + _report(tmp_path, str(static), name="static", kernels=("slc_topk", "slc_topk_static")))
+    assert [r["kernel"] for r in rows] == ["slc_topk", "slc_topk_static"]
+    for r in rows:
         assert r["ok"] and r["stack_bytes"] == 0 and r["local_loads_stores"] == 0, r
 
 
@@ -168,16 +172,18 @@ def test_selection_forward_writing_the_final_output_compiles_for_sm90(tmp_path):
 def test_sorted_merge_lets_the_scoring_loop_pipeline(tmp_path):
     # TOPK_SORT_MERGE's reason to exist: the rounds merge is a loop inside
     # the chunk loop, and Triton pipelines only innermost loops, so the
-    # compressed-key loads of paper128's tuned 64k scoring wait in every
-    # chunk; with the bitonic merge they become cp.async copies
-    tuned = ("TOPK_HEAD_ROWS=1", "TOPK_TOKENS=16", "TOPK_KEYS_MAJOR=1", "TOPK_STRIDED_OVERLAP=1",
-             "slc_topk.num_stages=3")
-    # (pointer loads: TOPK_TMA's descriptor copies are not counted as cp.async)
-    tuned += ("TOPK_TMA=0",)
-    rounds, = _report(tmp_path, "bench_paper128.nsa", *tuned, "TOPK_SORT_MERGE=0", name="rounds",
-                      kernels=("slc_topk_heads",))
-    merged, = _report(tmp_path, "bench_paper128.nsa", *tuned, "TOPK_SORT_MERGE=1", name="merged",
-                      kernels=("slc_topk_heads",))
+    # compressed-key loads wait in every chunk; with the bitonic merge they
+    # become cp.async copies. paper128's scoring (top 16: the sorted merge)
+    # against the same pattern with a top set wider than its 16-block
+    # chunks (top 20: the plan's rounds merge), both on 3 stages and through
+    # pointers (TOPK_TMA's descriptor copies are not counted as cp.async).
+    source = (ROOT / "examples" / "bench_paper128.nsa").read_text()
+    assert "top=16" in source
+    wide = tmp_path / "wide_top.nsa"
+    wide.write_text(source.replace("top=16", "top=20"))
+    common = dict(kernels=("slc_topk",), args=("TOPK_TMA=0",))
+    merged, = _report(tmp_path, "bench_paper128.nsa", "slc_topk.num_stages=3", name="merged", **common)
+    rounds, = _report(tmp_path, str(wide), "slc_topk.num_stages=3", name="rounds", **common)
     assert rounds["ok"] and merged["ok"], (rounds, merged)
     assert rounds["async_copies"] == 0 and merged["async_copies"] > 0, (rounds, merged)
     assert merged["local_loads_stores"] <= 8, merged  # 8 B of stack, 4 accesses, at the time of writing
@@ -187,16 +193,14 @@ def test_sorted_merge_lets_the_scoring_loop_pipeline(tmp_path):
 @on_the_gpu_machines_triton
 def test_scoring_heads_in_thread_and_int32_keys_cut_the_shuffles(tmp_path):
     # TOPK_HEADS_IN_THREAD and TOPK_KEY32's reason to exist (paper128's 64k
-    # scoring: 1597 -> 767 instructions a chunk, 8.30 -> 5.24 ms on the
-    # H200): the head sum without shuffles across lanes and a sort network
-    # on 32-bit keys. With both, the kernel must use at most half the warp
-    # shuffles and stay in registers.
-    tuned = ("TOPK_HEAD_ROWS=1", "TOPK_TOKENS=16", "TOPK_KEYS_MAJOR=1", "TOPK_STRIDED_OVERLAP=1", "TOPK_SORT_MERGE=1",
-             "TOPK_TMA=1", "slc_topk.num_stages=3")
-    before, = _report(tmp_path, "bench_paper128.nsa", *tuned, "TOPK_HEADS_IN_THREAD=0", "TOPK_KEY32=0", name="before",
-                      kernels=("slc_topk_heads",))  # (both are the plan's defaults now)
-    after, = _report(tmp_path, "bench_paper128.nsa", *tuned, "TOPK_HEADS_IN_THREAD=1", "TOPK_KEY32=1", name="after",
-                     kernels=("slc_topk_heads",))
-    assert before["ok"] and after["ok"], (before, after)
-    assert after["shfl"] * 2 <= before["shfl"], (before["shfl"], after["shfl"])
-    assert after["stack_bytes"] == 0 and after["local_loads_stores"] == 0, after
+    # scoring: 1597 -> 767 instructions a chunk, NOTES v13): the head sum
+    # without shuffles across lanes and a sort network on 32-bit keys.
+    # paper128's scoring takes both (the plan's): against the int64 keys
+    # (the run-time fallback past 4096 blocks) it must use fewer warp
+    # shuffles, and with the head sum across lanes it took 248 (Triton 3.6,
+    # NOTES v15): at most half that, in registers.
+    int64, = _report(tmp_path, "bench_paper128.nsa", name="int64", kernels=("slc_topk",), args=("TOPK_KEY32=0",))
+    plan, = _report(tmp_path, "bench_paper128.nsa", name="plan", kernels=("slc_topk",))
+    assert int64["ok"] and plan["ok"], (int64, plan)
+    assert plan["shfl"] < int64["shfl"] and plan["shfl"] * 2 <= 248, (int64["shfl"], plan["shfl"])
+    assert plan["stack_bytes"] == 0 and plan["local_loads_stores"] == 0, plan

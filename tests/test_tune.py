@@ -3,14 +3,15 @@ Timing itself needs a GPU; here a fake timer stands in for it."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
 
 import nsa_dsl
 from nsa_dsl.pipeline import device_kind
-from nsa_dsl.plan import apply_overrides
-from nsa_dsl.records import TunedPattern, bucket_of, config_path, load_configs, tuned_bucket
+from nsa_dsl.plan import TUNABLE, apply_overrides
+from nsa_dsl.records import TunedPattern, bucket_of, config_path, load_configs, tuned_bucket, without_plan_decisions
 from nsa_dsl.tune import candidates, tune
 from strategies import derived_overrides, random_inputs, rel_error
 
@@ -189,19 +190,17 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_KEYS_MAJOR": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
-    # slc_topk: the plan's scoring already takes every switch where legal
-    # (head rows, 16 positions x 16 heads, keys-major, heads in thread, sorted
-    # merge on 3 stages, int32 keys, strided overlap, descriptors): the tuner
-    # moves the positions a tile with the warps, and still measures each
-    # switch turned off
+    # slc_topk: the scoring's paths are the plan's (16 positions x 16 heads,
+    # the sorted merge on 3 stages); the tuner moves the positions a tile
+    # with the warps, within the tile's 16 to 256 rows
     topk = candidates(paper, "slc_topk")
     k = paper.kernel("slc_topk")
-    assert (k.const("TOPK_HEAD_ROWS"), k.const("TOPK_TOKENS"), k.const("TOPK_SORT_MERGE"), k.num_stages) == (1, 16, 1, 3)
-    for tokens, warps in ((8, 4), (8, 8), (16, 8)):
-        assert {"TOPK_HEAD_ROWS": 1, "TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
+    assert (k.const("TOPK_TOKENS"), k.const("TOPK_SORT_MERGE"), k.num_stages) == (16, 1, 3)
+    for tokens, warps in ((8, 4), (8, 8)):
+        assert {"TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
+    assert {"slc_topk.num_warps": 8} in topk and {"slc_topk.num_stages": 1} in topk
+    assert not any("TOPK_BLOCK_M" in o for o in topk)  # the static selection's tile only
     assert not any(o.get("TOPK_TOKENS") == 32 for o in topk)  # 512 rows: the plan refuses them
-    for flag in ("TOPK_SORT_MERGE", "TOPK_STRIDED_OVERLAP", "TOPK_HEADS_IN_THREAD", "TOPK_KEY32"):
-        assert {flag: 0} in topk, flag
     assert len(topk) == len({tuple(sorted(o.items())) for o in topk})  # no candidate twice
     for option in topk:
         apply_overrides(paper, option)
@@ -406,15 +405,48 @@ def test_the_wall_timer_takes_at_least_five_samples_of_a_long_pass():
     assert wall_ms(lambda: None, 10, 40, do_bench=short) == 2.0 and calls == [40]  # 20 samples fit already
 
 
-def test_an_override_takes_the_scoring_switches_that_depend_on_it_along():
-    # The plan turns the scoring's switches on where legal; turning one off
-    # turns off those that need it, while an explicit setting is checked.
+def test_the_scoring_paths_are_the_plans_and_follow_the_tile():
+    # The scoring's paths are decided from legality, not tunable: an
+    # override of one is refused like any other plan constant, and a tile of
+    # another TOPK_TOKENS takes the paths its shape allows (the heads summed
+    # in-thread need whole groups of 4 positions).
     paper = nsa_dsl.check(nsa_dsl.load("examples/bench_paper128.nsa"))
-    k = apply_overrides(paper, {"TOPK_KEYS_MAJOR": 0}).kernel("slc_topk")
-    assert (k.const("TOPK_KEYS_MAJOR"), k.const("TOPK_HEADS_IN_THREAD"), k.const("TOPK_HEAD_ROWS")) == (0, 0, 1)
-    k = apply_overrides(paper, {"TOPK_HEAD_ROWS": 0}).kernel("slc_topk")
-    assert (k.const("TOPK_KEYS_MAJOR"), k.const("TOPK_HEADS_IN_THREAD"), k.const("TOPK_KEY32")) == (0, 0, 0)
-    k = apply_overrides(paper, {"TOPK_SORT_MERGE": 0}).kernel("slc_topk")
-    assert (k.const("TOPK_KEY32"), k.const("TOPK_STRIDED_OVERLAP")) == (0, 1)
-    with pytest.raises(ValueError, match="TOPK_HEADS_IN_THREAD"):
-        apply_overrides(paper, {"TOPK_KEYS_MAJOR": 0, "TOPK_HEADS_IN_THREAD": 1})
+    for name in ("TOPK_HEAD_ROWS", "TOPK_KEYS_MAJOR", "TOPK_HEADS_IN_THREAD", "TOPK_TMA", "TOPK_STRIDED_OVERLAP",
+                 "TOPK_SORT_MERGE", "TOPK_KEY32", "CMP_TMA", "SWA_TMA"):
+        assert name not in TUNABLE
+        with pytest.raises(ValueError, match=f"override {name}: not a tunable constant"):
+            apply_overrides(paper, {name: 1})
+    k = paper.kernel("slc_topk")
+    assert (k.const("TOPK_TOKENS"), k.const("TOPK_HEADS_IN_THREAD")) == (16, 1)
+    assert apply_overrides(paper, {"TOPK_TOKENS": 2}).kernel("slc_topk").const("TOPK_HEADS_IN_THREAD") == 0
+    assert apply_overrides(paper, {"TOPK_TOKENS": 4}).kernel("slc_topk").const("TOPK_HEADS_IN_THREAD") == 1
+    one_head = nsa_dsl.check(nsa_dsl.parse("pattern g1 { heads q=1 kv=1 dims qk=16 compress block=16 stride=8"
+                                           " select block=16 top=2 initial=1 local=0 }"))
+    assert one_head.kernel("slc_topk").const("TOPK_HEADS_IN_THREAD") == 0  # no pair of heads
+
+
+def test_a_record_of_what_the_plan_now_decides_still_applies(tmp_path):
+    # A record from before a switch became the plan's names it; where its
+    # value is the plan's decision the name is dropped silently and the rest
+    # of the record runs. A value the plan does not decide (or a name it
+    # never had) still makes the record stale: the defaults, with a warning.
+    path = config_path(PATTERN, device_kind())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan = nsa_dsl.check(PATTERN)
+    k = plan.kernel("slc_topk")
+    decided = {"TOPK_SORT_MERGE": k.const("TOPK_SORT_MERGE"), "TOPK_TMA": 1, "CMP_TMA": 1, "SWA_TMA": 1}
+    assert all(name not in TUNABLE for name in decided)
+    buckets = {"1024": {"overrides": {**decided, "SLC_TOKENS": 8}, "ms": 1.0},
+               "65536": {"overrides": {"TOPK_SORT_MERGE": 1 - k.const("TOPK_SORT_MERGE"), "SLC_TOKENS": 8},
+                         "ms": 1.0}}
+    path.write_text(json.dumps({"pattern": "t", "canonical": PATTERN.canonical(), "device": device_kind(),
+                                "buckets": buckets}))
+    tuned = nsa_dsl.compile(PATTERN, tuned=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tuned.variant(1000).plan.kernel("slc_fwd").const("SLC_TOKENS") == 8
+    assert tuned.overrides_for(1000) == {"SLC_TOKENS": 8}
+    with pytest.warns(RuntimeWarning, match="TOPK_SORT_MERGE: not a tunable constant"):
+        assert tuned.variant(60000).plan == plan
+    assert without_plan_decisions(plan, {"CMP_TMA": 0, "NO_SUCH": 1, "slc_topk.num_warps": 4, "TOPK_TOKENS": 16}) == {
+        "CMP_TMA": 0, "NO_SUCH": 1, "slc_topk.num_warps": 4, "TOPK_TOKENS": 16}

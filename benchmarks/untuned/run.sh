@@ -3,13 +3,13 @@
 # forward+backward (stage_times.py --wall --backward, one process, one set of
 # inputs per pattern) with
 #   {}      the plan's defaults (what compile(pattern) runs, no tuning),
-#   old     the defaults before issue 20 (the scoring's switches, CMP_TMA
-#           and SWA_TMA off),
 #   tuned   what `nsa-dsl tune --lengths 64k --budget-s $UNTUNED_BUDGET_S`
 #           then reached for that pattern, from the defaults,
 # and, for paper128 without its window, paper128's 64k record less its
-# window flags. UNTUNED_PATTERNS picks the files (default: all three);
-# UNTUNED_VERIFY=1 also runs `nsa-dsl verify --grad` of each default path.
+# window flags. (The defaults before issue 20, the scoring's switches and
+# CMP_TMA / SWA_TMA off, can no longer be expressed: they are the plan's.)
+# UNTUNED_PATTERNS picks the files (default: all three); UNTUNED_VERIFY=1
+# also runs `nsa-dsl verify --grad` of each default path.
 # Usage (device): bash .device/run bash benchmarks/untuned/run.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/untuned_out}; mkdir -p "$OUT"
@@ -18,9 +18,6 @@ U=benchmarks/untuned
 T=${UNTUNED_LENGTH:-65536}
 BUDGET=${UNTUNED_BUDGET_S:-150}
 PATTERNS=${UNTUNED_PATTERNS:-"$U/paper128_nowindow.nsa $U/group4_d64.nsa $U/group8_d192.nsa"}
-SCORING_OFF='"TOPK_HEAD_ROWS":0,"TOPK_KEYS_MAJOR":0,"TOPK_HEADS_IN_THREAD":0,"TOPK_TMA":0,"TOPK_STRIDED_OVERLAP":0,"TOPK_SORT_MERGE":0,"TOPK_KEY32":0,"slc_topk.num_stages":1'
-OLD="{\"CMP_TMA\":0,\"SWA_TMA\":0,$SCORING_OFF}"
-OLD_NOWINDOW="{\"CMP_TMA\":0,$SCORING_OFF}"
 RECORD='{"BC_REDUCE_ROWS":16,"BC_REDUCE_STAGES":3,"SLC_FWD_LIST":1,"SLC_FWD_ORDER":1,"TOPK_BLOCK_M":64,"cmp_fwd.num_stages":3,"slc_fwd.num_stages":3,"slc_fwd_bc.num_stages":3,"CMP_BWD_BLOCK_M":64,"CMP_BWD_BLOCK_N":64,"CMP_BWD_DKDV_BLOCK_N":128,"CMP_BWD_DKDV_WARPS":8,"SLC_BWD_CHUNK":2048,"SLC_BWD_DQ_TOKENS":4,"SLC_BWD_KEYS_MAJOR":1,"SLC_BWD_TOKENS":4,"cmp_bwd.num_warps":4,"slc_bwd.num_warps":4}'
 for f in $PATTERNS; do
   name=$(basename "$f" .nsa)
@@ -41,9 +38,9 @@ PY
 )
   echo "tuned config: $TUNED"
   if [ "$name" = paper128_nowindow ]; then
-    set -- --config '{}' --config "$OLD_NOWINDOW" --config "$TUNED" --config "$RECORD"
+    set -- --config '{}' --config "$TUNED" --config "$RECORD"
   else
-    set -- --config '{}' --config "$OLD" --config "$TUNED"
+    set -- --config '{}' --config "$TUNED"
   fi
   python3 benchmarks/stage_times.py "$f" --length "$T" --wall --backward "$@" 2>&1 | grep -v "^ "
 done 2>&1 | tee "$OUT/untuned_times.log"
