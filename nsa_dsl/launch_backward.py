@@ -16,7 +16,7 @@ import torch
 
 from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table
-from .launch import LOG2E, _cdiv, _gate_args, _strides, index_keys
+from .launch import LOG2E, _cdiv, _gate_args, _strides, index_keys, packed_operands
 
 
 def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
@@ -37,7 +37,9 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
     """{branch}_bwd_dq, then {branch}_bwd_dkdv (branch "cmp" or "swa"):
     dQ into dq, dK and dV of keys and values (n_keys of them) into dk and
     dv. With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
-    head's share, summed over its group here."""
+    head's share, summed over its group here. Packed sequences: the grids
+    run over the sequences (rows up to the longest, keys up to its count),
+    each program in its own (the kernels' VARLEN)."""
     plan, m, p = compiled.plan, compiled.module, compiled.pattern
     B, T = shapes.batch, shapes.length
     HQ, HKV, DQK, DV = p.heads.q, p.heads.kv, p.dims.qk, p.dims.v
@@ -51,9 +53,10 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
     common = (T, n_keys, qk_scale_log2, scale, *_strides(q), *_strides(keys), *_strides(values),
               *_strides(do))
     g_arg = gate if gate is not None else do
-    getattr(m, f"{branch}_bwd_dq")[(_cdiv(T, bm), B * HQ)](
+    packed = packed_operands(shapes, dev, f"{branch}_bwd")
+    getattr(m, f"{branch}_bwd_dq")[(_cdiv(shapes.grid_length, bm), shapes.grid_batch * HQ)](
         q, keys, values, do, g_arg, lse, delta, dq, *common,
-        HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+        HAS_GATE=gate is not None, **packed, num_warps=kp.num_warps, num_stages=kp.num_stages)
     if n_keys == 0:
         return
     if split:  # per-query-head shares, summed over each group here
@@ -62,9 +65,14 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
     else:
         dk_part, dv_part = dk, dv
     dkdv_bn = kp.const(f"{prefix}_BWD_DKDV_BLOCK_N")
-    getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(n_keys, dkdv_bn), B * (HQ if split else HKV))](
+    grid_keys = (n_keys if shapes.packing is None
+                 else shapes.grid_compressed if branch == "cmp" else shapes.grid_length)
+    if grid_keys == 0:
+        return
+    getattr(m, f"{branch}_bwd_dkdv")[(_cdiv(grid_keys, dkdv_bn), shapes.grid_batch * (HQ if split else HKV))](
         q, keys, values, do, g_arg, lse, delta, dk_part, dv_part, *common,
-        HAS_GATE=gate is not None, num_warps=kp.warps_for(f"{branch}_bwd_dkdv"), num_stages=kp.num_stages)
+        HAS_GATE=gate is not None, **packed, num_warps=kp.warps_for(f"{branch}_bwd_dkdv"),
+        num_stages=kp.num_stages)
     if split:
         G = p.group
         dk += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)
@@ -73,15 +81,17 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
 
 def pool_backward(compiled, *, dk_cmp, dv_cmp, dk, dv, shapes) -> None:
     """cmp_pool_bwd: the compressed keys' and values' gradients spread back
-    over the positions each pooled, into dk and dv."""
+    over the positions each pooled, into dk and dv (packed sequences: each
+    program in its own sequence, the kernel's VARLEN)."""
     p = compiled.pattern
-    B, T, Tc = shapes.batch, shapes.length, shapes.compressed
+    T, Tc = shapes.length, shapes.compressed
     DQK, DV = p.dims.qk, p.dims.v
-    if Tc > 0:
+    if shapes.grid_compressed > 0:
         kp = compiled.plan.kernel("cmp_pool_bwd")
-        grid = (_cdiv(T, kp.const("POOL_BWD_BLOCK_P")), B * p.heads.kv)
+        grid = (_cdiv(shapes.grid_length, kp.const("POOL_BWD_BLOCK_P")), shapes.grid_batch * p.heads.kv)
+        packed = packed_operands(shapes, dk.device, "cmp_pool_bwd")
         for src, dst, d in ((dk_cmp, dk, DQK), (dv_cmp, dv, DV)):
-            compiled.module.cmp_pool_bwd[grid](src, dst, T, Tc, D=d, D_PAD=1 << (d - 1).bit_length(),
+            compiled.module.cmp_pool_bwd[grid](src, dst, T, Tc, D=d, D_PAD=1 << (d - 1).bit_length(), **packed,
                                                num_warps=kp.num_warps, num_stages=kp.num_stages)
 
 

@@ -18,13 +18,18 @@ import torch
 from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table
 from .launch import (_GATED, _cdiv, _descriptor_operands, _gate_args, _int32_keys, _kv_operands, _launch_fitting,
-                     _strides, index_keys)
+                     _strides, index_keys, packed_operands)
 
 
 def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log2: float) -> None:
     """cmp_pool (where the plan pools k and v itself, else k_cmp and v_cmp
     are the caller's) and cmp_fwd: k_cmp, v_cmp, o_cmp (None where the plan
-    needs no compressed output: CMP_WRITE_O) and lse_cmp into out."""
+    needs no compressed output: CMP_WRITE_O) and lse_cmp into out.
+    Packed sequences (shapes.packing): the grids run over the sequences,
+    each program in its own (the kernels' VARLEN); k_cmp, v_cmp pooled here
+    are [1, Tc, ...] with Tc = varlen.compressed_bound, the rows from
+    cu_compressed[-1] on unused (never written, never read: cmp_fwd's
+    descriptor path masks and zeroes them as keys past a sequence's end)."""
     plan, m, p = compiled.plan, compiled.module, compiled.pattern
     B, T, Tc = shapes.batch, shapes.length, shapes.compressed
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
@@ -32,12 +37,13 @@ def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log
     if plan.has("cmp_pool"):
         k_cmp = compiled.alloc((B, Tc, HKV, p.dims.qk), q.dtype, dev)
         v_cmp = compiled.alloc((B, Tc, HKV, DV), q.dtype, dev)
-        if Tc > 0:
+        if shapes.grid_compressed > 0:
             kp = plan.kernel("cmp_pool")
-            grid = (_cdiv(Tc, kp.const("POOL_BLOCK_C")), B * HKV)
+            grid = (_cdiv(shapes.grid_compressed, kp.const("POOL_BLOCK_C")), shapes.grid_batch * HKV)
+            packed = packed_operands(shapes, dev, "cmp_pool")
             for src, dst, d in ((k, k_cmp, p.dims.qk), (v, v_cmp, DV)):
                 m.cmp_pool[grid](src, dst, Tc, *_strides(src), *_strides(dst), D=d,
-                                 D_PAD=1 << (d - 1).bit_length(),
+                                 D_PAD=1 << (d - 1).bit_length(), **packed,
                                  num_warps=kp.num_warps, num_stages=kp.num_stages)
     out["k_cmp"], out["v_cmp"] = k_cmp, v_cmp
     kp = plan.kernel("cmp_fwd")
@@ -46,12 +52,13 @@ def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log
     lse_cmp = compiled.alloc((B, HQ, T), torch.float32, dev)
     o_arg = o_cmp if write_o else lse_cmp  # unused pointer when the output is not needed
     o_strides = _strides(o_cmp) if write_o else (0, 0, 0, 0)
-    grid = (_cdiv(T, kp.const("CMP_BLOCK_M")), B * HQ)
+    grid = (_cdiv(shapes.grid_length, kp.const("CMP_BLOCK_M")), shapes.grid_batch * HQ)
     k_arg, v_arg, cmp_tma = _kv_operands(kp.const("CMP_TMA"), k_cmp, v_cmp, kp.const("CMP_BLOCK_N"),
                                          plan.qk_pad, plan.v_pad)
     _launch_fitting(compiled, "cmp_fwd", grid, (q, k_arg, v_arg, o_arg, lse_cmp, T, Tc, qk_scale_log2,
                                                 *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *o_strides),
-                    CMP_TMA=cmp_tma, dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    CMP_TMA=cmp_tma, **packed_operands(shapes, dev, "cmp_fwd"), dtype=q.dtype,
+                    num_warps=kp.num_warps, num_stages=kp.num_stages)
     out["o_cmp"], out["lse_cmp"] = o_cmp, lse_cmp
 
 
@@ -214,18 +221,20 @@ def select_block_centric(compiled, *, q, k, v, indices, qk_scale_log2: float, sh
 
 
 def window(compiled, *, q, k, v, k_swa, v_swa, out: dict, shapes, qk_scale_log2: float) -> None:
-    """swa_fwd: the window branch's o_swa and lse_swa into out."""
+    """swa_fwd: the window branch's o_swa and lse_swa into out (packed
+    sequences: each program in its own sequence, the kernel's VARLEN)."""
     p = compiled.pattern
     B, T = shapes.batch, shapes.length
     kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
     kp = compiled.plan.kernel("swa_fwd")
     o_swa = compiled.alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
     lse_swa = compiled.alloc((B, p.heads.q, T), torch.float32, q.device)
-    grid = (_cdiv(T, kp.const("SWA_BLOCK_M")), B * p.heads.q)
+    grid = (_cdiv(shapes.grid_length, kp.const("SWA_BLOCK_M")), shapes.grid_batch * p.heads.q)
     k_arg, v_arg, swa_tma = window_operands(compiled, kw, vw)
     _launch_fitting(compiled, "swa_fwd", grid, (q, k_arg, v_arg, o_swa, lse_swa, T, T, qk_scale_log2,
                                                 *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa)),
-                    SWA_TMA=swa_tma, dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                    SWA_TMA=swa_tma, **packed_operands(shapes, q.device, "swa_fwd"), dtype=q.dtype,
+                    num_warps=kp.num_warps, num_stages=kp.num_stages)
     out["o_swa"], out["lse_swa"] = o_swa, lse_swa
 
 

@@ -46,7 +46,8 @@ class Packing:
 # packed_operands) rather than computed across the documents' boundaries.
 # combine and bwd_prep work per position: the packed row is one batch to
 # them.
-PACKED_KERNELS = frozenset({"combine", "bwd_prep"})
+PACKED_KERNELS = frozenset({"combine", "bwd_prep", "cmp_pool", "cmp_fwd", "swa_fwd", "cmp_bwd", "swa_bwd",
+                            "cmp_pool_bwd"})
 
 
 def debug_checks() -> bool:
