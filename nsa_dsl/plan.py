@@ -511,7 +511,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("CMP_WRITE_O", need_cmp_out),
              # CMP_TMA: k and v through tensor descriptors (TMA copies on
              # Hopper) instead of per-thread addressed loads where the
-             # tensors allow it (ops._tma_fits), else pointers (NOTES v12).
+             # tensors allow it (launch._tma_fits), else pointers (NOTES v12).
              ("CMP_TMA", 1)),
             num_warps=warps, num_stages=stages))
 
@@ -555,7 +555,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # (NOTES v13).
                  ("TOPK_HEADS_IN_THREAD", scoring["TOPK_HEADS_IN_THREAD"]),
                  # TOPK_TMA: the compressed keys through a tensor descriptor
-                 # where they allow it (ops._tma_fits), else pointers (NOTES v12).
+                 # where they allow it (launch._tma_fits), else pointers (NOTES v12).
                  ("TOPK_TMA", 1),
                  # TOPK_STRIDED_OVERLAP: the overlap weights as the per-block
                  # pattern they are (in-thread sums, one shift), not two
@@ -571,7 +571,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # TOP_PAD wide (NOTES v9).
                  ("TOPK_SORT_MERGE", scoring["TOPK_SORT_MERGE"]),
                  # TOPK_KEY32 (sorted merge): int32 keys, not int64, for 16-bit
-                 # inputs up to 2^ops.KEY32_MAX_BLOCK_BITS blocks (_topk_keys:
+                 # inputs up to 2^launch.KEY32_MAX_BLOCK_BITS blocks (_topk_keys:
                  # the block index takes the score's low bits); else int64
                  # at run time (NOTES v13).
                  ("TOPK_KEY32", scoring["TOPK_KEY32"])),
@@ -644,7 +644,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # backward): index rows a program; the forced blocks' rule
              ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local),
              # 1: slc_fwd_bc reads its block's k and v through tensor
-             # descriptors where they allow it (ops._tma_fits), as CMP_TMA.
+             # descriptors where they allow it (launch._tma_fits), as CMP_TMA.
              # Slower here: slc_fwd_bc 8.75 -> 10.76 ms for paper128 at 64k
              # on the H200 (NOTES v13; sm_90 168 -> 174 registers, so 2
              # programs an SM instead of 3), so the block-centric records
