@@ -362,16 +362,16 @@ def _attention_tiles(qk_pad: int, v_pad: int) -> tuple:
     if d_pad <= 64:
         return 64, 64, 4, 3
     if d_pad <= 128:
-        # 4 warps: on the H200 8 were slower (cmp_fwd 0.31 -> 0.43 ms, swa_fwd
-        # 0.51 -> 0.76 ms at 8k, benchmarks/NOTES.md v2). With the launch's
-        # specialization (contiguous strides) 4 warps do not spill and the
-        # K/V loads are pipelined (results/sm90_report.txt).
+        # 4 warps: 8 were slower for both forwards, cmp_fwd and swa_fwd
+        # (NOTES v2). With the launch's specialization (contiguous strides)
+        # 4 warps do not spill and the K/V loads are pipelined
+        # (results/sm90_report.txt).
         return 64, 64, 4, 2
     # Wider (deepseek_nsa's 192, padded to 256): 128 query rows on two
-    # warpgroups, 64 keys, 3 stages. The H200 tuner took it for both cmp_fwd
-    # and swa_fwd at 64k (whole forward 111.8 -> 73.4 ms with both, the old
-    # default 64 x 32 on 8 warps; NOTES.md v10). Where it does not fit (qk =
-    # v = 256: 256 KB), the old default.
+    # warpgroups, 64 keys, 3 stages. The tuner took it for both cmp_fwd and
+    # swa_fwd at 64k, well ahead of the old default 64 x 32 on 8 warps
+    # (NOTES v10). Where it does not fit (qk = v = 256: 256 KB), the old
+    # default.
     if flash_fwd_shared_bytes(128, 64, 3, qk_pad, v_pad) <= SM90_SHARED_PER_BLOCK:
         return 128, 64, 8, 3
     return 64, 32, 8, 2
@@ -591,32 +591,32 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              # 1: build the union as a list and loop over it with a counted
              # loop Triton can software-pipeline, instead of the while-walk
              # (same blocks, same order). Off, tunable where SLC_TOKENS *
-             # TOP_PAD <= SLC_LIST_MAX: with 3 stages the tuner's choice for
-             # paper128 at 8k and 64k on the H200 (23.9 -> 18.5 ms at 64k,
-             # NOTES.md v6), slower for deepseek_nsa (81.7 ms forward at 64k
-             # against 73.5, results/tune/h200_deepseek_nsa_v10_fwd.log).
+             # TOP_PAD <= SLC_LIST_MAX: the list's [pool, pool] comparisons
+             # against a loop that pipelines; with 3 stages it wins for
+             # paper128 at 8k and 64k (NOTES v6), loses for deepseek_nsa at
+             # 64k (NOTES v10).
              ("SLC_FWD_LIST", 0),
              # The selection forward's loop order: -1 the cost model's choice
              # by length (block_centric_from), 0 group-centric, 1
              # block-centric at every length. Tunable, so the tuner can
-             # settle a length bucket by measuring both orders.
+             # settle a length bucket by measuring both orders (NOTES v9,
+             # v10).
              ("SLC_FWD_ORDER", -1),
              # 1: the selected blocks through tensor descriptors, one
-             # constant for both orders. Group-centric it wins (slc_fwd 2.13
-             # -> 1.78 ms for paper128 at 8k, 32.20 -> 28.95 for deepseek_nsa
-             # at 64k on the H200, NOTES v13; those records take it),
+             # constant for both orders. Group-centric it wins (paper128 at
+             # 8k, deepseek_nsa at 64k: NOTES v13; those records take it),
              # block-centric it loses (slc_fwd_bc's comment)
              ("SLC_TMA", 0))
             # 1: the same program also computes the window branch for its
             # rows (o_swa, lse_swa) and swa_fwd is not launched: q is read
             # once and each window key tile serves the group's heads
-            # together. Only with a window. slc_fwd + swa_fwd 2.208 -> 2.124
-            # ms at 8k, 23.26 -> 22.39 at 64k for paper128 on the H200
-            # (NOTES.md v8); paper128's records set it.
+            # together. Only with a window. It trades more window K/V bytes
+            # through L2 (the selection's smaller tiles) for one launch and
+            # one q read: faster for paper128 at 8k and 64k (NOTES v8);
+            # paper128's records set it.
             + ((("SLC_FWD_WINDOW", 0),) if p.window is not None else ()),
-            # 4 warps: at d <= 128 8 doubled the time on the H200 (2.15 -> 4.39
-            # ms at 8k, NOTES.md v2); at deepseek_nsa's 192 the tuner took 4
-            # too (430 -> 399 ms fwd+bwd at 64k, NOTES.md v7).
+            # 4 warps: at d <= 128 8 doubled the time (NOTES v2); at
+            # deepseek_nsa's 192 the tuner took 4 too (NOTES v7).
             num_warps=4, num_stages=2))
         # The block-centric alternative (always generated, so compile(slc_fwd=)
         # can pick either; only the launched one is compiled by Triton).
@@ -635,7 +635,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("GROUP_ROWS", group_rows),
              ("BC_TOKENS", bc_tokens), ("BC_CHUNK", bc_chunk),
              # slc_fwd_bc_reduce: rows a program, and the stages of its slot
-             # loop (32 rows on 2 stages measured best of 32 / 64, v9)
+             # loop (32 rows on 2 stages measured best of 32 / 64, NOTES v9)
              ("BC_REDUCE_ROWS", 32), ("BC_REDUCE_STAGES", 2),
              # (batch element, position) pairs per slice: the per-slot
              # partials of a slice take about BC_PARTIAL_BYTES
@@ -645,18 +645,19 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
              ("INDEX_ROWS", 64), ("INITIAL", s.initial), ("LOCAL", s.local),
              # 1: slc_fwd_bc reads its block's k and v through tensor
              # descriptors where they allow it (launch._tma_fits), as CMP_TMA.
-             # Slower here: slc_fwd_bc 8.75 -> 10.76 ms for paper128 at 64k
-             # on the H200 (NOTES v13; sm_90 168 -> 174 registers, so 2
-             # programs an SM instead of 3), so the block-centric records
-             # leave it off (slc_fwd's comment: where it wins).
+             # Slower here: the descriptors cost registers, so 2 programs an
+             # SM instead of 3 (sm_90: NOTES v12; timed: NOTES v13), and the
+             # block-centric records leave it off (slc_fwd's comment: where
+             # it wins).
              ("SLC_TMA", 0))
             # 1: the window branch is computed by the slot reduction's
             # programs (slc_fwd_bc_merge_window: BC_WINDOW_TOKENS positions x
             # the group's heads a tile, as the group-centric fold) and
             # swa_fwd is not launched: q read once for both, no o_swa round
-            # trip for the gated output. Timed on the H200 (NOTES v10): a tie
-            # with swa_fwd apart for paper128 at 64k (the two kinds of work
-            # did not overlap), so off unless a tuned record sets it.
+            # trip for the gated output. Timed (NOTES v10): a tie with
+            # swa_fwd apart for paper128 at 64k (the two kinds of work did
+            # not overlap), so off unless a tuned record sets it (paper128's
+            # 64k record does).
             + ((("BC_FOLD_WINDOW", 0), ("BC_WINDOW_TOKENS", max(1, 64 // group_rows)),
                 # 1 (with BC_FOLD_WINDOW, indices from the plan's own
                 # scoring, which always holds every visible forced block):
@@ -664,16 +665,15 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # merge's programs, whose consecutive positions share them,
                 # instead of one partial per position and forced block in
                 # slc_fwd_bc: (initial + local) / top of the partials'
-                # traffic moves to one tile loop a program. Off by default;
-                # paper128's 64k record takes it (NOTES v11: 40.62 -> 39.99
-                # ms forward on the H200, slc_fwd_bc 10.60 -> 8.65, the
-                # merge 9.18 -> 10.90).
+                # traffic moves to one tile loop a program. It trades
+                # slc_fwd_bc's time (faster) for the merge's (slower): a small
+                # net win for paper128 at 64k (NOTES v11). Off in the plan;
+                # paper128's 64k record sets it.
                 ("BC_MERGE_FORCED", 0),
                 # 1: the merge reads the forced blocks' k and v through
-                # tensor descriptors (as SLC_TMA): the merge 10.56 -> 10.03
-                # ms for paper128 at 64k on the H200 (NOTES v13; sm_90: the
-                # forward-only merge's 32 bytes of spill gone, the training
-                # one 174 -> 155 registers); its 64k record takes it.
+                # tensor descriptors (as SLC_TMA): fewer registers, no spill
+                # (sm_90: NOTES v12) and a faster merge for paper128 at 64k
+                # (NOTES v13); its 64k record takes it.
                 ("BC_FORCED_TMA", 0),
                 # 1 (with BC_MERGE_FORCED, the window reading the selection's
                 # own k and v): the local blocks lie inside the window, so
@@ -681,16 +681,15 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 # (_bc_window_forced): LOCAL of the forced blocks' QK^T and
                 # k/v loads gone. Needs the window at least LOCAL blocks
                 # long, BC_WINDOW_TOKENS and SWA_BLOCK_N dividing the block
-                # (checked where it is set). The merge 10.12 -> 9.74 ms,
-                # forward 34.17 -> 33.56 for paper128 at 64k on the H200
-                # (NOTES v14); its 64k record takes it.
+                # (checked where it is set). A faster merge and forward for
+                # paper128 at 64k (NOTES v14); its 64k record takes it.
                 ("BC_LOCAL_IN_WINDOW", 0),
                 # warps of slc_fwd_bc_merge_window (the slot loop and the
                 # window's tiles), apart from slc_fwd_bc's
                 ("BC_MERGE_WARPS", 4 if d_max <= 128 else 8))
                if p.window is not None else ()),
             num_warps=4 if d_max <= 128 else 8, num_stages=1))
-        # Both orders were measured on the H200 (benchmarks/NOTES.md v9); the
+        # Both orders were measured on the H200 (NOTES v9); the
         # cost model, calibrated there, picks by length (SLC_FWD_ORDER or
         # compile(slc_fwd=...) overrides it).
         orders = {T: selection_loop_bytes(p, group_rows, slc_tokens, bc_chunk, T) for T in LOOP_ORDER_LENGTHS}
@@ -719,8 +718,9 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         "(cdiv(B*T*HQ, COMBINE_ROWS),)",
         (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
          ("COMBINE_SWA", Branch.SWA in combined)),
-        # 8 warps; 4 spilled in an sm_90 report that compiled without the
-        # launch's stride specialization, with it they do not: untimed.
+        # 8 warps: 4 spilled in an sm_90 report compiled without the launch's
+        # stride specialization (NOTES v2); with it they do not. 4 against 8
+        # warps was not timed.
         num_warps=8, num_stages=1))
 
     kernels.extend(_backward_kernels(p, d_max, group_rows))
@@ -740,20 +740,18 @@ def _backward_tiles(d_pad: int) -> tuple:
     """(BLOCK_M, BLOCK_N, num_warps) of the flash-style backward kernels: the
     key-side kernel keeps dK and dV of BLOCK_N keys in registers.
 
-    At d <= 128: 64x64 tiles on 4 warps, measured on the H200 by `nsa-dsl
-    tune` (paper128, benchmarks/results/tune/h200_paper128.log): 4 warps
-    alone took the fwd+bwd at 64k from 304 to 271 ms (cmp_bwd), 241 to 216
-    (slc_bwd), 200 to 190 (swa_bwd), and 64x64 beat every other tile at 4
-    warps at 8k and 64k. The earlier 32x64 on 8 warps was chosen to avoid
-    register spills and was the slower one: 64 rows on one warpgroup let
-    Triton use Hopper's wgmma (results/sm90_report.txt: HGMMA 20-24 per
-    kernel, ~300 B of spills in dK/dV, against HMMA only and none).
+    At d <= 128: 64x64 tiles on 4 warps, measured by `nsa-dsl tune`
+    (paper128, NOTES v4): 4 warps alone beat 8 for cmp_bwd, slc_bwd and
+    swa_bwd, and 64x64 beat every other tile at 4 warps at 8k and 64k. The
+    earlier 32x64 on 8 warps was chosen to avoid register spills and was the
+    slower one: 64 rows on one warpgroup let Triton use Hopper's wgmma
+    (results/sm90_report.txt: HGMMA 20-24 per kernel, ~300 B of spills in
+    dK/dV, against HMMA only and none).
 
     Wider heads (deepseek_nsa, qk=192 padded to 256): 64x32 on 4 warps,
-    measured by the tuner at 64k (benchmarks/results/tune/h200_deepseek_nsa.log):
-    from the earlier 32x32 on 8 warps, 4 warps took cmp_bwd 647 -> 596 ms
-    fwd+bwd and 64x32 486; swa_bwd 4 warps 387 -> 370, 64x32 347. Not yet
-    measured at 8k-32k."""
+    measured by the tuner at 64k only (NOTES v7): both 4 warps and then
+    64x32 tiles beat the earlier 32x32 on 8 warps for cmp_bwd and swa_bwd.
+    Not measured at 8k-32k."""
     if d_pad <= 128:
         return 64, 64, 4
     return 64, 32, 4
@@ -803,26 +801,25 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
              # 32 query rows per dq tile at d <= 128, 16 for wider heads. 16
-             # rows ran 2x slower on the H200 (4.9 vs 2.5 ms at 8k, NOTES.md
-             # v2): each block load then serves half as many rows.
+             # rows ran 2x slower at d <= 128 (NOTES v2): each block load
+             # then serves half as many rows.
              ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
              # 1: slc_bwd_dq loops over the union as a list (SLC_FWD_LIST's
-             # pipelinable loop); off, tunable where it fits (the tuner took
-             # it for paper128 at 8k only, within 1%: NOTES.md v6).
+             # pipelinable loop, same trade); off, tunable where it fits (the
+             # tuner took it for paper128 at 8k only, within 1%: NOTES v6).
              ("SLC_BWD_DQ_LIST", 0),
              ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
              # 1: slc_bwd_dkdv computes S^T = K Q^T ([keys, rows]), so P^T and
              # dS^T need no register transpose (the flash-style dK/dV kernels'
-             # change: cmp_bwd_dkdv 37.6 -> 27.6 ms at 64k, NOTES.md v7).
-             # For the selection: slc_bwd_dkdv 18.82 -> 15.11 ms for paper128
-             # at 64k on the H200, within the noise at 8k (NOTES.md v8); its
-             # 64k record takes it.
+             # change, NOTES v7): fewer barriers and spills. For the
+             # selection: faster for paper128 at 64k, within the noise at 8k
+             # (NOTES v8); its 64k record takes it.
              ("SLC_BWD_KEYS_MAJOR", 0),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),
             # 4 warps: measured at d <= 128, as _backward_tiles says, and at
-            # deepseek_nsa's 192 (454 -> 438 ms fwd+bwd at 64k, NOTES.md v7)
+            # deepseek_nsa's 192 (the tuner took 4 over 8 at 64k, NOTES v7)
             num_warps=4, num_stages=1, direction="backward"))
     if Branch.SWA in combined:
         kernels.append(KernelPlan(
