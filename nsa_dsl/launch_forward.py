@@ -18,7 +18,7 @@ import torch
 from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table
 from .launch import (_GATED, _cdiv, _descriptor_operands, _gate_args, _int32_keys, _kv_operands, _launch_fitting,
-                     _strides, index_keys)
+                     _strides, index_keys, packed_operands)
 
 
 def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log2: float) -> None:
@@ -101,13 +101,17 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
     dev = q.device
     kp = plan.kernel("slc_fwd")
+    packed = packed_operands(shapes, dev, "slc_fwd")
     o_slc = compiled.alloc((B, T, HQ, DV), q.dtype, dev)
     lse_slc = compiled.alloc((B, HQ, T), torch.float32, dev) if not write_final else None
     window_args, window_tma = (), False
     if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
         if plan.window_in_selection:  # ... and computes it, reading k and v as swa_fwd would
             kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
-            kw_arg, vw_arg, window_tma = window_operands(compiled, kw, vw)
+            # packed: pointers only (a descriptor's box would read past the
+            # sequence's end into the next one; the pointer path masks there)
+            kw_arg, vw_arg, window_tma = (window_operands(compiled, kw, vw) if shapes.packing is None
+                                          else (kw, vw, False))
             o_swa = compiled.alloc((B, T, HQ, DV), q.dtype, dev) if not write_final else o_slc
             lse_swa = compiled.alloc((B, HQ, T), torch.float32, dev) if not write_final else o_slc
             if not write_final:
@@ -118,13 +122,15 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
             window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
     o_cmp = out.get("o_cmp")
     gate_ptrs, has_gates = _gate_args(gates, o_slc)
-    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad,
-                                         plan.v_pad)
-    m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
+    # packed: pointers only (a block's box reaches into the next sequence)
+    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA") and shapes.packing is None, k, v, p.select.block,
+                                         plan.qk_pad, plan.v_pad)
+    grid = (_cdiv(shapes.grid_length, kp.const("SLC_TOKENS")), shapes.grid_batch * HKV)
+    m.slc_fwd[grid](
         q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
         o_slc, o_cmp if o_cmp is not None else o_slc, *gate_ptrs, WRITE_FINAL=write_final, **has_gates,
-        SLC_TMA=slc_tma, SWA_TMA=window_tma, num_warps=kp.num_warps, num_stages=kp.num_stages)
+        SLC_TMA=slc_tma, SWA_TMA=window_tma, **packed, num_warps=kp.num_warps, num_stages=kp.num_stages)
     return (None, None, o_slc) if write_final else (o_slc, lse_slc, None)
 
 
