@@ -46,7 +46,7 @@ class Packing:
 # packed_operands) rather than computed across the documents' boundaries.
 # combine and bwd_prep work per position: the packed row is one batch to
 # them.
-PACKED_KERNELS = frozenset({"combine", "bwd_prep", "slc_fwd", "slc_bwd"})
+PACKED_KERNELS = frozenset({"combine", "bwd_prep", "slc_fwd", "slc_fwd_bc", "slc_bwd"})
 
 
 def debug_checks() -> bool:
