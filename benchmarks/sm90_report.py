@@ -47,7 +47,10 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # descriptor switches (named as the plan's) where the plan sets them.
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
-                  "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False}
+                  "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False}
+# int32 pointers named without _ptr: the packed sequences' offsets and the
+# selection's global block spans (launch.packed_operands, packed_blocks)
+PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_heads"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -77,6 +80,9 @@ def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None, descri
             sig[name] = descriptors[name]
         elif name in ("D", "D_PAD"):
             sig[name], constexprs[name] = "constexpr", dims[name]
+        elif name in PACKED_POINTERS:
+            sig[name] = "*i32"
+            attrs[(i,)] = divisible
         elif name.endswith("_ptr"):
             sig[name] = INPUT_POINTER if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
             attrs[(i,)] = divisible
