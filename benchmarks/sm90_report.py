@@ -50,8 +50,9 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
                   "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False}
-# the packed sequences' offsets (launch.packed_operands): int32 pointers
-OFFSET_POINTERS = {"cu_seqlens", "cu_compressed"}
+# int32 pointers named without _ptr: the packed sequences' offsets and the
+# selection's global block spans (launch.packed_operands, packed_blocks)
+PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_static"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
@@ -81,7 +82,7 @@ def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None, descri
             sig[name] = descriptors[name]
         elif name in ("D", "D_PAD"):
             sig[name], constexprs[name] = "constexpr", dims[name]
-        elif name in OFFSET_POINTERS:
+        elif name in PACKED_POINTERS:
             sig[name] = "*i32"
             attrs[(i,)] = divisible
         elif name.endswith("_ptr"):

@@ -56,15 +56,80 @@ def block_to_positions(indices: torch.Tensor, block: int, n_blocks: int, *, with
         b = torch.arange(B, device=dev, dtype=key_type).view(B, 1, 1, 1)
         h = torch.arange(HKV, device=dev, dtype=key_type).view(1, 1, HKV, 1)
         segment = torch.where(usable, ((slice_t * B + b) * HKV + h) * n_blocks + idx, n_segments)
+    return _csr(segment, n_segments, T, HKV, top, key_type, with_slots)
+
+
+def _csr(segment: torch.Tensor, n_segments: int, T: int, HKV: int, top: int, key_type, with_slots: bool) -> tuple:
+    """block_to_positions' CSR arrays from each index entry's segment key
+    (n_segments: dropped), entries in (batch, position, KV head, slot) order."""
     # stable: within a segment the entries keep their (position, slot) order
     ordered, order = torch.sort(segment.flatten(), stable=True)
     # each segment's first entry in the sorted keys (bincount would read the
     # largest key back to the host to size its output)
-    offsets = torch.searchsorted(ordered, torch.arange(n_segments + 1, device=dev, dtype=key_type))
+    offsets = torch.searchsorted(ordered, torch.arange(n_segments + 1, device=segment.device, dtype=key_type))
     positions = ((order // (HKV * top)) % T).to(torch.int32)
     if with_slots:
         return offsets.to(torch.int32), positions, (order % top).to(torch.int32)
     return offsets.to(torch.int32), positions
+
+
+def packed_blocks(cu_seqlens: torch.Tensor, block: int, total: int) -> dict:
+    """The selection blocks of packed sequences under global ids: block j
+    of sequence s is g = block_base[s] + j, block_base the exclusive cumsum
+    of each sequence's cdiv(T_s, block) blocks. Computed on the device, no
+    host sync: `n_blocks` = cdiv(total, block) + N bounds the global blocks
+    (a sequence's blocks are at most its own cdiv), the ids past the last
+    real block are empty. Returns n_blocks; spans int32 [n_blocks, 2] (the
+    packed rows [start, end) of each global block's keys: the sequence's
+    rows j*block .. cut at its end; (0, 0) for an unused id); row_base int64
+    [total] (the block_base of each packed row's sequence) and row_local
+    int64 [total] (the row's position in its sequence)."""
+    dev = cu_seqlens.device
+    n_seq = cu_seqlens.numel() - 1
+    n_blocks = max(1, -(-total // block) + n_seq)
+    cu = cu_seqlens.to(torch.int64)
+    counts = (cu[1:] - cu[:-1] + block - 1) // block
+    ends = torch.cumsum(counts, 0)  # inclusive: blocks up to and including sequence s
+    base = ends - counts
+    g = torch.arange(n_blocks, device=dev, dtype=torch.int64)
+    seq = torch.searchsorted(ends, g, right=True).clamp(max=max(n_seq - 1, 0))
+    used = g < (ends[-1] if n_seq > 0 else 0)
+    start = cu[seq] + (g - base[seq]) * block if n_seq > 0 else torch.zeros_like(g)
+    end = torch.minimum(start + block, cu[seq + 1]) if n_seq > 0 else torch.zeros_like(g)
+    spans = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0)], 1).to(torch.int32).contiguous()
+    rows = torch.arange(total, device=dev, dtype=torch.int64)
+    row_seq = torch.searchsorted(cu[1:], rows, right=True).clamp(max=max(n_seq - 1, 0))
+    row_base = base[row_seq] if n_seq > 0 else rows
+    row_local = rows - cu[row_seq] if n_seq > 0 else rows
+    return {"n_blocks": n_blocks, "spans": spans, "row_base": row_base, "row_local": row_local}
+
+
+def packed_block_to_positions(indices: torch.Tensor, block: int, blocks: dict, *, with_slots: bool = False,
+                              slice_len: Optional[int] = None, distinct: bool = False) -> tuple:
+    """block_to_positions for packed sequences (indices [1, total, HKV,
+    top] of per-sequence block numbers): segments are (slice, KV head,
+    global block) with the global ids of packed_blocks(...) = `blocks`, and
+    the positions are packed rows. A block past the row's own position in
+    its sequence is dropped, as is a repeated one. Torch steps on the
+    device, no host sync."""
+    B, T, HKV, top = indices.shape
+    if B != 1:
+        raise ValueError(f"packed indices: expected one batch [1, total, HKV, top], got {tuple(indices.shape)}")
+    n_blocks = blocks["n_blocks"]
+    n_slices = 1 if slice_len is None else max(1, -(-T // slice_len))
+    n_segments = n_slices * HKV * n_blocks
+    key_type = torch.int32 if n_segments < 2**31 - 1 else torch.int64
+    idx = indices.to(torch.int64)
+    local = blocks["row_local"].view(1, T, 1, 1)
+    usable = (idx >= 0) & (idx <= local // block)
+    if not distinct:
+        usable &= first_in_row(idx)
+    t = torch.arange(T, device=indices.device, dtype=torch.int64).view(1, T, 1, 1)
+    slice_t = t // slice_len if slice_len is not None else 0
+    h = torch.arange(HKV, device=indices.device, dtype=torch.int64).view(1, 1, HKV, 1)
+    glob = idx + blocks["row_base"].view(1, T, 1, 1)
+    segment = torch.where(usable, (slice_t * HKV + h) * n_blocks + glob, n_segments).to(key_type)
+    return _csr(segment, n_segments, T, HKV, top, key_type, with_slots)
 
 
 def first_in_row(idx: torch.Tensor) -> torch.Tensor:

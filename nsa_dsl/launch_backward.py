@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from .geometry import num_blocks
-from .inverted_index import block_to_positions, chunk_table
+from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions, packed_blocks
 from .launch import LOG2E, _cdiv, _gate_args, _strides, index_keys, packed_operands
 
 
@@ -109,16 +109,23 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
     f32 = torch.float32
     qk_scale_log2 = scale * LOG2E
     kp = plan.kernel("slc_bwd")
+    packed = packed_operands(shapes, dev, "slc_bwd")
     g_arg = gate if gate is not None else do
-    m.slc_bwd_dq[(_cdiv(T, kp.const("SLC_BWD_DQ_TOKENS")), B * HKV)](
+    m.slc_bwd_dq[(_cdiv(shapes.grid_length, kp.const("SLC_BWD_DQ_TOKENS")), shapes.grid_batch * HKV)](
         q, k, v, do, g_arg, lse, delta, indices, dq, dk, dv,
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic,
+        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, **packed,
         num_warps=kp.num_warps, num_stages=kp.num_stages)
     if not atomic:
-        n_blocks = num_blocks(T, p.select.block)
-        offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
-                                                distinct=distinct, keys_fn=partial(index_keys, compiled))
+        if shapes.packing is None:
+            n_blocks = num_blocks(T, p.select.block)
+            offsets, positions = block_to_positions(indices, p.select.block, n_blocks,
+                                                    distinct=distinct, keys_fn=partial(index_keys, compiled))
+            spans = packed["cu_seqlens"]  # unused
+        else:  # global block ids over the sequences (inverted_index.packed_blocks)
+            blocks = packed_blocks(shapes.packing.cu_seqlens, p.select.block, T)
+            n_blocks, spans = blocks["n_blocks"], blocks["spans"]
+            offsets, positions = packed_block_to_positions(indices, p.select.block, blocks, distinct=distinct)
         # Sized for the most chunks the index can have, so nothing
         # is read back to the host (the exact count, read back to
         # size these, was the backward's one synchronisation);
@@ -131,6 +138,8 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
                 q, k, v, do, g_arg, lse, delta, chunks["slice_first"], chunks["segment"],
                 chunks["start"], chunks["end"], positions, part_k, part_v,
                 T, n_blocks, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-                HAS_GATE=gate is not None, num_warps=kp.num_warps, num_stages=kp.num_stages)
+                HAS_GATE=gate is not None, block_spans=spans, **packed, num_warps=kp.num_warps,
+                num_stages=kp.num_stages)
             m.slc_bwd_reduce[(B * HKV * n_blocks,)](part_k, part_v, chunks["per_segment"], dk, dv,
-                                                    T, n_blocks, num_warps=4, num_stages=1)
+                                                    T, n_blocks, block_spans=spans, **packed, num_warps=4,
+                                                    num_stages=1)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .geometry import num_blocks
-from .inverted_index import block_to_positions, chunk_table
+from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions, packed_blocks
 from .launch import (_GATED, _cdiv, _descriptor_operands, _gate_args, _int32_keys, _kv_operands, _launch_fitting,
                      _strides, index_keys, packed_operands)
 
@@ -101,13 +101,17 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
     dev = q.device
     kp = plan.kernel("slc_fwd")
+    packed = packed_operands(shapes, dev, "slc_fwd")
     o_slc = compiled.alloc((B, T, HQ, DV), q.dtype, dev)
     lse_slc = compiled.alloc((B, HQ, T), torch.float32, dev) if not write_final else None
     window_args, window_tma = (), False
     if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
         if plan.window_in_selection:  # ... and computes it, reading k and v as swa_fwd would
             kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
-            kw_arg, vw_arg, window_tma = window_operands(compiled, kw, vw)
+            # packed: pointers only (a descriptor's box would read past the
+            # sequence's end into the next one; the pointer path masks there)
+            kw_arg, vw_arg, window_tma = (window_operands(compiled, kw, vw) if shapes.packing is None
+                                          else (kw, vw, False))
             o_swa = compiled.alloc((B, T, HQ, DV), q.dtype, dev) if not write_final else o_slc
             lse_swa = compiled.alloc((B, HQ, T), torch.float32, dev) if not write_final else o_slc
             if not write_final:
@@ -118,13 +122,15 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
             window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
     o_cmp = out.get("o_cmp")
     gate_ptrs, has_gates = _gate_args(gates, o_slc)
-    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad,
-                                         plan.v_pad)
-    m.slc_fwd[(_cdiv(T, kp.const("SLC_TOKENS")), B * HKV)](
+    # packed: pointers only (a block's box reaches into the next sequence)
+    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA") and shapes.packing is None, k, v, p.select.block,
+                                         plan.qk_pad, plan.v_pad)
+    grid = (_cdiv(shapes.grid_length, kp.const("SLC_TOKENS")), shapes.grid_batch * HKV)
+    m.slc_fwd[grid](
         q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
         o_slc, o_cmp if o_cmp is not None else o_slc, *gate_ptrs, WRITE_FINAL=write_final, **has_gates,
-        SLC_TMA=slc_tma, SWA_TMA=window_tma, num_warps=kp.num_warps, num_stages=kp.num_stages)
+        SLC_TMA=slc_tma, SWA_TMA=window_tma, **packed, num_warps=kp.num_warps, num_stages=kp.num_stages)
     return (None, None, o_slc) if write_final else (o_slc, lse_slc, None)
 
 
@@ -148,7 +154,20 @@ def select_block_centric(compiled, *, q, k, v, indices, qk_scale_log2: float, sh
     B, T = shapes.batch, shapes.length
     HQ, HKV, G, DV, top = p.heads.q, p.heads.kv, p.group, p.dims.v, p.select.top
     dev = q.device
-    n_blocks = num_blocks(T, p.select.block)
+    packed = packed_operands(shapes, dev, "slc_fwd_bc")
+    if shapes.packing is not None:
+        # Packed sequences: the index over global block ids (packed_blocks),
+        # the slots reduced by slc_fwd_bc_reduce over the packed rows as one
+        # batch. The merge's tiles (window, forced blocks) would straddle
+        # sequences: CompiledPattern.forward passes neither for packed calls.
+        if window is not None or forced:
+            raise NotImplementedError("cu_seqlens: the block-centric merge (window or forced blocks folded into"
+                                      " the reduction) does not take packed sequences")
+        blocks = packed_blocks(shapes.packing.cu_seqlens, p.select.block, T)
+        n_blocks, spans = blocks["n_blocks"], blocks["spans"]
+    else:
+        n_blocks = num_blocks(T, p.select.block)
+        spans = packed["cu_seqlens"]  # unused
     write_final = final_from is not None
     o = compiled.alloc((B, T, HQ, DV), q.dtype, dev)
     lse = compiled.alloc((B, HQ, T), torch.float32, dev) if not write_final else o  # o: an unused pointer
@@ -165,13 +184,18 @@ def select_block_centric(compiled, *, q, k, v, indices, qk_scale_log2: float, sh
     n_slices = _cdiv(T, TS)
     if forced and window is None:
         raise ValueError("forced blocks in the merge need the window folded into it (BC_FOLD_WINDOW)")
-    offsets, positions, slots = block_to_positions(
-        indices, p.select.block, n_blocks, with_slots=True, slice_len=TS,
-        skip_forced=(p.select.initial, p.select.local) if forced else None, distinct=distinct,
-        keys_fn=partial(index_keys, compiled))
+    if shapes.packing is None:
+        offsets, positions, slots = block_to_positions(
+            indices, p.select.block, n_blocks, with_slots=True, slice_len=TS,
+            skip_forced=(p.select.initial, p.select.local) if forced else None, distinct=distinct,
+            keys_fn=partial(index_keys, compiled))
+    else:
+        offsets, positions, slots = packed_block_to_positions(indices, p.select.block, blocks, with_slots=True,
+                                                              slice_len=TS, distinct=distinct)
     chunks = chunk_table(offsets, kp.const("BC_CHUNK"), n_slices, B * TS * HKV * top)
-    k_sel, v_sel, slc_tma = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, compiled.plan.qk_pad,
-                                         compiled.plan.v_pad)
+    # packed: pointers only (a block's box reaches into the next sequence)
+    k_sel, v_sel, slc_tma = _kv_operands(kp.const("SLC_TMA") and shapes.packing is None, k, v, p.select.block,
+                                         compiled.plan.qk_pad, compiled.plan.v_pad)
     # Per-slot partials of one slice, reused by the next: the outputs in
     # the input dtype (normalised over one block, so bounded by |v|), the
     # log2-sum-exp in float32, -inf for a slot a position did not use.
@@ -202,7 +226,8 @@ def select_block_centric(compiled, *, q, k, v, indices, qk_scale_log2: float, sh
                                        chunks["start"], chunks["end"], positions, slots, part_o, part_lse,
                                        T, t0, TS, i, i * B * HKV * n_blocks, n_blocks, qk_scale_log2,
                                        *_strides(q), *_strides(k), *_strides(v), SLC_TMA=slc_tma,
-                                       num_warps=kp.num_warps, num_stages=kp.num_stages)
+                                       block_spans=spans, **packed, num_warps=kp.num_warps,
+                                       num_stages=kp.num_stages)
         if window is not None:
             m.slc_fwd_bc_merge_window[(_cdiv(min(TS, T - t0), tokens), B * HKV)](
                 q, k_forced, v_forced, kw_arg, vw_arg, part_o, part_lse, o, lse, o_swa, lse_swa, T, t0, TS,

@@ -231,7 +231,9 @@ class CompiledPattern:
                 return out
             write_final = final and self.writes_final_output(T)
             if self.slc_fwd_at(T) == "block-centric":
-                fold = plan.window_in_block_centric
+                # packed calls: no merge (its tiles would straddle sequences), so
+                # the window runs on its own and the index holds the forced blocks
+                fold = plan.window_in_block_centric and shapes.packing is None
                 if write_final and p.window is not None and not fold:  # the reduction reads o_swa
                     fwd.window(self, q=q, k=k, v=v, k_swa=k_swa, v_swa=v_swa, out=out, shapes=shapes,
                                qk_scale_log2=qk_scale_log2)
@@ -242,7 +244,8 @@ class CompiledPattern:
                                                              qk_scale_log2=qk_scale_log2, shapes=shapes,
                                                              final_from=out if write_final else None, gates=gates,
                                                              window=window, window_out=out,
-                                                             forced=own_indices and plan.forced_in_merge,
+                                                             forced=(own_indices and plan.forced_in_merge
+                                                                     and fold),
                                                              distinct=own_indices)
             else:
                 o_slc, lse_slc, o = fwd.select_group_centric(self, q=q, k=k, v=v, k_swa=k_swa, v_swa=v_swa,

@@ -47,7 +47,7 @@ class Packing:
 # combine and bwd_prep work per position: the packed row is one batch to
 # them.
 PACKED_KERNELS = frozenset({"combine", "bwd_prep", "cmp_pool", "cmp_fwd", "swa_fwd", "cmp_bwd", "swa_bwd",
-                            "cmp_pool_bwd"})
+                            "cmp_pool_bwd", "slc_fwd", "slc_fwd_bc", "slc_bwd"})
 
 
 def debug_checks() -> bool:
