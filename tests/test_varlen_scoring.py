@@ -133,15 +133,16 @@ def ranked_patterns(draw) -> Pattern:
 @st.composite
 def packings(draw, pattern: Pattern) -> tuple:
     """1 to 5 sequence lengths, from the edges (0, 1, l - 1, l, l', multiples
-    of l' and one past them) or anywhere up to 150."""
+    of l' and past them) or anywhere up to 130."""
     c, s = pattern.compress, pattern.select
     edges = sorted({0, 1, c.block - 1, c.block, c.block + 1, s.block - 1, s.block, s.block + 1, 2 * s.block,
                     3 * s.block + 5})
-    one = st.one_of(st.sampled_from(edges), st.integers(0, 150))
-    return tuple(draw(st.lists(one, min_size=1, max_size=5)))
+    one = st.one_of(st.sampled_from(edges), st.integers(0, 130))
+    # (at least one position in all: an empty call is refused before any kernel)
+    return tuple(draw(st.lists(one, min_size=1, max_size=5).filter(lambda lengths: sum(lengths) > 0)))
 
 
-@settings(max_examples=9, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(data=st.data(), pattern=ranked_patterns(), dtype=st.sampled_from([torch.float32, torch.float16]),
        tma=st.booleans(), leading=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_random_packings_score_each_sequence_alone(data, pattern, dtype, tma, leading, seed):
@@ -214,6 +215,7 @@ def test_static_selection_packed_equals_each_sequence_alone(pattern, leading):
             assert idx[a + t, 0].tolist() == want, (a, t)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the poisoned sequence's own products
 @pytest.mark.parametrize("name", ["edge-forced-g2", "products-g1"])
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointers"])
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
