@@ -65,7 +65,10 @@ def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log
 def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> torch.Tensor:
     """slc_topk (slc_topk_static for a static selection): the selection's block indices, [B, T,
     HKV, top] int32, from the compressed keys and statistics in out (a
-    static selection reads neither)."""
+    static selection reads neither). Packed sequences (shapes.packing): the
+    grids run over the sequences and the positions of the longest one, each
+    program in its own sequence (the kernels' VARLEN), its indices that
+    sequence's block numbers."""
     plan, m, p = compiled.plan, compiled.module, compiled.pattern
     B, T, Tc = shapes.batch, shapes.length, shapes.compressed
     HKV = p.heads.kv
@@ -73,18 +76,24 @@ def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> tor
     top = p.select.top
     kp = plan.kernel("slc_topk")
     indices = compiled.alloc((B, T, HKV, top), torch.int32, dev)
+    packed = packed_operands(shapes, dev, "slc_topk")
+    tile = kp.const("TOPK_BLOCK_M") if plan.static_selection else kp.const("TOPK_TOKENS")
+    grid = (_cdiv(shapes.grid_length, tile), shapes.grid_batch * HKV)
+    if grid[0] == 0 or grid[1] == 0:  # no position (an empty packing, or only empty sequences)
+        return indices
     if plan.static_selection:
-        grid = (_cdiv(T, kp.const("TOPK_BLOCK_M")), B * HKV)
-        m.slc_topk_static[grid](indices, T, *_strides(indices), num_warps=kp.num_warps, num_stages=kp.num_stages)
+        m.slc_topk_static[grid](indices, T, *_strides(indices), **packed, num_warps=kp.num_warps,
+                                num_stages=kp.num_stages)
     else:  # tiles of TOPK_TOKENS positions x the group's heads
-        grid = (_cdiv(T, kp.const("TOPK_TOKENS")), B * HKV)
         k_arg, topk_tma = _descriptor_operands(kp.const("TOPK_TMA"), (
             out["k_cmp"], (1, kp.const("TOPK_CHUNK_TOKENS"), 1, plan.qk_pad)))
+        # the int32 keys must hold the block numbers of the longest sequence
         m.slc_topk[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
-                         *_strides(q), *_strides(out["k_cmp"]), *_strides(indices),
-                         TOPK_TMA=topk_tma,
-                         TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype, num_blocks(T, p.select.block)),
-                         num_warps=kp.num_warps, num_stages=kp.num_stages)
+                         *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), packed["cu_seqlens"],
+                         packed["cu_compressed"], TOPK_TMA=topk_tma,
+                         TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
+                                                num_blocks(shapes.grid_length, p.select.block)),
+                         VARLEN=packed["VARLEN"], num_warps=kp.num_warps, num_stages=kp.num_stages)
     return indices
 
 

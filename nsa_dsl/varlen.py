@@ -46,8 +46,9 @@ class Packing:
 # packed_operands) rather than computed across the documents' boundaries.
 # combine and bwd_prep work per position: the packed row is one batch to
 # them.
+# slc_topk names both scoring kernels (slc_topk, slc_topk_static).
 PACKED_KERNELS = frozenset({"combine", "bwd_prep", "cmp_pool", "cmp_fwd", "swa_fwd", "cmp_bwd", "swa_bwd",
-                            "cmp_pool_bwd", "slc_fwd", "slc_fwd_bc", "slc_bwd"})
+                            "cmp_pool_bwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "slc_bwd"})
 
 
 def debug_checks() -> bool:
