@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nsa_dsl
+from nsa_dsl import launch
 from nsa_dsl import varlen
 from nsa_dsl.ir import Pool
 
@@ -70,16 +71,32 @@ TILES = {"CMP_BLOCK_M": 16, "CMP_BLOCK_N": 16, "SWA_BLOCK_M": 16, "SWA_BLOCK_N":
 EDGE_LENGTHS = (0, 1, BLOCK - 1, BLOCK, BLOCK + 1, WINDOW - 1, WINDOW, WINDOW + 1, 16, 17)
 
 
+class _Pointers:
+    """A compiled pattern whose forward reads k and v by addressed loads:
+    the launchers' run-time fallback where descriptors cannot read the
+    tensors (CMP_TMA / SWA_TMA are the plan's, on wherever legal)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
+
+    def __call__(self, *args, **kwargs):
+        real = launch._tma_fits
+        launch._tma_fits = lambda *tensors: False
+        try:
+            return self.compiled(*args, **kwargs)
+        finally:
+            launch._tma_fits = real
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled(name: str, tma: bool):
     pattern = nsa_dsl.parse(PATTERNS[name])
-    flags = {"CMP_TMA": int(tma)} if pattern.compress is not None else {}
-    if pattern.window is not None:
-        flags["SWA_TMA"] = int(tma)
-    compiled = nsa_dsl.compile(pattern, overrides={k: v for k, v in {**TILES, **flags}.items()
-                                                   if _has_const(pattern, k)})
+    compiled = nsa_dsl.compile(pattern, overrides={k: v for k, v in TILES.items() if _has_const(pattern, k)})
     compiled.poison = True  # every buffer a kernel fills starts as NaN
-    return compiled
+    return compiled if tma else _Pointers(compiled)
 
 
 def _has_const(pattern, name: str) -> bool:
