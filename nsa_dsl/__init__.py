@@ -16,8 +16,9 @@ from .parse import load, load_all, parse, parse_all
 from .reference import reference
 from .pipeline import check, compile, emit  # noqa: A004
 from .module import NSAttention
+from .varlen import compressed_seqlens
 
 __all__ = [
     "Branch", "DType", "Diagnostic", "NSAttention", "Pattern", "Pool", "SpecError",
-    "check", "compile", "emit", "load", "load_all", "parse", "parse_all", "reference",
+    "check", "compile", "compressed_seqlens", "emit", "load", "load_all", "parse", "parse_all", "reference",
 ]

@@ -49,4 +49,7 @@ def test_python_api_section_runs_as_written(capsys):
     assert idx.shape == (1, 96, 2, 4)
     assert all(namespace[n].grad is not None for n in ("q", "k", "v"))
     assert namespace["y"].shape == (1, 96, 256)
+    assert namespace["o_packed"].shape == (96, 8, 32) and namespace["y_packed"].shape == (1, 96, 256)
+    packed, alone = namespace["o_packed"][40:].float(), namespace["o_alone"][0].float()
+    assert ((packed - alone).norm() / alone.norm()).item() < tolerance
     assert "relative error" in capsys.readouterr().out
