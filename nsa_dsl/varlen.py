@@ -116,10 +116,17 @@ def sequence_bounds(cu_seqlens: torch.Tensor) -> list:
 
 
 def max_length(cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> int:
-    """max_seqlen when given (no sync), else the longest sequence (one .item())."""
+    """max_seqlen when given (no sync; checked against the sequences where
+    their values are on the host or under NSA_DSL_DEBUG=1), else the
+    longest sequence (one .item())."""
     if max_seqlen is not None:
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen!r}")
+        if cu_seqlens.numel() >= 2 and (cu_seqlens.device.type == "cpu" or debug_checks()):
+            # a grid sized by a too-small max_seqlen would leave positions unwritten
+            longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+            if max_seqlen < longest:
+                raise ValueError(f"max_seqlen: {max_seqlen}, but cu_seqlens holds a sequence of {longest}")
         return max_seqlen
     if cu_seqlens.numel() < 2:
         return 0

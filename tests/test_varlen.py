@@ -1,5 +1,7 @@
 """Packed sequences (cu_seqlens): the reference's packed mode, the
 compressed tokens' cu_seqlens and the checks of cu_seqlens itself."""
+import functools
+
 import pytest
 import torch
 
@@ -81,6 +83,19 @@ def test_malformed_cu_seqlens_is_a_value_error_naming_it(bad, message):
     with pytest.raises(ValueError, match="cu_seqlens") as err:
         reference(PAPER, q, k, v, cu_seqlens=bad)
     assert message in str(err.value)
+
+
+def test_a_max_seqlen_shorter_than_a_sequence_is_refused():
+    """The grids cover max_seqlen positions: a smaller one than the longest
+    sequence would leave positions unwritten, so it is an error, not a
+    silently partial result."""
+    q, k, v = _packed(PAPER, 30)
+    compiled = nsa_dsl.compile(PAPER)
+    for call in (compiled, functools.partial(reference, PAPER)):
+        with pytest.raises(ValueError, match="max_seqlen: 19, but cu_seqlens holds a sequence of 20"):
+            call(q.float(), k.float(), v.float(), cu_seqlens=_cu([10, 20]), max_seqlen=19)
+        with pytest.raises(ValueError, match="max_seqlen: expected a non-negative int"):
+            call(q.float(), k.float(), v.float(), cu_seqlens=_cu([10, 20]), max_seqlen=20.0)
 
 
 def test_values_off_the_host_are_read_only_under_the_debug_flag(monkeypatch):
