@@ -197,7 +197,7 @@ def test_edge_lengths_packed_equal_each_sequence_alone(name, tma):
 _length = st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, 80))
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(name=st.sampled_from(sorted(PATTERNS)),
        lengths=st.lists(_length, min_size=1, max_size=5).filter(lambda ls: sum(ls) > 0),
        dtype=st.sampled_from([torch.float32, torch.float16]), tma=st.booleans(), leading=st.booleans(),
