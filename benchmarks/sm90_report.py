@@ -123,7 +123,7 @@ def resources(cubin: bytes, tool_dir: Path) -> dict:
 
 
 def _planned(kernel, flag: str, constexprs: dict) -> bool:
-    """A plan's run-time switch (CMP_TMA, SWA_TMA, TOPK_TMA, TOPK_KEY32) as
+    """A plan's run-time switch (CMP_TMA, SWA_TMA, TOPK_TMA) as
     ops.py passes it where the tensors allow it; --arg FLAG=0 compiles the
     fallback."""
     return bool(kernel.const(flag)) and (constexprs or {}).get(flag, True)
@@ -186,7 +186,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         entry_args = {**entry_args, flag: True}
                     if entry == "slc_topk":  # int32 keys for 16-bit inputs (as launched up to 4096 blocks)
                         entry_args = {**entry_args,
-                                      "TOPK_KEY32": _planned(kernel, "TOPK_KEY32", constexprs) and INPUT_POINTER != "*fp32"}
+                                      "TOPK_KEY32": (constexprs or {}).get("TOPK_KEY32", True) and INPUT_POINTER != "*fp32"}
                     if entry == "slc_topk" and _planned(kernel, "TOPK_TMA", constexprs):  # the compressed keys likewise
                         descriptors = {"kc_ptr": f"tensordesc<{INPUT_POINTER[1:]}[1, {kernel.const('TOPK_CHUNK_TOKENS')},"
                                                  f" 1, {plan.qk_pad}]>"}

@@ -35,10 +35,10 @@ _GATED = (Branch.CMP, Branch.SLC, Branch.SWA)
 KEY32_MAX_BLOCK_BITS = 12
 
 
-def _int32_keys(plan_flag: bool, dtype: torch.dtype, n_blocks: int) -> bool:
+def _int32_keys(dtype: torch.dtype, n_blocks: int) -> bool:
     """Whether the scoring's sorted merge runs on int32 keys (TOPK_KEY32):
     16-bit inputs and at most 2^KEY32_MAX_BLOCK_BITS blocks."""
-    return bool(plan_flag) and dtype != torch.float32 and (n_blocks - 1).bit_length() <= KEY32_MAX_BLOCK_BITS
+    return dtype != torch.float32 and (n_blocks - 1).bit_length() <= KEY32_MAX_BLOCK_BITS
 
 
 def _gate_args(gates: dict, unused: torch.Tensor) -> tuple:

@@ -91,8 +91,7 @@ def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> tor
         m.slc_topk[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                          *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), packed["cu_seqlens"],
                          packed["cu_compressed"], TOPK_TMA=topk_tma,
-                         TOPK_KEY32=_int32_keys(kp.const("TOPK_KEY32"), q.dtype,
-                                                num_blocks(shapes.grid_length, p.select.block)),
+                         TOPK_KEY32=_int32_keys(q.dtype, num_blocks(shapes.grid_length, p.select.block)),
                          VARLEN=packed["VARLEN"], num_warps=kp.num_warps, num_stages=kp.num_stages)
     return indices
 

@@ -412,19 +412,16 @@ def _topk_tokens(group_rows: int) -> int:
     return max(1, 256 // group_rows) if group_rows >= 16 else max(1, 64 // group_rows)
 
 
-def _scoring_path(cmp_block: int, cmp_stride: int, slc_block: int, group_rows: int, top_pad: int, tokens: int,
+def _scoring_path(cmp_block: int, cmp_stride: int, slc_block: int, group_rows: int, tokens: int,
                   chunk_blocks: int, chunk_pad: int) -> dict:
     """The block scoring's decisions, each on wherever it is legal for the
     tile and the chunk (apply_overrides derives them again when
     TOPK_TOKENS or TOPK_CHUNK_BLOCKS change)."""
-    sort_merge = chunk_pad >= top_pad
     return {
         # pairs of heads and groups of 4 positions (_topk_row_order)
         "TOPK_HEADS_IN_THREAD": int(tokens % 4 == 0 and group_rows >= 2),
         "TOPK_STRIDED_OVERLAP": int(_strided_overlap_fits(cmp_block, cmp_stride, slc_block, chunk_blocks,
                                                           chunk_pad)),
-        "TOPK_SORT_MERGE": int(sort_merge),
-        "TOPK_KEY32": int(sort_merge),
     }
 
 
@@ -526,14 +523,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 "(cdiv(T, TOPK_BLOCK_M), B*HKV)",
                 (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", npad), ("INITIAL", s.initial),
                  ("LOCAL", s.local), ("STATIC_SELECTION", True), ("TOPK_BLOCK_M", 16),
-                 ("TOPK_CHUNK_BLOCKS", 16), ("TOPK_CHUNK_BLOCKS_PAD", 16), ("TOPK_SORT_MERGE", 0)),
+                 ("TOPK_CHUNK_BLOCKS", 16), ("TOPK_CHUNK_BLOCKS_PAD", 16)),
                 num_warps=4, num_stages=1))
             notes.append("top == initial + local: the selected blocks are fixed, no block scoring is generated")
         else:
             c = p.compress
             chunk_blocks, chunk_pad, chunk_tokens = _topk_chunking(c.block, c.stride, s.block)
             tokens = _topk_tokens(group_rows)
-            scoring = _scoring_path(c.block, c.stride, s.block, group_rows, npad, tokens, chunk_blocks, chunk_pad)
+            scoring = _scoring_path(c.block, c.stride, s.block, group_rows, tokens, chunk_blocks, chunk_pad)
             kernels.append(KernelPlan(
                 "slc_topk", "slc_topk.py.jinja",
                 f"block importance from the compressed probabilities (overlap-weighted, summed over the G={g}"
@@ -564,19 +561,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                  # With TOPK_STRIDED_OVERLAP, skip the per-element causal
                  # mask of the scores where the forced local blocks hide the
                  # causal edge (_causal_edge_forced). Derived from the pattern.
-                 ("TOPK_EDGE_FORCED", _causal_edge_forced(c.block, c.stride, s.block, s.local)),
-                 # TOPK_SORT_MERGE: the running top set as sorted keys merged
-                 # by a bitonic network, not a data-dependent rounds loop, so
-                 # the chunk loop pipelines (3 stages); needs chunks at least
-                 # TOP_PAD wide (NOTES v9).
-                 ("TOPK_SORT_MERGE", scoring["TOPK_SORT_MERGE"]),
-                 # TOPK_KEY32 (sorted merge): int32 keys, not int64, for 16-bit
-                 # inputs up to 2^launch.KEY32_MAX_BLOCK_BITS blocks (_topk_keys:
-                 # the block index takes the score's low bits); else int64
-                 # at run time (NOTES v13).
-                 ("TOPK_KEY32", scoring["TOPK_KEY32"])),
-                # Wide chunks (64 blocks for moba_like) spilled with 4 warps.
-                num_warps=8 if chunk_pad >= 64 else 4, num_stages=3 if scoring["TOPK_SORT_MERGE"] else 1))
+                 ("TOPK_EDGE_FORCED", _causal_edge_forced(c.block, c.stride, s.block, s.local))),
+                # The running top set is sorted keys merged by a bitonic
+                # network (no data-dependent loop), so the chunk loop
+                # pipelines: 3 stages (NOTES v9). The keys are int32 for
+                # 16-bit inputs up to 2^launch.KEY32_MAX_BLOCK_BITS blocks,
+                # else int64, chosen at run time (NOTES v13). Wide chunks
+                # (64 blocks for moba_like) spilled with 4 warps.
+                num_warps=8 if chunk_pad >= 64 else 4, num_stages=3))
         # Several neighbouring positions per program fill the MMA tile when
         # the group is small (they share most of their selected blocks).
         slc_tokens = max(1, 64 // group_rows)
@@ -983,7 +975,7 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
                              f" needs {TOPK_ROWS_MIN} to {TOPK_ROWS_MAX}")
         # the scoring's decisions follow the tile and the chunk
         consts.update(_scoring_path(k.const("CMP_BLOCK"), k.const("CMP_STRIDE"), k.const("SLC_BLOCK"),
-                                    k.const("GROUP_ROWS"), k.const("TOP_PAD"), tokens,
+                                    k.const("GROUP_ROWS"), tokens,
                                     consts.get("TOPK_CHUNK_BLOCKS", k.const("TOPK_CHUNK_BLOCKS")),
                                     consts.get("TOPK_CHUNK_BLOCKS_PAD", k.const("TOPK_CHUNK_BLOCKS_PAD"))))
     bc_consts = dict(plan.kernel("slc_fwd_bc").constants) if plan.has("slc_fwd_bc") else {}

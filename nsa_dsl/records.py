@@ -109,14 +109,23 @@ def tuned_bucket(configs: dict, length: int) -> Optional[int]:
     return min(near, key=lambda b: (distance[b], b)) if near else None
 
 
+# Switches whose other branch is deleted (issue 20), with the value every
+# kernel now runs: a record from before names them, and that value changes
+# nothing.
+RETIRED_SWITCHES = {"TOPK_HEAD_ROWS": 1, "TOPK_KEYS_MAJOR": 1, "TOPK_SORT_MERGE": 1, "TOPK_KEY32": 1}
+
+
 def without_plan_decisions(plan, overrides: dict) -> dict:
     """overrides less each name that is no longer tunable but that the plan
-    now decides, to the recorded value (a record from before the name became
-    the plan's: nothing is lost by dropping it). Any other stale name stays,
-    for apply_overrides to refuse."""
+    now decides, to the recorded value, or a retired switch at the value the
+    kernels now always run (a record from before: nothing is lost by
+    dropping it). Any other stale name stays, for apply_overrides to
+    refuse."""
     def decided(name: str, value) -> bool:
         if "." in name or name in TUNABLE:
             return False
+        if name in RETIRED_SWITCHES:
+            return value == RETIRED_SWITCHES[name]
         planned = [v for k in plan.kernels for key, v in k.constants if key == name]
         return bool(planned) and all(v == value for v in planned)
 

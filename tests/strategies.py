@@ -44,7 +44,7 @@ def valid_patterns(draw, *, max_group: int = 16, need_window: bool = False, pool
             top = max(1, forced)
             if top != forced:  # top must equal the forced count without a compress branch
                 local += 1
-        elif draw(st.integers(0, 5)) == 5:  # a top set wider than a 16-block scoring chunk: merged by rounds
+        elif draw(st.integers(0, 5)) == 5:  # a top set wider than a 16-block scoring chunk: its keys widened
             top = draw(st.integers(17, 20))
         else:
             top = draw(st.integers(max(1, forced), forced + 3))

@@ -244,7 +244,7 @@ def test_selection_union_list_matches_reference_bf16():
     ("deepseek_nsa", {"slc_topk.num_warps": 8}),
     ("deepseek_nsa", {"TOPK_TOKENS": 8}),
     ("deepseek_nsa", {"TOPK_TOKENS": 2}),
-    # a top set wider than the 16-block chunks (the rounds merge), compressed
+    # a top set wider than the 16-block chunks (their keys widened), compressed
     # tokens reaching two blocks on (the overlap by products)
     ("small_group_wide", {}),
 ])

@@ -296,7 +296,7 @@ def test_property_patterns_take_both_ways_of_each_scoring_decision():
     # kernels are tested on both branches.
     from hypothesis import HealthCheck
 
-    seen = {name: set() for name in ("TOPK_HEADS_IN_THREAD", "TOPK_STRIDED_OVERLAP", "TOPK_SORT_MERGE")}
+    seen = {name: set() for name in ("TOPK_HEADS_IN_THREAD", "TOPK_STRIDED_OVERLAP", "chunk narrower than the set")}
 
     @settings(max_examples=300, derandomize=True, database=None, deadline=None,
               suppress_health_check=list(HealthCheck))
@@ -304,8 +304,9 @@ def test_property_patterns_take_both_ways_of_each_scoring_decision():
     def draw(pattern):
         if _learned_selection(pattern):
             k = nsa_dsl.check(pattern).kernel("slc_topk")
-            for name in seen:
+            for name in ("TOPK_HEADS_IN_THREAD", "TOPK_STRIDED_OVERLAP"):
                 seen[name].add(k.const(name))
+            seen["chunk narrower than the set"].add(int(k.const("TOPK_CHUNK_BLOCKS_PAD") < k.const("TOP_PAD")))
 
     draw()
     assert seen == {name: {0, 1} for name in seen}
@@ -576,7 +577,6 @@ def test_int32_keys_select_the_same_blocks_for_16_bit_inputs(monkeypatch):
     from nsa_dsl import launch
 
     pattern = PAPER_SHAPED_LOCAL2
-    assert nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_KEY32") == 1
     length = 16 * pattern.select.block + 40
     key32 = []
     bits = launch.KEY32_MAX_BLOCK_BITS
@@ -606,8 +606,8 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
     # limit lowered to 4 bits: 16 blocks of 16 positions).
     from nsa_dsl import launch
 
-    assert launch._int32_keys(1, torch.bfloat16, 4096) and not launch._int32_keys(1, torch.bfloat16, 4097)
-    assert not launch._int32_keys(1, torch.float32, 16) and not launch._int32_keys(0, torch.float16, 16)
+    assert launch._int32_keys(torch.bfloat16, 4096) and not launch._int32_keys(torch.bfloat16, 4097)
+    assert launch._int32_keys(torch.float16, 1) and not launch._int32_keys(torch.float32, 16)
     monkeypatch.setattr(launch, "KEY32_MAX_BLOCK_BITS", 4)
     compiled = nsa_dsl.compile(PAPER_SHAPED_LOCAL2)
     asked = []
@@ -617,33 +617,70 @@ def test_int32_keys_only_while_the_block_index_leaves_the_score_enough_bits(monk
     assert asked == [True, False]
 
 
-# A top set wider than the plan's 16-block chunks: the rounds merge.
+def test_top_set_wider_than_a_scoring_chunk_keeps_every_block():
+    # A top set of 19 (32 slots) over chunks of 16 blocks: each chunk's keys
+    # are widened to the set's slots and merged sorted. This example lost
+    # blocks once (t=88, KV head 1: 5 of 6 visible blocks): a group of 3
+    # heads, whose padded row the scoring read (see the test below); the
+    # merge by rounds that ran here then took the blame.
+    p = Pattern(name="wide_top_regression", heads=Heads(q=6, kv=2), dims=Dims(qk=32, v=32),
+                compress=Compress(block=12, stride=4), select=Select(block=16, top=19, initial=1, local=2),
+                window=Window(size=61))
+    k = nsa_dsl.check(p).kernel("slc_topk")
+    assert (k.const("TOP_PAD"), k.const("TOPK_CHUNK_BLOCKS_PAD")) == (32, 16)
+    args = random_inputs(p, 1, 89, torch.float32, seed=1976437182, device=DEVICE)
+    compiled = nsa_dsl.compile(p)
+    compiled.poison = True
+    assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
+
+
+def test_scoring_never_reads_a_padded_head():
+    # Regression: with the heads in-thread row order, the scoring masked
+    # its padded heads' rows (a group of 3 padded to 4) by the position-major
+    # formula, so it summed a head past the group into the block scores (q
+    # and lse read out of bounds: blocks chosen at random in a packed-call
+    # property example). q here is a view whose next head holds large
+    # values: reading it would decide the blocks.
+    p = Pattern(name="group_of_three", heads=Heads(q=6, kv=2), dims=Dims(qk=16, v=16),
+                compress=Compress(block=2, stride=2), select=Select(block=16, top=1, initial=0, local=0))
+    k = nsa_dsl.check(p).kernel("slc_topk")
+    assert (k.const("GROUP_ROWS"), k.const("TOPK_HEADS_IN_THREAD")) == (4, 1)
+    args = random_inputs(p, 2, 63, torch.float32, seed=0, device=DEVICE)
+    wide = torch.randn(2, 63, 7, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE) * 40
+    wide[:, :, :6] = args["q"]
+    args["q"] = wide[:, :, :6]  # heads 0-5 of 7: head 6 sits where a padded row of KV head 1 would read
+    compiled = nsa_dsl.compile(p)
+    compiled.poison = True
+    assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
+
+
+# A top set wider than the plan's 16-block chunks: each chunk's keys are
+# widened to the set's 32 slots before the merge.
 WIDE_TOP = Pattern(name="wide_top", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16),
                    compress=Compress(block=8, stride=4), select=Select(block=16, top=20, initial=1, local=1))
-SORTED = {"TOPK_CHUNK_BLOCKS": 32}  # chunks as wide as the set's 32 slots: the sorted merge
+AS_WIDE_AS_THE_SET = {"TOPK_CHUNK_BLOCKS": 32}
 
 
-def test_sorted_merge_selects_the_same_blocks():
-    # TOPK_SORT_MERGE keeps the running set as sorted keys (score, then the
-    # lower block) merged by a bitonic network; where a chunk is narrower
-    # than the set (TOP_PAD) the plan merges by rounds instead. The same
-    # blocks over several chunks, and under exact ties too (q = 0: every
-    # visible compressed token equally likely, so whole blocks tie and only
-    # the lower-index rule decides).
+def test_chunks_narrower_than_the_set_select_the_same_blocks():
+    # The running set is sorted keys (score, then the lower block) merged by
+    # a bitonic network with each chunk's best TOP_PAD keys; a chunk
+    # narrower than the set has its keys padded with empty ones first. The
+    # same blocks as chunks as wide as the set, over several chunks, and
+    # under exact ties too (q = 0: every visible compressed token equally
+    # likely, so whole blocks tie and only the lower-index rule decides).
     from nsa_dsl.plan import apply_overrides
 
-    plan = nsa_dsl.check(WIDE_TOP)  # TOP_PAD 32, chunks of 16 blocks
+    plan = nsa_dsl.check(WIDE_TOP)
     k = plan.kernel("slc_topk")
-    assert (k.const("TOP_PAD"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.const("TOPK_SORT_MERGE"), k.num_stages) == (
-        32, 16, 0, 1)
+    assert (k.const("TOP_PAD"), k.const("TOPK_CHUNK_BLOCKS_PAD"), k.num_stages) == (32, 16, 3)
     with derived_overrides():
-        k = apply_overrides(plan, SORTED).kernel("slc_topk")
-    assert (k.const("TOPK_SORT_MERGE"), k.const("TOPK_KEY32")) == (1, 1)
-    length = 2 * 16 * WIDE_TOP.select.block + 5  # 33 blocks: 3 chunks merged by rounds, 2 sorted
-    _assert_same_blocks_as_the_plan(WIDE_TOP, SORTED, length, seed=7)
+        k = apply_overrides(plan, AS_WIDE_AS_THE_SET).kernel("slc_topk")
+    assert k.const("TOPK_CHUNK_BLOCKS_PAD") == 32
+    length = 2 * 16 * WIDE_TOP.select.block + 5  # 33 blocks: 3 chunks of 16, 2 of 32
+    _assert_same_blocks_as_the_plan(WIDE_TOP, AS_WIDE_AS_THE_SET, length, seed=7)
     args = random_inputs(WIDE_TOP, 1, length, torch.float32, seed=8, device=DEVICE)
     args["q"] = torch.zeros_like(args["q"])
-    _assert_same_blocks_as_the_plan(WIDE_TOP, SORTED, length, seed=None, args=args)
+    _assert_same_blocks_as_the_plan(WIDE_TOP, AS_WIDE_AS_THE_SET, length, seed=None, args=args)
 
 
 @pytest.mark.parametrize("dtype, order", [

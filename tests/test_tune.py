@@ -190,12 +190,12 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_KEYS_MAJOR": 1} in candidates(paper, "slc_bwd")
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
-    # slc_topk: the scoring's paths are the plan's (16 positions x 16 heads,
-    # the sorted merge on 3 stages); the tuner moves the positions a tile
+    # slc_topk: the scoring's paths are the plan's (16 positions x 16 heads
+    # on 3 stages); the tuner moves the positions a tile
     # with the warps, within the tile's 16 to 256 rows
     topk = candidates(paper, "slc_topk")
     k = paper.kernel("slc_topk")
-    assert (k.const("TOPK_TOKENS"), k.const("TOPK_SORT_MERGE"), k.num_stages) == (16, 1, 3)
+    assert (k.const("TOPK_TOKENS"), k.num_stages) == (16, 3)
     for tokens, warps in ((8, 4), (8, 8)):
         assert {"TOPK_TOKENS": tokens, "slc_topk.num_warps": warps} in topk
     assert {"slc_topk.num_warps": 8} in topk and {"slc_topk.num_stages": 1} in topk
@@ -427,17 +427,19 @@ def test_the_scoring_paths_are_the_plans_and_follow_the_tile():
 
 def test_a_record_of_what_the_plan_now_decides_still_applies(tmp_path):
     # A record from before a switch became the plan's names it; where its
-    # value is the plan's decision the name is dropped silently and the rest
-    # of the record runs. A value the plan does not decide (or a name it
-    # never had) still makes the record stale: the defaults, with a warning.
+    # value is the plan's decision (or, for a switch whose other branch is
+    # deleted, the one the kernels run) the name is dropped silently and the
+    # rest of the record runs. Another value (or a name the plan never had)
+    # still makes the record stale: the defaults, with a warning.
     path = config_path(PATTERN, device_kind())
     path.parent.mkdir(parents=True, exist_ok=True)
     plan = nsa_dsl.check(PATTERN)
     k = plan.kernel("slc_topk")
-    decided = {"TOPK_SORT_MERGE": k.const("TOPK_SORT_MERGE"), "TOPK_TMA": 1, "CMP_TMA": 1, "SWA_TMA": 1}
+    decided = {"TOPK_SORT_MERGE": 1, "TOPK_KEY32": 1, "TOPK_STRIDED_OVERLAP": k.const("TOPK_STRIDED_OVERLAP"),
+               "TOPK_TMA": 1, "CMP_TMA": 1, "SWA_TMA": 1}
     assert all(name not in TUNABLE for name in decided)
     buckets = {"1024": {"overrides": {**decided, "SLC_TOKENS": 8}, "ms": 1.0},
-               "65536": {"overrides": {"TOPK_SORT_MERGE": 1 - k.const("TOPK_SORT_MERGE"), "SLC_TOKENS": 8},
+               "65536": {"overrides": {"TOPK_SORT_MERGE": 0, "SLC_TOKENS": 8},
                          "ms": 1.0}}
     path.write_text(json.dumps({"pattern": "t", "canonical": PATTERN.canonical(), "device": device_kind(),
                                 "buckets": buckets}))

@@ -117,8 +117,8 @@ def ranked_patterns(draw) -> Pattern:
     """Small patterns with a ranked selection: groups of 1, 2 or 4 heads,
     l = d, 2d or 3d (no strided overlap where a token reaches two blocks on,
     l = 3d = 48 > l' + d, or a chunk's tokens are padded, d = 2), top up to 3
-    past the forced blocks or wider than a 16-block scoring chunk (merged by
-    rounds)."""
+    past the forced blocks or wider than a 16-block scoring chunk (its keys
+    widened to the set's slots)."""
     g = draw(st.sampled_from([1, 2, 4]))
     stride = draw(st.sampled_from([2, 4, 8, 16]))
     slc_block = draw(st.sampled_from([b for b in (16, 32) if b % stride == 0]))
@@ -151,14 +151,14 @@ def test_random_packings_score_each_sequence_alone(data, pattern, dtype, tma, le
 
 
 # Each of the plan's scoring decisions both ways, whatever the draws above:
-# (strided overlap, sort merge) = (1, 1), (0, 1) (d = 2: a chunk's tokens
-# padded), (1, 0) (a top wider than a chunk: the rounds merge), one head a group
+# strided overlap 1 and 0 (d = 2: a chunk's tokens padded), a top set wider
+# than a chunk (its keys widened to the set's slots), one head a group
 # and four (heads in thread), and the edge-forced shortcut (hidden tokens
 # scored unmasked: keys past a sequence's end multiplied in).
 FIXED = {
     "strided-sorted-g4": _pattern(g=4, kv=2, qk=16, stride=8, block_mult=2, slc_block=16, top=3, initial=1, local=1),
     "products-g1": _pattern(g=1, kv=1, qk=32, stride=2, block_mult=3, slc_block=16, top=4, initial=1, local=1),
-    "rounds-g2": _pattern(g=2, kv=1, qk=16, stride=4, block_mult=2, slc_block=16, top=18, initial=1, local=2),
+    "wide-top-g2": _pattern(g=2, kv=1, qk=16, stride=4, block_mult=2, slc_block=16, top=18, initial=1, local=2),
     "edge-forced-g2": _pattern(g=2, kv=2, qk=16, stride=4, block_mult=1, slc_block=16, top=3, initial=0, local=2),
     # 8 heads a group: tiles of 8 positions, whose chunks wholly in the
     # past skip the causal mask (the open chunks) and whose overlap is
@@ -170,8 +170,8 @@ LENGTHS = (0, 1, 7, 8, 15, 16, 17, 40, 0, 93)
 
 def _consts(pattern: Pattern) -> dict:
     k = nsa_dsl.check(pattern).kernel("slc_topk")
-    return {n: k.const(n) for n in ("TOPK_STRIDED_OVERLAP", "TOPK_SORT_MERGE", "TOPK_HEADS_IN_THREAD",
-                                    "TOPK_EDGE_FORCED")}
+    return {**{n: k.const(n) for n in ("TOPK_STRIDED_OVERLAP", "TOPK_HEADS_IN_THREAD", "TOPK_EDGE_FORCED")},
+            "chunk narrower than the set": int(k.const("TOPK_CHUNK_BLOCKS_PAD") < k.const("TOP_PAD"))}
 
 
 def test_fixed_patterns_take_both_ways_of_each_scoring_decision():
