@@ -27,15 +27,10 @@ class LoopOrderBytes(NamedTuple):
 # A block-centric byte counts this many group-centric ones: its partials and
 # gathered queries stream through HBM, while the group-centric order's
 # repeated block loads mostly hit L2 (a KV head's keys and values, 32 MB at
-# 64k for d=128, fit in the H200's 50 MB L2). Fitted on the H200 to the
-# forward wall times of both orders with tuned records and the index's keys
-# in one kernel pass (NOTES v11; the measured and modelled time ratios:
-# NOTES, "Moved from code comments (issue 20)"): block-centric from 8k for
-# small_group, group-centric for both G=16 patterns (paper128's block-centric
-# gain at 32k and 64k is inside the margin below; its 64k record picks
-# block-centric). The earlier weight (3.5, NOTES v11) fitted an index built
-# by a sort per row.
-BLOCK_CENTRIC_BYTE_WEIGHT = 2.0
+# 64k for d=128, fit in the H200's 50 MB L2). Fitted to the forward times of
+# both orders (NOTES v11, v17): block-centric from 8k for small groups, from
+# 32k for the G=16 patterns (as paper128's records take it).
+BLOCK_CENTRIC_BYTE_WEIGHT = 1.5
 # Block-centric must be predicted this much cheaper before the plan takes it:
 # building its index (a sort of every selected entry) and the launches are
 # not in the byte count.

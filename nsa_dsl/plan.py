@@ -771,8 +771,10 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "dq (cdiv(T, CMP_BWD_BLOCK_M), B*HQ); dkdv (cdiv(Tc, CMP_BWD_DKDV_BLOCK_N), B*HQ)",
             (("CMP_BLOCK", c.block), ("CMP_STRIDE", c.stride), ("CMP_BWD_BLOCK_M", bm), ("CMP_BWD_BLOCK_N", bn),
              # the dK/dV kernel's own key tile and warps (its dK, dV
-             # accumulators want other shapes than dq's tiles)
-             ("CMP_BWD_DKDV_BLOCK_N", bn), ("CMP_BWD_DKDV_WARPS", warps),
+             # accumulators want other shapes than dq's tiles): 128 keys
+             # (64 at d > 128) on 8 warps, as every shipped 64k record took
+             # (NOTES v7, v17)
+             ("CMP_BWD_DKDV_BLOCK_N", 128 if d_max <= 128 else 64), ("CMP_BWD_DKDV_WARPS", 8),
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
              ("CMP_BWD_SPLIT_HEADS", p.group > 1)),
@@ -792,21 +794,25 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             " head over the positions that chose it",
             "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
-             # 32 query rows per dq tile at d <= 128, 16 for wider heads. 16
-             # rows ran 2x slower at d <= 128 (NOTES v2): each block load
-             # then serves half as many rows.
-             ("SLC_BWD_DQ_TOKENS", max(1, (32 if d_max <= 128 else 16) // group_rows)),
+             # 64 query rows per dq tile at d <= 128, 16 for wider heads:
+             # each block load serves that many rows (16 ran 2x slower than
+             # 32 at d <= 128, NOTES v2; the records of paper128 and
+             # small_group took 64, NOTES v17).
+             ("SLC_BWD_DQ_TOKENS", max(1, (64 if d_max <= 128 else 16) // group_rows)),
              # 1: slc_bwd_dq loops over the union as a list (SLC_FWD_LIST's
              # pipelinable loop, same trade); off, tunable where it fits (the
              # tuner took it for paper128 at 8k only, within 1%: NOTES v6).
              ("SLC_BWD_DQ_LIST", 0),
-             ("SLC_BWD_TOKENS", max(1, 32 // group_rows)),
+             # Positions per dK/dV tile: 32 rows, and at least 4 positions
+             # (64 rows at most) where the group is large, as the G=16
+             # records took (NOTES v17): a block's positions share its loads.
+             ("SLC_BWD_TOKENS", max(1, 32 // group_rows, min(4, 64 // group_rows))),
              # 1: slc_bwd_dkdv computes S^T = K Q^T ([keys, rows]), so P^T and
              # dS^T need no register transpose (the flash-style dK/dV kernels'
              # change, NOTES v7): fewer barriers and spills. For the
              # selection: faster for paper128 at 64k, within the noise at 8k
-             # (NOTES v8); its 64k record takes it.
-             ("SLC_BWD_KEYS_MAJOR", 0),
+             # (NOTES v8, v17).
+             ("SLC_BWD_KEYS_MAJOR", 1),
              # Positions per dK/dV chunk: a block chosen by every position is
              # split over T / SLC_BWD_CHUNK programs, reduced in order after.
              ("SLC_BWD_CHUNK", 1024)),

@@ -113,9 +113,8 @@ def test_loop_order_by_length_is_shown_on_the_two_selection_kernels():
     assert re.search(r"- slc_fwd \(forward\): .* \[below T=8192\]", text)
     assert re.search(r"- slc_fwd_bc \(forward\): .* \[from T=8192\]", text)
     assert "why: at T=8192 predicted" in text  # the cost model's reason
-    paper = nsa_dsl.check(next(p for p in PATTERNS if p.name == "deepseek_nsa"))
-    assert paper.block_centric_from is None
-    assert re.search(r"- slc_fwd_bc \(forward\): .* \[not launched by default\]", paper.explain())
+    group_centric = apply_overrides(small, {"SLC_FWD_ORDER": 0})
+    assert re.search(r"- slc_fwd_bc \(forward\): .* \[not launched by default\]", group_centric.explain())
     forced = apply_overrides(small, {"SLC_FWD_ORDER": 1})
     text = forced.explain()
     assert re.search(r"- slc_fwd \(forward\): .* \[not launched by default\]", text)

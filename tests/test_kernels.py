@@ -676,7 +676,7 @@ def test_chunks_narrower_than_the_set_select_the_same_blocks():
     with derived_overrides():
         k = apply_overrides(plan, AS_WIDE_AS_THE_SET).kernel("slc_topk")
     assert k.const("TOPK_CHUNK_BLOCKS_PAD") == 32
-    length = 2 * 16 * WIDE_TOP.select.block + 5  # 33 blocks: 3 chunks of 16, 2 of 32
+    length = 16 * WIDE_TOP.select.block + 5  # 17 blocks: 2 chunks of 16, 1 of 32
     _assert_same_blocks_as_the_plan(WIDE_TOP, AS_WIDE_AS_THE_SET, length, seed=7)
     args = random_inputs(WIDE_TOP, 1, length, torch.float32, seed=8, device=DEVICE)
     args["q"] = torch.zeros_like(args["q"])

@@ -188,7 +188,7 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_FWD_WINDOW": 1} in candidates(paper, "slc_fwd")  # the window inside the selection forward
     assert {"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": 32} in candidates(paper, "slc_fwd")  # with its own key step
     assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
-    assert {"SLC_BWD_KEYS_MAJOR": 1} in candidates(paper, "slc_bwd")
+    assert {"SLC_BWD_KEYS_MAJOR": 0} in candidates(paper, "slc_bwd")  # keys-major is the default
     assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
     # slc_topk: the scoring's paths are the plan's (16 positions x 16 heads
     # on 3 stages); the tuner moves the positions a tile
@@ -205,14 +205,17 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     for option in topk:
         apply_overrides(paper, option)
     assert not any("SLC_FWD_LIST" in o for o in candidates(small, "slc_fwd"))
-    # the dK/dV kernels' own key tile with its warps: 128 keys on 8 warps
-    # (two warpgroups), and 64 on 8 (64 x 64 on 4 is the plan's own)
-    for prefix in ("CMP", "SWA"):
+    # the dK/dV kernels' own key tile with its warps, half to twice the
+    # plan's on 4 or 8 warps, the plan's own left out (swa: 64 keys on 4
+    # warps; cmp: 128 on 8, two warpgroups)
+    for prefix, own in (("SWA", (64, 4)), ("CMP", (128, 8))):
+        kernel = paper.kernel(f"{prefix.lower()}_bwd")
+        assert (kernel.const(f"{prefix}_BWD_DKDV_BLOCK_N"), kernel.const(f"{prefix}_BWD_DKDV_WARPS")) == own
         kernel_options = candidates(paper, f"{prefix.lower()}_bwd")
-        for tile, warps in ((128, 8), (128, 4), (64, 8), (32, 4)):
-            option = {f"{prefix}_BWD_DKDV_BLOCK_N": tile, f"{prefix}_BWD_DKDV_WARPS": warps}
-            assert option in kernel_options, option
-        assert {f"{prefix}_BWD_DKDV_BLOCK_N": 64, f"{prefix}_BWD_DKDV_WARPS": 4} not in kernel_options
+        for tile in (own[0] // 2, own[0], min(128, own[0] * 2)):
+            for warps in (4, 8):
+                option = {f"{prefix}_BWD_DKDV_BLOCK_N": tile, f"{prefix}_BWD_DKDV_WARPS": warps}
+                assert (option in kernel_options) == ((tile, warps) != own), option
     for option in (candidates(paper, "slc_fwd") + candidates(paper, "slc_bwd") + candidates(paper, "cmp_bwd")
                    + candidates(paper, "swa_bwd")):
         apply_overrides(paper, option)  # every candidate is a valid override

@@ -10,10 +10,10 @@ OUT=${OUT:-/tmp/untuned_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 LENGTHS=${SHIPPED_LENGTHS:-"65536 8192"}
 PATTERNS=${SHIPPED_PATTERNS:-"bench_paper128 deepseek_nsa bench_small_group"}
-HERE=$PWD
+HERE=$PWD; PYTHONPATH=${PYTHONPATH:-}
 for name in $PATTERNS; do
   for T in $LENGTHS; do
-    for round in 1 2; do
+    for round in $(seq "${SHIPPED_ROUNDS:-2}"); do
       for tree in .baseline .; do
         label=$([ "$tree" = . ] && echo now || echo before)
         (cd "$tree" && NSA_DSL_CACHE_DIR=/tmp/nsa_cache_$label PYTHONPATH="$PWD:${PYTHONPATH#$HERE:}" \
