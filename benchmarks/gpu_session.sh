@@ -3,6 +3,10 @@
 #   bash .device/run bash benchmarks/gpu_session.sh tests
 #       compiled kernels vs the float64 reference at 1k..32k, gradients,
 #       determinism, 64k memory -> $OUT/gpu_log.jsonl, $OUT/pytest.log
+#   bash .device/run bash benchmarks/gpu_session.sh varlen
+#       packed documents (issue 21): paper128 and deepseek_nsa packs of ~8
+#       and ~64 documents summing to 64k against each document alone, then
+#       benchmarks/bench_varlen.py -> $OUT/varlen.log, $OUT/varlen_bench.json
 #   bash .device/run bash benchmarks/gpu_session.sh bench
 #       paper128, deepseek_nsa, small_group at 8k..64k vs SDPA flash and
 #       FlexAttention -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
@@ -53,6 +57,19 @@ mkdir -p "$OUT"
 export NSA_DSL_GPU_LOG=$OUT/gpu_log.jsonl NSA_DSL_HYPOTHESIS_PROFILE=gpu PYTHONUNBUFFERED=1
 export NSA_DSL_CACHE_DIR=${NSA_DSL_CACHE_DIR:-/tmp/nsa_dsl_cache}
 case "${1:-}" in
+  varlen)
+    # issue 21 on the GPU: packs against each document alone (bf16, output and
+    # every gradient), then the packed-documents benchmark -> $OUT/varlen.log,
+    # $OUT/varlen_bench.json
+    {
+      for pattern in examples/bench_paper128.nsa examples/deepseek_nsa.nsa; do
+        for range in 4096:12288 768:1280; do  # ~8 documents summing to 64k; ~64 of ~1k
+          lengths=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_varlen import document_lengths as d; print(','.join(map(str, d(65536, ${range%%:*}, ${range##*:}, 1))))")
+          timeout 120 python3 benchmarks/varlen_gpu.py --pattern "$pattern" --lengths "$lengths" 2>&1 | grep -v Warning
+        done
+      done
+      timeout 400 python3 benchmarks/bench_varlen.py --out "$OUT"
+    } 2>&1 | tee "$OUT/varlen.log" | tail -n 40 ;;
   tests)
     timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 20 ;;

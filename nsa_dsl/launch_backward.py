@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from .geometry import num_blocks
-from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions, packed_blocks
+from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions
 from .launch import LOG2E, _cdiv, _gate_args, _strides, index_keys, packed_operands
 
 
@@ -123,7 +123,7 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
                                                     distinct=distinct, keys_fn=partial(index_keys, compiled))
             spans = packed["cu_seqlens"]  # unused
         else:  # global block ids over the sequences (inverted_index.packed_blocks)
-            blocks = packed_blocks(shapes.packing.cu_seqlens, p.select.block, T)
+            blocks = shapes.packing.selection_blocks(p.select.block, T)
             n_blocks, spans = blocks["n_blocks"], blocks["spans"]
             offsets, positions = packed_block_to_positions(indices, p.select.block, blocks, distinct=distinct)
         # Sized for the most chunks the index can have, so nothing

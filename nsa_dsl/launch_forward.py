@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from .geometry import num_blocks
-from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions, packed_blocks
+from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions
 from .launch import (_GATED, _cdiv, _descriptor_operands, _gate_args, _int32_keys, _kv_operands, _launch_fitting,
                      _strides, index_keys, packed_operands)
 
@@ -164,14 +164,14 @@ def select_block_centric(compiled, *, q, k, v, indices, qk_scale_log2: float, sh
     dev = q.device
     packed = packed_operands(shapes, dev, "slc_fwd_bc")
     if shapes.packing is not None:
-        # Packed sequences: the index over global block ids (packed_blocks),
+        # Packed sequences: the index over global block ids (Packing.selection_blocks),
         # the slots reduced by slc_fwd_bc_reduce over the packed rows as one
         # batch. The merge's tiles (window, forced blocks) would straddle
         # sequences: CompiledPattern.forward passes neither for packed calls.
         if window is not None or forced:
             raise NotImplementedError("cu_seqlens: the block-centric merge (window or forced blocks folded into"
                                       " the reduction) does not take packed sequences")
-        blocks = packed_blocks(shapes.packing.cu_seqlens, p.select.block, T)
+        blocks = shapes.packing.selection_blocks(p.select.block, T)
         n_blocks, spans = blocks["n_blocks"], blocks["spans"]
     else:
         n_blocks = num_blocks(T, p.select.block)

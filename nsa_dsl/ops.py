@@ -38,9 +38,10 @@ def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
 
 
 def _as_one_batch(*tensors) -> tuple:
-    """Packed inputs ([total, ...] or [1, total, ...]) as one batch
-    [1, total, ...], and whether they came with the leading 1 (the output
-    keeps the caller's layout). Gates are [total, HQ] or [1, total, HQ]."""
+    """Packed inputs ([total, ...] or [1, total, ...], varlen.unpack_layout)
+    as one batch [1, total, ...], and whether they came with the leading 1
+    (the output keeps the caller's layout; every tensor must share q's).
+    Gates are [total, HQ] or [1, total, HQ]."""
     names = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa", "indices")
     q = tensors[0]
     if not isinstance(q, torch.Tensor) or q.dim() not in (3, 4):
@@ -49,11 +50,14 @@ def _as_one_batch(*tensors) -> tuple:
     leading = q.dim() == 4
     out = []
     for name, t in zip(names, tensors):
-        rank = 2 if name.startswith("g_") else 3
-        if isinstance(t, torch.Tensor) and leading != (t.dim() == rank + 1):
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        flat, had_leading = varlen.unpack_layout(name, t, 2 if name.startswith("g_") else 3)
+        if had_leading != leading:
             raise ValueError(f"{name}: q is packed as {'[1, total, ...]' if leading else '[total, ...]'}; {name}"
                              f" must be too, got shape {tuple(t.shape)}")
-        out.append(t if not isinstance(t, torch.Tensor) or leading else t.unsqueeze(0))
+        out.append(flat.unsqueeze(0))
     return (*out, leading)
 
 

@@ -17,11 +17,12 @@ stays free of host synchronisation.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
+from .inverted_index import packed_blocks
 from .ir import Pattern
 
 
@@ -38,6 +39,15 @@ class Packing:
     sequences: int  # N
     max_length: int  # max_seqlen
     max_compressed: int  # compressed tokens of the longest sequence
+    _blocks: dict = field(default_factory=dict, repr=False)  # selection_blocks, by (block, total)
+
+    def selection_blocks(self, block: int, total: int) -> dict:
+        """inverted_index.packed_blocks of these sequences, computed once
+        a call: the block-centric forward's index and the backward's share
+        it (the call's Packing reaches the backward with its shapes)."""
+        if (block, total) not in self._blocks:
+            self._blocks[(block, total)] = packed_blocks(self.cu_seqlens, block, total)
+        return self._blocks[(block, total)]
 
 
 # The plan's kernels that run packed sequences (VARLEN=True: each program

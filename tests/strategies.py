@@ -87,6 +87,34 @@ def random_inputs(pattern: Pattern, batch: int, length: int, dtype: torch.dtype,
     return args
 
 
+def cu_seqlens_of(lengths) -> torch.Tensor:
+    """cu_seqlens (int32 [N+1], on the CPU) of sequences of these lengths."""
+    return torch.tensor([0] + torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
+
+
+def packed_inputs(pattern: Pattern, lengths, dtype: torch.dtype, seed: int, *, gates: bool = True) -> tuple:
+    """Packed [total, ...] q, k, v, the gates of the combined branches
+    (unless gates=False) and, for pool=mlp, k_cmp and v_cmp [total_c, ...]
+    in sequence order; with cu_seqlens."""
+    from nsa_dsl import varlen
+
+    cu = cu_seqlens_of(lengths)
+    total = int(cu[-1])
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    args = {"q": rnd(total, hq, dqk), "k": rnd(total, hkv, dqk), "v": rnd(total, hkv, dv)}
+    for b in pattern.combined_branches if gates else ():
+        args[f"g_{b.value}"] = torch.rand(total, hq, generator=gen).to(dtype)
+    if pattern.compress is not None and pattern.compress.pool is Pool.MLP:
+        total_c = int(varlen.compressed_seqlens(pattern, cu)[-1])
+        args["k_cmp"], args["v_cmp"] = rnd(total_c, hkv, dqk), rnd(total_c, hkv, dv)
+    return args, cu
+
+
 def upcast(args: dict, dtype=torch.float64) -> dict:
     return {name: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
             for name, t in args.items()}

@@ -628,3 +628,38 @@ def test_flex_rows_static_before_oracle():
     for oracle in (False, True):
         bench.run_flex(None, no_select, 64, None, {}, rows.append, None, oracle=oracle)
     assert [(r["impl"], r["error"]) for r in rows] == [("flex", "pattern has no select branch")]
+
+
+def _load_bench_varlen():
+    spec = importlib.util.spec_from_file_location("nsa_bench_varlen", ROOT / "benchmarks" / "bench_varlen.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("lo, hi", [(1024, 4096), (4096, 16384), (16384, 65536), (768, 1280)])
+def test_varlen_bench_documents_fill_the_total(lo, hi):
+    bench_varlen = _load_bench_varlen()
+    lengths = bench_varlen.document_lengths(65536, lo, hi, seed=1)
+    assert sum(lengths) == 65536
+    assert all(n >= lo for n in lengths)
+    assert all(n <= hi for n in lengths[:-1]) and lengths[-1] < hi + lo  # the last may take a short remainder
+    assert bench_varlen.document_lengths(65536, lo, hi, seed=1) == lengths  # reproducible
+
+
+@pytest.mark.parametrize("pool", ["mean", "mlp"])
+def test_varlen_bench_packed_and_per_document_calls_compute_the_same(pool):
+    # The benchmark's packed call and its per-document loop (the rows it
+    # compares) attend the same documents: the same output; the work it
+    # divides by is each document's FLOPs.
+    bench_varlen = _load_bench_varlen()
+    p = _pattern(pool=pool, sblock=16)
+    lengths = [5, 17, 0, 9]
+    x, cu = bench_varlen.packed_tensors(p, [n for n in lengths if n], device="cpu", dtype=torch.float32)
+    calls = bench_varlen._nsa_calls(nsa_dsl.compile(p), p, x, cu, [n for n in lengths if n])
+    assert ("nsa_dsl_fixed" in calls) == (pool == "mean")  # mlp's k_cmp are per document
+    with torch.no_grad():
+        packed, per_doc = calls["nsa_dsl_packed"](), calls["nsa_dsl_per_doc"]()
+    assert packed.shape == (31, 4, 32) and torch.equal(packed, per_doc)
+    assert bench_varlen.nsa_work(p, [5, 17, 9, 17], "fwd") == sum(
+        bench.nsa_flops(p, T)["fwd"] for T in (5, 17, 9, 17))

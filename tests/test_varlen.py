@@ -9,6 +9,7 @@ import nsa_dsl
 from nsa_dsl import varlen
 from nsa_dsl.geometry import num_compressed
 from nsa_dsl.reference import reference
+from strategies import cu_seqlens_of
 
 PAPER = nsa_dsl.parse("""
 pattern small_paper {
@@ -21,10 +22,6 @@ pattern small_paper {
 """)
 
 
-def _cu(lengths):
-    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
-
-
 def _packed(pattern, total, seed=0):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(total, pattern.heads.q, pattern.dims.qk, generator=g, dtype=torch.float64)
@@ -35,7 +32,7 @@ def _packed(pattern, total, seed=0):
 
 @pytest.mark.parametrize("lengths", [[0], [1, 16, 0, 7], [8, 15, 33, 40], [0, 0, 50, 3]])
 def test_compressed_seqlens_count_each_sequence_alone(lengths):
-    cu_c = varlen.compressed_seqlens(PAPER, _cu(lengths))
+    cu_c = varlen.compressed_seqlens(PAPER, cu_seqlens_of(lengths))
     counts = [num_compressed(n, PAPER.compress.block, PAPER.compress.stride) for n in lengths]
     assert cu_c.dtype == torch.int32
     assert cu_c.tolist() == [0] + torch.tensor(counts).cumsum(0).tolist()
@@ -45,7 +42,7 @@ def test_sequences_do_not_see_each_other():
     """Changing one sequence's keys changes nothing in its neighbours, and a
     sequence packed behind others attends from its own position 0."""
     lengths = [21, 0, 37, 1, 30]
-    cu = _cu(lengths)
+    cu = cu_seqlens_of(lengths)
     q, k, v = _packed(PAPER, sum(lengths))
     o, idx = reference(PAPER, q, k, v, cu_seqlens=cu, return_indices=True)
     k2, v2 = k.clone(), v.clone()
@@ -64,8 +61,8 @@ def test_sequences_do_not_see_each_other():
 def test_both_layouts_give_the_same_result_in_their_own_layout():
     lengths = [9, 40]
     q, k, v = _packed(PAPER, 49)
-    flat = reference(PAPER, q, k, v, cu_seqlens=_cu(lengths))
-    lead = reference(PAPER, q[None], k[None], v[None], cu_seqlens=_cu(lengths))
+    flat = reference(PAPER, q, k, v, cu_seqlens=cu_seqlens_of(lengths))
+    lead = reference(PAPER, q[None], k[None], v[None], cu_seqlens=cu_seqlens_of(lengths))
     assert flat.shape == (49, 4, 16) and lead.shape == (1, 49, 4, 16)
     assert torch.equal(flat, lead[0])
 
@@ -93,9 +90,9 @@ def test_a_max_seqlen_shorter_than_a_sequence_is_refused():
     compiled = nsa_dsl.compile(PAPER)
     for call in (compiled, functools.partial(reference, PAPER)):
         with pytest.raises(ValueError, match="max_seqlen: 19, but cu_seqlens holds a sequence of 20"):
-            call(q.float(), k.float(), v.float(), cu_seqlens=_cu([10, 20]), max_seqlen=19)
+            call(q.float(), k.float(), v.float(), cu_seqlens=cu_seqlens_of([10, 20]), max_seqlen=19)
         with pytest.raises(ValueError, match="max_seqlen: expected a non-negative int"):
-            call(q.float(), k.float(), v.float(), cu_seqlens=_cu([10, 20]), max_seqlen=20.0)
+            call(q.float(), k.float(), v.float(), cu_seqlens=cu_seqlens_of([10, 20]), max_seqlen=20.0)
 
 
 def test_values_off_the_host_are_read_only_under_the_debug_flag(monkeypatch):
@@ -115,10 +112,10 @@ def test_values_off_the_host_are_read_only_under_the_debug_flag(monkeypatch):
 def test_packed_compressed_keys_fewer_than_the_sequences_need_are_refused():
     lengths = [20, 12]
     q, k, v = _packed(PAPER, 32)
-    cu_c = varlen.compressed_seqlens(PAPER, _cu(lengths))
+    cu_c = varlen.compressed_seqlens(PAPER, cu_seqlens_of(lengths))
     k_cmp = torch.randn(int(cu_c[-1]) - 1, 2, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="k_cmp: 5 packed compressed tokens; the sequences of cu_seqlens have 6"):
-        reference(PAPER, q, k, v, cu_seqlens=_cu(lengths), k_cmp=k_cmp, v_cmp=k_cmp)
+        reference(PAPER, q, k, v, cu_seqlens=cu_seqlens_of(lengths), k_cmp=k_cmp, v_cmp=k_cmp)
 
 
 MLP = nsa_dsl.parse("""
@@ -142,7 +139,7 @@ def test_module_pools_and_attends_each_sequence_alone():
         for phi in (layer.phi_k, layer.phi_v):
             phi.fc2.weight.normal_(0, 0.1)
     lengths = [13, 0, 30, 8]
-    cu = _cu(lengths)
+    cu = cu_seqlens_of(lengths)
     x = torch.randn(1, sum(lengths), 24, dtype=torch.float64)
     y = layer(x, cu_seqlens=cu, max_seqlen=30)
     assert y.shape == x.shape
@@ -189,7 +186,7 @@ def test_packed_call_equals_each_sequence_alone(data, dtype, leading, seed):
     order = data.draw(st.sampled_from(["group-centric", "block-centric"]), label="order")
     compiled = nsa_dsl.compile(pattern, slc_fwd=order if pattern.select is not None else None)
     compiled.poison = True
-    cu = _cu(lengths)
+    cu = cu_seqlens_of(lengths)
     total = int(cu[-1])
     flat = {name: t[0] for name, t in random_inputs(pattern, 1, total, dtype, seed).items()
             if name not in ("k_cmp", "v_cmp")}
@@ -207,7 +204,7 @@ def test_packed_call_equals_each_sequence_alone(data, dtype, leading, seed):
     o = o[0] if leading else o
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 2)).to(dtype)
     o.backward(do)
-    grads = {n: (t.grad[0] if leading else t.grad) for n, t in leaves.items()}
+    grads = {n: (t.grad[0] if leading and t.grad is not None else t.grad) for n, t in leaves.items()}
 
     bounds = cu.tolist()
     cmp_bounds = varlen.compressed_seqlens(pattern, cu).tolist() if mlp else None

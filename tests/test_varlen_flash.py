@@ -28,9 +28,8 @@ from hypothesis import strategies as st
 import nsa_dsl
 from nsa_dsl import launch
 from nsa_dsl import varlen
-from nsa_dsl.ir import Pool
 
-from strategies import TOLERANCE, rel_error
+from strategies import TOLERANCE, cu_seqlens_of, packed_inputs, rel_error
 
 BLOCK, STRIDE, WINDOW = 8, 4, 9
 PATTERNS = {
@@ -103,30 +102,6 @@ def _has_const(pattern, name: str) -> bool:
     return any(k.has_const(name) for k in nsa_dsl.check(pattern).kernels)
 
 
-def _cu(lengths) -> torch.Tensor:
-    return torch.tensor([0] + torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
-
-
-def _inputs(pattern, lengths, dtype, seed: int) -> tuple:
-    """Packed [total, ...] inputs (gates of the combined branches; k_cmp and
-    v_cmp [total_c, ...] for pool=mlp, in sequence order) and cu_seqlens."""
-    cu = _cu(lengths)
-    total = int(cu[-1])
-    gen = torch.Generator().manual_seed(seed)
-    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    args = {"q": rnd(total, hq, dqk), "k": rnd(total, hkv, dqk), "v": rnd(total, hkv, dv)}
-    for b in pattern.combined_branches:
-        args[f"g_{b.value}"] = torch.rand(total, hq, generator=gen).to(dtype)
-    if pattern.compress is not None and pattern.compress.pool is Pool.MLP:
-        total_c = int(varlen.compressed_seqlens(pattern, cu)[-1])
-        args["k_cmp"], args["v_cmp"] = rnd(total_c, hkv, dqk), rnd(total_c, hkv, dv)
-    return args, cu
-
-
 def _run(compiled, args: dict, do, **kwargs) -> tuple:
     """(output, {name: gradient}) of one call from fresh leaves."""
     leaves = {n: t.clone().requires_grad_(True) for n, t in args.items()}
@@ -149,7 +124,7 @@ def _sequence_args(args: dict, cu: torch.Tensor, cu_c, s: int) -> dict:
 def _check_packing(name: str, lengths, dtype, seed: int, tma: bool, leading: bool) -> None:
     compiled = _compiled(name, tma)
     pattern = compiled.pattern
-    args, cu = _inputs(pattern, lengths, dtype, seed)
+    args, cu = packed_inputs(pattern, lengths, dtype, seed)
     total = int(cu[-1])
     cu_c = varlen.compressed_seqlens(pattern, cu) if pattern.compress is not None else None
     gen = torch.Generator().manual_seed(seed + 1)
@@ -211,7 +186,7 @@ def test_gradients_of_a_packed_call_match_the_reference():
     against float64 autograd through the reference's packed mode."""
     compiled = _compiled("cmp_window", True)
     pattern = compiled.pattern
-    args, cu = _inputs(pattern, (11, 0, 30, 1, 17), torch.float32, seed=5)
+    args, cu = packed_inputs(pattern, (11, 0, 30, 1, 17), torch.float32, seed=5)
     do = torch.randn(int(cu[-1]), pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(6))
     _, grads = _run(compiled, args, do, cu_seqlens=cu)
     up = {n: t.double().requires_grad_(True) for n, t in args.items()}
@@ -227,7 +202,7 @@ def test_descriptor_reads_past_a_sequence_see_nothing_of_the_next():
     sequence before it."""
     compiled = _compiled("cmp_window", True)
     pattern = compiled.pattern
-    args, cu = _inputs(pattern, (21, 40), torch.float32, seed=9)
+    args, cu = packed_inputs(pattern, (21, 40), torch.float32, seed=9)
     with torch.no_grad():
         o = compiled(**args, cu_seqlens=cu)
         bad = dict(args)

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 import nsa_dsl
 from nsa_dsl import launch, varlen
 from nsa_dsl.ir import Compress, Dims, Heads, Pattern, Pool, Select
+from strategies import cu_seqlens_of, packed_inputs
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,28 +49,6 @@ def _descriptors(tma: bool):
         yield
     finally:
         launch._tma_fits = real
-
-
-def _cu(lengths) -> torch.Tensor:
-    return torch.tensor([0] + torch.tensor(list(lengths), dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
-
-
-def _inputs(pattern: Pattern, lengths, dtype, seed: int) -> tuple:
-    """Packed [total, ...] q, k, v (k_cmp, v_cmp [total_c, ...] in sequence
-    order for pool=mlp) and cu_seqlens."""
-    cu = _cu(lengths)
-    total = int(cu[-1])
-    gen = torch.Generator().manual_seed(seed)
-    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen).to(dtype)
-
-    args = {"q": rnd(total, hq, dqk), "k": rnd(total, hkv, dqk), "v": rnd(total, hkv, dv)}
-    if pattern.compress is not None and pattern.compress.pool is Pool.MLP:
-        total_c = int(varlen.compressed_seqlens(pattern, cu)[-1])
-        args["k_cmp"], args["v_cmp"] = rnd(total_c, hkv, dqk), rnd(total_c, hkv, dv)
-    return args, cu
 
 
 def _packed(compiled, args: dict, cu, leading: bool) -> torch.Tensor:
@@ -94,7 +73,7 @@ def _alone(compiled, args: dict, cu, s: int) -> torch.Tensor:
 
 def _check_packing(pattern: Pattern, lengths, dtype, seed: int, tma: bool, leading: bool) -> None:
     compiled = _compiled(pattern)
-    args, cu = _inputs(pattern, lengths, dtype, seed)
+    args, cu = packed_inputs(pattern, lengths, dtype, seed, gates=False)
     with _descriptors(tma):
         idx = _packed(compiled, args, cu, leading)
         assert (idx >= -1).all(), "indices left unwritten (poison value)"
@@ -206,7 +185,7 @@ def test_static_selection_packed_equals_each_sequence_alone(pattern, leading):
     _check_packing(pattern, lengths, torch.float32, seed=3, tma=True, leading=leading)
     # and the forced blocks themselves, counted from each sequence's start
     compiled = _compiled(pattern)
-    args, cu = _inputs(pattern, lengths, torch.float32, seed=4)
+    args, cu = packed_inputs(pattern, lengths, torch.float32, seed=4, gates=False)
     idx = _packed(compiled, args, cu, leading)
     s = pattern.select
     for a, n in zip(cu.tolist(), lengths):
@@ -228,7 +207,7 @@ def test_next_sequence_keys_do_not_leak(name, tma, poison):
     pattern = FIXED[name]
     compiled = _compiled(pattern)
     lengths = (37, 29, 50, 20)
-    args, cu = _inputs(pattern, lengths, torch.float32, seed=11)
+    args, cu = packed_inputs(pattern, lengths, torch.float32, seed=11, gates=False)
     with _descriptors(tma):
         clean = _packed(compiled, args, cu, leading=False)
         for s in (1, 3):

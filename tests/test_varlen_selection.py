@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import nsa_dsl
 from nsa_dsl import varlen
 from nsa_dsl.inverted_index import packed_block_to_positions, packed_blocks
-from strategies import TOLERANCE, rel_error
+from strategies import TOLERANCE, cu_seqlens_of, rel_error
 
 from conftest import HAS_CUDA
 
@@ -22,10 +22,6 @@ ORDERS = ("group-centric", "block-centric")
 # every block and no scoring kernel runs
 SEL = nsa_dsl.parse("pattern sel { heads q=4 kv=2 dims qk=16 select block=16 top=3 initial=1 local=2 }")
 L = SEL.select.block
-
-
-def _cu(lengths) -> torch.Tensor:
-    return torch.tensor([0] + torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32)
 
 
 def _indices(pattern, lengths, gen) -> torch.Tensor:
@@ -97,7 +93,7 @@ def _close(a, b, dtype, what):
 
 def _check(pattern, lengths, dtype, order, seed, slc_dkdv=None, leading=False, reference=True):
     args, indices, do = _inputs(pattern, lengths, dtype, seed)
-    cu = _cu(lengths).to(DEVICE)
+    cu = cu_seqlens_of(lengths).to(DEVICE)
     compiled = nsa_dsl.compile(pattern, slc_fwd=order, slc_dkdv=slc_dkdv)
     compiled.poison = True
     o, g = _run(compiled, args, indices, do, cu=cu, leading=leading)
@@ -142,7 +138,7 @@ def test_packed_deterministic_gradients_are_identical_twice(order):
     lengths = [L + 3, 0, 1, 2 * L, L - 1]
     args, indices, do = _inputs(SEL, lengths, torch.float32, 11)
     compiled = nsa_dsl.compile(SEL, slc_fwd=order, deterministic=True)
-    cu = _cu(lengths)
+    cu = cu_seqlens_of(lengths)
     o1, g1 = _run(compiled, args, indices, do, cu=cu)
     o2, g2 = _run(compiled, args, indices, do, cu=cu)
     assert torch.equal(o1, o2)
@@ -162,7 +158,7 @@ def test_packed_window_folded_into_the_group_centric_selection():
     args, indices, _ = _inputs(pattern, lengths, torch.float32, 5)
     gen = torch.Generator().manual_seed(6)
     g_swa = torch.rand(sum(lengths), pattern.heads.q, generator=gen)
-    cu = _cu(lengths)
+    cu = cu_seqlens_of(lengths)
     with torch.no_grad():
         o = compiled(args["q"], args["k"], args["v"], g_slc=args["g_slc"], g_swa=g_swa, indices=indices,
                      cu_seqlens=cu)
@@ -176,7 +172,7 @@ def test_global_block_ids_and_their_keys():
     the sequence's rows [j l', (j + 1) l') cut at its end; ids past the
     last block are empty; the index built on them holds packed rows."""
     lengths = [L + 3, 0, 1, 2 * L]
-    cu = _cu(lengths)
+    cu = cu_seqlens_of(lengths)
     blocks = packed_blocks(cu, L, sum(lengths))
     assert blocks["n_blocks"] >= 2 + 0 + 1 + 2
     spans = blocks["spans"].tolist()

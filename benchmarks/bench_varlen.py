@@ -1,0 +1,237 @@
+"""Packed documents on the GPU (issue 21's benchmark), bf16, one run.
+
+For each pattern and each mix of document lengths (random, summing to
+--total), forward and forward+backward:
+  nsa_dsl_packed      one call with cu_seqlens (max_seqlen given: no sync)
+  nsa_dsl_per_doc     the loop a user writes without packing: one call per document
+  nsa_dsl_fixed       one sequence of the whole total (the fixed-length path,
+                      which attends across the documents: the time per unit
+                      of attention work that packing should keep)
+  flex_doc_causal     FlexAttention, dense causal within each document
+                      (a document-causal block mask: what a user picks instead)
+  sdpa_flash_per_doc  SDPA's flash backend, one call per document
+Rows carry `mix`, `documents` and the FLOPs of the work done (nsa_flops
+summed over the documents, dense causal per document for the dense rows), so
+ms per unit of work compares packed with fixed. Writes
+$OUT/varlen_bench.json and prints the table.
+
+    python benchmarks/bench_varlen.py [--patterns examples/bench_paper128.nsa,...] [--total 65536] --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench  # noqa: E402
+import nsa_dsl  # noqa: E402
+from nsa_dsl import varlen  # noqa: E402
+
+MIXES = {"1k-4k": (1024, 4096), "4k-16k": (4096, 16384), "16k-64k": (16384, 65536)}
+DEFAULT_PATTERNS = ("examples/bench_paper128.nsa", "examples/deepseek_nsa.nsa")
+
+
+def document_lengths(total: int, lo: int, hi: int, seed: int) -> list:
+    """Lengths drawn uniformly from [lo, hi] until they fill `total`; the
+    last one is cut to fit (and joins the one before if the cut leaves less
+    than lo, so no document is shorter than lo unless total is)."""
+    rng = random.Random(seed)
+    lengths = []
+    while sum(lengths) < total:
+        lengths.append(min(rng.randint(lo, hi), total - sum(lengths)))
+    if len(lengths) > 1 and lengths[-1] < lo:
+        last = lengths.pop()
+        lengths[-1] += last
+    return lengths
+
+
+def nsa_work(pattern, lengths, pass_: str) -> float:
+    """FLOPs of the attention each document does alone (bench.nsa_flops)."""
+    per_length = {T: bench.nsa_flops(pattern, T)[pass_] for T in set(lengths)}
+    return float(sum(per_length[T] for T in lengths))
+
+
+def dense_work(pattern, lengths, pass_: str) -> float:
+    return float(sum(bench.pass_flops(bench.dense_flops(pattern, T), pass_) for T in lengths))
+
+
+def packed_tensors(pattern, lengths, seed: int = 0, device: str = "cuda", dtype=torch.bfloat16) -> tuple:
+    """Packed [total, ...] inputs that require grad (gates of the combined
+    branches, k_cmp/v_cmp in sequence order for pool=mlp) and cu_seqlens."""
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    total = int(cu[-1])
+    g = torch.Generator(device=device).manual_seed(seed)
+    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
+
+    def rnd(*shape, uniform=False):
+        x = (torch.rand if uniform else torch.randn)(*shape, generator=g, device=device, dtype=dtype)
+        return x.requires_grad_(True)
+
+    x = {"q": rnd(total, hq, dqk), "k": rnd(total, hkv, dqk), "v": rnd(total, hkv, dv)}
+    for b in pattern.combined_branches:
+        x[f"g_{b.value}"] = rnd(total, hq, uniform=True)
+    if pattern.compress is not None and pattern.compress.pool.value == "mlp":
+        total_c = int(varlen.compressed_seqlens(pattern, cu)[-1])
+        x["k_cmp"], x["v_cmp"] = rnd(total_c, hkv, dqk), rnd(total_c, hkv, dv)
+    return x, cu
+
+
+def _nsa_calls(compiled, pattern, x: dict, cu, lengths) -> dict:
+    """{impl: forward function returning the [total, HQ, Dv] output}."""
+    bounds = cu.tolist()
+    cmp_bounds = varlen.compressed_seqlens(pattern, cu).tolist() if "k_cmp" in x else None
+    longest = max(lengths)
+
+    def packed():
+        return compiled(**x, cu_seqlens=cu, max_seqlen=longest)
+
+    def per_doc():
+        outs = []
+        for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+            one = {n: t[a:b][None] for n, t in x.items() if n not in ("k_cmp", "v_cmp")}
+            if cmp_bounds is not None:
+                one["k_cmp"] = x["k_cmp"][cmp_bounds[s]:cmp_bounds[s + 1]][None]
+                one["v_cmp"] = x["v_cmp"][cmp_bounds[s]:cmp_bounds[s + 1]][None]
+            outs.append(compiled(**one)[0])
+        return torch.cat(outs)
+
+    calls = {"nsa_dsl_packed": packed, "nsa_dsl_per_doc": per_doc}
+    if cmp_bounds is None:  # pool=mlp takes k_cmp of the one sequence: not the packed ones
+        calls["nsa_dsl_fixed"] = lambda: compiled(**{n: t[None] for n, t in x.items()})[0]
+    return calls
+
+
+def _dense_calls(pattern, x: dict, cu, lengths) -> dict:
+    """FlexAttention with a document-causal mask and SDPA flash per document,
+    on [1, H, total, D] views of the same q, k, v."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    dqk, dv = pattern.dims.qk, pattern.dims.v
+    q, k, v = (x[n].transpose(0, 1)[None] for n in ("q", "k", "v"))
+    total = q.shape[2]
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=q.device),
+                                  torch.tensor(lengths, device=q.device))
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    mask = create_block_mask(document_causal, None, None, total, total, device=q.device)
+    flex = bench.flex_compiled(None)
+    bounds = cu.tolist()
+    pad = dqk - dv  # flash wants equal head dims: v zero-padded, o sliced
+
+    def sdpa_per_doc():
+        outs = []
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            for a, b in zip(bounds, bounds[1:]):
+                vs = v[:, :, a:b]
+                if pad:
+                    vs = torch.cat([vs, vs.new_zeros(*vs.shape[:3], pad)], -1)
+                o = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], vs, is_causal=True, enable_gqa=True)
+                outs.append(o[..., :dv])
+        return torch.cat(outs, 2)
+
+    return {"flex_doc_causal": lambda: flex(q, k, v, block_mask=mask, enable_gqa=True),
+            "sdpa_flash_per_doc": sdpa_per_doc}
+
+
+def run(pattern, mix: str, total: int, ceil: dict, warmup: float, rep: float, seed: int) -> list:
+    lengths = document_lengths(total, *MIXES[mix], seed=seed)
+    compiled = nsa_dsl.compile(pattern)
+    x, cu = packed_tensors(pattern, lengths, seed=seed)
+    calls = _nsa_calls(compiled, pattern, x, cu, lengths)
+    try:
+        calls.update(_dense_calls(pattern, x, cu, lengths))
+    except Exception as e:  # noqa: BLE001 - a baseline that cannot run is a row with its error
+        calls["flex_doc_causal"] = calls["sdpa_flash_per_doc"] = bench._short(e)
+    leaves = list(x.values())
+    rows = []
+    for impl, fn in calls.items():
+        for pass_ in bench.PASSES:
+            dense_impl = not impl.startswith("nsa_dsl")
+            work = (dense_work(pattern, lengths, pass_) if dense_impl
+                    else nsa_work(pattern, [total] if impl == "nsa_dsl_fixed" else lengths, pass_))
+            common = dict(flops=work, ceilings=ceil)
+            if isinstance(fn, str):
+                rows.append(bench.make_row(pattern.name, total, impl, pass_, error=fn, **common))
+                continue
+            try:
+                if pass_ == "fwd":
+                    with torch.no_grad():
+                        fn()
+                        ms = bench.bench_ms(fn, warmup, rep)
+                        peak = bench.peak_gb(fn)
+                else:
+                    out = fn()
+                    do = torch.randn_like(out)
+                    step = lambda: fn().backward(do)  # noqa: E731
+                    ms = bench.bench_ms(step, warmup, rep, grad_to_none=leaves)
+                    peak = bench.peak_gb(step)
+                rows.append(bench.make_row(pattern.name, total, impl, pass_, ms, peak_gb=peak, **common))
+            except Exception as e:  # noqa: BLE001
+                rows.append(bench.make_row(pattern.name, total, impl, pass_, error=bench._short(e), **common))
+            for t in leaves:
+                t.grad = None
+            bench._cleanup()
+    for row in rows:
+        row.update(mix=mix, documents=len(lengths))
+    return rows
+
+
+def summary(rows: list) -> str:
+    """Per pattern, mix and pass: ms of each impl, packed against the
+    per-document loop, and packed's ms per unit of work against fixed's."""
+    lines = ["pattern | mix | docs | pass | " + " | ".join(("nsa packed", "nsa per doc", "nsa fixed", "flex doc",
+                                                          "sdpa per doc")) + " | loop/packed | packed/fixed per work"]
+    keys = sorted({(r["pattern"], r["mix"], r["documents"], r["pass"]) for r in rows}, key=lambda k: (k[0], k[1], k[3]))
+    for p, mix, docs, pass_ in keys:
+        by = {r["impl"]: r for r in rows if (r["pattern"], r["mix"], r["pass"]) == (p, mix, pass_)}
+        ms = {i: by.get(i, {}).get("ms") for i in ("nsa_dsl_packed", "nsa_dsl_per_doc", "nsa_dsl_fixed",
+                                                   "flex_doc_causal", "sdpa_flash_per_doc")}
+        cells = [f"{m:.3f}" if m else "-" for m in ms.values()]
+        packed, loop, fixed = ms["nsa_dsl_packed"], ms["nsa_dsl_per_doc"], ms["nsa_dsl_fixed"]
+        ratio = f"{loop / packed:.2f}x" if packed and loop else "-"
+        per_work = "-"
+        if packed and fixed:
+            per_work = (f"{(packed / by['nsa_dsl_packed']['flops']) / (fixed / by['nsa_dsl_fixed']['flops']):.2f}")
+        lines.append(f"{p} | {mix} | {docs} | {pass_} | " + " | ".join(cells) + f" | {ratio} | {per_work}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS))
+    ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--total", type=int, default=65536)
+    ap.add_argument("--out", default="/tmp/varlen_bench")
+    ap.add_argument("--warmup", type=float, default=25)
+    ap.add_argument("--rep", type=float, default=200)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    ceil = bench.measure_ceilings(args.warmup, args.rep)
+    rows = []
+    for path in args.patterns.split(","):
+        pattern = nsa_dsl.load(path)
+        for mix in args.mixes.split(","):
+            rows += run(pattern, mix, args.total, ceil, args.warmup, args.rep, args.seed)
+            print("\n".join(summary([r for r in rows if r["pattern"] == pattern.name and r["mix"] == mix])
+                            .splitlines()[1:]), flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench.write_json(out / "varlen_bench.json", {"device": torch.cuda.get_device_name(), "ceilings": ceil,
+                                                  "total": args.total, "mixes": MIXES}, rows)
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
