@@ -663,3 +663,18 @@ def test_varlen_bench_packed_and_per_document_calls_compute_the_same(pool):
     assert packed.shape == (31, 4, 32) and torch.equal(packed, per_doc)
     assert bench_varlen.nsa_work(p, [5, 17, 9, 17], "fwd") == sum(
         bench.nsa_flops(p, T)["fwd"] for T in (5, 17, 9, 17))
+
+
+@pytest.mark.parametrize("pool", ["mean", "mlp"])
+def test_varlen_gpu_comparison_finds_packed_equal_to_each_document(pool):
+    # benchmarks/varlen_gpu.py's check, run here on the CPU: every document
+    # of the pack alone gives the same output and gradients (pool=mlp's
+    # compressed keys sliced by the compressed bounds, not the positions).
+    spec = importlib.util.spec_from_file_location("nsa_varlen_gpu", ROOT / "benchmarks" / "varlen_gpu.py")
+    varlen_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(varlen_gpu)
+    p = _pattern(pool=pool, sblock=16)
+    worst, x, cu, _ = varlen_gpu.compare(nsa_dsl.compile(p), [5, 0, 21, 9], device="cpu", dtype=torch.float32)
+    expected = {"o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"} | ({"dk_cmp", "dv_cmp"} if pool == "mlp" else set())
+    assert set(worst) == expected and all(v == 0.0 for v in worst.values()), worst
+    assert cu.tolist() == [0, 5, 5, 26, 35]
