@@ -20,6 +20,7 @@ $OUT/varlen_bench.json and prints the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import sys
 import warnings
@@ -51,10 +52,14 @@ def document_lengths(total: int, lo: int, hi: int, seed: int) -> list:
     return lengths
 
 
+@functools.lru_cache(maxsize=None)
+def _nsa_flops(pattern, T: int) -> dict:
+    return bench.nsa_flops(pattern, T)  # a Python loop over T: once per length
+
+
 def nsa_work(pattern, lengths, pass_: str) -> float:
     """FLOPs of the attention each document does alone (bench.nsa_flops)."""
-    per_length = {T: bench.nsa_flops(pattern, T)[pass_] for T in set(lengths)}
-    return float(sum(per_length[T] for T in lengths))
+    return float(sum(_nsa_flops(pattern, T)[pass_] for T in lengths))
 
 
 def dense_work(pattern, lengths, pass_: str) -> float:
@@ -82,27 +87,35 @@ def packed_tensors(pattern, lengths, seed: int = 0, device: str = "cuda", dtype=
     return x, cu
 
 
-def _nsa_calls(compiled, pattern, x: dict, cu, lengths) -> dict:
-    """{impl: forward function returning the [total, HQ, Dv] output}."""
+def document_rows(pattern, x: dict, cu) -> list:
+    """Per non-empty document, (its position rows, {input: its rows of
+    that input}): positions for q, k, v and the gates, the document's
+    compressed tokens (varlen.compressed_seqlens) for pool=mlp's k_cmp and
+    v_cmp."""
     bounds = cu.tolist()
     cmp_bounds = varlen.compressed_seqlens(pattern, cu).tolist() if "k_cmp" in x else None
+    docs = []
+    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if a < b:
+            rows = {n: slice(a, b) if n not in ("k_cmp", "v_cmp") else slice(cmp_bounds[s], cmp_bounds[s + 1])
+                    for n in x}
+            docs.append((slice(a, b), rows))
+    return docs
+
+
+def _nsa_calls(compiled, pattern, x: dict, cu, lengths) -> dict:
+    """{impl: forward function returning the [total, HQ, Dv] output}."""
+    docs = document_rows(pattern, x, cu)
     longest = max(lengths)
 
     def packed():
         return compiled(**x, cu_seqlens=cu, max_seqlen=longest)
 
     def per_doc():
-        outs = []
-        for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
-            one = {n: t[a:b][None] for n, t in x.items() if n not in ("k_cmp", "v_cmp")}
-            if cmp_bounds is not None:
-                one["k_cmp"] = x["k_cmp"][cmp_bounds[s]:cmp_bounds[s + 1]][None]
-                one["v_cmp"] = x["v_cmp"][cmp_bounds[s]:cmp_bounds[s + 1]][None]
-            outs.append(compiled(**one)[0])
-        return torch.cat(outs)
+        return torch.cat([compiled(**{n: t[rows[n]][None] for n, t in x.items()})[0] for _, rows in docs])
 
     calls = {"nsa_dsl_packed": packed, "nsa_dsl_per_doc": per_doc}
-    if cmp_bounds is None:  # pool=mlp takes k_cmp of the one sequence: not the packed ones
+    if "k_cmp" not in x:  # pool=mlp takes k_cmp of the one sequence: not the packed ones
         calls["nsa_dsl_fixed"] = lambda: compiled(**{n: t[None] for n, t in x.items()})[0]
     return calls
 

@@ -18,10 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import nsa_dsl  # noqa: E402
-from bench_varlen import packed_tensors  # noqa: E402
-from nsa_dsl import varlen  # noqa: E402
-
-COMPRESSED = ("k_cmp", "v_cmp")
+from bench_varlen import document_rows, packed_tensors  # noqa: E402
 
 
 def rel(a, b) -> float:
@@ -37,17 +34,12 @@ def compare(compiled, lengths, device="cuda", dtype=torch.bfloat16, seed: int = 
     o = compiled(**x, cu_seqlens=cu, max_seqlen=max(lengths))
     do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed + 1)).to(device=device, dtype=dtype)
     o.backward(do)
-    bounds = cu.tolist()
-    cmp_bounds = varlen.compressed_seqlens(pattern, cu).tolist() if "k_cmp" in x else None
     worst = {}
-    for s, (a, b) in enumerate(zip(bounds, bounds[1:])):
-        if a == b:
-            continue
-        rows = {n: (slice(cmp_bounds[s], cmp_bounds[s + 1]) if n in COMPRESSED else slice(a, b)) for n in x}
+    for s, (positions, rows) in enumerate(document_rows(pattern, x, cu)):
         alone = {n: t.detach()[rows[n]][None].clone().requires_grad_(True) for n, t in x.items()}
         o1 = compiled(**alone)
-        o1.backward(do[a:b][None])
-        worst["o"] = max(worst.get("o", 0.0), rel(o.detach()[a:b], o1.detach()[0]))
+        o1.backward(do[positions][None])
+        worst["o"] = max(worst.get("o", 0.0), rel(o.detach()[positions], o1.detach()[0]))
         for n, t in alone.items():
             if (x[n].grad is None) != (t.grad is None):
                 raise AssertionError(f"d{n} exists in one call only (document {s})")
