@@ -4,15 +4,21 @@ For each pattern and each mix of document lengths (random, summing to
 --total), forward and forward+backward:
   nsa_dsl_packed      one call with cu_seqlens (max_seqlen given: no sync)
   nsa_dsl_per_doc     the loop a user writes without packing: one call per document
-  nsa_dsl_fixed       one sequence of the whole total (the fixed-length path,
-                      which attends across the documents: the time per unit
-                      of attention work that packing should keep)
+  nsa_dsl_fixed       the fixed-length path on a [B, L] batch of documents of
+                      one length, L the mix's mean document length (a
+                      multiple of 64), B = total // L: the time per unit of
+                      attention work that packing the same sizes should keep
+  nsa_dsl_whole       one sequence of the whole total (attends across the
+                      documents: far more work per position, and per-position
+                      costs spread over it; for reference)
   flex_doc_causal     FlexAttention, dense causal within each document
                       (a document-causal block mask: what a user picks instead)
   sdpa_flash_per_doc  SDPA's flash backend, one call per document
 Rows carry `mix`, `documents` and the FLOPs of the work done (nsa_flops
 summed over the documents, dense causal per document for the dense rows), so
-ms per unit of work compares packed with fixed. Writes
+ms per unit of work compares packed with fixed. Every nsa_dsl row runs
+compile(pattern, tuned=True): the shipped configuration of each call's
+length bucket (a packed call's is its longest document's). Writes
 $OUT/varlen_bench.json and prints the table.
 
     python benchmarks/bench_varlen.py [--patterns examples/bench_paper128.nsa,...] [--total 65536] --out DIR
@@ -103,10 +109,34 @@ def document_rows(pattern, x: dict, cu) -> list:
     return docs
 
 
+def fixed_batch_shape(lengths) -> tuple:
+    """(B, L) of the fixed-length batch that stands for a mix: L the mean
+    document length rounded down to a multiple of 64 (at least 64), B as
+    many as fit in the total."""
+    total = sum(lengths)
+    L = max(64, total // len(lengths) // 64 * 64)
+    return max(1, total // L), L
+
+
+def _fixed_inputs(pattern, x: dict, batch: int, length: int) -> dict:
+    """Random inputs of the fixed-length path, [batch, length, ...], of the
+    packed inputs' kinds (k_cmp, v_cmp of that length for pool=mlp)."""
+    out = {}
+    for n, t in x.items():
+        rows = length
+        if n in ("k_cmp", "v_cmp"):
+            rows = (length - pattern.compress.block) // pattern.compress.stride + 1
+        make = torch.rand if n.startswith("g_") else torch.randn
+        out[n] = make(batch, rows, *t.shape[1:], device=t.device, dtype=t.dtype).requires_grad_(True)
+    return out
+
+
 def _nsa_calls(compiled, pattern, x: dict, cu, lengths) -> dict:
-    """{impl: forward function returning the [total, HQ, Dv] output}."""
+    """{impl: (forward function returning an output of [.., HQ, Dv], the
+    leaves its backward reaches)}."""
     docs = document_rows(pattern, x, cu)
     longest = max(lengths)
+    leaves = list(x.values())
 
     def packed():
         return compiled(**x, cu_seqlens=cu, max_seqlen=longest)
@@ -114,10 +144,11 @@ def _nsa_calls(compiled, pattern, x: dict, cu, lengths) -> dict:
     def per_doc():
         return torch.cat([compiled(**{n: t[rows[n]][None] for n, t in x.items()})[0] for _, rows in docs])
 
-    calls = {"nsa_dsl_packed": packed, "nsa_dsl_per_doc": per_doc}
-    if "k_cmp" not in x:  # pool=mlp takes k_cmp of the one sequence: not the packed ones
-        calls["nsa_dsl_fixed"] = lambda: compiled(**{n: t[None] for n, t in x.items()})[0]
-    return calls
+    fixed = _fixed_inputs(pattern, x, *fixed_batch_shape(lengths))
+    whole = _fixed_inputs(pattern, x, 1, sum(lengths))
+    return {"nsa_dsl_packed": (packed, leaves), "nsa_dsl_per_doc": (per_doc, leaves),
+            "nsa_dsl_fixed": (lambda: compiled(**fixed), list(fixed.values())),
+            "nsa_dsl_whole": (lambda: compiled(**whole), list(whole.values()))}
 
 
 def _dense_calls(pattern, x: dict, cu, lengths) -> dict:
@@ -158,20 +189,21 @@ def _dense_calls(pattern, x: dict, cu, lengths) -> dict:
 
 def run(pattern, mix: str, total: int, ceil: dict, warmup: float, rep: float, seed: int) -> list:
     lengths = document_lengths(total, *MIXES[mix], seed=seed)
-    compiled = nsa_dsl.compile(pattern)
+    compiled = nsa_dsl.compile(pattern, tuned=True)
     x, cu = packed_tensors(pattern, lengths, seed=seed)
     calls = _nsa_calls(compiled, pattern, x, cu, lengths)
     try:
-        calls.update(_dense_calls(pattern, x, cu, lengths))
+        calls.update({n: (f, list(x.values())) for n, f in _dense_calls(pattern, x, cu, lengths).items()})
     except Exception as e:  # noqa: BLE001 - a baseline that cannot run is a row with its error
-        calls["flex_doc_causal"] = calls["sdpa_flash_per_doc"] = bench._short(e)
-    leaves = list(x.values())
+        calls["flex_doc_causal"] = calls["sdpa_flash_per_doc"] = (bench._short(e), [])
+    work_lengths = {"nsa_dsl_fixed": [fixed_batch_shape(lengths)[1]] * fixed_batch_shape(lengths)[0],
+                    "nsa_dsl_whole": [total]}
     rows = []
-    for impl, fn in calls.items():
+    for impl, (fn, leaves) in calls.items():
         for pass_ in bench.PASSES:
             dense_impl = not impl.startswith("nsa_dsl")
             work = (dense_work(pattern, lengths, pass_) if dense_impl
-                    else nsa_work(pattern, [total] if impl == "nsa_dsl_fixed" else lengths, pass_))
+                    else nsa_work(pattern, work_lengths.get(impl, lengths), pass_))
             common = dict(flops=work, ceilings=ceil)
             if isinstance(fn, str):
                 rows.append(bench.make_row(pattern.name, total, impl, pass_, error=fn, **common))
@@ -195,28 +227,73 @@ def run(pattern, mix: str, total: int, ceil: dict, warmup: float, rep: float, se
                 t.grad = None
             bench._cleanup()
     for row in rows:
-        row.update(mix=mix, documents=len(lengths))
+        row.update(mix=mix, documents=len(lengths), fixed_batch=list(fixed_batch_shape(lengths)))
     return rows
 
 
+IMPLS = ("nsa_dsl_packed", "nsa_dsl_per_doc", "nsa_dsl_fixed", "nsa_dsl_whole", "flex_doc_causal",
+         "sdpa_flash_per_doc")
+
+
 def summary(rows: list) -> str:
-    """Per pattern, mix and pass: ms of each impl, packed against the
-    per-document loop, and packed's ms per unit of work against fixed's."""
-    lines = ["pattern | mix | docs | pass | " + " | ".join(("nsa packed", "nsa per doc", "nsa fixed", "flex doc",
-                                                          "sdpa per doc")) + " | loop/packed | packed/fixed per work"]
+    """Per pattern, mix and pass: ms of each impl, the per-document loop
+    against packed, and packed's ms per unit of work against the fixed
+    batch's and the whole sequence's."""
+    lines = ["pattern | mix | docs | pass | nsa packed | nsa per doc | nsa fixed [B, L] | nsa whole | flex doc"
+             " | sdpa per doc | loop/packed | packed/fixed per work | packed/whole per work"]
     keys = sorted({(r["pattern"], r["mix"], r["documents"], r["pass"]) for r in rows}, key=lambda k: (k[0], k[1], k[3]))
     for p, mix, docs, pass_ in keys:
         by = {r["impl"]: r for r in rows if (r["pattern"], r["mix"], r["pass"]) == (p, mix, pass_)}
-        ms = {i: by.get(i, {}).get("ms") for i in ("nsa_dsl_packed", "nsa_dsl_per_doc", "nsa_dsl_fixed",
-                                                   "flex_doc_causal", "sdpa_flash_per_doc")}
+        ms = {i: by.get(i, {}).get("ms") for i in IMPLS}
         cells = [f"{m:.3f}" if m else "-" for m in ms.values()]
-        packed, loop, fixed = ms["nsa_dsl_packed"], ms["nsa_dsl_per_doc"], ms["nsa_dsl_fixed"]
+        packed, loop = ms["nsa_dsl_packed"], ms["nsa_dsl_per_doc"]
         ratio = f"{loop / packed:.2f}x" if packed and loop else "-"
-        per_work = "-"
-        if packed and fixed:
-            per_work = (f"{(packed / by['nsa_dsl_packed']['flops']) / (fixed / by['nsa_dsl_fixed']['flops']):.2f}")
-        lines.append(f"{p} | {mix} | {docs} | {pass_} | " + " | ".join(cells) + f" | {ratio} | {per_work}")
+
+        def per_work(other):
+            if not (packed and ms[other]):
+                return "-"
+            return f"{(packed / by['nsa_dsl_packed']['flops']) / (ms[other] / by[other]['flops']):.2f}"
+        lines.append(f"{p} | {mix} | {docs} | {pass_} | " + " | ".join(cells)
+                     + f" | {ratio} | {per_work('nsa_dsl_fixed')} | {per_work('nsa_dsl_whole')}")
     return "\n".join(lines)
+
+
+def stages(pattern, mix: str, total: int, seed: int, calls: int = 5) -> None:
+    """Per-kernel device times (profiler) of the packed call in both
+    selection loop orders and of the per-document loop, forward and
+    forward+backward, plus the slowest kernels outside the plan (index
+    building): where packed time goes."""
+    from bench import group_kernel_times
+    from nsa_dsl.profiling import kernel_events
+
+    lengths = document_lengths(total, *MIXES[mix], seed=seed)
+    x, cu = packed_tensors(pattern, lengths, seed=seed)
+    for order in ("group-centric", "block-centric"):
+        compiled = nsa_dsl.compile(pattern, slc_fwd=order)
+        for impl, (fn, leaves) in _nsa_calls(compiled, pattern, x, cu, lengths).items():
+            if impl == "nsa_dsl_whole" or (order == "block-centric" and impl != "nsa_dsl_packed"):
+                continue
+            for pass_ in bench.PASSES:
+                do = torch.randn_like(fn())
+
+                def step():
+                    if pass_ == "fwd":
+                        with torch.no_grad():
+                            fn()
+                    else:
+                        fn().backward(do)
+                        for t in leaves:
+                            t.grad = None
+                events = kernel_events(step, calls, warmup=2)
+                staged, other_ms, others = group_kernel_times(events, compiled.plan.kernel_names, calls)
+                parts = " ".join(f"{n.split('_kernel')[0][:24]}={ms:.2f}"
+                                 for n, (_, ms) in sorted(staged.items(), key=lambda kv: -kv[1][1]))
+                total_ms = sum(ms for _, ms in staged.values()) + other_ms
+                print(f"{pattern.name} {mix} {order[:5]} {impl[8:]} {pass_}: kernels {total_ms:.2f} ms | {parts}"
+                      f" | other {other_ms:.2f}: " + ", ".join(f"{n[:40]}={ms:.2f}" for n, ms in
+                                                            sorted(others.items(), key=lambda kv: -kv[1])[:4]),
+                      flush=True)
+                bench._cleanup()
 
 
 def main(argv=None) -> int:
@@ -228,8 +305,14 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rep", type=float, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stages", action="store_true", help="per-kernel times instead of the benchmark")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.stages:
+        for path in args.patterns.split(","):
+            for mix in args.mixes.split(","):
+                stages(nsa_dsl.load(path), mix, args.total, args.seed)
+        return 0
     ceil = bench.measure_ceilings(args.warmup, args.rep)
     rows = []
     for path in args.patterns.split(","):

@@ -18,6 +18,7 @@ from typing import Optional
 from . import cache
 from .ir import Pattern
 from .plan import TUNABLE
+from .varlen import max_length
 
 MIN_BUCKET, MAX_BUCKET = 1024, 131072
 
@@ -170,5 +171,19 @@ class TunedPattern:
         return self.variant(T).slc_fwd_at(T)
 
     def __call__(self, q, *args, **kwargs):
-        length = q.shape[1] if hasattr(q, "shape") and len(q.shape) >= 2 else None
-        return self.variant(length)(q, *args, **kwargs)
+        return self.variant(call_length(q, kwargs))(q, *args, **kwargs)
+
+
+def call_length(q, kwargs: dict) -> Optional[int]:
+    """The length whose bucket runs a call: T of a [B, T, ...] q; for
+    packed sequences (cu_seqlens) the longest sequence (max_seqlen, else
+    read from cu_seqlens: the one host sync a call without max_seqlen
+    makes anyway), not q's total or its head count. None where q has no
+    length (the call then reports its own error)."""
+    cu_seqlens = kwargs.get("cu_seqlens")
+    if cu_seqlens is not None:
+        try:
+            return max_length(cu_seqlens, kwargs.get("max_seqlen"))
+        except (ValueError, TypeError, AttributeError):
+            return None  # a malformed cu_seqlens or max_seqlen: the call's own checks name it
+    return q.shape[1] if hasattr(q, "shape") and len(q.shape) >= 2 else None

@@ -657,10 +657,16 @@ def test_varlen_bench_packed_and_per_document_calls_compute_the_same(pool):
     lengths = [5, 17, 0, 9]
     x, cu = bench_varlen.packed_tensors(p, [n for n in lengths if n], device="cpu", dtype=torch.float32)
     calls = bench_varlen._nsa_calls(nsa_dsl.compile(p), p, x, cu, [n for n in lengths if n])
-    assert ("nsa_dsl_fixed" in calls) == (pool == "mean")  # mlp's k_cmp are per document
     with torch.no_grad():
-        packed, per_doc = calls["nsa_dsl_packed"](), calls["nsa_dsl_per_doc"]()
+        packed, per_doc = calls["nsa_dsl_packed"][0](), calls["nsa_dsl_per_doc"][0]()
+        fixed, whole = calls["nsa_dsl_fixed"][0](), calls["nsa_dsl_whole"][0]()
     assert packed.shape == (31, 4, 32) and torch.equal(packed, per_doc)
+    # the fixed-length rows: a [B, L] batch of the mean document length
+    # (at least 64) and one sequence of the total, their own leaves
+    assert bench_varlen.fixed_batch_shape([5, 17, 9]) == (1, 64)
+    assert bench_varlen.fixed_batch_shape([1000, 3000, 2500, 1700]) == (4, 2048)
+    assert fixed.shape == (1, 64, 4, 32) and whole.shape == (1, 31, 4, 32)
+    assert all(t.requires_grad and t.shape[0] == 1 for t in calls["nsa_dsl_fixed"][1])
     assert bench_varlen.nsa_work(p, [5, 17, 9, 17], "fwd") == sum(
         bench.nsa_flops(p, T)["fwd"] for T in (5, 17, 9, 17))
 

@@ -11,7 +11,8 @@ import torch
 import nsa_dsl
 from nsa_dsl.pipeline import device_kind
 from nsa_dsl.plan import TUNABLE, apply_overrides
-from nsa_dsl.records import TunedPattern, bucket_of, config_path, load_configs, tuned_bucket, without_plan_decisions
+from nsa_dsl.records import (TunedPattern, bucket_of, call_length, config_path, load_configs, tuned_bucket,
+                             without_plan_decisions)
 from nsa_dsl.tune import candidates, tune
 from strategies import derived_overrides, random_inputs, rel_error
 
@@ -74,6 +75,22 @@ def test_tuned_pattern_dispatches_by_bucket_and_computes_the_same(tmp_path):
     plain = nsa_dsl.compile(PATTERN)
     assert rel_error(tuned(**args), plain(**args)) < 1e-6
     assert tuned.variant(40).plan.kernel("slc_fwd").const("SLC_TOKENS") == 64
+
+
+def test_a_packed_call_runs_the_bucket_of_its_longest_sequence(monkeypatch):
+    q = torch.zeros(3000, 4, 32)  # flash-attn's layout: dim 1 is the heads
+    cu = torch.tensor([0, 1000, 3000], dtype=torch.int32)
+    assert call_length(q, {"cu_seqlens": cu}) == 2000
+    assert call_length(q[None], {"cu_seqlens": cu}) == 2000  # fla's [1, total, ...]: not the total
+    assert call_length(q, {"cu_seqlens": cu, "max_seqlen": 2048}) == 2048
+    assert call_length(torch.zeros(2, 700, 4, 32), {}) == 700
+    assert call_length(q, {"cu_seqlens": cu, "max_seqlen": -1}) is None  # the call's own check names it
+    tuned = nsa_dsl.compile(PATTERN, tuned=True)
+    lengths = []
+    monkeypatch.setattr(tuned, "variant", lambda length: lengths.append(length) or tuned._variants[()])
+    args = {n: t[0] for n, t in random_inputs(PATTERN, 1, 40, torch.float32, seed=3).items()}
+    tuned(**args, cu_seqlens=torch.tensor([0, 15, 40], dtype=torch.int32))
+    assert lengths == [25]
 
 
 def test_tuned_and_overrides_are_exclusive():
