@@ -63,12 +63,12 @@ case "${1:-}" in
     # $OUT/varlen_bench.json
     {
       for pattern in examples/bench_paper128.nsa examples/deepseek_nsa.nsa; do
-        for range in 4096:12288 768:1280; do  # ~8 documents summing to 64k; ~64 of ~1k
+        for range in ${VARLEN_RANGES:-4096:12288 768:1280}; do  # ~8 documents summing to 64k; ~64 of ~1k
           lengths=$(python3 -c "import sys; sys.path.insert(0, 'benchmarks'); from bench_varlen import document_lengths as d; print(','.join(map(str, d(65536, ${range%%:*}, ${range##*:}, 1))))")
           timeout 120 python3 benchmarks/varlen_gpu.py --pattern "$pattern" --lengths "$lengths" 2>&1 | grep -v Warning
         done
       done
-      timeout 400 python3 benchmarks/bench_varlen.py --out "$OUT"
+      timeout "${VARLEN_BENCH_TIMEOUT_S:-400}" python3 benchmarks/bench_varlen.py --out "$OUT"
     } 2>&1 | tee "$OUT/varlen.log" | tail -n 40 ;;
   tests)
     timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \
