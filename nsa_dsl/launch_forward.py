@@ -116,9 +116,10 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
     if kp.has_const("SLC_FWD_WINDOW"):  # the pattern has a window: slc_fwd takes its tensors
         if plan.window_in_selection:  # ... and computes it, reading k and v as swa_fwd would
             kw, vw = (k_swa, v_swa) if k_swa is not None else (k, v)
-            # packed: a descriptor's box reads past a sequence's end into the
-            # next one; the kernel zeroes those values (masked tiles only)
-            kw_arg, vw_arg, window_tma = window_operands(compiled, kw, vw)
+            # packed: pointers only (a descriptor's box would read past the
+            # sequence's end into the next one; the pointer path masks there)
+            kw_arg, vw_arg, window_tma = (window_operands(compiled, kw, vw) if shapes.packing is None
+                                          else (kw, vw, False))
             o_swa = compiled.alloc((B, T, HQ, DV), q.dtype, dev) if not write_final else o_slc
             lse_swa = compiled.alloc((B, HQ, T), torch.float32, dev) if not write_final else o_slc
             if not write_final:
@@ -129,9 +130,9 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
             window_args = (k, v, o_slc, o_slc, *_strides(k), *_strides(v), *_strides(o_slc))
     o_cmp = out.get("o_cmp")
     gate_ptrs, has_gates = _gate_args(gates, o_slc)
-    # packed: a sequence's last block's box reaches into the next sequence;
-    # the kernel zeroes those values (_slc_attend)
-    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA"), k, v, p.select.block, plan.qk_pad, plan.v_pad)
+    # packed: pointers only (a block's box reaches into the next sequence)
+    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA") and shapes.packing is None, k, v, p.select.block,
+                                         plan.qk_pad, plan.v_pad)
     grid = (_cdiv(shapes.grid_length, kp.const("SLC_TOKENS")), shapes.grid_batch * HKV)
     m.slc_fwd[grid](
         q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,

@@ -220,38 +220,3 @@ class _Spy:
     def __getitem__(self, grid):
         self.record.append(self.name)
         return self.kernel[grid]
-
-
-@pytest.mark.parametrize("window", [False, True], ids=["selection", "window folded"])
-def test_packed_descriptor_reads_equal_each_sequence_alone_and_see_nothing_of_the_next(window):
-    """slc_fwd with tensor descriptors (SLC_TMA; with the window folded in,
-    SWA_TMA too) on packed sequences: a sequence's last, partial block (and
-    its diagonal window tile) reads on into the next sequence, whose values
-    the kernel zeroes. The packed output equals each sequence's alone, and
-    NaN/inf in the next sequence's keys and values change nothing."""
-    pattern = SEL if not window else nsa_dsl.parse(
-        "pattern sw { heads q=4 kv=2 dims qk=16 select block=16 top=2 initial=1 local=1 window size=24 }")
-    overrides = {"SLC_TMA": 1, **({"SLC_FWD_WINDOW": 1} if window else {})}
-    compiled = nsa_dsl.compile(pattern, slc_fwd="group-centric", overrides=overrides)
-    assert compiled.plan.kernel("slc_fwd").const("SLC_TMA") and compiled.plan.window_in_selection == window
-    lengths = [L + 5, 0, 1, 3 * L - 1, 2 * L]
-    args, indices, _ = _inputs(pattern, lengths, torch.float32, 7)
-    if window:
-        args["g_swa"] = torch.rand(sum(lengths), pattern.heads.q, generator=torch.Generator().manual_seed(8))
-    cu = cu_seqlens_of(lengths)
-    with torch.no_grad():
-        o = compiled(**args, indices=indices, cu_seqlens=cu)
-        start = 0
-        for n in lengths:
-            if n:
-                alone = compiled(**{k: t[start:start + n][None] for k, t in args.items()},
-                                 indices=indices[start:start + n][None])
-                assert torch.equal(o[start:start + n], alone[0]), f"sequence at {start} differs from it alone"
-            start += n
-        poisoned = dict(args)
-        poisoned["k"], poisoned["v"] = args["k"].clone(), args["v"].clone()
-        first_of_next = L + 5 + 1  # the sequence after the 1-position one
-        poisoned["k"][first_of_next:] = float("nan")
-        poisoned["v"][first_of_next:] = float("inf")
-        o_poisoned = compiled(**poisoned, indices=indices, cu_seqlens=cu)
-    assert torch.equal(o[:first_of_next], o_poisoned[:first_of_next])
