@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 
 from . import launch_backward as bwd
-from . import varlen
+from . import incremental, varlen
+from .kv_cache import NSACache
 from . import launch_forward as fwd
 from .autograd import NSAFunction
 from .geometry import num_blocks
@@ -136,6 +137,59 @@ class CompiledPattern:
         if return_indices:
             return o, idx
         return o
+
+    # ------------------------------------------------------------ inference
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16, k_swa: bool = False):
+        """An empty NSACache of `batch` sequence slots of up to max_len
+        positions for this pattern (k_swa=True: the window branch keeps its
+        own keys and values)."""
+        return NSACache(self.pattern, batch, max_len, device=device, dtype=dtype, k_swa=k_swa)
+
+    def prefill(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
+                k_cmp=None, v_cmp=None, scale=None, return_indices=False):
+        """Append k, v ([b, m, HKV, D], any m >= 1) after each slot's
+        sequence (all slots in order, or `slots`) and attend the queries at
+        those positions against everything cached: o [b, m, HQ, Dv]. A piece
+        may start anywhere (chunked prefill). The compressed tokens the new
+        positions complete are stored: mean-pooled from the cache
+        (pool=mean), or given (pool=mlp: k_cmp, v_cmp lists of [n_s, HKV,
+        D], one per sequence, the tokens this call completes). Bad input is
+        a ValueError before anything is written.
+
+        Slots that are all empty run the training forward's kernels on the
+        piece; a piece after cached positions runs incremental.attend_cached
+        (PyTorch, gathering each query's keys: the decode kernels of issue
+        22 are not written yet)."""
+        return self._step(q, k, v, g_cmp, g_slc, g_swa, cache=cache, slots=slots, k_swa=k_swa, v_swa=v_swa,
+                          k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
+
+    def decode(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
+               k_cmp=None, v_cmp=None, scale=None, return_indices=False):
+        """prefill of one new position per sequence (q [b, 1, HQ, Dqk])."""
+        if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != 1:
+            raise ValueError(f"q: decode takes one new position per sequence, got shape {list(q.shape)}"
+                             " (prefill takes any number)")
+        return self._step(q, k, v, g_cmp, g_slc, g_swa, cache=cache, slots=slots, k_swa=k_swa, v_swa=v_swa,
+                          k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
+
+    def _step(self, q, k, v, g_cmp, g_slc, g_swa, *, cache, slots, k_swa, v_swa, k_cmp, v_cmp, scale,
+              return_indices):
+        p = self.pattern
+        gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
+        if return_indices and p.select is None:
+            raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
+        slots = incremental.validate_step(cache, p, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
+        scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
+        if all(cache.host_lengths[s] == 0 for s in slots):  # a whole prompt: the training forward's kernels
+            mlp = {} if cache.pools_itself or p.compress is None else {
+                "k_cmp": torch.stack(list(k_cmp)), "v_cmp": torch.stack(list(v_cmp))}
+            out = self(q, k, v, g_cmp, g_slc, g_swa, k_swa=k_swa, v_swa=v_swa, scale=scale,
+                       return_indices=return_indices, **mlp)
+            incremental.store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
+            return out
+        incremental.store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
+        return incremental.attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
+                                         want_indices=return_indices)
 
     def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the

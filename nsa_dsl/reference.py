@@ -299,17 +299,23 @@ def _mask_invisible_blocks(pattern, s, t0, t1):
 def _select_chunk(pattern, S, t0):
     """Indices [B, N, HKV, top] (int32, ascending, -1 padded) from S for the
     queries at positions t0 .. t0 + N - 1."""
+    return select_at_positions(pattern, S, _positions(t0, t0 + S.shape[1], S.device)[None])
+
+
+def select_at_positions(pattern, S, t):
+    """The selection rule (select_blocks) for rows at positions t [B or 1,
+    N] (int64; each row its own position, as a cached prefill or decode
+    step's queries have): indices [B, N, HKV, top] from S [B, N, HKV, NB]."""
     sel = pattern.select
     B, N, HKV, NB = S.shape
     device = S.device
-    t = _positions(t0, t0 + N, device).unsqueeze(1)  # [N, 1]
-    cur = t // sel.block  # block holding t
-    j = torch.arange(NB, device=device, dtype=torch.int64).unsqueeze(0)  # [1, NB]
+    cur = (t // sel.block).unsqueeze(-1)  # [B or 1, N, 1]: block holding t
+    j = torch.arange(NB, device=device, dtype=torch.int64).view(1, 1, NB)
     visible = j <= cur
     forced = visible & ((j < sel.initial) | (j > cur - sel.local))
     key = S.detach().to(torch.float64)
-    key = key.masked_fill(forced[None, :, None, :], float("inf"))
-    key = key.masked_fill(~visible[None, :, None, :], float("-inf"))
+    key = key.masked_fill(forced[:, :, None, :], float("inf"))
+    key = key.masked_fill(~visible[:, :, None, :], float("-inf"))
     # Stable descending sort: among equal keys the lower block index comes first.
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices
     top = sel.top
@@ -317,9 +323,9 @@ def _select_chunk(pattern, S, t0):
         pad = torch.full((B, N, HKV, top - NB), NB, dtype=order.dtype, device=device)
         order = torch.cat([order, pad], dim=-1)
     order = order[..., :top]
-    count = torch.clamp(cur + 1, max=top)  # [N, 1] valid entries per row
-    rank = torch.arange(top, device=device, dtype=torch.int64).unsqueeze(0)
-    valid = (rank < count)[None, :, None, :]
+    count = torch.clamp(cur + 1, max=top)  # [B or 1, N, 1] valid entries per row
+    rank = torch.arange(top, device=device, dtype=torch.int64).view(1, 1, top)
+    valid = (rank < count)[:, :, None, :]
     order = torch.where(valid, order, torch.full_like(order, NB))  # NB sorts last
     order = torch.sort(order, dim=-1).values
     order = torch.where(order == NB, torch.full_like(order, -1), order)

@@ -1,0 +1,202 @@
+"""Attention of new positions against a cache (prefill of a prompt piece,
+decode of one token), in PyTorch: each query reads only the compressed
+tokens, its selected blocks and its window (gathered), at its own position
+in its own sequence, the rows of a batch at different lengths.
+
+This is the incremental schedule of NSA_MATH.md ("Cache, prefill and
+decode") and the oracle of any decode kernel: the same branch math as the
+reference (its masked softmax, overlap weights and selection rule), for
+rows whose positions differ per sequence. Softmax statistics in float32;
+the output in q's dtype.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from .geometry import compressed_end, num_blocks
+from .ir import Branch
+from .kv_cache import NSACache
+from .reference import _softmax_masked, first_occurrence, overlap_weights, select_at_positions
+
+
+def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """x [B, L, HKV, D] at positions pos [B, N, HKV, S] (clamped into
+    range; the caller masks what lies outside) -> [B, N, HKV, S, D]."""
+    B, L, HKV, _ = x.shape
+    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
+    h = torch.arange(HKV, device=x.device).view(1, 1, HKV, 1)
+    return x[b, pos.clamp(0, max(L - 1, 0)), h]
+
+
+def _attend(q5, k, v, mask, scale):
+    """q5 [B, N, HKV, G, D] against gathered k [B, N, HKV, S, D] with mask
+    [B, N, HKV, S] -> o [B, N, HKV, G, Dv], float32."""
+    logits = torch.einsum("bnkgd,bnksd->bnkgs", q5, k.float()) * scale
+    p = _softmax_masked(logits, mask.unsqueeze(3))
+    return torch.einsum("bnkgs,bnksd->bnkgd", p, v.float())
+
+
+def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
+                  scale: float, *, query_chunk: int = 128, want_indices: bool = False):
+    """o [b, m, HQ, Dv] of the queries q [b, m, HQ, Dqk] that sit at the last
+    m positions of each slot's sequence (the cache already holds them and
+    the compressed tokens they complete), gated by gates {Branch: [b, m,
+    HQ]}; with want_indices also the selection's blocks [b, m, HKV, top]."""
+    p = cache.pattern
+    b, m, HQ, _ = q.shape
+    HKV, G = p.heads.kv, p.heads.q // p.heads.kv
+    lengths = [cache.host_lengths[s] for s in slots]
+    longest = max(lengths)
+    rows = torch.tensor(slots, device=q.device, dtype=torch.int64)
+    span = lambda t: None if t is None else t[rows, :longest]  # noqa: E731
+    k, v = span(cache.k), span(cache.v)
+    k_swa = span(cache.k_swa) if cache.k_swa is not None else k
+    v_swa = span(cache.v_swa) if cache.v_swa is not None else v
+    n_cmp = cache.compressed_count(longest)
+    k_cmp = cache.k_cmp[rows, :n_cmp] if p.compress is not None else None
+    v_cmp = cache.v_cmp[rows, :n_cmp] if p.compress is not None else None
+    first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
+
+    outs, idx_out = [], []
+    for c0 in range(0, m, query_chunk):
+        c1 = min(m, c0 + query_chunk)
+        t = first[:, None] + torch.arange(c0, c1, device=q.device)  # [b, N] positions
+        q5 = q[:, c0:c1].float().reshape(b, c1 - c0, HKV, G, -1)
+        o = torch.zeros(b, c1 - c0, HKV, G, p.dims.v, device=q.device, dtype=torch.float32)
+        branch = {}
+        p_cmp = None
+        if p.compress is not None:
+            branch[Branch.CMP], p_cmp = _compressed(p, q5, k_cmp, v_cmp, t, scale)
+        if p.select is not None:
+            idx = _selection_indices(p, p_cmp, t, longest)
+            branch[Branch.SLC] = _selected(p, q5, k, v, idx, t, scale)
+            if want_indices:
+                idx_out.append(idx)
+        if p.window is not None:
+            branch[Branch.SWA] = _window(p, q5, k_swa, v_swa, t, scale)
+        for br in p.combined_branches:
+            g = gates.get(br)
+            g5 = 1.0 if g is None else g[:, c0:c1].float().reshape(b, c1 - c0, HKV, G, 1)
+            o = o + g5 * branch[br]
+        outs.append(o.reshape(b, c1 - c0, HQ, p.dims.v))
+    o = torch.cat(outs, 1).to(q.dtype)
+    return (o, torch.cat(idx_out, 1)) if want_indices else o
+
+
+def _compressed(p, q5, k_cmp, v_cmp, t, scale):
+    """(o_cmp [b, N, HKV, G, Dv], p_cmp [b, N, HKV, G, Tc]) of rows at
+    positions t [b, N]: a row sees compressed token i iff its block ends at
+    or before it (row with none: zeros)."""
+    c = p.compress
+    i = torch.arange(k_cmp.shape[1], device=q5.device, dtype=torch.int64)
+    visible = compressed_end(i, c.block, c.stride)[None, None, :] <= t[:, :, None]  # [b, N, Tc]
+    logits = torch.einsum("bnkgd,bskd->bnkgs", q5, k_cmp.float()) * scale
+    p_cmp = _softmax_masked(logits, visible[:, :, None, None, :])
+    return torch.einsum("bnkgs,bskd->bnkgd", p_cmp, v_cmp.float()), p_cmp
+
+
+def _selection_indices(p, p_cmp, t, longest):
+    """Blocks [b, N, HKV, top] of rows at positions t: the compressed
+    probabilities spread over the blocks they overlap, summed over the
+    group, then the selection rule (forced blocks, top-n, ties to the lower
+    block). A static selection (no compress) has only forced blocks."""
+    sel = p.select
+    NB = num_blocks(longest, sel.block)
+    b, N = t.shape
+    if p_cmp is None:
+        S = torch.zeros(b, N, p.heads.kv, NB, device=t.device, dtype=torch.float64)
+    else:
+        W = overlap_weights(p.compress.block, p.compress.stride, sel.block, p_cmp.shape[-1], NB,
+                            dtype=p_cmp.dtype, device=t.device)
+        S = torch.einsum("bnkgs,sj->bnkj", p_cmp, W)
+    return select_at_positions(p, S, t)
+
+
+def _selected(p, q5, k, v, idx, t, scale):
+    """o_slc of rows at positions t over the keys of their blocks idx (each
+    block once, keys at or before the row)."""
+    lb = p.select.block
+    b, N, HKV, top = idx.shape
+    offs = torch.arange(lb, device=q5.device, dtype=torch.int64)
+    pos = (idx.to(torch.int64).unsqueeze(-1) * lb + offs).reshape(b, N, HKV, top * lb)
+    ok = ((idx >= 0) & first_occurrence(idx)).repeat_interleave(lb, dim=-1)
+    mask = ok & (pos <= t[:, :, None, None])
+    return _attend(q5, _gather_rows(k, pos), _gather_rows(v, pos), mask, scale)
+
+
+def _window(p, q5, k, v, t, scale):
+    """o_swa of rows at positions t over positions t - w + 1 .. t."""
+    w = p.window.size
+    b, N = t.shape
+    HKV = q5.shape[2]
+    pos = (t[:, :, None] - w + 1 + torch.arange(w, device=q5.device)).unsqueeze(2).expand(b, N, HKV, w)
+    return _attend(q5, _gather_rows(k, pos), _gather_rows(v, pos), pos >= 0, scale)
+
+
+def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optional[Sequence[int]],
+                  k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> list:
+    """The checks of a prefill or decode call, before anything is written:
+    the cache's pattern, dtype and device, the batch against the slots, the
+    room left, and every tensor's shape. Returns the slots."""
+    if not isinstance(cache, NSACache):
+        raise ValueError(f"cache: expected an NSACache (compiled.new_cache), got {type(cache).__name__}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise ValueError(f"q: expected [batch, Tq, HQ={pattern.heads.q}, Dqk={pattern.dims.qk}], got "
+                         f"{list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    cache.check_compatible(pattern, q)
+    b, m = q.shape[:2]
+    if m < 1:
+        raise ValueError(f"q: expected at least one new position, got shape {list(q.shape)}")
+    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
+    expect = {"q": (q, (b, m, hq, dqk)), "k": (k, (b, m, hkv, dqk)), "v": (v, (b, m, hkv, dv))}
+    if cache.k_swa is not None or k_swa is not None or v_swa is not None:
+        if cache.k_swa is None:
+            raise ValueError("k_swa: this cache keeps no separate window keys (new_cache(..., k_swa=True))")
+        expect["k_swa"], expect["v_swa"] = (k_swa, (b, m, hkv, dqk)), (v_swa, (b, m, hkv, dv))
+    for br in pattern.combined_branches:
+        expect[f"g_{br.value}"] = (gates.get(br), (b, m, hq))
+    for name, (t, shape) in expect.items():
+        if t is None:
+            if name.startswith("g_"):
+                continue  # an absent gate counts as 1
+            raise ValueError(f"{name}: required by this cache, got None")
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name}: expected shape {list(shape)}, got {got}")
+        cache.check_compatible(pattern, t, name)
+    slots = cache.check_slots(slots, b)
+    cache.check_room(slots, m)
+    if not cache.pools_itself and pattern.compress is not None:
+        counts = [len(cache.completed_tokens(s, cache.host_lengths[s], cache.host_lengths[s] + m)) for s in slots]
+        for name, t, d in (("k_cmp", k_cmp, dqk), ("v_cmp", v_cmp, dv)):
+            if not isinstance(t, (list, tuple)) or len(t) != b:
+                raise ValueError(f"{name}: pool=mlp: expected one tensor per sequence [n_s, HKV, D] (the"
+                                 f" compressed tokens this call completes: {counts}), got {type(t).__name__}")
+            for s, (x, n) in enumerate(zip(t, counts)):
+                if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, hkv, d):
+                    got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                    raise ValueError(f"{name}[{s}]: expected shape {[n, hkv, d]} (the compressed tokens this"
+                                     f" call completes), got {got}")
+                cache.check_compatible(pattern, x, f"{name}[{s}]")
+    elif k_cmp is not None or v_cmp is not None:
+        raise ValueError("k_cmp: this pattern pools its compressed tokens itself (pool=mean); pass none")
+    return slots
+
+
+def store(cache: NSACache, slots, k, v, k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> None:
+    """Append k, v (and k_swa, v_swa) after each slot's sequence and store
+    the compressed tokens the new positions complete: pooled from the cache
+    (pool=mean) or the caller's k_cmp/v_cmp lists (pool=mlp). The inputs
+    are validated (validate_step)."""
+    m = k.shape[1]
+    before = [cache.host_lengths[s] for s in slots]
+    cache.append(slots, k, v, k_swa, v_swa)
+    if cache.pattern.compress is None:
+        return
+    for i, s in enumerate(slots):
+        tokens = cache.completed_tokens(s, before[i], before[i] + m)
+        if len(tokens):
+            kc, vc = cache.pool_mean(s, tokens) if cache.pools_itself else (k_cmp[i], v_cmp[i])
+            cache.write_compressed(s, tokens.start, kc, vc)

@@ -1,0 +1,170 @@
+"""The inference cache of one NSA layer: keys, values and compressed tokens
+of a batch of sequences of different lengths (a serving batch), appended to
+by prefill and decode (NSA_MATH.md, "Cache, prefill and decode").
+
+    cache = compiled.new_cache(batch, max_len, device="cuda", dtype=torch.bfloat16)
+
+Layout, preallocated: k [B, max_len, HKV, Dqk], v [B, max_len, HKV, Dv],
+k_cmp [B, max_c, HKV, Dqk], v_cmp [B, max_c, HKV, Dv] (max_c the compressed
+tokens of max_len positions), lengths [B] int32 on the device. Sequence b
+holds positions 0 .. lengths[b] - 1 and the compressed tokens complete by
+then (token i once position i*d + l - 1 is cached).
+
+The cache also keeps the lengths on the host (`host_lengths`): every append
+adds a known count, so the bounds checks (a sequence past max_len) and the
+planning of a call need no host synchronisation; the device copy is what a
+captured CUDA graph reads and advances.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+from .geometry import num_compressed
+from .ir import Pattern, Pool
+
+
+class NSACache:
+    """Keys, values and compressed tokens of `batch` sequence slots of up to
+    `max_len` positions each, for one pattern (see the module docstring).
+    Made by CompiledPattern.new_cache / NSAttention.new_cache."""
+
+    def __init__(self, pattern: Pattern, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16,
+                 k_swa: bool = False):
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch: expected a positive int, got {batch!r}")
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+            raise ValueError(f"max_len: expected a positive int, got {max_len!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
+        self.pattern = pattern
+        self.batch, self.max_len = batch, max_len
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
+        hkv, dqk, dv = pattern.heads.kv, pattern.dims.qk, pattern.dims.v
+        kw = {"device": self.device, "dtype": dtype}
+        self.k = torch.zeros(batch, max_len, hkv, dqk, **kw)
+        self.v = torch.zeros(batch, max_len, hkv, dv, **kw)
+        # the window branch's own keys and values (the paper's separate K/V per branch)
+        self.k_swa = torch.zeros(batch, max_len, hkv, dqk, **kw) if k_swa else None
+        self.v_swa = torch.zeros(batch, max_len, hkv, dv, **kw) if k_swa else None
+        c = pattern.compress
+        self.max_compressed = 0 if c is None else num_compressed(max_len, c.block, c.stride)
+        self.k_cmp = torch.zeros(batch, self.max_compressed, hkv, dqk, **kw) if c is not None else None
+        self.v_cmp = torch.zeros(batch, self.max_compressed, hkv, dv, **kw) if c is not None else None
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self.host_lengths: List[int] = [0] * batch
+
+    # ------------------------------------------------------------ geometry
+    def compressed_count(self, length: int) -> int:
+        c = self.pattern.compress
+        return 0 if c is None else num_compressed(length, c.block, c.stride)
+
+    def reset(self, slot: int) -> None:
+        """Free slot `slot` for a new sequence (its length back to 0; the old
+        contents are never read again: every read is bounded by the length)."""
+        self._check_slot(slot)
+        self.lengths[slot] = 0
+        self.host_lengths[slot] = 0
+
+    def _check_slot(self, slot) -> None:
+        if isinstance(slot, bool) or not isinstance(slot, int) or not 0 <= slot < self.batch:
+            raise ValueError(f"slot: expected an int in [0, {self.batch}), got {slot!r}")
+
+    # -------------------------------------------------------------- checks
+    def check_compatible(self, pattern: Pattern, like: torch.Tensor, name: str = "q") -> None:
+        """ValueError unless this cache was made for `pattern` and holds
+        `like`'s dtype on `like`'s device."""
+        if pattern.canonical() != self.pattern.canonical():
+            raise ValueError(f"cache: made for pattern {self.pattern.name!r}, this call's pattern is {pattern.name!r}"
+                             " (a cache holds one pattern's heads, dims and compressed tokens)")
+        if like.dtype != self.dtype:
+            raise ValueError(f"cache: holds {self.dtype}, {name} is {like.dtype}")
+        if like.device != self.device:
+            raise ValueError(f"cache: on {self.device}, {name} is on {like.device}")
+
+    def check_slots(self, slots: Optional[Sequence[int]], batch: int) -> List[int]:
+        """The slots a call of `batch` sequences appends to: all of them in
+        order where slots is None (batch must then be the cache's)."""
+        if slots is None:
+            if batch != self.batch:
+                raise ValueError(f"q: batch {batch}, the cache holds {self.batch} sequences"
+                                 " (pass slots=[...] to append to some of them)")
+            return list(range(self.batch))
+        slots = list(slots)
+        for s in slots:
+            self._check_slot(s)
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots: {slots} names a slot twice")
+        if len(slots) != batch:
+            raise ValueError(f"slots: {len(slots)} slots for a batch of {batch}")
+        return slots
+
+    def check_room(self, slots: Sequence[int], count: int) -> None:
+        for s in slots:
+            if self.host_lengths[s] + count > self.max_len:
+                raise ValueError(f"cache: slot {s} holds {self.host_lengths[s]} positions; {count} more pass"
+                                 f" max_len={self.max_len}")
+
+    # ------------------------------------------------------------- writing
+    def append(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor, k_swa=None, v_swa=None) -> None:
+        """Write k, v ([len(slots), m, HKV, D]) after each slot's sequence
+        and advance its length by m (checked before: check_room). The
+        compressed tokens are written separately (write_compressed)."""
+        m = k.shape[1]
+        pos = self._new_positions(slots, m)
+        rows = torch.tensor(slots, device=self.device, dtype=torch.int64)[:, None].expand(-1, m)
+        self.k[rows, pos] = k
+        self.v[rows, pos] = v
+        if self.k_swa is not None:
+            self.k_swa[rows, pos] = k_swa
+            self.v_swa[rows, pos] = v_swa
+        index = rows[:, 0]
+        self.lengths.index_add_(0, index, torch.full_like(index, m, dtype=torch.int32))
+        for s in slots:
+            self.host_lengths[s] += m
+
+    def _new_positions(self, slots: Sequence[int], m: int) -> torch.Tensor:
+        start = torch.tensor([self.host_lengths[s] for s in slots], device=self.device, dtype=torch.int64)
+        return start[:, None] + torch.arange(m, device=self.device)
+
+    def completed_tokens(self, slot: int, before: int, after: int) -> range:
+        """The compressed tokens that become complete when slot's sequence
+        grows from `before` to `after` positions."""
+        return range(self.compressed_count(before), self.compressed_count(after))
+
+    def write_compressed(self, slot: int, first: int, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
+        """Store compressed tokens first .. first + n - 1 of slot ([n, HKV, D])."""
+        n = k_cmp.shape[0]
+        self.k_cmp[slot, first:first + n] = k_cmp
+        self.v_cmp[slot, first:first + n] = v_cmp
+
+    def pool_mean(self, slot: int, tokens: range) -> tuple:
+        """(k_cmp, v_cmp) [n, HKV, D] of those compressed tokens of a slot,
+        mean-pooled from its cached keys and values (pool=mean)."""
+        c = self.pattern.compress
+        if len(tokens) == 0:
+            return self.k_cmp[slot, :0], self.v_cmp[slot, :0]
+        lo, hi = tokens.start * c.stride, (tokens.stop - 1) * c.stride + c.block
+        windows_k = self.k[slot, lo:hi].float().unfold(0, c.block, c.stride)  # [n, HKV, D, block]
+        windows_v = self.v[slot, lo:hi].float().unfold(0, c.block, c.stride)
+        return windows_k.mean(-1).to(self.dtype), windows_v.mean(-1).to(self.dtype)
+
+    def windows(self, slot: int, tokens: range) -> torch.Tensor:
+        """The cached keys each of those compressed tokens covers, [1, n, HKV,
+        block, D] (what the module's learned phi pools, pool=mlp)."""
+        c = self.pattern.compress
+        lo, hi = tokens.start * c.stride, (tokens.stop - 1) * c.stride + c.block
+        return self.k[slot, lo:hi].unfold(0, c.block, c.stride).permute(0, 1, 3, 2).unsqueeze(0)
+
+    @property
+    def pools_itself(self) -> bool:
+        """Whether the call pools the compressed tokens (mean) or the caller
+        passes them (mlp)."""
+        c = self.pattern.compress
+        return c is not None and c.pool == Pool.MEAN
+
+    def __repr__(self) -> str:
+        return (f"NSACache({self.pattern.name!r}, batch={self.batch}, max_len={self.max_len}, dtype={self.dtype},"
+                f" device={self.device}, lengths={self.host_lengths})")
