@@ -149,6 +149,7 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
     b, m = q.shape[:2]
     if m < 1:
         raise ValueError(f"q: expected at least one new position, got shape {list(q.shape)}")
+    slots = cache.check_slots(slots, b)  # the batch first: a wrong one would show as every other shape
     hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
     expect = {"q": (q, (b, m, hq, dqk)), "k": (k, (b, m, hkv, dqk)), "v": (v, (b, m, hkv, dv))}
     if cache.k_swa is not None or k_swa is not None or v_swa is not None:
@@ -166,7 +167,6 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected shape {list(shape)}, got {got}")
         cache.check_compatible(pattern, t, name)
-    slots = cache.check_slots(slots, b)
     cache.check_room(slots, m)
     if not cache.pools_itself and pattern.compress is not None:
         counts = [len(cache.completed_tokens(s, cache.host_lengths[s], cache.host_lengths[s] + m)) for s in slots]

@@ -11,60 +11,14 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import nsa_dsl
-from nsa_dsl.reference import block_scores, compress_mean
 from nsa_dsl.ir import Branch, Compress, Dims, Heads, Pattern, Pool, Select, Window
-from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, derived_overrides, random_inputs,
-                        rel_error, upcast, valid_patterns)
+from strategies import (TOLERANCE, LaunchSpy, assert_gradients_match_reference, assert_selection_rule,
+                        derived_overrides, random_inputs, rel_error, upcast, valid_patterns)
 
 from conftest import HAS_CUDA
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 DTYPES = [torch.float32, torch.float16]
-
-
-def _k_cmp_for_scores(pattern, args):
-    if pattern.compress.pool is Pool.MLP:
-        return args["k_cmp"]
-    c = pattern.compress
-    return compress_mean(args["k"], c.block, c.stride)
-
-
-def assert_selection_rule(pattern, args, indices, eps_rel, eps_abs):
-    """The kernel's indices obey NSA_MATH.md's rule against the reference's
-    block scores (computed in float64 from the same inputs)."""
-    s = pattern.select
-    B, T = args["q"].shape[:2]
-    idx = indices.long().cpu()
-    assert idx.shape == (B, T, pattern.heads.kv, s.top)
-    positions = torch.arange(T)
-    current = positions // s.block
-    if pattern.select.is_static:
-        scores = None
-    else:
-        up = upcast(args)
-        scores = block_scores(pattern, up["q"], _k_cmp_for_scores(pattern, up)).cpu()
-    for b in range(B):
-        for t in range(T):
-            cur = int(current[t])
-            visible = set(range(cur + 1))
-            forced = {j for j in visible if j < s.initial or j > cur - s.local}
-            for h in range(pattern.heads.kv):
-                row = idx[b, t, h].tolist()
-                chosen = [j for j in row if j >= 0]
-                assert row[len(chosen):] == [-1] * (len(row) - len(chosen)), f"-1 padding not at the end: {row}"
-                assert chosen == sorted(set(chosen)), f"indices not ascending and distinct: {row}"
-                assert set(chosen) <= visible, f"t={t}: future block in {row}"
-                assert len(chosen) == min(s.top, cur + 1), f"t={t}: {len(chosen)} blocks, expected {min(s.top, cur + 1)}"
-                assert forced <= set(chosen), f"t={t}: forced blocks {sorted(forced)} missing from {row}"
-                if scores is None:
-                    continue
-                free_chosen = [j for j in chosen if j not in forced]
-                unchosen = [j for j in visible if j not in chosen]
-                if free_chosen and unchosen:
-                    worst_taken = min(float(scores[b, t, h, j]) for j in free_chosen)
-                    best_left = max(float(scores[b, t, h, j]) for j in unchosen)
-                    assert worst_taken >= best_left - (eps_abs + eps_rel * abs(best_left)), (
-                        f"t={t} kv={h}: chose {free_chosen} (worst {worst_taken}) over a block scoring {best_left}")
 
 
 def run_and_compare(pattern, args, dtype):

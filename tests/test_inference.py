@@ -1,0 +1,184 @@
+"""The inference cache: prefill in pieces and decode steps on a ragged batch
+give the outputs and the selection a full forward gives at the same
+positions (NSA_MATH.md, "Cache, prefill and decode"), the cache holds what
+a full pass computes, and bad input is refused before anything is written."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import nsa_dsl
+from nsa_dsl.geometry import num_compressed
+from nsa_dsl.ir import Pool
+from nsa_dsl.reference import compress_mean, reference
+from strategies import TOLERANCE, assert_selection_rule, random_inputs, rel_error, upcast, valid_patterns
+
+PATTERN = nsa_dsl.parse("""
+pattern cached {
+    heads    q=4 kv=2
+    dims     qk=16
+    compress block=8 stride=4
+    select   block=16 top=3 initial=1 local=1
+    window   size=12
+}
+""")
+
+
+def _slice(args: dict, pattern, a: int, b: int) -> dict:
+    """Positions a..b-1 of one sequence's inputs (batch 1), k_cmp/v_cmp as
+    the list of the compressed tokens those positions complete."""
+    out = {n: t[:, a:b] for n, t in args.items() if n not in ("k_cmp", "v_cmp")}
+    c = pattern.compress
+    if c is not None and c.pool is Pool.MLP:
+        lo, hi = num_compressed(a, c.block, c.stride), num_compressed(b, c.block, c.stride)
+        out["k_cmp"], out["v_cmp"] = [args["k_cmp"][0, lo:hi]], [args["v_cmp"][0, lo:hi]]
+    return out
+
+
+def _stack(parts: list) -> dict:
+    """Per-sequence step inputs (each batch 1) as one batch."""
+    out = {}
+    for n in parts[0]:
+        out[n] = [p[n][0] for p in parts] if n in ("k_cmp", "v_cmp") else torch.cat([p[n] for p in parts])
+    return out
+
+
+def _full(pattern, args: dict):
+    """(o, indices) of the full forward of one sequence, float64 reference."""
+    want = pattern.select is not None
+    result = reference(pattern, **upcast(args), return_indices=want)
+    return result if want else (result, None)
+
+
+def _check_against_full(pattern, args: dict, o, idx, dtype) -> None:
+    """o and the selection of one sequence's steps against its full forward:
+    the output against the reference given the steps' own blocks (a
+    near-tie may flip a block), the blocks by the selection rule."""
+    ref_o, _ = _full(pattern, args)
+    if idx is not None:
+        ref_o = reference(pattern, **upcast(args), indices=idx.long())
+        assert_selection_rule(pattern, args, idx, eps_rel=1e-5, eps_abs=1e-6)
+    err = rel_error(o, ref_o)
+    assert err < TOLERANCE[dtype], f"output vs the full forward: relative error {err:.3g}"
+
+
+@settings(max_examples=12, deadline=None)
+@given(pattern=valid_patterns(), data=st.data(), dtype=st.sampled_from([torch.float32, torch.float16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_pieces_and_decode_steps_equal_the_full_forward(pattern, data, dtype, seed):
+    """A ragged batch: each slot's prompt arrives in random pieces (alone,
+    slots=[s]), then every slot decodes the same number of tokens together,
+    each at its own length."""
+    batch = data.draw(st.integers(1, 3), label="batch")
+    prompts = data.draw(st.lists(st.integers(1, 70), min_size=batch, max_size=batch), label="prompts")
+    steps = data.draw(st.integers(0, 6), label="decode steps")
+    compiled = nsa_dsl.compile(pattern)
+    want = pattern.select is not None
+    seqs = [random_inputs(pattern, 1, n + steps, dtype, seed + s) for s, n in enumerate(prompts)]
+    cache = compiled.new_cache(batch, max(prompts) + steps + data.draw(st.integers(0, 5)), dtype=dtype)
+    outs = [[] for _ in range(batch)]
+    idxs = [[] for _ in range(batch)]
+    for s, n in enumerate(prompts):
+        cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=3), label="cuts") if n > 1 else []))
+        for a, b in zip([0] + cuts, cuts + [n]):
+            result = compiled.prefill(**_slice(seqs[s], pattern, a, b), cache=cache, slots=[s], return_indices=want)
+            o, idx = result if want else (result, None)
+            outs[s].append(o[0])
+            idxs[s].append(idx[0] if want else None)
+    for t in range(steps):
+        parts = [_slice(seqs[s], pattern, n + t, n + t + 1) for s, n in enumerate(prompts)]
+        result = compiled.decode(**_stack(parts), cache=cache, return_indices=want)
+        o, idx = result if want else (result, None)
+        for s in range(batch):
+            outs[s].append(o[s])
+            idxs[s].append(idx[s] if want else None)
+    assert cache.host_lengths == [n + steps for n in prompts]
+    assert cache.lengths.tolist() == cache.host_lengths
+    for s in range(batch):
+        o = torch.cat(outs[s])[None]
+        idx = torch.cat(idxs[s])[None] if want else None
+        _check_against_full(pattern, seqs[s], o, idx, dtype)
+        c = pattern.compress
+        if c is not None:  # the cache holds the compressed tokens a full pass computes
+            T = prompts[s] + steps
+            n_c = num_compressed(T, c.block, c.stride)
+            want_k = (seqs[s]["k_cmp"][0] if c.pool is Pool.MLP
+                      else compress_mean(seqs[s]["k"].double(), c.block, c.stride)[0])
+            assert rel_error(cache.k_cmp[s, :n_c], want_k) < TOLERANCE[dtype]
+            assert torch.equal(cache.k[s, :T], seqs[s]["k"][0])
+
+
+@pytest.mark.parametrize("cuts", [
+    [7, 8],          # a piece ending one short of the first compressed token, then the step completing it
+    [15, 16, 17],    # a step ending a selection block, then one opening the next
+    [1, 2, 3],       # decode from length 1, shorter than one compression block
+    [20, 33, 41],    # pieces starting mid compression window and mid selection block
+])
+def test_boundaries(cuts):
+    T = cuts[-1] + 3
+    args = random_inputs(PATTERN, 1, T, torch.float32, seed=sum(cuts))
+    compiled = nsa_dsl.compile(PATTERN)
+    cache = compiled.new_cache(1, T, dtype=torch.float32)
+    outs, idxs = [], []
+    for a, b in zip([0] + cuts, cuts + [T]):
+        step = compiled.decode if b - a == 1 else compiled.prefill
+        o, idx = step(**_slice(args, PATTERN, a, b), cache=cache, return_indices=True)
+        outs.append(o)
+        idxs.append(idx)
+    ref_o, ref_idx = _full(PATTERN, args)
+    assert torch.equal(torch.cat(idxs, 1), ref_idx.to(torch.int32))
+    assert rel_error(torch.cat(outs, 1), ref_o) < TOLERANCE[torch.float32]
+
+
+def test_a_reset_slot_starts_a_new_sequence():
+    compiled = nsa_dsl.compile(PATTERN)
+    cache = compiled.new_cache(2, 64, dtype=torch.float32)
+    old = random_inputs(PATTERN, 2, 30, torch.float32, seed=1)
+    compiled.prefill(**old, cache=cache)
+    cache.reset(1)
+    assert cache.host_lengths == [30, 0] and cache.lengths.tolist() == [30, 0]
+    new = random_inputs(PATTERN, 1, 20, torch.float32, seed=2)
+    o = compiled.prefill(**new, cache=cache, slots=[1])
+    assert rel_error(o, _full(PATTERN, new)[0]) < TOLERANCE[torch.float32]
+
+
+def _decode_inputs(pattern, batch, dtype=torch.float32, seed=0):
+    return {n: t for n, t in random_inputs(pattern, batch, 1, dtype, seed).items()}
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a, c: a.update(q=a["q"][:1], k=a["k"][:1], v=a["v"][:1]), "q: batch 1, the cache holds 2"),
+    (lambda a, c: a.update(k=a["k"][..., :8]), "k: expected shape"),
+    (lambda a, c: a.update(q=a["q"].double()), "cache: holds torch.float32, q is torch.float64"),
+    (lambda a, c: a.update(g_slc=a["g_slc"][:, :, :2]), "g_slc: expected shape"),
+    (lambda a, c: [c.append([0], torch.zeros(1, 9, 2, 16), torch.zeros(1, 9, 2, 16))], "slot 0 holds 9 positions"),
+])
+def test_bad_input_is_refused_before_anything_is_written(change, message):
+    compiled = nsa_dsl.compile(PATTERN)
+    cache = compiled.new_cache(2, 9, dtype=torch.float32)
+    args = _decode_inputs(PATTERN, 2)
+    change(args, cache)
+    before = (cache.k.clone(), cache.lengths.clone(), list(cache.host_lengths))
+    with pytest.raises(ValueError, match=message):
+        compiled.decode(**args, cache=cache)
+    assert torch.equal(cache.k, before[0]) and torch.equal(cache.lengths, before[1])
+    assert cache.host_lengths == before[2]
+
+
+def test_a_cache_of_another_pattern_or_a_wrong_call_is_refused():
+    compiled = nsa_dsl.compile(PATTERN)
+    other = nsa_dsl.parse("pattern o { heads q=4 kv=2 dims qk=16 window size=5 }")
+    cache = nsa_dsl.compile(other).new_cache(1, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="made for pattern 'o'"):
+        compiled.decode(**_decode_inputs(PATTERN, 1), cache=cache)
+    cache = compiled.new_cache(1, 8, dtype=torch.float32)
+    with pytest.raises(ValueError, match="decode takes one new position"):
+        compiled.decode(**random_inputs(PATTERN, 1, 2, torch.float32, 0), cache=cache)
+    with pytest.raises(ValueError, match="slots: \\[0, 0\\] names a slot twice"):
+        compiled.prefill(**_decode_inputs(PATTERN, 2), cache=compiled.new_cache(2, 8, dtype=torch.float32),
+                         slots=[0, 0])
+    with pytest.raises(ValueError, match="max_len"):
+        compiled.new_cache(1, 0)
+    with pytest.raises(ValueError, match="slot: expected an int in \\[0, 1\\)"):
+        cache.reset(1)
