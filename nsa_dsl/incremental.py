@@ -11,6 +11,7 @@ the output in q's dtype.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -183,6 +184,30 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
     elif k_cmp is not None or v_cmp is not None:
         raise ValueError("k_cmp: this pattern pools its compressed tokens itself (pool=mean); pass none")
     return slots
+
+
+def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=None, k_swa=None, v_swa=None,
+         k_cmp=None, v_cmp=None, return_indices: bool = False, whole_prompt=None):
+    """A prefill or decode step (CompiledPattern.prefill's contract): bad
+    input a ValueError before anything is written; then the new keys and
+    compressed tokens stored and the new queries attended. Where every slot
+    of the call is empty and `whole_prompt` is given (a compiled pattern
+    that can run here), the piece is a whole prompt: that full forward
+    computes it; otherwise attend_cached."""
+    if return_indices and pattern.select is None:
+        raise ValueError(f"return_indices: pattern {pattern.name!r} has no select branch, so there are no indices")
+    slots = validate_step(cache, pattern, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(pattern.dims.qk)
+    if whole_prompt is not None and all(cache.host_lengths[s] == 0 for s in slots):
+        mlp = {} if cache.pools_itself or pattern.compress is None else {
+            "k_cmp": torch.stack(list(k_cmp)), "v_cmp": torch.stack(list(v_cmp))}
+        out = whole_prompt(q, k, v, gates.get(Branch.CMP), gates.get(Branch.SLC), gates.get(Branch.SWA),
+                           k_swa=k_swa, v_swa=v_swa, scale=scale, return_indices=return_indices, **mlp)
+        store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
+        return out
+    store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
+    return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
+                         want_indices=return_indices)
 
 
 def store(cache: NSACache, slots, k, v, k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> None:

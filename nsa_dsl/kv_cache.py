@@ -31,7 +31,7 @@ class NSACache:
     Made by CompiledPattern.new_cache / NSAttention.new_cache."""
 
     def __init__(self, pattern: Pattern, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16,
-                 k_swa: bool = False):
+                 k_swa: bool = False, pool_source: bool = False):
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch: expected a positive int, got {batch!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -49,6 +49,11 @@ class NSACache:
         # the window branch's own keys and values (the paper's separate K/V per branch)
         self.k_swa = torch.zeros(batch, max_len, hkv, dqk, **kw) if k_swa else None
         self.v_swa = torch.zeros(batch, max_len, hkv, dv, **kw) if k_swa else None
+        # the keys and values a learned phi pools (pool=mlp), where they are
+        # not k and v (NSAttention's own compression projection): a block a
+        # step completes may start in an earlier step's positions
+        self.k_src = torch.zeros(batch, max_len, hkv, dqk, **kw) if pool_source else None
+        self.v_src = torch.zeros(batch, max_len, hkv, dv, **kw) if pool_source else None
         c = pattern.compress
         self.max_compressed = 0 if c is None else num_compressed(max_len, c.block, c.stride)
         self.k_cmp = torch.zeros(batch, self.max_compressed, hkv, dqk, **kw) if c is not None else None
@@ -125,6 +130,16 @@ class NSACache:
         for s in slots:
             self.host_lengths[s] += m
 
+    def append_source(self, slots: Sequence[int], k_src: torch.Tensor, v_src: torch.Tensor) -> None:
+        """Write phi's source keys and values ([len(slots), m, HKV, D]) at
+        the m positions the step just appended (append advanced the
+        lengths already)."""
+        m = k_src.shape[1]
+        pos = self._new_positions(slots, m) - m
+        rows = torch.tensor(slots, device=self.device, dtype=torch.int64)[:, None].expand(-1, m)
+        self.k_src[rows, pos] = k_src
+        self.v_src[rows, pos] = v_src
+
     def _new_positions(self, slots: Sequence[int], m: int) -> torch.Tensor:
         start = torch.tensor([self.host_lengths[s] for s in slots], device=self.device, dtype=torch.int64)
         return start[:, None] + torch.arange(m, device=self.device)
@@ -150,13 +165,6 @@ class NSACache:
         windows_k = self.k[slot, lo:hi].float().unfold(0, c.block, c.stride)  # [n, HKV, D, block]
         windows_v = self.v[slot, lo:hi].float().unfold(0, c.block, c.stride)
         return windows_k.mean(-1).to(self.dtype), windows_v.mean(-1).to(self.dtype)
-
-    def windows(self, slot: int, tokens: range) -> torch.Tensor:
-        """The cached keys each of those compressed tokens covers, [1, n, HKV,
-        block, D] (what the module's learned phi pools, pool=mlp)."""
-        c = self.pattern.compress
-        lo, hi = tokens.start * c.stride, (tokens.stop - 1) * c.stride + c.block
-        return self.k[slot, lo:hi].unfold(0, c.block, c.stride).permute(0, 1, 3, 2).unsqueeze(0)
 
     @property
     def pools_itself(self) -> bool:

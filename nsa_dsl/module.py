@@ -21,7 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import incremental
 from .geometry import num_compressed
+from .kv_cache import NSACache
 from .varlen import compressed_bound, compressed_seqlens
 from .ir import Branch, Pattern, Pool
 from .parse import load_all
@@ -123,8 +125,15 @@ class CompressionMLP(nn.Module):
             else:
                 # [B, Tc, H, D, block] view -> [B, Tc, H, block, D]
                 windows = x.unfold(1, self.block, self.stride).transpose(-1, -2)
-        windows = windows + self.pos.to(x.dtype)
-        flat = windows.reshape(B, Tc, H, self.block * D)
+        return self.pool(windows)
+
+    def pool(self, windows: torch.Tensor) -> torch.Tensor:
+        """phi of blocks of keys [B, n, H, block, D] -> [B, n, H, D] (the
+        cached path pools the blocks a step completes, some of whose keys
+        were cached before it)."""
+        B, n, H, _, D = windows.shape
+        windows = windows + self.pos.to(windows.dtype)
+        flat = windows.reshape(B, n, H, self.block * D)
         return windows.mean(dim=3) + self.fc2(F.gelu(self.fc1(flat)))
 
     def _packed_windows(self, x, cu_seqlens, cu_compressed, rows: int) -> torch.Tensor:
@@ -409,12 +418,80 @@ class NSAttention(nn.Module):
             return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk,
                              gather=backend == "gather", **packed)
 
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> NSACache:
+        """An empty inference cache for forward(x, cache=...): `batch`
+        sequence slots of up to max_len positions (device and dtype: the
+        layer's parameters' unless given)."""
+        ref = self.q_proj.weight
+        return NSACache(self.pattern, batch, max_len, device=device if device is not None else ref.device,
+                        dtype=dtype if dtype is not None else ref.dtype,
+                        k_swa=self.kv_source.get(Branch.SWA) == "swa_kv",
+                        pool_source=hasattr(self, "phi_k") and self.kv_source[Branch.CMP] != "kv")
+
+    def _forward_cached(self, x: torch.Tensor, cache: NSACache, slots) -> torch.Tensor:
+        """forward with a cache: x [b, m, hidden] are the next m positions of
+        each slot's sequence (all slots, or `slots`); their keys are
+        appended and their queries attend everything cached (prefill or
+        decode: one path, by m). phi pools each compressed block the new
+        positions complete, from the cached and the new keys."""
+        self._check_input(x)
+        p = self.pattern
+        b, m = x.shape[:2]
+        q = self._heads(self.q_proj(x), p.heads.q, p.dims.qk)
+        k, v = self._pair("kv", x)
+        args = {"q": q, "k": k, "v": v}
+        if self.kv_source.get(Branch.SWA) == "swa_kv":
+            args["k_swa"], args["v_swa"] = self._pair("swa_kv", x)
+        for br, g in self.gates(x).items():
+            args[f"g_{br.value}"] = g
+        dt = q.dtype
+        args = {name: t.to(dt) for name, t in args.items()}
+        source = None
+        if hasattr(self, "phi_k"):
+            own = self.kv_source[Branch.CMP] != "kv"
+            kc, vc = (self._pair("cmp_kv", x) if own else (k, v))
+            kc, vc = kc.to(dt), vc.to(dt)
+            chosen = cache.check_slots(slots, b)
+            args["k_cmp"], args["v_cmp"] = [], []
+            for i, s in enumerate(chosen):
+                length = cache.host_lengths[s]
+                tokens = cache.completed_tokens(s, length, length + m)
+                for phi, new, cached, name in ((self.phi_k, kc, cache.k_src if own else cache.k, "k_cmp"),
+                                               (self.phi_v, vc, cache.v_src if own else cache.v, "v_cmp")):
+                    args[name].append(self._pool_completed(phi, tokens, cached[s, :length], new[i]))
+            source = (kc, vc) if own else None
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            compiled = self.compiled if self.resolve_backend(dt, x.device) == "kernels" else None
+            gates = {br: args.pop(f"g_{br.value}", None) for br in p.combined_branches}
+            o = incremental.step(cache, p, args.pop("q"), args.pop("k"), args.pop("v"), gates, **args,
+                                 scale=self.scale, slots=slots, whole_prompt=compiled)
+        if source is not None:
+            cache.append_source(cache.check_slots(slots, b), *source)
+        return self.o_proj(o.reshape(b, m, p.heads.q * p.dims.v))
+
+    @staticmethod
+    def _pool_completed(phi, tokens: range, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+        """phi of the compressed tokens `tokens` [n, H, D], whose blocks lie in
+        the cached positions followed by the new ones."""
+        if len(tokens) == 0:
+            return new.new_zeros(0, *new.shape[1:])
+        keys = torch.cat([cached.to(new.dtype), new])
+        lo, hi = tokens.start * phi.stride, (tokens.stop - 1) * phi.stride + phi.block
+        windows = keys[lo:hi].unfold(0, phi.block, phi.stride).permute(0, 1, 3, 2)  # [n, H, block, D]
+        return phi.pool(windows.unsqueeze(0))[0]
+
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None) -> torch.Tensor:
+                max_seqlen: Optional[int] = None, *, cache: Optional[NSACache] = None, slots=None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]. Packed sequences: x [1,
         total, hidden] with cu_seqlens (int32 [N+1]) and optionally
         max_seqlen (the kernels then need no host sync); each sequence
-        attends only within itself."""
+        attends only within itself. With a cache (new_cache): x holds the
+        next positions of each slot's sequence (all slots, or `slots`),
+        appended to the cache and attending everything in it."""
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cache: a cached call takes x [batch, new positions, hidden], not cu_seqlens")
+            return self._forward_cached(x, cache, slots)
         packed = {}
         rows = None
         if cu_seqlens is not None:

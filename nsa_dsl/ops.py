@@ -174,22 +174,11 @@ class CompiledPattern:
 
     def _step(self, q, k, v, g_cmp, g_slc, g_swa, *, cache, slots, k_swa, v_swa, k_cmp, v_cmp, scale,
               return_indices):
-        p = self.pattern
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
-        if return_indices and p.select is None:
-            raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
-        slots = incremental.validate_step(cache, p, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
-        scale = float(scale) if scale is not None else 1.0 / math.sqrt(p.dims.qk)
-        if all(cache.host_lengths[s] == 0 for s in slots):  # a whole prompt: the training forward's kernels
-            mlp = {} if cache.pools_itself or p.compress is None else {
-                "k_cmp": torch.stack(list(k_cmp)), "v_cmp": torch.stack(list(v_cmp))}
-            out = self(q, k, v, g_cmp, g_slc, g_swa, k_swa=k_swa, v_swa=v_swa, scale=scale,
-                       return_indices=return_indices, **mlp)
-            incremental.store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
-            return out
-        incremental.store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
-        return incremental.attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
-                                         want_indices=return_indices)
+        whole = self if isinstance(q, torch.Tensor) and device_problem(q) is None else None
+        return incremental.step(cache, self.pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
+                                v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=return_indices,
+                                whole_prompt=whole)
 
     def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the

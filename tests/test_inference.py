@@ -182,3 +182,40 @@ def test_a_cache_of_another_pattern_or_a_wrong_call_is_refused():
         compiled.new_cache(1, 0)
     with pytest.raises(ValueError, match="slot: expected an int in \\[0, 1\\)"):
         cache.reset(1)
+
+
+@pytest.mark.parametrize("pool, separate_kv", [("mean", False), ("mlp", False), ("mlp", True)])
+@pytest.mark.parametrize("backend", ["reference", "kernels"])
+def test_the_layer_with_a_cache_equals_the_layer_without(pool, separate_kv, backend):
+    """NSAttention.forward(x, cache=...): pieces and decode steps, one slot
+    prefilled alone, give the full forward's output; phi (pool=mlp) pools
+    blocks that straddle a piece boundary from the cached keys (its own
+    projection's with separate_kv)."""
+    pattern = nsa_dsl.parse(f"""pattern layer {{ heads q=4 kv=2 dims qk=16 compress block=8 stride=4 pool={pool}
+        select block=16 top=3 initial=1 local=1 window size=12 }}""")
+    torch.manual_seed(3)
+    layer = nsa_dsl.NSAttention(pattern, hidden_size=32, backend=backend, separate_kv=separate_kv)
+    x = torch.randn(2, 45, 32)
+    with torch.no_grad():
+        full = layer(x)
+        cache = layer.new_cache(2, 48)
+        assert (cache.k_swa is not None) == separate_kv and (cache.k_src is not None) == (separate_kv and pool == "mlp")
+        first = layer(x[1:, :10], cache=cache, slots=[1])  # slot 1 ahead of slot 0
+        outs = [layer(x[:1, :10], cache=cache, slots=[0])]
+        outs += [layer(x[:, 10:22], cache=cache)] + [layer(x[:, t:t + 1], cache=cache) for t in range(22, 45)]
+    o = torch.cat([torch.cat([outs[0], first]), *outs[1:]], 1)
+    assert rel_error(o, full) < TOLERANCE[torch.float32]
+    with pytest.raises(ValueError, match="not cu_seqlens"):
+        layer(x[:1], cu_seqlens=torch.tensor([0, 45], dtype=torch.int32), cache=cache)
+
+
+def test_generate_example_gives_the_recomputed_tokens(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "generate.py"
+    spec = importlib.util.spec_from_file_location("nsa_generate_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--new-tokens", "6", "--chunk", "40", "--backend", "gather", "--device", "cpu"]) == 0
+    assert "same tokens" in capsys.readouterr().out
