@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from nsa_dsl.ir import Branch
-from nsa_dsl.module import CompressionMLP, NSAttention
+from nsa_dsl.module import NSAttention
+from nsa_dsl.phi import CompressionMLP
 from nsa_dsl.parse import load, parse
 from nsa_dsl.reference import reference
 
