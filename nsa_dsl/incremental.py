@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .geometry import compressed_end, num_blocks
-from .ir import Branch
+from .ir import Branch, Pool
 from .kv_cache import NSACache
 from .reference import _softmax_masked, first_occurrence, overlap_weights, select_at_positions
 
@@ -40,17 +40,26 @@ def _attend(q5, k, v, mask, scale):
 
 
 def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
-                  scale: float, *, query_chunk: int = 128, want_indices: bool = False):
+                  scale: float, *, query_chunk: int = 128, want_indices: bool = False, static: bool = False):
     """o [b, m, HQ, Dv] of the queries q [b, m, HQ, Dqk] that sit at the last
     m positions of each slot's sequence (the cache already holds them and
     the compressed tokens they complete), gated by gates {Branch: [b, m,
-    HQ]}; with want_indices also the selection's blocks [b, m, HKV, top]."""
+    HQ]}; with want_indices also the selection's blocks [b, m, HKV, top].
+    static: every shape from the cache's allocation (max_len) and the
+    positions from its device lengths, so the step reads nothing from the
+    host and can be captured in a CUDA graph; else the spans end at the
+    longest sequence (host lengths: less to read)."""
     p = cache.pattern
     b, m, HQ, _ = q.shape
     HKV, G = p.heads.kv, p.heads.q // p.heads.kv
-    lengths = [cache.host_lengths[s] for s in slots]
-    longest = max(lengths)
-    rows = torch.tensor(slots, device=q.device, dtype=torch.int64)
+    rows = cache.rows(slots)
+    if static:
+        longest = cache.max_len
+        first = cache.lengths[rows].to(torch.int64) - m
+    else:
+        lengths = [cache.host_lengths[s] for s in slots]
+        longest = max(lengths)
+        first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
     span = lambda t: None if t is None else t[rows, :longest]  # noqa: E731
     k, v = span(cache.k), span(cache.v)
     k_swa = span(cache.k_swa) if cache.k_swa is not None else k
@@ -58,7 +67,6 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
     n_cmp = cache.compressed_count(longest)
     k_cmp = cache.k_cmp[rows, :n_cmp] if p.compress is not None else None
     v_cmp = cache.v_cmp[rows, :n_cmp] if p.compress is not None else None
-    first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
 
     outs, idx_out = [], []
     for c0 in range(0, m, query_chunk):
@@ -187,18 +195,22 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
 
 
 def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=None, k_swa=None, v_swa=None,
-         k_cmp=None, v_cmp=None, return_indices: bool = False, whole_prompt=None):
+         k_cmp=None, v_cmp=None, return_indices: bool = False, whole_prompt=None, static: bool = False):
     """A prefill or decode step (CompiledPattern.prefill's contract): bad
     input a ValueError before anything is written; then the new keys and
     compressed tokens stored and the new queries attended. Where every slot
     of the call is empty and `whole_prompt` is given (a compiled pattern
     that can run here), the piece is a whole prompt: that full forward
-    computes it; otherwise attend_cached."""
+    computes it; otherwise attend_cached (static: see there; pool=mean or
+    no compress branch, as pool=mlp's tokens come as host-sized lists)."""
+    if static and pattern.compress is not None and pattern.compress.pool != Pool.MEAN:
+        raise ValueError("static: a pool=mlp step takes its compressed tokens as per-sequence lists; only pool=mean"
+                         " (or no compress branch) steps are static")
     if return_indices and pattern.select is None:
         raise ValueError(f"return_indices: pattern {pattern.name!r} has no select branch, so there are no indices")
     slots = validate_step(cache, pattern, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(pattern.dims.qk)
-    if whole_prompt is not None and all(cache.host_lengths[s] == 0 for s in slots):
+    if whole_prompt is not None and not static and all(cache.host_lengths[s] == 0 for s in slots):
         mlp = {} if cache.pools_itself or pattern.compress is None else {
             "k_cmp": torch.stack(list(k_cmp)), "v_cmp": torch.stack(list(v_cmp))}
         out = whole_prompt(q, k, v, gates.get(Branch.CMP), gates.get(Branch.SLC), gates.get(Branch.SWA),
@@ -207,21 +219,22 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
         return out
     store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
     return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
-                         want_indices=return_indices)
+                         want_indices=return_indices, static=static)
 
 
 def store(cache: NSACache, slots, k, v, k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> None:
     """Append k, v (and k_swa, v_swa) after each slot's sequence and store
     the compressed tokens the new positions complete: pooled from the cache
-    (pool=mean) or the caller's k_cmp/v_cmp lists (pool=mlp). The inputs
-    are validated (validate_step)."""
+    (pool=mean, inside append) or the caller's k_cmp/v_cmp lists
+    (pool=mlp). The inputs are validated (validate_step)."""
     m = k.shape[1]
     before = [cache.host_lengths[s] for s in slots]
     cache.append(slots, k, v, k_swa, v_swa)
     if cache.pattern.compress is None:
         return
+    if cache.pools_itself:  # append pooled them
+        return
     for i, s in enumerate(slots):
         tokens = cache.completed_tokens(s, before[i], before[i] + m)
         if len(tokens):
-            kc, vc = cache.pool_mean(s, tokens) if cache.pools_itself else (k_cmp[i], v_cmp[i])
-            cache.write_compressed(s, tokens.start, kc, vc)
+            cache.write_compressed(s, tokens.start, k_cmp[i], v_cmp[i])

@@ -56,9 +56,12 @@ class NSACache:
         self.v_src = torch.zeros(batch, max_len, hkv, dv, **kw) if pool_source else None
         c = pattern.compress
         self.max_compressed = 0 if c is None else num_compressed(max_len, c.block, c.stride)
-        self.k_cmp = torch.zeros(batch, self.max_compressed, hkv, dqk, **kw) if c is not None else None
-        self.v_cmp = torch.zeros(batch, self.max_compressed, hkv, dv, **kw) if c is not None else None
+        # one spare row past max_c: where a position that completes no
+        # compressed token writes (_pool_completed); never read
+        self.k_cmp = torch.zeros(batch, self.max_compressed + 1, hkv, dqk, **kw) if c is not None else None
+        self.v_cmp = torch.zeros(batch, self.max_compressed + 1, hkv, dv, **kw) if c is not None else None
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._all_rows = torch.arange(batch, device=self.device)
         self.host_lengths: List[int] = [0] * batch
 
     # ------------------------------------------------------------ geometry
@@ -113,36 +116,66 @@ class NSACache:
                                  f" max_len={self.max_len}")
 
     # ------------------------------------------------------------- writing
+    def rows(self, slots: Sequence[int]) -> torch.Tensor:
+        """The slots as an int64 index on the cache's device (all of them: a
+        tensor made once, so a step over every slot copies nothing from the
+        host and can be captured in a CUDA graph)."""
+        if list(slots) == list(range(self.batch)):
+            return self._all_rows
+        return torch.tensor(list(slots), device=self.device, dtype=torch.int64)
+
     def append(self, slots: Sequence[int], k: torch.Tensor, v: torch.Tensor, k_swa=None, v_swa=None) -> None:
         """Write k, v ([len(slots), m, HKV, D]) after each slot's sequence
-        and advance its length by m (checked before: check_room). The
-        compressed tokens are written separately (write_compressed)."""
+        (its length read on the device) and advance its length by m
+        (checked before: check_room). With pool=mean the compressed tokens
+        the new positions complete are pooled and stored here, on the
+        device too; pool=mlp's come from the caller (write_compressed)."""
         m = k.shape[1]
-        pos = self._new_positions(slots, m)
-        rows = torch.tensor(slots, device=self.device, dtype=torch.int64)[:, None].expand(-1, m)
-        self.k[rows, pos] = k
-        self.v[rows, pos] = v
+        rows = self.rows(slots)
+        pos = self.lengths[rows].to(torch.int64)[:, None] + torch.arange(m, device=self.device)
+        r = rows[:, None].expand(-1, m)
+        self.k[r, pos] = k
+        self.v[r, pos] = v
         if self.k_swa is not None:
-            self.k_swa[rows, pos] = k_swa
-            self.v_swa[rows, pos] = v_swa
-        index = rows[:, 0]
-        self.lengths.index_add_(0, index, torch.full_like(index, m, dtype=torch.int32))
+            self.k_swa[r, pos] = k_swa
+            self.v_swa[r, pos] = v_swa
+        if self.pools_itself:
+            self._pool_completed(r, pos)
+        self.lengths.index_add_(0, rows, torch.full_like(rows, m, dtype=torch.int32))
         for s in slots:
             self.host_lengths[s] += m
+
+    def _pool_completed(self, r: torch.Tensor, pos: torch.Tensor) -> None:
+        """pool=mean: the compressed token that each new position completes
+        (the one whose block ends there, if any) is the mean of its block's
+        cached keys and values, written to its row; a position that
+        completes none writes to the spare row past max_c (no branch on the
+        host)."""
+        c = self.pattern.compress
+        start = pos - (c.block - 1)  # first position of the block that would end at pos
+        done = (start >= 0) & (start % c.stride == 0)
+        token = torch.where(done, start.div(c.stride, rounding_mode="floor"), self.max_compressed)
+        window = start.clamp(min=0)[:, :, None] + torch.arange(c.block, device=self.device)  # [b, m, block]
+        window = window.clamp(max=self.max_len - 1)  # (only a position completing nothing reaches past)
+        rr = r[:, :, None].expand_as(window)
+        self.k_cmp[r, token] = self.k[rr, window].float().mean(2).to(self.dtype)
+        self.v_cmp[r, token] = self.v[rr, window].float().mean(2).to(self.dtype)
 
     def append_source(self, slots: Sequence[int], k_src: torch.Tensor, v_src: torch.Tensor) -> None:
         """Write phi's source keys and values ([len(slots), m, HKV, D]) at
         the m positions the step just appended (append advanced the
         lengths already)."""
         m = k_src.shape[1]
-        pos = self._new_positions(slots, m) - m
-        rows = torch.tensor(slots, device=self.device, dtype=torch.int64)[:, None].expand(-1, m)
-        self.k_src[rows, pos] = k_src
-        self.v_src[rows, pos] = v_src
+        rows = self.rows(slots)
+        pos = self.lengths[rows].to(torch.int64)[:, None] - m + torch.arange(m, device=self.device)
+        r = rows[:, None].expand(-1, m)
+        self.k_src[r, pos] = k_src
+        self.v_src[r, pos] = v_src
 
-    def _new_positions(self, slots: Sequence[int], m: int) -> torch.Tensor:
-        start = torch.tensor([self.host_lengths[s] for s in slots], device=self.device, dtype=torch.int64)
-        return start[:, None] + torch.arange(m, device=self.device)
+    def sync_host_lengths(self) -> None:
+        """Read the lengths back from the device (one host sync): after
+        replays of a captured step, which advance only the device's."""
+        self.host_lengths = [int(n) for n in self.lengths.tolist()]
 
     def completed_tokens(self, slot: int, before: int, after: int) -> range:
         """The compressed tokens that become complete when slot's sequence
@@ -154,17 +187,6 @@ class NSACache:
         n = k_cmp.shape[0]
         self.k_cmp[slot, first:first + n] = k_cmp
         self.v_cmp[slot, first:first + n] = v_cmp
-
-    def pool_mean(self, slot: int, tokens: range) -> tuple:
-        """(k_cmp, v_cmp) [n, HKV, D] of those compressed tokens of a slot,
-        mean-pooled from its cached keys and values (pool=mean)."""
-        c = self.pattern.compress
-        if len(tokens) == 0:
-            return self.k_cmp[slot, :0], self.v_cmp[slot, :0]
-        lo, hi = tokens.start * c.stride, (tokens.stop - 1) * c.stride + c.block
-        windows_k = self.k[slot, lo:hi].float().unfold(0, c.block, c.stride)  # [n, HKV, D, block]
-        windows_v = self.v[slot, lo:hi].float().unfold(0, c.block, c.stride)
-        return windows_k.mean(-1).to(self.dtype), windows_v.mean(-1).to(self.dtype)
 
     @property
     def pools_itself(self) -> bool:

@@ -454,3 +454,41 @@ def test_64k_forward_is_finite_and_fits():
     # A [T, Tc] float matrix per head would be 64 * 65536 * 4095 * 4 bytes = 68 GB;
     # the kernels need only branch outputs, statistics and indices.
     assert peak_extra < 4 * inputs_gb
+
+
+def test_a_static_decode_step_replays_in_a_cuda_graph():
+    """decode(static=True) captured in a CUDA graph: each replay (fresh
+    inputs copied into the captured buffers) gives the eager step's output
+    and advances the cache as the eager steps do (bf16, paper128 at a 4k
+    context, a ragged batch of 3)."""
+    pattern = nsa_dsl.load("examples/bench_paper128.nsa")
+    compiled = nsa_dsl.compile(pattern)
+    eager_cache, graph_cache = (compiled.new_cache(3, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for cache in (eager_cache, graph_cache):
+        for s, n in enumerate((4096, 1000, 3333)):
+            compiled.prefill(**random_inputs(pattern, 1, n, torch.bfloat16, seed=s, device="cuda"), cache=cache,
+                             slots=[s])
+    static_in = random_inputs(pattern, 3, 1, torch.bfloat16, seed=99, device="cuda")
+    with torch.no_grad():
+        warm = compiled.new_cache(3, 8192, device="cuda", dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy init)
+            compiled.decode(**static_in, cache=warm, static=True)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = compiled.decode(**static_in, cache=graph_cache, static=True)
+        # capture records without running: the device lengths did not move,
+        # the host's count (advanced by the call) goes back
+        graph_cache.host_lengths = [n - 1 for n in graph_cache.host_lengths]
+        for t in range(5):
+            fresh = random_inputs(pattern, 3, 1, torch.bfloat16, seed=200 + t, device="cuda")
+            for n, x in fresh.items():
+                static_in[n].copy_(x)
+            graph.replay()
+            eager = compiled.decode(**fresh, cache=eager_cache)
+            assert rel_error(static_out, eager) < TOLERANCE[torch.bfloat16]
+    torch.cuda.synchronize()
+    assert torch.equal(graph_cache.lengths, eager_cache.lengths)
+    assert graph_cache.lengths.tolist() == [4101, 1005, 3338]

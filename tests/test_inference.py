@@ -219,3 +219,30 @@ def test_generate_example_gives_the_recomputed_tokens(capsys):
     spec.loader.exec_module(example)
     assert example.main(["--new-tokens", "6", "--chunk", "40", "--backend", "gather", "--device", "cpu"]) == 0
     assert "same tokens" in capsys.readouterr().out
+
+
+def test_a_static_decode_step_equals_the_eager_one():
+    """decode(static=True): shapes from the allocation and positions from
+    the device lengths (what a CUDA graph replays) give the eager step's
+    output, blocks and cache, on a ragged batch."""
+    compiled = nsa_dsl.compile(PATTERN)
+    caches = [compiled.new_cache(3, 80, dtype=torch.float32) for _ in range(2)]
+    prompts = {0: 37, 1: 5, 2: 64}
+    for cache in caches:
+        for s, n in prompts.items():
+            compiled.prefill(**random_inputs(PATTERN, 1, n, torch.float32, seed=s), cache=cache, slots=[s])
+    for t in range(9):  # slot 1 completes compressed tokens and opens a selection block on the way
+        args = random_inputs(PATTERN, 3, 1, torch.float32, seed=100 + t)
+        eager, idx_eager = compiled.decode(**args, cache=caches[0], return_indices=True)
+        static, idx_static = compiled.decode(**args, cache=caches[1], return_indices=True, static=True)
+        assert torch.equal(idx_eager, idx_static)
+        assert rel_error(static, eager) < 1e-6
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+    assert torch.equal(caches[0].k_cmp[:, :-1], caches[1].k_cmp[:, :-1])
+    caches[1].host_lengths = [0, 0, 0]
+    caches[1].sync_host_lengths()
+    assert caches[1].host_lengths == [46, 14, 73]
+    mlp = nsa_dsl.parse("pattern m { heads q=4 kv=2 dims qk=16 compress block=8 stride=4 pool=mlp window size=4 }")
+    with pytest.raises(ValueError, match="only pool=mean"):
+        nsa_dsl.compile(mlp).decode(**random_inputs(mlp, 1, 1, torch.float32, 0), cache=nsa_dsl.compile(mlp)
+                                    .new_cache(1, 4, dtype=torch.float32), static=True)
