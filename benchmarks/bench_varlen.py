@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import random
 import sys
 import warnings
@@ -258,6 +259,44 @@ def summary(rows: list) -> str:
     return "\n".join(lines)
 
 
+def plot(rows: list, path, title: str = "") -> bool:
+    """Bars of ms per impl for each mix, one panel per (pattern, pass), log
+    scale. False (no file) where matplotlib is missing or no row has a
+    time."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    timed = [r for r in rows if r.get("ms")]
+    panels = sorted({(r["pattern"], r["pass"]) for r in timed})
+    if not panels:
+        return False
+    mixes = [m for m in MIXES if any(r["mix"] == m for r in timed)]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in timed)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+    width = 0.8 / len(impls)
+    for ax, (pattern, pass_) in zip(axes[0], panels):
+        for n, impl in enumerate(impls):
+            ms = {r["mix"]: r["ms"] for r in timed if (r["pattern"], r["pass"], r["impl"]) == (pattern, pass_, impl)}
+            xs = [x + (n - (len(impls) - 1) / 2) * width for x in range(len(mixes))]
+            ax.bar(xs, [ms.get(m, 0.0) for m in mixes], width, label=impl.replace("nsa_dsl_", "nsa "), color=f"C{n}")
+        ax.set_xticks(range(len(mixes)), [f"{m} docs" for m in mixes])
+        ax.set_yscale("log")
+        ax.set_ylabel("ms (median)")
+        ax.set_title(f"{pattern} {pass_}, documents summing to {timed[0]['T']}")
+        ax.grid(True, axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def stages(pattern, mix: str, total: int, seed: int, calls: int = 5) -> None:
     """Per-kernel device times (profiler) of the packed call in both
     selection loop orders and of the per-document loop, forward and
@@ -306,7 +345,14 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=float, default=200)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", action="store_true", help="per-kernel times instead of the benchmark")
+    ap.add_argument("--plot-from", metavar="JSON", help="only draw the PNG of a varlen_bench.json beside it")
     args = ap.parse_args(argv)
+    if args.plot_from:
+        src = Path(args.plot_from)
+        doc = json.loads(src.read_text())
+        drawn = plot(doc["rows"], src.with_suffix(".png"), f"packed documents, {doc.get('device', '')}, bf16")
+        print(f"wrote {src.with_suffix('.png')}" if drawn else "no plot (matplotlib missing, or no timed row)")
+        return 0 if drawn else 1
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.stages:
         for path in args.patterns.split(","):
@@ -325,6 +371,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bench.write_json(out / "varlen_bench.json", {"device": torch.cuda.get_device_name(), "ceilings": ceil,
                                                   "total": args.total, "mixes": MIXES}, rows)
+    plot(rows, out / "varlen_bench.png", f"packed documents, {torch.cuda.get_device_name()}, bf16")
     print(summary(rows))
     return 0
 

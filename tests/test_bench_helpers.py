@@ -684,3 +684,16 @@ def test_varlen_gpu_comparison_finds_packed_equal_to_each_document(pool):
     expected = {"o", "dq", "dk", "dv", "dg_cmp", "dg_slc", "dg_swa"} | ({"dk_cmp", "dv_cmp"} if pool == "mlp" else set())
     assert set(worst) == expected and all(v == 0.0 for v in worst.values()), worst
     assert cu.tolist() == [0, 5, 5, 26, 35]
+
+
+def test_varlen_bench_plot_draws_where_matplotlib_is(tmp_path):
+    bench_varlen = _load_bench_varlen()
+    rows = [{"pattern": "p", "pass": ps, "impl": impl, "mix": mix, "T": 65536, "ms": ms}
+            for ps in ("fwd", "fwd+bwd") for impl, ms in (("nsa_dsl_packed", 2.0), ("flex_doc_causal", 3.0))
+            for mix in ("1k-4k", "4k-16k")] + [{"pattern": "p", "pass": "fwd", "impl": "nsa_dsl_fixed",
+                                                 "mix": "1k-4k", "T": 65536, "ms": None}]
+    has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+    assert bench_varlen.plot(rows, tmp_path / "a.png", "title") == has_matplotlib
+    assert (tmp_path / "a.png").exists() == has_matplotlib
+    assert bench_varlen.plot(rows[-1:], tmp_path / "b.png") is False  # no timed row: nothing drawn
+    assert not (tmp_path / "b.png").exists()
