@@ -697,3 +697,40 @@ def test_varlen_bench_plot_draws_where_matplotlib_is(tmp_path):
     assert (tmp_path / "a.png").exists() == has_matplotlib
     assert bench_varlen.plot(rows[-1:], tmp_path / "b.png") is False  # no timed row: nothing drawn
     assert not (tmp_path / "b.png").exists()
+
+
+def _load_bench_decode():
+    spec = importlib.util.spec_from_file_location("nsa_bench_decode", ROOT / "benchmarks" / "bench_decode.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_decode_bench_sizes_and_bytes():
+    # issue 22's setting: paper128 (64 q / 4 kv heads, d=128) at 64k holds
+    # 29 sequences in 4 GB, and an NSA step reads 4095 compressed tokens,
+    # 16 blocks of 64 and a 512 window per KV head (~0.11 ms at 3 TB/s)
+    bench_decode = _load_bench_decode()
+    paper = nsa_dsl.load(str(ROOT / "examples" / "bench_paper128.nsa"))
+    assert bench_decode.cache_batch(paper, 65536, 4.0) == 29
+    assert bench_decode.cache_batch(paper, 1 << 30, 4.0) == 1
+    per_head = (4095 + 16 * 64 + 512) * 256 * 2 + 16 * 256 * 2
+    assert bench_decode.nsa_step_bytes(paper, 65536, 29) == 29 * 4 * per_head
+    short = bench_decode.nsa_step_bytes(paper, 100, 1)  # the selection and window capped at the context
+    assert short == 4 * (((100 - 32) // 16 + 1 + 100 + 100) * 256 * 2 + 16 * 256 * 2)
+    assert bench_decode.dense_step_bytes(paper, 65536, 1) == 4 * (65536 + 16) * 256 * 2
+
+
+def test_decode_bench_cache_and_step_run_on_the_cpu():
+    bench_decode = _load_bench_decode()
+    p = _pattern(pool="mean", sblock=16)
+    compiled = nsa_dsl.compile(p)
+    cache = bench_decode.filled_cache(compiled, 2, 40, device="cpu", dtype=torch.float32)
+    assert cache.host_lengths == [40, 40] and cache.lengths.tolist() == [40, 40]
+    x = bench_decode.step_inputs(p, 2, device="cpu", dtype=torch.float32)
+    step = bench_decode._rewinding(cache, lambda: compiled.decode(**x, cache=cache, static=True))
+    first, again = step(), step()
+    assert torch.equal(first, again) and cache.host_lengths == [40, 40]  # every repeat decodes position 40
+    rows = [{"pattern": "p", "T": 40, "batch": 2, "impl": i, "ms": ms, "floor_frac": 0.5}
+            for i, ms in (("nsa_dsl_eager", 1.0), ("sdpa_eager", 3.0), ("nsa_dsl_graph", 0.5), ("sdpa_graph", 1.0))]
+    assert bench_decode.summary(rows).splitlines()[1].endswith("| 3.00x | 2.00x | 0.50")

@@ -1,0 +1,228 @@
+"""One decode step of one attention layer on the GPU (issue 22's
+benchmark), bf16, one run: for each pattern, context and batch,
+
+  nsa_dsl_eager        compiled.decode on the cache (ragged-capable path)
+  nsa_dsl_static       compiled.decode(static=True): fixed shapes, no sync
+  nsa_dsl_graph        that static step captured in a CUDA graph, replayed
+  sdpa_eager           SDPA (flash where it takes the call) of the one new
+                       query against a contiguous dense [B, HKV, L, D] cache
+  sdpa_graph           the same captured in a CUDA graph
+
+at contexts --contexts (8k..128k) for batch 1 and for the batch whose KV
+cache totals --cache-gb (flash_nsa's setting: 4 GB). Rows carry the bytes
+an NSA step must read (nsa_step_bytes: compressed keys and values, the
+selected blocks, the window) or a dense step reads (every cached key and
+value), so floor_frac is the fraction of the memory roofline at the measured
+copy bandwidth. The step's time covers what one decode call does: append
+the new key and value, the compressed token it completes, and the
+attention. Writes $OUT/decode_bench.json and prints the table.
+
+    python benchmarks/bench_decode.py [--patterns examples/bench_paper128.nsa,...] --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import bench  # noqa: E402
+import nsa_dsl  # noqa: E402
+from nsa_dsl.geometry import num_compressed  # noqa: E402
+
+DEFAULT_PATTERNS = ("examples/bench_paper128.nsa", "examples/deepseek_nsa.nsa")
+DEFAULT_CONTEXTS = (8192, 16384, 32768, 65536, 131072)
+
+
+def cache_batch(pattern, context: int, cache_gb: float) -> int:
+    """The batch whose cached keys and values of `context` positions fill
+    cache_gb (bf16), at least 1."""
+    per_sequence = context * pattern.heads.kv * (pattern.dims.qk + pattern.dims.v) * 2
+    return max(1, int(cache_gb * 1e9 // per_sequence))
+
+
+def nsa_step_bytes(pattern, context: int, batch: int, element: int = 2) -> int:
+    """What an NSA decode step must read per batch element and KV head, times
+    both: the compressed keys and values seen, the selected blocks' keys and
+    values (top-n of l' positions, at most the context) and the window's
+    (w positions), plus the G queries read and outputs written. The floor:
+    each byte read once."""
+    p = pattern
+    hkv, dqk, dv, g = p.heads.kv, p.dims.qk, p.dims.v, p.heads.q // p.heads.kv
+    keys = 0
+    if p.compress is not None:
+        keys += num_compressed(context, p.compress.block, p.compress.stride)
+    if p.select is not None:
+        keys += min(p.select.top * p.select.block, context)
+    if p.window is not None:
+        keys += min(p.window.size, context)
+    per_head = keys * (dqk + dv) * element + g * (dqk + dv) * element
+    return batch * hkv * per_head
+
+
+def dense_step_bytes(pattern, context: int, batch: int, element: int = 2) -> int:
+    p = pattern
+    g = p.heads.q // p.heads.kv
+    return batch * p.heads.kv * (context * (p.dims.qk + p.dims.v) + g * (p.dims.qk + p.dims.v)) * element
+
+
+def filled_cache(compiled, batch: int, context: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 0):
+    """A cache of `batch` slots holding `context` random positions each (and
+    random compressed tokens), room for a few more; written directly, as a
+    long prefill would leave it."""
+    p = compiled.pattern
+    cache = compiled.new_cache(batch, context + 64, device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(seed)
+    cache.k[:, :context].normal_(generator=g)
+    cache.v[:, :context].normal_(generator=g)
+    if cache.k_cmp is not None:
+        n_c = num_compressed(context, p.compress.block, p.compress.stride)
+        cache.k_cmp[:, :n_c].normal_(generator=g)
+        cache.v_cmp[:, :n_c].normal_(generator=g)
+    cache.lengths.fill_(context)
+    cache.host_lengths = [context] * batch
+    return cache
+
+
+def step_inputs(pattern, batch: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 1) -> dict:
+    """One new position per sequence: q, k, v and the gates."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
+    x = {"q": torch.randn(batch, 1, hq, dqk, generator=g, device=device, dtype=dtype),
+         "k": torch.randn(batch, 1, hkv, dqk, generator=g, device=device, dtype=dtype),
+         "v": torch.randn(batch, 1, hkv, dv, generator=g, device=device, dtype=dtype)}
+    for b in pattern.combined_branches:
+        x[f"g_{b.value}"] = torch.rand(batch, 1, hq, generator=g, device=device, dtype=dtype)
+    return x
+
+
+def _rewinding(cache, fn):
+    """fn, with the cache's lengths put back after each call, so timed
+    repeats decode the same position (and never run out of room)."""
+    lengths, host = cache.lengths.clone(), list(cache.host_lengths)
+
+    def step():
+        out = fn()
+        cache.lengths.copy_(lengths)
+        cache.host_lengths = list(host)
+        return out
+    return step
+
+
+def _graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up on a side stream): the
+    replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float) -> list:
+    compiled = nsa_dsl.compile(pattern)
+    cache = filled_cache(compiled, batch, context)
+    x = step_inputs(pattern, batch)
+    rows = []
+    nsa_bytes, dense_bytes = nsa_step_bytes(pattern, context, batch), dense_step_bytes(pattern, context, batch)
+
+    def timed(impl, fn, nbytes, note=None):
+        try:
+            with torch.no_grad():
+                ms = bench.bench_ms(fn, warmup, rep)
+            rows.append(bench.make_row(pattern.name, context, impl, "decode", ms, nbytes=nbytes, ceilings=ceil,
+                                       note=note))
+        except Exception as e:  # noqa: BLE001 - a path that cannot run is a row with its error
+            rows.append(bench.make_row(pattern.name, context, impl, "decode", error=bench._short(e), nbytes=nbytes,
+                                       ceilings=ceil))
+
+    with torch.no_grad():
+        timed("nsa_dsl_eager", _rewinding(cache, lambda: compiled.decode(**x, cache=cache)), nsa_bytes)
+        static = _rewinding(cache, lambda: compiled.decode(**x, cache=cache, static=True))
+        timed("nsa_dsl_static", static, nsa_bytes)
+        try:
+            replay = _graphed(lambda: compiled.decode(**x, cache=cache, static=True))
+            cache.host_lengths = [context] * batch  # capture counted the steps it recorded on the host
+            timed("nsa_dsl_graph", _rewinding(cache, replay), nsa_bytes)
+        except Exception as e:  # noqa: BLE001
+            rows.append(bench.make_row(pattern.name, context, "nsa_dsl_graph", "decode", error=bench._short(e)))
+        del cache
+        bench._cleanup()
+        import torch.nn.functional as F
+
+        hq, hkv = pattern.heads.q, pattern.heads.kv
+        dv_pad = max(pattern.dims.qk, pattern.dims.v)  # flash wants equal head dims: values zero-padded
+        k = torch.randn(batch, hkv, context, pattern.dims.qk, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(batch, hkv, context, dv_pad, device="cuda", dtype=torch.bfloat16)
+        q = x["q"].transpose(1, 2)  # [B, HQ, 1, D]
+
+        def sdpa():
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=hq != hkv)
+        timed("sdpa_eager", sdpa, dense_bytes, note="dense decode on a contiguous [B, HKV, L, D] cache")
+        try:
+            timed("sdpa_graph", _graphed(sdpa), dense_bytes)
+        except Exception as e:  # noqa: BLE001
+            rows.append(bench.make_row(pattern.name, context, "sdpa_graph", "decode", error=bench._short(e)))
+        del k, v
+        bench._cleanup()
+    for row in rows:
+        row["batch"] = batch
+    return rows
+
+
+def summary(rows: list) -> str:
+    impls = ("nsa_dsl_eager", "nsa_dsl_static", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph")
+    lines = ["pattern | context | batch | " + " | ".join(impls) + " | sdpa/nsa eager | sdpa/nsa graph"
+             " | nsa graph floor frac"]
+    for key in sorted({(r["pattern"], r["T"], r["batch"]) for r in rows}):
+        by = {r["impl"]: r for r in rows if (r["pattern"], r["T"], r["batch"]) == key}
+        ms = {i: by.get(i, {}).get("ms") for i in impls}
+        cells = [f"{m:.4f}" if m else "-" for m in ms.values()]
+
+        def ratio(a, b):
+            return f"{ms[a] / ms[b]:.2f}x" if ms[a] and ms[b] else "-"
+        frac = by.get("nsa_dsl_graph", {}).get("floor_frac")
+        lines.append(f"{key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells)
+                     + f" | {ratio('sdpa_eager', 'nsa_dsl_eager')} | {ratio('sdpa_graph', 'nsa_dsl_graph')}"
+                     + (f" | {frac:.2f}" if frac else " | -"))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS))
+    ap.add_argument("--contexts", default=",".join(str(c) for c in DEFAULT_CONTEXTS))
+    ap.add_argument("--cache-gb", type=float, default=4.0)
+    ap.add_argument("--out", default="/tmp/decode_bench")
+    ap.add_argument("--warmup", type=float, default=25)
+    ap.add_argument("--rep", type=float, default=100)
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    ceil = bench.measure_ceilings(args.warmup, args.rep)
+    rows = []
+    for path in args.patterns.split(","):
+        pattern = nsa_dsl.load(path)
+        for context in (int(c) for c in args.contexts.split(",")):
+            for batch in sorted({1, cache_batch(pattern, context, args.cache_gb)}):
+                rows += run(pattern, context, batch, ceil, args.warmup, args.rep)
+                print(summary([r for r in rows if (r["pattern"], r["T"], r["batch"]) == (pattern.name, context,
+                                                                                          batch)]).splitlines()[1],
+                      flush=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    bench.write_json(out / "decode_bench.json", {"device": torch.cuda.get_device_name(), "ceilings": ceil,
+                                                  "cache_gb": args.cache_gb}, rows)
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
