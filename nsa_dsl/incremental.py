@@ -117,10 +117,29 @@ def _selection_indices(p, p_cmp, t, longest):
     if p_cmp is None:
         S = torch.zeros(b, N, p.heads.kv, NB, device=t.device, dtype=torch.float64)
     else:
-        W = overlap_weights(p.compress.block, p.compress.stride, sel.block, p_cmp.shape[-1], NB,
-                            dtype=p_cmp.dtype, device=t.device)
-        S = torch.einsum("bnkgs,sj->bnkj", p_cmp, W)
+        S = banded_block_scores(p, p_cmp.sum(3), NB)
     return select_at_positions(p, S, t)
+
+
+def banded_block_scores(p, ps: torch.Tensor, NB: int) -> torch.Tensor:
+    """S [..., NB] = ps [..., Tc] @ overlap_weights: block j takes the
+    compressed tokens that overlap it, j*r - (l/d - 1) .. j*r + r - 1 with
+    r = l'/d, and a token's weight depends only on its offset in that span
+    (shift by one block moves both by l'), so S is a strided window sum of
+    ps with one weight vector: O(Tc * (r + l/d)) work, where the dense
+    [Tc, NB] weight matrix (built every step) was O(Tc * NB)."""
+    c, sel = p.compress, p.select
+    r, back = sel.block // c.stride, c.block // c.stride - 1
+    span = r + back
+    offsets = torch.arange(span, device=ps.device, dtype=torch.int64) - back  # token - j*r
+    j0 = back // r + 1  # a block far enough from 0 that all its tokens have ids >= 0
+    weights = overlap_weights(c.block, c.stride, sel.block, (j0 + 1) * r, j0 + 1, dtype=ps.dtype,
+                              device=ps.device)[j0 * r + offsets, j0]
+    Tc = ps.shape[-1]
+    need = NB * r + back  # padded length: every block's window inside it
+    padded = torch.nn.functional.pad(ps, (back, max(0, need - Tc - back)))[..., :need]
+    windows = padded.unfold(-1, span, r)[..., :NB, :]  # [..., NB, span]
+    return windows @ weights
 
 
 def _selected(p, q5, k, v, idx, t, scale):

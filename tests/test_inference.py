@@ -246,3 +246,18 @@ def test_a_static_decode_step_equals_the_eager_one():
     with pytest.raises(ValueError, match="only pool=mean"):
         nsa_dsl.compile(mlp).decode(**random_inputs(mlp, 1, 1, torch.float32, 0), cache=nsa_dsl.compile(mlp)
                                     .new_cache(1, 4, dtype=torch.float32), static=True)
+
+
+@pytest.mark.parametrize("block, stride, select_block", [(32, 16, 64), (8, 4, 16), (16, 16, 16), (48, 16, 16),
+                                                         (16, 8, 32), (4, 1, 16)])
+@pytest.mark.parametrize("tc", [0, 1, 7, 37])
+def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, select_block, tc):
+    from nsa_dsl.incremental import banded_block_scores
+    from nsa_dsl.reference import overlap_weights
+
+    p = nsa_dsl.parse(f"pattern b {{ heads q=2 kv=1 dims qk=16 compress block={block} stride={stride}"
+                      f" select block={select_block} top=2 }}")
+    for nb in (1, 3, (tc * stride + block) // select_block + 2):
+        ps = torch.rand(2, 3, tc, dtype=torch.float64)
+        dense = ps @ overlap_weights(block, stride, select_block, tc, nb)
+        assert torch.allclose(banded_block_scores(p, ps, nb), dense, rtol=1e-12, atol=1e-12)
