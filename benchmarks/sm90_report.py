@@ -38,7 +38,7 @@ from nsa_dsl.render import render  # noqa: E402
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
                  "kw_ptr", "vw_ptr", "o_final_ptr", "part_o_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
-INT_POINTERS = {"idx_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
+INT_POINTERS = {"idx_ptr", "slot_ptr", "len_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
@@ -59,6 +59,7 @@ ENTRY_POINTS = {
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
+    "dec_attend": ["dec_attend", "dec_reduce"],
 }
 
 

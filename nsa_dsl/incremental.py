@@ -19,6 +19,8 @@ import torch
 from .geometry import compressed_end, num_blocks
 from .ir import Branch, Pool
 from .kv_cache import NSACache
+from .launch import LOG2E
+from .launch_decode import decode_attend
 from .reference import _softmax_masked, first_occurrence, overlap_weights, select_at_positions
 
 
@@ -40,7 +42,8 @@ def _attend(q5, k, v, mask, scale):
 
 
 def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
-                  scale: float, *, query_chunk: int = 128, want_indices: bool = False, static: bool = False):
+                  scale: float, *, query_chunk: int = 128, want_indices: bool = False, static: bool = False,
+                  compiled=None):
     """o [b, m, HQ, Dv] of the queries q [b, m, HQ, Dqk] that sit at the last
     m positions of each slot's sequence (the cache already holds them and
     the compressed tokens they complete), gated by gates {Branch: [b, m,
@@ -68,6 +71,9 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
     k_cmp = cache.k_cmp[rows, :n_cmp] if p.compress is not None else None
     v_cmp = cache.v_cmp[rows, :n_cmp] if p.compress is not None else None
 
+    if m == 1 and compiled is not None and compiled.plan.has("dec_attend"):
+        return _decode_with_kernels(compiled, cache, rows, q, gates, scale, k_cmp, v_cmp, first, longest,
+                                    want_indices)
     outs, idx_out = [], []
     for c0 in range(0, m, query_chunk):
         c1 = min(m, c0 + query_chunk)
@@ -92,6 +98,25 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
         outs.append(o.reshape(b, c1 - c0, HQ, p.dims.v))
     o = torch.cat(outs, 1).to(q.dtype)
     return (o, torch.cat(idx_out, 1)) if want_indices else o
+
+
+def _decode_with_kernels(compiled, cache, rows, q, gates, scale, k_cmp, v_cmp, first, longest, want_indices):
+    """A decode step: the compressed branch and the block scores here (as
+    attend_cached computes them), the selected blocks and the window in the
+    decode kernels, which also gate and sum."""
+    p = cache.pattern
+    b, _, HQ, _ = q.shape
+    HKV, G = p.heads.kv, p.heads.q // p.heads.kv
+    t = first[:, None]  # [b, 1]: the new query's position
+    q5 = q.float().reshape(b, 1, HKV, G, -1)
+    o_cmp, p_cmp, idx = None, None, None
+    if p.compress is not None:
+        o_cmp, p_cmp = _compressed(p, q5, k_cmp, v_cmp, t, scale)
+        o_cmp = o_cmp.reshape(b, 1, HQ, p.dims.v) if Branch.CMP in p.combined_branches else None
+    if p.select is not None:
+        idx = _selection_indices(p, p_cmp, t, longest)
+    o = decode_attend(compiled, cache, rows, q, idx, gates, o_cmp, scale * LOG2E)
+    return (o, idx) if want_indices else o
 
 
 def _compressed(p, q5, k_cmp, v_cmp, t, scale):
@@ -214,13 +239,13 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
 
 
 def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=None, k_swa=None, v_swa=None,
-         k_cmp=None, v_cmp=None, return_indices: bool = False, whole_prompt=None, static: bool = False):
+         k_cmp=None, v_cmp=None, return_indices: bool = False, compiled=None, static: bool = False):
     """A prefill or decode step (CompiledPattern.prefill's contract): bad
     input a ValueError before anything is written; then the new keys and
-    compressed tokens stored and the new queries attended. Where every slot
-    of the call is empty and `whole_prompt` is given (a compiled pattern
-    that can run here), the piece is a whole prompt: that full forward
-    computes it; otherwise attend_cached (static: see there; pool=mean or
+    compressed tokens stored and the new queries attended. `compiled`: a
+    CompiledPattern whose kernels can run here. Where every slot of the
+    call is empty, the piece is a whole prompt: its full forward computes
+    it; otherwise attend_cached (static: see there; pool=mean or
     no compress branch, as pool=mlp's tokens come as host-sized lists)."""
     if static and pattern.compress is not None and pattern.compress.pool != Pool.MEAN:
         raise ValueError("static: a pool=mlp step takes its compressed tokens as per-sequence lists; only pool=mean"
@@ -229,16 +254,16 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
         raise ValueError(f"return_indices: pattern {pattern.name!r} has no select branch, so there are no indices")
     slots = validate_step(cache, pattern, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(pattern.dims.qk)
-    if whole_prompt is not None and not static and all(cache.host_lengths[s] == 0 for s in slots):
+    if compiled is not None and not static and all(cache.host_lengths[s] == 0 for s in slots):
         mlp = {} if cache.pools_itself or pattern.compress is None else {
             "k_cmp": torch.stack(list(k_cmp)), "v_cmp": torch.stack(list(v_cmp))}
-        out = whole_prompt(q, k, v, gates.get(Branch.CMP), gates.get(Branch.SLC), gates.get(Branch.SWA),
+        out = compiled(q, k, v, gates.get(Branch.CMP), gates.get(Branch.SLC), gates.get(Branch.SWA),
                            k_swa=k_swa, v_swa=v_swa, scale=scale, return_indices=return_indices, **mlp)
         store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
         return out
     store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
     return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
-                         want_indices=return_indices, static=static)
+                         want_indices=return_indices, static=static, compiled=compiled)
 
 
 def store(cache: NSACache, slots, k, v, k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> None:

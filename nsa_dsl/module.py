@@ -375,7 +375,7 @@ class NSAttention(nn.Module):
             compiled = self.compiled if self.resolve_backend(dt, x.device) == "kernels" else None
             gates = {br: args.pop(f"g_{br.value}", None) for br in p.combined_branches}
             o = incremental.step(cache, p, args.pop("q"), args.pop("k"), args.pop("v"), gates, **args,
-                                 scale=self.scale, slots=slots, whole_prompt=compiled)
+                                 scale=self.scale, slots=slots, compiled=compiled)
         if source is not None:
             cache.append_source(cache.check_slots(slots, b), *source)
         return self.o_proj(o.reshape(b, m, p.heads.q * p.dims.v))

@@ -182,7 +182,7 @@ class CompiledPattern:
         whole = self if isinstance(q, torch.Tensor) and device_problem(q) is None else None
         return incremental.step(cache, self.pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
                                 v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=return_indices,
-                                whole_prompt=whole, static=static)
+                                compiled=whole, static=static)
 
     def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the

@@ -43,7 +43,7 @@ class KernelPlan:
     constants: tuple = ()  # ((NAME, int | bool | str), ...)
     num_warps: int = 4
     num_stages: int = 2
-    direction: str = "forward"  # or "backward"
+    direction: str = "forward"  # "backward", or "decode" (the inference step: no training pass runs it)
 
     def const(self, name: str):
         for key, value in self.constants:
@@ -716,6 +716,7 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
         num_warps=8, num_stages=1))
 
     kernels.extend(_backward_kernels(p, d_max, group_rows))
+    kernels.extend(_decode_kernels(p))
     slc_dkdv = "inverted-index" if Branch.SLC in combined else None
     if slc_dkdv:
         notes.append("selection dK/dV: block-centric over an inverted block -> positions index (deterministic);"
@@ -726,6 +727,31 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                      f" v {p.dims.v}->{v_pad}); memory traffic stays at the declared size")
     return Plan(p, tuple(kernels), shared, qk_pad, v_pad, group_rows, bc_from, static,
                 slc_dkdv, tuple(warnings), tuple(notes))
+
+
+def _decode_kernels(p: Pattern) -> list:
+    """The decode step's selected and window attention (one new query per
+    sequence against a cache; its compressed attention and block scoring
+    run before it): dec_attend over work items of one selected block or
+    one window tile each, dec_reduce merging them with the gates. Only
+    where the pattern has a selection or a window."""
+    if p.select is None and p.window is None:
+        return []
+    keys = p.select.block if p.select is not None else max(16, min(64, next_pow2(p.window.size)))
+    slc_items = p.select.top if p.select is not None else 0
+    win_items = -(-p.window.size // keys) if p.window is not None else 0
+    combined = p.combined_branches
+    return [KernelPlan(
+        "dec_attend", "decode.py.jinja",
+        "decode step: each selected block and window tile of the new query's KV head (its G heads as rows)"
+        " into a softmax partial; dec_reduce merges them per branch, gates and adds the compressed output",
+        "attend (B*HKV, DEC_SLC_ITEMS + DEC_WIN_ITEMS); reduce (B*HKV,)",
+        (("DEC_ROWS", max(16, next_pow2(p.group))), ("DEC_KEYS", keys), ("DEC_SLC_ITEMS", slc_items),
+         ("DEC_WIN_ITEMS", win_items), ("DEC_ITEMS", slc_items + win_items),
+         ("DEC_ITEMS_PAD", next_pow2(max(slc_items, win_items, 1))), ("DEC_WINDOW", p.window.size if p.window else 0),
+         ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
+         ("DEC_CMP", Branch.CMP in combined)),
+        num_warps=4, num_stages=1, direction="decode")]
 
 
 def _backward_tiles(d_pad: int) -> tuple:

@@ -38,6 +38,8 @@ def launched(plan: Plan, kernel: str, T: int) -> bool:
     """Whether a default call of length T runs this kernel: of the two
     selection forward kernels only the plan's loop order at T is launched
     (tuning the other would time nothing)."""
+    if plan.kernel(kernel).direction == "decode":  # a training pass never runs it
+        return False
     if kernel == "slc_fwd":
         return plan.loop_order_at(T) != "block-centric"
     if kernel == "slc_fwd_bc":

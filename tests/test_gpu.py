@@ -492,3 +492,42 @@ def test_a_static_decode_step_replays_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(graph_cache.lengths, eager_cache.lengths)
     assert graph_cache.lengths.tolist() == [4101, 1005, 3338]
+
+
+@pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa"])
+def test_decode_kernels_give_the_full_forward_bf16(name):
+    """A prompt of 8k through the cache, then decode steps through the
+    decode kernels (dec_attend, dec_reduce) against the compiled full
+    forward at those positions on the same blocks (a near-tie may flip a
+    block between the two scorings)."""
+    from nsa_dsl.geometry import num_compressed
+
+    pattern = _patterns()[name]
+    compiled = nsa_dsl.compile(pattern)
+    prompt, steps = 8192, 4
+    args = random_inputs(pattern, 2, prompt + steps, torch.bfloat16, seed=7, device="cuda")
+    mlp = "k_cmp" in args
+
+    def piece(a, b):
+        out = {n: t[:, a:b] for n, t in args.items() if n not in ("k_cmp", "v_cmp")}
+        if mlp:
+            c = pattern.compress
+            lo, hi = num_compressed(a, c.block, c.stride), num_compressed(b, c.block, c.stride)
+            out["k_cmp"] = [args["k_cmp"][s, lo:hi] for s in range(2)]
+            out["v_cmp"] = [args["v_cmp"][s, lo:hi] for s in range(2)]
+        return out
+
+    cache = compiled.new_cache(2, prompt + steps, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled.prefill(**piece(0, prompt), cache=cache)
+        outs, idxs = [], []
+        for t in range(prompt, prompt + steps):
+            o, idx = compiled.decode(**piece(t, t + 1), cache=cache, return_indices=True)
+            outs.append(o)
+            idxs.append(idx)
+        _, full_idx = compiled(**args, return_indices=True)
+        full_idx[:, prompt:] = torch.cat(idxs, 1)
+        full = compiled(**args, indices=full_idx)
+    err = rel_error(torch.cat(outs, 1), full[:, prompt:])
+    _log({"test": "decode_kernels", "pattern": name, "context": prompt, "rel_error": err})
+    assert err < TOLERANCE[torch.bfloat16]
