@@ -49,7 +49,8 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # fallback (the pointer path, int64 keys).
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
-                  "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False}
+                  "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False,
+                  "NB_PAD": 1024}  # NB_PAD: dec_cmp_select at a 64k cache of 64-token blocks
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
@@ -59,7 +60,7 @@ ENTRY_POINTS = {
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
-    "dec_attend": ["dec_attend", "dec_reduce"],
+    "dec_attend": ["dec_attend", "dec_reduce", "dec_cmp", "dec_cmp_select"],
 }
 
 
@@ -155,6 +156,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     continue  # the scoring, or the static selection's forced blocks
                 if entry == "slc_fwd_bc_merge_window" and not kernel.has_const("BC_FOLD_WINDOW"):
                     continue  # patterns with a window only
+                if entry in ("dec_cmp", "dec_cmp_select") and not kernel.const("DEC_HAS_CMP_KERNELS"):
+                    continue  # patterns with a compress branch only
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]

@@ -20,17 +20,26 @@ from .geometry import compressed_end, num_blocks
 from .ir import Branch, Pool
 from .kv_cache import NSACache
 from .launch import LOG2E
-from .launch_decode import decode_attend
+from .launch_decode import decode_attend, decode_scores
 from .reference import _softmax_masked, first_occurrence, overlap_weights, select_at_positions
 
 
-def _gather_rows(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """x [B, L, HKV, D] at positions pos [B, N, HKV, S] (clamped into
-    range; the caller masks what lies outside) -> [B, N, HKV, S, D]."""
-    B, L, HKV, _ = x.shape
-    b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
-    h = torch.arange(HKV, device=x.device).view(1, 1, HKV, 1)
-    return x[b, pos.clamp(0, max(L - 1, 0)), h]
+class _Slots:
+    """A cache tensor [slots, max_len, HKV, D] seen through the slots of a
+    call (rows): gathers read it in place."""
+
+    def __init__(self, tensor: torch.Tensor, rows: torch.Tensor):
+        self.tensor, self.rows = tensor, rows
+
+
+def _gather_rows(x: _Slots, pos: torch.Tensor) -> torch.Tensor:
+    """The call's slots of a cache tensor at positions pos [b, N, HKV, S]
+    (clamped into range; the caller masks what lies outside) -> [b, N,
+    HKV, S, D]."""
+    _, L, HKV, _ = x.tensor.shape
+    slot = x.rows.view(-1, 1, 1, 1)
+    h = torch.arange(HKV, device=pos.device).view(1, 1, HKV, 1)
+    return x.tensor[slot, pos.clamp(0, max(L - 1, 0)), h]
 
 
 def _attend(q5, k, v, mask, scale):
@@ -63,17 +72,15 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
         lengths = [cache.host_lengths[s] for s in slots]
         longest = max(lengths)
         first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
-    span = lambda t: None if t is None else t[rows, :longest]  # noqa: E731
-    k, v = span(cache.k), span(cache.v)
-    k_swa = span(cache.k_swa) if cache.k_swa is not None else k
-    v_swa = span(cache.v_swa) if cache.v_swa is not None else v
+    if m == 1 and compiled is not None and compiled.plan.has("dec_attend"):
+        return _decode_with_kernels(compiled, cache, rows, q, gates, scale, first, longest, want_indices)
+    # the cache's own tensors, read at (slot, position): no copy of a span
+    k, v = _Slots(cache.k, rows), _Slots(cache.v, rows)
+    k_swa = _Slots(cache.k_swa, rows) if cache.k_swa is not None else k
+    v_swa = _Slots(cache.v_swa, rows) if cache.v_swa is not None else v
     n_cmp = cache.compressed_count(longest)
     k_cmp = cache.k_cmp[rows, :n_cmp] if p.compress is not None else None
     v_cmp = cache.v_cmp[rows, :n_cmp] if p.compress is not None else None
-
-    if m == 1 and compiled is not None and compiled.plan.has("dec_attend"):
-        return _decode_with_kernels(compiled, cache, rows, q, gates, scale, k_cmp, v_cmp, first, longest,
-                                    want_indices)
     outs, idx_out = [], []
     for c0 in range(0, m, query_chunk):
         c1 = min(m, c0 + query_chunk)
@@ -100,21 +107,19 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
     return (o, torch.cat(idx_out, 1)) if want_indices else o
 
 
-def _decode_with_kernels(compiled, cache, rows, q, gates, scale, k_cmp, v_cmp, first, longest, want_indices):
-    """A decode step: the compressed branch and the block scores here (as
-    attend_cached computes them), the selected blocks and the window in the
-    decode kernels, which also gate and sum."""
+def _decode_with_kernels(compiled, cache, rows, q, gates, scale, first, longest, want_indices):
+    """A decode step in the plan's decode kernels: the compressed branch,
+    the block scores and the top-n (dec_cmp, dec_cmp_select), then the
+    selected blocks and the window, gated and summed (dec_attend,
+    dec_reduce). A static selection's forced blocks come from the rule
+    here."""
     p = cache.pattern
-    b, _, HQ, _ = q.shape
-    HKV, G = p.heads.kv, p.heads.q // p.heads.kv
-    t = first[:, None]  # [b, 1]: the new query's position
-    q5 = q.float().reshape(b, 1, HKV, G, -1)
-    o_cmp, p_cmp, idx = None, None, None
-    if p.compress is not None:
-        o_cmp, p_cmp = _compressed(p, q5, k_cmp, v_cmp, t, scale)
-        o_cmp = o_cmp.reshape(b, 1, HQ, p.dims.v) if Branch.CMP in p.combined_branches else None
-    if p.select is not None:
-        idx = _selection_indices(p, p_cmp, t, longest)
+    o_cmp, idx = None, None
+    if p.compress is not None:  # the compressed branch and (ranked) the selection in the decode kernels
+        o_cmp, idx = decode_scores(compiled, cache, rows, q, scale * LOG2E)
+        o_cmp = o_cmp if Branch.CMP in p.combined_branches else None
+    if p.select is not None and idx is None:  # a static selection: its forced blocks
+        idx = _selection_indices(p, None, first[:, None], longest)
     o = decode_attend(compiled, cache, rows, q, idx, gates, o_cmp, scale * LOG2E)
     return (o, idx) if want_indices else o
 

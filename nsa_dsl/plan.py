@@ -741,6 +741,7 @@ def _decode_kernels(p: Pattern) -> list:
     slc_items = p.select.top if p.select is not None else 0
     win_items = -(-p.window.size // keys) if p.window is not None else 0
     combined = p.combined_branches
+    ranked = p.select is not None and p.compress is not None
     return [KernelPlan(
         "dec_attend", "decode.py.jinja",
         "decode step: each selected block and window tile of the new query's KV head (its G heads as rows)"
@@ -750,7 +751,15 @@ def _decode_kernels(p: Pattern) -> list:
          ("DEC_WIN_ITEMS", win_items), ("DEC_ITEMS", slc_items + win_items),
          ("DEC_ITEMS_PAD", next_pow2(max(slc_items, win_items, 1))), ("DEC_WINDOW", p.window.size if p.window else 0),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
-         ("DEC_CMP", Branch.CMP in combined)),
+         ("DEC_CMP", Branch.CMP in combined),
+         # dec_cmp / dec_cmp_select: the compressed attention over splits of
+         # DEC_CMP_SPLIT tokens (tiles of DEC_CMP_N), then its output, the
+         # block scores and the top-n (DEC_SCORES: a ranked selection)
+         ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
+         ("DEC_CMP_SPLIT", 512), ("DEC_CMP_N", 64))
+        + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
+        + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
+            ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),
         num_warps=4, num_stages=1, direction="decode")]
 
 

@@ -261,3 +261,37 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
         ps = torch.rand(2, 3, tc, dtype=torch.float64)
         dense = ps @ overlap_weights(block, stride, select_block, tc, nb)
         assert torch.allclose(banded_block_scores(p, ps, nb), dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("zero_keys", [False, True], ids=["random", "all scores tied"])
+def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys):
+    """Contexts of many more blocks than the top-n, so the decode step's
+    own scoring (dec_cmp_select) decides: its blocks obey the selection
+    rule against float64 scores, and with every key zero (all scores tied)
+    they are exactly the full forward's (ties to the lower block)."""
+    compiled = nsa_dsl.compile(PATTERN)
+    prompts, steps = [150, 197], 6
+    cache = compiled.new_cache(2, 210, dtype=torch.float32)
+    seqs = [random_inputs(PATTERN, 1, n + steps, torch.float32, seed=40 + n) for n in prompts]
+    if zero_keys:
+        for s in seqs:
+            s["k"].zero_()
+    for i, (args, n) in enumerate(zip(seqs, prompts)):
+        compiled.prefill(**_slice(args, PATTERN, 0, n), cache=cache, slots=[i])
+    outs, idxs = [[], []], [[], []]
+    for t in range(steps):
+        o, idx = compiled.decode(**_stack([_slice(a, PATTERN, n + t, n + t + 1) for a, n in zip(seqs, prompts)]),
+                                 cache=cache, return_indices=True)
+        for i in range(2):
+            outs[i].append(o[i])
+            idxs[i].append(idx[i])
+    for i, (args, n) in enumerate(zip(seqs, prompts)):
+        idx = torch.cat(idxs[i])[None]
+        full_o, full_idx = _full(PATTERN, args)
+        if zero_keys:
+            assert torch.equal(idx, full_idx[:, n:].to(torch.int32))
+        positions = torch.arange(n, n + steps)
+        assert_selection_rule(PATTERN, {k: t[:, :n + steps] for k, t in args.items()},
+                              torch.cat([full_idx[:, :n].to(torch.int32), idx], 1), eps_rel=1e-5, eps_abs=1e-6)
+        ref = reference(PATTERN, **upcast(args), indices=torch.cat([full_idx[:, :n], idx.long()], 1))
+        assert rel_error(torch.cat(outs[i])[None], ref[:, positions]) < TOLERANCE[torch.float32]
