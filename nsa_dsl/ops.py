@@ -166,10 +166,11 @@ class CompiledPattern:
     def decode(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
                k_cmp=None, v_cmp=None, scale=None, return_indices=False, static=False):
         """prefill of one new position per sequence (q [b, 1, HQ, Dqk]).
-        static=True: fixed shapes (the cache's whole allocation read) and
-        no host synchronisation or host-to-device copy, so the step can be
-        captured in a CUDA graph and replayed (pool=mean patterns; replays
-        advance the device lengths only: cache.sync_host_lengths())."""
+        static=True: fixed shapes (the cache's whole allocation read) and,
+        for a step over every slot (slots=None), no host synchronisation or
+        host-to-device copy, so the step can be captured in a CUDA graph and
+        replayed (pool=mean patterns; replays advance the device lengths
+        only: cache.sync_host_lengths())."""
         if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != 1:
             raise ValueError(f"q: decode takes one new position per sequence, got shape {list(q.shape)}"
                              " (prefill takes any number)")
