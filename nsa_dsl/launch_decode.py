@@ -60,7 +60,7 @@ def decode_scores(compiled, cache, rows: torch.Tensor, q: torch.Tensor, scale_lo
     b = q.shape[0]
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
     dev = q.device
-    rows_pad, split = kp.const("DEC_ROWS"), kp.const("DEC_CMP_SPLIT")
+    rows_pad, split = kp.const("DEC_ROWS"), kp.const("DEC_CMP_TOKENS")
     max_c = cache.max_compressed
     n_splits = max(1, -(-max_c // split))
     scores = torch.empty(max(1, b * HKV * rows_pad * max_c), device=dev, dtype=torch.float32)

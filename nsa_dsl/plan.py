@@ -753,10 +753,10 @@ def _decode_kernels(p: Pattern) -> list:
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp / dec_cmp_select: the compressed attention over splits of
-         # DEC_CMP_SPLIT tokens (tiles of DEC_CMP_N), then its output, the
+         # DEC_CMP_TOKENS tokens (tiles of DEC_CMP_N), then its output, the
          # block scores and the top-n (DEC_SCORES: a ranked selection)
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
-         ("DEC_CMP_SPLIT", 512), ("DEC_CMP_N", 64))
+         ("DEC_CMP_TOKENS", 512), ("DEC_CMP_N", 64))
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),
