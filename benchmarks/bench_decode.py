@@ -97,6 +97,10 @@ def step_inputs(pattern, batch: int, *, device="cuda", dtype=torch.bfloat16, see
          "v": torch.randn(batch, 1, hkv, dv, generator=g, device=device, dtype=dtype)}
     for b in pattern.combined_branches:
         x[f"g_{b.value}"] = torch.rand(batch, 1, hq, generator=g, device=device, dtype=dtype)
+    if pattern.compress is not None and pattern.compress.pool.value == "mlp":
+        # the token the new position may complete (the module's phi makes it; not timed here)
+        x["k_cmp"] = torch.randn(batch, 1, hkv, dqk, generator=g, device=device, dtype=dtype)
+        x["v_cmp"] = torch.randn(batch, 1, hkv, dv, generator=g, device=device, dtype=dtype)
     return x
 
 

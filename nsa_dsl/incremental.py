@@ -229,6 +229,12 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
     if not cache.pools_itself and pattern.compress is not None:
         counts = [len(cache.completed_tokens(s, cache.host_lengths[s], cache.host_lengths[s] + m)) for s in slots]
         for name, t, d in (("k_cmp", k_cmp, dqk), ("v_cmp", v_cmp, dv)):
+            if isinstance(t, torch.Tensor):  # one candidate per new position (static-capable)
+                if tuple(t.shape) != (b, m, hkv, d):
+                    raise ValueError(f"{name}: pool=mlp as a tensor: expected [b, m, HKV, D] = {[b, m, hkv, d]} (the"
+                                     f" token whose block ends at each new position), got {list(t.shape)}")
+                cache.check_compatible(pattern, t, name)
+                continue
             if not isinstance(t, (list, tuple)) or len(t) != b:
                 raise ValueError(f"{name}: pool=mlp: expected one tensor per sequence [n_s, HKV, D] (the"
                                  f" compressed tokens this call completes: {counts}), got {type(t).__name__}")
@@ -250,18 +256,19 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
     compressed tokens stored and the new queries attended. `compiled`: a
     CompiledPattern whose kernels can run here. Where every slot of the
     call is empty, the piece is a whole prompt: its full forward computes
-    it; otherwise attend_cached (static: see there; pool=mean or
-    no compress branch, as pool=mlp's tokens come as host-sized lists)."""
-    if static and pattern.compress is not None and pattern.compress.pool != Pool.MEAN:
-        raise ValueError("static: a pool=mlp step takes its compressed tokens as per-sequence lists; only pool=mean"
-                         " (or no compress branch) steps are static")
+    it; otherwise attend_cached (static: see there; pool=mlp's compressed
+    tokens then come as per-position candidates, a tensor)."""
+    if static and pattern.compress is not None and pattern.compress.pool != Pool.MEAN and (
+            not isinstance(k_cmp, torch.Tensor) or not isinstance(v_cmp, torch.Tensor)):
+        raise ValueError("static: a pool=mlp step takes its compressed tokens as tensors [b, m, HKV, D], one"
+                         " candidate per new position (per-sequence lists have host-sized shapes)")
     if return_indices and pattern.select is None:
         raise ValueError(f"return_indices: pattern {pattern.name!r} has no select branch, so there are no indices")
     slots = validate_step(cache, pattern, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(pattern.dims.qk)
     if compiled is not None and not static and all(cache.host_lengths[s] == 0 for s in slots):
         mlp = {} if cache.pools_itself or pattern.compress is None else {
-            "k_cmp": torch.stack(list(k_cmp)), "v_cmp": torch.stack(list(v_cmp))}
+            "k_cmp": _completed(cache, k_cmp), "v_cmp": _completed(cache, v_cmp)}
         out = compiled(q, k, v, gates.get(Branch.CMP), gates.get(Branch.SLC), gates.get(Branch.SWA),
                            k_swa=k_swa, v_swa=v_swa, scale=scale, return_indices=return_indices, **mlp)
         store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
@@ -269,6 +276,16 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
     store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
     return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
                          want_indices=return_indices, static=static, compiled=compiled)
+
+
+def _completed(cache: NSACache, tokens) -> torch.Tensor:
+    """A whole prompt's compressed tokens [b, Tc, HKV, D] (the full
+    forward's k_cmp) from per-sequence lists, or from per-position
+    candidates (those at the positions i*d + l - 1)."""
+    if not isinstance(tokens, torch.Tensor):
+        return torch.stack(list(tokens))
+    c = cache.pattern.compress
+    return tokens[:, c.block - 1::c.stride]
 
 
 def store(cache: NSACache, slots, k, v, k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> None:
@@ -282,6 +299,9 @@ def store(cache: NSACache, slots, k, v, k_swa=None, v_swa=None, k_cmp=None, v_cm
     if cache.pattern.compress is None:
         return
     if cache.pools_itself:  # append pooled them
+        return
+    if isinstance(k_cmp, torch.Tensor):  # candidates: written where their position completes a token
+        cache.write_candidates(slots, k_cmp, v_cmp)
         return
     for i, s in enumerate(slots):
         tokens = cache.completed_tokens(s, before[i], before[i] + m)

@@ -153,13 +153,29 @@ class NSACache:
         host)."""
         c = self.pattern.compress
         start = pos - (c.block - 1)  # first position of the block that would end at pos
-        done = (start >= 0) & (start % c.stride == 0)
-        token = torch.where(done, start.div(c.stride, rounding_mode="floor"), self.max_compressed)
         window = start.clamp(min=0)[:, :, None] + torch.arange(c.block, device=self.device)  # [b, m, block]
         window = window.clamp(max=self.max_len - 1)  # (only a position completing nothing reaches past)
         rr = r[:, :, None].expand_as(window)
-        self.k_cmp[r, token] = self.k[rr, window].float().mean(2).to(self.dtype)
-        self.v_cmp[r, token] = self.v[rr, window].float().mean(2).to(self.dtype)
+        self._write_completed(r, pos, self.k[rr, window].float().mean(2), self.v[rr, window].float().mean(2))
+
+    def write_candidates(self, slots: Sequence[int], k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
+        """pool=mlp given per new position ([len(slots), m, HKV, D]: the
+        token whose block ends at that position, if one does): written to
+        that token's row where the position completes one, to the spare row
+        otherwise; positions from the device lengths (append advanced them
+        already), so a step over every slot can be captured."""
+        m = k_cmp.shape[1]
+        rows = self.rows(slots)
+        pos = self.lengths[rows].to(torch.int64)[:, None] - m + torch.arange(m, device=self.device)
+        self._write_completed(rows[:, None].expand(-1, m), pos, k_cmp, v_cmp)
+
+    def _write_completed(self, r: torch.Tensor, pos: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
+        c = self.pattern.compress
+        start = pos - (c.block - 1)  # first position of the block that would end at pos
+        done = (start >= 0) & (start % c.stride == 0)
+        token = torch.where(done, start.div(c.stride, rounding_mode="floor"), self.max_compressed)
+        self.k_cmp[r, token] = k_cmp.to(self.dtype)
+        self.v_cmp[r, token] = v_cmp.to(self.dtype)
 
     def append_source(self, slots: Sequence[int], k_src: torch.Tensor, v_src: torch.Tensor) -> None:
         """Write phi's source keys and values ([len(slots), m, HKV, D]) at

@@ -363,13 +363,19 @@ class NSAttention(nn.Module):
             kc, vc = (self._pair("cmp_kv", x) if own else (k, v))
             kc, vc = kc.to(dt), vc.to(dt)
             chosen = cache.check_slots(slots, b)
-            args["k_cmp"], args["v_cmp"] = [], []
-            for i, s in enumerate(chosen):
-                length = cache.host_lengths[s]
-                tokens = cache.completed_tokens(s, length, length + m)
-                for phi, new, cached, name in ((self.phi_k, kc, cache.k_src if own else cache.k, "k_cmp"),
-                                               (self.phi_v, vc, cache.v_src if own else cache.v, "v_cmp")):
-                    args[name].append(self._pool_completed(phi, tokens, cached[s, :length], new[i]))
+            sources = ((self.phi_k, kc, cache.k_src if own else cache.k, "k_cmp"),
+                       (self.phi_v, vc, cache.v_src if own else cache.v, "v_cmp"))
+            if m == 1:  # decode: the token the new position may complete, pooled on the device
+                rows = cache.rows(chosen)
+                for phi, new, cached, name in sources:
+                    args[name] = self._pool_candidate(phi, cached, rows, cache.lengths[rows], new)
+            else:
+                args["k_cmp"], args["v_cmp"] = [], []
+                for i, s in enumerate(chosen):
+                    length = cache.host_lengths[s]
+                    tokens = cache.completed_tokens(s, length, length + m)
+                    for phi, new, cached, name in sources:
+                        args[name].append(self._pool_completed(phi, tokens, cached[s, :length], new[i]))
             source = (kc, vc) if own else None
         with torch.autocast(device_type=x.device.type, enabled=False):
             compiled = self.compiled if self.resolve_backend(dt, x.device) == "kernels" else None
@@ -379,6 +385,18 @@ class NSAttention(nn.Module):
         if source is not None:
             cache.append_source(cache.check_slots(slots, b), *source)
         return self.o_proj(o.reshape(b, m, p.heads.q * p.dims.v))
+
+    @staticmethod
+    def _pool_candidate(phi, cached: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
+                        new: torch.Tensor) -> torch.Tensor:
+        """phi of the block that would end at each sequence's new position
+        (lengths, on the device): its l - 1 cached keys and the new one,
+        [b, 1, H, D]; where no block ends there the cache writes it to its
+        spare row. No host read: a decode step stays capturable."""
+        pos = lengths.to(torch.int64)[:, None] - (phi.block - 1) + torch.arange(phi.block - 1, device=new.device)
+        past = cached[rows[:, None], pos.clamp(min=0)].to(new.dtype)  # [b, l - 1, H, D]
+        windows = torch.cat([past, new], 1).permute(0, 2, 1, 3)  # [b, H, l, D]
+        return phi.pool(windows.unsqueeze(1))
 
     @staticmethod
     def _pool_completed(phi, tokens: range, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:

@@ -153,8 +153,10 @@ class CompiledPattern:
         may start anywhere (chunked prefill). The compressed tokens the new
         positions complete are stored: mean-pooled from the cache
         (pool=mean), or given (pool=mlp: k_cmp, v_cmp lists of [n_s, HKV,
-        D], one per sequence, the tokens this call completes). Bad input is
-        a ValueError before anything is written.
+        D], one per sequence, the tokens this call completes; or tensors
+        [b, m, HKV, D], one candidate per new position, the token whose
+        block ends there, kept only where one does). Bad input is a
+        ValueError before anything is written.
 
         Slots that are all empty run the training forward's kernels on the
         piece; a piece after cached positions runs incremental.attend_cached
@@ -169,8 +171,8 @@ class CompiledPattern:
         static=True: fixed shapes (the cache's whole allocation read) and,
         for a step over every slot (slots=None), no host synchronisation or
         host-to-device copy, so the step can be captured in a CUDA graph and
-        replayed (pool=mean patterns; replays advance the device lengths
-        only: cache.sync_host_lengths())."""
+        replayed (pool=mlp: k_cmp, v_cmp as per-position candidate tensors;
+        replays advance the device lengths only: cache.sync_host_lengths())."""
         if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != 1:
             raise ValueError(f"q: decode takes one new position per sequence, got shape {list(q.shape)}"
                              " (prefill takes any number)")

@@ -243,9 +243,10 @@ def test_a_static_decode_step_equals_the_eager_one():
     caches[1].sync_host_lengths()
     assert caches[1].host_lengths == [46, 14, 73]
     mlp = nsa_dsl.parse("pattern m { heads q=4 kv=2 dims qk=16 compress block=8 stride=4 pool=mlp window size=4 }")
-    with pytest.raises(ValueError, match="only pool=mean"):
-        nsa_dsl.compile(mlp).decode(**random_inputs(mlp, 1, 1, torch.float32, 0), cache=nsa_dsl.compile(mlp)
-                                    .new_cache(1, 4, dtype=torch.float32), static=True)
+    lists = {n: ([t[0]] if n in ("k_cmp", "v_cmp") else t) for n, t in random_inputs(mlp, 1, 1, torch.float32, 0).items()}
+    with pytest.raises(ValueError, match="static: a pool=mlp step takes its compressed tokens as tensors"):
+        nsa_dsl.compile(mlp).decode(**lists, cache=nsa_dsl.compile(mlp).new_cache(1, 4, dtype=torch.float32),
+                                    static=True)
 
 
 @pytest.mark.parametrize("block, stride, select_block", [(32, 16, 64), (8, 4, 16), (16, 16, 16), (48, 16, 16),
@@ -295,3 +296,42 @@ def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys):
                               torch.cat([full_idx[:, :n].to(torch.int32), idx], 1), eps_rel=1e-5, eps_abs=1e-6)
         ref = reference(PATTERN, **upcast(args), indices=torch.cat([full_idx[:, :n], idx.long()], 1))
         assert rel_error(torch.cat(outs[i])[None], ref[:, positions]) < TOLERANCE[torch.float32]
+
+
+def test_pool_mlp_tokens_as_per_position_candidates():
+    """pool=mlp's compressed tokens as a tensor [b, m, HKV, D], one
+    candidate per new position (the token whose block ends there): the
+    same outputs and cache as the per-sequence lists, whole prompts and
+    decode steps, and static decode steps (capturable) equal eager ones."""
+    pattern = nsa_dsl.parse("pattern m { heads q=4 kv=2 dims qk=16 compress block=8 stride=4 pool=mlp"
+                            " select block=16 top=3 initial=1 local=1 window size=12 }")
+    compiled = nsa_dsl.compile(pattern)
+    T, prompt = 60, 37
+    args = random_inputs(pattern, 2, T, torch.float32, seed=5)
+    c = pattern.compress
+    cand = {n: torch.randn(2, T, 2, 16) for n in ("k_cmp", "v_cmp")}
+    for n in cand:  # the candidates at positions i*d + l - 1 are the tokens themselves
+        cand[n][:, c.block - 1::c.stride] = args[n]
+    plain = {n: t for n, t in args.items() if n not in ("k_cmp", "v_cmp")}
+    caches = [compiled.new_cache(2, T, dtype=torch.float32) for _ in range(3)]
+    outs = [[], [], []]
+    outs[0].append(compiled.prefill(**_stack([_slice({n: t[s:s + 1] for n, t in args.items()}, pattern, 0, prompt)
+                                              for s in range(2)]), cache=caches[0]))
+    for i in (1, 2):
+        outs[i].append(compiled.prefill(**{n: t[:, :prompt] for n, t in plain.items()},
+                                        **{n: t[:, :prompt] for n, t in cand.items()}, cache=caches[i]))
+    for t in range(prompt, T):
+        step = {n: x[:, t:t + 1] for n, x in plain.items()}
+        lists = _stack([_slice({n: x[s:s + 1] for n, x in args.items()}, pattern, t, t + 1) for s in range(2)])
+        outs[0].append(compiled.decode(**lists, cache=caches[0]))
+        outs[1].append(compiled.decode(**step, **{n: x[:, t:t + 1] for n, x in cand.items()}, cache=caches[1]))
+        outs[2].append(compiled.decode(**step, **{n: x[:, t:t + 1] for n, x in cand.items()}, cache=caches[2],
+                                       static=True))
+    full = torch.cat(outs[0], 1)
+    assert rel_error(full, reference(pattern, **upcast(args))) < TOLERANCE[torch.float32]
+    for i in (1, 2):
+        assert rel_error(torch.cat(outs[i], 1), full) < 1e-6
+        assert torch.equal(caches[i].k_cmp[:, :-1], caches[0].k_cmp[:, :-1])
+    with pytest.raises(ValueError, match="k_cmp: pool=mlp as a tensor: expected"):
+        compiled.decode(**{n: x[:, :1] for n, x in plain.items()}, k_cmp=cand["k_cmp"][:, :2],
+                        v_cmp=cand["v_cmp"][:, :1], cache=compiled.new_cache(2, 4, dtype=torch.float32))
