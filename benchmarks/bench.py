@@ -512,15 +512,24 @@ def format_cold(rows: list) -> str:
     return "\n".join(out)
 
 
-def plot_rows(rows: list, path, title: str = "") -> bool:
-    """Time vs T, log-log, one line per (impl, pass), one subplot per pattern.
-    Returns False when matplotlib is missing or there is nothing to plot."""
+def pyplot():
+    """matplotlib.pyplot drawing to files (Agg), or None where matplotlib is
+    missing (the plots are optional)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except Exception:
+        return None
+    return plt
+
+
+def plot_rows(rows: list, path, title: str = "") -> bool:
+    """Time vs T, log-log, one line per (impl, pass), one subplot per pattern.
+    Returns False when matplotlib is missing or there is nothing to plot."""
+    plt = pyplot()
+    if plt is None:
         return False
     usable = [r for r in rows if r["stage"] is None and r["ms"] and r["pass"] in PASSES
               and not r["impl"].startswith("cold_start") and r["T"]]

@@ -1,9 +1,8 @@
 """One decode step of one attention layer on the GPU (issue 22's
 benchmark), bf16, one run: for each pattern, context and batch,
 
-  nsa_dsl_eager        compiled.decode on the cache (ragged-capable path)
-  nsa_dsl_static       compiled.decode(static=True): fixed shapes, no sync
-  nsa_dsl_graph        that static step captured in a CUDA graph, replayed
+  nsa_dsl_eager        compiled.decode on the cache (the decode kernels)
+  nsa_dsl_graph        that step captured in a CUDA graph, replayed
   sdpa_eager           SDPA (flash where it takes the call) of the one new
                        query against a contiguous dense [B, HKV, L, D] cache
   sdpa_graph           the same captured in a CUDA graph
@@ -150,10 +149,8 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
 
     with torch.no_grad():
         timed("nsa_dsl_eager", _rewinding(cache, lambda: compiled.decode(**x, cache=cache)), nsa_bytes)
-        static = _rewinding(cache, lambda: compiled.decode(**x, cache=cache, static=True))
-        timed("nsa_dsl_static", static, nsa_bytes)
         try:
-            replay = _graphed(lambda: compiled.decode(**x, cache=cache, static=True))
+            replay = _graphed(lambda: compiled.decode(**x, cache=cache))
             cache.host_lengths = [context] * batch  # capture counted the steps it recorded on the host
             timed("nsa_dsl_graph", _rewinding(cache, replay), nsa_bytes)
         except Exception as e:  # noqa: BLE001
@@ -183,7 +180,7 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
 
 
 def summary(rows: list) -> str:
-    impls = ("nsa_dsl_eager", "nsa_dsl_static", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph")
+    impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph")
     lines = ["pattern | context | batch | " + " | ".join(impls) + " | sdpa/nsa eager | sdpa/nsa graph"
              " | nsa graph floor frac"]
     for key in sorted({(r["pattern"], r["T"], r["batch"]) for r in rows}):

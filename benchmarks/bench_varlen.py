@@ -263,12 +263,8 @@ def plot(rows: list, path, title: str = "") -> bool:
     """Bars of ms per impl for each mix, one panel per (pattern, pass), log
     scale. False (no file) where matplotlib is missing or no row has a
     time."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = bench.pyplot()
+    if plt is None:
         return False
     timed = [r for r in rows if r.get("ms")]
     panels = sorted({(r["pattern"], r["pass"]) for r in timed})

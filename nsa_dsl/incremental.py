@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 from .geometry import compressed_end, num_blocks
-from .ir import Branch, Pool
+from .ir import Branch
 from .kv_cache import NSACache
 from .launch import LOG2E
 from .launch_decode import decode_attend, decode_scores
@@ -51,29 +51,23 @@ def _attend(q5, k, v, mask, scale):
 
 
 def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
-                  scale: float, *, query_chunk: int = 128, want_indices: bool = False, static: bool = False,
-                  compiled=None):
+                  scale: float, *, query_chunk: int = 128, want_indices: bool = False, compiled=None):
     """o [b, m, HQ, Dv] of the queries q [b, m, HQ, Dqk] that sit at the last
     m positions of each slot's sequence (the cache already holds them and
     the compressed tokens they complete), gated by gates {Branch: [b, m,
     HQ]}; with want_indices also the selection's blocks [b, m, HKV, top].
-    static: every shape from the cache's allocation (max_len) and the
-    positions from its device lengths, so the step reads nothing from the
-    host and can be captured in a CUDA graph; else the spans end at the
-    longest sequence (host lengths: less to read)."""
+    The spans end at the longest sequence (host lengths). compiled: a
+    CompiledPattern whose kernels can run here; a decode step (m = 1) then
+    runs the plan's decode kernels (_decode_with_kernels)."""
     p = cache.pattern
     b, m, HQ, _ = q.shape
     HKV, G = p.heads.kv, p.heads.q // p.heads.kv
     rows = cache.rows(slots)
-    if static:
-        longest = cache.max_len
-        first = cache.lengths[rows].to(torch.int64) - m
-    else:
-        lengths = [cache.host_lengths[s] for s in slots]
-        longest = max(lengths)
-        first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
     if m == 1 and compiled is not None and compiled.plan.has("dec_attend"):
-        return _decode_with_kernels(compiled, cache, rows, q, gates, scale, first, longest, want_indices)
+        return _decode_with_kernels(compiled, cache, rows, q, gates, scale, want_indices)
+    lengths = [cache.host_lengths[s] for s in slots]
+    longest = max(lengths)
+    first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
     # the cache's own tensors, read at (slot, position): no copy of a span
     k, v = _Slots(cache.k, rows), _Slots(cache.v, rows)
     k_swa = _Slots(cache.k_swa, rows) if cache.k_swa is not None else k
@@ -107,19 +101,21 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
     return (o, torch.cat(idx_out, 1)) if want_indices else o
 
 
-def _decode_with_kernels(compiled, cache, rows, q, gates, scale, first, longest, want_indices):
+def _decode_with_kernels(compiled, cache, rows, q, gates, scale, want_indices):
     """A decode step in the plan's decode kernels: the compressed branch,
     the block scores and the top-n (dec_cmp, dec_cmp_select), then the
     selected blocks and the window, gated and summed (dec_attend,
     dec_reduce). A static selection's forced blocks come from the rule
-    here."""
+    here. Positions from the device lengths and shapes from the cache's
+    allocation: nothing read from the host, so the step can be captured."""
     p = cache.pattern
     o_cmp, idx = None, None
     if p.compress is not None:  # the compressed branch and (ranked) the selection in the decode kernels
         o_cmp, idx = decode_scores(compiled, cache, rows, q, scale * LOG2E)
         o_cmp = o_cmp if Branch.CMP in p.combined_branches else None
     if p.select is not None and idx is None:  # a static selection: its forced blocks
-        idx = _selection_indices(p, None, first[:, None], longest)
+        position = cache.lengths[rows].to(torch.int64)[:, None] - 1
+        idx = _selection_indices(p, None, position, cache.max_len)
     o = decode_attend(compiled, cache, rows, q, idx, gates, o_cmp, scale * LOG2E)
     return (o, idx) if want_indices else o
 
@@ -229,7 +225,7 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
     if not cache.pools_itself and pattern.compress is not None:
         counts = [len(cache.completed_tokens(s, cache.host_lengths[s], cache.host_lengths[s] + m)) for s in slots]
         for name, t, d in (("k_cmp", k_cmp, dqk), ("v_cmp", v_cmp, dv)):
-            if isinstance(t, torch.Tensor):  # one candidate per new position (static-capable)
+            if isinstance(t, torch.Tensor):  # one candidate per new position (capturable)
                 if tuple(t.shape) != (b, m, hkv, d):
                     raise ValueError(f"{name}: pool=mlp as a tensor: expected [b, m, HKV, D] = {[b, m, hkv, d]} (the"
                                      f" token whose block ends at each new position), got {list(t.shape)}")
@@ -250,23 +246,18 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
 
 
 def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=None, k_swa=None, v_swa=None,
-         k_cmp=None, v_cmp=None, return_indices: bool = False, compiled=None, static: bool = False):
+         k_cmp=None, v_cmp=None, return_indices: bool = False, compiled=None):
     """A prefill or decode step (CompiledPattern.prefill's contract): bad
     input a ValueError before anything is written; then the new keys and
     compressed tokens stored and the new queries attended. `compiled`: a
     CompiledPattern whose kernels can run here. Where every slot of the
     call is empty, the piece is a whole prompt: its full forward computes
-    it; otherwise attend_cached (static: see there; pool=mlp's compressed
-    tokens then come as per-position candidates, a tensor)."""
-    if static and pattern.compress is not None and pattern.compress.pool != Pool.MEAN and (
-            not isinstance(k_cmp, torch.Tensor) or not isinstance(v_cmp, torch.Tensor)):
-        raise ValueError("static: a pool=mlp step takes its compressed tokens as tensors [b, m, HKV, D], one"
-                         " candidate per new position (per-sequence lists have host-sized shapes)")
+    it; otherwise attend_cached."""
     if return_indices and pattern.select is None:
         raise ValueError(f"return_indices: pattern {pattern.name!r} has no select branch, so there are no indices")
     slots = validate_step(cache, pattern, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
     scale = float(scale) if scale is not None else 1.0 / math.sqrt(pattern.dims.qk)
-    if compiled is not None and not static and all(cache.host_lengths[s] == 0 for s in slots):
+    if compiled is not None and all(cache.host_lengths[s] == 0 for s in slots):
         mlp = {} if cache.pools_itself or pattern.compress is None else {
             "k_cmp": _completed(cache, k_cmp), "v_cmp": _completed(cache, v_cmp)}
         out = compiled(q, k, v, gates.get(Branch.CMP), gates.get(Branch.SLC), gates.get(Branch.SWA),
@@ -275,7 +266,7 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
         return out
     store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
     return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
-                         want_indices=return_indices, static=static, compiled=compiled)
+                         want_indices=return_indices, compiled=compiled)
 
 
 def _completed(cache: NSACache, tokens) -> torch.Tensor:

@@ -166,26 +166,27 @@ class CompiledPattern:
                           k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
 
     def decode(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
-               k_cmp=None, v_cmp=None, scale=None, return_indices=False, static=False):
+               k_cmp=None, v_cmp=None, scale=None, return_indices=False):
         """prefill of one new position per sequence (q [b, 1, HQ, Dqk]).
-        static=True: fixed shapes (the cache's whole allocation read) and,
-        for a step over every slot (slots=None), no host synchronisation or
-        host-to-device copy, so the step can be captured in a CUDA graph and
-        replayed (pool=mlp: k_cmp, v_cmp as per-position candidate tensors;
-        replays advance the device lengths only: cache.sync_host_lengths())."""
+        With the decode kernels a step over every slot has fixed shapes
+        and reads positions from the cache's device lengths: no host
+        synchronisation or host-to-device copy, so it can be captured in a
+        CUDA graph and replayed (pool=mlp: k_cmp, v_cmp as per-position
+        candidate tensors; replays advance the device lengths only:
+        cache.sync_host_lengths())."""
         if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != 1:
             raise ValueError(f"q: decode takes one new position per sequence, got shape {list(q.shape)}"
                              " (prefill takes any number)")
         return self._step(q, k, v, g_cmp, g_slc, g_swa, cache=cache, slots=slots, k_swa=k_swa, v_swa=v_swa,
-                          k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices, static=static)
+                          k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
 
     def _step(self, q, k, v, g_cmp, g_slc, g_swa, *, cache, slots, k_swa, v_swa, k_cmp, v_cmp, scale,
-              return_indices, static=False):
+              return_indices):
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
         whole = self if isinstance(q, torch.Tensor) and device_problem(q) is None else None
         return incremental.step(cache, self.pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
                                 v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=return_indices,
-                                compiled=whole, static=static)
+                                compiled=whole)
 
     def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the

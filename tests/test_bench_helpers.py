@@ -728,7 +728,7 @@ def test_decode_bench_cache_and_step_run_on_the_cpu():
     cache = bench_decode.filled_cache(compiled, 2, 40, device="cpu", dtype=torch.float32)
     assert cache.host_lengths == [40, 40] and cache.lengths.tolist() == [40, 40]
     x = bench_decode.step_inputs(p, 2, device="cpu", dtype=torch.float32)
-    step = bench_decode._rewinding(cache, lambda: compiled.decode(**x, cache=cache, static=True))
+    step = bench_decode._rewinding(cache, lambda: compiled.decode(**x, cache=cache))
     first, again = step(), step()
     assert torch.equal(first, again) and cache.host_lengths == [40, 40]  # every repeat decodes position 40
     rows = [{"pattern": "p", "T": 40, "batch": 2, "impl": i, "ms": ms, "floor_frac": 0.5}

@@ -456,8 +456,8 @@ def test_64k_forward_is_finite_and_fits():
     assert peak_extra < 4 * inputs_gb
 
 
-def test_a_static_decode_step_replays_in_a_cuda_graph():
-    """decode(static=True) captured in a CUDA graph: each replay (fresh
+def test_a_decode_step_replays_in_a_cuda_graph():
+    """A decode step captured in a CUDA graph: each replay (fresh
     inputs copied into the captured buffers) gives the eager step's output
     and advances the cache as the eager steps do (bf16, paper128 at a 4k
     context, a ragged batch of 3)."""
@@ -474,11 +474,11 @@ def test_a_static_decode_step_replays_in_a_cuda_graph():
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up outside the graph (allocator, lazy init)
-            compiled.decode(**static_in, cache=warm, static=True)
+            compiled.decode(**static_in, cache=warm)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = compiled.decode(**static_in, cache=graph_cache, static=True)
+            static_out = compiled.decode(**static_in, cache=graph_cache)
         # capture records without running: the device lengths did not move,
         # the host's count (advanced by the call) goes back
         graph_cache.host_lengths = [n - 1 for n in graph_cache.host_lengths]
