@@ -16,12 +16,13 @@ from typing import Dict, Optional, Sequence
 
 import torch
 
-from .geometry import compressed_end, num_blocks
+from .geometry import num_blocks
 from .ir import Branch
 from .kv_cache import NSACache
 from .launch import LOG2E
 from .launch_decode import decode_attend, decode_scores
-from .reference import _softmax_masked, first_occurrence, overlap_weights, select_at_positions
+from .reference import (_attend_gathered, compressed_at_positions, first_occurrence, overlap_weights,
+                        select_at_positions)
 
 
 class _Slots:
@@ -40,14 +41,6 @@ def _gather_rows(x: _Slots, pos: torch.Tensor) -> torch.Tensor:
     slot = x.rows.view(-1, 1, 1, 1)
     h = torch.arange(HKV, device=pos.device).view(1, 1, HKV, 1)
     return x.tensor[slot, pos.clamp(0, max(L - 1, 0)), h]
-
-
-def _attend(q5, k, v, mask, scale):
-    """q5 [B, N, HKV, G, D] against gathered k [B, N, HKV, S, D] with mask
-    [B, N, HKV, S] -> o [B, N, HKV, G, Dv], float32."""
-    logits = torch.einsum("bnkgd,bnksd->bnkgs", q5, k.float()) * scale
-    p = _softmax_masked(logits, mask.unsqueeze(3))
-    return torch.einsum("bnkgs,bnksd->bnkgd", p, v.float())
 
 
 def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
@@ -84,7 +77,7 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
         branch = {}
         p_cmp = None
         if p.compress is not None:
-            branch[Branch.CMP], p_cmp = _compressed(p, q5, k_cmp, v_cmp, t, scale)
+            branch[Branch.CMP], p_cmp = compressed_at_positions(p, q5, k_cmp.float(), v_cmp.float(), t, scale)
         if p.select is not None:
             idx = _selection_indices(p, p_cmp, t, longest)
             branch[Branch.SLC] = _selected(p, q5, k, v, idx, t, scale)
@@ -118,18 +111,6 @@ def _decode_with_kernels(compiled, cache, rows, q, gates, scale, want_indices):
         idx = _selection_indices(p, None, position, cache.max_len)
     o = decode_attend(compiled, cache, rows, q, idx, gates, o_cmp, scale * LOG2E)
     return (o, idx) if want_indices else o
-
-
-def _compressed(p, q5, k_cmp, v_cmp, t, scale):
-    """(o_cmp [b, N, HKV, G, Dv], p_cmp [b, N, HKV, G, Tc]) of rows at
-    positions t [b, N]: a row sees compressed token i iff its block ends at
-    or before it (row with none: zeros)."""
-    c = p.compress
-    i = torch.arange(k_cmp.shape[1], device=q5.device, dtype=torch.int64)
-    visible = compressed_end(i, c.block, c.stride)[None, None, :] <= t[:, :, None]  # [b, N, Tc]
-    logits = torch.einsum("bnkgd,bskd->bnkgs", q5, k_cmp.float()) * scale
-    p_cmp = _softmax_masked(logits, visible[:, :, None, None, :])
-    return torch.einsum("bnkgs,bskd->bnkgd", p_cmp, v_cmp.float()), p_cmp
 
 
 def _selection_indices(p, p_cmp, t, longest):
@@ -177,7 +158,7 @@ def _selected(p, q5, k, v, idx, t, scale):
     pos = (idx.to(torch.int64).unsqueeze(-1) * lb + offs).reshape(b, N, HKV, top * lb)
     ok = ((idx >= 0) & first_occurrence(idx)).repeat_interleave(lb, dim=-1)
     mask = ok & (pos <= t[:, :, None, None])
-    return _attend(q5, _gather_rows(k, pos), _gather_rows(v, pos), mask, scale)
+    return _attend_gathered(q5, _gather_rows(k, pos).float(), _gather_rows(v, pos).float(), mask, scale)
 
 
 def _window(p, q5, k, v, t, scale):
@@ -186,7 +167,7 @@ def _window(p, q5, k, v, t, scale):
     b, N = t.shape
     HKV = q5.shape[2]
     pos = (t[:, :, None] - w + 1 + torch.arange(w, device=q5.device)).unsqueeze(2).expand(b, N, HKV, w)
-    return _attend(q5, _gather_rows(k, pos), _gather_rows(v, pos), pos >= 0, scale)
+    return _attend_gathered(q5, _gather_rows(k, pos).float(), _gather_rows(v, pos).float(), pos >= 0, scale)
 
 
 def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optional[Sequence[int]],

@@ -270,12 +270,18 @@ def _positions(t0: int, t1: int, device) -> torch.Tensor:
 
 def _cmp_chunk(pattern, q5, k_cmp, v_cmp, t0, t1, scale):
     """(o [B,N,HKV,G,Dv] or None, p [B,N,HKV,G,Tc]) for queries t0..t1-1."""
+    return compressed_at_positions(pattern, q5, k_cmp, v_cmp, _positions(t0, t1, q5.device)[None], scale)
+
+
+def compressed_at_positions(pattern, q5, k_cmp, v_cmp, t, scale):
+    """The compressed branch for rows at positions t [B or 1, N] (int64;
+    each row its own, as a cached step's queries have): (o [B,N,HKV,G,Dv],
+    or None without v_cmp, and p [B,N,HKV,G,Tc]). A row sees compressed
+    token i iff its block ends at or before it (a row with none: zeros)."""
     c = pattern.compress
-    Tc = k_cmp.shape[1]
-    t = _positions(t0, t1, q5.device).unsqueeze(1)  # [N, 1]
-    i = torch.arange(Tc, device=q5.device, dtype=torch.int64).unsqueeze(0)  # [1, Tc]
-    visible = compressed_end(i, c.block, c.stride) <= t  # [N, Tc]
-    mask = visible[None, :, None, None, :]
+    i = torch.arange(k_cmp.shape[1], device=q5.device, dtype=torch.int64)
+    visible = compressed_end(i, c.block, c.stride)[None, None, :] <= t[:, :, None]  # [B or 1, N, Tc]
+    mask = visible[:, :, None, None, :]
     if v_cmp is None:
         logits = torch.einsum("bnkgd,bskd->bnkgs", q5, k_cmp) * scale
         return None, _softmax_masked(logits, mask)
