@@ -6,6 +6,11 @@ benchmark), bf16, one run: for each pattern, context and batch,
   sdpa_eager           SDPA (flash where it takes the call) of the one new
                        query against a contiguous dense [B, HKV, L, D] cache
   sdpa_graph           the same captured in a CUDA graph
+  flash_nsa_eager      flash_nsa's nsa_decode (mdy666) on its paged cache,
+  flash_nsa_graph      eager and graphed, where its fixed pattern is ours
+                       (mean pooling, 32/16, 64 x top-16, window 512) and
+                       its source is on the path (--flash-nsa DIR, made by
+                       benchmarks/fetch_flash_nsa.sh)
 
 at contexts --contexts (8k..128k) for batch 1 and for the batch whose KV
 cache totals --cache-gb (flash_nsa's setting: 4 GB). Rows carry the bytes
@@ -16,7 +21,7 @@ copy bandwidth. The step's time covers what one decode call does: append
 the new key and value, the compressed token it completes, and the
 attention. Writes $OUT/decode_bench.json and prints the table.
 
-    python benchmarks/bench_decode.py [--patterns examples/bench_paper128.nsa,...] --out DIR
+    python benchmarks/bench_decode.py [--patterns examples/bench_paper128.nsa,...] [--flash-nsa DIR] --out DIR
 """
 from __future__ import annotations
 
@@ -130,7 +135,54 @@ def _graphed(fn):
     return graph.replay
 
 
-def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float) -> list:
+FLASH_NSA_PAGE = 128  # its decode asserts pages of a multiple of 128 positions
+
+
+def flash_nsa_computes(pattern) -> bool:
+    """flash_nsa's decode has one pattern built in: mean pooling of 32 every
+    16, top-16 blocks of 64 with 1 initial and 2 local, a 512 window, equal
+    head dims."""
+    p = pattern
+    return (p.compress is not None and p.select is not None and p.window is not None
+            and p.compress.pool.value == "mean" and (p.compress.block, p.compress.stride) == (32, 16)
+            and (p.select.block, p.select.top, p.select.initial, p.select.local) == (64, 16, 1, 2)
+            and p.window.size == 512 and p.dims.qk == p.dims.v)
+
+
+def flash_nsa_step(pattern, context: int, batch: int, *, device="cuda", dtype=torch.bfloat16):
+    """flash_nsa's nsa_decode for `batch` sequences of `context` cached
+    positions: one page pool holding each sequence's keys/values and then its
+    compressed tokens (its layout), random contents; no compressed token is
+    written in the timed step (slot -1: 15 of 16 steps at stride 16). The
+    new position's key and value are taken as already cached (it appends
+    outside this call), so its step does less than ours."""
+    from flash_nsa.inference import nsa_decode
+
+    hq, hkv, d = pattern.heads.q, pattern.heads.kv, pattern.dims.qk
+    pages = -(-context // FLASH_NSA_PAGE)
+    cmp_pages = -(-num_compressed(context, 32, 16) // FLASH_NSA_PAGE)
+    pool = batch * (pages + cmp_pages)
+    g = torch.Generator(device=device).manual_seed(2)
+    k_pool = torch.randn(pool, FLASH_NSA_PAGE, hkv, d, generator=g, device=device, dtype=dtype)
+    v_pool = torch.randn(pool, FLASH_NSA_PAGE, hkv, d, generator=g, device=device, dtype=dtype)
+    first = torch.arange(batch, device=device, dtype=torch.int32)[:, None] * (pages + cmp_pages)
+    tables = first + torch.arange(pages, device=device, dtype=torch.int32)
+    cmp_tables = first + pages + torch.arange(cmp_pages, device=device, dtype=torch.int32)
+    lengths = torch.full((batch,), context, device=device, dtype=torch.int32)
+    no_new_token = torch.full((batch,), -1, device=device, dtype=torch.int32)
+    q = torch.randn(batch, hq, d, generator=g, device=device, dtype=dtype)
+    w = torch.randn(batch, hq, 3, generator=g, device=device, dtype=dtype)
+
+    def step():
+        return nsa_decode(q, k_pool, v_pool, w, context_lens=lengths, block_tables=tables,
+                          cmp_slot_mapping=no_new_token, cmp_block_tables=cmp_tables,
+                          fixed_y_maxlen=context // 16, fixed_num_slc_blocks=-(-context // 64),
+                          kernel_size=32, stride=16, block_size=64, top_n=16, num_init_blocks=1,
+                          num_local_blocks=2, window_size=512)
+    return step, (k_pool, v_pool)
+
+
+def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float, flash_nsa: bool = False) -> list:
     compiled = nsa_dsl.compile(pattern)
     cache = filled_cache(compiled, batch, context)
     x = step_inputs(pattern, batch)
@@ -174,15 +226,26 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
             rows.append(bench.make_row(pattern.name, context, "sdpa_graph", "decode", error=bench._short(e)))
         del k, v
         bench._cleanup()
+        if flash_nsa and flash_nsa_computes(pattern):
+            try:
+                step, pools = flash_nsa_step(pattern, context, batch)
+                note = "its nsa_decode on its paged cache; the new key/value taken as cached, no compressed write"
+                timed("flash_nsa_eager", step, nsa_bytes, note=note)
+                timed("flash_nsa_graph", _graphed(step), nsa_bytes, note=note)
+                del pools
+            except Exception as e:  # noqa: BLE001
+                rows.append(bench.make_row(pattern.name, context, "flash_nsa_eager", "decode", error=bench._short(e)))
+            bench._cleanup()
     for row in rows:
         row["batch"] = batch
     return rows
 
 
 def summary(rows: list) -> str:
-    impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph")
+    impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph", "flash_nsa_eager", "flash_nsa_graph")
     lines = ["pattern | context | batch | " + " | ".join(impls) + " | sdpa/nsa eager | sdpa/nsa graph"
-             " | nsa graph floor frac"]
+             " | flash_nsa/nsa graph | nsa graph floor frac"]
+    errors = []
     for key in sorted({(r["pattern"], r["T"], r["batch"]) for r in rows}):
         by = {r["impl"]: r for r in rows if (r["pattern"], r["T"], r["batch"]) == key}
         ms = {i: by.get(i, {}).get("ms") for i in impls}
@@ -193,8 +256,26 @@ def summary(rows: list) -> str:
         frac = by.get("nsa_dsl_graph", {}).get("floor_frac")
         lines.append(f"{key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells)
                      + f" | {ratio('sdpa_eager', 'nsa_dsl_eager')} | {ratio('sdpa_graph', 'nsa_dsl_graph')}"
+                     + f" | {ratio('flash_nsa_graph', 'nsa_dsl_graph')}"
                      + (f" | {frac:.2f}" if frac else " | -"))
-    return "\n".join(lines)
+        errors += [f"  {key} {r['impl']}: {r['error']}" for r in by.values() if r.get("error")]
+    return "\n".join(lines + errors)
+
+
+def _import_flash_nsa(folder: str) -> None:
+    """Put flash_nsa on the path. Its utils import pkg_resources (setuptools)
+    for one version comparison; where setuptools is absent a stand-in module
+    gives that one function."""
+    sys.path.insert(0, str(Path(folder).resolve()))
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import types
+
+        def parse_version(text: str) -> tuple:
+            return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+        sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse_version)
+    import flash_nsa.inference  # noqa: F401  - fail here, not in every row
 
 
 def main(argv=None) -> int:
@@ -202,18 +283,21 @@ def main(argv=None) -> int:
     ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS))
     ap.add_argument("--contexts", default=",".join(str(c) for c in DEFAULT_CONTEXTS))
     ap.add_argument("--cache-gb", type=float, default=4.0)
+    ap.add_argument("--flash-nsa", default="", help="a folder holding flash_nsa's package (its rows run if given)")
     ap.add_argument("--out", default="/tmp/decode_bench")
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rep", type=float, default=100)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.flash_nsa:
+        _import_flash_nsa(args.flash_nsa)
     ceil = bench.measure_ceilings(args.warmup, args.rep)
     rows = []
     for path in args.patterns.split(","):
         pattern = nsa_dsl.load(path)
         for context in (int(c) for c in args.contexts.split(",")):
             for batch in sorted({1, cache_batch(pattern, context, args.cache_gb)}):
-                rows += run(pattern, context, batch, ceil, args.warmup, args.rep)
+                rows += run(pattern, context, batch, ceil, args.warmup, args.rep, flash_nsa=bool(args.flash_nsa))
                 print(summary([r for r in rows if (r["pattern"], r["T"], r["batch"]) == (pattern.name, context,
                                                                                           batch)]).splitlines()[1],
                       flush=True)

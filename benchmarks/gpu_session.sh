@@ -10,8 +10,9 @@
 #   bash .device/run bash benchmarks/gpu_session.sh decode
 #       the cache on the GPU (issue 22): the CUDA-graph decode test, then
 #       benchmarks/bench_decode.py (decode step vs SDPA, eager and graphed,
-#       8k..128k, batch 1 and a 4 GB cache) -> $OUT/decode.log,
-#       $OUT/decode_bench.json
+#       8k..128k, batch 1 and a 4 GB cache; flash_nsa's decode beside it when
+#       .flash_nsa is carried: benchmarks/fetch_flash_nsa.sh) -> $OUT/decode.log,
+#       $OUT/decode_bench.json, $OUT/pytest_decode.log
 #   bash .device/run bash benchmarks/gpu_session.sh bench
 #       paper128, deepseek_nsa, small_group at 8k..64k vs SDPA flash and
 #       FlexAttention -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
@@ -77,8 +78,10 @@ case "${1:-}" in
     } 2>&1 | tee "$OUT/varlen.log" | tail -n 40 ;;
   decode)
     {
-      timeout 200 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 150 -k "decode or graph" -rf 2>&1 | tail -n 5
-      timeout "${DECODE_BENCH_TIMEOUT_S:-380}" python3 benchmarks/bench_decode.py --out "$OUT"
+      timeout 200 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 150 -k "decode or graph" -rf 2>&1 \
+        | tee "$OUT/pytest_decode.log" | tail -n 5
+      timeout "${DECODE_BENCH_TIMEOUT_S:-380}" python3 benchmarks/bench_decode.py --out "$OUT" \
+        ${DECODE_CONTEXTS:+--contexts "$DECODE_CONTEXTS"} $([ -d .flash_nsa ] && echo --flash-nsa .flash_nsa)
     } 2>&1 | tee "$OUT/decode.log" | tail -n 40 ;;
   tests)
     timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \

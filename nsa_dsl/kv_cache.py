@@ -40,7 +40,9 @@ class NSACache:
             raise ValueError(f"dtype: expected a floating torch.dtype, got {dtype!r}")
         self.pattern = pattern
         self.batch, self.max_len = batch, max_len
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        # resolved through an allocation: "cuda" names the current card, and the
+        # tensors a call brings say which one ("cuda:0"), so compare like with like
+        self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.dtype = dtype
         hkv, dqk, dv = pattern.heads.kv, pattern.dims.qk, pattern.dims.v
         kw = {"device": self.device, "dtype": dtype}
