@@ -37,8 +37,10 @@ from nsa_dsl.render import render  # noqa: E402
 
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
                  "kw_ptr", "vw_ptr", "o_final_ptr", "part_o_ptr",
-                 "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr"}
-INT_POINTERS = {"idx_ptr", "slot_ptr", "len_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
+                 "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr",
+                 "k_new_ptr", "v_new_ptr", "kw_new_ptr", "vw_new_ptr", "kc_new_ptr", "vc_new_ptr"}
+INT64_POINTERS = {"slot_ptr"}  # the decode step's slots: the cache's int64 row index
+INT_POINTERS = {"idx_ptr", "cand_idx_ptr", "len_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
                 "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
@@ -50,7 +52,9 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
                   "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False,
-                  "NB_PAD": 1024}  # NB_PAD: dec_cmp_select at a 64k cache of 64-token blocks
+                  # the decode step as a 64k cache of 64-token blocks launches it
+                  # (launch_decode: 8 chunks of 128 blocks, the indices asked for)
+                  "CHUNK": 128, "NC_PAD": 8, "WRITE_IDX": True, "HAS_KW": False, "CANDIDATES": False}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
@@ -60,7 +64,7 @@ ENTRY_POINTS = {
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
-    "dec_attend": ["dec_attend", "dec_reduce", "dec_cmp", "dec_cmp_select"],
+    "dec_attend": ["dec_append", "dec_cmp", "dec_topk", "dec_attend", "dec_reduce"],
 }
 
 
@@ -88,7 +92,8 @@ def signature(fn, dims: dict, top: int = 16, constexpr_args: dict = None, descri
             sig[name] = "*i32"
             attrs[(i,)] = divisible
         elif name.endswith("_ptr"):
-            sig[name] = INPUT_POINTER if name in BF16_POINTERS else "*i32" if name in INT_POINTERS else "*fp32"
+            sig[name] = (INPUT_POINTER if name in BF16_POINTERS else "*i32" if name in INT_POINTERS
+                         else "*i64" if name in INT64_POINTERS else "*fp32")
             attrs[(i,)] = divisible
         elif name in FLOATS:
             sig[name] = "fp32"
@@ -156,8 +161,10 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     continue  # the scoring, or the static selection's forced blocks
                 if entry == "slc_fwd_bc_merge_window" and not kernel.has_const("BC_FOLD_WINDOW"):
                     continue  # patterns with a window only
-                if entry in ("dec_cmp", "dec_cmp_select") and not kernel.const("DEC_HAS_CMP_KERNELS"):
+                if entry == "dec_cmp" and not kernel.const("DEC_HAS_CMP_KERNELS"):
                     continue  # patterns with a compress branch only
+                if entry == "dec_topk" and not kernel.const("DEC_SCORES"):
+                    continue  # a ranked selection only
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]

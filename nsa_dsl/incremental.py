@@ -20,7 +20,7 @@ from .geometry import num_blocks
 from .ir import Branch
 from .kv_cache import NSACache
 from .launch import LOG2E
-from .launch_decode import decode_attend, decode_scores
+from .launch_decode import decode_step
 from .reference import (_attend_gathered, compressed_at_positions, first_occurrence, overlap_weights,
                         select_at_positions)
 
@@ -44,20 +44,18 @@ def _gather_rows(x: _Slots, pos: torch.Tensor) -> torch.Tensor:
 
 
 def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
-                  scale: float, *, query_chunk: int = 128, want_indices: bool = False, compiled=None):
+                  scale: float, *, query_chunk: int = 128, want_indices: bool = False):
     """o [b, m, HQ, Dv] of the queries q [b, m, HQ, Dqk] that sit at the last
     m positions of each slot's sequence (the cache already holds them and
     the compressed tokens they complete), gated by gates {Branch: [b, m,
     HQ]}; with want_indices also the selection's blocks [b, m, HKV, top].
-    The spans end at the longest sequence (host lengths). compiled: a
-    CompiledPattern whose kernels can run here; a decode step (m = 1) then
-    runs the plan's decode kernels (_decode_with_kernels)."""
+    The spans end at the longest sequence (host lengths). PyTorch: a
+    piece after cached positions, or a decode step where no decode kernels
+    run (step)."""
     p = cache.pattern
     b, m, HQ, _ = q.shape
     HKV, G = p.heads.kv, p.heads.q // p.heads.kv
     rows = cache.rows(slots)
-    if m == 1 and compiled is not None and compiled.plan.has("dec_attend"):
-        return _decode_with_kernels(compiled, cache, rows, q, gates, scale, want_indices)
     lengths = [cache.host_lengths[s] for s in slots]
     longest = max(lengths)
     first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
@@ -92,25 +90,6 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
         outs.append(o.reshape(b, c1 - c0, HQ, p.dims.v))
     o = torch.cat(outs, 1).to(q.dtype)
     return (o, torch.cat(idx_out, 1)) if want_indices else o
-
-
-def _decode_with_kernels(compiled, cache, rows, q, gates, scale, want_indices):
-    """A decode step in the plan's decode kernels: the compressed branch,
-    the block scores and the top-n (dec_cmp, dec_cmp_select), then the
-    selected blocks and the window, gated and summed (dec_attend,
-    dec_reduce). A static selection's forced blocks come from the rule
-    here. Positions from the device lengths and shapes from the cache's
-    allocation: nothing read from the host, so the step can be captured."""
-    p = cache.pattern
-    o_cmp, idx = None, None
-    if p.compress is not None:  # the compressed branch and (ranked) the selection in the decode kernels
-        o_cmp, idx = decode_scores(compiled, cache, rows, q, scale * LOG2E)
-        o_cmp = o_cmp if Branch.CMP in p.combined_branches else None
-    if p.select is not None and idx is None:  # a static selection: its forced blocks
-        position = cache.lengths[rows].to(torch.int64)[:, None] - 1
-        idx = _selection_indices(p, None, position, cache.max_len)
-    o = decode_attend(compiled, cache, rows, q, idx, gates, o_cmp, scale * LOG2E)
-    return (o, idx) if want_indices else o
 
 
 def _selection_indices(p, p_cmp, t, longest):
@@ -245,9 +224,29 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
                            k_swa=k_swa, v_swa=v_swa, scale=scale, return_indices=return_indices, **mlp)
         store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
         return out
+    if q.shape[1] == 1 and compiled is not None and compiled.plan.has("dec_attend"):
+        # a decode step: appended and attended in the plan's decode kernels
+        if not cache.pools_itself and pattern.compress is not None and not isinstance(k_cmp, torch.Tensor):
+            k_cmp, v_cmp = _candidates(cache, slots, k_cmp, k), _candidates(cache, slots, v_cmp, v)
+        o, idx = decode_step(compiled, cache, cache.rows(slots), q, k, v, gates, scale * LOG2E, k_swa=k_swa,
+                             v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, want_indices=return_indices)
+        for s in slots:
+            cache.host_lengths[s] += 1
+        return (o, idx) if return_indices else o
     store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
     return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
-                         want_indices=return_indices, compiled=compiled)
+                         want_indices=return_indices)
+
+
+def _candidates(cache: NSACache, slots, tokens, like: torch.Tensor) -> torch.Tensor:
+    """pool=mlp's per-sequence lists of a decode step (each the 0 or 1 token
+    the new position completes) as the candidates [b, 1, HKV, D] the decode
+    kernels take: zeros where the position completes none (never written)."""
+    out = torch.zeros(len(slots), 1, *tokens[0].shape[1:], device=like.device, dtype=like.dtype)
+    for i, t in enumerate(tokens):
+        if len(t):
+            out[i, 0] = t[0]
+    return out
 
 
 def _completed(cache: NSACache, tokens) -> torch.Tensor:

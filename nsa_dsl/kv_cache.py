@@ -65,6 +65,8 @@ class NSACache:
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._all_rows = torch.arange(batch, device=self.device)
         self.host_lengths: List[int] = [0] * batch
+        # buffers a decode step reuses, by step shape (launch_decode._scratch)
+        self.scratch: dict = {}
 
     # ------------------------------------------------------------ geometry
     def compressed_count(self, length: int) -> int:
@@ -86,7 +88,7 @@ class NSACache:
     def check_compatible(self, pattern: Pattern, like: torch.Tensor, name: str = "q") -> None:
         """ValueError unless this cache was made for `pattern` and holds
         `like`'s dtype on `like`'s device."""
-        if pattern.canonical() != self.pattern.canonical():
+        if pattern is not self.pattern and pattern.canonical() != self.pattern.canonical():
             raise ValueError(f"cache: made for pattern {self.pattern.name!r}, this call's pattern is {pattern.name!r}"
                              " (a cache holds one pattern's heads, dims and compressed tokens)")
         if like.dtype != self.dtype:

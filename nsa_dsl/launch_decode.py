@@ -1,83 +1,135 @@
-"""Launch of the decode step's kernels (dec_attend, dec_reduce: the plan's
-_decode_kernels): one new query per sequence, read against the cache of
-its slot, the selected blocks given (scored before), the compressed
-branch's output given in float32. No host synchronisation, fixed shapes:
-a step can be captured in a CUDA graph."""
+"""Launch of a decode step's kernels (the plan's _decode_kernels): one new
+position per sequence, appended to the cache of its slot and attended
+against it. No host synchronisation and shapes from the cache's
+allocation: a step over a fixed set of slots can be captured in a CUDA
+graph and replayed."""
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional
 
 import torch
 
 from .geometry import num_blocks
 from .ir import Branch
-from .launch import _strides
 from .plan import next_pow2
 
+# dec_topk's chunks: about this many per sequence and KV head, so a chunk's
+# own top-n stays a small part of the candidates dec_attend merges
+TOPK_CHUNKS = 16
 
-def decode_attend(compiled, cache, rows: torch.Tensor, q: torch.Tensor, indices: Optional[torch.Tensor],
-                  gates: dict, o_cmp: Optional[torch.Tensor], scale_log2: float) -> torch.Tensor:
-    """o [b, 1, HQ, Dv] in q's dtype: the gated sum of the selected and
-    window attention of q [b, 1, HQ, Dqk] (the queries at each slot's last
-    cached position, rows the slots as int64) and g_cmp * o_cmp (o_cmp
-    [b, 1, HQ, Dv] float32, or None without a combined compress branch);
-    indices [b, 1, HKV, top] ascending, -1 padded."""
+
+@lru_cache(maxsize=None)
+def _processors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def cmp_splits(compiled, device: torch.device, batch: int, max_c: int) -> tuple:
+    """(splits, tokens per split) of dec_cmp over max_c compressed tokens:
+    enough (sequence, KV head, split) programs for two per processor, in
+    whole tiles of DEC_CMP_N tokens."""
+    tile = compiled.plan.kernel("dec_attend").const("DEC_CMP_N")
+    tiles = max(1, -(-max_c // tile))
+    per_row = batch * compiled.pattern.heads.kv
+    splits = min(tiles, max(1, -(-2 * _processors(device) // per_row)))
+    tokens = -(-tiles // splits) * tile
+    return -(-max_c // tokens) if max_c else 1, tokens
+
+
+def topk_chunks(pattern, max_len: int) -> tuple:
+    """(chunk, chunks) of dec_topk: a power of two of selection blocks (at
+    least 16) so a cache of max_len holds about TOPK_CHUNKS of them."""
+    blocks = num_blocks(max_len, pattern.select.block)
+    chunk = max(16, next_pow2(-(-blocks // TOPK_CHUNKS)))
+    return chunk, -(-blocks // chunk)
+
+
+def _scratch(cache, b: int, compiled, device) -> dict:
+    """The step's float32 partials and candidates for b sequences, made once
+    per cache and batch (fixed shapes: eager steps and a captured one share
+    them)."""
+    key = ("decode", b)
+    if key in cache.scratch:
+        return cache.scratch[key]
     p, kp = compiled.pattern, compiled.plan.kernel("dec_attend")
+    rows, hkv, vp = kp.const("DEC_ROWS"), p.heads.kv, compiled.plan.v_pad
+    f32 = {"device": device, "dtype": torch.float32}
+    items = kp.const("DEC_ITEMS")
+    s = {"part_m": torch.empty(b * hkv * items * rows, **f32)}
+    s["part_l"] = torch.empty_like(s["part_m"])
+    s["part_acc"] = torch.empty(b * hkv * items * rows, vp, **f32)
+    if p.compress is not None:
+        splits, tokens = cmp_splits(compiled, device, b, cache.max_compressed)
+        s["splits"], s["tokens"] = splits, tokens
+        s["cmp_m"] = torch.empty(b * hkv * splits * rows, **f32)
+        s["cmp_l"] = torch.empty_like(s["cmp_m"])
+        s["cmp_acc"] = torch.empty(b * hkv * splits * rows, vp, **f32)
+        s["scores"] = torch.empty(max(1, b * hkv * rows * cache.max_compressed), **f32) \
+            if kp.const("DEC_SCORES") else s["cmp_m"]
+    if kp.const("DEC_SCORES"):
+        chunk, chunks = topk_chunks(p, cache.max_len)
+        s["chunk"], s["chunks"] = chunk, chunks
+        s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), **f32)
+        s["cand_idx"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int32)
+    cache.scratch[key] = s
+    return s
+
+
+def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                gates: dict, scale_log2: float, *, k_swa=None, v_swa=None, k_cmp=None, v_cmp=None,
+                want_indices: bool = False) -> tuple:
+    """One decode step in the plan's kernels: append k, v ([b, 1, HKV, D];
+    k_swa, v_swa into the window's own cache; pool=mlp: k_cmp, v_cmp the
+    candidate tokens [b, 1, HKV, D]) to the slots `rows` (int64 on the
+    device) and attend q [b, 1, HQ, Dqk] there. Returns (o [b, 1, HQ, Dv],
+    indices [b, 1, HKV, top] ascending and -1 padded, or None unless
+    want_indices). The inputs are validated (incremental.validate_step)."""
+    p, kp, mod = compiled.pattern, compiled.plan.kernel("dec_attend"), compiled.module
     b = q.shape[0]
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
     dev = q.device
-    items, rows_pad = kp.const("DEC_ITEMS"), kp.const("DEC_ROWS")
-    part_m = torch.empty(b * HKV * items * rows_pad, device=dev, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(b * HKV * items * rows_pad, compiled.plan.v_pad, device=dev, dtype=torch.float32)
-    q3 = q[:, 0]
-    idx = indices[:, 0] if indices is not None else rows.new_zeros(1, 1, 1, dtype=torch.int32)
-    kw = cache.k_swa if cache.k_swa is not None else cache.k
-    vw = cache.v_swa if cache.v_swa is not None else cache.v
-    slots = rows.to(torch.int32)
-    compiled.module.dec_attend[(b * HKV, items)](
-        q3, cache.k, cache.v, kw, vw, idx, slots, cache.lengths, part_m, part_l, part_acc, scale_log2,
-        *_strides(q3), *_strides(cache.k), *_strides(cache.v), *_strides(kw), *_strides(vw), *_strides(idx),
+    s = _scratch(cache, b, compiled, dev)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    has_kw = cache.k_swa is not None
+    kw, vw = (cache.k_swa, cache.v_swa) if has_kw else (cache.k, cache.v)
+    kc, vc = (cache.k_cmp, cache.v_cmp) if p.compress is not None else (cache.k, cache.v)
+    candidates = p.compress is not None and not cache.pools_itself
+    k_new_w = k_swa.contiguous() if has_kw else k
+    v_new_w = v_swa.contiguous() if has_kw else v
+    kc_new = k_cmp.contiguous() if candidates else k
+    vc_new = v_cmp.contiguous() if candidates else v
+    max_c = cache.max_compressed
+    mod.dec_append[(b,)](
+        k, v, k_new_w, v_new_w, kc_new, vc_new, cache.k, cache.v, kw, vw, kc, vc, rows, cache.lengths,
+        cache.max_len, max_c, HAS_KW=has_kw, CANDIDATES=candidates, num_warps=kp.num_warps, num_stages=1)
+    if p.compress is not None:
+        mod.dec_cmp[(b * HKV, s["splits"])](
+            q, kc, vc, rows, cache.lengths, s["scores"], s["cmp_m"], s["cmp_l"], s["cmp_acc"], scale_log2, max_c,
+            s["tokens"], num_warps=kp.num_warps, num_stages=kp.num_stages)
+    ranked = kp.const("DEC_SCORES")
+    if ranked:
+        mod.dec_topk[(b * HKV, s["chunks"])](
+            s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], max_c,
+            s["tokens"], s["splits"], CHUNK=s["chunk"], num_warps=kp.num_warps, num_stages=1)
+    top = p.select.top if p.select is not None else 1
+    idx = torch.empty(b, HKV, top, device=dev, dtype=torch.int32) if want_indices and p.select is not None else None
+    cand_key, cand_idx = (s["cand_key"], s["cand_idx"]) if ranked else (s["part_m"], s["part_m"])
+    chunks = s["chunks"] if ranked else 1
+    mod.dec_attend[(b * HKV, kp.const("DEC_ITEMS"))](
+        q, cache.k, cache.v, kw, vw, cand_key, cand_idx, idx if idx is not None else s["part_m"], rows,
+        cache.lengths, s["part_m"], s["part_l"], s["part_acc"], scale_log2, cache.max_len, chunks,
+        NC_PAD=next_pow2(chunks), WRITE_IDX=idx is not None, CHUNK=s.get("chunk", 16),
         num_warps=kp.num_warps, num_stages=kp.num_stages)
-    o = torch.empty(b, HQ, DV, device=dev, dtype=q.dtype)
-    cmp = o_cmp.reshape(b, HQ, DV).contiguous() if o_cmp is not None else part_m
+    o = torch.empty(b, 1, HQ, DV, device=dev, dtype=q.dtype)
     gate = {br: gates.get(br) for br in (Branch.CMP, Branch.SLC, Branch.SWA)}
-    ptrs = [g.reshape(b, HQ).contiguous() if g is not None else part_m for g in gate.values()]
-    compiled.module.dec_reduce[(b * HKV,)](
-        part_m, part_l, part_acc, cmp, *ptrs, o,
+    ptrs = [g.contiguous() if g is not None else s["part_m"] for g in gate.values()]
+    cmp_parts = (s["cmp_m"], s["cmp_l"], s["cmp_acc"]) if p.compress is not None else \
+        (s["part_m"], s["part_l"], s["part_acc"])
+    mod.dec_reduce[(b * HKV,)](
+        s["part_m"], s["part_l"], s["part_acc"], *cmp_parts, rows, cache.lengths, *ptrs, o,
+        s.get("tokens", 1), s.get("splits", 1),
         HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
         HAS_G_SWA=gate[Branch.SWA] is not None, num_warps=kp.num_warps, num_stages=1)
-    return o[:, None]
-
-
-def decode_scores(compiled, cache, rows: torch.Tensor, q: torch.Tensor, scale_log2: float) -> tuple:
-    """(o_cmp [b, 1, HQ, Dv] float32, indices [b, 1, HKV, top] int32 or
-    None without a ranked selection) of one decode step: dec_cmp over
-    splits of the compressed tokens, then dec_cmp_select (the branch's
-    output, the block scores and the top-n). Shapes from the cache's
-    allocation: no host synchronisation."""
-    p, kp = compiled.pattern, compiled.plan.kernel("dec_attend")
-    b = q.shape[0]
-    HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
-    dev = q.device
-    rows_pad, split = kp.const("DEC_ROWS"), kp.const("DEC_CMP_TOKENS")
-    max_c = cache.max_compressed
-    n_splits = max(1, -(-max_c // split))
-    scores = torch.empty(max(1, b * HKV * rows_pad * max_c), device=dev, dtype=torch.float32)
-    part_m = torch.empty(b * HKV * n_splits * rows_pad, device=dev, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(b * HKV * n_splits * rows_pad, compiled.plan.v_pad, device=dev, dtype=torch.float32)
-    q3 = q[:, 0]
-    slots = rows.to(torch.int32)
-    kc, vc = cache.k_cmp, cache.v_cmp
-    compiled.module.dec_cmp[(b * HKV, n_splits)](
-        q3, kc, vc, slots, cache.lengths, scores, part_m, part_l, part_acc, scale_log2, max_c,
-        *_strides(q3), *_strides(kc), *_strides(vc), num_warps=kp.num_warps, num_stages=kp.num_stages)
-    o_cmp = torch.empty(b, HQ, DV, device=dev, dtype=torch.float32)
-    ranked = kp.const("DEC_SCORES")
-    idx = torch.empty(b, HKV, p.select.top if ranked else 1, device=dev, dtype=torch.int32)
-    nb_pad = next_pow2(num_blocks(cache.max_len, p.select.block)) if ranked else 1
-    compiled.module.dec_cmp_select[(b * HKV,)](
-        scores, part_m, part_l, part_acc, slots, cache.lengths, o_cmp, idx, max_c, n_splits, *_strides(idx),
-        NB_PAD=nb_pad, num_warps=kp.num_warps, num_stages=1)
-    return o_cmp[:, None], (idx[:, None] if ranked else None)
+    return o, (idx[:, None] if idx is not None else None)

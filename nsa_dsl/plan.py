@@ -730,11 +730,14 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
 
 
 def _decode_kernels(p: Pattern) -> list:
-    """The decode step's selected and window attention (one new query per
-    sequence against a cache; its compressed attention and block scoring
-    run before it): dec_attend over work items of one selected block or
-    one window tile each, dec_reduce merging them with the gates. Only
-    where the pattern has a selection or a window."""
+    """The decode step's kernels, one new query per sequence against a
+    cache, in launch order: dec_append (the new key and value, the
+    compressed token it completes, the length), dec_cmp (the compressed
+    attention over splits of the compressed tokens, keeping the raw scores),
+    dec_topk (block scores and each chunk's own top-n), dec_attend (each
+    selected block and window tile into a softmax partial) and dec_reduce
+    (the branches merged and gated). Only where the pattern has a selection
+    or a window."""
     if p.select is None and p.window is None:
         return []
     keys = p.select.block if p.select is not None else max(16, min(64, next_pow2(p.window.size)))
@@ -744,19 +747,22 @@ def _decode_kernels(p: Pattern) -> list:
     ranked = p.select is not None and p.compress is not None
     return [KernelPlan(
         "dec_attend", "decode.py.jinja",
-        "decode step: each selected block and window tile of the new query's KV head (its G heads as rows)"
-        " into a softmax partial; dec_reduce merges them per branch, gates and adds the compressed output",
-        "attend (B*HKV, DEC_SLC_ITEMS + DEC_WIN_ITEMS); reduce (B*HKV,)",
+        "decode step: the new key appended (and the compressed token it completes), the compressed attention"
+        " over splits, each chunk of blocks scored and its top-n, each selected block and window tile of the"
+        " new query's KV head (its G heads as rows) into a softmax partial, merged and gated",
+        "append (B,); cmp (B*HKV, splits); topk (B*HKV, chunks); attend (B*HKV, DEC_SLC_ITEMS + DEC_WIN_ITEMS);"
+        " reduce (B*HKV,)",
         (("DEC_ROWS", max(16, next_pow2(p.group))), ("DEC_KEYS", keys), ("DEC_SLC_ITEMS", slc_items),
          ("DEC_WIN_ITEMS", win_items), ("DEC_ITEMS", slc_items + win_items),
-         ("DEC_ITEMS_PAD", next_pow2(max(slc_items, win_items, 1))), ("DEC_WINDOW", p.window.size if p.window else 0),
+         ("DEC_WINDOW", p.window.size if p.window else 0), ("DEC_HKV_PAD", next_pow2(p.heads.kv)),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
-         # dec_cmp / dec_cmp_select: the compressed attention over splits of
-         # DEC_CMP_TOKENS tokens (tiles of DEC_CMP_N), then its output, the
-         # block scores and the top-n (DEC_SCORES: a ranked selection)
+         # dec_cmp: tiles of DEC_CMP_N compressed tokens, splits of a multiple
+         # of it chosen per launch (launch_decode.cmp_splits); dec_topk: chunks
+         # of blocks sized per cache (launch_decode.topk_chunks; DEC_SCORES: a
+         # ranked selection); NB_NONE: the block id after every real one
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
-         ("DEC_CMP_TOKENS", 512), ("DEC_CMP_N", 64))
+         ("DEC_CMP_N", 64), ("NB_NONE", 1 << 30))
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),

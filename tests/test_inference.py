@@ -261,15 +261,27 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
         assert torch.allclose(banded_block_scores(p, ps, nb), dense, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("prompts, max_len, processors", [([150, 197], 210, None), ([300, 530], 600, 64)],
+                         ids=["one chunk and split", "many chunks and splits"])
 @pytest.mark.parametrize("zero_keys", [False, True], ids=["random", "all scores tied"])
-def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys):
+def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_len, processors, monkeypatch):
     """Contexts of many more blocks than the top-n, so the decode step's
-    own scoring (dec_cmp_select) decides: its blocks obey the selection
-    rule against float64 scores, and with every key zero (all scores tied)
-    they are exactly the full forward's (ties to the lower block)."""
+    own scoring (dec_topk) decides: its blocks obey the selection rule
+    against float64 scores, and with every key zero (all scores tied) they
+    are exactly the full forward's (ties to the lower block). With a long
+    cache the blocks fall in several of dec_topk's chunks, and with many
+    processors (patched) dec_cmp splits the compressed tokens: the merged
+    candidates and partials must give the same."""
+    from nsa_dsl import launch_decode
+
+    if processors is not None:
+        monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
     compiled = nsa_dsl.compile(PATTERN)
-    prompts, steps = [150, 197], 6
-    cache = compiled.new_cache(2, 210, dtype=torch.float32)
+    steps = 6
+    cache = compiled.new_cache(2, max_len, dtype=torch.float32)
+    if processors is not None:
+        assert launch_decode.topk_chunks(PATTERN, max_len)[1] >= 3
+        assert launch_decode.cmp_splits(compiled, cache.device, 2, cache.max_compressed)[0] >= 3
     seqs = [random_inputs(PATTERN, 1, n + steps, torch.float32, seed=40 + n) for n in prompts]
     if zero_keys:
         for s in seqs:
