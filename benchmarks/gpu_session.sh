@@ -78,7 +78,7 @@ case "${1:-}" in
     } 2>&1 | tee "$OUT/varlen.log" | tail -n 40 ;;
   decode)
     {
-      timeout 200 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 150 -k "decode or graph" -rf 2>&1 \
+      timeout 200 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 150 -k "decode or graph or alignment" -rf 2>&1 \
         | tee "$OUT/pytest_decode.log" | tail -n 5
       timeout "${DECODE_BENCH_TIMEOUT_S:-380}" python3 benchmarks/bench_decode.py --out "$OUT" \
         ${DECODE_CONTEXTS:+--contexts "$DECODE_CONTEXTS"} $([ -d .flash_nsa ] && echo --flash-nsa .flash_nsa)

@@ -53,8 +53,8 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
                   "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False,
                   # the decode step as a 64k cache of 64-token blocks launches it
-                  # (launch_decode: 8 chunks of 128 blocks, the indices asked for)
-                  "CHUNK": 128, "NC_PAD": 8, "WRITE_IDX": True, "HAS_KW": False, "CANDIDATES": False}
+                  # (launch_decode: 9 chunks of 128 blocks)
+                  "CHUNK": 128, "NC_PAD": 16, "HAS_KW": False, "CANDIDATES": False}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
@@ -64,7 +64,7 @@ ENTRY_POINTS = {
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
     "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
-    "dec_attend": ["dec_append", "dec_cmp", "dec_topk", "dec_attend", "dec_reduce"],
+    "dec_attend": ["dec_append", "dec_cmp", "dec_topk", "dec_select", "dec_attend", "dec_reduce"],
 }
 
 
@@ -165,6 +165,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     continue  # patterns with a compress branch only
                 if entry == "dec_topk" and not kernel.const("DEC_SCORES"):
                     continue  # a ranked selection only
+                if entry == "dec_select" and not kernel.const("DEC_SLC_ITEMS"):
+                    continue  # a select branch only
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]

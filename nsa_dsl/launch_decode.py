@@ -9,6 +9,8 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
+import triton
+from triton.compiler.compiler import CompiledKernel
 
 from .geometry import num_blocks
 from .ir import Branch
@@ -28,12 +30,14 @@ def _processors(device: torch.device) -> int:
 
 def cmp_splits(compiled, device: torch.device, batch: int, max_c: int) -> tuple:
     """(splits, tokens per split) of dec_cmp over max_c compressed tokens:
-    enough (sequence, KV head, split) programs for two per processor, in
-    whole tiles of DEC_CMP_N tokens."""
-    tile = compiled.plan.kernel("dec_attend").const("DEC_CMP_N")
+    enough (sequence, KV head, split) programs for one per processor, at
+    most DEC_MAX_SPLITS (dec_reduce and dec_topk merge them in one tile),
+    in whole tiles of DEC_CMP_N tokens."""
+    kp = compiled.plan.kernel("dec_attend")
+    tile = kp.const("DEC_CMP_N")
     tiles = max(1, -(-max_c // tile))
     per_row = batch * compiled.pattern.heads.kv
-    splits = min(tiles, max(1, -(-2 * _processors(device) // per_row)))
+    splits = min(tiles, kp.const("DEC_MAX_SPLITS"), max(1, -(-_processors(device) // per_row)))
     tokens = -(-tiles // splits) * tile
     return -(-max_c // tokens) if max_c else 1, tokens
 
@@ -68,6 +72,8 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         s["cmp_acc"] = torch.empty(b * hkv * splits * rows, vp, **f32)
         s["scores"] = torch.empty(max(1, b * hkv * rows * cache.max_compressed), **f32) \
             if kp.const("DEC_SCORES") else s["cmp_m"]
+    if p.select is not None:  # dec_select's blocks, [b, HKV, TOP_PAD]
+        s["idx"] = torch.empty(b, hkv, kp.const("TOP_PAD"), device=device, dtype=torch.int32)
     if kp.const("DEC_SCORES"):
         chunk, chunks = topk_chunks(p, cache.max_len)
         s["chunk"], s["chunks"] = chunk, chunks
@@ -75,6 +81,31 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         s["cand_idx"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int32)
     cache.scratch[key] = s
     return s
+
+
+def _launch(s: dict, fn, grid: tuple, *args, **kwargs) -> None:
+    """fn[grid](*args, **kwargs). The first time through Triton's JIT, which
+    binds and specialises every argument and finds the compiled kernel (the
+    larger part of a small step's host time: NOTES v19); after that straight
+    through that compiled kernel's launcher, for as long as the arguments
+    specialise the same way (the key: each tensor's dtype and 16-byte
+    alignment, each int's value, the constexprs). Scratch s keeps them."""
+    key = (fn, grid) + tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                             a if isinstance(a, (int, bool)) else None for a in args) + tuple(kwargs.items())
+    known = s.setdefault("kernels", {}).get(key)
+    if known is None:
+        kernel = fn[grid](*args, **kwargs)
+        if isinstance(kernel, CompiledKernel):  # (the interpreter compiles nothing)
+            tail = [kwargs[p.name] for p in fn.params[len(args):]]
+            s["kernels"][key] = (kernel, tail)
+        return
+    kernel, tail = known
+    device = triton.runtime.driver.active.get_current_device()
+    stream = triton.runtime.driver.active.get_current_stream(device)
+    values = (*args, *tail)
+    kernel.run(*grid, *(1,) * (3 - len(grid)), stream, kernel.function, kernel.packed_metadata,
+               kernel.launch_metadata(grid, stream, *values), triton.knobs.runtime.launch_enter_hook,
+               triton.knobs.runtime.launch_exit_hook, *values)
 
 
 def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -101,35 +132,34 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     kc_new = k_cmp.contiguous() if candidates else k
     vc_new = v_cmp.contiguous() if candidates else v
     max_c = cache.max_compressed
-    mod.dec_append[(b,)](
-        k, v, k_new_w, v_new_w, kc_new, vc_new, cache.k, cache.v, kw, vw, kc, vc, rows, cache.lengths,
-        cache.max_len, max_c, HAS_KW=has_kw, CANDIDATES=candidates, num_warps=kp.num_warps, num_stages=1)
+    _launch(s, mod.dec_append, (b,),
+            k, v, k_new_w, v_new_w, kc_new, vc_new, cache.k, cache.v, kw, vw, kc, vc, rows, cache.lengths,
+            cache.max_len, max_c, HAS_KW=has_kw, CANDIDATES=candidates, num_warps=kp.num_warps, num_stages=1)
     if p.compress is not None:
-        mod.dec_cmp[(b * HKV, s["splits"])](
-            q, kc, vc, rows, cache.lengths, s["scores"], s["cmp_m"], s["cmp_l"], s["cmp_acc"], scale_log2, max_c,
-            s["tokens"], num_warps=kp.num_warps, num_stages=kp.num_stages)
+        _launch(s, mod.dec_cmp, (b * HKV, s["splits"]),
+                q, kc, vc, rows, cache.lengths, s["scores"], s["cmp_m"], s["cmp_l"], s["cmp_acc"], scale_log2, max_c,
+                s["tokens"], num_warps=kp.num_warps, num_stages=kp.const("DEC_CMP_STAGES"))
     ranked = kp.const("DEC_SCORES")
     if ranked:
-        mod.dec_topk[(b * HKV, s["chunks"])](
-            s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], max_c,
-            s["tokens"], s["splits"], CHUNK=s["chunk"], num_warps=kp.num_warps, num_stages=1)
-    top = p.select.top if p.select is not None else 1
-    idx = torch.empty(b, HKV, top, device=dev, dtype=torch.int32) if want_indices and p.select is not None else None
-    cand_key, cand_idx = (s["cand_key"], s["cand_idx"]) if ranked else (s["part_m"], s["part_m"])
-    chunks = s["chunks"] if ranked else 1
-    mod.dec_attend[(b * HKV, kp.const("DEC_ITEMS"))](
-        q, cache.k, cache.v, kw, vw, cand_key, cand_idx, idx if idx is not None else s["part_m"], rows,
-        cache.lengths, s["part_m"], s["part_l"], s["part_acc"], scale_log2, cache.max_len, chunks,
-        NC_PAD=next_pow2(chunks), WRITE_IDX=idx is not None, CHUNK=s.get("chunk", 16),
-        num_warps=kp.num_warps, num_stages=kp.num_stages)
+        _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
+                s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], max_c,
+                s["tokens"], s["splits"], CHUNK=s["chunk"], num_warps=1, num_stages=1)
+    if p.select is not None:
+        cand = (s["cand_key"], s["cand_idx"]) if ranked else (s["part_m"], s["idx"])
+        _launch(s, mod.dec_select, (b * HKV,), *cand, rows, cache.lengths, s["idx"], s.get("chunks", 1),
+                NC_PAD=next_pow2(s.get("chunks", 1)), CHUNK=s.get("chunk", 16), num_warps=1, num_stages=1)
+    _launch(s, mod.dec_attend, (b * HKV, kp.const("DEC_ITEMS")),
+            q, cache.k, cache.v, kw, vw, s.get("idx", s["part_m"]), rows, cache.lengths, s["part_m"], s["part_l"], s["part_acc"],
+            scale_log2, cache.max_len, num_warps=kp.num_warps, num_stages=kp.num_stages)
     o = torch.empty(b, 1, HQ, DV, device=dev, dtype=q.dtype)
     gate = {br: gates.get(br) for br in (Branch.CMP, Branch.SLC, Branch.SWA)}
     ptrs = [g.contiguous() if g is not None else s["part_m"] for g in gate.values()]
     cmp_parts = (s["cmp_m"], s["cmp_l"], s["cmp_acc"]) if p.compress is not None else \
         (s["part_m"], s["part_l"], s["part_acc"])
-    mod.dec_reduce[(b * HKV,)](
-        s["part_m"], s["part_l"], s["part_acc"], *cmp_parts, rows, cache.lengths, *ptrs, o,
-        s.get("tokens", 1), s.get("splits", 1),
-        HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
-        HAS_G_SWA=gate[Branch.SWA] is not None, num_warps=kp.num_warps, num_stages=1)
-    return o, (idx[:, None] if idx is not None else None)
+    _launch(s, mod.dec_reduce, (b * HKV, compiled.plan.v_pad // kp.const("DEC_RED_D")),
+            s["part_m"], s["part_l"], s["part_acc"], *cmp_parts, rows, cache.lengths, *ptrs, o,
+            s.get("tokens", 1), s.get("splits", 1),
+            HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
+            HAS_G_SWA=gate[Branch.SWA] is not None, num_warps=kp.num_warps, num_stages=1)
+    want = want_indices and p.select is not None
+    return o, (s["idx"][:, None, :, :p.select.top].clone() if want else None)

@@ -755,14 +755,19 @@ def _decode_kernels(p: Pattern) -> list:
         (("DEC_ROWS", max(16, next_pow2(p.group))), ("DEC_KEYS", keys), ("DEC_SLC_ITEMS", slc_items),
          ("DEC_WIN_ITEMS", win_items), ("DEC_ITEMS", slc_items + win_items),
          ("DEC_WINDOW", p.window.size if p.window else 0), ("DEC_HKV_PAD", next_pow2(p.heads.kv)),
+         # dec_reduce: every partial of a branch in one tile, DEC_RED_D value
+         # columns per program (a [partials, rows, columns] tile in registers)
+         ("DEC_SLC_PAD", next_pow2(max(slc_items, 1))), ("DEC_WIN_PAD", next_pow2(max(win_items, 1))),
+         ("DEC_RED_D", min(32, next_pow2(p.dims.v))), ("DEC_MAX_SPLITS", 16),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
-         # dec_cmp: tiles of DEC_CMP_N compressed tokens, splits of a multiple
-         # of it chosen per launch (launch_decode.cmp_splits); dec_topk: chunks
+         # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
+         # at most DEC_MAX_SPLITS splits of a multiple of it chosen per launch
+         # (launch_decode.cmp_splits); dec_topk: chunks
          # of blocks sized per cache (launch_decode.topk_chunks; DEC_SCORES: a
          # ranked selection); NB_NONE: the block id after every real one
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
-         ("DEC_CMP_N", 64), ("NB_NONE", 1 << 30))
+         ("DEC_CMP_N", 64), ("DEC_CMP_STAGES", 3), ("NB_NONE", 1 << 30))
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),

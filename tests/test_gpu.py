@@ -531,3 +531,30 @@ def test_decode_kernels_give_the_full_forward_bf16(name):
     err = rel_error(torch.cat(outs, 1), full[:, prompt:])
     _log({"test": "decode_kernels", "pattern": name, "context": prompt, "rel_error": err})
     assert err < TOLERANCE[torch.bfloat16]
+
+
+def test_decode_steps_follow_their_inputs_alignment():
+    """After its first step a decode step launches the compiled kernels
+    straight through their launchers (launch_decode._launch) while the
+    arguments specialise the same way: steps whose inputs sit at odd
+    addresses (views one element into a buffer) alternate with aligned
+    ones and give exactly the outputs of aligned inputs throughout."""
+    pattern = _patterns()["bench_paper128"]
+    compiled = nsa_dsl.compile(pattern)
+    prompt = random_inputs(pattern, 2, 1000, torch.bfloat16, seed=3, device="cuda")
+    caches = [compiled.new_cache(2, 1024, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    with torch.no_grad():
+        for cache in caches:
+            compiled.prefill(**prompt, cache=cache)
+        for t in range(6):
+            args = random_inputs(pattern, 2, 1, torch.bfloat16, seed=10 + t, device="cuda")
+            moved = {}
+            for n, x in args.items():
+                if t % 2:
+                    buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+                    moved[n] = buf[1:].view_as(x).copy_(x)
+                    assert moved[n].data_ptr() % 16 != 0
+                else:
+                    moved[n] = x
+            aligned = compiled.decode(**args, cache=caches[0])
+            assert torch.equal(compiled.decode(**moved, cache=caches[1]), aligned)
