@@ -80,7 +80,7 @@ case "${1:-}" in
     {
       timeout 200 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 150 -k "decode or graph or alignment" -rf 2>&1 \
         | tee "$OUT/pytest_decode.log" | tail -n 5
-      timeout "${DECODE_BENCH_TIMEOUT_S:-380}" python3 benchmarks/bench_decode.py --out "$OUT" \
+      timeout "${DECODE_BENCH_TIMEOUT_S:-380}" python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_PATTERNS:+--patterns "$DECODE_PATTERNS"} \
         ${DECODE_CONTEXTS:+--contexts "$DECODE_CONTEXTS"} $([ -d .flash_nsa ] && echo --flash-nsa .flash_nsa)
     } 2>&1 | tee "$OUT/decode.log" | tail -n 40 ;;
   tests)

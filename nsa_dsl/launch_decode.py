@@ -143,7 +143,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     if ranked:
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
                 s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], max_c,
-                s["tokens"], s["splits"], CHUNK=s["chunk"], num_warps=1, num_stages=1)
+                s["tokens"], s["splits"], CHUNK=s["chunk"], num_warps=kp.num_warps, num_stages=1)
     if p.select is not None:
         cand = (s["cand_key"], s["cand_idx"]) if ranked else (s["part_m"], s["idx"])
         _launch(s, mod.dec_select, (b * HKV,), *cand, rows, cache.lengths, s["idx"], s.get("chunks", 1),

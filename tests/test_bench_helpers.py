@@ -732,5 +732,8 @@ def test_decode_bench_cache_and_step_run_on_the_cpu():
     first, again = step(), step()
     assert torch.equal(first, again) and cache.host_lengths == [40, 40]  # every repeat decodes position 40
     rows = [{"pattern": "p", "T": 40, "batch": 2, "impl": i, "ms": ms, "floor_frac": 0.5}
-            for i, ms in (("nsa_dsl_eager", 1.0), ("sdpa_eager", 3.0), ("nsa_dsl_graph", 0.5), ("sdpa_graph", 1.0))]
-    assert bench_decode.summary(rows).splitlines()[1].endswith("| 3.00x | 2.00x | 0.50")
+            for i, ms in (("nsa_dsl_eager", 1.0), ("sdpa_eager", 3.0), ("nsa_dsl_graph", 0.5), ("sdpa_graph", 1.0),
+                          ("flash_nsa_graph", 0.4))]
+    assert bench_decode.summary(rows).splitlines()[1].endswith("| 3.00x | 2.00x | 0.80x | 0.50")
+    rows[-1] = dict(rows[-1], ms=None, error="ImportError: flash_nsa")  # a row that could not run says why
+    assert "flash_nsa_graph: ImportError: flash_nsa" in bench_decode.summary(rows)
