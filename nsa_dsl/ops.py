@@ -159,9 +159,10 @@ class CompiledPattern:
         ValueError before anything is written.
 
         Slots that are all empty run the training forward's kernels on the
-        piece; a piece after cached positions runs incremental.attend_cached
-        (PyTorch, gathering each query's keys: the decode kernels of issue
-        22 are not written yet)."""
+        piece; a piece of one position per sequence after cached ones runs
+        the decode kernels (launch_decode.decode_step); a longer piece after
+        cached positions runs incremental.attend_cached (PyTorch, gathering
+        each query's keys)."""
         return self._step(q, k, v, g_cmp, g_slc, g_swa, cache=cache, slots=slots, k_swa=k_swa, v_swa=v_swa,
                           k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
 

@@ -497,7 +497,7 @@ def test_a_decode_step_replays_in_a_cuda_graph():
 @pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa"])
 def test_decode_kernels_give_the_full_forward_bf16(name):
     """A prompt of 8k through the cache, then decode steps through the
-    decode kernels (dec_attend, dec_reduce) against the compiled full
+    decode kernels (launch_decode.decode_step) against the compiled full
     forward at those positions on the same blocks (a near-tie may flip a
     block between the two scorings)."""
     from nsa_dsl.geometry import num_compressed
