@@ -25,6 +25,7 @@ from .kv_cache import NSACache
 from .phi import CompressionMLP
 from .varlen import compressed_bound, compressed_seqlens
 from .ir import Branch, Pattern, Pool
+from .ops import outside_compiled_graphs
 from .parse import load_all
 from .pipeline import compile as compile_pattern
 from .reference import reference
@@ -339,6 +340,7 @@ class NSAttention(nn.Module):
                         k_swa=self.kv_source.get(Branch.SWA) == "swa_kv",
                         pool_source=hasattr(self, "phi_k") and self.kv_source[Branch.CMP] != "kv")
 
+    @outside_compiled_graphs  # the cache's host bookkeeping: traced, every step would recompile
     def _forward_cached(self, x: torch.Tensor, cache: NSACache, slots) -> torch.Tensor:
         """forward with a cache: x [b, m, hidden] are the next m positions of
         each slot's sequence (all slots, or `slots`); their keys are

@@ -8,6 +8,7 @@ selection index in inverted_index.py and the autograd Function in
 autograd.py."""
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional
@@ -62,6 +63,16 @@ def _as_one_batch(*tensors) -> tuple:
     return (*out, leading)
 
 
+def outside_compiled_graphs(method):
+    """A kernel entry that torch.compile runs as it is, between the graphs it
+    compiles (a graph break), instead of tracing into Triton's launch
+    (which fails, or through the interpreter errors). What torch.compile
+    compiles around a call is unchanged, and outputs and gradients are
+    eager's; one graph without breaks needs the entries as custom ops
+    (issue 23)."""
+    return functools.wraps(method)(torch.compiler.disable(method))
+
+
 class CompiledPattern:
     """Callable kernels for one pattern. Build it with nsa_dsl.compile()."""
 
@@ -110,6 +121,7 @@ class CompiledPattern:
         return order if order is None or self.slc_fwd_override is None else self.slc_fwd_override
 
     # ------------------------------------------------------------------ API
+    @outside_compiled_graphs
     def __call__(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, k_cmp=None, v_cmp=None, k_swa=None,
                  v_swa=None, indices=None, scale=None, return_indices=False, cu_seqlens=None, max_seqlen=None):
         p = self.pattern
@@ -145,6 +157,7 @@ class CompiledPattern:
         own keys and values)."""
         return NSACache(self.pattern, batch, max_len, device=device, dtype=dtype, k_swa=k_swa)
 
+    @outside_compiled_graphs
     def prefill(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
                 k_cmp=None, v_cmp=None, scale=None, return_indices=False):
         """Append k, v ([b, m, HKV, D], any m >= 1) after each slot's
@@ -166,6 +179,7 @@ class CompiledPattern:
         return self._step(q, k, v, g_cmp, g_slc, g_swa, cache=cache, slots=slots, k_swa=k_swa, v_swa=v_swa,
                           k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
 
+    @outside_compiled_graphs
     def decode(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
                k_cmp=None, v_cmp=None, scale=None, return_indices=False):
         """prefill of one new position per sequence (q [b, 1, HQ, Dqk]).
@@ -211,6 +225,7 @@ class CompiledPattern:
             raise RuntimeError(f"nsa_dsl: {problem}")
         return shapes, float(scale) if scale is not None else 1.0 / math.sqrt(self.pattern.dims.qk)
 
+    @outside_compiled_graphs
     def select_blocks(self, q, k, v, *, k_cmp=None, v_cmp=None, scale=None, cu_seqlens=None,
                       max_seqlen=None) -> torch.Tensor:
         """The selection branch's block indices for q, k and v, [B, T, HKV,

@@ -1,0 +1,80 @@
+"""torch.compile around the kernels (issue 23, first part): a model or a
+function that calls a compiled pattern compiles, and gives eager's
+outputs and gradients; the kernel entries run between the compiled graphs
+(ops.outside_compiled_graphs), where tracing into Triton's launch failed
+(KeyError(torch.uint64) through the interpreter)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import nsa_dsl
+from nsa_dsl.module import NSAttention
+from strategies import TOLERANCE, random_inputs, rel_error
+
+PATTERN = nsa_dsl.parse("""
+pattern compiled_around {
+    heads    q=4 kv=2
+    dims     qk=16
+    compress block=8 stride=4
+    select   block=16 top=2 initial=1 local=1
+    window   size=16
+}
+""")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
+def test_a_compiled_layer_gives_eager_outputs_and_gradients(compile_backend):
+    torch.manual_seed(0)
+    layer = NSAttention(PATTERN, 32, backend="kernels")
+    x = torch.randn(2, 64, 32, requires_grad=True)
+    want = layer(x)
+    want.square().sum().backward()
+    want_grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
+    x.grad = None
+    layer.zero_grad()
+    got = torch.compile(layer, backend=compile_backend)(x)
+    got.square().sum().backward()
+    got_grads = [x.grad] + [p.grad for p in layer.parameters()]
+    assert rel_error(got, want) < TOLERANCE[torch.float32]
+    for g, w in zip(got_grads, want_grads):
+        assert rel_error(g, w) < TOLERANCE[torch.float32]
+
+
+def test_a_compiled_function_around_the_call_and_its_selection():
+    """The functional call inside a compiled function with work on both
+    sides of it, including return_indices and select_blocks."""
+    compiled = nsa_dsl.compile(PATTERN)
+    args = random_inputs(PATTERN, 2, 48, torch.float32, seed=4)
+
+    def step(q, k, v, g_cmp, g_slc, g_swa):
+        o, idx = compiled(q * 0.5, k, v, g_cmp, g_slc, g_swa, return_indices=True)
+        return o.tanh(), idx, compiled.select_blocks(q * 0.5, k, v)
+
+    want = step(**args)
+    got = torch.compile(step, backend="aot_eager")(**args)
+    assert rel_error(got[0], want[0]) < TOLERANCE[torch.float32]
+    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+
+
+def test_a_compiled_layer_decodes_with_its_cache():
+    """Generation through a compiled layer: prefill then decode steps with a
+    cache equal the eager layer's with its own cache."""
+    torch.manual_seed(1)
+    layer = NSAttention(PATTERN, 32, backend="kernels")
+    x = torch.randn(2, 40, 32)
+    compiled_layer = torch.compile(layer, backend="aot_eager")
+    outs = []
+    with torch.no_grad():
+        for run in (layer, compiled_layer):
+            cache = layer.new_cache(2, 40, dtype=torch.float32)
+            outs.append(torch.cat([run(x[:, :30], cache=cache)]
+                                  + [run(x[:, t:t + 1], cache=cache) for t in range(30, 40)], 1))
+    assert rel_error(outs[1], outs[0]) < TOLERANCE[torch.float32]
