@@ -5,6 +5,7 @@ kernel fits in shared memory, and the inverted index's sort keys from one
 kernel (index_keys, for the selection forward and backward alike)."""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Optional
 
 import torch
@@ -13,6 +14,10 @@ from .ir import Branch
 from .varlen import PACKED_KERNELS
 
 LOG2E = 1.4426950408889634
+# True while a CompiledPattern runs its Python without launching anything
+# (CompiledPattern.layout_only: the custom ops' fake implementations): the
+# tensors stand in for descriptors, whose making reads their addresses
+LAYOUT_ONLY: ContextVar = ContextVar("nsa_dsl_layout_only", default=False)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -73,7 +78,7 @@ def _descriptor_operands(plan_flag: bool, *tensors_and_boxes) -> tuple:
     asks for them (a *_TMA flag) and every tensor allows them, else the
     tensors themselves (the kernel's pointer path: the same values)."""
     tensors = [t for t, _ in tensors_and_boxes]
-    if not (plan_flag and _tma_fits(*tensors)):
+    if LAYOUT_ONLY.get() or not (plan_flag and _tma_fits(*tensors)):
         return (*tensors, False)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -145,7 +150,9 @@ def packed_operands(shapes, device, kernel: str) -> dict:
     packing = shapes.packing
     if packing is None:
         unused = _UNUSED_OFFSETS.get(device)
-        if unused is None:  # one per device: a fixed-length call allocates nothing for it
+        if LAYOUT_ONLY.get():  # (a fake tensor kept here would reach a real launch)
+            unused = torch.zeros(1, dtype=torch.int32, device=device)
+        elif unused is None:  # one per device: a fixed-length call allocates nothing for it
             unused = _UNUSED_OFFSETS.setdefault(device, torch.zeros(1, dtype=torch.int32, device=device))
         return {"cu_seqlens": unused, "cu_compressed": unused, "VARLEN": False}
     if kernel not in PACKED_KERNELS:

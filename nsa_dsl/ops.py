@@ -4,10 +4,11 @@ the order the Plan lists them, and returns what NSA_MATH.md defines.
 CompiledPattern handles a call's inputs and decides which kernels run in
 which order; the launches themselves are in launch_forward.py and
 launch_backward.py (their shared conventions in launch.py), the inverted
-selection index in inverted_index.py and the autograd Function in
-autograd.py."""
+selection index in inverted_index.py and the call as custom ops (with
+its autograd) in custom_ops.py."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
@@ -19,10 +20,10 @@ from . import launch_backward as bwd
 from . import incremental, varlen
 from .kv_cache import NSACache
 from . import launch_forward as fwd
-from .autograd import NSAFunction
+from . import custom_ops
 from .geometry import num_blocks
 from .ir import Branch
-from .launch import _GATED, LOG2E, _contiguous_gates
+from .launch import _GATED, LAYOUT_ONLY, LOG2E, _contiguous_gates
 from .plan import Plan
 from .validate import device_problem, validate_inputs
 
@@ -63,13 +64,24 @@ def _as_one_batch(*tensors) -> tuple:
     return (*out, leading)
 
 
+class _NoLaunch:
+    """A kernel module whose every kernel[grid](...) launches nothing."""
+
+    def __getattr__(self, name):
+        return self
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+_NO_LAUNCH = _NoLaunch()
+
+
 def outside_compiled_graphs(method):
     """A kernel entry that torch.compile runs as it is, between the graphs it
     compiles (a graph break), instead of tracing into Triton's launch
-    (which fails, or through the interpreter errors). What torch.compile
-    compiles around a call is unchanged, and outputs and gradients are
-    eager's; one graph without breaks needs the entries as custom ops
-    (issue 23)."""
+    (which fails; through the interpreter it errors): the entries that are
+    not custom ops yet (custom_ops has the call's)."""
     return functools.wraps(method)(torch.compiler.disable(method))
 
 
@@ -102,6 +114,7 @@ class CompiledPattern:
         self.module = module
         self.source_path = Path(source_path)
         self.cache_key = cache_key
+        self.op_key = custom_ops.register(self)  # what nsa_dsl::forward finds it by
         # (kernel, input dtype) -> the pipeline stages that fit in shared
         # memory where the plan's did not (see launch._launch_fitting)
         self.fitted_stages = {}
@@ -121,9 +134,16 @@ class CompiledPattern:
         return order if order is None or self.slc_fwd_override is None else self.slc_fwd_override
 
     # ------------------------------------------------------------------ API
-    @outside_compiled_graphs
     def __call__(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, k_cmp=None, v_cmp=None, k_swa=None,
                  v_swa=None, indices=None, scale=None, return_indices=False, cu_seqlens=None, max_seqlen=None):
+        call = self._call if cu_seqlens is None else self._call_packed
+        return call(q, k, v, g_cmp, g_slc, g_swa, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices,
+                    scale=scale, return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+
+    def _call(self, q, k, v, g_cmp, g_slc, g_swa, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, return_indices,
+              cu_seqlens, max_seqlen):
+        """__call__: checked here (torch.compile traces it), computed by the
+        nsa_dsl::forward op (custom_ops), differentiated by nsa_dsl::backward."""
         p = self.pattern
         leading = True
         if cu_seqlens is not None:  # packed sequences: computed as one batch of all positions
@@ -137,18 +157,21 @@ class CompiledPattern:
         if indices is not None and shapes.packing is None:
             _check_index_range(indices, p.select.block, shapes.length)
         tensors = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            o, idx = NSAFunction.apply(self, shapes, scale, indices, *tensors)
-        else:  # nothing to differentiate: no autograd record, and the output may be written fused
-            out = self.forward(q, k, v, _contiguous_gates(gates),
-                               k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices, scale=scale,
-                               shapes=shapes, final=True)
-            o, idx = out["o"], out.get("indices")
+        # keep what the backward needs only where something is differentiated
+        # (else the output may be written fused and nothing is kept)
+        keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+        o, idx, *_ = custom_ops.nsa_forward(self.op_key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa,
+                                            indices, scale, keep, cu_seqlens, max_seqlen)
+        idx = indices if indices is not None else (idx if p.select is not None else None)
         if not leading:  # packed [total, ...] in, packed [total, ...] out
             o, idx = o[0], (idx[0] if idx is not None and idx.dim() == 4 else idx)
         if return_indices:
             return o, idx
         return o
+
+    # packed sequences: cu_seqlens' values decide the shapes (read on the
+    # host), which a traced call cannot know, so torch.compile runs it as it is
+    _call_packed = outside_compiled_graphs(_call)
 
     # ------------------------------------------------------------ inference
     def new_cache(self, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16, k_swa: bool = False):
@@ -257,6 +280,20 @@ class CompiledPattern:
             return torch.empty(shape, dtype=dtype, device=device)
         fill = float("nan") if dtype.is_floating_point else -7
         return torch.full(shape, fill, dtype=dtype, device=device)
+
+    @contextlib.contextmanager
+    def layout_only(self):
+        """Run this pattern's Python without launching a kernel: the outputs
+        are allocated as a call would (their shapes, which of them exist),
+        their contents never written. The custom ops' fake implementations
+        (custom_ops) run the forward so."""
+        module, token = self.module, LAYOUT_ONLY.set(True)
+        self.module = _NO_LAUNCH
+        try:
+            yield
+        finally:
+            self.module = module
+            LAYOUT_ONLY.reset(token)
 
     # ------------------------------------------------------------- forward
     def writes_final_output(self, T: int) -> bool:

@@ -53,15 +53,17 @@ def _expect_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str, why: str = "") -> None:
-    """`why`: how the expected sizes were derived, added where the first
+def _expect_shape(name: str, t: torch.Tensor, expected: tuple, meaning: str, why=None) -> None:
+    """`why()`: how the expected sizes were derived, added where the first
     two (B and T, or Tc, all following from q) are what differs, so the
-    caller sees which tensor set them."""
+    caller sees which tensor set them. A function, called only for the
+    message: formatting a size into text fixes it (torch.compile would
+    specialise every call to that length)."""
     if t.dim() != len(expected):
         raise ValueError(f"{name}: expected a {len(expected)}-d tensor {meaning} = {list(expected)},"
                          f" got a {t.dim()}-d tensor of shape {_shape(t)}")
     if tuple(t.shape) != tuple(expected):
-        note = f" ({why})" if why and tuple(t.shape[:2]) != tuple(expected[:2]) else ""
+        note = f" ({why()})" if why is not None and tuple(t.shape[:2]) != tuple(expected[:2]) else ""
         raise ValueError(f"{name}: expected shape {meaning} = {list(expected)}{note}, got {_shape(t)}")
 
 
@@ -75,26 +77,27 @@ def _sdpa_layout(p: Pattern, tensors: dict) -> tuple:
     count (T = H) fits either; it is named too, since q, k and v are almost
     always built the same way. () when the shapes say nothing of the kind."""
     heads = {"q": (p.heads.q, p.dims.qk), "k": (p.heads.kv, p.dims.qk), "v": (p.heads.kv, p.dims.v)}
-    swapped, either, batches, lengths = [], [], set(), set()
+    # lists, not sets: under torch.compile the sizes may be symbolic (unhashable)
+    swapped, either, batches, lengths = [], [], [], []
     for name, t in tensors.items():
         h, d = heads[name]
         if t.dim() != 4 or t.shape[3] != d:
             return ()
         if t.shape[1] == h and t.shape[2] == h:
             either.append(name)
-            lengths.add(h)
+            lengths.append(h)
         elif t.shape[1] == h:
             swapped.append(name)
-            lengths.add(t.shape[2])
+            lengths.append(t.shape[2])
         elif t.shape[2] == h:
-            lengths.add(t.shape[1])
+            lengths.append(t.shape[1])
         else:
             return ()
-        batches.add(t.shape[0])
-    if not swapped or len(batches) != 1 or len(lengths) != 1:
+        batches.append(t.shape[0])
+    if not swapped or any(b != batches[0] for b in batches) or any(n != lengths[0] for n in lengths):
         return ()
     names = tuple(n for n in tensors if n in swapped or n in either)
-    return swapped[0], names, batches.pop(), lengths.pop()
+    return swapped[0], names, batches[0], lengths[0]
 
 
 def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp=None, k_swa=None,
@@ -122,7 +125,9 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
                          + ", ".join(f"{n}.transpose(1, 2)" for n in names))
     batch, length = q.shape[0], q.shape[1]
     _expect_shape("q", q, (batch, length, hq, dqk), "[B, T, HQ, Dqk]")
-    from_q = "B and T from q"
+
+    def from_q() -> str:
+        return "B and T from q"
     for name, t, d, meaning in (("k", k, dqk, "[B, T, HKV, Dqk]"), ("v", v, dv, "[B, T, HKV, Dv]")):
         if hq != hkv and t.dim() == 4 and tuple(t.shape) == (batch, length, hq, d):
             # GQA keys and values repeated to the query heads (what SDPA
@@ -162,13 +167,13 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
             raise ValueError(f"{name}: expected device {device} (the device of q), got {gate.device}")
 
     tc = compressed_length(p, length) if compressed is None else compressed
-    if p.compress is not None and packing is not None:
-        tc_from = "the sequences of cu_seqlens: nsa_dsl.compressed_seqlens(pattern, cu_seqlens)[-1]"
-    elif p.compress is not None:
-        # how Tc follows from T: a caller pooling k_cmp, v_cmp itself (pool=mlp) may count them otherwise
-        tc_from = (f"B from q; Tc = (T - block) // stride + 1 = ({length} - {p.compress.block}) //"
-                   f" {p.compress.stride} + 1 = {tc}" if length >= p.compress.block else
-                   f"B from q; Tc = 0: T={length} is shorter than one compress block of {p.compress.block}")
+
+    def tc_from() -> str:  # how Tc follows from T: a caller pooling k_cmp, v_cmp itself (pool=mlp) may count otherwise
+        if packing is not None:
+            return "the sequences of cu_seqlens: nsa_dsl.compressed_seqlens(pattern, cu_seqlens)[-1]"
+        return (f"B from q; Tc = (T - block) // stride + 1 = ({length} - {p.compress.block}) //"
+                f" {p.compress.stride} + 1 = {tc}" if length >= p.compress.block else
+                f"B from q; Tc = 0: T={length} is shorter than one compress block of {p.compress.block}")
     for name, t, d, meaning in (("k_cmp", k_cmp, dqk, "[B, Tc, HKV, Dqk]"), ("v_cmp", v_cmp, dv, "[B, Tc, HKV, Dv]")):
         if p.compress is None:
             if t is not None:
@@ -181,7 +186,7 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
             continue
         if t is None:
             raise ValueError(f"{name}: pattern {p.name!r} pools by mlp, so {name} must be passed:"
-                             f" shape {meaning} = {[batch, tc, hkv, d]} ({tc_from})")
+                             f" shape {meaning} = {[batch, tc, hkv, d]} ({tc_from()})")
         t = _expect_tensor(name, t)
         _expect_shape(name, t, (batch, tc, hkv, d), meaning, tc_from)
         if t.dtype != q.dtype or t.device != device:

@@ -1,8 +1,11 @@
-"""torch.compile around the kernels (issue 23, first part): a model or a
-function that calls a compiled pattern compiles, and gives eager's
-outputs and gradients; the kernel entries run between the compiled graphs
-(ops.outside_compiled_graphs), where tracing into Triton's launch failed
-(KeyError(torch.uint64) through the interpreter)."""
+"""torch.compile and torch.export (issue 23): a compiled pattern's call is
+the custom ops nsa_dsl::forward / nsa_dsl::backward (custom_ops), so a
+model using NSAttention compiles into one graph (fullgraph=True), with
+eager's outputs and gradients, one graph for every sequence length
+(dynamic), and exports with the op in its graph. The cache and selection
+entries run between compiled graphs (ops.outside_compiled_graphs). Before
+either, tracing reached Triton's launch and failed (KeyError(torch.uint64)
+through the interpreter)."""
 from __future__ import annotations
 
 import pytest
@@ -30,17 +33,18 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("compile_backend", ["eager", "aot_eager"])
-def test_a_compiled_layer_gives_eager_outputs_and_gradients(compile_backend):
+@pytest.mark.parametrize("compile_backend, fullgraph", [("eager", False), ("aot_eager", False), ("aot_eager", True)])
+def test_a_compiled_layer_gives_eager_outputs_and_gradients(compile_backend, fullgraph):
     torch.manual_seed(0)
     layer = NSAttention(PATTERN, 32, backend="kernels")
+    layer.compiled  # (compiling the pattern is not traced)
     x = torch.randn(2, 64, 32, requires_grad=True)
     want = layer(x)
     want.square().sum().backward()
     want_grads = [x.grad.clone()] + [p.grad.clone() for p in layer.parameters()]
     x.grad = None
     layer.zero_grad()
-    got = torch.compile(layer, backend=compile_backend)(x)
+    got = torch.compile(layer, backend=compile_backend, fullgraph=fullgraph)(x)
     got.square().sum().backward()
     got_grads = [x.grad] + [p.grad for p in layer.parameters()]
     assert rel_error(got, want) < TOLERANCE[torch.float32]
@@ -78,3 +82,34 @@ def test_a_compiled_layer_decodes_with_its_cache():
             outs.append(torch.cat([run(x[:, :30], cache=cache)]
                                   + [run(x[:, t:t + 1], cache=cache) for t in range(30, 40)], 1))
     assert rel_error(outs[1], outs[0]) < TOLERANCE[torch.float32]
+
+
+def test_the_layer_traces_into_one_graph_for_every_length():
+    """No graph break (explain), and with dynamic lengths one graph serves
+    four (the call's Python is traced with symbolic sizes; an error
+    message built eagerly once fixed the length)."""
+    from torch._dynamo.utils import counters
+
+    layer = NSAttention(PATTERN, 32, backend="kernels")
+    layer.compiled
+    explained = torch._dynamo.explain(layer)(torch.randn(2, 64, 32))
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    counters.clear()
+    run = torch.compile(layer, backend="aot_eager", dynamic=True)
+    for T in (48, 64, 80, 112):
+        x = torch.randn(2, T, 32)
+        assert rel_error(run(x), layer(x)) < TOLERANCE[torch.float32]
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_an_exported_model_holds_the_op():
+    layer = NSAttention(PATTERN, 32, backend="kernels")
+    layer.compiled
+    x = torch.randn(2, 48, 32)
+    exported = torch.export.export(layer, (x,))
+    # (the layer's autocast-off region is a nested graph: every graph is searched)
+    targets = {str(n.target) for m in exported.graph_module.modules() if isinstance(m, torch.fx.GraphModule)
+               for n in m.graph.nodes}
+    assert "nsa_dsl.forward.default" in targets, targets
+    assert rel_error(exported.module()(x), layer(x)) < TOLERANCE[torch.float32]

@@ -1,0 +1,189 @@
+"""A compiled pattern's training call as torch.library custom ops
+(nsa_dsl::forward, nsa_dsl::backward) with fake implementations and
+registered autograd: torch.compile traces a model through them in one graph
+and torch.export keeps them as ops.
+
+A CompiledPattern is a Python object an op schema cannot carry: the ops
+take its key (`register`) and find it in a registry. The fake
+implementations run the same Python as the real ones with the kernel
+launches left out (CompiledPattern.layout_only): the outputs' shapes and
+which outputs exist come from the code that makes them, not from a copy of
+its rules."""
+from __future__ import annotations
+
+import weakref
+from typing import List, Optional
+
+import torch
+
+from .ir import Branch
+from .launch import LAYOUT_ONLY, _contiguous_gates
+
+# the differentiable inputs, in the ops' order
+INPUTS = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa")
+# what the forward keeps for the backward, in the op's output order after o and the indices
+KEPT = ("o_cmp", "lse_cmp", "o_slc", "lse_slc", "o_swa", "lse_swa", "k_cmp", "v_cmp")
+
+_REGISTRY: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
+
+
+def register(compiled) -> str:
+    """The key the ops find `compiled` by (its cache key and its options:
+    two compiles of one pattern with other options are other objects)."""
+    key = f"{compiled.cache_key}:{id(compiled)}"
+    _REGISTRY[key] = compiled
+    return key
+
+
+def _compiled(key: str):
+    compiled = _REGISTRY.get(key)
+    if compiled is None:
+        raise RuntimeError(f"nsa_dsl: no compiled pattern {key!r} in this process (a graph that calls"
+                           " nsa_dsl::forward needs the CompiledPattern it was traced with alive)")
+    return compiled
+
+
+def _unaliased(results: list, inputs) -> list:
+    """results with a copy of each that shares memory with an input or an
+    earlier result (an op's outputs alias nothing)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor) and t.numel()}
+    out = []
+    for t in results:
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+                ptr = t.untyped_storage().data_ptr()
+            seen.add(ptr)
+        out.append(t)
+    return out
+
+
+def _none(like: torch.Tensor) -> torch.Tensor:
+    """An absent output (an op returns a fixed list of tensors): empty and
+    one-dimensional, where every real one has three or four dimensions
+    (and may be empty: no compressed token in a short sequence)."""
+    return like.new_empty(0)
+
+
+def _absent(t: Optional[torch.Tensor]) -> bool:
+    return t is None or (t.dim() == 1 and t.numel() == 0)
+
+
+def _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
+                 cu_seqlens, max_seqlen) -> list:
+    compiled = _compiled(key)
+    gates = _contiguous_gates({Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa})
+    shapes, _ = compiled._checked(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
+                                  indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+    out = compiled.forward(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices,
+                           scale=scale, shapes=shapes, final=not keep)
+    inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices)
+    result = []
+    for name in ("o", "indices") + (KEPT if keep else ()):
+        t = out.get(name)
+        # the caller's own indices or compressed tokens come back as absent
+        if t is None or any(t is x for x in inputs if x is not None):
+            t = _none(q)
+        result.append(t)
+    return result if LAYOUT_ONLY.get() else _unaliased(result, inputs)
+
+
+@torch.library.custom_op("nsa_dsl::forward", mutates_args=())
+def nsa_forward(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_cmp: Optional[torch.Tensor],
+                g_slc: Optional[torch.Tensor], g_swa: Optional[torch.Tensor], k_cmp: Optional[torch.Tensor],
+                v_cmp: Optional[torch.Tensor], k_swa: Optional[torch.Tensor], v_swa: Optional[torch.Tensor],
+                indices: Optional[torch.Tensor], scale: float, keep: bool, cu_seqlens: Optional[torch.Tensor],
+                max_seqlen: Optional[int]) -> List[torch.Tensor]:
+    """[o, indices, *KEPT if keep]; an absent one is an empty tensor. keep:
+    what the backward needs is kept (else the call may write o fused).
+    Packed sequences: one batch of all positions and cu_seqlens."""
+    return _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
+                        cu_seqlens, max_seqlen)
+
+
+@nsa_forward.register_fake
+def _(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep, cu_seqlens, max_seqlen):
+    with _compiled(key).layout_only():
+        return _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
+                            cu_seqlens, max_seqlen)
+
+
+def _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen) -> list:
+    compiled = _compiled(key)
+    inputs = dict(zip(INPUTS, tensors[:10]))
+    kept = dict(zip(KEPT, tensors[11:]))
+
+    def given(t):
+        return None if _absent(t) else t
+    # the kernels index the gates as contiguous [B, T, HQ] (the forward made them so too)
+    gates = _contiguous_gates({b: given(inputs[f"g_{b.value}"]) for b in (Branch.CMP, Branch.SLC, Branch.SWA)})
+    shapes, _ = compiled._checked(inputs["q"], inputs["k"], inputs["v"], gates, k_cmp=given(inputs["k_cmp"]),
+                                  v_cmp=given(inputs["v_cmp"]), k_swa=given(inputs["k_swa"]),
+                                  v_swa=given(inputs["v_swa"]), scale=scale, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
+    saved = {n: given(inputs[n]) for n in ("q", "k", "v", "k_swa", "v_swa")}
+    saved["indices"] = given(tensors[10])
+    saved["k_cmp"], saved["v_cmp"] = given(kept["k_cmp"]), given(kept["v_cmp"])
+    for b in (Branch.CMP, Branch.SLC, Branch.SWA):
+        saved[f"g_{b.value}"] = gates[b]
+        saved[f"o_{b.value}"], saved[f"lse_{b.value}"] = given(kept[f"o_{b.value}"]), given(kept[f"lse_{b.value}"])
+    saved = {n: t for n, t in saved.items() if t is not None}
+    need = dict(zip(INPUTS, needs))
+    grads = compiled.backward(saved, do, shapes, scale, need, distinct)
+    result = []
+    for name in INPUTS:
+        x, g = given(inputs[name]), grads.get(name)
+        if not need[name] or x is None:
+            result.append(_none(do))
+        elif g is None:
+            result.append(torch.zeros_like(x))
+        else:
+            result.append(g.to(x.dtype))
+    return _unaliased(result, [*tensors, do])
+
+
+@torch.library.custom_op("nsa_dsl::backward", mutates_args=())
+def nsa_backward(key: str, tensors: List[Optional[torch.Tensor]], do: torch.Tensor, scale: float, needs: List[bool],
+                 distinct: bool, cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int]) -> List[torch.Tensor]:
+    """The gradient of each of INPUTS (empty where not needed or absent)
+    from dO and what nsa_dsl::forward kept: tensors are INPUTS, the indices
+    and KEPT (k_cmp/v_cmp: the pooled tokens the forward made, or the
+    caller's)."""
+    return _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen)
+
+
+@nsa_backward.register_fake
+def _(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen):
+    named = dict(zip(INPUTS, tensors))
+    return [torch.empty_like(named[n]) if need and not _absent(named[n]) else _none(do)
+            for n, need in zip(INPUTS, needs)]
+
+
+def _setup_context(ctx, inputs, output):
+    (key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep, cu_seqlens,
+     max_seqlen) = inputs
+    o, idx, *kept = output
+    kept = dict(zip(KEPT, kept))
+    own = indices is None  # scored here: no row repeats a block
+    # the compressed tokens the backward reads: pooled here, or the caller's
+    kept["k_cmp"] = k_cmp if _absent(kept["k_cmp"]) and k_cmp is not None else kept["k_cmp"]
+    kept["v_cmp"] = v_cmp if _absent(kept["v_cmp"]) and v_cmp is not None else kept["v_cmp"]
+    ctx.key, ctx.scale, ctx.distinct, ctx.max_seqlen = key, scale, own, max_seqlen
+    tensors = [q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, idx if own else indices,
+               *(kept[n] for n in KEPT), cu_seqlens]
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*[t for t in tensors if t is not None])
+
+
+def _backward(ctx, grads):
+    stored = iter(ctx.saved_tensors)
+    tensors = [next(stored) if present else None for present in ctx.present]
+    cu_seqlens = tensors.pop()
+    needs = list(ctx.needs_input_grad[1:11])
+    g = nsa_backward(ctx.key, tensors, grads[0].contiguous(), ctx.scale, needs, ctx.distinct, cu_seqlens,
+                     ctx.max_seqlen)
+    return (None, *[None if _absent(t) else t for t in g], None, None, None, None, None)
+
+
+torch.library.register_autograd("nsa_dsl::forward", _backward, setup_context=_setup_context)
