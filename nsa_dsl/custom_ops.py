@@ -187,3 +187,25 @@ def _backward(ctx, grads):
 
 
 torch.library.register_autograd("nsa_dsl::forward", _backward, setup_context=_setup_context)
+
+
+def _run_select(key, q, k, v, k_cmp, v_cmp, scale) -> torch.Tensor:
+    compiled = _compiled(key)
+    shapes, _ = compiled._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale)
+    out = compiled.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,
+                           scale=scale, shapes=shapes, indices_only=True)
+    return out["indices"]
+
+
+@torch.library.custom_op("nsa_dsl::select_blocks", mutates_args=())
+def nsa_select_blocks(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: Optional[torch.Tensor],
+                      v_cmp: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """CompiledPattern.select_blocks of one batch: the indices [B, T, HKV,
+    top] (no gradient flows through them)."""
+    return _run_select(key, q, k, v, k_cmp, v_cmp, scale)
+
+
+@nsa_select_blocks.register_fake
+def _(key, q, k, v, k_cmp, v_cmp, scale):
+    with _compiled(key).layout_only():
+        return _run_select(key, q, k, v, k_cmp, v_cmp, scale)

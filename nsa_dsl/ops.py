@@ -248,7 +248,6 @@ class CompiledPattern:
             raise RuntimeError(f"nsa_dsl: {problem}")
         return shapes, float(scale) if scale is not None else 1.0 / math.sqrt(self.pattern.dims.qk)
 
-    @outside_compiled_graphs
     def select_blocks(self, q, k, v, *, k_cmp=None, v_cmp=None, scale=None, cu_seqlens=None,
                       max_seqlen=None) -> torch.Tensor:
         """The selection branch's block indices for q, k and v, [B, T, HKV,
@@ -268,6 +267,14 @@ class CompiledPattern:
                                                                          None, None, None)
         shapes, scale = self._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, cu_seqlens=cu_seqlens,
                                       max_seqlen=max_seqlen)
+        if cu_seqlens is None:  # the nsa_dsl::select_blocks op (torch.compile traces it)
+            return custom_ops.nsa_select_blocks(self.op_key, q.detach(), k.detach(), v.detach(),
+                                                None if k_cmp is None else k_cmp.detach(),
+                                                None if v_cmp is None else v_cmp.detach(), scale)
+        return self._select_packed(q, k, v, k_cmp, v_cmp, scale, shapes, leading)
+
+    @outside_compiled_graphs  # cu_seqlens' values decide the shapes (read on the host)
+    def _select_packed(self, q, k, v, k_cmp, v_cmp, scale, shapes, leading) -> torch.Tensor:
         with torch.no_grad():
             out = self.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,
                                scale=scale, shapes=shapes, indices_only=True)

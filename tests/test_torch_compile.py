@@ -54,7 +54,8 @@ def test_a_compiled_layer_gives_eager_outputs_and_gradients(compile_backend, ful
 
 def test_a_compiled_function_around_the_call_and_its_selection():
     """The functional call inside a compiled function with work on both
-    sides of it, including return_indices and select_blocks."""
+    sides of it, including return_indices and select_blocks (its own op,
+    nsa_dsl::select_blocks): one graph."""
     compiled = nsa_dsl.compile(PATTERN)
     args = random_inputs(PATTERN, 2, 48, torch.float32, seed=4)
 
@@ -63,7 +64,7 @@ def test_a_compiled_function_around_the_call_and_its_selection():
         return o.tanh(), idx, compiled.select_blocks(q * 0.5, k, v)
 
     want = step(**args)
-    got = torch.compile(step, backend="aot_eager")(**args)
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(**args)
     assert rel_error(got[0], want[0]) < TOLERANCE[torch.float32]
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
