@@ -13,6 +13,10 @@
 #       8k..128k, batch 1 and a 4 GB cache; flash_nsa's decode beside it when
 #       .flash_nsa is carried: benchmarks/fetch_flash_nsa.sh) -> $OUT/decode.log,
 #       $OUT/decode_bench.json, $OUT/pytest_decode.log
+#   bash .device/run bash benchmarks/gpu_session.sh compile
+#       torch.compile (inductor, fullgraph) against eager on a two-layer bf16
+#       model at 8k and 32k: graph breaks, errors, step times
+#       -> $OUT/compile_bench.json, $OUT/compile.log
 #   bash .device/run bash benchmarks/gpu_session.sh bench
 #       paper128, deepseek_nsa, small_group at 8k..64k vs SDPA flash and
 #       FlexAttention -> $OUT/h200.json, $OUT/h200.png, $OUT/bench.log
@@ -86,6 +90,11 @@ case "${1:-}" in
   tests)
     timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \
       | tee "$OUT/pytest.log" | tail -n 20 ;;
+  compile)
+    # issue 23: a two-layer bf16 model with NSAttention, eager against
+    # torch.compile(fullgraph=True, inductor) -> $OUT/compile_bench.json
+    timeout "${COMPILE_TIMEOUT_S:-300}" python3 benchmarks/bench_compile.py --out "$OUT" \
+      --lengths "${COMPILE_LENGTHS:-8k,32k}" 2>&1 | tee "$OUT/compile.log" | grep -v Warning | tail -n 8 ;;
   bench)
     timeout 570 python3 benchmarks/bench.py --out "$OUT" --budget-s 480 2>&1 | tee "$OUT/bench.log" | tail -n 40 ;;
   tune)

@@ -54,7 +54,8 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False,
                   # the decode step as a 64k cache of 64-token blocks launches it
                   # (launch_decode: 9 chunks of 128 blocks)
-                  "CHUNK": 128, "NC_PAD": 16, "HAS_KW": False, "CANDIDATES": False}
+                  "CHUNK": 128, "NC_PAD": 16, "HAS_KW": False, "CANDIDATES": False,
+                  "SPAN": 4}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}

@@ -16,6 +16,8 @@ from .geometry import num_blocks
 from .ir import Branch
 from .plan import next_pow2
 
+# dec_attend: the programs per processor below which items are not merged into one program
+ATTEND_PROGRAMS_PER_SM = 2
 # dec_topk's chunks: about this many per sequence and KV head, so a chunk's
 # own top-n stays a small part of the candidates dec_attend merges
 TOPK_CHUNKS = 16
@@ -42,6 +44,24 @@ def cmp_splits(compiled, device: torch.device, batch: int, max_c: int) -> tuple:
     return -(-max_c // tokens) if max_c else 1, tokens
 
 
+def attend_span(compiled, device: torch.device, batch: int) -> tuple:
+    """(span, programs per KV head) of dec_attend: the most items per
+    program (a power of two) that still leaves ATTEND_PROGRAMS_PER_SM
+    programs per processor: a batch of one spreads over every item, a large
+    batch writes and merges fewer partials (their float32 accumulators
+    were 30% of dec_attend's bytes at 64k x 29: NOTES v20)."""
+    kp = compiled.plan.kernel("dec_attend")
+    slc, win = kp.const("DEC_SLC_ITEMS"), kp.const("DEC_WIN_ITEMS")
+    heads = batch * compiled.pattern.heads.kv
+    span = 1
+    while span < max(slc, win):
+        wider = 2 * span
+        if heads * (-(-slc // wider) + -(-win // wider)) < ATTEND_PROGRAMS_PER_SM * _processors(device):
+            break
+        span = wider
+    return span, -(-slc // span) + -(-win // span)
+
+
 def topk_chunks(pattern, max_len: int) -> tuple:
     """(chunk, chunks) of dec_topk: a power of two of selection blocks (at
     least 16) so a cache of max_len holds about TOPK_CHUNKS of them."""
@@ -60,8 +80,9 @@ def _scratch(cache, b: int, compiled, device) -> dict:
     p, kp = compiled.pattern, compiled.plan.kernel("dec_attend")
     rows, hkv, vp = kp.const("DEC_ROWS"), p.heads.kv, compiled.plan.v_pad
     f32 = {"device": device, "dtype": torch.float32}
-    items = kp.const("DEC_ITEMS")
-    s = {"part_m": torch.empty(b * hkv * items * rows, **f32)}
+    s = {"span": attend_span(compiled, device, b)}
+    items = s["span"][1]  # dec_attend's programs per KV head, one partial each
+    s["part_m"] = torch.empty(b * hkv * items * rows, **f32)
     s["part_l"] = torch.empty_like(s["part_m"])
     s["part_acc"] = torch.empty(b * hkv * items * rows, vp, **f32)
     if p.compress is not None:
@@ -148,9 +169,10 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
         cand = (s["cand_key"], s["cand_idx"]) if ranked else (s["part_m"], s["idx"])
         _launch(s, mod.dec_select, (b * HKV,), *cand, rows, cache.lengths, s["idx"], s.get("chunks", 1),
                 NC_PAD=next_pow2(s.get("chunks", 1)), CHUNK=s.get("chunk", 16), num_warps=1, num_stages=1)
-    _launch(s, mod.dec_attend, (b * HKV, kp.const("DEC_ITEMS")),
-            q, cache.k, cache.v, kw, vw, s.get("idx", s["part_m"]), rows, cache.lengths, s["part_m"], s["part_l"], s["part_acc"],
-            scale_log2, cache.max_len, num_warps=kp.num_warps, num_stages=kp.num_stages)
+    span, programs = s["span"]
+    _launch(s, mod.dec_attend, (b * HKV, programs),
+            q, cache.k, cache.v, kw, vw, s.get("idx", s["part_m"]), rows, cache.lengths, s["part_m"], s["part_l"],
+            s["part_acc"], scale_log2, cache.max_len, SPAN=span, num_warps=kp.num_warps, num_stages=kp.num_stages)
     o = torch.empty(b, 1, HQ, DV, device=dev, dtype=q.dtype)
     gate = {br: gates.get(br) for br in (Branch.CMP, Branch.SLC, Branch.SWA)}
     ptrs = [g.contiguous() if g is not None else s["part_m"] for g in gate.values()]
@@ -160,6 +182,6 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             s["part_m"], s["part_l"], s["part_acc"], *cmp_parts, rows, cache.lengths, *ptrs, o,
             s.get("tokens", 1), s.get("splits", 1),
             HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
-            HAS_G_SWA=gate[Branch.SWA] is not None, num_warps=kp.num_warps, num_stages=1)
+            HAS_G_SWA=gate[Branch.SWA] is not None, SPAN=span, num_warps=kp.num_warps, num_stages=1)
     want = want_indices and p.select is not None
     return o, (s["idx"][:, None, :, :p.select.top].clone() if want else None)

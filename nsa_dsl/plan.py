@@ -750,10 +750,10 @@ def _decode_kernels(p: Pattern) -> list:
         "decode step: the new key appended (and the compressed token it completes), the compressed attention"
         " over splits, each chunk of blocks scored and its top-n, each selected block and window tile of the"
         " new query's KV head (its G heads as rows) into a softmax partial, merged and gated",
-        "append (B,); cmp (B*HKV, splits); topk (B*HKV, chunks); attend (B*HKV, DEC_SLC_ITEMS + DEC_WIN_ITEMS);"
+        "append (B,); cmp (B*HKV, splits); topk (B*HKV, chunks); attend (B*HKV, items / SPAN);"
         " reduce (B*HKV,)",
         (("DEC_ROWS", max(16, next_pow2(p.group))), ("DEC_KEYS", keys), ("DEC_SLC_ITEMS", slc_items),
-         ("DEC_WIN_ITEMS", win_items), ("DEC_ITEMS", slc_items + win_items),
+         ("DEC_WIN_ITEMS", win_items),
          ("DEC_WINDOW", p.window.size if p.window else 0), ("DEC_HKV_PAD", next_pow2(p.heads.kv)),
          # dec_reduce: every partial of a branch in one tile, DEC_RED_D value
          # columns per program (a [partials, rows, columns] tile in registers)

@@ -558,3 +558,31 @@ def test_decode_steps_follow_their_inputs_alignment():
                     moved[n] = x
             aligned = compiled.decode(**args, cache=caches[0])
             assert torch.equal(compiled.decode(**moved, cache=caches[1]), aligned)
+
+
+def test_a_compiled_layer_gives_eager_outputs_and_gradients_bf16():
+    """torch.compile(fullgraph=True) with inductor on a bf16 layer of the
+    paper's sparsity: one graph, no break, eager's output and gradients
+    within the bf16 tolerance (issue 23)."""
+    from nsa_dsl.module import NSAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = NSAttention(_patterns()["bench_paper128"], 1024, backend="kernels", device="cuda",
+                        dtype=torch.bfloat16)
+    layer.compiled
+    x = torch.randn(2, 4096, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    explained = torch._dynamo.explain(layer)(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    results = []
+    for run in (layer, torch.compile(layer, fullgraph=True)):
+        x.grad = None
+        layer.zero_grad()
+        out = run(x)
+        out.float().square().mean().backward()
+        results.append([out, x.grad] + [p.grad for p in layer.parameters()])
+    errors = [rel_error(g, w) for g, w in zip(*reversed(results))]
+    _log({"check": "torch_compile_inductor_bf16", "errors": errors})
+    assert max(errors) < TOLERANCE[torch.bfloat16], errors
+    torch._dynamo.reset()

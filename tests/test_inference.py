@@ -270,8 +270,9 @@ def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_le
     against float64 scores, and with every key zero (all scores tied) they
     are exactly the full forward's (ties to the lower block). With a long
     cache the blocks fall in several of dec_topk's chunks, and with many
-    processors (patched) dec_cmp splits the compressed tokens: the merged
-    candidates and partials must give the same."""
+    processors (patched) dec_cmp splits the compressed tokens and dec_attend
+    takes one item per program (on two, several): the merged candidates
+    and partials must give the same."""
     from nsa_dsl import launch_decode
 
     if processors is not None:
@@ -282,6 +283,9 @@ def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_le
     if processors is not None:
         assert launch_decode.topk_chunks(PATTERN, max_len)[1] >= 3
         assert launch_decode.cmp_splits(compiled, cache.device, 2, cache.max_compressed)[0] >= 3
+    # dec_attend: one item per program on many processors, several on the interpreter's two
+    span = launch_decode.attend_span(compiled, cache.device, 2)[0]
+    assert span == 1 if processors is not None else span > 1
     seqs = [random_inputs(PATTERN, 1, n + steps, torch.float32, seed=40 + n) for n in prompts]
     if zero_keys:
         for s in seqs:
