@@ -170,6 +170,9 @@ def _setup_context(ctx, inputs, output):
     kept["k_cmp"] = k_cmp if _absent(kept["k_cmp"]) and k_cmp is not None else kept["k_cmp"]
     kept["v_cmp"] = v_cmp if _absent(kept["v_cmp"]) and v_cmp is not None else kept["v_cmp"]
     ctx.key, ctx.scale, ctx.distinct, ctx.max_seqlen = key, scale, own, max_seqlen
+    # the backward needs the compiled pattern even if the caller dropped it
+    # (`nsa_dsl.compile(p)(...)`): the registry only holds it weakly
+    ctx.compiled = _compiled(key)
     tensors = [q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, idx if own else indices,
                *(kept[n] for n in KEPT), cu_seqlens]
     ctx.present = [t is not None for t in tensors]

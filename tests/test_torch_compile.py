@@ -114,3 +114,25 @@ def test_an_exported_model_holds_the_op():
                for n in m.graph.nodes}
     assert "nsa_dsl.forward.default" in targets, targets
     assert rel_error(exported.module()(x), layer(x)) < TOLERANCE[torch.float32]
+
+
+def test_the_backward_outlives_a_dropped_compiled_pattern():
+    """`nsa_dsl.compile(p)(...)` with the compiled pattern dropped before
+    the backward (the GPU suite's own idiom): the backward still finds it
+    (the autograd context keeps it; the registry holds it weakly). It
+    failed with 'no compiled pattern' once the calls became ops."""
+    import gc
+
+    args = random_inputs(PATTERN, 1, 64, torch.float32, seed=2)
+    for t in args.values():
+        t.requires_grad_(True)
+    o = nsa_dsl.compile(PATTERN)(**args)
+    gc.collect()
+    o.square().sum().backward()
+    want = {n: t.grad.clone() for n, t in args.items()}
+    for t in args.values():
+        t.grad = None
+    compiled = nsa_dsl.compile(PATTERN)
+    compiled(**args).square().sum().backward()
+    for n, t in args.items():
+        assert torch.equal(t.grad, want[n]), n
