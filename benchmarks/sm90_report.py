@@ -166,8 +166,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     continue  # patterns with a compress branch only
                 if entry == "dec_topk" and not kernel.const("DEC_SCORES"):
                     continue  # a ranked selection only
-                if entry == "dec_select" and not kernel.const("DEC_SLC_ITEMS"):
-                    continue  # a select branch only
+                if entry == "dec_select" and (not kernel.const("DEC_SLC_ITEMS") or kernel.const("DEC_SCORES")):
+                    continue  # a static selection only (a ranked one merges in dec_topk)
                 dims_list = [{}]
                 if entry in ("cmp_pool", "cmp_pool_bwd"):
                     dims_list = [{"D": d, "D_PAD": 1 << (d - 1).bit_length()} for d in sorted({pattern.dims.qk, pattern.dims.v})]

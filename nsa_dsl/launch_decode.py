@@ -100,6 +100,7 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         s["chunk"], s["chunks"] = chunk, chunks
         s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), **f32)
         s["cand_idx"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int32)
+        s["count"] = torch.zeros(b * hkv, device=device, dtype=torch.int32)  # dec_topk's chunks done, per head
     cache.scratch[key] = s
     return s
 
@@ -163,12 +164,12 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     ranked = kp.const("DEC_SCORES")
     if ranked:
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
-                s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], max_c,
-                s["tokens"], s["splits"], CHUNK=s["chunk"], num_warps=kp.num_warps, num_stages=1)
-    if p.select is not None:
-        cand = (s["cand_key"], s["cand_idx"]) if ranked else (s["part_m"], s["idx"])
-        _launch(s, mod.dec_select, (b * HKV,), *cand, rows, cache.lengths, s["idx"], s.get("chunks", 1),
-                NC_PAD=next_pow2(s.get("chunks", 1)), CHUNK=s.get("chunk", 16), num_warps=1, num_stages=1)
+                s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
+                s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
+                num_warps=kp.num_warps, num_stages=1)
+    elif p.select is not None:  # the static selection's blocks
+        _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
+                NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1)
     span, programs = s["span"]
     _launch(s, mod.dec_attend, (b * HKV, programs),
             q, cache.k, cache.v, kw, vw, s.get("idx", s["part_m"]), rows, cache.lengths, s["part_m"], s["part_l"],
