@@ -82,7 +82,8 @@ def main(argv=None) -> int:
         x = torch.randn(1, T, args.hidden, device="cuda", dtype=torch.bfloat16)
         explained = torch._dynamo.explain(model)(x)
         torch._dynamo.reset()
-        params = list(model.parameters())
+        names, params = zip(*model.named_parameters())
+        params = list(params)
 
         def grads():
             return [p.grad.clone() for p in params]
@@ -100,7 +101,8 @@ def main(argv=None) -> int:
                "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
                "break_reasons": [str(r.reason)[:200] for r in explained.break_reasons],
                "compile_s": round(compile_s, 1), "out_err": rel_error(got, want),
-               "max_grad_err": max(rel_error(g, w) for g, w in zip(got_grads, want_grads))}
+               "max_grad_err": max(rel_error(g, w) for g, w in zip(got_grads, want_grads)),
+               "grad_errs": {n: rel_error(g, w) for n, g, w in zip(names, got_grads, want_grads)}}
         # the eager step, then the compiled one, alternated twice: the ratio
         # of medians from one warm machine (the second pair is reported)
         for _ in range(2):

@@ -73,6 +73,34 @@ class NSACache:
         c = self.pattern.compress
         return 0 if c is None else num_compressed(length, c.block, c.stride)
 
+    def grow(self, max_len: int) -> None:
+        """Make room for up to max_len positions per slot (at least the
+        current max_len): every buffer reallocated and its contents copied,
+        so the sequences go on where they were. Tensors taken from the cache
+        before (e.g. by a captured CUDA graph) no longer belong to it."""
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < self.max_len:
+            raise ValueError(f"max_len: expected an int >= the current max_len {self.max_len}, got {max_len!r}")
+        if max_len == self.max_len:
+            return
+        old_len, old_c = self.max_len, self.max_compressed
+
+        def regrown(t: Optional[torch.Tensor], rows: int, keep: int) -> Optional[torch.Tensor]:
+            if t is None:
+                return None
+            new = torch.zeros(t.shape[0], rows, *t.shape[2:], device=t.device, dtype=t.dtype)
+            new[:, :keep] = t[:, :keep]
+            return new
+
+        for name in ("k", "v", "k_swa", "v_swa", "k_src", "v_src"):
+            setattr(self, name, regrown(getattr(self, name), max_len, old_len))
+        c = self.pattern.compress
+        self.max_len = max_len
+        self.max_compressed = 0 if c is None else num_compressed(max_len, c.block, c.stride)
+        # the spare row moves to the new end; the old one held nothing to keep
+        self.k_cmp = regrown(self.k_cmp, self.max_compressed + 1, old_c)
+        self.v_cmp = regrown(self.v_cmp, self.max_compressed + 1, old_c)
+        self.scratch = {}
+
     def reset(self, slot: int) -> None:
         """Free slot `slot` for a new sequence (its length back to 0; the old
         contents are never read again: every read is bounded by the length)."""

@@ -250,18 +250,40 @@ class NSAttention(nn.Module):
         g = g.view(*x.shape[:2], len(self.gated_branches), self.pattern.heads.q)
         return {b: g[:, :, i] for i, b in enumerate(self.gated_branches)}
 
+    def _qkv(self, x: torch.Tensor, qkv) -> tuple:
+        """q [B, T, HQ, Dqk], k [B, T, HKV, Dqk], v [B, T, HKV, Dv]: the
+        projections of x, or the caller's `qkv` (checked against x)."""
+        p = self.pattern
+        if qkv is None:
+            q = self._heads(self.q_proj(x), p.heads.q, p.dims.qk)
+            return (q, *self._pair("kv", x))
+        own = sorted(s for s in set(self.kv_source.values()) if s != "kv")
+        if own:
+            raise ValueError(f"qkv: this layer's branches read their own key projections too ({', '.join(own)});"
+                             " given q, k, v need a layer with separate_kv=False")
+        if not isinstance(qkv, (tuple, list)) or len(qkv) != 3:
+            raise ValueError(f"qkv: expected a tuple (q, k, v), got {type(qkv).__name__}")
+        B, T = x.shape[:2]
+        shapes = {"q": (B, T, p.heads.q, p.dims.qk), "k": (B, T, p.heads.kv, p.dims.qk),
+                  "v": (B, T, p.heads.kv, p.dims.v)}
+        for (name, shape), t in zip(shapes.items(), qkv):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise ValueError(f"qkv: {name} expected shape {list(shape)} (x is {list(x.shape)}), got {got}")
+        return tuple(qkv)
+
     def attention_inputs(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                         compressed_rows: Optional[int] = None) -> dict:
+                         compressed_rows: Optional[int] = None, qkv=None) -> dict:
         """Everything the attention call gets, as keyword arguments of
         nsa_dsl.reference / a compiled pattern (q, k, v, gates and, where the
         pattern uses them, k_cmp, v_cmp, k_swa, v_swa), all in one dtype.
         Packed sequences (x [1, total, hidden], cu_seqlens): phi pools each
         sequence alone into compressed_rows rows (at least the sequences'
-        compressed tokens; default exactly them, one host sync)."""
+        compressed tokens; default exactly them, one host sync). qkv: see
+        forward."""
         self._check_input(x)
         p = self.pattern
-        q = self._heads(self.q_proj(x), p.heads.q, p.dims.qk)
-        k, v = self._pair("kv", x)
+        q, k, v = self._qkv(x, qkv)
         args = {"q": q, "k": k, "v": v}
         if hasattr(self, "phi_k"):
             kc, vc = (k, v) if self.kv_source[Branch.CMP] == "kv" else self._pair("cmp_kv", x)
@@ -341,7 +363,7 @@ class NSAttention(nn.Module):
                         pool_source=hasattr(self, "phi_k") and self.kv_source[Branch.CMP] != "kv")
 
     @outside_compiled_graphs  # the cache's host bookkeeping: traced, every step would recompile
-    def _forward_cached(self, x: torch.Tensor, cache: NSACache, slots) -> torch.Tensor:
+    def _forward_cached(self, x: torch.Tensor, cache: NSACache, slots, qkv=None) -> torch.Tensor:
         """forward with a cache: x [b, m, hidden] are the next m positions of
         each slot's sequence (all slots, or `slots`); their keys are
         appended and their queries attend everything cached (prefill or
@@ -350,8 +372,7 @@ class NSAttention(nn.Module):
         self._check_input(x)
         p = self.pattern
         b, m = x.shape[:2]
-        q = self._heads(self.q_proj(x), p.heads.q, p.dims.qk)
-        k, v = self._pair("kv", x)
+        q, k, v = self._qkv(x, qkv)
         args = {"q": q, "k": k, "v": v}
         if self.kv_source.get(Branch.SWA) == "swa_kv":
             args["k_swa"], args["v_swa"] = self._pair("swa_kv", x)
@@ -412,17 +433,23 @@ class NSAttention(nn.Module):
         return phi.pool(windows.unsqueeze(0))[0]
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                max_seqlen: Optional[int] = None, *, cache: Optional[NSACache] = None, slots=None) -> torch.Tensor:
+                max_seqlen: Optional[int] = None, *, cache: Optional[NSACache] = None, slots=None,
+                qkv=None) -> torch.Tensor:
         """x [B, T, hidden] -> [B, T, hidden]. Packed sequences: x [1,
         total, hidden] with cu_seqlens (int32 [N+1]) and optionally
         max_seqlen (the kernels then need no host sync); each sequence
         attends only within itself. With a cache (new_cache): x holds the
         next positions of each slot's sequence (all slots, or `slots`),
-        appended to the cache and attending everything in it."""
+        appended to the cache and attending everything in it.
+        qkv: (q [B, T, HQ, Dqk], k [B, T, HKV, Dqk], v [B, T, HKV, Dv]) to
+        attend instead of the projections of x, e.g. after a rotary position
+        embedding (the HuggingFace conversion, nsa_dsl.integrations); x
+        still gives the gates, and k, v feed phi (pool=mlp). Only for a
+        layer whose branches all read k_proj, v_proj (separate_kv=False)."""
         if cache is not None:
             if cu_seqlens is not None:
                 raise ValueError("cache: a cached call takes x [batch, new positions, hidden], not cu_seqlens")
-            return self._forward_cached(x, cache, slots)
+            return self._forward_cached(x, cache, slots, qkv)
         packed = {}
         rows = None
         if cu_seqlens is not None:
@@ -433,7 +460,7 @@ class NSAttention(nn.Module):
             # phi fills a buffer of the bound, not the exact count: no host
             # sync; its padding rows are ignored by every backend
             rows = compressed_bound(self.pattern, x.shape[1])
-        args = self.attention_inputs(x, packed.get("cu_seqlens"), rows)
+        args = self.attention_inputs(x, packed.get("cu_seqlens"), rows, qkv)
         o = self.attend(args, **packed)
         B, T = x.shape[:2]
         return self.o_proj(o.reshape(B, T, self.pattern.heads.q * self.pattern.dims.v))
