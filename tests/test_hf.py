@@ -26,8 +26,10 @@ from strategies import TOLERANCE, rel_error
 # the hf extra (CI installs it): no skip, a missing transformers fails here
 import transformers
 from packaging.version import Version
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.models.llama import modeling_llama
+from transformers.models.qwen3 import modeling_qwen3
 
 from nsa_dsl.integrations import transformers as hf
 
@@ -60,12 +62,13 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_model(pattern=MEAN, backend="reference", layers=2, seed=0):
+def tiny_model(pattern=MEAN, backend="reference", layers=2, seed=0, family=(LlamaConfig, LlamaForCausalLM)):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, head_dim=16, vocab_size=64, pad_token_id=0, bos_token_id=1,
-                         eos_token_id=None, max_position_embeddings=256)
-    model = LlamaForCausalLM(config).eval()
+    config_class, model_class = family
+    config = config_class(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=64, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=None, max_position_embeddings=256)
+    model = model_class(config).eval()
     return hf.convert(model, pattern, backend=backend)
 
 
@@ -267,14 +270,15 @@ def test_masks_other_than_causal_with_padding_are_refused():
 
 
 # ------------------------------------------------- the math, independently
-def _by_hand(attn, pattern, x, cos, sin):
+def _by_hand(attn, pattern, x, cos, sin, modeling=modeling_llama):
     """The converted layer's output recomputed from its parameters: the
-    model's projections and RoPE (transformers' own apply_rotary_pos_emb),
-    sigmoid gates, phi, nsa_dsl.reference, o_proj."""
+    model's projections (and per-head norms) and RoPE (transformers' own
+    apply_rotary_pos_emb), sigmoid gates, phi, nsa_dsl.reference, o_proj."""
     B, T = x.shape[:2]
-    q = attn.q_proj(x).view(B, T, 4, 16).transpose(1, 2)
-    k = attn.k_proj(x).view(B, T, 2, 16).transpose(1, 2)
-    q, k = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
+    q, k = attn.q_proj(x).view(B, T, 4, 16), attn.k_proj(x).view(B, T, 2, 16)
+    if modeling is modeling_qwen3:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = modeling.apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = attn.v_proj(x).view(B, T, 2, 16)
     g_cmp, g_slc, g_swa = torch.sigmoid(attn.gate_proj(x)).view(B, T, 3, 4).unbind(2)
@@ -312,6 +316,35 @@ def test_a_converted_layer_is_nsa_over_the_models_rotated_queries_and_keys(patte
                 want = _by_hand(attn, pattern, x[r:r + 1, n:], cos[r:r + 1, n:], sin[r:r + 1, n:])[0]
                 assert rel_error(got[r, n:], want) < TOLERANCE[torch.float32], (mask.dtype, r)
                 assert torch.equal(got[r, :n], torch.zeros_like(got[r, :n]))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral"])
+def test_other_models_of_the_llama_layout(family):
+    """Qwen3 (per-head q/k norms before RoPE): the layer is NSA over its
+    normed, rotated queries and keys. Mistral: its sliding window is
+    replaced by the pattern's attention (config.sliding_window None, so
+    plain causal masks and a DynamicCache). Both generate with the cache
+    as without it and as each row alone."""
+    if family == "qwen3":
+        model = tiny_model(MLP, family=(Qwen3Config, Qwen3ForCausalLM))
+        attn = model.model.layers[0].self_attn
+        assert hasattr(attn, "q_norm")
+        x = torch.randn(2, 30, 64)
+        cos, sin = model.model.rotary_emb(x, torch.arange(30)[None].expand(2, -1))
+        with torch.no_grad():
+            got = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=None)[0]
+            want = _by_hand(attn, MLP, x, cos, sin, modeling_qwen3)
+        assert rel_error(got, want) < TOLERANCE[torch.float32]
+    else:
+        with pytest.warns(RuntimeWarning, match="sliding_window=4096 is replaced"):
+            model = tiny_model(MLP, family=(MistralConfig, MistralForCausalLM))
+        assert model.config.sliding_window is None
+    rows = prompts(35, 12)
+    ids, mask = left_padded(rows)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6)
+    assert torch.equal(out, model.generate(ids, attention_mask=mask, max_new_tokens=6, use_cache=False))
+    for r, p in enumerate(rows):
+        assert torch.equal(model.generate(p[None], max_new_tokens=6)[0, len(p):], out[r, ids.shape[1]:])
 
 
 def test_the_kernels_backend_through_the_interpreter(monkeypatch):
@@ -352,3 +385,15 @@ def test_importing_nsa_dsl_does_not_import_transformers():
             " assert 'transformers' not in sys.modules, 'transformers imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_readme_section_runs_as_written():
+    """README "Use it in your model": its code block runs (and asserts
+    that generating with the cache gives the tokens of recomputing)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Use it in your model", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict = {}
+    exec(compile(block, "README.md (Use it in your model)", "exec"), namespace)  # noqa: S102 - our own README
+    assert namespace["cached"].shape == (2, 32)
+    assert all(p.grad is not None for n, p in namespace["model"].named_parameters() if "gate_proj" in n)

@@ -15,7 +15,10 @@ the model hands the layer) by an :class:`NSAttentionLayer`: an
 pretrained weights carry over and keep their state-dict names) plus the new
 parameters NSA needs: the gate projection ``gate_proj`` (sigmoid gates that
 start near 0.5) and, for ``pool=mlp``, the compression MLPs ``phi_k``,
-``phi_v``. The pattern's heads and dims must be the model's.
+``phi_v``. The pattern's heads and dims must be the model's. Tested on
+Llama, Qwen3 (per-head q/k norms) and Mistral (whose sliding window the
+pattern's attention replaces: convert sets config.sliding_window to None);
+models with layers of other types (hybrid sliding/full) are refused.
 
 What the layer computes: q, k, v as the model's own attention computes them
 (projections, q/k norms, the model's ``apply_rotary_pos_emb``), then NSA
@@ -118,6 +121,10 @@ def convert(model: nn.Module, pattern, *, backend: str = "auto", phi_hidden: Opt
     layers = _decoder_layers(model)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     _check_heads(p, text)
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is not None and any(t != "full_attention" for t in layer_types):
+        raise ValueError(f"model: its layers are of types {', '.join(sorted(set(layer_types)))}; convert takes models"
+                         " whose every layer is full attention (the pattern brings its own window)")
     if getattr(text, "attention_dropout", 0.0):
         warnings.warn(f"convert: the model's attention_dropout={text.attention_dropout} is not applied by NSA"
                       " attention", RuntimeWarning, stacklevel=2)
@@ -129,6 +136,11 @@ def convert(model: nn.Module, pattern, *, backend: str = "auto", phi_hidden: Opt
     for i, layer in enumerate(layers):
         layer.self_attn = NSAttentionLayer(layer.self_attn, p, layer_idx=i, backend=backend,
                                            phi_hidden=phi_hidden, query_chunk=query_chunk)
+    if getattr(text, "sliding_window", None) is not None and layer_types is None:
+        # (Mistral) NSA's branches replace the model's window: its masks and cache become plain causal ones
+        warnings.warn(f"convert: the model's sliding_window={text.sliding_window} is replaced by pattern"
+                      f" {p.name!r}'s attention (config.sliding_window set to None)", RuntimeWarning, stacklevel=2)
+        text.sliding_window = None
     config.nsa_dsl = {"pattern": pattern_text(p), "phi_hidden": phi_hidden}
     return model
 
