@@ -26,8 +26,9 @@ from strategies import TOLERANCE, rel_error
 # the hf extra (CI installs it): no skip, a missing transformers fails here
 import transformers
 from packaging.version import Version
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers.cache_utils import DynamicCache
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen3 import modeling_qwen3
 
@@ -191,13 +192,15 @@ def test_beam_search_and_other_caches_raise():
 def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     """save_pretrained writes the NSA parameters and the pattern (config);
     from_pretrained(model class, directory) converts and loads them: the same
-    parameters, logits and generated tokens."""
+    parameters, logits and generated tokens. (By hand: the class's
+    from_pretrained, convert with the saved pattern, load_state_dict of the
+    checkpoint's gate_proj and phi tensors.)"""
     model = tiny_model(MLP)
     with torch.no_grad():  # new parameters unlike a fresh convert's
         for p in model.parameters():
             p.add_(0.01 * torch.randn_like(p))
     model.save_pretrained(tmp_path)
-    loaded = hf.from_pretrained(LlamaForCausalLM, tmp_path, backend="reference").eval()
+    loaded = hf.from_pretrained(AutoModelForCausalLM, tmp_path, backend="reference").eval()
     assert loaded.model.layers[0].self_attn.pattern.canonical() == MLP.canonical()
     want, got = model.state_dict(), loaded.state_dict()
     assert sorted(want) == sorted(got) and any(".phi_k." in k for k in got) and any(".gate_proj." in k for k in got)
@@ -291,8 +294,9 @@ def _by_hand(attn, pattern, x, cos, sin, modeling=modeling_llama):
 def test_a_converted_layer_is_nsa_over_the_models_rotated_queries_and_keys(pattern):
     """The layer's output equals nsa_dsl.reference on the post-RoPE q, k,
     the gates and phi computed here by hand; with padding in any mask
-    format (2-D, 4-D bool, 4-D additive float) each row equals its tokens
-    alone (at their own positions) and padding rows are 0."""
+    format (2-D, 4-D bool, 4-D additive float), without a cache and with
+    one (then a decode step), each row equals its tokens alone (at their
+    own positions) and padding rows are 0."""
     model = tiny_model(pattern)
     attn = model.model.layers[1].self_attn
     B, T = 3, 40
@@ -310,12 +314,28 @@ def test_a_converted_layer_is_nsa_over_the_models_rotated_queries_and_keys(patte
         causal = torch.ones(T, T, dtype=torch.bool).tril()
         four = causal[None, None] & valid[:, None, None, :]
         additive = torch.zeros(four.shape).masked_fill(~four, torch.finfo(torch.float32).min)
-        for mask in (valid.long(), four, additive):
-            got = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask)[0]
-            for r, n in enumerate(pads):
-                want = _by_hand(attn, pattern, x[r:r + 1, n:], cos[r:r + 1, n:], sin[r:r + 1, n:])[0]
-                assert rel_error(got[r, n:], want) < TOLERANCE[torch.float32], (mask.dtype, r)
-                assert torch.equal(got[r, :n], torch.zeros_like(got[r, :n]))
+        wants = [_by_hand(attn, pattern, x[r:r + 1, n:], cos[r:r + 1, n:], sin[r:r + 1, n:])[0]
+                 for r, n in enumerate(pads)]
+        step = torch.randn(B, 1, 64)
+        step_pos = model.model.rotary_emb(step, position_ids[:, -1:] + 1)
+        whole = torch.cat([x, step], 1)
+        whole_cos, whole_sin = (torch.cat([a, b], 1) for a, b in zip((cos, sin), step_pos))
+        step_wants = [_by_hand(attn, pattern, whole[r:r + 1, n:], whole_cos[r:r + 1, n:], whole_sin[r:r + 1, n:])[0, -1]
+                      for r, n in enumerate(pads)]
+        step_valid = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], 1)
+        step_masks = {"2-D": step_valid.long(), "4-D bool": step_valid[:, None, None, :],
+                      "4-D float": torch.zeros(B, 1, 1, T + 1).masked_fill(~step_valid[:, None, None, :], -torch.inf)}
+        for (fmt, mask), step_mask in zip({"2-D": valid.long(), "4-D bool": four, "4-D float": additive}.items(),
+                                          step_masks.values()):
+            for cache in (None, DynamicCache()):
+                got = attn(hidden_states=x, position_embeddings=(cos, sin), attention_mask=mask, **{CACHE: cache})[0]
+                for r, n in enumerate(pads):
+                    assert rel_error(got[r, n:], wants[r]) < TOLERANCE[torch.float32], (fmt, cache, r)
+                    assert torch.equal(got[r, :n], torch.zeros_like(got[r, :n]))
+            assert cache.layers[1].cache.host_lengths == [T - n for n in pads]  # (the layer's own index)
+            got = attn(hidden_states=step, position_embeddings=step_pos, attention_mask=step_mask, **{CACHE: cache})[0]
+            for r in range(B):
+                assert rel_error(got[r, 0], step_wants[r]) < TOLERANCE[torch.float32], (fmt, "step", r)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])

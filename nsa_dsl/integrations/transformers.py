@@ -559,11 +559,12 @@ def _cache_layer(cache, idx: int) -> NSACacheLayer:
 def from_pretrained(model_class, path, pattern=None, *, backend: str = "auto", query_chunk: Optional[int] = None,
                     **kwargs) -> nn.Module:
     """Load a converted model saved with save_pretrained: the model class's
-    from_pretrained(path, **kwargs) (which loads the original weights and
-    leaves out the NSA parameters it does not know), convert with the
-    pattern saved in its config (or `pattern`), then the NSA parameters
-    (gate_proj, phi) from the checkpoint's safetensors files in the local
-    directory `path`. Raises if any is missing."""
+    (e.g. AutoModelForCausalLM) from_pretrained(path, **kwargs), which
+    loads the original weights and reports the NSA parameters it does not
+    know as unexpected, then convert with the pattern saved in its config
+    (or `pattern`), then the NSA parameters (gate_proj, phi) from the
+    checkpoint's safetensors files in the local directory `path`; a
+    ValueError if any is missing."""
     model = model_class.from_pretrained(path, **kwargs)
     saved = getattr(model.config, "nsa_dsl", None)
     phi_hidden = saved.get("phi_hidden") if isinstance(saved, dict) else None
