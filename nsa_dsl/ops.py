@@ -136,7 +136,10 @@ class CompiledPattern:
     # ------------------------------------------------------------------ API
     def __call__(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, k_cmp=None, v_cmp=None, k_swa=None,
                  v_swa=None, indices=None, scale=None, return_indices=False, cu_seqlens=None, max_seqlen=None):
-        call = self._call if cu_seqlens is None else self._call_packed
+        # packed sequences with max_seqlen: shapes known without reading
+        # cu_seqlens, so traced as the op; without it one .item() finds the
+        # longest sequence, which a traced call cannot
+        call = self._call if cu_seqlens is None or max_seqlen is not None else self._call_packed
         return call(q, k, v, g_cmp, g_slc, g_swa, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices,
                     scale=scale, return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
 
@@ -169,8 +172,8 @@ class CompiledPattern:
             return o, idx
         return o
 
-    # packed sequences: cu_seqlens' values decide the shapes (read on the
-    # host), which a traced call cannot know, so torch.compile runs it as it is
+    # packed sequences without max_seqlen: the longest sequence is read on
+    # the host, which a traced call cannot, so torch.compile runs it as it is
     _call_packed = outside_compiled_graphs(_call)
 
     # ------------------------------------------------------------ inference

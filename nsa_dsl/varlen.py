@@ -66,6 +66,15 @@ def debug_checks() -> bool:
     return os.environ.get("NSA_DSL_DEBUG", "") not in ("", "0")
 
 
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether t's values may be read for a check: on the host (or under
+    NSA_DSL_DEBUG=1), and not while torch.compile traces (a traced tensor
+    has no values; the nsa_dsl ops check them again when they run)."""
+    if torch.compiler.is_compiling() or isinstance(t, torch._subclasses.FakeTensor):
+        return False
+    return t.device.type == "cpu" or debug_checks()
+
+
 def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "cu_seqlens") -> None:
     """ValueError naming `name` unless it is an int32 [N+1] tensor on
     `device` that starts at 0, never decreases and ends at `total` (the
@@ -79,7 +88,7 @@ def check_cu_seqlens(cu_seqlens, total: int, device: torch.device, name: str = "
                          f" {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"{name}: on {cu_seqlens.device}, the tensors are on {device}")
-    if cu_seqlens.device.type != "cpu" and not debug_checks():
+    if not values_readable(cu_seqlens):
         return
     values = cu_seqlens.tolist()
     if values[0] != 0:
@@ -132,7 +141,7 @@ def max_length(cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> int:
     if max_seqlen is not None:
         if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
             raise ValueError(f"max_seqlen: expected a non-negative int, got {max_seqlen!r}")
-        if cu_seqlens.numel() >= 2 and (cu_seqlens.device.type == "cpu" or debug_checks()):
+        if cu_seqlens.numel() >= 2 and values_readable(cu_seqlens):
             # a grid sized by a too-small max_seqlen would leave positions unwritten
             longest = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
             if max_seqlen < longest:

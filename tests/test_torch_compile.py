@@ -166,3 +166,48 @@ def test_the_backward_gets_no_zero_gradients_for_kept_outputs(monkeypatch):
     assert grads[0] is not None and len(grads) > 3
     assert all(g is None for g in grads[1:]), [None if g is None else tuple(g.shape) for g in grads[1:]]
     assert all(t.grad is not None for t in args.values())
+
+
+def test_packed_calls_with_max_seqlen_compile_into_one_graph():
+    """Packed documents (cu_seqlens) with max_seqlen: nothing is read on
+    the host, so the call traces as the op: one graph, no break, eager's
+    outputs, indices and gradients; the layer's packed forward too. (Before,
+    every packed call was a graph break.) cu_seqlens' values are still
+    checked, by the op when it runs."""
+    compiled = nsa_dsl.compile(PATTERN)
+    args = random_inputs(PATTERN, 1, 96, torch.float32, seed=4)
+    for t in args.values():
+        t.requires_grad_(True)
+    cu = torch.tensor([0, 40, 40, 96], dtype=torch.int32)
+
+    def step(q, k, v, g_cmp, g_slc, g_swa, cu_seqlens=cu):
+        o, idx = compiled(q[0] * 0.5, k[0], v[0], g_cmp[0], g_slc[0], g_swa[0], cu_seqlens=cu_seqlens,
+                          max_seqlen=56, return_indices=True)
+        return o.tanh(), idx
+
+    want = step(**args)
+    want[0].sum().backward()
+    want_grads = {n: t.grad.clone() for n, t in args.items()}
+    for t in args.values():
+        t.grad = None
+    explained = torch._dynamo.explain(step)(**args)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    run = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = run(**args)
+    got[0].sum().backward()
+    assert rel_error(got[0], want[0]) < TOLERANCE[torch.float32] and torch.equal(got[1], want[1])
+    for n, t in args.items():
+        assert rel_error(t.grad, want_grads[n]) < TOLERANCE[torch.float32], n
+    with pytest.raises(ValueError, match="cu_seqlens: ends at 90"):
+        run(**args, cu_seqlens=torch.tensor([0, 40, 90], dtype=torch.int32))
+
+    torch._dynamo.reset()
+    layer = NSAttention(PATTERN, 32, backend="kernels")
+    layer.compiled
+    x = torch.randn(1, 96, 32)
+    explained = torch._dynamo.explain(layer)(x, cu, 56)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, cu, 56)
+    assert rel_error(got, layer(x, cu, 56)) < TOLERANCE[torch.float32]
