@@ -26,9 +26,11 @@ attention. Writes $OUT/decode_bench.json and prints the table.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -182,9 +184,11 @@ def flash_nsa_step(pattern, context: int, batch: int, *, device="cuda", dtype=to
     return step, (k_pool, v_pool)
 
 
-def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float, flash_nsa: bool = False) -> list:
-    compiled = nsa_dsl.compile(pattern)
-    cache = filled_cache(compiled, batch, context)
+def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float, flash_nsa: bool = False,
+        variant: Optional[dict] = None) -> list:
+    """The rows of one pattern, context and batch; with `variant` (plan
+    overrides) nsa_dsl's steps once more compiled with it (impl
+    nsa_dsl_variant_*): a variant awaiting its measurement, in the same run."""
     x = step_inputs(pattern, batch)
     rows = []
     nsa_bytes, dense_bytes = nsa_step_bytes(pattern, context, batch), dense_step_bytes(pattern, context, batch)
@@ -200,15 +204,19 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
                                        ceilings=ceil))
 
     with torch.no_grad():
-        timed("nsa_dsl_eager", _rewinding(cache, lambda: compiled.decode(**x, cache=cache)), nsa_bytes)
-        try:
-            replay = _graphed(lambda: compiled.decode(**x, cache=cache))
-            cache.host_lengths = [context] * batch  # capture counted the steps it recorded on the host
-            timed("nsa_dsl_graph", _rewinding(cache, replay), nsa_bytes)
-        except Exception as e:  # noqa: BLE001
-            rows.append(bench.make_row(pattern.name, context, "nsa_dsl_graph", "decode", error=bench._short(e)))
-        del cache
-        bench._cleanup()
+        for name, overrides in (("nsa_dsl", None),) + ((("nsa_dsl_variant", variant),) if variant else ()):
+            compiled = nsa_dsl.compile(pattern, overrides=overrides)
+            cache = filled_cache(compiled, batch, context)
+            note = None if overrides is None else json.dumps(overrides)
+            timed(f"{name}_eager", _rewinding(cache, lambda: compiled.decode(**x, cache=cache)), nsa_bytes, note)
+            try:
+                replay = _graphed(lambda: compiled.decode(**x, cache=cache))
+                cache.host_lengths = [context] * batch  # capture counted the steps it recorded on the host
+                timed(f"{name}_graph", _rewinding(cache, replay), nsa_bytes, note)
+            except Exception as e:  # noqa: BLE001
+                rows.append(bench.make_row(pattern.name, context, f"{name}_graph", "decode", error=bench._short(e)))
+            del cache
+            bench._cleanup()
         import torch.nn.functional as F
 
         hq, hkv = pattern.heads.q, pattern.heads.kv
@@ -242,7 +250,8 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
 
 
 def summary(rows: list) -> str:
-    impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph", "flash_nsa_eager", "flash_nsa_graph")
+    impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph", "flash_nsa_eager", "flash_nsa_graph",
+             "nsa_dsl_variant_graph")
     lines = ["pattern | context | batch | " + " | ".join(impls) + " | sdpa/nsa eager | sdpa/nsa graph"
              " | flash_nsa/nsa graph | nsa graph floor frac"]
     errors = []
@@ -287,7 +296,10 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="/tmp/decode_bench")
     ap.add_argument("--warmup", type=float, default=25)
     ap.add_argument("--rep", type=float, default=100)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="plan overrides for nsa_dsl_variant rows beside the default's")
     args = ap.parse_args(argv)
+    variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)} or None
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.flash_nsa:
         _import_flash_nsa(args.flash_nsa)
@@ -297,7 +309,8 @@ def main(argv=None) -> int:
         pattern = nsa_dsl.load(path)
         for context in (int(c) for c in args.contexts.split(",")):
             for batch in sorted({1, cache_batch(pattern, context, args.cache_gb)}):
-                rows += run(pattern, context, batch, ceil, args.warmup, args.rep, flash_nsa=bool(args.flash_nsa))
+                rows += run(pattern, context, batch, ceil, args.warmup, args.rep, flash_nsa=bool(args.flash_nsa),
+                            variant=variant)
                 print(summary([r for r in rows if (r["pattern"], r["T"], r["batch"]) == (pattern.name, context,
                                                                                           batch)]).splitlines()[1],
                       flush=True)

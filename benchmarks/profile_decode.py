@@ -21,9 +21,9 @@ import bench_decode  # noqa: E402
 import nsa_dsl  # noqa: E402
 
 
-def profile(path: str, context: int, batch: int, steps: int, top: int) -> None:
+def profile(path: str, context: int, batch: int, steps: int, top: int, overrides=None) -> None:
     pattern = nsa_dsl.load(path)
-    compiled = nsa_dsl.compile(pattern)
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
     cache = bench_decode.filled_cache(compiled, batch, context)
     x = bench_decode.step_inputs(pattern, batch)
     step = bench_decode._rewinding(cache, lambda: compiled.decode(**x, cache=cache))
@@ -41,7 +41,8 @@ def profile(path: str, context: int, batch: int, steps: int, top: int) -> None:
             if e.device_type == torch.autograd.DeviceType.CUDA:
                 t, n = kernels.get(e.name, (0.0, 0))
                 kernels[e.name] = (t + e.device_time, n + 1)
-        print(f"== {pattern.name} context {context} batch {batch}: device us per step by kernel")
+        print(f"== {pattern.name} context {context} batch {batch}{' ' + str(overrides) if overrides else ''}:"
+              " device us per step by kernel")
         for name, (t, n) in sorted(kernels.items(), key=lambda kv: -kv[1][0]):
             print(f"  {t / steps:9.2f} us  x{n / steps:4.1f}  {name[:90]}")
         print(f"  {sum(t for t, _ in kernels.values()) / steps:9.2f} us  all kernels")
@@ -65,10 +66,14 @@ def main(argv=None) -> int:
                                        "examples/bench_paper128.nsa:131072:1")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
+                    help="each spec profiled again with these plan overrides (same run)")
     args = ap.parse_args(argv)
+    variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)}
     for spec in args.specs.split(","):
         path, context, batch = spec.rsplit(":", 2)
-        profile(path, int(context), int(batch), args.steps, args.top)
+        for overrides in [None] + ([variant] if variant else []):
+            profile(path, int(context), int(batch), args.steps, args.top, overrides)
     return 0
 
 
