@@ -173,7 +173,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
                 s["scores"], s["tile_m"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"],
                 s["count"], s["idx"], max_c, s["tokens"], s["splits"], s["tiles"], CHUNK=s["chunk"],
-                NC_PAD=next_pow2(s["chunks"]),
+                NC_PAD=next_pow2(s["chunks"]), SPLITS_PAD=next_pow2(s["splits"]),
                 num_warps=kp.num_warps, num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
@@ -191,6 +191,9 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             s["part_m"], s["part_l"], s["part_acc"], *cmp_parts, rows, cache.lengths, *ptrs, o,
             s.get("tokens", 1), s.get("splits", 1),
             HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
-            HAS_G_SWA=gate[Branch.SWA] is not None, SPAN=span, num_warps=kp.num_warps, num_stages=1)
+            HAS_G_SWA=gate[Branch.SWA] is not None, SPAN=span,
+            # the merges' tiles as large as this launch's partials need, no larger
+            PARTS_PAD=next_pow2(max(-(-kp.const("DEC_SLC_ITEMS") // span), -(-kp.const("DEC_WIN_ITEMS") // span), 1)),
+            SPLITS_PAD=next_pow2(s.get("splits", 1)), num_warps=kp.num_warps, num_stages=1)
     want = want_indices and p.select is not None
     return o, (s["idx"][:, None, :, :p.select.top].clone() if want else None)

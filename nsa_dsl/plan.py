@@ -773,7 +773,7 @@ def _decode_kernels(p: Pattern) -> list:
          ("DEC_WINDOW", p.window.size if p.window else 0), ("DEC_HKV_PAD", next_pow2(p.heads.kv)),
          # dec_reduce: every partial of a branch in one tile, DEC_RED_D value
          # columns per program (a [partials, rows, columns] tile in registers)
-         ("DEC_SLC_PAD", next_pow2(max(slc_items, 1))), ("DEC_WIN_PAD", next_pow2(max(win_items, 1))),
+         # (its tiles' partial counts come with each launch: launch_decode.decode_step)
          ("DEC_RED_D", min(32, next_pow2(p.dims.v))), ("DEC_MAX_SPLITS", 16),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
