@@ -91,14 +91,8 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         s["cmp_m"] = torch.empty(b * hkv * splits * rows, **f32)
         s["cmp_l"] = torch.empty_like(s["cmp_m"])
         s["cmp_acc"] = torch.empty(b * hkv * splits * rows, vp, **f32)
-        s["scores"], s["tile_m"], s["tiles"] = s["cmp_m"], s["cmp_m"], 1
-        if kp.has_const("DEC_BLOCK_SUMS") and kp.const("DEC_BLOCK_SUMS"):
-            # per tile of DEC_CMP_N tokens and row: its block sums and their maximum
-            s["tiles"] = max(1, -(-cache.max_compressed // kp.const("DEC_CMP_N")))
-            s["scores"] = torch.empty(b * hkv * rows * s["tiles"] * kp.const("DEC_SUM_W"), **f32)
-            s["tile_m"] = torch.empty(b * hkv * rows * s["tiles"], **f32)
-        elif kp.const("DEC_SCORES"):  # every visible token's raw score
-            s["scores"] = torch.empty(max(1, b * hkv * rows * cache.max_compressed), **f32)
+        s["scores"] = torch.empty(max(1, b * hkv * rows * cache.max_compressed), **f32) \
+            if kp.const("DEC_SCORES") else s["cmp_m"]
     if p.select is not None:  # dec_select's blocks, [b, HKV, TOP_PAD]
         s["idx"] = torch.empty(b, hkv, kp.const("TOP_PAD"), device=device, dtype=torch.int32)
     if kp.const("DEC_SCORES"):
@@ -165,15 +159,14 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             cache.max_len, max_c, HAS_KW=has_kw, CANDIDATES=candidates, num_warps=kp.num_warps, num_stages=1)
     if p.compress is not None:
         _launch(s, mod.dec_cmp, (b * HKV, s["splits"]),
-                q, kc, vc, rows, cache.lengths, s["scores"], s["tile_m"], s["cmp_m"], s["cmp_l"], s["cmp_acc"],
-                scale_log2, max_c, s["tokens"], s["tiles"], num_warps=kp.num_warps,
-                num_stages=kp.const("DEC_CMP_STAGES"))
+                q, kc, vc, rows, cache.lengths, s["scores"], s["cmp_m"], s["cmp_l"], s["cmp_acc"], scale_log2, max_c,
+                s["tokens"], num_warps=kp.num_warps, num_stages=kp.const("DEC_CMP_STAGES"))
     ranked = kp.const("DEC_SCORES")
     if ranked:
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
-                s["scores"], s["tile_m"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"],
-                s["count"], s["idx"], max_c, s["tokens"], s["splits"], s["tiles"], CHUNK=s["chunk"],
-                NC_PAD=next_pow2(s["chunks"]), SPLITS_PAD=next_pow2(s["splits"]),
+                s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
+                s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
+                SPLITS_PAD=next_pow2(s["splits"]),
                 num_warps=kp.num_warps, num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,

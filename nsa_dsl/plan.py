@@ -729,22 +729,6 @@ def make_plan(pattern: Pattern, warnings: tuple = ()) -> Plan:
                 slc_dkdv, tuple(warnings), tuple(notes))
 
 
-def _block_sum_constants(p: Pattern, ranked: bool, tile: int) -> tuple:
-    """DEC_BLOCK_SUMS (a variant awaiting its GPU measurement, NOTES v20):
-    dec_cmp writes, per tile of `tile` compressed tokens and query row,
-    the tile's weighted sums into each selection block it overlaps
-    (DEC_SUM_W of them: the tile's own blocks and the next tile's first
-    ones that its last tokens reach) and the row maximum they are relative
-    to, instead of every raw score; dec_topk rescales and sums them. Only
-    where a tile holds whole blocks of tokens."""
-    if not ranked or p.select.block % p.compress.stride or tile % (p.select.block // p.compress.stride):
-        return ()
-    per_block = p.select.block // p.compress.stride
-    back = p.compress.block // p.compress.stride - 1
-    width = tile // per_block + -(-back // per_block)
-    return (("DEC_BLOCK_SUMS", 0), ("DEC_SUM_W", width), ("DEC_SUM_PAD", next_pow2(width)))
-
-
 def _decode_kernels(p: Pattern) -> list:
     """The decode step's kernels, one new query per sequence against a
     cache, in launch order: dec_append (the new key and value, the
@@ -784,7 +768,6 @@ def _decode_kernels(p: Pattern) -> list:
          # ranked selection); NB_NONE: the block id after every real one
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
          ("DEC_CMP_N", 64), ("DEC_CMP_STAGES", 3), ("NB_NONE", 1 << 30))
-        + _block_sum_constants(p, ranked, 64)
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),
@@ -958,7 +941,6 @@ TUNABLE = {
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
-    "DEC_BLOCK_SUMS": _flag,
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES

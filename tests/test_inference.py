@@ -264,9 +264,7 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
 @pytest.mark.parametrize("prompts, max_len, processors", [([150, 197], 210, None), ([90, 530], 600, 64)],
                          ids=["one chunk and split", "many chunks and splits"])
 @pytest.mark.parametrize("zero_keys", [False, True], ids=["random", "all scores tied"])
-@pytest.mark.parametrize("block_sums", [0, 1], ids=["raw scores", "block sums"])
-def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_len, processors, block_sums,
-                                                      monkeypatch):
+def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_len, processors, monkeypatch):
     """Contexts of many more blocks than the top-n, so the decode step's
     own scoring (dec_topk) decides: its blocks obey the selection rule
     against float64 scores, and with every key zero (all scores tied) they
@@ -274,13 +272,12 @@ def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_le
     cache the blocks fall in several of dec_topk's chunks, and with many
     processors (patched) dec_cmp splits the compressed tokens and dec_attend
     takes one item per program (on two, several): the merged candidates
-    and partials must give the same. Both scorings: dec_cmp keeping every
-    raw score, or its per-tile block sums (DEC_BLOCK_SUMS)."""
+    and partials must give the same."""
     from nsa_dsl import launch_decode
 
     if processors is not None:
         monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
-    compiled = nsa_dsl.compile(PATTERN, overrides={"DEC_BLOCK_SUMS": block_sums})
+    compiled = nsa_dsl.compile(PATTERN)
     steps = 6
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
