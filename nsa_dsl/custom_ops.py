@@ -1,46 +1,32 @@
-"""A compiled pattern's training call as torch.library custom ops
-(nsa_dsl::forward, nsa_dsl::backward) with fake implementations and
-registered autograd: torch.compile traces a model through them in one graph
-and torch.export keeps them as ops.
+"""A compiled pattern's calls as torch.library custom ops with fake
+implementations: the training call (nsa_dsl::forward, nsa_dsl::backward,
+with registered autograd), the selection alone (nsa_dsl::select_blocks)
+and a cached step (nsa_dsl::cache_step: prefill and decode). torch.compile
+traces a model through them in one graph and torch.export keeps them as ops.
 
-A CompiledPattern is a Python object an op schema cannot carry: the ops
-take its key (`register`) and find it in a registry. The fake
-implementations run the same Python as the real ones with the kernel
-launches left out (CompiledPattern.layout_only): the outputs' shapes and
-which outputs exist come from the code that makes them, not from a copy of
-its rules."""
+A CompiledPattern or an NSACache is a Python object an op schema cannot
+carry: the ops take its key and find it in the registry (registry.py).
+The training ops' fake implementations run the same Python as the real
+ones with the kernel launches left out (CompiledPattern.layout_only): the
+outputs' shapes and which outputs exist come from the code that makes
+them, not from a copy of its rules. A cached step's outputs are always
+[b, m, HQ, Dv] and its indices [b, m, HKV, top]."""
 from __future__ import annotations
 
-import weakref
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
+from . import incremental, registry
 from .ir import Branch
 from .launch import LAYOUT_ONLY, _contiguous_gates
+from .validate import device_problem
 
 # the differentiable inputs, in the ops' order
 INPUTS = ("q", "k", "v", "g_cmp", "g_slc", "g_swa", "k_cmp", "v_cmp", "k_swa", "v_swa")
 # what the forward keeps for the backward, in the op's output order after o and the indices
 KEPT = ("o_cmp", "lse_cmp", "o_slc", "lse_slc", "o_swa", "lse_swa", "k_cmp", "v_cmp")
 
-_REGISTRY: "weakref.WeakValueDictionary[str, object]" = weakref.WeakValueDictionary()
-
-
-def register(compiled) -> str:
-    """The key the ops find `compiled` by (its cache key and its options:
-    two compiles of one pattern with other options are other objects)."""
-    key = f"{compiled.cache_key}:{id(compiled)}"
-    _REGISTRY[key] = compiled
-    return key
-
-
-def _compiled(key: str):
-    compiled = _REGISTRY.get(key)
-    if compiled is None:
-        raise RuntimeError(f"nsa_dsl: no compiled pattern {key!r} in this process (a graph that calls"
-                           " nsa_dsl::forward needs the CompiledPattern it was traced with alive)")
-    return compiled
 
 
 def _unaliased(results: list, inputs) -> list:
@@ -72,7 +58,7 @@ def _absent(t: Optional[torch.Tensor]) -> bool:
 
 def _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
                  cu_seqlens, max_seqlen) -> list:
-    compiled = _compiled(key)
+    compiled = registry.lookup(key)
     gates = _contiguous_gates({Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa})
     shapes, _ = compiled._checked(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
                                   indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
@@ -104,13 +90,13 @@ def nsa_forward(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_c
 
 @nsa_forward.register_fake
 def _(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep, cu_seqlens, max_seqlen):
-    with _compiled(key).layout_only():
+    with registry.lookup(key).layout_only():
         return _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
                             cu_seqlens, max_seqlen)
 
 
 def _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen) -> list:
-    compiled = _compiled(key)
+    compiled = registry.lookup(key)
     inputs = dict(zip(INPUTS, tensors[:10]))
     kept = dict(zip(KEPT, tensors[11:]))
 
@@ -172,7 +158,7 @@ def _setup_context(ctx, inputs, output):
     ctx.key, ctx.scale, ctx.distinct, ctx.max_seqlen = key, scale, own, max_seqlen
     # the backward needs the compiled pattern even if the caller dropped it
     # (`nsa_dsl.compile(p)(...)`): the registry only holds it weakly
-    ctx.compiled = _compiled(key)
+    ctx.compiled = registry.lookup(key)
     # only o carries a gradient: the indices and what is kept for the
     # backward get none, and autograd must not fill them with zeros (three
     # [B, T, HQ, Dv] zero tensors: +3.3 GB at 64k on the H100, NOTES v20)
@@ -198,9 +184,10 @@ def _backward(ctx, grads):
 torch.library.register_autograd("nsa_dsl::forward", _backward, setup_context=_setup_context)
 
 
-def _run_select(key, q, k, v, k_cmp, v_cmp, scale) -> torch.Tensor:
-    compiled = _compiled(key)
-    shapes, _ = compiled._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale)
+def _run_select(key, q, k, v, k_cmp, v_cmp, scale, cu_seqlens, max_seqlen) -> torch.Tensor:
+    compiled = registry.lookup(key)
+    shapes, _ = compiled._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, cu_seqlens=cu_seqlens,
+                                  max_seqlen=max_seqlen)
     out = compiled.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,
                            scale=scale, shapes=shapes, indices_only=True)
     return out["indices"]
@@ -208,13 +195,91 @@ def _run_select(key, q, k, v, k_cmp, v_cmp, scale) -> torch.Tensor:
 
 @torch.library.custom_op("nsa_dsl::select_blocks", mutates_args=())
 def nsa_select_blocks(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cmp: Optional[torch.Tensor],
-                      v_cmp: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+                      v_cmp: Optional[torch.Tensor], scale: float, cu_seqlens: Optional[torch.Tensor],
+                      max_seqlen: Optional[int]) -> torch.Tensor:
     """CompiledPattern.select_blocks of one batch: the indices [B, T, HKV,
-    top] (no gradient flows through them)."""
-    return _run_select(key, q, k, v, k_cmp, v_cmp, scale)
+    top] (no gradient flows through them); packed sequences as one batch
+    of all positions with cu_seqlens and max_seqlen."""
+    return _run_select(key, q, k, v, k_cmp, v_cmp, scale, cu_seqlens, max_seqlen)
 
 
 @nsa_select_blocks.register_fake
-def _(key, q, k, v, k_cmp, v_cmp, scale):
-    with _compiled(key).layout_only():
-        return _run_select(key, q, k, v, k_cmp, v_cmp, scale)
+def _(key, q, k, v, k_cmp, v_cmp, scale, cu_seqlens, max_seqlen):
+    with registry.lookup(key).layout_only():
+        return _run_select(key, q, k, v, k_cmp, v_cmp, scale, cu_seqlens, max_seqlen)
+
+
+# the cache's tensors a step writes, in the op's argument order
+CACHE_TENSORS = ("k", "v", "k_cmp", "v_cmp", "k_swa", "v_swa", "lengths")
+
+
+def cache_step(compiled, cache, q, k, v, gates: dict, *, slots, k_swa, v_swa, k_cmp, v_cmp, scale,
+               return_indices: bool):
+    """A prefill or decode step (CompiledPattern.prefill's contract) as the
+    nsa_dsl::cache_step op; compiled None: the PyTorch schedule
+    (incremental.attend_cached), as NSAttention's reference backends run
+    it. What needs no host lengths is checked here, where a traced call
+    sees it; the room left and pool=mlp's token counts inside the op, at
+    run time (a traced call reading the host lengths would recompile at
+    every step)."""
+    p = compiled.pattern if compiled is not None else getattr(cache, "pattern", None)
+    if return_indices and p is not None and p.select is None:
+        raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
+    incremental.validate_step(cache, p, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp, host_lengths=False)
+    listed = k_cmp is not None and not isinstance(k_cmp, torch.Tensor)
+    o, idx = nsa_cache_step(
+        cache.op_key, "" if compiled is None else compiled.op_key, q, k, v, gates.get(Branch.CMP),
+        gates.get(Branch.SLC), gates.get(Branch.SWA), k_swa, v_swa, None if listed else k_cmp,
+        None if listed else v_cmp, list(k_cmp) if listed else [], list(v_cmp) if listed else [],
+        None if slots is None else list(slots), scale, return_indices, *(getattr(cache, n) for n in CACHE_TENSORS))
+    return (o, idx) if return_indices else o
+
+
+def _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp,
+                    k_cmp_tokens, v_cmp_tokens, slots, scale, want_indices, tensors) -> tuple:
+    cache = registry.lookup(cache_key)
+    compiled = registry.lookup(compiled_key) if compiled_key else None
+    if compiled is not None and device_problem(q) is not None:
+        compiled = None  # the kernels cannot run here: the PyTorch schedule
+    if k_cmp_tokens:
+        k_cmp, v_cmp = k_cmp_tokens, v_cmp_tokens
+    gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
+    # the op writes the tensors it is handed (under torch.compile's
+    # functionalization: copies, written back after)
+    with cache.holding(dict(zip(CACHE_TENSORS, tensors))):
+        out = incremental.step(cache, cache.pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
+                               v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=want_indices,
+                               compiled=compiled)
+    o, idx = out if want_indices else (out, None)
+    result = [o, _none(q) if idx is None else idx]
+    return tuple(_unaliased(result, (q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp, *tensors)))
+
+
+@torch.library.custom_op("nsa_dsl::cache_step", mutates_args=tuple(f"cache_{n}" for n in CACHE_TENSORS))
+def nsa_cache_step(cache_key: str, compiled_key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   g_cmp: Optional[torch.Tensor], g_slc: Optional[torch.Tensor], g_swa: Optional[torch.Tensor],
+                   k_swa: Optional[torch.Tensor], v_swa: Optional[torch.Tensor], k_cmp: Optional[torch.Tensor],
+                   v_cmp: Optional[torch.Tensor], k_cmp_tokens: List[torch.Tensor], v_cmp_tokens: List[torch.Tensor],
+                   slots: Optional[List[int]], scale: Optional[float], want_indices: bool, cache_k: torch.Tensor,
+                   cache_v: torch.Tensor, cache_k_cmp: Optional[torch.Tensor], cache_v_cmp: Optional[torch.Tensor],
+                   cache_k_swa: Optional[torch.Tensor], cache_v_swa: Optional[torch.Tensor],
+                   cache_lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o [b, m, HQ, Dv], indices [b, m, HKV, top] or empty unless
+    want_indices) of a step of the cache `cache_key` (incremental.step),
+    appending to the cache's tensors (the cache_* arguments) and
+    advancing its lengths; compiled_key empty: the PyTorch schedule.
+    pool=mlp's compressed tokens as per-position candidates (k_cmp,
+    v_cmp) or per-sequence lists (k_cmp_tokens, v_cmp_tokens)."""
+    return _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp,
+                           k_cmp_tokens, v_cmp_tokens, slots, scale, want_indices,
+                           (cache_k, cache_v, cache_k_cmp, cache_v_cmp, cache_k_swa, cache_v_swa, cache_lengths))
+
+
+@nsa_cache_step.register_fake
+def _(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp, k_cmp_tokens, v_cmp_tokens,
+      slots, scale, want_indices, *tensors):
+    p = registry.lookup(cache_key).pattern
+    b, m = q.shape[:2]
+    o = q.new_empty(b, m, p.heads.q, p.dims.v)
+    idx = q.new_empty(b, m, p.heads.kv, p.select.top, dtype=torch.int32) if want_indices else _none(q)
+    return o, idx

@@ -150,10 +150,13 @@ def _window(p, q5, k, v, t, scale):
 
 
 def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optional[Sequence[int]],
-                  k_swa=None, v_swa=None, k_cmp=None, v_cmp=None) -> list:
+                  k_swa=None, v_swa=None, k_cmp=None, v_cmp=None, *, host_lengths: bool = True) -> list:
     """The checks of a prefill or decode call, before anything is written:
     the cache's pattern, dtype and device, the batch against the slots, the
-    room left, and every tensor's shape. Returns the slots."""
+    room left, and every tensor's shape. Returns the slots. host_lengths=
+    False leaves out what reads the cache's host lengths (the room, and
+    the count of pool=mlp's listed tokens): a traced call checks the rest
+    before its op, the op all of it (custom_ops.nsa_cache_step)."""
     if not isinstance(cache, NSACache):
         raise ValueError(f"cache: expected an NSACache (compiled.new_cache), got {type(cache).__name__}")
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
@@ -181,9 +184,11 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
             got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"{name}: expected shape {list(shape)}, got {got}")
         cache.check_compatible(pattern, t, name)
-    cache.check_room(slots, m)
+    if host_lengths:
+        cache.check_room(slots, m)
     if not cache.pools_itself and pattern.compress is not None:
-        counts = [len(cache.completed_tokens(s, cache.host_lengths[s], cache.host_lengths[s] + m)) for s in slots]
+        counts = [len(cache.completed_tokens(s, cache.host_lengths[s], cache.host_lengths[s] + m)) if host_lengths
+                  else None for s in slots]
         for name, t, d in (("k_cmp", k_cmp, dqk), ("v_cmp", v_cmp, dv)):
             if isinstance(t, torch.Tensor):  # one candidate per new position (capturable)
                 if tuple(t.shape) != (b, m, hkv, d):
@@ -192,13 +197,14 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
                 cache.check_compatible(pattern, t, name)
                 continue
             if not isinstance(t, (list, tuple)) or len(t) != b:
+                which = f": {counts}" if host_lengths else ""
                 raise ValueError(f"{name}: pool=mlp: expected one tensor per sequence [n_s, HKV, D] (the"
-                                 f" compressed tokens this call completes: {counts}), got {type(t).__name__}")
+                                 f" compressed tokens this call completes{which}), got {type(t).__name__}")
             for s, (x, n) in enumerate(zip(t, counts)):
-                if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n, hkv, d):
+                if not isinstance(x, torch.Tensor) or tuple(x.shape) != (n if n is not None else x.shape[0], hkv, d):
                     got = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-                    raise ValueError(f"{name}[{s}]: expected shape {[n, hkv, d]} (the compressed tokens this"
-                                     f" call completes), got {got}")
+                    raise ValueError(f"{name}[{s}]: expected shape {[n if n is not None else 'n', hkv, d]} (the"
+                                     f" compressed tokens this call completes), got {got}")
                 cache.check_compatible(pattern, x, f"{name}[{s}]")
     elif k_cmp is not None or v_cmp is not None:
         raise ValueError("k_cmp: this pattern pools its compressed tokens itself (pool=mean); pass none")

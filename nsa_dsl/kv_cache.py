@@ -17,10 +17,12 @@ captured CUDA graph reads and advances.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
 
+from . import registry
 from .geometry import num_compressed
 from .ir import Pattern, Pool
 
@@ -67,6 +69,7 @@ class NSACache:
         self.host_lengths: List[int] = [0] * batch
         # buffers a decode step reuses, by step shape (launch_decode._scratch)
         self.scratch: dict = {}
+        self.op_key = registry.register(self, "cache")  # what nsa_dsl::cache_step finds it by
 
     # ------------------------------------------------------------ geometry
     def compressed_count(self, length: int) -> int:
@@ -100,6 +103,22 @@ class NSACache:
         self.k_cmp = regrown(self.k_cmp, self.max_compressed + 1, old_c)
         self.v_cmp = regrown(self.v_cmp, self.max_compressed + 1, old_c)
         self.scratch = {}
+
+    @contextlib.contextmanager
+    def holding(self, tensors: dict):
+        """The cache's tensors (by attribute name) replaced by `tensors` for
+        the body, then put back: the nsa_dsl::cache_step op writes the
+        tensors it is handed, which torch.compile's functionalization may
+        make copies of (and writes back after). The host lengths and the
+        decode scratch stay the cache's own."""
+        own = {name: getattr(self, name) for name in tensors}
+        for name, t in tensors.items():
+            setattr(self, name, t)
+        try:
+            yield
+        finally:
+            for name, t in own.items():
+                setattr(self, name, t)
 
     def reset(self, slot: int) -> None:
         """Free slot `slot` for a new sequence (its length back to 0; the old

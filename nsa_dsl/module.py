@@ -20,12 +20,11 @@ from typing import Dict, Optional, Union
 import torch
 from torch import nn
 
-from . import incremental
+from . import custom_ops
 from .kv_cache import NSACache
 from .phi import CompressionMLP
 from .varlen import compressed_bound, compressed_seqlens
 from .ir import Branch, Pattern, Pool
-from .ops import outside_compiled_graphs
 from .parse import load_all
 from .pipeline import compile as compile_pattern
 from .reference import reference
@@ -362,13 +361,14 @@ class NSAttention(nn.Module):
                         k_swa=self.kv_source.get(Branch.SWA) == "swa_kv",
                         pool_source=hasattr(self, "phi_k") and self.kv_source[Branch.CMP] != "kv")
 
-    @outside_compiled_graphs  # the cache's host bookkeeping: traced, every step would recompile
     def _forward_cached(self, x: torch.Tensor, cache: NSACache, slots, qkv=None) -> torch.Tensor:
         """forward with a cache: x [b, m, hidden] are the next m positions of
         each slot's sequence (all slots, or `slots`); their keys are
         appended and their queries attend everything cached (prefill or
         decode: one path, by m). phi pools each compressed block the new
-        positions complete, from the cached and the new keys."""
+        positions complete, from the cached and the new keys. Nothing here
+        reads the cache's host lengths (the step's op does): torch.compile
+        traces it without recompiling as the sequences grow."""
         self._check_input(x)
         p = self.pattern
         b, m = x.shape[:2]
@@ -385,52 +385,48 @@ class NSAttention(nn.Module):
             own = self.kv_source[Branch.CMP] != "kv"
             kc, vc = (self._pair("cmp_kv", x) if own else (k, v))
             kc, vc = kc.to(dt), vc.to(dt)
-            chosen = cache.check_slots(slots, b)
-            sources = ((self.phi_k, kc, cache.k_src if own else cache.k, "k_cmp"),
-                       (self.phi_v, vc, cache.v_src if own else cache.v, "v_cmp"))
-            if m == 1:  # decode: the token the new position may complete, pooled on the device
-                rows = cache.rows(chosen)
-                for phi, new, cached, name in sources:
-                    args[name] = self._pool_candidate(phi, cached, rows, cache.lengths[rows], new)
-            else:
-                args["k_cmp"], args["v_cmp"] = [], []
-                for i, s in enumerate(chosen):
-                    length = cache.host_lengths[s]
-                    tokens = cache.completed_tokens(s, length, length + m)
-                    for phi, new, cached, name in sources:
-                        args[name].append(self._pool_completed(phi, tokens, cached[s, :length], new[i]))
+            rows = cache.rows(cache.check_slots(slots, b))
+            lengths = cache.lengths[rows]
+            args["k_cmp"] = self._pool_candidates(self.phi_k, cache.k_src if own else cache.k, rows, lengths, kc)
+            args["v_cmp"] = self._pool_candidates(self.phi_v, cache.v_src if own else cache.v, rows, lengths, vc)
             source = (kc, vc) if own else None
         with torch.autocast(device_type=x.device.type, enabled=False):
             compiled = self.compiled if self.resolve_backend(dt, x.device) == "kernels" else None
             gates = {br: args.pop(f"g_{br.value}", None) for br in p.combined_branches}
-            o = incremental.step(cache, p, args.pop("q"), args.pop("k"), args.pop("v"), gates, **args,
-                                 scale=self.scale, slots=slots, compiled=compiled)
+            o = custom_ops.cache_step(compiled, cache, args.pop("q"), args.pop("k"), args.pop("v"), gates,
+                                      k_swa=args.pop("k_swa", None), v_swa=args.pop("v_swa", None),
+                                      k_cmp=args.pop("k_cmp", None), v_cmp=args.pop("v_cmp", None), scale=self.scale,
+                                      slots=slots, return_indices=False)
         if source is not None:
             cache.append_source(cache.check_slots(slots, b), *source)
         return self.o_proj(o.reshape(b, m, p.heads.q * p.dims.v))
 
     @staticmethod
-    def _pool_candidate(phi, cached: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
-                        new: torch.Tensor) -> torch.Tensor:
-        """phi of the block that would end at each sequence's new position
-        (lengths, on the device): its l - 1 cached keys and the new one,
-        [b, 1, H, D]; where no block ends there the cache writes it to its
-        spare row. No host read: a decode step stays capturable."""
-        pos = lengths.to(torch.int64)[:, None] - (phi.block - 1) + torch.arange(phi.block - 1, device=new.device)
-        past = cached[rows[:, None], pos.clamp(min=0)].to(new.dtype)  # [b, l - 1, H, D]
-        windows = torch.cat([past, new], 1).permute(0, 2, 1, 3)  # [b, H, l, D]
-        return phi.pool(windows.unsqueeze(1))
-
-    @staticmethod
-    def _pool_completed(phi, tokens: range, cached: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-        """phi of the compressed tokens `tokens` [n, H, D], whose blocks lie in
-        the cached positions followed by the new ones."""
-        if len(tokens) == 0:
-            return new.new_zeros(0, *new.shape[1:])
-        keys = torch.cat([cached.to(new.dtype), new])
-        lo, hi = tokens.start * phi.stride, (tokens.stop - 1) * phi.stride + phi.block
-        windows = keys[lo:hi].unfold(0, phi.block, phi.stride).permute(0, 1, 3, 2)  # [n, H, block, D]
-        return phi.pool(windows.unsqueeze(0))[0]
+    def _pool_candidates(phi, cached: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
+                         new: torch.Tensor) -> torch.Tensor:
+        """phi of each block that ends at one of the m new positions new [b,
+        m, H, D] of each sequence (its cached positions end at lengths, on
+        the device), as the candidates [b, m, H, D'] a cached step takes:
+        zeros where no block ends (never stored). A block's keys come from
+        the cache before the sequence's length and from the new ones after
+        it. At most (m - 1) // d + 1 blocks end in m positions: phi runs on
+        those only. No host read: a step stays capturable and traceable."""
+        b, m = new.shape[:2]
+        block, stride, dev = phi.block, phi.stride, new.device
+        start = lengths.to(torch.int64)[:, None]  # [b, 1]
+        # the first block end at or after start: position block - 1 + t * stride
+        first = (start - (block - 1)).clamp(min=0).add(stride - 1).div(stride, rounding_mode="floor")
+        ends = block - 1 + (first + torch.arange((m - 1) // stride + 1, device=dev)) * stride  # [b, n]
+        pos = (ends - (block - 1))[:, :, None] + torch.arange(block, device=dev)  # [b, n, block], all >= 0
+        batch = torch.arange(b, device=dev)[:, None, None]
+        past = cached[rows[:, None, None], pos.clamp(max=cached.shape[1] - 1)].to(new.dtype)
+        fresh = new[batch, (pos - start[:, :, None]).clamp(0, m - 1)]
+        keys = torch.where((pos < start[:, :, None])[..., None, None], past, fresh)  # [b, n, block, H, D]
+        tokens = phi.pool(keys.transpose(2, 3))  # [b, n, H, D']
+        at = ends - start  # the new position each block ends at; m: past the piece (dropped)
+        out = tokens.new_zeros(b, m + 1, *tokens.shape[2:])
+        out[batch[:, :, 0], torch.where(at < m, at, m)] = tokens
+        return out[:, :m]
 
     def forward(self, x: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                 max_seqlen: Optional[int] = None, *, cache: Optional[NSACache] = None, slots=None,

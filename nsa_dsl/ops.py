@@ -17,10 +17,10 @@ from typing import Optional
 import torch
 
 from . import launch_backward as bwd
-from . import incremental, varlen
+from . import varlen
 from .kv_cache import NSACache
 from . import launch_forward as fwd
-from . import custom_ops
+from . import custom_ops, registry
 from .geometry import num_blocks
 from .ir import Branch
 from .launch import _GATED, LAYOUT_ONLY, LOG2E, _contiguous_gates
@@ -114,7 +114,7 @@ class CompiledPattern:
         self.module = module
         self.source_path = Path(source_path)
         self.cache_key = cache_key
-        self.op_key = custom_ops.register(self)  # what nsa_dsl::forward finds it by
+        self.op_key = registry.register(self, cache_key)  # what the custom ops find it by
         # (kernel, input dtype) -> the pipeline stages that fit in shared
         # memory where the plan's did not (see launch._launch_fitting)
         self.fitted_stages = {}
@@ -183,7 +183,6 @@ class CompiledPattern:
         own keys and values)."""
         return NSACache(self.pattern, batch, max_len, device=device, dtype=dtype, k_swa=k_swa)
 
-    @outside_compiled_graphs
     def prefill(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
                 k_cmp=None, v_cmp=None, scale=None, return_indices=False):
         """Append k, v ([b, m, HKV, D], any m >= 1) after each slot's
@@ -201,11 +200,13 @@ class CompiledPattern:
         piece; a piece of one position per sequence after cached ones runs
         the decode kernels (launch_decode.decode_step); a longer piece after
         cached positions runs incremental.attend_cached (PyTorch, gathering
-        each query's keys)."""
+        each query's keys). A step is one op, nsa_dsl::cache_step
+        (custom_ops): torch.compile traces it without reading the cache's
+        host lengths, so a compiled generation loop does not recompile per
+        length."""
         return self._step(q, k, v, g_cmp, g_slc, g_swa, cache=cache, slots=slots, k_swa=k_swa, v_swa=v_swa,
                           k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, return_indices=return_indices)
 
-    @outside_compiled_graphs
     def decode(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
                k_cmp=None, v_cmp=None, scale=None, return_indices=False):
         """prefill of one new position per sequence (q [b, 1, HQ, Dqk]).
@@ -224,10 +225,8 @@ class CompiledPattern:
     def _step(self, q, k, v, g_cmp, g_slc, g_swa, *, cache, slots, k_swa, v_swa, k_cmp, v_cmp, scale,
               return_indices):
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
-        whole = self if isinstance(q, torch.Tensor) and device_problem(q) is None else None
-        return incremental.step(cache, self.pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
-                                v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=return_indices,
-                                compiled=whole)
+        return custom_ops.cache_step(self, cache, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa, v_swa=v_swa,
+                                     k_cmp=k_cmp, v_cmp=v_cmp, return_indices=return_indices)
 
     def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the
@@ -270,13 +269,15 @@ class CompiledPattern:
                                                                          None, None, None)
         shapes, scale = self._checked(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, scale=scale, cu_seqlens=cu_seqlens,
                                       max_seqlen=max_seqlen)
-        if cu_seqlens is None:  # the nsa_dsl::select_blocks op (torch.compile traces it)
-            return custom_ops.nsa_select_blocks(self.op_key, q.detach(), k.detach(), v.detach(),
-                                                None if k_cmp is None else k_cmp.detach(),
-                                                None if v_cmp is None else v_cmp.detach(), scale)
-        return self._select_packed(q, k, v, k_cmp, v_cmp, scale, shapes, leading)
+        if cu_seqlens is not None and max_seqlen is None:
+            return self._select_packed(q, k, v, k_cmp, v_cmp, scale, shapes, leading)
+        # the nsa_dsl::select_blocks op (torch.compile traces it)
+        idx = custom_ops.nsa_select_blocks(self.op_key, q.detach(), k.detach(), v.detach(),
+                                           None if k_cmp is None else k_cmp.detach(),
+                                           None if v_cmp is None else v_cmp.detach(), scale, cu_seqlens, max_seqlen)
+        return idx if leading else idx[0]
 
-    @outside_compiled_graphs  # cu_seqlens' values decide the shapes (read on the host)
+    @outside_compiled_graphs  # without max_seqlen the longest sequence is read on the host
     def _select_packed(self, q, k, v, k_cmp, v_cmp, scale, shapes, leading) -> torch.Tensor:
         with torch.no_grad():
             out = self.forward(q, k, v, {}, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=None, v_swa=None, indices=None,

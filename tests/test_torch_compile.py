@@ -2,10 +2,9 @@
 the custom ops nsa_dsl::forward / nsa_dsl::backward (custom_ops), so a
 model using NSAttention compiles into one graph (fullgraph=True), with
 eager's outputs and gradients, one graph for every sequence length
-(dynamic), and exports with the op in its graph. The cache and selection
-entries run between compiled graphs (ops.outside_compiled_graphs). Before
-either, tracing reached Triton's launch and failed (KeyError(torch.uint64)
-through the interpreter)."""
+(dynamic), and exports with the op in its graph; a cached step is the op
+nsa_dsl::cache_step. Before them, tracing reached Triton's launch and
+failed (KeyError(torch.uint64) through the interpreter)."""
 from __future__ import annotations
 
 import pytest
@@ -69,20 +68,68 @@ def test_a_compiled_function_around_the_call_and_its_selection():
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
-def test_a_compiled_layer_decodes_with_its_cache():
-    """Generation through a compiled layer: prefill then decode steps with a
-    cache equal the eager layer's with its own cache."""
+@pytest.mark.parametrize("pool, separate_kv", [("mean", False), ("mlp", False), ("mlp", True)])
+def test_a_compiled_layer_generates_with_its_cache_in_one_graph_per_piece_size(pool, separate_kv):
+    """Generation through a layer compiled with fullgraph=True: prefill
+    pieces then decode steps equal the eager layer's, the caches end equal,
+    and the decode steps at ten lengths share one graph (the step's op
+    reads the host lengths, the traced code does not: traced, they would
+    recompile every step). pool=mlp's tokens are pooled on the device for
+    any piece. Before nsa_dsl::cache_step the cached call was a graph
+    break (fullgraph failed)."""
+    from torch._dynamo.utils import counters
+
+    pattern = nsa_dsl.parse(f"""pattern cached {{ heads q=4 kv=2 dims qk=16 compress block=8 stride=4 pool={pool}
+        select block=16 top=2 initial=1 local=1 window size=16 }}""")
     torch.manual_seed(1)
-    layer = NSAttention(PATTERN, 32, backend="kernels")
-    x = torch.randn(2, 40, 32)
-    compiled_layer = torch.compile(layer, backend="aot_eager")
-    outs = []
+    layer = NSAttention(pattern, 32, backend="kernels", separate_kv=separate_kv)
+    layer.compiled
+    x = torch.randn(2, 50, 32)
+    run = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    outs, caches = [], []
     with torch.no_grad():
-        for run in (layer, compiled_layer):
-            cache = layer.new_cache(2, 40, dtype=torch.float32)
-            outs.append(torch.cat([run(x[:, :30], cache=cache)]
-                                  + [run(x[:, t:t + 1], cache=cache) for t in range(30, 40)], 1))
+        for step in (layer, run):
+            cache = layer.new_cache(2, 50, dtype=torch.float32)
+            pieces = [step(x[:, :30], cache=cache), step(x[:, 30:37], cache=cache), step(x[:, 37:38], cache=cache)]
+            graphs = counters["stats"]["unique_graphs"]
+            pieces += [step(x[:, t:t + 1], cache=cache) for t in range(38, 50)]
+            if step is run:
+                assert counters["stats"]["unique_graphs"] == graphs  # no recompile as the lengths grow
+            outs.append(torch.cat(pieces, 1))
+            caches.append(cache)
     assert rel_error(outs[1], outs[0]) < TOLERANCE[torch.float32]
+    assert caches[1].host_lengths == caches[0].host_lengths == [50, 50]
+    assert torch.equal(caches[1].lengths, caches[0].lengths)
+    for name in ("k", "v", "k_cmp", "v_cmp", "k_swa", "v_swa", "k_src", "v_src"):
+        got, want = getattr(caches[1], name), getattr(caches[0], name)
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert rel_error(got, want) < TOLERANCE[torch.float32], name
+
+
+def test_a_cached_step_traces_without_a_break_and_checks_its_room_at_run_time():
+    """explain: a decode step is one graph, the op nsa_dsl::cache_step in
+    it; a compiled step past max_len is the eager ValueError, raised before
+    anything is written (the room is checked inside the op, where the host
+    lengths are read)."""
+    layer = NSAttention(PATTERN, 32, backend="kernels")
+    layer.compiled
+    x = torch.randn(1, 12, 32)
+    with torch.no_grad():
+        cache = layer.new_cache(1, 12, dtype=torch.float32)
+        layer(x[:, :10], cache=cache)
+        explained = torch._dynamo.explain(layer)(x[:, 10:11], cache=cache)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        targets = {str(n.target) for g in explained.graphs for m in g.modules() if isinstance(m, torch.fx.GraphModule)
+                   for n in m.graph.nodes}
+        assert "nsa_dsl.cache_step.default" in targets, targets
+        assert cache.host_lengths == [11]
+        run = torch.compile(layer, backend="aot_eager", fullgraph=True)
+        run(x[:, 11:12], cache=cache)
+        before = (cache.k.clone(), cache.lengths.clone())
+        with pytest.raises(ValueError, match="max_len=12"):
+            run(x[:, 11:12], cache=cache)
+    assert cache.host_lengths == [12] and torch.equal(cache.lengths, before[1]) and torch.equal(cache.k, before[0])
 
 
 def test_the_layer_traces_into_one_graph_for_every_length():
@@ -171,9 +218,10 @@ def test_the_backward_gets_no_zero_gradients_for_kept_outputs(monkeypatch):
 def test_packed_calls_with_max_seqlen_compile_into_one_graph():
     """Packed documents (cu_seqlens) with max_seqlen: nothing is read on
     the host, so the call traces as the op: one graph, no break, eager's
-    outputs, indices and gradients; the layer's packed forward too. (Before,
-    every packed call was a graph break.) cu_seqlens' values are still
-    checked, by the op when it runs."""
+    outputs, indices and gradients; select_blocks and the layer's packed
+    forward too. (Before, every packed call was a graph break, and
+    select_blocks still was until it took cu_seqlens.) cu_seqlens' values
+    are still checked, by the op when it runs."""
     compiled = nsa_dsl.compile(PATTERN)
     args = random_inputs(PATTERN, 1, 96, torch.float32, seed=4)
     for t in args.values():
@@ -183,7 +231,7 @@ def test_packed_calls_with_max_seqlen_compile_into_one_graph():
     def step(q, k, v, g_cmp, g_slc, g_swa, cu_seqlens=cu):
         o, idx = compiled(q[0] * 0.5, k[0], v[0], g_cmp[0], g_slc[0], g_swa[0], cu_seqlens=cu_seqlens,
                           max_seqlen=56, return_indices=True)
-        return o.tanh(), idx
+        return o.tanh(), idx, compiled.select_blocks(q[0] * 0.5, k[0], v[0], cu_seqlens=cu_seqlens, max_seqlen=56)
 
     want = step(**args)
     want[0].sum().backward()
@@ -197,6 +245,7 @@ def test_packed_calls_with_max_seqlen_compile_into_one_graph():
     got = run(**args)
     got[0].sum().backward()
     assert rel_error(got[0], want[0]) < TOLERANCE[torch.float32] and torch.equal(got[1], want[1])
+    assert torch.equal(got[2], want[2]) and torch.equal(got[2], want[1])
     for n, t in args.items():
         assert rel_error(t.grad, want_grads[n]) < TOLERANCE[torch.float32], n
     with pytest.raises(ValueError, match="cu_seqlens: ends at 90"):
