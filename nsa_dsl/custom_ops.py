@@ -156,6 +156,7 @@ def _setup_context(ctx, inputs, output):
     kept["k_cmp"] = k_cmp if _absent(kept["k_cmp"]) and k_cmp is not None else kept["k_cmp"]
     kept["v_cmp"] = v_cmp if _absent(kept["v_cmp"]) and v_cmp is not None else kept["v_cmp"]
     ctx.key, ctx.scale, ctx.distinct, ctx.max_seqlen = key, scale, own, max_seqlen
+    ctx.arguments = len(inputs)  # the backward returns a gradient (or None) for each
     # the backward needs the compiled pattern even if the caller dropped it
     # (`nsa_dsl.compile(p)(...)`): the registry only holds it weakly
     ctx.compiled = registry.lookup(key)
@@ -171,14 +172,15 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grads):
     if grads[0] is None:  # nothing flowed back into o
-        return (None,) * 16
+        return (None,) * ctx.arguments
     stored = iter(ctx.saved_tensors)
     tensors = [next(stored) if present else None for present in ctx.present]
     cu_seqlens = tensors.pop()
     needs = list(ctx.needs_input_grad[1:11])
     g = nsa_backward(ctx.key, tensors, grads[0].contiguous(), ctx.scale, needs, ctx.distinct, cu_seqlens,
                      ctx.max_seqlen)
-    return (None, *[None if _absent(t) else t for t in g], None, None, None, None, None)
+    grads_in = (None, *[None if _absent(t) else t for t in g])  # key, then INPUTS
+    return grads_in + (None,) * (ctx.arguments - len(grads_in))
 
 
 torch.library.register_autograd("nsa_dsl::forward", _backward, setup_context=_setup_context)

@@ -81,13 +81,17 @@ def _scratch(cache, b: int, compiled, device) -> dict:
     rows, hkv, vp = kp.const("DEC_ROWS"), p.heads.kv, compiled.plan.v_pad
     f32 = {"device": device, "dtype": torch.float32}
     s = {"span": attend_span(compiled, device, b)}
-    items = s["span"][1]  # dec_attend's programs per KV head, one partial each
+    span, items = s["span"]  # dec_attend's programs per KV head, one partial each
+    s["splits_pad"] = 1  # the compressed merges' tile (set below where there are splits)
+    # dec_reduce's merge tile: as large as the most partials of one branch, no larger
+    s["parts_pad"] = next_pow2(max(-(-kp.const("DEC_SLC_ITEMS") // span), -(-kp.const("DEC_WIN_ITEMS") // span), 1))
     s["part_m"] = torch.empty(b * hkv * items * rows, **f32)
     s["part_l"] = torch.empty_like(s["part_m"])
     s["part_acc"] = torch.empty(b * hkv * items * rows, vp, **f32)
     if p.compress is not None:
         splits, tokens = cmp_splits(compiled, device, b, cache.max_compressed)
         s["splits"], s["tokens"] = splits, tokens
+        s["splits_pad"] = next_pow2(splits)
         s["cmp_m"] = torch.empty(b * hkv * splits * rows, **f32)
         s["cmp_l"] = torch.empty_like(s["cmp_m"])
         s["cmp_acc"] = torch.empty(b * hkv * splits * rows, vp, **f32)
@@ -166,7 +170,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
                 s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
                 s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
-                SPLITS_PAD=next_pow2(s["splits"]),
+                SPLITS_PAD=s["splits_pad"],
                 num_warps=kp.num_warps, num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
@@ -185,8 +189,6 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             s.get("tokens", 1), s.get("splits", 1),
             HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
             HAS_G_SWA=gate[Branch.SWA] is not None, SPAN=span,
-            # the merges' tiles as large as this launch's partials need, no larger
-            PARTS_PAD=next_pow2(max(-(-kp.const("DEC_SLC_ITEMS") // span), -(-kp.const("DEC_WIN_ITEMS") // span), 1)),
-            SPLITS_PAD=next_pow2(s.get("splits", 1)), num_warps=kp.num_warps, num_stages=1)
+            PARTS_PAD=s["parts_pad"], SPLITS_PAD=s["splits_pad"], num_warps=kp.num_warps, num_stages=1)
     want = want_indices and p.select is not None
     return o, (s["idx"][:, None, :, :p.select.top].clone() if want else None)

@@ -391,6 +391,31 @@ def test_the_kernels_backend_through_the_interpreter(monkeypatch):
     assert torch.equal(out.sequences, ref.generate(ids, attention_mask=mask, max_new_tokens=4))
 
 
+def test_a_compiled_converted_model_trains_and_generates_like_eager():
+    """torch.compile (aot_eager, not fullgraph: the mask analysis reads the
+    mask on the host, a graph break per layer) on a converted model: a
+    padded training step gives eager's loss and gradients, and generating
+    through the compiled forward (the cached steps: nsa_dsl::cache_step)
+    eager's tokens. The gradients are compared as one vector: phi_k's
+    last bias gets none in exact arithmetic (the compressed softmax does
+    not see a shift shared by every key), only rounding noise."""
+    torch._dynamo.reset()
+    model = tiny_model(MLP, backend="kernels", layers=1).train()
+    ids, mask = left_padded(prompts(20, 13))
+    model(input_ids=ids, attention_mask=mask, labels=ids, use_cache=False).loss.backward()
+    want = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    loss = torch.compile(model, backend="aot_eager")(input_ids=ids, attention_mask=mask, labels=ids,
+                                                     use_cache=False).loss
+    loss.backward()
+    assert rel_error(torch.cat([p.grad.flatten() for p in model.parameters()]), want) < 1e-5
+    model.eval()
+    eager = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    model.forward = torch.compile(model.forward, backend="aot_eager")
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False), eager)
+    torch._dynamo.reset()
+
+
 # ---------------------------------------------------------------- packaging
 def test_the_supported_versions_are_the_hf_extra():
     extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hf"]
