@@ -41,7 +41,7 @@ BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr"
                  "k_new_ptr", "v_new_ptr", "kw_new_ptr", "vw_new_ptr", "kc_new_ptr", "vc_new_ptr"}
 INT64_POINTERS = {"slot_ptr"}  # the decode step's slots: the cache's int64 row index
 INT_POINTERS = {"idx_ptr", "cand_idx_ptr", "len_ptr", "key_ptr", "chunk_count_ptr", "chunk_segment_ptr", "chunk_start_ptr", "chunk_end_ptr", "positions_ptr",
-                "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr"}
+                "segment_chunks_ptr", "offsets_ptr", "slots_ptr", "slice_first_ptr", "table_ptr"}
 FLOATS = {"qk_scale_log2", "sm_scale"}
 INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # Kernel-argument constexprs as the launchers pass them (gates present, the
@@ -55,7 +55,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   # the decode step as a 64k cache of 64-token blocks launches it
                   # (launch_decode: 9 chunks of 128 blocks)
                   "CHUNK": 128, "NC_PAD": 16, "HAS_KW": False, "CANDIDATES": False,
-                  "SPAN": 4, "PARTS_PAD": 4, "SPLITS_PAD": 16}
+                  "SPAN": 4, "PARTS_PAD": 4, "SPLITS_PAD": 16, "PAGED": False}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}

@@ -26,21 +26,21 @@ from .reference import (_attend_gathered, compressed_at_positions, first_occurre
 
 
 class _Slots:
-    """A cache tensor [slots, max_len, HKV, D] seen through the slots of a
-    call (rows): gathers read it in place."""
+    """A cache tensor seen through the slots of a call (rows): gathers read
+    it in place, through the cache's layout (NSACache.locate)."""
 
-    def __init__(self, tensor: torch.Tensor, rows: torch.Tensor):
-        self.tensor, self.rows = tensor, rows
+    def __init__(self, cache: NSACache, tensor: torch.Tensor, rows: torch.Tensor):
+        self.cache, self.tensor, self.rows = cache, tensor, rows
 
 
 def _gather_rows(x: _Slots, pos: torch.Tensor) -> torch.Tensor:
     """The call's slots of a cache tensor at positions pos [b, N, HKV, S]
     (clamped into range; the caller masks what lies outside) -> [b, N,
     HKV, S, D]."""
-    _, L, HKV, _ = x.tensor.shape
-    slot = x.rows.view(-1, 1, 1, 1)
+    HKV = x.tensor.shape[2]
+    page, offset = x.cache.locate(x.rows.view(-1, 1, 1, 1), pos.clamp(0, max(x.cache.max_len - 1, 0)))
     h = torch.arange(HKV, device=pos.device).view(1, 1, HKV, 1)
-    return x.tensor[slot, pos.clamp(0, max(L - 1, 0)), h]
+    return x.tensor[page, offset, h]
 
 
 def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: Dict[Branch, torch.Tensor],
@@ -60,9 +60,9 @@ def attend_cached(cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates:
     longest = max(lengths)
     first = torch.tensor([n - m for n in lengths], device=q.device, dtype=torch.int64)
     # the cache's own tensors, read at (slot, position): no copy of a span
-    k, v = _Slots(cache.k, rows), _Slots(cache.v, rows)
-    k_swa = _Slots(cache.k_swa, rows) if cache.k_swa is not None else k
-    v_swa = _Slots(cache.v_swa, rows) if cache.v_swa is not None else v
+    k, v = _Slots(cache, cache.k, rows), _Slots(cache, cache.v, rows)
+    k_swa = _Slots(cache, cache.k_swa, rows) if cache.k_swa is not None else k
+    v_swa = _Slots(cache, cache.v_swa, rows) if cache.v_swa is not None else v
     n_cmp = cache.compressed_count(longest)
     k_cmp = cache.k_cmp[rows, :n_cmp] if p.compress is not None else None
     v_cmp = cache.v_cmp[rows, :n_cmp] if p.compress is not None else None

@@ -4,11 +4,21 @@ by prefill and decode (NSA_MATH.md, "Cache, prefill and decode").
 
     cache = compiled.new_cache(batch, max_len, device="cuda", dtype=torch.bfloat16)
 
-Layout, preallocated: k [B, max_len, HKV, Dqk], v [B, max_len, HKV, Dv],
+Layout, preallocated (contiguous): k [B, max_len, HKV, Dqk], v [B, max_len, HKV, Dv],
 k_cmp [B, max_c, HKV, Dqk], v_cmp [B, max_c, HKV, Dv] (max_c the compressed
 tokens of max_len positions), lengths [B] int32 on the device. Sequence b
 holds positions 0 .. lengths[b] - 1 and the compressed tokens complete by
 then (token i once position i*d + l - 1 is cached).
+
+Paged (page_size=P): the keys and values live in a pool of pages [pages,
+P, HKV, D] and a block table [B, ceil(max_len / P)] int32 on the device
+says which page holds each slot's positions j*P .. j*P + P - 1, so a
+serving engine can own the memory (hand in its block_table, assign pages
+as sequences grow, write the table in place between steps; reads and
+writes go through it). P is a multiple of the selection block (a selected
+block lies in one page). The contiguous layout is the case P = max_len
+with slot b in page b; every read and write addresses a position through
+locate(), one place for both.
 
 The cache also keeps the lengths on the host (`host_lengths`): every append
 adds a known count, so the bounds checks (a sequence past max_len) and the
@@ -33,7 +43,8 @@ class NSACache:
     Made by CompiledPattern.new_cache / NSAttention.new_cache."""
 
     def __init__(self, pattern: Pattern, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16,
-                 k_swa: bool = False, pool_source: bool = False):
+                 k_swa: bool = False, pool_source: bool = False, page_size: Optional[int] = None,
+                 pages: Optional[int] = None, block_table: Optional[torch.Tensor] = None):
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch: expected a positive int, got {batch!r}")
         if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
@@ -46,18 +57,24 @@ class NSACache:
         # tensors a call brings say which one ("cuda:0"), so compare like with like
         self.device = torch.empty(0, device=device if device is not None else "cpu").device
         self.dtype = dtype
+        self.paged = page_size is not None
+        if not self.paged and (pages is not None or block_table is not None):
+            raise ValueError("pages, block_table: only for a paged cache (page_size=...)")
+        self.page_size, self.pages, self.block_table = self._layout(page_size, pages, block_table)
+        self._own_table = block_table is None
         hkv, dqk, dv = pattern.heads.kv, pattern.dims.qk, pattern.dims.v
-        kw = {"device": self.device, "dtype": dtype}
-        self.k = torch.zeros(batch, max_len, hkv, dqk, **kw)
-        self.v = torch.zeros(batch, max_len, hkv, dv, **kw)
+
+        def pool(d: int, wanted: bool = True) -> Optional[torch.Tensor]:
+            return torch.zeros(self.pages, self.page_size, hkv, d, device=self.device, dtype=dtype) if wanted else None
+
+        self.k, self.v = pool(dqk), pool(dv)
         # the window branch's own keys and values (the paper's separate K/V per branch)
-        self.k_swa = torch.zeros(batch, max_len, hkv, dqk, **kw) if k_swa else None
-        self.v_swa = torch.zeros(batch, max_len, hkv, dv, **kw) if k_swa else None
+        self.k_swa, self.v_swa = pool(dqk, k_swa), pool(dv, k_swa)
         # the keys and values a learned phi pools (pool=mlp), where they are
         # not k and v (NSAttention's own compression projection): a block a
         # step completes may start in an earlier step's positions
-        self.k_src = torch.zeros(batch, max_len, hkv, dqk, **kw) if pool_source else None
-        self.v_src = torch.zeros(batch, max_len, hkv, dv, **kw) if pool_source else None
+        self.k_src, self.v_src = pool(dqk, pool_source), pool(dv, pool_source)
+        kw = {"device": self.device, "dtype": dtype}
         c = pattern.compress
         self.max_compressed = 0 if c is None else num_compressed(max_len, c.block, c.stride)
         # one spare row past max_c: where a position that completes no
@@ -70,6 +87,59 @@ class NSACache:
         # buffers a decode step reuses, by step shape (launch_decode._scratch)
         self.scratch: dict = {}
         self.op_key = registry.register(self, "cache")  # what nsa_dsl::cache_step finds it by
+
+    def _layout(self, page_size, pages, block_table) -> tuple:
+        """(page size, pages in the pool, block table [batch, pages per
+        slot] int32 on the device), checked."""
+        if not self.paged:  # slot b is page b, of max_len positions
+            return self.max_len, self.batch, torch.arange(self.batch, device=self.device, dtype=torch.int32)[:, None]
+        sel = self.pattern.select
+        unit = sel.block if sel is not None else 1
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or page_size < 1 or page_size % unit:
+            raise ValueError(f"page_size: expected a positive multiple of the selection block ({unit}), got"
+                             f" {page_size!r} (a selected block must lie in one page)")
+        per_slot = -(-self.max_len // page_size)
+        if block_table is None:
+            if pages is not None and pages != self.batch * per_slot:
+                raise ValueError(f"pages: {pages} pages in the pool need a block_table saying which slot holds"
+                                 f" which (without one each slot gets its own {per_slot})")
+            table = torch.arange(self.batch * per_slot, device=self.device, dtype=torch.int32)
+            return page_size, self.batch * per_slot, table.view(self.batch, per_slot)
+        if isinstance(pages, bool) or not isinstance(pages, int) or pages < 1:
+            raise ValueError(f"pages: with a block_table, expected the pool's page count (a positive int), got"
+                             f" {pages!r}")
+        if (not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32
+                or tuple(block_table.shape) != (self.batch, per_slot)):
+            got = (f"{block_table.dtype} {list(block_table.shape)}" if isinstance(block_table, torch.Tensor)
+                   else type(block_table).__name__)
+            raise ValueError(f"block_table: expected int32 [batch={self.batch}, ceil(max_len / page_size)="
+                             f"{per_slot}], got {got}")
+        if block_table.device != self.device:
+            raise ValueError(f"block_table: on {block_table.device}, the cache on {self.device}")
+        low, high = int(block_table.min()), int(block_table.max())
+        if low < 0 or high >= pages:
+            raise ValueError(f"block_table: page numbers must lie in [0, pages={pages}), got values in"
+                             f" [{low}, {high}]")
+        return page_size, pages, block_table
+
+    def locate(self, rows: torch.Tensor, pos: torch.Tensor) -> tuple:
+        """(page, offset) int64 of positions pos of slots rows (broadcast
+        together), the index of a cache tensor's row: tensor[page, offset].
+        Positions must lie in [0, max_len)."""
+        page = self.block_table[rows, pos // self.page_size].to(torch.int64)
+        return page, pos % self.page_size
+
+    def read(self, tensor: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """tensor's rows at positions pos of slots rows: [*pos.shape, HKV, D]."""
+        return tensor[self.locate(rows, pos)]
+
+    def positions(self, name: str, slot: int, length: Optional[int] = None) -> torch.Tensor:
+        """Slot's first `length` positions (all its cached ones by default)
+        of the cache tensor `name` ("k", "v", ...) as one tensor [length,
+        HKV, D], whatever the layout."""
+        n = self.host_lengths[slot] if length is None else length
+        pos = torch.arange(n, device=self.device)
+        return self.read(getattr(self, name), torch.full_like(pos, slot), pos)
 
     # ------------------------------------------------------------ geometry
     def compressed_count(self, length: int) -> int:
@@ -85,6 +155,9 @@ class NSACache:
             raise ValueError(f"max_len: expected an int >= the current max_len {self.max_len}, got {max_len!r}")
         if max_len == self.max_len:
             return
+        if self.paged and not self._own_table:
+            raise ValueError("grow: this paged cache's pages are the block_table's owner's to assign; make a"
+                             " cache of a larger max_len with a larger block_table")
         old_len, old_c = self.max_len, self.max_compressed
 
         def regrown(t: Optional[torch.Tensor], rows: int, keep: int) -> Optional[torch.Tensor]:
@@ -94,10 +167,24 @@ class NSACache:
             new[:, :keep] = t[:, :keep]
             return new
 
-        for name in ("k", "v", "k_swa", "v_swa", "k_src", "v_src"):
-            setattr(self, name, regrown(getattr(self, name), max_len, old_len))
-        c = self.pattern.compress
         self.max_len = max_len
+        if self.paged:  # each slot's pages renumbered into a larger pool, in its table's order
+            old_table = self.block_table
+            per_slot = old_table.shape[1]
+            self.page_size, self.pages, self.block_table = self._layout(self.page_size, None, None)
+            # the new table numbers slot b's pages b * new_per_slot + j: move page old[b, j] there
+            to = self.block_table[:, :per_slot].flatten().to(torch.int64)
+            for name in ("k", "v", "k_swa", "v_swa", "k_src", "v_src"):
+                t = getattr(self, name)
+                if t is not None:
+                    new = t.new_zeros(self.pages, *t.shape[1:])
+                    new[to] = t[old_table.flatten().to(torch.int64)]
+                    setattr(self, name, new)
+        else:
+            self.page_size = max_len
+            for name in ("k", "v", "k_swa", "v_swa", "k_src", "v_src"):
+                setattr(self, name, regrown(getattr(self, name), max_len, old_len))
+        c = self.pattern.compress
         self.max_compressed = 0 if c is None else num_compressed(max_len, c.block, c.stride)
         # the spare row moves to the new end; the old one held nothing to keep
         self.k_cmp = regrown(self.k_cmp, self.max_compressed + 1, old_c)
@@ -185,11 +272,12 @@ class NSACache:
         rows = self.rows(slots)
         pos = self.lengths[rows].to(torch.int64)[:, None] + torch.arange(m, device=self.device)
         r = rows[:, None].expand(-1, m)
-        self.k[r, pos] = k
-        self.v[r, pos] = v
+        at = self.locate(r, pos)
+        self.k[at] = k
+        self.v[at] = v
         if self.k_swa is not None:
-            self.k_swa[r, pos] = k_swa
-            self.v_swa[r, pos] = v_swa
+            self.k_swa[at] = k_swa
+            self.v_swa[at] = v_swa
         if self.pools_itself:
             self._pool_completed(r, pos)
         self.lengths.index_add_(0, rows, torch.full_like(rows, m, dtype=torch.int32))
@@ -206,8 +294,8 @@ class NSACache:
         start = pos - (c.block - 1)  # first position of the block that would end at pos
         window = start.clamp(min=0)[:, :, None] + torch.arange(c.block, device=self.device)  # [b, m, block]
         window = window.clamp(max=self.max_len - 1)  # (only a position completing nothing reaches past)
-        rr = r[:, :, None].expand_as(window)
-        self._write_completed(r, pos, self.k[rr, window].float().mean(2), self.v[rr, window].float().mean(2))
+        at = self.locate(r[:, :, None], window)
+        self._write_completed(r, pos, self.k[at].float().mean(2), self.v[at].float().mean(2))
 
     def write_candidates(self, slots: Sequence[int], k_cmp: torch.Tensor, v_cmp: torch.Tensor) -> None:
         """pool=mlp given per new position ([len(slots), m, HKV, D]: the
@@ -235,9 +323,9 @@ class NSACache:
         m = k_src.shape[1]
         rows = self.rows(slots)
         pos = self.lengths[rows].to(torch.int64)[:, None] - m + torch.arange(m, device=self.device)
-        r = rows[:, None].expand(-1, m)
-        self.k_src[r, pos] = k_src
-        self.v_src[r, pos] = v_src
+        at = self.locate(rows[:, None], pos)
+        self.k_src[at] = k_src
+        self.v_src[at] = v_src
 
     def sync_host_lengths(self) -> None:
         """Read the lengths back from the device (one host sync): after

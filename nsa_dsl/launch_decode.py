@@ -158,9 +158,11 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     kc_new = k_cmp.contiguous() if candidates else k
     vc_new = v_cmp.contiguous() if candidates else v
     max_c = cache.max_compressed
+    # the keys' and values' layout (kv_cache): block table, page size, pages per slot
+    layout = (cache.block_table, cache.page_size, cache.block_table.shape[1])
     _launch(s, mod.dec_append, (b,),
-            k, v, k_new_w, v_new_w, kc_new, vc_new, cache.k, cache.v, kw, vw, kc, vc, rows, cache.lengths,
-            cache.max_len, max_c, HAS_KW=has_kw, CANDIDATES=candidates, num_warps=kp.num_warps, num_stages=1)
+            k, v, k_new_w, v_new_w, kc_new, vc_new, cache.k, cache.v, kw, vw, kc, vc, rows, cache.lengths, *layout,
+            max_c, HAS_KW=has_kw, CANDIDATES=candidates, PAGED=cache.paged, num_warps=kp.num_warps, num_stages=1)
     if p.compress is not None:
         _launch(s, mod.dec_cmp, (b * HKV, s["splits"]),
                 q, kc, vc, rows, cache.lengths, s["scores"], s["cmp_m"], s["cmp_l"], s["cmp_acc"], scale_log2, max_c,
@@ -178,7 +180,8 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     span, programs = s["span"]
     _launch(s, mod.dec_attend, (b * HKV, programs),
             q, cache.k, cache.v, kw, vw, s.get("idx", s["part_m"]), rows, cache.lengths, s["part_m"], s["part_l"],
-            s["part_acc"], scale_log2, cache.max_len, SPAN=span, num_warps=kp.num_warps, num_stages=kp.num_stages)
+            s["part_acc"], scale_log2, *layout, SPAN=span, PAGED=cache.paged, num_warps=kp.num_warps,
+            num_stages=kp.num_stages)
     o = torch.empty(b, 1, HQ, DV, device=dev, dtype=q.dtype)
     gate = {br: gates.get(br) for br in (Branch.CMP, Branch.SLC, Branch.SWA)}
     ptrs = [g.contiguous() if g is not None else s["part_m"] for g in gate.values()]

@@ -351,15 +351,18 @@ class NSAttention(nn.Module):
             return reference(self.pattern, **args, scale=self.scale, query_chunk=self.query_chunk,
                              gather=backend == "gather", **packed)
 
-    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None) -> NSACache:
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=None, page_size=None, pages=None,
+                  block_table=None) -> NSACache:
         """An empty inference cache for forward(x, cache=...): `batch`
         sequence slots of up to max_len positions (device and dtype: the
-        layer's parameters' unless given)."""
+        layer's parameters' unless given; page_size, pages, block_table: a
+        paged layout, CompiledPattern.new_cache)."""
         ref = self.q_proj.weight
         return NSACache(self.pattern, batch, max_len, device=device if device is not None else ref.device,
                         dtype=dtype if dtype is not None else ref.dtype,
                         k_swa=self.kv_source.get(Branch.SWA) == "swa_kv",
-                        pool_source=hasattr(self, "phi_k") and self.kv_source[Branch.CMP] != "kv")
+                        pool_source=hasattr(self, "phi_k") and self.kv_source[Branch.CMP] != "kv",
+                        page_size=page_size, pages=pages, block_table=block_table)
 
     def _forward_cached(self, x: torch.Tensor, cache: NSACache, slots, qkv=None) -> torch.Tensor:
         """forward with a cache: x [b, m, hidden] are the next m positions of
@@ -387,8 +390,8 @@ class NSAttention(nn.Module):
             kc, vc = kc.to(dt), vc.to(dt)
             rows = cache.rows(cache.check_slots(slots, b))
             lengths = cache.lengths[rows]
-            args["k_cmp"] = self._pool_candidates(self.phi_k, cache.k_src if own else cache.k, rows, lengths, kc)
-            args["v_cmp"] = self._pool_candidates(self.phi_v, cache.v_src if own else cache.v, rows, lengths, vc)
+            args["k_cmp"] = self._pool_candidates(self.phi_k, cache, cache.k_src if own else cache.k, rows, lengths, kc)
+            args["v_cmp"] = self._pool_candidates(self.phi_v, cache, cache.v_src if own else cache.v, rows, lengths, vc)
             source = (kc, vc) if own else None
         with torch.autocast(device_type=x.device.type, enabled=False):
             compiled = self.compiled if self.resolve_backend(dt, x.device) == "kernels" else None
@@ -402,7 +405,7 @@ class NSAttention(nn.Module):
         return self.o_proj(o.reshape(b, m, p.heads.q * p.dims.v))
 
     @staticmethod
-    def _pool_candidates(phi, cached: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
+    def _pool_candidates(phi, cache: NSACache, cached: torch.Tensor, rows: torch.Tensor, lengths: torch.Tensor,
                          new: torch.Tensor) -> torch.Tensor:
         """phi of each block that ends at one of the m new positions new [b,
         m, H, D] of each sequence (its cached positions end at lengths, on
@@ -419,7 +422,7 @@ class NSAttention(nn.Module):
         ends = block - 1 + (first + torch.arange((m - 1) // stride + 1, device=dev)) * stride  # [b, n]
         pos = (ends - (block - 1))[:, :, None] + torch.arange(block, device=dev)  # [b, n, block], all >= 0
         batch = torch.arange(b, device=dev)[:, None, None]
-        past = cached[rows[:, None, None], pos.clamp(max=cached.shape[1] - 1)].to(new.dtype)
+        past = cache.read(cached, rows[:, None, None], pos.clamp(max=cache.max_len - 1)).to(new.dtype)
         fresh = new[batch, (pos - start[:, :, None]).clamp(0, m - 1)]
         keys = torch.where((pos < start[:, :, None])[..., None, None], past, fresh)  # [b, n, block, H, D]
         tokens = phi.pool(keys.transpose(2, 3))  # [b, n, H, D']

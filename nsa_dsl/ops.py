@@ -177,11 +177,15 @@ class CompiledPattern:
     _call_packed = outside_compiled_graphs(_call)
 
     # ------------------------------------------------------------ inference
-    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16, k_swa: bool = False):
+    def new_cache(self, batch: int, max_len: int, *, device=None, dtype=torch.bfloat16, k_swa: bool = False,
+                  page_size=None, pages=None, block_table=None):
         """An empty NSACache of `batch` sequence slots of up to max_len
         positions for this pattern (k_swa=True: the window branch keeps its
-        own keys and values)."""
-        return NSACache(self.pattern, batch, max_len, device=device, dtype=dtype, k_swa=k_swa)
+        own keys and values). page_size: the keys and values in pages of
+        that many positions, a pool of `pages` of them assigned by
+        block_table [batch, ceil(max_len / page_size)] int32 (kv_cache)."""
+        return NSACache(self.pattern, batch, max_len, device=device, dtype=dtype, k_swa=k_swa, page_size=page_size,
+                        pages=pages, block_table=block_table)
 
     def prefill(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, cache, slots=None, k_swa=None, v_swa=None,
                 k_cmp=None, v_cmp=None, scale=None, return_indices=False):

@@ -69,14 +69,18 @@ def _check_against_full(pattern, args: dict, o, idx, dtype) -> None:
 def test_pieces_and_decode_steps_equal_the_full_forward(pattern, data, dtype, seed):
     """A ragged batch: each slot's prompt arrives in random pieces (alone,
     slots=[s]), then every slot decodes the same number of tokens together,
-    each at its own length."""
+    each at its own length. The cache contiguous or paged (pages of one or
+    two selection blocks, shuffled in a larger pool)."""
     batch = data.draw(st.integers(1, 3), label="batch")
     prompts = data.draw(st.lists(st.integers(1, 70), min_size=batch, max_size=batch), label="prompts")
     steps = data.draw(st.integers(0, 6), label="decode steps")
     compiled = nsa_dsl.compile(pattern)
     want = pattern.select is not None
     seqs = [random_inputs(pattern, 1, n + steps, dtype, seed + s) for s, n in enumerate(prompts)]
-    cache = compiled.new_cache(batch, max(prompts) + steps + data.draw(st.integers(0, 5)), dtype=dtype)
+    max_len = max(prompts) + steps + data.draw(st.integers(0, 5))
+    page = data.draw(st.sampled_from([None, 1, 2]), label="page size in selection blocks")
+    layout = {} if page is None else shuffled_pages(pattern, batch, max_len, page, seed)
+    cache = compiled.new_cache(batch, max_len, dtype=dtype, **layout)
     outs = [[] for _ in range(batch)]
     idxs = [[] for _ in range(batch)]
     for s, n in enumerate(prompts):
@@ -106,7 +110,19 @@ def test_pieces_and_decode_steps_equal_the_full_forward(pattern, data, dtype, se
             want_k = (seqs[s]["k_cmp"][0] if c.pool is Pool.MLP
                       else compress_mean(seqs[s]["k"].double(), c.block, c.stride)[0])
             assert rel_error(cache.k_cmp[s, :n_c], want_k) < TOLERANCE[dtype]
-            assert torch.equal(cache.k[s, :T], seqs[s]["k"][0])
+        assert torch.equal(cache.positions("k", s), seqs[s]["k"][0])
+        assert torch.equal(cache.positions("v", s), seqs[s]["v"][0])
+
+
+def shuffled_pages(pattern, batch: int, max_len: int, blocks: int, seed: int, spare: int = 3) -> dict:
+    """A paged layout as a serving engine may hand it: pages of `blocks`
+    selection blocks (16 positions without a selection), each slot's
+    pages drawn at random from a pool with `spare` pages more than needed."""
+    size = blocks * (pattern.select.block if pattern.select is not None else 16)
+    per_slot = -(-max_len // size)
+    pages = batch * per_slot + spare
+    order = torch.randperm(pages, generator=torch.Generator().manual_seed(seed))[:batch * per_slot]
+    return {"page_size": size, "pages": pages, "block_table": order.view(batch, per_slot).to(torch.int32)}
 
 
 @pytest.mark.parametrize("cuts", [
@@ -141,6 +157,87 @@ def test_a_reset_slot_starts_a_new_sequence():
     new = random_inputs(PATTERN, 1, 20, torch.float32, seed=2)
     o = compiled.prefill(**new, cache=cache, slots=[1])
     assert rel_error(o, _full(PATTERN, new)[0]) < TOLERANCE[torch.float32]
+
+
+def test_a_paged_cache_serves_an_engines_pages_as_a_contiguous_cache_would():
+    """Serving-engine style: a pool of 6 pages of 16 positions where two
+    slots of max_len 64 would need 8, pages written into the block table
+    as the sequences grow (in place, between steps), a finished sequence's
+    pages handed to the next one after reset (their old contents stale).
+    Every prefill piece (the full forward's first piece, the PyTorch
+    schedule after it) and decode step (the decode kernels) gives the
+    outputs and blocks a contiguous cache gives, bitwise; so do the cache's
+    keys and values read by position."""
+    compiled = nsa_dsl.compile(PATTERN)
+    table = torch.zeros(2, 4, dtype=torch.int32)
+    paged = compiled.new_cache(2, 64, dtype=torch.float32, page_size=16, pages=6, block_table=table)
+    contiguous = compiled.new_cache(2, 64, dtype=torch.float32)
+    free, assigned = [5, 2, 0, 4, 1, 3], [0, 0]
+    seqs = [random_inputs(PATTERN, 1, 48, torch.float32, seed=s) for s in range(3)]
+    held = {0: 0, 1: 1}  # slot -> the sequence it holds
+    # (slots, new positions each): slot 0's sequence ends at 28 positions (2 pages), slot 1 reaches 31
+    # (2 pages); the next sequence takes slot 0 and its pages and grows to 33, slot 1 to 47 (3 pages each)
+    steps = [((0,), 20), ((1,), 12), ((1,), 14), ((0,), 2)] + [((0, 1), 1)] * 5 + [((0,), 1)]
+    later = [((0,), 17)] + [((0, 1), 1)] * 16
+    for step_list in (steps, later):
+        for slots, m in step_list:
+            parts = []
+            for s in slots:
+                n = paged.host_lengths[s]
+                while assigned[s] * 16 < n + m:  # the engine gives the slot the pages it will write
+                    table[s, assigned[s]] = free.pop(0)
+                    assigned[s] += 1
+                parts.append(_slice(seqs[held[s]], PATTERN, n, n + m))
+            step = compiled.decode if m == 1 else compiled.prefill
+            got, want = (step(**_stack(parts), cache=c, slots=list(slots), return_indices=True)
+                         for c in (paged, contiguous))
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (slots, m)
+        if step_list is steps:  # sequence 0 ends: its pages go back, slot 0 takes sequence 2
+            free += table[0, :assigned[0]].tolist()
+            assigned[0] = 0
+            held[0] = 2
+            paged.reset(0)
+            contiguous.reset(0)
+    assert paged.host_lengths == contiguous.host_lengths == [33, 47] and not free  # every page in use
+    for s in (0, 1):
+        for name in ("k", "v"):
+            assert torch.equal(paged.positions(name, s), getattr(contiguous, name)[s, :contiguous.host_lengths[s]])
+
+
+def test_a_paged_layout_is_checked():
+    compiled = nsa_dsl.compile(PATTERN)
+    f32 = {"dtype": torch.float32}
+    with pytest.raises(ValueError, match="page_size: expected a positive multiple of the selection block \\(16\\)"):
+        compiled.new_cache(2, 64, page_size=24, **f32)
+    with pytest.raises(ValueError, match="block_table: expected int32 \\[batch=2, ceil\\(max_len / page_size\\)=4\\]"):
+        compiled.new_cache(2, 64, page_size=16, pages=8, block_table=torch.zeros(2, 3, dtype=torch.int32), **f32)
+    with pytest.raises(ValueError, match="page numbers must lie in \\[0, pages=8\\), got values in \\[0, 8\\]"):
+        compiled.new_cache(2, 64, page_size=16, pages=8, block_table=torch.arange(1, 9, dtype=torch.int32).view(2, 4)
+                           - torch.tensor([[1], [0]], dtype=torch.int32), **f32)
+    with pytest.raises(ValueError, match="pages: 6 pages in the pool need a block_table"):
+        compiled.new_cache(2, 64, page_size=16, pages=6, **f32)
+    with pytest.raises(ValueError, match="only for a paged cache"):
+        compiled.new_cache(2, 64, pages=6, **f32)
+    cache = compiled.new_cache(2, 64, page_size=16, pages=8, block_table=torch.zeros(2, 4, dtype=torch.int32), **f32)
+    with pytest.raises(ValueError, match="grow: this paged cache's pages are the block_table's owner's"):
+        cache.grow(128)
+
+
+def test_a_paged_cache_of_its_own_pages_grows():
+    """Without an engine's table the cache owns its pages: grow renumbers
+    them into a larger pool and the sequences go on (equal to a contiguous
+    cache that grew)."""
+    compiled = nsa_dsl.compile(PATTERN)
+    args = random_inputs(PATTERN, 2, 40, torch.float32, seed=7)
+    outs = []
+    for layout in ({}, {"page_size": 16}):
+        cache = compiled.new_cache(2, 24, dtype=torch.float32, **layout)
+        compiled.prefill(**{n: t[:, :20] for n, t in args.items()}, cache=cache)
+        cache.grow(48)
+        outs.append(torch.cat([compiled.decode(**{n: t[:, i:i + 1] for n, t in args.items()}, cache=cache)
+                               for i in range(20, 40)], 1))
+        assert torch.equal(cache.positions("k", 1), args["k"][1])
+    assert torch.equal(outs[0], outs[1])
 
 
 def _decode_inputs(pattern, batch, dtype=torch.float32, seed=0):
@@ -207,6 +304,25 @@ def test_the_layer_with_a_cache_equals_the_layer_without(pool, separate_kv, back
     assert rel_error(o, full) < TOLERANCE[torch.float32]
     with pytest.raises(ValueError, match="not cu_seqlens"):
         layer(x[:1], cu_seqlens=torch.tensor([0, 45], dtype=torch.int32), cache=cache)
+
+
+def test_the_layer_with_a_paged_cache_equals_it_with_a_contiguous_one():
+    """NSAttention's cached path (phi pooling blocks from its own cached
+    source keys, k_src) reads through the paged layout too: pieces and
+    decode steps give the contiguous cache's outputs, bitwise."""
+    pattern = nsa_dsl.parse("""pattern layer { heads q=4 kv=2 dims qk=16 compress block=8 stride=4 pool=mlp
+        select block=16 top=3 initial=1 local=1 window size=12 }""")
+    torch.manual_seed(3)
+    layer = nsa_dsl.NSAttention(pattern, hidden_size=32, backend="kernels", separate_kv=True)
+    x = torch.randn(2, 45, 32)
+    outs = []
+    with torch.no_grad():
+        for layout in ({}, shuffled_pages(pattern, 2, 48, 1, seed=5)):
+            cache = layer.new_cache(2, 48, **layout)
+            assert cache.paged == bool(layout) and cache.k_src is not None
+            outs.append(torch.cat([layer(x[:, :21], cache=cache)]
+                                  + [layer(x[:, t:t + 1], cache=cache) for t in range(21, 45)], 1))
+    assert torch.equal(outs[0], outs[1])
 
 
 def test_generate_example_gives_the_recomputed_tokens(capsys):
