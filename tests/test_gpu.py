@@ -494,12 +494,14 @@ def test_a_decode_step_replays_in_a_cuda_graph():
     assert graph_cache.lengths.tolist() == [4101, 1005, 3338]
 
 
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa"])
-def test_decode_kernels_give_the_full_forward_bf16(name):
+def test_decode_kernels_give_the_full_forward_bf16(name, paged):
     """A prompt of 8k through the cache, then decode steps through the
     decode kernels (launch_decode.decode_step) against the compiled full
     forward at those positions on the same blocks (a near-tie may flip a
-    block between the two scorings)."""
+    block between the two scorings). paged: pages of four selection
+    blocks, shuffled in the pool."""
     from nsa_dsl.geometry import num_compressed
 
     pattern = _patterns()[name]
@@ -517,7 +519,14 @@ def test_decode_kernels_give_the_full_forward_bf16(name):
             out["v_cmp"] = [args["v_cmp"][s, lo:hi] for s in range(2)]
         return out
 
-    cache = compiled.new_cache(2, prompt + steps, device="cuda", dtype=torch.bfloat16)
+    layout = {}
+    if paged:
+        size = 4 * pattern.select.block
+        per_slot = -(-(prompt + steps) // size)
+        order = torch.randperm(2 * per_slot, generator=torch.Generator().manual_seed(1))
+        layout = {"page_size": size, "pages": 2 * per_slot,
+                  "block_table": order.view(2, per_slot).to(device="cuda", dtype=torch.int32)}
+    cache = compiled.new_cache(2, prompt + steps, device="cuda", dtype=torch.bfloat16, **layout)
     with torch.no_grad():
         compiled.prefill(**piece(0, prompt), cache=cache)
         outs, idxs = [], []
@@ -529,7 +538,7 @@ def test_decode_kernels_give_the_full_forward_bf16(name):
         full_idx[:, prompt:] = torch.cat(idxs, 1)
         full = compiled(**args, indices=full_idx)
     err = rel_error(torch.cat(outs, 1), full[:, prompt:])
-    _log({"test": "decode_kernels", "pattern": name, "context": prompt, "rel_error": err})
+    _log({"test": "decode_kernels", "pattern": name, "paged": paged, "context": prompt, "rel_error": err})
     assert err < TOLERANCE[torch.bfloat16]
 
 
