@@ -76,15 +76,23 @@ def dense_step_bytes(pattern, context: int, batch: int, element: int = 2) -> int
     return batch * p.heads.kv * (context * (p.dims.qk + p.dims.v) + g * (p.dims.qk + p.dims.v)) * element
 
 
-def filled_cache(compiled, batch: int, context: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 0):
+def filled_cache(compiled, batch: int, context: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 0,
+                 page_size: Optional[int] = None):
     """A cache of `batch` slots holding `context` random positions each (and
     random compressed tokens), room for a few more; written directly, as a
-    long prefill would leave it."""
+    long prefill would leave it. page_size: paged, each slot's pages
+    shuffled through the pool (as a serving engine's would lie)."""
     p = compiled.pattern
-    cache = compiled.new_cache(batch, context + 64, device=device, dtype=dtype)
+    layout = {}
+    if page_size is not None:
+        per_slot = -(-(context + 64) // page_size)
+        order = torch.randperm(batch * per_slot, generator=torch.Generator().manual_seed(seed))
+        layout = {"page_size": page_size, "pages": batch * per_slot,
+                  "block_table": order.view(batch, per_slot).to(device=device, dtype=torch.int32)}
+    cache = compiled.new_cache(batch, context + 64, device=device, dtype=dtype, **layout)
     g = torch.Generator(device=device).manual_seed(seed)
-    cache.k[:, :context].normal_(generator=g)
-    cache.v[:, :context].normal_(generator=g)
+    cache.k.normal_(generator=g)  # (every row: positions past the context are never read)
+    cache.v.normal_(generator=g)
     if cache.k_cmp is not None:
         n_c = num_compressed(context, p.compress.block, p.compress.stride)
         cache.k_cmp[:, :n_c].normal_(generator=g)
@@ -185,10 +193,11 @@ def flash_nsa_step(pattern, context: int, batch: int, *, device="cuda", dtype=to
 
 
 def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float, flash_nsa: bool = False,
-        variant: Optional[dict] = None) -> list:
+        variant: Optional[dict] = None, page_size: Optional[int] = None) -> list:
     """The rows of one pattern, context and batch; with `variant` (plan
     overrides) nsa_dsl's steps once more compiled with it (impl
-    nsa_dsl_variant_*): a variant awaiting its measurement, in the same run."""
+    nsa_dsl_variant_*): a variant awaiting its measurement, in the same run;
+    with page_size once more on a paged cache (nsa_dsl_paged_*)."""
     x = step_inputs(pattern, batch)
     rows = []
     nsa_bytes, dense_bytes = nsa_step_bytes(pattern, context, batch), dense_step_bytes(pattern, context, batch)
@@ -204,10 +213,13 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
                                        ceilings=ceil))
 
     with torch.no_grad():
-        for name, overrides in (("nsa_dsl", None),) + ((("nsa_dsl_variant", variant),) if variant else ()):
+        setups = [("nsa_dsl", None, None)] + ([("nsa_dsl_variant", variant, None)] if variant else []) \
+            + ([("nsa_dsl_paged", None, page_size)] if page_size else [])
+        for name, overrides, paged in setups:
             compiled = nsa_dsl.compile(pattern, overrides=overrides)
-            cache = filled_cache(compiled, batch, context)
-            note = None if overrides is None else json.dumps(overrides)
+            cache = filled_cache(compiled, batch, context, page_size=paged)
+            note = (json.dumps(overrides) if overrides is not None
+                    else f"pages of {paged} positions, shuffled" if paged else None)
             timed(f"{name}_eager", _rewinding(cache, lambda: compiled.decode(**x, cache=cache)), nsa_bytes, note)
             try:
                 replay = _graphed(lambda: compiled.decode(**x, cache=cache))
@@ -251,7 +263,7 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
 
 def summary(rows: list) -> str:
     impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph", "flash_nsa_eager", "flash_nsa_graph",
-             "nsa_dsl_variant_graph")
+             "nsa_dsl_variant_graph", "nsa_dsl_paged_graph")
     lines = ["pattern | context | batch | " + " | ".join(impls) + " | sdpa/nsa eager | sdpa/nsa graph"
              " | flash_nsa/nsa graph | nsa graph floor frac"]
     errors = []
@@ -298,6 +310,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=float, default=100)
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
                     help="plan overrides for nsa_dsl_variant rows beside the default's")
+    ap.add_argument("--paged", type=int, default=None, metavar="PAGE_SIZE",
+                    help="nsa_dsl_paged rows: the default's steps on a paged cache of pages this large")
     args = ap.parse_args(argv)
     variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)} or None
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -310,7 +324,7 @@ def main(argv=None) -> int:
         for context in (int(c) for c in args.contexts.split(",")):
             for batch in sorted({1, cache_batch(pattern, context, args.cache_gb)}):
                 rows += run(pattern, context, batch, ceil, args.warmup, args.rep, flash_nsa=bool(args.flash_nsa),
-                            variant=variant)
+                            variant=variant, page_size=args.paged)
                 print(summary([r for r in rows if (r["pattern"], r["T"], r["batch"]) == (pattern.name, context,
                                                                                           batch)]).splitlines()[1],
                       flush=True)

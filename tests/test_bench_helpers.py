@@ -731,6 +731,9 @@ def test_decode_bench_cache_and_step_run_on_the_cpu():
     step = bench_decode._rewinding(cache, lambda: compiled.decode(**x, cache=cache))
     first, again = step(), step()
     assert torch.equal(first, again) and cache.host_lengths == [40, 40]  # every repeat decodes position 40
+    paged = bench_decode.filled_cache(compiled, 2, 40, device="cpu", dtype=torch.float32, page_size=16)
+    assert paged.paged and sorted(paged.block_table.flatten().tolist()) == list(range(2 * 7))  # 104 positions
+    assert torch.isfinite(compiled.decode(**x, cache=paged)).all() and paged.host_lengths == [41, 41]
     rows = [{"pattern": "p", "T": 40, "batch": 2, "impl": i, "ms": ms, "floor_frac": 0.5}
             for i, ms in (("nsa_dsl_eager", 1.0), ("sdpa_eager", 3.0), ("nsa_dsl_graph", 0.5), ("sdpa_graph", 1.0),
                           ("flash_nsa_graph", 0.4))]
