@@ -118,6 +118,17 @@ def step_inputs(pattern, batch: int, *, device="cuda", dtype=torch.bfloat16, see
     return x
 
 
+def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool):
+    """A dense decode step through FlexAttention (compiled once for the
+    run, bench.flex_compiled): q [B, HQ, 1, D] against every cached key
+    of k, v [B, HKV, L, D] (no mask: the new query sees the whole cache)."""
+    flex = bench.flex_compiled(False)
+
+    def step():
+        return flex(q, k, v, enable_gqa=gqa)
+    return step
+
+
 def _rewinding(cache, fn):
     """fn, with the cache's lengths put back after each call, so timed
     repeats decode the same position (and never run out of room)."""
@@ -244,6 +255,13 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
             timed("sdpa_graph", _graphed(sdpa), dense_bytes)
         except Exception as e:  # noqa: BLE001
             rows.append(bench.make_row(pattern.name, context, "sdpa_graph", "decode", error=bench._short(e)))
+        flex = flex_decode(q, k, v, gqa=hq != hkv)
+        note = "FlexAttention (torch.compile'd, its decoding path for one query), dense, on the same cache"
+        timed("flex_eager", flex, dense_bytes, note=note)
+        try:
+            timed("flex_graph", _graphed(flex), dense_bytes, note=note)
+        except Exception as e:  # noqa: BLE001
+            rows.append(bench.make_row(pattern.name, context, "flex_graph", "decode", error=bench._short(e)))
         del k, v
         bench._cleanup()
         if flash_nsa and flash_nsa_computes(pattern):
@@ -263,7 +281,7 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
 
 def summary(rows: list) -> str:
     impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph", "flash_nsa_eager", "flash_nsa_graph",
-             "nsa_dsl_variant_graph", "nsa_dsl_paged_graph")
+             "nsa_dsl_variant_graph", "nsa_dsl_paged_graph", "flex_graph")
     lines = ["pattern | context | batch | " + " | ".join(impls) + " | sdpa/nsa eager | sdpa/nsa graph"
              " | flash_nsa/nsa graph | nsa graph floor frac"]
     errors = []

@@ -734,6 +734,22 @@ def test_decode_bench_cache_and_step_run_on_the_cpu():
     paged = bench_decode.filled_cache(compiled, 2, 40, device="cpu", dtype=torch.float32, page_size=16)
     assert paged.paged and sorted(paged.block_table.flatten().tolist()) == list(range(2 * 7))  # 104 positions
     assert torch.isfinite(compiled.decode(**x, cache=paged)).all() and paged.host_lengths == [41, 41]
+
+
+def test_the_flex_decode_row_is_dense_attention(monkeypatch):
+    """bench_decode's FlexAttention row: one query per sequence against the
+    whole cache, grouped heads, equal to SDPA's (on the CPU flex_attention
+    runs uncompiled: compiling it for the CPU took 38 s)."""
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import flex_attention
+
+    bench_decode = _load_bench_decode()
+    monkeypatch.setattr(bench_decode.bench, "flex_compiled", lambda dynamic: flex_attention)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, n, 16, generator=g) for h, n in ((4, 1), (2, 40), (2, 40)))
+    got = bench_decode.flex_decode(q, k, v, gqa=True)()
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert float((got - want).norm() / want.norm()) < 1e-5
     rows = [{"pattern": "p", "T": 40, "batch": 2, "impl": i, "ms": ms, "floor_frac": 0.5}
             for i, ms in (("nsa_dsl_eager", 1.0), ("sdpa_eager", 3.0), ("nsa_dsl_graph", 0.5), ("sdpa_graph", 1.0),
                           ("flash_nsa_graph", 0.4))]
