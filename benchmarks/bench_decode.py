@@ -12,6 +12,15 @@ benchmark), bf16, one run: for each pattern, context and batch,
                        its source is on the path (--flash-nsa DIR, made by
                        benchmarks/fetch_flash_nsa.sh)
 
+  flex_eager           FlexAttention (compiled), dense, on SDPA's cache
+  flex_graph
+  nsa_dsl_variant_*    --variant NAME=VALUE: nsa_dsl with plan overrides
+  nsa_dsl_paged_*      --paged PAGE_SIZE: nsa_dsl on a paged cache
+  nsa_dsl_prefill_chunk, nsa_dsl_forward_whole
+                       --prefill-chunk N: a piece of N positions after the
+                       context through prefill, against the training
+                       forward of context + N positions (batch 1)
+
 at contexts --contexts (8k..128k) for batch 1 and for the batch whose KV
 cache totals --cache-gb (flash_nsa's setting: 4 GB). Rows carry the bytes
 an NSA step must read (nsa_step_bytes: compressed keys and values, the
@@ -77,19 +86,19 @@ def dense_step_bytes(pattern, context: int, batch: int, element: int = 2) -> int
 
 
 def filled_cache(compiled, batch: int, context: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 0,
-                 page_size: Optional[int] = None):
+                 page_size: Optional[int] = None, room: int = 64):
     """A cache of `batch` slots holding `context` random positions each (and
-    random compressed tokens), room for a few more; written directly, as a
+    random compressed tokens), room for `room` more; written directly, as a
     long prefill would leave it. page_size: paged, each slot's pages
     shuffled through the pool (as a serving engine's would lie)."""
     p = compiled.pattern
     layout = {}
     if page_size is not None:
-        per_slot = -(-(context + 64) // page_size)
+        per_slot = -(-(context + room) // page_size)
         order = torch.randperm(batch * per_slot, generator=torch.Generator().manual_seed(seed))
         layout = {"page_size": page_size, "pages": batch * per_slot,
                   "block_table": order.view(batch, per_slot).to(device=device, dtype=torch.int32)}
-    cache = compiled.new_cache(batch, context + 64, device=device, dtype=dtype, **layout)
+    cache = compiled.new_cache(batch, context + room, device=device, dtype=dtype, **layout)
     g = torch.Generator(device=device).manual_seed(seed)
     cache.k.normal_(generator=g)  # (every row: positions past the context are never read)
     cache.v.normal_(generator=g)
@@ -102,20 +111,54 @@ def filled_cache(compiled, batch: int, context: int, *, device="cuda", dtype=tor
     return cache
 
 
-def step_inputs(pattern, batch: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 1) -> dict:
-    """One new position per sequence: q, k, v and the gates."""
+def step_inputs(pattern, batch: int, *, device="cuda", dtype=torch.bfloat16, seed: int = 1, positions: int = 1,
+                candidates: bool = True) -> dict:
+    """`positions` new positions per sequence: q, k, v and the gates
+    (pool=mlp: one candidate token per position, unless candidates=False)."""
     g = torch.Generator(device=device).manual_seed(seed)
     hq, hkv, dqk, dv = pattern.heads.q, pattern.heads.kv, pattern.dims.qk, pattern.dims.v
-    x = {"q": torch.randn(batch, 1, hq, dqk, generator=g, device=device, dtype=dtype),
-         "k": torch.randn(batch, 1, hkv, dqk, generator=g, device=device, dtype=dtype),
-         "v": torch.randn(batch, 1, hkv, dv, generator=g, device=device, dtype=dtype)}
+    m = positions
+    x = {"q": torch.randn(batch, m, hq, dqk, generator=g, device=device, dtype=dtype),
+         "k": torch.randn(batch, m, hkv, dqk, generator=g, device=device, dtype=dtype),
+         "v": torch.randn(batch, m, hkv, dv, generator=g, device=device, dtype=dtype)}
     for b in pattern.combined_branches:
-        x[f"g_{b.value}"] = torch.rand(batch, 1, hq, generator=g, device=device, dtype=dtype)
-    if pattern.compress is not None and pattern.compress.pool.value == "mlp":
-        # the token the new position may complete (the module's phi makes it; not timed here)
-        x["k_cmp"] = torch.randn(batch, 1, hkv, dqk, generator=g, device=device, dtype=dtype)
-        x["v_cmp"] = torch.randn(batch, 1, hkv, dv, generator=g, device=device, dtype=dtype)
+        x[f"g_{b.value}"] = torch.rand(batch, m, hq, generator=g, device=device, dtype=dtype)
+    if candidates and pattern.compress is not None and pattern.compress.pool.value == "mlp":
+        # the token each new position may complete (the module's phi makes it; not timed here)
+        x["k_cmp"] = torch.randn(batch, m, hkv, dqk, generator=g, device=device, dtype=dtype)
+        x["v_cmp"] = torch.randn(batch, m, hkv, dv, generator=g, device=device, dtype=dtype)
     return x
+
+
+def run_prefill(pattern, context: int, chunk: int, ceil: dict, warmup: float, rep: float, *,
+                device="cuda") -> list:
+    """Chunked prefill against the training forward (batch 1): one piece of
+    `chunk` positions after `context` cached ones through compiled.prefill
+    (impl nsa_dsl_prefill_chunk, T = context), and the training forward
+    without gradients of the whole context + chunk positions
+    (nsa_dsl_forward_whole); the note gives each as positions per ms."""
+    compiled = nsa_dsl.compile(pattern)
+    rows = []
+    cache = filled_cache(compiled, 1, context, device=device, room=chunk)
+    piece = step_inputs(pattern, 1, device=device, positions=chunk, seed=3)
+    whole = step_inputs(pattern, 1, device=device, positions=context + chunk, seed=4, candidates=False)
+    if "k_cmp" in piece:  # the training forward takes pool=mlp's tokens whole: [1, Tc, HKV, D]
+        c = pattern.compress
+        n_c = num_compressed(context + chunk, c.block, c.stride)
+        whole["k_cmp"], whole["v_cmp"] = whole["k"][:, :n_c].clone(), whole["v"][:, :n_c].clone()
+    for impl, fn, positions in (
+            ("nsa_dsl_prefill_chunk", _rewinding(cache, lambda: compiled.prefill(**piece, cache=cache)), chunk),
+            ("nsa_dsl_forward_whole", lambda: compiled(**whole), context + chunk)):
+        try:
+            with torch.no_grad():
+                ms = bench.bench_ms(fn, warmup, rep)
+            rows.append(bench.make_row(pattern.name, context, impl, "prefill", ms, ceilings=ceil,
+                                       note=f"{positions} positions, {positions / ms:.0f} per ms"))
+        except Exception as e:  # noqa: BLE001 - a path that cannot run is a row with its error
+            rows.append(bench.make_row(pattern.name, context, impl, "prefill", error=bench._short(e)))
+    for row in rows:
+        row["batch"], row["chunk"] = 1, chunk
+    return rows
 
 
 def flex_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, gqa: bool):
@@ -330,6 +373,8 @@ def main(argv=None) -> int:
                     help="plan overrides for nsa_dsl_variant rows beside the default's")
     ap.add_argument("--paged", type=int, default=None, metavar="PAGE_SIZE",
                     help="nsa_dsl_paged rows: the default's steps on a paged cache of pages this large")
+    ap.add_argument("--prefill-chunk", type=int, default=None, metavar="POSITIONS",
+                    help="prefill rows too: a piece this long after each context, against the training forward")
     args = ap.parse_args(argv)
     variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)} or None
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -346,6 +391,12 @@ def main(argv=None) -> int:
                 print(summary([r for r in rows if (r["pattern"], r["T"], r["batch"]) == (pattern.name, context,
                                                                                           batch)]).splitlines()[1],
                       flush=True)
+            if args.prefill_chunk:
+                prefill = run_prefill(pattern, context, args.prefill_chunk, ceil, args.warmup, args.rep)
+                for r in prefill:
+                    print(f"{pattern.name} {context} {r['impl']}: {r.get('ms')} ms, {r.get('note', r.get('error'))}",
+                          flush=True)
+                rows += prefill
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     bench.write_json(out / "decode_bench.json", {"device": torch.cuda.get_device_name(), "ceilings": ceil,

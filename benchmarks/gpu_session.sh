@@ -12,7 +12,8 @@
 #       benchmarks/bench_decode.py (decode step vs SDPA, eager and graphed,
 #       8k..128k, batch 1 and a 4 GB cache; flash_nsa's decode beside it when
 #       .flash_nsa is carried: benchmarks/fetch_flash_nsa.sh; DECODE_PAGED=256: rows
-#       on a paged cache too) -> $OUT/decode.log,
+#       on a paged cache too; DECODE_PREFILL=4096: chunked prefill against
+#       the training forward) -> $OUT/decode.log,
 #       $OUT/decode_bench.json, $OUT/pytest_decode.log
 #   bash .device/run bash benchmarks/gpu_session.sh compile
 #       torch.compile (inductor, fullgraph) against eager on a two-layer bf16
@@ -87,7 +88,7 @@ case "${1:-}" in
         | tee "$OUT/pytest_decode.log" | tail -n 5
       timeout "${DECODE_BENCH_TIMEOUT_S:-380}" python3 benchmarks/bench_decode.py --out "$OUT" ${DECODE_PATTERNS:+--patterns "$DECODE_PATTERNS"} \
         ${DECODE_CONTEXTS:+--contexts "$DECODE_CONTEXTS"} $([ -d .flash_nsa ] && echo --flash-nsa .flash_nsa) \
-        ${DECODE_PAGED:+--paged "$DECODE_PAGED"}
+        ${DECODE_PAGED:+--paged "$DECODE_PAGED"} ${DECODE_PREFILL:+--prefill-chunk "$DECODE_PREFILL"}
     } 2>&1 | tee "$OUT/decode.log" | tail -n 40 ;;
   tests)
     timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \

@@ -736,6 +736,21 @@ def test_decode_bench_cache_and_step_run_on_the_cpu():
     assert torch.isfinite(compiled.decode(**x, cache=paged)).all() and paged.host_lengths == [41, 41]
 
 
+@pytest.mark.parametrize("pool", ["mean", "mlp"])
+def test_the_prefill_rows_run_a_piece_after_the_context_and_the_whole_forward(pool, monkeypatch):
+    """bench_decode --prefill-chunk: both rows run (no error row) and say
+    how many positions each computed; the piece leaves the cache as it
+    found it (timed repeats prefill the same positions)."""
+    bench_decode = _load_bench_decode()
+    calls = []
+    monkeypatch.setattr(bench_decode.bench, "bench_ms", lambda fn, warmup, rep: calls.append(fn()) or 2.0)
+    rows = bench_decode.run_prefill(_pattern(pool=pool, sblock=16), 40, 16, {}, 1, 1, device="cpu")
+    assert [r["impl"] for r in rows] == ["nsa_dsl_prefill_chunk", "nsa_dsl_forward_whole"]
+    assert [r.get("error") for r in rows] == [None, None]
+    assert [r["note"] for r in rows] == ["16 positions, 8 per ms", "56 positions, 28 per ms"]
+    assert [tuple(o.shape[:2]) for o in calls] == [(1, 16), (1, 56)]
+
+
 def test_the_flex_decode_row_is_dense_attention(monkeypatch):
     """bench_decode's FlexAttention row: one query per sequence against the
     whole cache, grouped heads, equal to SDPA's (on the CPU flex_attention
