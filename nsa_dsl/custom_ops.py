@@ -13,6 +13,7 @@ them, not from a copy of its rules. A cached step's outputs are always
 [b, m, HQ, Dv] and its indices [b, m, HKV, top]."""
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Tuple
 
 import torch
@@ -229,12 +230,35 @@ def cache_step(compiled, cache, q, k, v, gates: dict, *, slots, k_swa, v_swa, k_
         raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
     incremental.validate_step(cache, p, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp, host_lengths=False)
     listed = k_cmp is not None and not isinstance(k_cmp, torch.Tensor)
-    o, idx = nsa_cache_step(
-        cache.op_key, "" if compiled is None else compiled.op_key, q, k, v, gates.get(Branch.CMP),
-        gates.get(Branch.SLC), gates.get(Branch.SWA), k_swa, v_swa, None if listed else k_cmp,
-        None if listed else v_cmp, list(k_cmp) if listed else [], list(v_cmp) if listed else [],
-        None if slots is None else list(slots), scale, return_indices, *(getattr(cache, n) for n in CACHE_TENSORS))
+    tokens = [*k_cmp, *v_cmp] if listed else [k_cmp, v_cmp]
+    inputs = [t for t in (q, k, v, *gates.values(), k_swa, v_swa, *tokens) if isinstance(t, torch.Tensor)]
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
+    with torch.set_grad_enabled(False) if tracked else contextlib.nullcontext():
+        o, idx = nsa_cache_step(
+            cache.op_key, "" if compiled is None else compiled.op_key, q, k, v, gates.get(Branch.CMP),
+            gates.get(Branch.SLC), gates.get(Branch.SWA), k_swa, v_swa, None if listed else k_cmp,
+            None if listed else v_cmp, list(k_cmp) if listed else [], list(v_cmp) if listed else [],
+            None if slots is None else list(slots), scale, return_indices,
+            *(getattr(cache, n) for n in CACHE_TENSORS))
+    if tracked:  # a backward through the step is an error that says why, not a gradient silently missing
+        o = _InferenceOnly.apply(o, *[t for t in inputs if t.requires_grad])
     return (o, idx) if return_indices else o
+
+
+class _InferenceOnly(torch.autograd.Function):
+    """o unchanged, tied to the step's inputs that require a gradient, so a
+    backward through a cached step raises (the steps have no gradient:
+    the cache is for inference) instead of leaving them without one."""
+
+    @staticmethod
+    def forward(ctx, o, *inputs):
+        return o.view_as(o)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("nsa_dsl: a cached step (prefill, decode, or a layer called with cache=) has no"
+                           " gradient: the cache is for inference. Train without a cache, or run the cached"
+                           " steps under torch.no_grad()")
 
 
 def _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp,
@@ -285,3 +309,4 @@ def _(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp
     o = q.new_empty(b, m, p.heads.q, p.dims.v)
     idx = q.new_empty(b, m, p.heads.kv, p.select.top, dtype=torch.int32) if want_indices else _none(q)
     return o, idx
+

@@ -306,6 +306,22 @@ def test_the_layer_with_a_cache_equals_the_layer_without(pool, separate_kv, back
         layer(x[:1], cu_seqlens=torch.tensor([0, 45], dtype=torch.int32), cache=cache)
 
 
+def test_a_backward_through_a_cached_step_says_the_cache_is_for_inference():
+    """A cached call with gradients enabled computes, but a backward through
+    it raises nsa_dsl's own error (the steps have no gradient): before,
+    the decode kernels' output silently carried none, and then PyTorch's
+    'no autograd formula' for the op."""
+    layer = nsa_dsl.NSAttention(PATTERN, hidden_size=32, backend="kernels")
+    x = torch.randn(1, 21, 32, requires_grad=True)
+    cache = layer.new_cache(1, 24)
+    outs = [layer(x[:, :20], cache=cache), layer(x[:, 20:], cache=cache)]  # a prefill, then a decode step
+    for o in outs:
+        with pytest.raises(RuntimeError, match="a cached step .* has no gradient: the cache is for inference"):
+            o.sum().backward(retain_graph=True)
+    with torch.no_grad():
+        assert not layer(x[:, :1], cache=layer.new_cache(1, 4)).requires_grad
+
+
 def test_the_layer_with_a_paged_cache_equals_it_with_a_contiguous_one():
     """NSAttention's cached path (phi pooling blocks from its own cached
     source keys, k_src) reads through the paged layout too: pieces and
