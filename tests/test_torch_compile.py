@@ -68,11 +68,11 @@ def test_a_compiled_function_around_the_call_and_its_selection():
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
 
 
-@pytest.mark.parametrize("pool, separate_kv", [("mean", False), ("mlp", False), ("mlp", True)])
+@pytest.mark.parametrize("pool, separate_kv", [("mean", False), ("mlp", True)])
 def test_a_compiled_layer_generates_with_its_cache_in_one_graph_per_piece_size(pool, separate_kv):
     """Generation through a layer compiled with fullgraph=True: prefill
     pieces then decode steps equal the eager layer's, the caches end equal,
-    and the decode steps at ten lengths share one graph (the step's op
+    and the decode steps at six lengths share one graph (the step's op
     reads the host lengths, the traced code does not: traced, they would
     recompile every step). pool=mlp's tokens are pooled on the device for
     any piece. Before nsa_dsl::cache_step the cached call was a graph
@@ -84,21 +84,21 @@ def test_a_compiled_layer_generates_with_its_cache_in_one_graph_per_piece_size(p
     torch.manual_seed(1)
     layer = NSAttention(pattern, 32, backend="kernels", separate_kv=separate_kv)
     layer.compiled
-    x = torch.randn(2, 50, 32)
+    x = torch.randn(2, 44, 32)
     run = torch.compile(layer, backend="aot_eager", fullgraph=True)
     outs, caches = [], []
     with torch.no_grad():
         for step in (layer, run):
-            cache = layer.new_cache(2, 50, dtype=torch.float32)
+            cache = layer.new_cache(2, 44, dtype=torch.float32)
             pieces = [step(x[:, :30], cache=cache), step(x[:, 30:37], cache=cache), step(x[:, 37:38], cache=cache)]
             graphs = counters["stats"]["unique_graphs"]
-            pieces += [step(x[:, t:t + 1], cache=cache) for t in range(38, 50)]
+            pieces += [step(x[:, t:t + 1], cache=cache) for t in range(38, 44)]
             if step is run:
                 assert counters["stats"]["unique_graphs"] == graphs  # no recompile as the lengths grow
             outs.append(torch.cat(pieces, 1))
             caches.append(cache)
     assert rel_error(outs[1], outs[0]) < TOLERANCE[torch.float32]
-    assert caches[1].host_lengths == caches[0].host_lengths == [50, 50]
+    assert caches[1].host_lengths == caches[0].host_lengths == [44, 44]
     assert torch.equal(caches[1].lengths, caches[0].lengths)
     for name in ("k", "v", "k_cmp", "v_cmp", "k_swa", "v_swa", "k_src", "v_src"):
         got, want = getattr(caches[1], name), getattr(caches[0], name)
