@@ -388,11 +388,13 @@ class NSAttention(nn.Module):
             own = self.kv_source[Branch.CMP] != "kv"
             kc, vc = (self._pair("cmp_kv", x) if own else (k, v))
             kc, vc = kc.to(dt), vc.to(dt)
-            rows = cache.rows(cache.check_slots(slots, b))
+            chosen = cache.check_slots(slots, b)
+            rows = cache.rows(chosen)
             lengths = cache.lengths[rows]
-            args["k_cmp"] = self._pool_candidates(self.phi_k, cache, cache.k_src if own else cache.k, rows, lengths, kc)
-            args["v_cmp"] = self._pool_candidates(self.phi_v, cache, cache.v_src if own else cache.v, rows, lengths, vc)
-            source = (kc, vc) if own else None
+            for name, phi, cached, new in (("k_cmp", self.phi_k, cache.k_src if own else cache.k, kc),
+                                           ("v_cmp", self.phi_v, cache.v_src if own else cache.v, vc)):
+                args[name] = self._pool_candidates(phi, cache, cached, rows, lengths, new)
+            source = (chosen, kc, vc) if own else None
         with torch.autocast(device_type=x.device.type, enabled=False):
             compiled = self.compiled if self.resolve_backend(dt, x.device) == "kernels" else None
             gates = {br: args.pop(f"g_{br.value}", None) for br in p.combined_branches}
@@ -401,7 +403,7 @@ class NSAttention(nn.Module):
                                       k_cmp=args.pop("k_cmp", None), v_cmp=args.pop("v_cmp", None), scale=self.scale,
                                       slots=slots, return_indices=False)
         if source is not None:
-            cache.append_source(cache.check_slots(slots, b), *source)
+            cache.append_source(*source)
         return self.o_proj(o.reshape(b, m, p.heads.q * p.dims.v))
 
     @staticmethod
