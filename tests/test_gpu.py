@@ -595,3 +595,70 @@ def test_a_compiled_layer_gives_eager_outputs_and_gradients_bf16():
     _log({"check": "torch_compile_inductor_bf16", "errors": errors})
     assert max(errors) < TOLERANCE[torch.bfloat16], errors
     torch._dynamo.reset()
+
+
+def test_a_compiled_layer_generates_with_its_cache_bf16():
+    """The cached step (nsa_dsl::cache_step) under inductor with
+    fullgraph=True on the GPU: a 4k prompt in two pieces (the second starts
+    inside a compression window), then decode steps at growing lengths,
+    equal the eager layer's within the bf16 tolerance, without a recompile
+    per step, and leave the same lengths and compressed entries."""
+    from torch._dynamo.utils import counters
+
+    from nsa_dsl.module import NSAttention
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    layer = NSAttention(_patterns()["bench_paper128"], 1024, backend="kernels", device="cuda",
+                        dtype=torch.bfloat16)
+    layer.compiled
+    x = torch.randn(2, 4096 + 8, 1024, device="cuda", dtype=torch.bfloat16)
+    run = torch.compile(layer, fullgraph=True)
+    outs, caches = [], []
+    with torch.no_grad():
+        for step in (layer, run):
+            cache = layer.new_cache(2, 4096 + 8, dtype=torch.bfloat16)
+            pieces = [step(x[:, :3001], cache=cache), step(x[:, 3001:4096], cache=cache),
+                      step(x[:, 4096:4097], cache=cache)]
+            graphs = counters["stats"]["unique_graphs"]
+            pieces += [step(x[:, t:t + 1], cache=cache) for t in range(4097, 4104)]
+            if step is run:
+                assert counters["stats"]["unique_graphs"] == graphs
+            outs.append(torch.cat(pieces, 1))
+            caches.append(cache)
+    err = rel_error(outs[1], outs[0])
+    _log({"check": "compiled_layer_generates_bf16", "rel_error": err})
+    assert err < TOLERANCE[torch.bfloat16]
+    assert caches[1].host_lengths == caches[0].host_lengths == [4104, 4104]
+    assert torch.equal(caches[1].lengths, caches[0].lengths)
+    assert rel_error(caches[1].k_cmp, caches[0].k_cmp) < TOLERANCE[torch.bfloat16]
+    torch._dynamo.reset()
+
+
+def test_a_converted_hf_model_generates_on_the_gpu():
+    """A transformers Llama converted to NSA (pool=mlp, the kernels, bf16 on
+    the GPU): greedy generation with nsa_dsl's cache scores each new token
+    as the full forward over the generated sequence does (the decode
+    kernels against the training kernels), for a batch of two 1000-token
+    prompts."""
+    transformers = pytest.importorskip("transformers")
+    from nsa_dsl.integrations import transformers as hf
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+                                      vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=None,
+                                      max_position_embeddings=2048)
+    model = transformers.LlamaForCausalLM(config).eval()
+    pattern = nsa_dsl.parse("""pattern hf_gpu { heads q=4 kv=2 dims qk=64 compress block=32 stride=16 pool=mlp
+        select block=64 top=4 initial=1 local=2 window size=128 }""")
+    model = hf.convert(model, pattern, backend="kernels").to(device="cuda", dtype=torch.bfloat16)
+    ids = torch.randint(3, 512, (2, 1000), device="cuda")
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True,
+                             return_dict_in_generate=True)
+        scores = torch.stack(out.scores, 1).float()
+        full = model(out.sequences[:, :-1], use_cache=False).logits[:, 999:].float()
+    err = rel_error(scores, full)
+    _log({"check": "hf_generate_bf16", "rel_error": err})
+    assert err < TOLERANCE[torch.bfloat16]
