@@ -3,6 +3,7 @@ the device time of every kernel one step launches (torch.profiler, per
 step) and the host functions of the eager step by own time (cProfile).
 
     python benchmarks/profile_decode.py --specs examples/bench_paper128.nsa:65536:1,... [--top 20]
+        [--variant NAME=VALUE[,NAME=VALUE] ...]
 """
 from __future__ import annotations
 
@@ -66,13 +67,14 @@ def main(argv=None) -> int:
                                        "examples/bench_paper128.nsa:131072:1")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=20)
-    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE",
-                    help="each spec profiled again with these plan overrides (same run)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE...]",
+                    help="each spec profiled again with these plan overrides (same run); repeat the option"
+                         " for several variants, each profiled on its own")
     args = ap.parse_args(argv)
-    variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)}
+    variants = [{n: int(v) for n, v in (item.split("=", 1) for item in arg.split(","))} for arg in args.variant]
     for spec in args.specs.split(","):
         path, context, batch = spec.rsplit(":", 2)
-        for overrides in [None] + ([variant] if variant else []):
+        for overrides in [None] + variants:
             profile(path, int(context), int(batch), args.steps, args.top, overrides)
     return 0
 

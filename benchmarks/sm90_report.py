@@ -207,6 +207,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         entry_args = {**entry_args, "TOPK_TMA": True}
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
+                    if "cand_key_ptr" in sig and kernel.has_const("DEC_TOPK_NETWORK") and kernel.const("DEC_TOPK_NETWORK"):
+                        sig["cand_key_ptr"] = "*i64"  # the candidates as slc_topk's keys
                     warps = kernel.warps_for(entry)
                     # the slot reductions launch with their own stages
                     stages = (kernel.const("BC_REDUCE_STAGES") if entry in ("slc_fwd_bc_reduce", "slc_fwd_bc_merge_window")

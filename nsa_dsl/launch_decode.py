@@ -64,9 +64,10 @@ def attend_span(compiled, device: torch.device, batch: int) -> tuple:
 
 def topk_chunks(pattern, max_len: int) -> tuple:
     """(chunk, chunks) of dec_topk: a power of two of selection blocks (at
-    least 16) so a cache of max_len holds about TOPK_CHUNKS of them."""
+    least 16, and at least top-n padded: a chunk's own top-n fills its
+    candidates) so a cache of max_len holds about TOPK_CHUNKS of them."""
     blocks = num_blocks(max_len, pattern.select.block)
-    chunk = max(16, next_pow2(-(-blocks // TOPK_CHUNKS)))
+    chunk = max(16, next_pow2(pattern.select.top), next_pow2(-(-blocks // TOPK_CHUNKS)))
     return chunk, -(-blocks // chunk)
 
 
@@ -102,7 +103,9 @@ def _scratch(cache, b: int, compiled, device) -> dict:
     if kp.const("DEC_SCORES"):
         chunk, chunks = topk_chunks(p, cache.max_len)
         s["chunk"], s["chunks"] = chunk, chunks
-        s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), **f32)
+        # (DEC_TOPK_NETWORK: slc_topk's int64 keys, which carry the block)
+        s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device,
+                                    dtype=torch.int64 if kp.const("DEC_TOPK_NETWORK") else torch.float32)
         s["cand_idx"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int32)
         s["count"] = torch.zeros(b * hkv, device=device, dtype=torch.int32)  # dec_topk's chunks done, per head
     cache.scratch[key] = s
@@ -173,7 +176,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
                 s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
                 s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
                 SPLITS_PAD=s["splits_pad"],
-                num_warps=kp.num_warps, num_stages=1)
+                num_warps=kp.warps_for("dec_topk"), num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
                 NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1)
@@ -192,6 +195,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             s.get("tokens", 1), s.get("splits", 1),
             HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
             HAS_G_SWA=gate[Branch.SWA] is not None, SPAN=span,
-            PARTS_PAD=s["parts_pad"], SPLITS_PAD=s["splits_pad"], num_warps=kp.num_warps, num_stages=1)
+            PARTS_PAD=s["parts_pad"], SPLITS_PAD=s["splits_pad"], num_warps=kp.warps_for("dec_reduce"),
+            num_stages=1)
     want = want_indices and p.select is not None
     return o, (s["idx"][:, None, :, :p.select.top].clone() if want else None)

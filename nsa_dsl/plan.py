@@ -57,10 +57,13 @@ class KernelPlan:
     def warps_for(self, entry: str) -> int:
         """Warps of one of the kernel's entry points: the flash-style dK/dV
         kernels carry their own (*_BWD_DKDV_WARPS), and so does the
-        block-centric merge (BC_MERGE_WARPS); the rest launch with
+        block-centric merge (BC_MERGE_WARPS) and two of the decode step's
+        launches (DEC_TOPK_WARPS, DEC_REDUCE_WARPS); the rest launch with
         num_warps."""
         if entry == "slc_fwd_bc_merge_window" and self.has_const("BC_MERGE_WARPS"):
             return self.const("BC_MERGE_WARPS")
+        if entry in ("dec_topk", "dec_reduce"):
+            return self.const(f"{entry.upper()}_WARPS")
         if entry.endswith("_bwd_dkdv"):
             name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
             if self.has_const(name):
@@ -759,6 +762,13 @@ def _decode_kernels(p: Pattern) -> list:
          # columns per program (a [partials, rows, columns] tile in registers)
          # (its tiles' partial counts come with each launch: launch_decode.decode_step)
          ("DEC_RED_D", min(32, next_pow2(p.dims.v))), ("DEC_MAX_SPLITS", 16),
+         # the warps of dec_topk (its TOP rounds of reductions) and dec_reduce;
+         # the other launches take the KernelPlan's
+         ("DEC_TOPK_WARPS", 4), ("DEC_REDUCE_WARPS", 4),
+         # dec_topk's top-n of a chunk and of the chunks' candidates: TOP
+         # rounds of (max, lowest block) reductions, or (1) a sorting network
+         # on slc_topk's packed keys (tl.topk)
+         ("DEC_TOPK_NETWORK", 0),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
@@ -902,6 +912,13 @@ def _warps(value: int) -> bool:
 _warps.__doc__ = "4 or 8 (warps of a kernel that is not the KernelPlan's own launch)"
 
 
+def _any_warps(value: int) -> bool:
+    return value in (1, 2, 4, 8)
+
+
+_any_warps.__doc__ = "1, 2, 4 or 8 (warps of one of the decode step's launches)"
+
+
 def _flag(value: int) -> bool:
     return value in (0, 1)
 
@@ -941,6 +958,7 @@ TUNABLE = {
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
+    "DEC_TOPK_NETWORK": _flag, "DEC_TOPK_WARPS": _any_warps, "DEC_REDUCE_WARPS": _any_warps, "DEC_RED_D": _pow2_at_least(8),
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES
@@ -1044,6 +1062,9 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
             raise ValueError(f"override BC_LOCAL_IN_WINDOW: needs the window ({swa.const('WINDOW')}) at least LOCAL x"
                              f" the selection block ({local} x {block}), and BC_WINDOW_TOKENS ({tokens}) and"
                              f" SWA_BLOCK_N ({swa_n}) dividing the block")
+    if "DEC_RED_D" in consts and consts["DEC_RED_D"] > plan.v_pad:
+        raise ValueError(f"override DEC_RED_D: {consts['DEC_RED_D']} value columns per dec_reduce program,"
+                         f" more than the padded value width {plan.v_pad}")
     kernels = []
     for k in plan.kernels:
         constants = tuple((key, consts.get(key, value)) for key, value in k.constants)

@@ -396,7 +396,8 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
 @pytest.mark.parametrize("prompts, max_len, processors", [([150, 197], 210, None), ([90, 530], 600, 64)],
                          ids=["one chunk and split", "many chunks and splits"])
 @pytest.mark.parametrize("zero_keys", [False, True], ids=["random", "all scores tied"])
-def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_len, processors, monkeypatch):
+@pytest.mark.parametrize("network", [0, 1], ids=["rounds", "network"])
+def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompts, max_len, processors, monkeypatch):
     """Contexts of many more blocks than the top-n, so the decode step's
     own scoring (dec_topk) decides: its blocks obey the selection rule
     against float64 scores, and with every key zero (all scores tied) they
@@ -404,12 +405,13 @@ def test_decode_steps_rank_blocks_as_the_full_forward(zero_keys, prompts, max_le
     cache the blocks fall in several of dec_topk's chunks, and with many
     processors (patched) dec_cmp splits the compressed tokens and dec_attend
     takes one item per program (on two, several): the merged candidates
-    and partials must give the same."""
+    and partials must give the same. Both of dec_topk's ways to its top-n
+    (DEC_TOPK_NETWORK)."""
     from nsa_dsl import launch_decode
 
     if processors is not None:
         monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
-    compiled = nsa_dsl.compile(PATTERN)
+    compiled = nsa_dsl.compile(PATTERN, overrides={"DEC_TOPK_NETWORK": network})
     steps = 6
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
