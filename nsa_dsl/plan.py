@@ -769,6 +769,10 @@ def _decode_kernels(p: Pattern) -> list:
          # rounds of (max, lowest block) reductions, or (1) a sorting network
          # on slc_topk's packed keys (tl.topk)
          ("DEC_TOPK_NETWORK", 0),
+         # dec_topk's scores: each block's R + BACK tokens as R + BACK strided
+         # loads, or (1) its own R tokens as one contiguous load and the BACK
+         # before it strided
+         ("DEC_TOPK_GROUPED", 0),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
@@ -779,6 +783,8 @@ def _decode_kernels(p: Pattern) -> list:
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
          ("DEC_CMP_N", 64), ("DEC_CMP_STAGES", 3), ("NB_NONE", 1 << 30))
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
+        # (a selection block's own compressed tokens, padded: DEC_TOPK_GROUPED's tile)
+        + ((("DEC_TOPK_R_PAD", next_pow2(p.select.block // p.compress.stride)),) if ranked else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),
         num_warps=4, num_stages=1, direction="decode")]
@@ -958,7 +964,7 @@ TUNABLE = {
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
-    "DEC_TOPK_NETWORK": _flag, "DEC_TOPK_WARPS": _any_warps, "DEC_REDUCE_WARPS": _any_warps, "DEC_RED_D": _pow2_at_least(8),
+    "DEC_TOPK_NETWORK": _flag, "DEC_TOPK_GROUPED": _flag, "DEC_TOPK_WARPS": _any_warps, "DEC_REDUCE_WARPS": _any_warps, "DEC_RED_D": _pow2_at_least(8),
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES

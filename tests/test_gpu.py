@@ -605,6 +605,7 @@ def test_a_compiled_layer_generates_with_its_cache_bf16():
     per step, and leave the same lengths and compressed entries."""
     from torch._dynamo.utils import counters
 
+    from nsa_dsl.geometry import num_compressed
     from nsa_dsl.module import NSAttention
 
     torch._dynamo.reset()
@@ -631,7 +632,9 @@ def test_a_compiled_layer_generates_with_its_cache_bf16():
     assert err < TOLERANCE[torch.bfloat16]
     assert caches[1].host_lengths == caches[0].host_lengths == [4104, 4104]
     assert torch.equal(caches[1].lengths, caches[0].lengths)
-    assert rel_error(caches[1].k_cmp, caches[0].k_cmp) < TOLERANCE[torch.bfloat16]
+    # (the compressed entries written: past them the cache is uninitialised memory)
+    written = num_compressed(4104, layer.pattern.compress.block, layer.pattern.compress.stride)
+    assert torch.equal(caches[1].k_cmp[:, :written], caches[0].k_cmp[:, :written])
     torch._dynamo.reset()
 
 

@@ -396,8 +396,9 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
 @pytest.mark.parametrize("prompts, max_len, processors", [([150, 197], 210, None), ([90, 530], 600, 64)],
                          ids=["one chunk and split", "many chunks and splits"])
 @pytest.mark.parametrize("zero_keys", [False, True], ids=["random", "all scores tied"])
-@pytest.mark.parametrize("network", [0, 1], ids=["rounds", "network"])
-def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompts, max_len, processors, monkeypatch):
+@pytest.mark.parametrize("variant", [{}, {"DEC_TOPK_NETWORK": 1}, {"DEC_TOPK_GROUPED": 1}],
+                         ids=["rounds", "network", "grouped"])
+def test_decode_steps_rank_blocks_as_the_full_forward(variant, zero_keys, prompts, max_len, processors, monkeypatch):
     """Contexts of many more blocks than the top-n, so the decode step's
     own scoring (dec_topk) decides: its blocks obey the selection rule
     against float64 scores, and with every key zero (all scores tied) they
@@ -411,7 +412,7 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompt
 
     if processors is not None:
         monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
-    compiled = nsa_dsl.compile(PATTERN, overrides={"DEC_TOPK_NETWORK": network})
+    compiled = nsa_dsl.compile(PATTERN, overrides=variant)
     steps = 6
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
