@@ -55,7 +55,8 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   # the decode step as a 64k cache of 64-token blocks launches it
                   # (launch_decode: 9 chunks of 128 blocks)
                   "CHUNK": 128, "NC_PAD": 16, "HAS_KW": False, "CANDIDATES": False,
-                  "SPAN": 4, "PARTS_PAD": 4, "SPLITS_PAD": 16, "PAGED": False}
+                  "SPAN": 4, "PARTS_PAD": 4, "SPLITS_PAD": 16, "PAGED": False,
+                  "NETWORK": False}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
@@ -207,7 +208,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         entry_args = {**entry_args, "TOPK_TMA": True}
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
-                    if "cand_key_ptr" in sig and kernel.has_const("DEC_TOPK_NETWORK") and kernel.const("DEC_TOPK_NETWORK"):
+                    if entry == "dec_topk" and entry_args.get("NETWORK"):
                         sig["cand_key_ptr"] = "*i64"  # the candidates as slc_topk's keys
                     warps = kernel.warps_for(entry)
                     # the slot reductions launch with their own stages

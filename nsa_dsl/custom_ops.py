@@ -228,13 +228,21 @@ def cache_step(compiled, cache, q, k, v, gates: dict, *, slots, k_swa, v_swa, k_
     p = compiled.pattern if compiled is not None else getattr(cache, "pattern", None)
     if return_indices and p is not None and p.select is None:
         raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
-    incremental.validate_step(cache, p, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp, host_lengths=False)
+    # Traced (torch.compile, export): the checks that need no host lengths
+    # here, the step as the op. Eager: the op's body called straight (it
+    # checks everything itself): the op's dispatch cost more host time
+    # than the rest of a decode step together (NOTES v22).
+    step = nsa_cache_step if torch.compiler.is_compiling() else _cache_step_eager
+    if step is nsa_cache_step:
+        incremental.validate_step(cache, p, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp, host_lengths=False)
+    else:
+        incremental.check_cache(cache)
     listed = k_cmp is not None and not isinstance(k_cmp, torch.Tensor)
     tokens = [*k_cmp, *v_cmp] if listed else [k_cmp, v_cmp]
     inputs = [t for t in (q, k, v, *gates.values(), k_swa, v_swa, *tokens) if isinstance(t, torch.Tensor)]
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in inputs)
     with torch.set_grad_enabled(False) if tracked else contextlib.nullcontext():
-        o, idx = nsa_cache_step(
+        o, idx = step(
             cache.op_key, "" if compiled is None else compiled.op_key, q, k, v, gates.get(Branch.CMP),
             gates.get(Branch.SLC), gates.get(Branch.SWA), k_swa, v_swa, None if listed else k_cmp,
             None if listed else v_cmp, list(k_cmp) if listed else [], list(v_cmp) if listed else [],
@@ -261,10 +269,18 @@ class _InferenceOnly(torch.autograd.Function):
                            " steps under torch.no_grad()")
 
 
+def _cache_step_eager(*args) -> tuple:
+    """nsa_cache_step's body without the op (its arguments, the cache's
+    tensors last)."""
+    return _run_cache_step(*args[:-len(CACHE_TENSORS)], args[-len(CACHE_TENSORS):])
+
+
 def _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp,
                     k_cmp_tokens, v_cmp_tokens, slots, scale, want_indices, tensors) -> tuple:
     cache = registry.lookup(cache_key)
     compiled = registry.lookup(compiled_key) if compiled_key else None
+    # (the step checks the cache against the call's pattern, not its own)
+    pattern = compiled.pattern if compiled is not None else cache.pattern
     if compiled is not None and device_problem(q) is not None:
         compiled = None  # the kernels cannot run here: the PyTorch schedule
     if k_cmp_tokens:
@@ -273,7 +289,7 @@ def _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa
     # the op writes the tensors it is handed (under torch.compile's
     # functionalization: copies, written back after)
     with cache.holding(dict(zip(CACHE_TENSORS, tensors))):
-        out = incremental.step(cache, cache.pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
+        out = incremental.step(cache, pattern, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa,
                                v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=want_indices,
                                compiled=compiled)
     o, idx = out if want_indices else (out, None)

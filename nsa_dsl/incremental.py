@@ -149,6 +149,11 @@ def _window(p, q5, k, v, t, scale):
     return _attend_gathered(q5, _gather_rows(k, pos).float(), _gather_rows(v, pos).float(), pos >= 0, scale)
 
 
+def check_cache(cache) -> None:
+    if not isinstance(cache, NSACache):
+        raise ValueError(f"cache: expected an NSACache (compiled.new_cache), got {type(cache).__name__}")
+
+
 def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optional[Sequence[int]],
                   k_swa=None, v_swa=None, k_cmp=None, v_cmp=None, *, host_lengths: bool = True) -> list:
     """The checks of a prefill or decode call, before anything is written:
@@ -157,8 +162,7 @@ def validate_step(cache: NSACache, pattern, q, k, v, gates: dict, slots: Optiona
     False leaves out what reads the cache's host lengths (the room, and
     the count of pool=mlp's listed tokens): a traced call checks the rest
     before its op, the op all of it (custom_ops.nsa_cache_step)."""
-    if not isinstance(cache, NSACache):
-        raise ValueError(f"cache: expected an NSACache (compiled.new_cache), got {type(cache).__name__}")
+    check_cache(cache)
     if not isinstance(q, torch.Tensor) or q.dim() != 4:
         raise ValueError(f"q: expected [batch, Tq, HQ={pattern.heads.q}, Dqk={pattern.dims.qk}], got "
                          f"{list(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")

@@ -21,6 +21,9 @@ ATTEND_PROGRAMS_PER_SM = 2
 # dec_topk's chunks: about this many per sequence and KV head, so a chunk's
 # own top-n stays a small part of the candidates dec_attend merges
 TOPK_CHUNKS = 16
+# dec_topk's programs per processor up to which it takes its top-n by the
+# sorting network rather than rounds of reductions (topk_network)
+TOPK_NETWORK_PROGRAMS_PER_SM = 2
 
 
 @lru_cache(maxsize=None)
@@ -71,6 +74,16 @@ def topk_chunks(pattern, max_len: int) -> tuple:
     return chunk, -(-blocks // chunk)
 
 
+def topk_network(compiled, device: torch.device, batch: int, chunks: int) -> bool:
+    """Whether dec_topk takes its top-n by the sorting network (NETWORK):
+    where its grid is small enough that each program's latency is the
+    step's. Measured on an H100 (NOTES v22): the network cut dec_topk from
+    13.8 to 9.8 us at 32k with one sequence (64 programs), the rounds were
+    2 us faster at 64k with 29 (1856 programs)."""
+    programs = batch * compiled.pattern.heads.kv * chunks
+    return programs <= TOPK_NETWORK_PROGRAMS_PER_SM * _processors(device)
+
+
 def _scratch(cache, b: int, compiled, device) -> dict:
     """The step's float32 partials and candidates for b sequences, made once
     per cache and batch (fixed shapes: eager steps and a captured one share
@@ -103,9 +116,10 @@ def _scratch(cache, b: int, compiled, device) -> dict:
     if kp.const("DEC_SCORES"):
         chunk, chunks = topk_chunks(p, cache.max_len)
         s["chunk"], s["chunks"] = chunk, chunks
-        # (DEC_TOPK_NETWORK: slc_topk's int64 keys, which carry the block)
+        s["network"] = topk_network(compiled, device, b, chunks)
+        # (the network's candidates: slc_topk's int64 keys, which carry the block)
         s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device,
-                                    dtype=torch.int64 if kp.const("DEC_TOPK_NETWORK") else torch.float32)
+                                    dtype=torch.int64 if s["network"] else torch.float32)
         s["cand_idx"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int32)
         s["count"] = torch.zeros(b * hkv, device=device, dtype=torch.int32)  # dec_topk's chunks done, per head
     cache.scratch[key] = s
@@ -175,8 +189,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
                 s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
                 s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
-                SPLITS_PAD=s["splits_pad"],
-                num_warps=kp.warps_for("dec_topk"), num_stages=1)
+                SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.num_warps, num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
                 NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1)

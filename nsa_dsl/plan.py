@@ -58,12 +58,12 @@ class KernelPlan:
         """Warps of one of the kernel's entry points: the flash-style dK/dV
         kernels carry their own (*_BWD_DKDV_WARPS), and so does the
         block-centric merge (BC_MERGE_WARPS) and two of the decode step's
-        launches (DEC_TOPK_WARPS, DEC_REDUCE_WARPS); the rest launch with
+        launches (DEC_REDUCE_WARPS); the rest launch with
         num_warps."""
         if entry == "slc_fwd_bc_merge_window" and self.has_const("BC_MERGE_WARPS"):
             return self.const("BC_MERGE_WARPS")
-        if entry in ("dec_topk", "dec_reduce"):
-            return self.const(f"{entry.upper()}_WARPS")
+        if entry == "dec_reduce":
+            return self.const("DEC_REDUCE_WARPS")
         if entry.endswith("_bwd_dkdv"):
             name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
             if self.has_const(name):
@@ -761,18 +761,10 @@ def _decode_kernels(p: Pattern) -> list:
          # dec_reduce: every partial of a branch in one tile, DEC_RED_D value
          # columns per program (a [partials, rows, columns] tile in registers)
          # (its tiles' partial counts come with each launch: launch_decode.decode_step)
-         ("DEC_RED_D", min(32, next_pow2(p.dims.v))), ("DEC_MAX_SPLITS", 16),
-         # the warps of dec_topk (its TOP rounds of reductions) and dec_reduce;
-         # the other launches take the KernelPlan's
-         ("DEC_TOPK_WARPS", 4), ("DEC_REDUCE_WARPS", 4),
-         # dec_topk's top-n of a chunk and of the chunks' candidates: TOP
-         # rounds of (max, lowest block) reductions, or (1) a sorting network
-         # on slc_topk's packed keys (tl.topk)
-         ("DEC_TOPK_NETWORK", 0),
-         # dec_topk's scores: each block's R + BACK tokens as R + BACK strided
-         # loads, or (1) its own R tokens as one contiguous load and the BACK
-         # before it strided
-         ("DEC_TOPK_GROUPED", 0),
+         ("DEC_RED_D", min(16, next_pow2(p.dims.v))), ("DEC_MAX_SPLITS", 16),
+         # dec_reduce on one warp and 16 value columns a program (NOTES v22:
+         # 4 warps on 32 left a batch of one 16 programs; 2.8 us less at 32k)
+         ("DEC_REDUCE_WARPS", 1),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
@@ -783,8 +775,6 @@ def _decode_kernels(p: Pattern) -> list:
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
          ("DEC_CMP_N", 64), ("DEC_CMP_STAGES", 3), ("NB_NONE", 1 << 30))
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
-        # (a selection block's own compressed tokens, padded: DEC_TOPK_GROUPED's tile)
-        + ((("DEC_TOPK_R_PAD", next_pow2(p.select.block // p.compress.stride)),) if ranked else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),
         num_warps=4, num_stages=1, direction="decode")]
@@ -964,7 +954,7 @@ TUNABLE = {
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
-    "DEC_TOPK_NETWORK": _flag, "DEC_TOPK_GROUPED": _flag, "DEC_TOPK_WARPS": _any_warps, "DEC_REDUCE_WARPS": _any_warps, "DEC_RED_D": _pow2_at_least(8),
+    "DEC_REDUCE_WARPS": _any_warps, "DEC_RED_D": _pow2_at_least(8),
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES

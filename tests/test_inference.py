@@ -393,12 +393,11 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
         assert torch.allclose(banded_block_scores(p, ps, nb), dense, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("prompts, max_len, processors", [([150, 197], 210, None), ([90, 530], 600, 64)],
-                         ids=["one chunk and split", "many chunks and splits"])
+@pytest.mark.parametrize("prompts, max_len, processors, network",
+                         [([150, 197], 210, None, None), ([90, 530], 600, 64, False), ([90, 530], 600, 64, True)],
+                         ids=["one chunk and split", "many chunks and splits, rounds", "many chunks and splits, network"])
 @pytest.mark.parametrize("zero_keys", [False, True], ids=["random", "all scores tied"])
-@pytest.mark.parametrize("variant", [{}, {"DEC_TOPK_NETWORK": 1}, {"DEC_TOPK_GROUPED": 1}],
-                         ids=["rounds", "network", "grouped"])
-def test_decode_steps_rank_blocks_as_the_full_forward(variant, zero_keys, prompts, max_len, processors, monkeypatch):
+def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompts, max_len, processors, monkeypatch):
     """Contexts of many more blocks than the top-n, so the decode step's
     own scoring (dec_topk) decides: its blocks obey the selection rule
     against float64 scores, and with every key zero (all scores tied) they
@@ -406,13 +405,16 @@ def test_decode_steps_rank_blocks_as_the_full_forward(variant, zero_keys, prompt
     cache the blocks fall in several of dec_topk's chunks, and with many
     processors (patched) dec_cmp splits the compressed tokens and dec_attend
     takes one item per program (on two, several): the merged candidates
-    and partials must give the same. Both of dec_topk's ways to its top-n
-    (DEC_TOPK_NETWORK)."""
+    and partials must give the same, by both of dec_topk's ways to its
+    top-n (network: forced one way or the other; None: as topk_network
+    chooses)."""
     from nsa_dsl import launch_decode
 
     if processors is not None:
         monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
-    compiled = nsa_dsl.compile(PATTERN, overrides=variant)
+    if network is not None:
+        monkeypatch.setattr(launch_decode, "topk_network", lambda *args: network)
+    compiled = nsa_dsl.compile(PATTERN)
     steps = 6
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
