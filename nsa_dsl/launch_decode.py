@@ -16,11 +16,6 @@ from .geometry import num_blocks
 from .ir import Branch
 from .plan import next_pow2
 
-# dec_attend: the programs per processor below which items are not merged into one program
-ATTEND_PROGRAMS_PER_SM = 2
-# dec_topk's chunks: about this many per sequence and KV head, so a chunk's
-# own top-n stays a small part of the candidates dec_attend merges
-TOPK_CHUNKS = 16
 # dec_topk's programs per processor up to which it takes its top-n by the
 # sorting network rather than rounds of reductions (topk_network)
 TOPK_NETWORK_PROGRAMS_PER_SM = 2
@@ -35,42 +30,47 @@ def _processors(device: torch.device) -> int:
 
 def cmp_splits(compiled, device: torch.device, batch: int, max_c: int) -> tuple:
     """(splits, tokens per split) of dec_cmp over max_c compressed tokens:
-    enough (sequence, KV head, split) programs for one per processor, at
-    most DEC_MAX_SPLITS (dec_reduce and dec_topk merge them in one tile),
-    in whole tiles of DEC_CMP_N tokens."""
+    enough (sequence, KV head, split) programs for DEC_CMP_PROGRAMS_PER_SM
+    per processor, at most DEC_MAX_SPLITS (dec_reduce and dec_topk merge
+    them in one tile), in whole tiles of DEC_CMP_N tokens."""
     kp = compiled.plan.kernel("dec_attend")
     tile = kp.const("DEC_CMP_N")
     tiles = max(1, -(-max_c // tile))
     per_row = batch * compiled.pattern.heads.kv
-    splits = min(tiles, kp.const("DEC_MAX_SPLITS"), max(1, -(-_processors(device) // per_row)))
+    wanted = kp.const("DEC_CMP_PROGRAMS_PER_SM") * _processors(device)
+    splits = min(tiles, kp.const("DEC_MAX_SPLITS"), max(1, -(-wanted // per_row)))
     tokens = -(-tiles // splits) * tile
     return -(-max_c // tokens) if max_c else 1, tokens
 
 
 def attend_span(compiled, device: torch.device, batch: int) -> tuple:
     """(span, programs per KV head) of dec_attend: the most items per
-    program (a power of two) that still leaves ATTEND_PROGRAMS_PER_SM
+    program (a power of two) that still leaves DEC_ATTEND_PROGRAMS_PER_SM
     programs per processor: a batch of one spreads over every item, a large
     batch writes and merges fewer partials (their float32 accumulators
     were 30% of dec_attend's bytes at 64k x 29: NOTES v20)."""
     kp = compiled.plan.kernel("dec_attend")
     slc, win = kp.const("DEC_SLC_ITEMS"), kp.const("DEC_WIN_ITEMS")
     heads = batch * compiled.pattern.heads.kv
+    least = kp.const("DEC_ATTEND_PROGRAMS_PER_SM") * _processors(device)
     span = 1
     while span < max(slc, win):
         wider = 2 * span
-        if heads * (-(-slc // wider) + -(-win // wider)) < ATTEND_PROGRAMS_PER_SM * _processors(device):
+        if heads * (-(-slc // wider) + -(-win // wider)) < least:
             break
         span = wider
     return span, -(-slc // span) + -(-win // span)
 
 
-def topk_chunks(pattern, max_len: int) -> tuple:
+def topk_chunks(compiled, max_len: int) -> tuple:
     """(chunk, chunks) of dec_topk: a power of two of selection blocks (at
     least 16, and at least top-n padded: a chunk's own top-n fills its
-    candidates) so a cache of max_len holds about TOPK_CHUNKS of them."""
+    candidates) so a cache of max_len holds about DEC_TOPK_CHUNKS of them
+    (a chunk's own top-n a small part of the candidates the last merges)."""
+    pattern = compiled.pattern
     blocks = num_blocks(max_len, pattern.select.block)
-    chunk = max(16, next_pow2(pattern.select.top), next_pow2(-(-blocks // TOPK_CHUNKS)))
+    per_head = compiled.plan.kernel("dec_attend").const("DEC_TOPK_CHUNKS")
+    chunk = max(16, next_pow2(pattern.select.top), next_pow2(-(-blocks // per_head)))
     return chunk, -(-blocks // chunk)
 
 
@@ -114,7 +114,7 @@ def _scratch(cache, b: int, compiled, device) -> dict:
     if p.select is not None:  # dec_select's blocks, [b, HKV, TOP_PAD]
         s["idx"] = torch.empty(b, hkv, kp.const("TOP_PAD"), device=device, dtype=torch.int32)
     if kp.const("DEC_SCORES"):
-        chunk, chunks = topk_chunks(p, cache.max_len)
+        chunk, chunks = topk_chunks(compiled, cache.max_len)
         s["chunk"], s["chunks"] = chunk, chunks
         s["network"] = topk_network(compiled, device, b, chunks)
         # (the network's candidates: slc_topk's int64 keys, which carry the block)
@@ -189,7 +189,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
                 s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
                 s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
-                SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.num_warps, num_stages=1)
+                SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.warps_for("dec_topk"), num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
                 NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1)

@@ -58,12 +58,12 @@ class KernelPlan:
         """Warps of one of the kernel's entry points: the flash-style dK/dV
         kernels carry their own (*_BWD_DKDV_WARPS), and so does the
         block-centric merge (BC_MERGE_WARPS) and two of the decode step's
-        launches (DEC_REDUCE_WARPS); the rest launch with
+        launches (DEC_TOPK_WARPS, DEC_REDUCE_WARPS); the rest launch with
         num_warps."""
         if entry == "slc_fwd_bc_merge_window" and self.has_const("BC_MERGE_WARPS"):
             return self.const("BC_MERGE_WARPS")
-        if entry == "dec_reduce":
-            return self.const("DEC_REDUCE_WARPS")
+        if entry in ("dec_topk", "dec_reduce"):
+            return self.const(f"{entry.upper()}_WARPS")
         if entry.endswith("_bwd_dkdv"):
             name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
             if self.has_const(name):
@@ -765,6 +765,12 @@ def _decode_kernels(p: Pattern) -> list:
          # dec_reduce on one warp and 16 value columns a program (NOTES v22:
          # 4 warps on 32 left a batch of one 16 programs; 2.8 us less at 32k)
          ("DEC_REDUCE_WARPS", 1),
+         # dec_topk: its warps, and about how many chunks of blocks a cache's
+         # length makes per KV head (launch_decode.topk_chunks)
+         ("DEC_TOPK_WARPS", 4), ("DEC_TOPK_CHUNKS", 16),
+         # programs per processor that dec_cmp's splits and dec_attend's
+         # items per program aim for (launch_decode.cmp_splits, attend_span)
+         ("DEC_CMP_PROGRAMS_PER_SM", 1), ("DEC_ATTEND_PROGRAMS_PER_SM", 2),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
@@ -954,7 +960,9 @@ TUNABLE = {
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
-    "DEC_REDUCE_WARPS": _any_warps, "DEC_RED_D": _pow2_at_least(8),
+    "DEC_REDUCE_WARPS": _any_warps, "DEC_TOPK_WARPS": _any_warps, "DEC_TOPK_CHUNKS": _pow2_at_least(1),
+    "DEC_CMP_PROGRAMS_PER_SM": _positive, "DEC_ATTEND_PROGRAMS_PER_SM": _positive,
+    "DEC_RED_D": _pow2_at_least(8),
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES

@@ -418,7 +418,7 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompt
     steps = 6
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
-        assert launch_decode.topk_chunks(PATTERN, max_len)[1] >= 3
+        assert launch_decode.topk_chunks(compiled, max_len)[1] >= 3
         assert launch_decode.cmp_splits(compiled, cache.device, 2, cache.max_compressed)[0] >= 3
     # dec_attend: one item per program on many processors, several on the interpreter's two
     span = launch_decode.attend_span(compiled, cache.device, 2)[0]
