@@ -293,8 +293,7 @@ def _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa
                                v_swa=v_swa, k_cmp=k_cmp, v_cmp=v_cmp, return_indices=want_indices,
                                compiled=compiled)
     o, idx = out if want_indices else (out, None)
-    result = [o, _none(q) if idx is None else idx]
-    return tuple(_unaliased(result, (q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp, *tensors)))
+    return o, _none(q) if idx is None else idx
 
 
 @torch.library.custom_op("nsa_dsl::cache_step", mutates_args=tuple(f"cache_{n}" for n in CACHE_TENSORS))
@@ -312,9 +311,11 @@ def nsa_cache_step(cache_key: str, compiled_key: str, q: torch.Tensor, k: torch.
     advancing its lengths; compiled_key empty: the PyTorch schedule.
     pool=mlp's compressed tokens as per-position candidates (k_cmp,
     v_cmp) or per-sequence lists (k_cmp_tokens, v_cmp_tokens)."""
-    return _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp,
-                           k_cmp_tokens, v_cmp_tokens, slots, scale, want_indices,
-                           (cache_k, cache_v, cache_k_cmp, cache_v_cmp, cache_k_swa, cache_v_swa, cache_lengths))
+    tensors = (cache_k, cache_v, cache_k_cmp, cache_v_cmp, cache_k_swa, cache_v_swa, cache_lengths)
+    result = _run_cache_step(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp,
+                             k_cmp_tokens, v_cmp_tokens, slots, scale, want_indices, tensors)
+    # (an op's outputs alias none of its inputs; the eager path needs no copy)
+    return tuple(_unaliased(list(result), (q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp, v_cmp, *tensors)))
 
 
 @nsa_cache_step.register_fake
@@ -325,4 +326,3 @@ def _(cache_key, compiled_key, q, k, v, g_cmp, g_slc, g_swa, k_swa, v_swa, k_cmp
     o = q.new_empty(b, m, p.heads.q, p.dims.v)
     idx = q.new_empty(b, m, p.heads.kv, p.select.top, dtype=torch.int32) if want_indices else _none(q)
     return o, idx
-
