@@ -4,6 +4,10 @@ step) and the host functions of the eager step by own time (cProfile).
 
     python benchmarks/profile_decode.py --specs examples/bench_paper128.nsa:65536:1,... [--top 20]
         [--variant NAME=VALUE[,NAME=VALUE] ...]
+
+--plain N runs N eager steps of each spec with no profiler of its own,
+for a profiler outside the process (ncu: its --launch-skip past the
+first steps' compilation).
 """
 from __future__ import annotations
 
@@ -22,13 +26,18 @@ import bench_decode  # noqa: E402
 import nsa_dsl  # noqa: E402
 
 
-def profile(path: str, context: int, batch: int, steps: int, top: int, overrides=None) -> None:
+def profile(path: str, context: int, batch: int, steps: int, top: int, overrides=None, plain: int = 0) -> None:
     pattern = nsa_dsl.load(path)
     compiled = nsa_dsl.compile(pattern, overrides=overrides)
     cache = bench_decode.filled_cache(compiled, batch, context)
     x = bench_decode.step_inputs(pattern, batch)
     step = bench_decode._rewinding(cache, lambda: compiled.decode(**x, cache=cache))
     with torch.no_grad():
+        if plain:
+            for _ in range(plain):
+                step()
+            torch.cuda.synchronize()
+            return
         for _ in range(5):
             step()
         torch.cuda.synchronize()
@@ -70,12 +79,14 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME=VALUE[,NAME=VALUE...]",
                     help="each spec profiled again with these plan overrides (same run); repeat the option"
                          " for several variants, each profiled on its own")
+    ap.add_argument("--plain", type=int, default=0, metavar="N",
+                    help="only N eager steps per spec, for a profiler outside the process (ncu)")
     args = ap.parse_args(argv)
     variants = [{n: int(v) for n, v in (item.split("=", 1) for item in arg.split(","))} for arg in args.variant]
     for spec in args.specs.split(","):
         path, context, batch = spec.rsplit(":", 2)
         for overrides in [None] + variants:
-            profile(path, int(context), int(batch), args.steps, args.top, overrides)
+            profile(path, int(context), int(batch), args.steps, args.top, overrides, args.plain)
     return 0
 
 

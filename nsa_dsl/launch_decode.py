@@ -109,8 +109,14 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         s["cmp_m"] = torch.empty(b * hkv * splits * rows, **f32)
         s["cmp_l"] = torch.empty_like(s["cmp_m"])
         s["cmp_acc"] = torch.empty(b * hkv * splits * rows, vp, **f32)
-        s["scores"] = torch.empty(max(1, b * hkv * rows * cache.max_compressed), **f32) \
-            if kp.const("DEC_SCORES") else s["cmp_m"]
+        if kp.const("DEC_SCORES"):  # dec_cmp's block sums and their tiles' maxima
+            tiles = -(-cache.max_compressed // kp.const("DEC_CMP_N"))
+            s["sum_blocks"], s["tiles"] = max(1, tiles * kp.const("DEC_CMP_N") // kp.const("R")), max(1, tiles)
+            s["sums"] = torch.empty(b * hkv * kp.const("SUM_PLANES") * rows * s["sum_blocks"], **f32)
+            s["sums_m"] = torch.empty(b * hkv * rows * s["tiles"], **f32)
+        else:
+            s["sums"] = s["sums_m"] = s["cmp_m"]
+            s["sum_blocks"] = s["tiles"] = 1
     if p.select is not None:  # dec_select's blocks, [b, HKV, TOP_PAD]
         s["idx"] = torch.empty(b, hkv, kp.const("TOP_PAD"), device=device, dtype=torch.int32)
     if kp.const("DEC_SCORES"):
@@ -182,13 +188,14 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             max_c, HAS_KW=has_kw, CANDIDATES=candidates, PAGED=cache.paged, num_warps=kp.num_warps, num_stages=1)
     if p.compress is not None:
         _launch(s, mod.dec_cmp, (b * HKV, s["splits"]),
-                q, kc, vc, rows, cache.lengths, s["scores"], s["cmp_m"], s["cmp_l"], s["cmp_acc"], scale_log2, max_c,
-                s["tokens"], num_warps=kp.num_warps, num_stages=kp.const("DEC_CMP_STAGES"))
+                q, kc, vc, rows, cache.lengths, s["sums"], s["sums_m"], s["cmp_m"], s["cmp_l"], s["cmp_acc"],
+                scale_log2, max_c, s["tokens"], s["sum_blocks"], s["tiles"], num_warps=kp.num_warps,
+                num_stages=kp.const("DEC_CMP_STAGES"))
     ranked = kp.const("DEC_SCORES")
     if ranked:
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
-                s["scores"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"], s["count"],
-                s["idx"], max_c, s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
+                s["sums"], s["sums_m"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"],
+                s["count"], s["idx"], s["sum_blocks"], s["tiles"], s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
                 SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.warps_for("dec_topk"), num_stages=1)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,

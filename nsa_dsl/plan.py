@@ -736,7 +736,7 @@ def _decode_kernels(p: Pattern) -> list:
     """The decode step's kernels, one new query per sequence against a
     cache, in launch order: dec_append (the new key and value, the
     compressed token it completes, the length), dec_cmp (the compressed
-    attention over splits of the compressed tokens, keeping the raw scores),
+    attention over splits of the compressed tokens, keeping block sums),
     dec_topk (block scores and each chunk's own top-n), dec_attend (each
     selected block and window tile into a softmax partial) and dec_reduce
     (the branches merged and gated). Only where the pattern has a selection
@@ -745,9 +745,18 @@ def _decode_kernels(p: Pattern) -> list:
         return []
     keys = p.select.block if p.select is not None else max(16, min(64, next_pow2(p.window.size)))
     slc_items = p.select.top if p.select is not None else 0
+    ranked = p.select is not None and p.compress is not None
+    # a ranked selection's block sums (dec_cmp): R compressed tokens start in
+    # each selection block, each overlapping the blocks after its own by
+    # BACK tokens, so a token weighs in SUM_PLANES blocks; dec_cmp's tile
+    # holds whole blocks (a power of two: select.block is, the stride
+    # divides it), three stages deep where it is the usual 64 tokens
+    r = p.select.block // p.compress.stride if ranked else 1
+    back = p.compress.block // p.compress.stride - 1 if ranked else 0
+    cmp_n = max(64, r)
+    sums = ((("R", r), ("BACK", back), ("SUM_PLANES", 1 + -(-back // r))) if ranked else ())
     win_items = -(-p.window.size // keys) if p.window is not None else 0
     combined = p.combined_branches
-    ranked = p.select is not None and p.compress is not None
     return [KernelPlan(
         "dec_attend", "decode.py.jinja",
         "decode step: the new key appended (and the compressed token it completes), the compressed attention"
@@ -779,7 +788,8 @@ def _decode_kernels(p: Pattern) -> list:
          # of blocks sized per cache (launch_decode.topk_chunks; DEC_SCORES: a
          # ranked selection); NB_NONE: the block id after every real one
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
-         ("DEC_CMP_N", 64), ("DEC_CMP_STAGES", 3), ("NB_NONE", 1 << 30))
+         ("DEC_CMP_N", cmp_n), ("DEC_CMP_STAGES", 3 if cmp_n == 64 else 1), ("NB_NONE", 1 << 30))
+        + sums
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
             ("INITIAL", p.select.initial), ("LOCAL", p.select.local)) if p.select is not None else ()),

@@ -450,6 +450,47 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompt
         assert rel_error(torch.cat(outs[i])[None], ref[:, positions]) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("block, stride, select_block, top, prompt, zero_keys", [
+    (64, 16, 32, 3, 300, False),   # a token weighs in its own block and the next two: three planes of sums
+    (64, 16, 32, 3, 300, True),    # the same, every score tied: the full forward's blocks exactly
+    (8, 8, 16, 3, 200, False),     # no overlap: one plane
+    (16, 1, 128, 2, 700, False),   # 128 tokens a block: dec_cmp's tile widened to hold one
+], ids=["three planes", "three planes, tied", "one plane", "a block wider than the tile"])
+def test_block_sums_of_every_geometry_rank_as_the_full_forward(block, stride, select_block, top, prompt, zero_keys):
+    """dec_cmp's block sums (a plane per block a token weighs in, tiles of
+    whole blocks) at geometries unlike the paper's: decode steps over more
+    blocks than the top-n pick blocks by the selection rule, and tied
+    scores give the full forward's blocks."""
+    pattern = nsa_dsl.parse(f"""
+    pattern sums {{
+        heads    q=2 kv=1
+        dims     qk=16
+        compress block={block} stride={stride}
+        select   block={select_block} top={top} initial=1 local=1
+    }}
+    """)
+    steps = 3
+    compiled = nsa_dsl.compile(pattern)
+    args = random_inputs(pattern, 1, prompt + steps, torch.float32, seed=block + stride + select_block)
+    if zero_keys:
+        args["k"].zero_()
+    cache = compiled.new_cache(1, prompt + steps, dtype=torch.float32)
+    compiled.prefill(**_slice(args, pattern, 0, prompt), cache=cache)
+    outs, idxs = [], []
+    for t in range(prompt, prompt + steps):
+        o, idx = compiled.decode(**_slice(args, pattern, t, t + 1), cache=cache, return_indices=True)
+        outs.append(o)
+        idxs.append(idx)
+    idx = torch.cat(idxs, 1)
+    full_o, full_idx = _full(pattern, args)
+    if zero_keys:
+        assert torch.equal(idx, full_idx[:, prompt:].to(torch.int32))
+    assert_selection_rule(pattern, args, torch.cat([full_idx[:, :prompt].to(torch.int32), idx], 1),
+                          eps_rel=1e-5, eps_abs=1e-6)
+    ref = reference(pattern, **upcast(args), indices=torch.cat([full_idx[:, :prompt], idx.long()], 1))
+    assert rel_error(torch.cat(outs, 1), ref[:, prompt:]) < TOLERANCE[torch.float32]
+
+
 def test_pool_mlp_tokens_as_per_position_candidates():
     """pool=mlp's compressed tokens as a tensor [b, m, HKV, D], one
     candidate per new position (the token whose block ends there): the
