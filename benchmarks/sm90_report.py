@@ -56,7 +56,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   # (launch_decode: 9 chunks of 128 blocks)
                   "CHUNK": 128, "NC_PAD": 16, "HAS_KW": False, "CANDIDATES": False,
                   "SPAN": 4, "PARTS_PAD": 4, "SPLITS_PAD": 16, "PAGED": False,
-                  "NETWORK": False}
+                  "NETWORK": False, "PDL": False}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
 PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}

@@ -84,6 +84,21 @@ def topk_network(compiled, device: torch.device, batch: int, chunks: int) -> boo
     return programs <= TOPK_NETWORK_PROGRAMS_PER_SM * _processors(device)
 
 
+@lru_cache(maxsize=None)
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def pdl_launch(compiled, device: torch.device) -> dict:
+    """The launch arguments of programmatic dependent launch (each decode
+    kernel waits for the previous one inside: _dec_wait) where the plan
+    asks for it (DEC_PDL) and the device has it (sm_90 on); none elsewhere
+    (the interpreter, older GPUs)."""
+    if compiled.plan.kernel("dec_attend").const("DEC_PDL") and _hopper(device):
+        return {"PDL": True, "launch_pdl": True}
+    return {}
+
+
 def _scratch(cache, b: int, compiled, device) -> dict:
     """The step's float32 partials and candidates for b sequences, made once
     per cache and batch (fixed shapes: eager steps and a captured one share
@@ -169,6 +184,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
     dev = q.device
     s = _scratch(cache, b, compiled, dev)
+    pdl = pdl_launch(compiled, dev)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     has_kw = cache.k_swa is not None
     kw, vw = (cache.k_swa, cache.v_swa) if has_kw else (cache.k, cache.v)
@@ -183,26 +199,28 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     layout = (cache.block_table, cache.page_size, cache.block_table.shape[1])
     _launch(s, mod.dec_append, (b,),
             k, v, k_new_w, v_new_w, kc_new, vc_new, cache.k, cache.v, kw, vw, kc, vc, rows, cache.lengths, *layout,
-            max_c, HAS_KW=has_kw, CANDIDATES=candidates, PAGED=cache.paged, num_warps=kp.num_warps, num_stages=1)
+            max_c, HAS_KW=has_kw, CANDIDATES=candidates, PAGED=cache.paged, num_warps=kp.num_warps, num_stages=1,
+            **pdl)
     if p.compress is not None:
         _launch(s, mod.dec_cmp, (b * HKV, s["splits"]),
                 q, kc, vc, rows, cache.lengths, s["sums"], s["sums_m"], s["cmp_m"], s["cmp_l"], s["cmp_acc"],
                 scale_log2, max_c, s["tokens"], s["sum_blocks"], s["tiles"], num_warps=kp.num_warps,
-                num_stages=kp.const("DEC_CMP_STAGES"))
+                num_stages=kp.const("DEC_CMP_STAGES"), **pdl)
     ranked = kp.const("DEC_SCORES")
     if ranked:
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
                 s["sums"], s["sums_m"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"],
                 s["count"], s["idx"], s["sum_blocks"], s["tiles"], s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
-                SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.warps_for("dec_topk"), num_stages=1)
+                SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.warps_for("dec_topk"), num_stages=1,
+                **pdl)
     elif p.select is not None:  # the static selection's blocks
         _launch(s, mod.dec_select, (b * HKV,), s["part_m"], rows, cache.lengths, s["idx"], 1,
-                NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1)
+                NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1, **pdl)
     span, programs = s["span"]
     _launch(s, mod.dec_attend, (b * HKV, programs),
             q, cache.k, cache.v, kw, vw, s.get("idx", s["part_m"]), rows, cache.lengths, s["part_m"], s["part_l"],
             s["part_acc"], scale_log2, *layout, SPAN=span, PAGED=cache.paged, num_warps=kp.num_warps,
-            num_stages=kp.num_stages)
+            num_stages=kp.num_stages, **pdl)
     o = torch.empty(b, 1, HQ, DV, device=dev, dtype=q.dtype)
     gate = {br: gates.get(br) for br in (Branch.CMP, Branch.SLC, Branch.SWA)}
     ptrs = [g.contiguous() if g is not None else s["part_m"] for g in gate.values()]
@@ -214,6 +232,6 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
             HAS_G_CMP=gate[Branch.CMP] is not None, HAS_G_SLC=gate[Branch.SLC] is not None,
             HAS_G_SWA=gate[Branch.SWA] is not None, SPAN=span,
             PARTS_PAD=s["parts_pad"], SPLITS_PAD=s["splits_pad"], num_warps=kp.warps_for("dec_reduce"),
-            num_stages=1)
+            num_stages=1, **pdl)
     want = want_indices and p.select is not None
     return o, (s["idx"][:, None, :, :p.select.top].clone() if want else None)

@@ -780,6 +780,9 @@ def _decode_kernels(p: Pattern) -> list:
          # programs per processor that dec_cmp's splits and dec_attend's
          # items per program aim for (launch_decode.cmp_splits, attend_span)
          ("DEC_CMP_PROGRAMS_PER_SM", 1), ("DEC_ATTEND_PROGRAMS_PER_SM", 2),
+         # programmatic dependent launch of the step's kernels on sm_90
+         # (launch_decode.pdl_launch)
+         ("DEC_PDL", 0),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
@@ -972,7 +975,7 @@ TUNABLE = {
     "SLC_BWD_CHUNK": _positive,
     "DEC_REDUCE_WARPS": _any_warps, "DEC_TOPK_WARPS": _any_warps, "DEC_TOPK_CHUNKS": _pow2_at_least(1),
     "DEC_CMP_PROGRAMS_PER_SM": _positive, "DEC_ATTEND_PROGRAMS_PER_SM": _positive,
-    "DEC_RED_D": _pow2_at_least(8),
+    "DEC_RED_D": _pow2_at_least(8), "DEC_PDL": _flag,
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES

@@ -494,6 +494,46 @@ def test_a_decode_step_replays_in_a_cuda_graph():
     assert graph_cache.lengths.tolist() == [4101, 1005, 3338]
 
 
+def test_decode_steps_with_dependent_launch_equal_those_without():
+    """DEC_PDL: each decode kernel launched to overlap the previous one's
+    end, waiting for it inside. Its steps, eager and replayed from a CUDA
+    graph, must be bitwise the plain launches' (bf16, paper128, a ragged
+    batch of 3 at 4k contexts, 4 steps)."""
+    from nsa_dsl import launch_decode
+
+    pattern = nsa_dsl.load("examples/bench_paper128.nsa")
+    plain, pdl = nsa_dsl.compile(pattern), nsa_dsl.compile(pattern, overrides={"DEC_PDL": 1})
+    assert launch_decode.pdl_launch(pdl, torch.device("cuda")) and not launch_decode.pdl_launch(
+        plain, torch.device("cuda"))
+    caches = [c.new_cache(3, 8192, device="cuda", dtype=torch.bfloat16) for c in (plain, pdl, pdl)]
+    with torch.no_grad():
+        for compiled, cache in zip((plain, pdl, pdl), caches):
+            for s, n in enumerate((4096, 1000, 3333)):
+                compiled.prefill(**random_inputs(pattern, 1, n, torch.bfloat16, seed=s, device="cuda"),
+                                 cache=cache, slots=[s])
+        static_in = random_inputs(pattern, 3, 1, torch.bfloat16, seed=99, device="cuda")
+        warm = pdl.new_cache(3, 8192, device="cuda", dtype=torch.bfloat16)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            pdl.decode(**static_in, cache=warm)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = pdl.decode(**static_in, cache=caches[2])
+        caches[2].host_lengths = [n - 1 for n in caches[2].host_lengths]
+        for t in range(4):
+            fresh = random_inputs(pattern, 3, 1, torch.bfloat16, seed=300 + t, device="cuda")
+            want = plain.decode(**fresh, cache=caches[0])
+            assert torch.equal(pdl.decode(**fresh, cache=caches[1]), want)
+            for n, x in fresh.items():
+                static_in[n].copy_(x)
+            graph.replay()
+            assert torch.equal(static_out, want)
+    torch.cuda.synchronize()
+    assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == caches[2].lengths.tolist() == [4100, 1004, 3337]
+
+
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa"])
 def test_decode_kernels_give_the_full_forward_bf16(name, paged):
