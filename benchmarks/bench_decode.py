@@ -322,6 +322,41 @@ def run(pattern, context: int, batch: int, ceil: dict, warmup: float, rep: float
     return rows
 
 
+def plot_decode(rows: list, path, title: str = "") -> bool:
+    """ms per step against the context, log-log: one panel per (pattern,
+    batch kind: one sequence, or the cache-sized batch), one line per
+    implementation's decode rows. False where matplotlib is missing or there
+    is nothing to plot."""
+    plt = bench.pyplot()
+    usable = [r for r in rows if r.get("pass") == "decode" and r.get("ms")]
+    if plt is None or not usable:
+        return False
+    panels = sorted({(r["pattern"], r["batch"] == 1) for r in usable}, key=lambda k: (k[0], not k[1]))
+    impls = sorted({r["impl"] for r in usable})
+    colors = {impl: f"C{i % 10}" for i, impl in enumerate(impls)}
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+    for ax, (pattern, single) in zip(axes[0], panels):
+        for impl in impls:
+            pts = sorted((r["T"], r["ms"]) for r in usable
+                         if r["impl"] == impl and r["pattern"] == pattern and (r["batch"] == 1) == single)
+            if pts:
+                ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=colors[impl],
+                        linestyle="--" if impl.endswith("_eager") else "-", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (positions)")
+        ax.set_ylabel("ms per step (median)")
+        ax.set_title(f"{pattern}, " + ("one sequence" if single else "a batch of a 4 GB cache"))
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def summary(rows: list) -> str:
     impls = ("nsa_dsl_eager", "nsa_dsl_graph", "sdpa_eager", "sdpa_graph", "flash_nsa_eager", "flash_nsa_graph",
              "nsa_dsl_variant_graph", "nsa_dsl_paged_graph", "flex_graph")
@@ -375,7 +410,15 @@ def main(argv=None) -> int:
                     help="nsa_dsl_paged rows: the default's steps on a paged cache of pages this large")
     ap.add_argument("--prefill-chunk", type=int, default=None, metavar="POSITIONS",
                     help="prefill rows too: a piece this long after each context, against the training forward")
+    ap.add_argument("--plot", default="", metavar="JSON",
+                    help="only draw JSON's rows (an earlier run's decode_bench.json) to the .png beside it")
     args = ap.parse_args(argv)
+    if args.plot:
+        data = json.loads(Path(args.plot).read_text())
+        png = Path(args.plot).with_suffix(".png")
+        drawn = plot_decode(data["rows"], png, f"{data.get('device', '')} bf16, one decode step")
+        print(f"wrote {png}" if drawn else "no plot: matplotlib missing or no decode rows")
+        return 0
     variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)} or None
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.flash_nsa:
@@ -401,7 +444,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     bench.write_json(out / "decode_bench.json", {"device": torch.cuda.get_device_name(), "ceilings": ceil,
                                                   "cache_gb": args.cache_gb}, rows)
-    print(summary(rows))
+    drawn = plot_decode(rows, out / "decode_bench.png", f"{torch.cuda.get_device_name()} bf16, one decode step")
+    print(summary(rows) + ("\nwrote decode_bench.png" if drawn else ""))
     return 0
 
 
