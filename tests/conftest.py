@@ -6,8 +6,19 @@
   reproducible) is the default; `dev` draws more, randomly. Choose with
   NSA_DSL_HYPOTHESIS_PROFILE=dev.
 * Tests marked `gpu` are skipped when no CUDA device is present.
+* OPENBLAS_CORETYPE=Sandybridge (numpy's OpenBLAS, read when numpy first
+  loads: set before anything imports it) where not set: the interpreter's
+  tl.dot is numpy's matmul, and OpenBLAS's FMA kernels (Haswell, Zen) round
+  a product's edge columns apart from its others (no FMA there), so equal
+  block scores came out an ulp apart and "the same arithmetic" tests saw
+  1-ulp differences on an AMD EPYC (NOTES v23). Sandybridge's kernels (AVX,
+  no FMA) round every column alike, as the GPU's MMA does.
 """
 import os
+import sys
+
+if "numpy" not in sys.modules:
+    os.environ.setdefault("OPENBLAS_CORETYPE", "Sandybridge")
 
 
 def _has_cuda() -> bool:
