@@ -208,7 +208,7 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                         entry_args = {**entry_args, "TOPK_TMA": True}
                     sig, consts, attrs = signature(fn, dims, pattern.select.top if pattern.select else 16, entry_args,
                                                    descriptors)
-                    if entry in ("dec_topk", "dec_select"):
+                    if entry == "dec_topk" and entry_args.get("NETWORK"):
                         sig["cand_key_ptr"] = "*i64"  # the candidates as slc_topk's keys
                     warps = kernel.warps_for(entry)
                     # the slot reductions launch with their own stages

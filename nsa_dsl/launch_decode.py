@@ -138,8 +138,10 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         chunk, chunks = topk_chunks(compiled, cache.max_len)
         s["chunk"], s["chunks"] = chunk, chunks
         s["network"] = topk_network(compiled, device, b, chunks)
-        # (the candidates: slc_topk's int64 keys, which carry the block)
-        s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int64)
+        # (the network's candidates: slc_topk's int64 keys, which carry the block)
+        s["cand_key"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device,
+                                    dtype=torch.int64 if s["network"] else torch.float32)
+        s["cand_idx"] = torch.empty(b * hkv * chunks * kp.const("TOP_PAD"), device=device, dtype=torch.int32)
         s["count"] = torch.zeros(b * hkv, device=device, dtype=torch.int32)  # dec_topk's chunks done, per head
     cache.scratch[key] = s
     return s
@@ -209,12 +211,13 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     ranked = kp.const("DEC_SCORES")
     if ranked:
         _launch(s, mod.dec_topk, (b * HKV, s["chunks"]),
-                s["sums"], s["sums_m"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"],
-                s["count"], s["idx"], s["sum_blocks"], s["tiles"], s["tokens"], s["splits"], CHUNK=s["chunk"], NC_PAD=next_pow2(s["chunks"]),
+                s["sums"], s["sums_m"], s["cmp_m"], s["cmp_l"], rows, cache.lengths, s["cand_key"], s["cand_idx"],
+                s["count"], s["idx"], s["sum_blocks"], s["tiles"], s["tokens"], s["splits"], CHUNK=s["chunk"],
+                NC_PAD=next_pow2(s["chunks"]),
                 SPLITS_PAD=s["splits_pad"], NETWORK=s["network"], num_warps=kp.warps_for("dec_topk"), num_stages=1,
                 **pdl)
     elif p.select is not None:  # the static selection's blocks
-        _launch(s, mod.dec_select, (b * HKV,), s["part_m"], rows, cache.lengths, s["idx"], 1,
+        _launch(s, mod.dec_select, (b * HKV,), s["part_m"], s["idx"], rows, cache.lengths, s["idx"], 1,
                 NC_PAD=1, CHUNK=16, num_warps=1, num_stages=1, **pdl)
     span, programs = s["span"]
     _launch(s, mod.dec_attend, (b * HKV, programs),
