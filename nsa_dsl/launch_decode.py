@@ -124,11 +124,15 @@ def _scratch(cache, b: int, compiled, device) -> dict:
         s["cmp_m"] = torch.empty(b * hkv * splits * rows, **f32)
         s["cmp_l"] = torch.empty_like(s["cmp_m"])
         s["cmp_acc"] = torch.empty(b * hkv * splits * rows, vp, **f32)
-        if kp.const("DEC_SCORES"):  # dec_cmp's block sums and their tiles' maxima
+        if kp.const("DEC_SCORES") and kp.const("DEC_BLOCK_SUMS"):  # block sums and their tiles' maxima
             tiles = -(-cache.max_compressed // kp.const("DEC_CMP_N"))
             s["sum_blocks"], s["tiles"] = max(1, tiles * kp.const("DEC_CMP_N") // kp.const("R")), max(1, tiles)
             s["sums"] = torch.empty(b * hkv * kp.const("SUM_PLANES") * rows * s["sum_blocks"], **f32)
             s["sums_m"] = torch.empty(b * hkv * rows * s["tiles"], **f32)
+        elif kp.const("DEC_SCORES"):  # each visible token's raw score, [b*HKV, DEC_ROWS, max_c]
+            s["sum_blocks"], s["tiles"] = max(1, cache.max_compressed), 1
+            s["sums"] = torch.empty(b * hkv * rows * s["sum_blocks"], **f32)
+            s["sums_m"] = s["cmp_m"]
         else:
             s["sums"] = s["sums_m"] = s["cmp_m"]
             s["sum_blocks"] = s["tiles"] = 1

@@ -746,14 +746,14 @@ def _decode_kernels(p: Pattern) -> list:
     keys = p.select.block if p.select is not None else max(16, min(64, next_pow2(p.window.size)))
     slc_items = p.select.top if p.select is not None else 0
     ranked = p.select is not None and p.compress is not None
-    # a ranked selection's block sums (dec_cmp): R compressed tokens start in
-    # each selection block, each overlapping the blocks after its own by
-    # BACK tokens, so a token weighs in SUM_PLANES blocks; dec_cmp's tile
-    # holds whole blocks (a power of two: select.block is, the stride
-    # divides it), three stages deep where it is the usual 64 tokens
+    # a ranked selection's block scores: R compressed tokens start in each
+    # selection block, each overlapping the blocks after its own by BACK
+    # tokens, so a token weighs in SUM_PLANES blocks. DEC_BLOCK_SUMS (off
+    # until a GPU has timed it): dec_cmp leaves block sums, not raw scores;
+    # its tile must then hold whole blocks (DEC_CMP_N >= R, checked with
+    # the overrides)
     r = p.select.block // p.compress.stride if ranked else 1
     back = p.compress.block // p.compress.stride - 1 if ranked else 0
-    cmp_n = max(64, r)
     sums = ((("R", r), ("BACK", back), ("SUM_PLANES", 1 + -(-back // r))) if ranked else ())
     win_items = -(-p.window.size // keys) if p.window is not None else 0
     combined = p.combined_branches
@@ -791,7 +791,7 @@ def _decode_kernels(p: Pattern) -> list:
          # of blocks sized per cache (launch_decode.topk_chunks; DEC_SCORES: a
          # ranked selection); NB_NONE: the block id after every real one
          ("DEC_HAS_CMP_KERNELS", p.compress is not None), ("DEC_SCORES", ranked),
-         ("DEC_CMP_N", cmp_n), ("DEC_CMP_STAGES", 3 if cmp_n == 64 else 1), ("NB_NONE", 1 << 30))
+         ("DEC_CMP_N", 64), ("DEC_CMP_STAGES", 3), ("DEC_BLOCK_SUMS", 0), ("NB_NONE", 1 << 30))
         + sums
         + ((("CMP_BLOCK", p.compress.block), ("CMP_STRIDE", p.compress.stride)) if p.compress is not None else ())
         + ((("SLC_BLOCK", p.select.block), ("TOP", p.select.top), ("TOP_PAD", next_pow2(p.select.top)),
@@ -975,7 +975,8 @@ TUNABLE = {
     "SLC_BWD_CHUNK": _positive,
     "DEC_REDUCE_WARPS": _any_warps, "DEC_TOPK_WARPS": _any_warps, "DEC_TOPK_CHUNKS": _pow2_at_least(1),
     "DEC_CMP_PROGRAMS_PER_SM": _positive, "DEC_ATTEND_PROGRAMS_PER_SM": _positive,
-    "DEC_RED_D": _pow2_at_least(8), "DEC_PDL": _flag,
+    "DEC_RED_D": _pow2_at_least(8), "DEC_PDL": _flag, "DEC_BLOCK_SUMS": _flag, "DEC_CMP_N": _pow2_at_least(16),
+    "DEC_CMP_STAGES": _stages,
 }
 
 # The plan's own sizes that no tuned record sets are not tunable (NOTES
@@ -1079,6 +1080,12 @@ def apply_overrides(plan: Plan, overrides: dict) -> Plan:
             raise ValueError(f"override BC_LOCAL_IN_WINDOW: needs the window ({swa.const('WINDOW')}) at least LOCAL x"
                              f" the selection block ({local} x {block}), and BC_WINDOW_TOKENS ({tokens}) and"
                              f" SWA_BLOCK_N ({swa_n}) dividing the block")
+    if consts.get("DEC_BLOCK_SUMS") or "DEC_CMP_N" in consts:
+        dec = dict(plan.kernel("dec_attend").constants) if plan.has("dec_attend") else {}
+        tile, r = consts.get("DEC_CMP_N", dec.get("DEC_CMP_N")), dec.get("R", 1)
+        if consts.get("DEC_BLOCK_SUMS", dec.get("DEC_BLOCK_SUMS")) and tile is not None and tile < r:
+            raise ValueError(f"override DEC_BLOCK_SUMS: dec_cmp's tile (DEC_CMP_N {tile}) must hold a whole"
+                             f" selection block's {r} compressed tokens; override DEC_CMP_N to {r} too")
     if "DEC_RED_D" in consts and consts["DEC_RED_D"] > plan.v_pad:
         raise ValueError(f"override DEC_RED_D: {consts['DEC_RED_D']} value columns per dec_reduce program,"
                          f" more than the padded value width {plan.v_pad}")

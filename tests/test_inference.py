@@ -393,13 +393,16 @@ def test_banded_block_scores_equal_the_dense_overlap_product(block, stride, sele
         assert torch.allclose(banded_block_scores(p, ps, nb), dense, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("prompts, max_len, processors, network, zero_keys", [
-    ([150, 197], 210, None, None, False),
-    ([90, 530], 600, 64, False, False), ([90, 530], 600, 64, False, True),
-    ([90, 530], 600, 64, True, False), ([90, 530], 600, 64, True, True)],
+@pytest.mark.parametrize("prompts, max_len, processors, network, zero_keys, sums", [
+    ([150, 197], 210, None, None, False, False),
+    ([90, 530], 600, 64, False, False, False), ([90, 530], 600, 64, False, True, False),
+    ([90, 530], 600, 64, True, False, False), ([90, 530], 600, 64, True, True, False),
+    ([90, 530], 600, 64, False, True, True), ([90, 530], 600, 64, True, False, True)],
     ids=["one chunk and split", "many chunks and splits, rounds", "many chunks and splits, rounds, all scores tied",
-         "many chunks and splits, network", "many chunks and splits, network, all scores tied"])
-def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompts, max_len, processors, monkeypatch):
+         "many chunks and splits, network", "many chunks and splits, network, all scores tied",
+         "block sums, rounds, all scores tied", "block sums, network"])
+def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, sums, prompts, max_len, processors,
+                                                      monkeypatch):
     """Contexts of many more blocks than the top-n, so the decode step's
     own scoring (dec_topk) decides: its blocks obey the selection rule
     against float64 scores, and with every key zero (all scores tied) they
@@ -409,14 +412,14 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompt
     takes one item per program (on two, several): the merged candidates
     and partials must give the same, by both of dec_topk's ways to its
     top-n (network: forced one way or the other; None: as topk_network
-    chooses)."""
+    chooses); sums: from dec_cmp's block sums (DEC_BLOCK_SUMS)."""
     from nsa_dsl import launch_decode
 
     if processors is not None:
         monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
     if network is not None:
         monkeypatch.setattr(launch_decode, "topk_network", lambda *args: network)
-    compiled = nsa_dsl.compile(PATTERN)
+    compiled = nsa_dsl.compile(PATTERN, overrides={"DEC_BLOCK_SUMS": 1} if sums else None)
     steps = 4
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
@@ -450,14 +453,17 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, prompt
         assert rel_error(torch.cat(outs[i])[None], ref[:, positions]) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("sums", [False, True], ids=["raw scores", "block sums"])
 @pytest.mark.parametrize("block, stride, select_block, top, prompt, zero_keys", [
     (64, 16, 32, 3, 300, False),   # a token weighs in its own block and the next two: three planes of sums
     (64, 16, 32, 3, 300, True),    # the same, every score tied: the full forward's blocks exactly
     (8, 8, 16, 3, 200, False),     # no overlap: one plane
-    (16, 1, 128, 2, 700, False),   # 128 tokens a block: dec_cmp's tile widened to hold one
+    (16, 1, 128, 2, 700, False),   # 128 tokens a block: dec_cmp's tile widened to hold one (block sums)
 ], ids=["three planes", "three planes, tied", "one plane", "a block wider than the tile"])
-def test_block_sums_of_every_geometry_rank_as_the_full_forward(block, stride, select_block, top, prompt, zero_keys):
-    """dec_cmp's block sums (a plane per block a token weighs in, tiles of
+def test_decode_scoring_of_every_geometry_ranks_as_the_full_forward(block, stride, select_block, top, prompt,
+                                                                     zero_keys, sums):
+    """dec_topk's block scores from dec_cmp's raw scores, or from its block
+    sums (DEC_BLOCK_SUMS: a plane per block a token weighs in, tiles of
     whole blocks) at geometries unlike the paper's: decode steps over more
     blocks than the top-n pick blocks by the selection rule, and tied
     scores give the full forward's blocks."""
@@ -470,7 +476,8 @@ def test_block_sums_of_every_geometry_rank_as_the_full_forward(block, stride, se
     }}
     """)
     steps = 3
-    compiled = nsa_dsl.compile(pattern)
+    overrides = {"DEC_BLOCK_SUMS": 1, "DEC_CMP_N": max(64, select_block // stride)} if sums else None
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
     args = random_inputs(pattern, 1, prompt + steps, torch.float32, seed=block + stride + select_block)
     if zero_keys:
         args["k"].zero_()
@@ -489,6 +496,19 @@ def test_block_sums_of_every_geometry_rank_as_the_full_forward(block, stride, se
                           eps_rel=1e-5, eps_abs=1e-6)
     ref = reference(pattern, **upcast(args), indices=torch.cat([full_idx[:, :prompt], idx.long()], 1))
     assert rel_error(torch.cat(outs, 1), ref[:, prompt:]) < TOLERANCE[torch.float32]
+
+
+def test_block_sums_need_a_tile_of_whole_blocks():
+    """DEC_BLOCK_SUMS sums each selection block's tokens within one of
+    dec_cmp's tiles: an override leaving a block wider than the tile is
+    refused, naming the fix."""
+    pattern = nsa_dsl.parse("""
+    pattern wide { heads q=2 kv=1  dims qk=16  compress block=16 stride=1  select block=128 top=4 }
+    """)
+    with pytest.raises(ValueError, match="DEC_CMP_N to 128"):
+        nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": 1})
+    assert nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": 1, "DEC_CMP_N": 128}).plan.kernel(
+        "dec_attend").const("DEC_BLOCK_SUMS")
 
 
 def test_pool_mlp_tokens_as_per_position_candidates():
