@@ -534,18 +534,20 @@ def test_decode_steps_with_dependent_launch_equal_those_without():
     assert caches[0].lengths.tolist() == caches[1].lengths.tolist() == caches[2].lengths.tolist() == [4100, 1004, 3337]
 
 
+@pytest.mark.parametrize("sums", [False, True], ids=["raw scores", "block sums"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("name", ["bench_paper128", "deepseek_nsa"])
-def test_decode_kernels_give_the_full_forward_bf16(name, paged):
+def test_decode_kernels_give_the_full_forward_bf16(name, paged, sums):
     """A prompt of 8k through the cache, then decode steps through the
     decode kernels (launch_decode.decode_step) against the compiled full
     forward at those positions on the same blocks (a near-tie may flip a
     block between the two scorings). paged: pages of four selection
-    blocks, shuffled in the pool."""
+    blocks, shuffled in the pool. sums: dec_topk scoring from dec_cmp's
+    block sums (DEC_BLOCK_SUMS)."""
     from nsa_dsl.geometry import num_compressed
 
     pattern = _patterns()[name]
-    compiled = nsa_dsl.compile(pattern)
+    compiled = nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": 1} if sums else None)
     prompt, steps = 8192, 4
     args = random_inputs(pattern, 2, prompt + steps, torch.bfloat16, seed=7, device="cuda")
     mlp = "k_cmp" in args
@@ -578,7 +580,8 @@ def test_decode_kernels_give_the_full_forward_bf16(name, paged):
         full_idx[:, prompt:] = torch.cat(idxs, 1)
         full = compiled(**args, indices=full_idx)
     err = rel_error(torch.cat(outs, 1), full[:, prompt:])
-    _log({"test": "decode_kernels", "pattern": name, "paged": paged, "context": prompt, "rel_error": err})
+    _log({"test": "decode_kernels", "pattern": name, "paged": paged, "block_sums": sums, "context": prompt,
+          "rel_error": err})
     assert err < TOLERANCE[torch.bfloat16]
 
 
