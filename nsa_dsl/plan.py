@@ -736,7 +736,8 @@ def _decode_kernels(p: Pattern) -> list:
     """The decode step's kernels, one new query per sequence against a
     cache, in launch order: dec_append (the new key and value, the
     compressed token it completes, the length), dec_cmp (the compressed
-    attention over splits of the compressed tokens, keeping block sums),
+    attention over splits of the compressed tokens, keeping raw scores or,
+    DEC_BLOCK_SUMS, block sums),
     dec_topk (block scores and each chunk's own top-n), dec_attend (each
     selected block and window tile into a softmax partial) and dec_reduce
     (the branches merged and gated). Only where the pattern has a selection
