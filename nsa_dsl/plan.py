@@ -776,8 +776,10 @@ def _decode_kernels(p: Pattern) -> list:
          # 4 warps on 32 left a batch of one 16 programs; 2.8 us less at 32k)
          ("DEC_REDUCE_WARPS", 1),
          # dec_topk: its warps, and about how many chunks of blocks a cache's
-         # length makes per KV head (launch_decode.topk_chunks)
-         ("DEC_TOPK_WARPS", 4), ("DEC_TOPK_CHUNKS", 16),
+         # length makes per KV head (launch_decode.topk_chunks): 32 against
+         # 16, dec_topk 42.8 -> 41.9 us at 64k x 29, 57.9 -> 51.8 at 128k x
+         # 14, 9.9 -> 8.0 at 32k x 1 (H100, NOTES v23)
+         ("DEC_TOPK_WARPS", 4), ("DEC_TOPK_CHUNKS", 32),
          # programs per processor that dec_cmp's splits and dec_attend's
          # items per program aim for (launch_decode.cmp_splits, attend_span)
          ("DEC_CMP_PROGRAMS_PER_SM", 1), ("DEC_ATTEND_PROGRAMS_PER_SM", 2),
