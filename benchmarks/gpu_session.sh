@@ -102,7 +102,7 @@ case "${1:-}" in
         -k "decode_kernels or dependent or replays" 2>&1 | tee "$OUT/pytest_decode.log" | tail -n 5
       timeout 150 python3 benchmarks/profile_decode.py --top 0 --steps 30 \
         --specs examples/bench_paper128.nsa:65536:29,examples/bench_paper128.nsa:131072:14,examples/bench_paper128.nsa:32768:1 \
-        --variant DEC_BLOCK_SUMS=1 --variant DEC_BLOCK_SUMS=1,DEC_TOPK_CHUNKS=32 --variant DEC_PDL=1 \
+        --variant DEC_BLOCK_SUMS=1 --variant DEC_PDL=1 --variant DEC_BLOCK_SUMS=1,DEC_PDL=1 \
         > "$OUT/profile.log" 2>&1
       grep -E "^==|dec_|all kernels" "$OUT/profile.log"
       timeout 200 python3 benchmarks/bench_decode.py --out "$OUT" --patterns examples/bench_paper128.nsa \

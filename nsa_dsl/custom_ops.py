@@ -58,11 +58,12 @@ def _absent(t: Optional[torch.Tensor]) -> bool:
 
 
 def _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
-                 cu_seqlens, max_seqlen) -> list:
+                 cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q) -> list:
     compiled = registry.lookup(key)
     gates = _contiguous_gates({Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa})
     shapes, _ = compiled._checked(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
-                                  indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                  indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                  cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
     out = compiled.forward(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices,
                            scale=scale, shapes=shapes, final=not keep)
     inputs = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices)
@@ -81,22 +82,26 @@ def nsa_forward(key: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g_c
                 g_slc: Optional[torch.Tensor], g_swa: Optional[torch.Tensor], k_cmp: Optional[torch.Tensor],
                 v_cmp: Optional[torch.Tensor], k_swa: Optional[torch.Tensor], v_swa: Optional[torch.Tensor],
                 indices: Optional[torch.Tensor], scale: float, keep: bool, cu_seqlens: Optional[torch.Tensor],
-                max_seqlen: Optional[int]) -> List[torch.Tensor]:
+                max_seqlen: Optional[int], cu_seqlens_q: Optional[torch.Tensor],
+                max_seqlen_q: Optional[int]) -> List[torch.Tensor]:
     """[o, indices, *KEPT if keep]; an absent one is an empty tensor. keep:
     what the backward needs is kept (else the call may write o fused).
-    Packed sequences: one batch of all positions and cu_seqlens."""
+    Packed sequences: one batch of all positions and cu_seqlens (and
+    cu_seqlens_q where the queries are each sequence's last positions)."""
     return _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
-                        cu_seqlens, max_seqlen)
+                        cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q)
 
 
 @nsa_forward.register_fake
-def _(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep, cu_seqlens, max_seqlen):
+def _(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep, cu_seqlens, max_seqlen,
+      cu_seqlens_q, max_seqlen_q):
     with registry.lookup(key).layout_only():
         return _run_forward(key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep,
-                            cu_seqlens, max_seqlen)
+                            cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q)
 
 
-def _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen) -> list:
+def _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen, cu_seqlens_q,
+                  max_seqlen_q) -> list:
     compiled = registry.lookup(key)
     inputs = dict(zip(INPUTS, tensors[:10]))
     kept = dict(zip(KEPT, tensors[11:]))
@@ -108,7 +113,7 @@ def _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seql
     shapes, _ = compiled._checked(inputs["q"], inputs["k"], inputs["v"], gates, k_cmp=given(inputs["k_cmp"]),
                                   v_cmp=given(inputs["v_cmp"]), k_swa=given(inputs["k_swa"]),
                                   v_swa=given(inputs["v_swa"]), scale=scale, cu_seqlens=cu_seqlens,
-                                  max_seqlen=max_seqlen)
+                                  max_seqlen=max_seqlen, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
     saved = {n: given(inputs[n]) for n in ("q", "k", "v", "k_swa", "v_swa")}
     saved["indices"] = given(tensors[10])
     saved["k_cmp"], saved["v_cmp"] = given(kept["k_cmp"]), given(kept["v_cmp"])
@@ -132,16 +137,18 @@ def _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seql
 
 @torch.library.custom_op("nsa_dsl::backward", mutates_args=())
 def nsa_backward(key: str, tensors: List[Optional[torch.Tensor]], do: torch.Tensor, scale: float, needs: List[bool],
-                 distinct: bool, cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int]) -> List[torch.Tensor]:
+                 distinct: bool, cu_seqlens: Optional[torch.Tensor], max_seqlen: Optional[int],
+                 cu_seqlens_q: Optional[torch.Tensor], max_seqlen_q: Optional[int]) -> List[torch.Tensor]:
     """The gradient of each of INPUTS (empty where not needed or absent)
     from dO and what nsa_dsl::forward kept: tensors are INPUTS, the indices
     and KEPT (k_cmp/v_cmp: the pooled tokens the forward made, or the
     caller's)."""
-    return _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen)
+    return _run_backward(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen, cu_seqlens_q,
+                         max_seqlen_q)
 
 
 @nsa_backward.register_fake
-def _(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen):
+def _(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q):
     named = dict(zip(INPUTS, tensors))
     return [torch.empty_like(named[n]) if need and not _absent(named[n]) else _none(do)
             for n, need in zip(INPUTS, needs)]
@@ -149,14 +156,14 @@ def _(key, tensors, do, scale, needs, distinct, cu_seqlens, max_seqlen):
 
 def _setup_context(ctx, inputs, output):
     (key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, scale, keep, cu_seqlens,
-     max_seqlen) = inputs
+     max_seqlen, cu_seqlens_q, max_seqlen_q) = inputs
     o, idx, *kept = output
     kept = dict(zip(KEPT, kept))
     own = indices is None  # scored here: no row repeats a block
     # the compressed tokens the backward reads: pooled here, or the caller's
     kept["k_cmp"] = k_cmp if _absent(kept["k_cmp"]) and k_cmp is not None else kept["k_cmp"]
     kept["v_cmp"] = v_cmp if _absent(kept["v_cmp"]) and v_cmp is not None else kept["v_cmp"]
-    ctx.key, ctx.scale, ctx.distinct, ctx.max_seqlen = key, scale, own, max_seqlen
+    ctx.key, ctx.scale, ctx.distinct, ctx.max_seqlen, ctx.max_seqlen_q = key, scale, own, max_seqlen, max_seqlen_q
     ctx.arguments = len(inputs)  # the backward returns a gradient (or None) for each
     # the backward needs the compiled pattern even if the caller dropped it
     # (`nsa_dsl.compile(p)(...)`): the registry only holds it weakly
@@ -166,7 +173,7 @@ def _setup_context(ctx, inputs, output):
     # [B, T, HQ, Dv] zero tensors: +3.3 GB at 64k on the H100, NOTES v20)
     ctx.set_materialize_grads(False)
     tensors = [q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, idx if own else indices,
-               *(kept[n] for n in KEPT), cu_seqlens]
+               *(kept[n] for n in KEPT), cu_seqlens, cu_seqlens_q]
     ctx.present = [t is not None for t in tensors]
     ctx.save_for_backward(*[t for t in tensors if t is not None])
 
@@ -176,10 +183,11 @@ def _backward(ctx, grads):
         return (None,) * ctx.arguments
     stored = iter(ctx.saved_tensors)
     tensors = [next(stored) if present else None for present in ctx.present]
+    cu_seqlens_q = tensors.pop()
     cu_seqlens = tensors.pop()
     needs = list(ctx.needs_input_grad[1:11])
     g = nsa_backward(ctx.key, tensors, grads[0].contiguous(), ctx.scale, needs, ctx.distinct, cu_seqlens,
-                     ctx.max_seqlen)
+                     ctx.max_seqlen, cu_seqlens_q, ctx.max_seqlen_q)
     grads_in = (None, *[None if _absent(t) else t for t in g])  # key, then INPUTS
     return grads_in + (None,) * (ctx.arguments - len(grads_in))
 

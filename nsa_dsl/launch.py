@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from .ir import Branch
-from .varlen import PACKED_KERNELS
+from .varlen import KEY_ONLY_KERNELS, PACKED_KERNELS, SHIFTED_KERNELS
 
 LOG2E = 1.4426950408889634
 # True while a CompiledPattern runs its Python without launching anything
@@ -154,8 +154,17 @@ def packed_operands(shapes, device, kernel: str) -> dict:
             unused = torch.zeros(1, dtype=torch.int32, device=device)
         elif unused is None:  # one per device: a fixed-length call allocates nothing for it
             unused = _UNUSED_OFFSETS.setdefault(device, torch.zeros(1, dtype=torch.int32, device=device))
-        return {"cu_seqlens": unused, "cu_compressed": unused, "VARLEN": False}
+        operands = {"cu_seqlens": unused, "cu_compressed": unused, "VARLEN": False}
+        if kernel in SHIFTED_KERNELS:
+            operands["cu_queries"] = unused
+        return operands
     if kernel not in PACKED_KERNELS:
         raise NotImplementedError(f"cu_seqlens: the {kernel} kernel does not take packed sequences yet")
+    if packing.shifted and kernel not in SHIFTED_KERNELS | KEY_ONLY_KERNELS:
+        raise NotImplementedError(f"queries of the last positions only (cu_seqlens_q, or q shorter than k): the"
+                                  f" {kernel} kernel does not take them yet")
     cu_c = packing.cu_compressed if packing.cu_compressed is not None else packing.cu_seqlens
-    return {"cu_seqlens": packing.cu_seqlens, "cu_compressed": cu_c, "VARLEN": True}
+    operands = {"cu_seqlens": packing.cu_seqlens, "cu_compressed": cu_c, "VARLEN": True}
+    if kernel in SHIFTED_KERNELS:
+        operands["cu_queries"] = packing.cu_queries if packing.shifted else packing.cu_seqlens
+    return operands

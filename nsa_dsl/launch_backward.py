@@ -54,7 +54,7 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
               *_strides(do))
     g_arg = gate if gate is not None else do
     packed = packed_operands(shapes, dev, f"{branch}_bwd")
-    getattr(m, f"{branch}_bwd_dq")[(_cdiv(shapes.grid_length, bm), shapes.grid_batch * HQ)](
+    getattr(m, f"{branch}_bwd_dq")[(shapes.query_tiles(bm), shapes.grid_batch * HQ)](
         q, keys, values, do, g_arg, lse, delta, dq, *common,
         HAS_GATE=gate is not None, **packed, num_warps=kp.num_warps, num_stages=kp.num_stages)
     if n_keys == 0:
@@ -84,7 +84,7 @@ def pool_backward(compiled, *, dk_cmp, dv_cmp, dk, dv, shapes) -> None:
     over the positions each pooled, into dk and dv (packed sequences: each
     program in its own sequence, the kernel's VARLEN)."""
     p = compiled.pattern
-    T, Tc = shapes.length, shapes.compressed
+    T, Tc = shapes.keys, shapes.compressed
     DQK, DV = p.dims.qk, p.dims.v
     if shapes.grid_compressed > 0:
         kp = compiled.plan.kernel("cmp_pool_bwd")
@@ -111,7 +111,15 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
     kp = plan.kernel("slc_bwd")
     packed = packed_operands(shapes, dev, "slc_bwd")
     g_arg = gate if gate is not None else do
-    m.slc_bwd_dq[(_cdiv(shapes.grid_length, kp.const("SLC_BWD_DQ_TOKENS")), shapes.grid_batch * HKV)](
+    if shapes.packing is not None and shapes.packing.shifted:
+        # queries of the last positions only: the dK/dV of slc_bwd_dq's
+        # atomics (the inverted index of slc_bwd_dkdv takes every position)
+        if compiled.deterministic:
+            raise NotImplementedError("queries of the last positions only (cu_seqlens_q, or q shorter than k):"
+                                      " the selection's dK and dV take them through float atomics only, which"
+                                      " deterministic=True rules out")
+        atomic = True
+    m.slc_bwd_dq[(shapes.query_tiles(kp.const("SLC_BWD_DQ_TOKENS")), shapes.grid_batch * HKV)](
         q, k, v, do, g_arg, lse, delta, indices, dq, dk, dv,
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, **packed,

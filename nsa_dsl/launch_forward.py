@@ -52,7 +52,7 @@ def compress(compiled, *, q, k, v, k_cmp, v_cmp, out: dict, shapes, qk_scale_log
     lse_cmp = compiled.alloc((B, HQ, T), torch.float32, dev)
     o_arg = o_cmp if write_o else lse_cmp  # unused pointer when the output is not needed
     o_strides = _strides(o_cmp) if write_o else (0, 0, 0, 0)
-    grid = (_cdiv(shapes.grid_length, kp.const("CMP_BLOCK_M")), shapes.grid_batch * HQ)
+    grid = (shapes.query_tiles(kp.const("CMP_BLOCK_M")), shapes.grid_batch * HQ)
     k_arg, v_arg, cmp_tma = _kv_operands(kp.const("CMP_TMA"), k_cmp, v_cmp, kp.const("CMP_BLOCK_N"),
                                          plan.qk_pad, plan.v_pad)
     _launch_fitting(compiled, "cmp_fwd", grid, (q, k_arg, v_arg, o_arg, lse_cmp, T, Tc, qk_scale_log2,
@@ -78,7 +78,7 @@ def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> tor
     indices = compiled.alloc((B, T, HKV, top), torch.int32, dev)
     packed = packed_operands(shapes, dev, "slc_topk")
     tile = kp.const("TOPK_BLOCK_M") if plan.static_selection else kp.const("TOPK_TOKENS")
-    grid = (_cdiv(shapes.grid_length, tile), shapes.grid_batch * HKV)
+    grid = (shapes.query_tiles(tile), shapes.grid_batch * HKV)
     if grid[0] == 0 or grid[1] == 0:  # no position (an empty packing, or only empty sequences)
         return indices
     if plan.static_selection:
@@ -90,7 +90,7 @@ def score_blocks(compiled, *, q, out: dict, shapes, qk_scale_log2: float) -> tor
         # the int32 keys must hold the block numbers of the longest sequence
         m.slc_topk[grid](q, k_arg, out["lse_cmp"], indices, T, Tc, qk_scale_log2,
                          *_strides(q), *_strides(out["k_cmp"]), *_strides(indices), packed["cu_seqlens"],
-                         packed["cu_compressed"], TOPK_TMA=topk_tma,
+                         packed["cu_compressed"], packed["cu_queries"], TOPK_TMA=topk_tma,
                          TOPK_KEY32=_int32_keys(q.dtype, num_blocks(shapes.grid_length, p.select.block)),
                          VARLEN=packed["VARLEN"], num_warps=kp.num_warps, num_stages=kp.num_stages)
     return indices
@@ -133,7 +133,7 @@ def select_group_centric(compiled, *, q, k, v, k_swa, v_swa, indices, gates: dic
     # packed: pointers only (a block's box reaches into the next sequence)
     k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_TMA") and shapes.packing is None, k, v, p.select.block,
                                          plan.qk_pad, plan.v_pad)
-    grid = (_cdiv(shapes.grid_length, kp.const("SLC_TOKENS")), shapes.grid_batch * HKV)
+    grid = (shapes.query_tiles(kp.const("SLC_TOKENS")), shapes.grid_batch * HKV)
     m.slc_fwd[grid](
         q, k_arg, v_arg, indices, o_slc, lse_slc if lse_slc is not None else o_slc, T, qk_scale_log2,
         *_strides(q), *_strides(k), *_strides(v), *_strides(indices), *_strides(o_slc), *window_args,
@@ -262,7 +262,7 @@ def window(compiled, *, q, k, v, k_swa, v_swa, out: dict, shapes, qk_scale_log2:
     kp = compiled.plan.kernel("swa_fwd")
     o_swa = compiled.alloc((B, T, p.heads.q, p.dims.v), q.dtype, q.device)
     lse_swa = compiled.alloc((B, p.heads.q, T), torch.float32, q.device)
-    grid = (_cdiv(shapes.grid_length, kp.const("SWA_BLOCK_M")), shapes.grid_batch * p.heads.q)
+    grid = (shapes.query_tiles(kp.const("SWA_BLOCK_M")), shapes.grid_batch * p.heads.q)
     k_arg, v_arg, swa_tma = window_operands(compiled, kw, vw)
     _launch_fitting(compiled, "swa_fwd", grid, (q, k_arg, v_arg, o_swa, lse_swa, T, T, qk_scale_log2,
                                                 *_strides(q), *_strides(kw), *_strides(vw), *_strides(o_swa)),

@@ -64,6 +64,31 @@ def _as_one_batch(*tensors) -> tuple:
     return (*out, leading)
 
 
+def _queries_of_last_positions(q, k) -> bool:
+    """Whether a fixed-length call has fewer queries than positions: q
+    [B, Tq, ...] and k [B, T, ...] with 1 <= Tq < T (anything else is
+    left to validate_inputs' errors)."""
+    return (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == 4 and k.dim() == 4
+            and q.shape[0] == k.shape[0] and 1 <= q.shape[1] < k.shape[1])
+
+
+def _as_shifted_packing(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices) -> tuple:
+    """A fixed-length call with queries at the last Tq of T positions as
+    the packed call of its B sequences: the tensors as one batch [1, B *
+    rows, ...] (a view where they are contiguous), then cu_seqlens,
+    max_seqlen, cu_seqlens_q, max_seqlen_q (made on q's device, no host
+    synchronisation). k_cmp, v_cmp (pool=mlp) hold each sequence's Tc
+    tokens, the packed layout of equal sequences."""
+    B, Tq = q.shape[:2]
+    T = k.shape[1]
+
+    def one_batch(t):
+        return t.reshape(1, -1, *t.shape[2:]) if isinstance(t, torch.Tensor) and t.dim() >= 3 else t
+    steps = torch.arange(B + 1, device=q.device, dtype=torch.int32)
+    return (*(one_batch(t) for t in (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices)),
+            steps * T, T, steps * Tq, Tq)
+
+
 class _NoLaunch:
     """A kernel module whose every kernel[grid](...) launches nothing."""
 
@@ -135,26 +160,44 @@ class CompiledPattern:
 
     # ------------------------------------------------------------------ API
     def __call__(self, q, k, v, g_cmp=None, g_slc=None, g_swa=None, *, k_cmp=None, v_cmp=None, k_swa=None,
-                 v_swa=None, indices=None, scale=None, return_indices=False, cu_seqlens=None, max_seqlen=None):
+                 v_swa=None, indices=None, scale=None, return_indices=False, cu_seqlens=None, max_seqlen=None,
+                 cu_seqlens_q=None, max_seqlen_q=None):
+        """o [B, Tq, HQ, Dv] of q [B, Tq, HQ, Dqk] against k, v [B, T, HKV, D]
+        (and indices with return_indices). Tq < T: the queries are the last
+        Tq positions (a piece of a prompt after cached keys, a context-
+        parallel shard); k, v hold every position. Packed sequences:
+        cu_seqlens (and cu_seqlens_q where each sequence's queries are its
+        last positions only), as flash-attn's varlen calls."""
         # packed sequences with max_seqlen: shapes known without reading
         # cu_seqlens, so traced as the op; without it one .item() finds the
         # longest sequence, which a traced call cannot
-        call = self._call if cu_seqlens is None or max_seqlen is not None else self._call_packed
+        known = cu_seqlens is None or (max_seqlen is not None and (cu_seqlens_q is None or max_seqlen_q is not None))
+        call = self._call if known else self._call_packed
         return call(q, k, v, g_cmp, g_slc, g_swa, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa, indices=indices,
-                    scale=scale, return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                    scale=scale, return_indices=return_indices, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                    cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
 
     def _call(self, q, k, v, g_cmp, g_slc, g_swa, *, k_cmp, v_cmp, k_swa, v_swa, indices, scale, return_indices,
-              cu_seqlens, max_seqlen):
+              cu_seqlens, max_seqlen, cu_seqlens_q=None, max_seqlen_q=None):
         """__call__: checked here (torch.compile traces it), computed by the
         nsa_dsl::forward op (custom_ops), differentiated by nsa_dsl::backward."""
         p = self.pattern
         leading = True
-        if cu_seqlens is not None:  # packed sequences: computed as one batch of all positions
+        batch_shape = None
+        if cu_seqlens is None and cu_seqlens_q is None and _queries_of_last_positions(q, k):
+            # q [B, Tq] < k [B, T]: B sequences of T positions, packed, each
+            # with queries at its last Tq (the kernels' shifted packing)
+            batch_shape = q.shape[:2]
+            (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, cu_seqlens, max_seqlen,
+             cu_seqlens_q, max_seqlen_q) = _as_shifted_packing(q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa,
+                                                               v_swa, indices)
+        elif cu_seqlens is not None:  # packed sequences: computed as one batch of all positions
             q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices, leading = _as_one_batch(
                 q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa, indices)
         gates = {Branch.CMP: g_cmp, Branch.SLC: g_slc, Branch.SWA: g_swa}
         shapes, scale = self._checked(q, k, v, gates, k_cmp=k_cmp, v_cmp=v_cmp, k_swa=k_swa, v_swa=v_swa,
-                                      indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)
+                                      indices=indices, scale=scale, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
+                                      cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q)
         if return_indices and p.select is None:
             raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
         if indices is not None and shapes.packing is None:
@@ -164,9 +207,12 @@ class CompiledPattern:
         # (else the output may be written fused and nothing is kept)
         keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
         o, idx, *_ = custom_ops.nsa_forward(self.op_key, q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa,
-                                            indices, scale, keep, cu_seqlens, max_seqlen)
+                                            indices, scale, keep, cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q)
         idx = indices if indices is not None else (idx if p.select is not None else None)
-        if not leading:  # packed [total, ...] in, packed [total, ...] out
+        if batch_shape is not None:  # back to [B, Tq, ...]
+            o = o.view(*batch_shape, *o.shape[2:])
+            idx = idx.view(*batch_shape, *idx.shape[2:]) if idx is not None and idx.dim() == 4 else idx
+        elif not leading:  # packed [total, ...] in, packed [total, ...] out
             o, idx = o[0], (idx[0] if idx is not None and idx.dim() == 4 else idx)
         if return_indices:
             return o, idx
@@ -232,21 +278,29 @@ class CompiledPattern:
         return custom_ops.cache_step(self, cache, q, k, v, gates, scale=scale, slots=slots, k_swa=k_swa, v_swa=v_swa,
                                      k_cmp=k_cmp, v_cmp=v_cmp, return_indices=return_indices)
 
-    def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, **tensors) -> tuple:
+    def _checked(self, q, k, v, gates: dict, *, scale, cu_seqlens=None, max_seqlen=None, cu_seqlens_q=None,
+                 max_seqlen_q=None, **tensors) -> tuple:
         """(shapes, scale) of a call's inputs once they are valid for the
         pattern (validate_inputs) and the device can run the kernels; the
-        scale defaults to 1/sqrt(Dqk). Packed inputs arrive as one batch."""
+        scale defaults to 1/sqrt(Dqk). Packed inputs arrive as one batch;
+        cu_seqlens_q: the queries are each sequence's last positions only
+        (q has those rows, k and v every position)."""
         packing, compressed = None, None
         if cu_seqlens is not None:
-            if not isinstance(q, torch.Tensor):
-                raise ValueError(f"q: expected a tensor, got {type(q).__name__}")
-            varlen.check_cu_seqlens(cu_seqlens, q.shape[1], q.device)
-            packing = varlen.packing(self.pattern, cu_seqlens, max_seqlen)
+            for name, t in (("q", q), ("k", k)):
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"{name}: expected a tensor, got {type(t).__name__}")
+            positions = k.shape[1] if cu_seqlens_q is not None and k.dim() == 4 else q.shape[1]
+            varlen.check_cu_seqlens(cu_seqlens, positions, q.device)
+            if cu_seqlens_q is not None:
+                varlen.check_queries(cu_seqlens_q, cu_seqlens, q.shape[1])
+            packing = varlen.packing(self.pattern, cu_seqlens, max_seqlen, cu_seqlens_q, max_seqlen_q)
             k_cmp = tensors.get("k_cmp")
             compressed = (k_cmp.shape[1] if isinstance(k_cmp, torch.Tensor) and k_cmp.dim() == 4
-                          else varlen.compressed_bound(self.pattern, q.shape[1]))
-        elif max_seqlen is not None:
-            raise ValueError("max_seqlen: only with cu_seqlens (packed sequences)")
+                          else varlen.compressed_bound(self.pattern, positions))
+        elif max_seqlen is not None or cu_seqlens_q is not None:
+            raise ValueError(f"{'max_seqlen' if max_seqlen is not None else 'cu_seqlens_q'}: only with cu_seqlens"
+                             " (packed sequences)")
         shapes = validate_inputs(self.pattern, q, k, v, gates, scale=scale, packing=packing, compressed=compressed,
                                  **tensors)
         problem = device_problem(q)
@@ -358,7 +412,10 @@ class CompiledPattern:
             # slower for paper128, 58% for deepseek_nsa (H200, NOTES v18).
             order_length = shapes.grid_length
             write_final = final and self.writes_final_output(order_length)
-            if self.slc_fwd_at(order_length) == "block-centric":
+            # queries of the last positions only (a shifted packing): the
+            # group-centric kernel, the one that takes them
+            shifted = shapes.packing is not None and shapes.packing.shifted
+            if self.slc_fwd_at(order_length) == "block-centric" and not shifted:
                 # packed calls: no merge (its tiles would straddle sequences), so
                 # the window runs on its own and the index holds the forced blocks
                 fold = plan.window_in_block_centric and shapes.packing is None
@@ -409,8 +466,8 @@ class CompiledPattern:
         n_rows = B * T * HQ
         f32 = torch.float32
         dq = torch.zeros((B, T, HQ, DQK), dtype=f32, device=dev)
-        dk = torch.zeros((B, T, HKV, DQK), dtype=f32, device=dev)
-        dv = torch.zeros((B, T, HKV, DV), dtype=f32, device=dev)
+        dk = torch.zeros((B, shapes.keys, HKV, DQK), dtype=f32, device=dev)
+        dv = torch.zeros((B, shapes.keys, HKV, DV), dtype=f32, device=dev)
         separate_swa = saved.get("k_swa") is not None
         if separate_swa:
             dk_swa = torch.zeros_like(dk)
@@ -445,7 +502,7 @@ class CompiledPattern:
             else:
                 keys, values, dk_out, dv_out = k, v, dk, dv
             bwd.flash_backward(self, branch="swa", q=q, keys=keys, values=values, do=do, gate=gates[Branch.SWA],
-                               lse=saved["lse_swa"], delta=delta[2], dq=dq, dk=dk_out, dv=dv_out, n_keys=T,
+                               lse=saved["lse_swa"], delta=delta[2], dq=dq, dk=dk_out, dv=dv_out, n_keys=shapes.keys,
                                shapes=shapes, scale=scale)
 
         grads["q"], grads["k"], grads["v"] = dq, dk, dv

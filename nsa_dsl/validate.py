@@ -24,11 +24,19 @@ class Shapes:
     """A call's sizes. Packed sequences (cu_seqlens) are one batch of
     `length` = total positions and `compressed` = the packed compressed
     tokens' buffer; `packing` then says where each sequence is, and the
-    grids run over grid_batch sequences of at most grid_length positions."""
+    grids run over grid_batch sequences of at most grid_length positions.
+    A packing with cu_queries has fewer query rows (`length`, q's) than
+    key rows (`key_length`, k's and v's)."""
     batch: int
     length: int
     compressed: int  # Tc, 0 without a compress branch
     packing: Optional[Packing] = None
+    key_length: int = -1  # k's rows where they differ from q's (a shifted packing), else length
+
+    @property
+    def keys(self) -> int:
+        """Rows of k and v (and of their gradients)."""
+        return self.length if self.key_length < 0 else self.key_length
 
     @property
     def grid_batch(self) -> int:
@@ -41,6 +49,11 @@ class Shapes:
     @property
     def grid_compressed(self) -> int:
         return self.compressed if self.packing is None else self.packing.max_compressed
+
+    def query_tiles(self, tile: int) -> int:
+        """Programs along the positions of a grid over tiles of `tile`
+        query positions (Packing.query_tiles)."""
+        return -(-self.length // tile) if self.packing is None else self.packing.query_tiles(tile)
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -126,16 +139,21 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
     batch, length = q.shape[0], q.shape[1]
     _expect_shape("q", q, (batch, length, hq, dqk), "[B, T, HQ, Dqk]")
 
+    # a shifted packing's queries are fewer than its positions: k and v
+    # hold every position (cu_seqlens), q only the queries (cu_seqlens_q)
+    shifted = packing is not None and packing.shifted
+    keys = k.shape[1] if shifted and k.dim() == 4 else length
+
     def from_q() -> str:
-        return "B and T from q"
+        return "B from q, T from cu_seqlens" if shifted else "B and T from q"
     for name, t, d, meaning in (("k", k, dqk, "[B, T, HKV, Dqk]"), ("v", v, dv, "[B, T, HKV, Dv]")):
-        if hq != hkv and t.dim() == 4 and tuple(t.shape) == (batch, length, hq, d):
+        if hq != hkv and t.dim() == 4 and tuple(t.shape) == (batch, keys, hq, d):
             # GQA keys and values repeated to the query heads (what SDPA
             # without enable_gqa needs) are HQ/HKV times the data
-            raise ValueError(f"{name}: expected shape {meaning} = {[batch, length, hkv, d]}, got {_shape(t)}:"
+            raise ValueError(f"{name}: expected shape {meaning} = {[batch, keys, hkv, d]}, got {_shape(t)}:"
                              f" {hq} heads, one per query head; nsa_dsl takes the {hkv} KV heads, each shared by"
                              f" G={p.group} query heads (do not repeat_interleave them)")
-        _expect_shape(name, t, (batch, length, hkv, d), meaning, from_q)
+        _expect_shape(name, t, (batch, keys, hkv, d), meaning, from_q)
     if length < 1 or batch < 1:
         raise ValueError(f"q: batch and sequence length must be at least 1, got shape {_shape(q)}")
 
@@ -166,7 +184,7 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
         if gate.device != device:
             raise ValueError(f"{name}: expected device {device} (the device of q), got {gate.device}")
 
-    tc = compressed_length(p, length) if compressed is None else compressed
+    tc = compressed_length(p, keys) if compressed is None else compressed
 
     def tc_from() -> str:  # how Tc follows from T: a caller pooling k_cmp, v_cmp itself (pool=mlp) may count otherwise
         if packing is not None:
@@ -198,7 +216,7 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
         if p.window is None:
             raise ValueError(f"{name}: pattern {p.name!r} has no window branch; pass no {name}")
         t = _expect_tensor(name, t)
-        _expect_shape(name, t, (batch, length, hkv, d), meaning, from_q)
+        _expect_shape(name, t, (batch, keys, hkv, d), meaning, from_q)
         if t.dtype != q.dtype or t.device != device:
             raise ValueError(f"{name}: expected dtype {q.dtype} on {device}, got {t.dtype} on {t.device}")
     if (k_swa is None) != (v_swa is None):
@@ -221,7 +239,7 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
                                   and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a positive finite number (a float), got {scale!r}"
                          + (" (a tensor: pass float(scale))" if isinstance(scale, torch.Tensor) else ""))
-    return Shapes(batch, length, tc, packing)
+    return Shapes(batch, length, tc, packing, keys if shifted else -1)
 
 
 def device_problem(t: torch.Tensor) -> Optional[str]:

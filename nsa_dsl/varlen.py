@@ -39,7 +39,27 @@ class Packing:
     sequences: int  # N
     max_length: int  # max_seqlen
     max_compressed: int  # compressed tokens of the longest sequence
+    # Queries of only each sequence's last positions (cu_seqlens_q: a
+    # prefill piece after cached ones, a context-parallel shard): int32
+    # [N+1] offsets of the query rows; sequence s's queries sit at its last
+    # cu_queries[s+1] - cu_queries[s] positions. None: a query per position.
+    cu_queries: Optional[torch.Tensor] = None
+    max_queries: int = -1  # the most queries of one sequence (max_length unless cu_queries)
     _blocks: dict = field(default_factory=dict, repr=False)  # selection_blocks, by (block, total)
+
+    @property
+    def shifted(self) -> bool:
+        """Whether some sequence's queries start after its first position."""
+        return self.cu_queries is not None
+
+    def query_tiles(self, tile: int) -> int:
+        """Programs along the positions of a grid over query tiles of `tile`
+        positions: a shifted sequence's tiles start at the one holding its
+        first query (_packed_rows), so one more tile than its queries
+        fill when they start inside a tile; never more than its positions."""
+        if not self.shifted:
+            return -(-self.max_length // tile)
+        return min(-(-self.max_queries // tile) + 1, -(-self.max_length // tile))
 
     def selection_blocks(self, block: int, total: int) -> dict:
         """inverted_index.packed_blocks of these sequences, computed once
@@ -59,6 +79,14 @@ class Packing:
 # slc_topk names both scoring kernels (slc_topk, slc_topk_static).
 PACKED_KERNELS = frozenset({"combine", "bwd_prep", "cmp_pool", "cmp_fwd", "swa_fwd", "cmp_bwd", "swa_bwd",
                             "cmp_pool_bwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "slc_bwd"})
+
+
+# The packed kernels that take cu_queries (shifted packings: queries of
+# each sequence's last positions only); a shifted call that would launch
+# another kernel that reads queries is refused (launch.packed_operands).
+# cmp_pool and cmp_pool_bwd read and write keys only.
+SHIFTED_KERNELS = frozenset({"cmp_fwd", "swa_fwd", "slc_topk", "slc_fwd", "cmp_bwd", "swa_bwd", "slc_bwd"})
+KEY_ONLY_KERNELS = frozenset({"cmp_pool", "cmp_pool_bwd"})
 
 
 def debug_checks() -> bool:
@@ -152,13 +180,39 @@ def max_length(cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> int:
     return int((cu_seqlens[1:] - cu_seqlens[:-1]).max().item())
 
 
-def packing(pattern: Pattern, cu_seqlens: torch.Tensor, max_seqlen: Optional[int]) -> Packing:
-    """The Packing of a checked cu_seqlens (one .item() without max_seqlen)."""
+def packing(pattern: Pattern, cu_seqlens: torch.Tensor, max_seqlen: Optional[int],
+            cu_seqlens_q: Optional[torch.Tensor] = None, max_seqlen_q: Optional[int] = None) -> Packing:
+    """The Packing of a checked cu_seqlens (one .item() without max_seqlen),
+    with a checked cu_seqlens_q (check_queries) where only each sequence's
+    last positions have queries (one more .item() without max_seqlen_q)."""
     longest = max_length(cu_seqlens, max_seqlen)
     c = pattern.compress
     cu_c = compressed_seqlens(pattern, cu_seqlens) if c is not None else None
     max_c = 0 if c is None or longest < c.block else (longest - c.block) // c.stride + 1
-    return Packing(cu_seqlens, cu_c, cu_seqlens.numel() - 1, longest, max_c)
+    if cu_seqlens_q is None:
+        return Packing(cu_seqlens, cu_c, cu_seqlens.numel() - 1, longest, max_c, max_queries=longest)
+    most = max_length(cu_seqlens_q, max_seqlen_q)
+    return Packing(cu_seqlens, cu_c, cu_seqlens.numel() - 1, longest, max_c, cu_queries=cu_seqlens_q,
+                   max_queries=min(most, longest))
+
+
+def check_queries(cu_seqlens_q, cu_seqlens: torch.Tensor, total_q: int) -> None:
+    """ValueError unless cu_seqlens_q is a valid cu_seqlens of the `total_q`
+    query rows (check_cu_seqlens) with as many sequences as cu_seqlens and
+    no sequence with more queries than positions (the value checks where
+    values_readable allows, as for cu_seqlens)."""
+    check_cu_seqlens(cu_seqlens_q, total_q, cu_seqlens.device, "cu_seqlens_q")
+    if cu_seqlens_q.numel() != cu_seqlens.numel():
+        raise ValueError(f"cu_seqlens_q: {cu_seqlens_q.numel() - 1} sequences, cu_seqlens has"
+                         f" {cu_seqlens.numel() - 1}")
+    if not (values_readable(cu_seqlens_q) and values_readable(cu_seqlens)):
+        return
+    queries = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()
+    positions = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    for s, (n_q, n) in enumerate(zip(queries, positions)):
+        if n_q > n:
+            raise ValueError(f"cu_seqlens_q: sequence {s} has {n_q} queries but {n} positions (cu_seqlens);"
+                             " its queries are its last positions, so at most as many")
 
 
 def compressed_bound(pattern: Pattern, total: int) -> int:
