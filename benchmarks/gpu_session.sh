@@ -99,7 +99,7 @@ case "${1:-}" in
   decode-variants)
     {
       timeout 150 python3 -m pytest tests/test_gpu.py -q -p timeout --timeout 120 -rf \
-        -k "decode_kernels or dependent or replays" 2>&1 | tee "$OUT/pytest_decode.log" | tail -n 5
+        -k "decode_kernels or dependent or replays or last_positions" 2>&1 | tee "$OUT/pytest_decode.log" | tail -n 5
       timeout 150 python3 benchmarks/profile_decode.py --top 0 --steps 30 \
         --specs examples/bench_paper128.nsa:65536:29,examples/bench_paper128.nsa:131072:14,examples/bench_paper128.nsa:32768:1 \
         --variant DEC_BLOCK_SUMS=1 --variant DEC_PDL=1 --variant DEC_BLOCK_SUMS=1,DEC_PDL=1 \

@@ -296,6 +296,38 @@ def test_gradients_match_reference_bf16(name, length):
         assert err < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {err:.3e}"
 
 
+@pytest.mark.parametrize("name", ["bench_paper128", "small_group"])
+def test_queries_of_the_last_positions_bf16(name):
+    """q of the last 3001 of 8192 positions (a prompt piece after cached
+    keys, a context-parallel shard; starting inside every tile) against k,
+    v of all of them: the output and every gradient against the float32
+    reference on the whole sequence with dO zero before the queries, the
+    kernels' blocks those of the whole call's scoring."""
+    pattern, T, Tq = _patterns()[name], 8192, 3001
+    args = random_inputs(pattern, 1, T, torch.bfloat16, seed=11, device="cuda")
+    compiled = nsa_dsl.compile(pattern)
+    query_side = {"q"} | {f"g_{b.value}" for b in pattern.combined_branches}
+    leaves = {n: t.clone().requires_grad_(True) for n, t in args.items()}
+    o, idx = compiled(**{n: (t[:, T - Tq:] if n in query_side else t) for n, t in leaves.items()},
+                      return_indices=True)
+    whole = compiled.select_blocks(args["q"], args["k"], args["v"])
+    assert torch.equal(idx, whole[:, T - Tq:])
+    do = torch.randn_like(o)
+    o.backward(do)
+    up = {n: t.detach().float().requires_grad_(True) for n, t in args.items()}
+    ref = nsa_dsl.reference(pattern, **up, indices=whole, query_chunk=1024)
+    do_full = torch.zeros_like(ref)
+    do_full[:, T - Tq:] = do.float()
+    ref.backward(do_full)
+    errors = {"o": rel_error(o.detach(), ref.detach()[:, T - Tq:])}
+    for n, t in leaves.items():
+        errors[f"d{n}"] = (rel_error(t.grad[:, T - Tq:], up[n].grad[:, T - Tq:]) if n in query_side
+                           else rel_error(t.grad, up[n].grad))
+    _log({"test": "query offset", "pattern": name, "dtype": "bf16", "T": T, "Tq": Tq, "rel_err": errors})
+    for n, err in errors.items():
+        assert err < TOLERANCE[torch.bfloat16], f"{n}: relative error {err:.3e}"
+
+
 @pytest.mark.parametrize("overrides", [
     {},
     {"CMP_BWD_DKDV_BLOCK_N": 128, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 128, "SWA_BWD_DKDV_WARPS": 8},
