@@ -11,6 +11,7 @@ the output in q's dtype.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Dict, Optional, Sequence
 
@@ -222,7 +223,9 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
     compressed tokens stored and the new queries attended. `compiled`: a
     CompiledPattern whose kernels can run here. Where every slot of the
     call is empty, the piece is a whole prompt: its full forward computes
-    it; otherwise attend_cached."""
+    it; a decode step runs the decode kernels where the plan has them; any
+    other piece runs the training kernels on the cached sequences
+    (attend_through_kernels), or without `compiled` attend_cached."""
     if return_indices and pattern.select is None:
         raise ValueError(f"return_indices: pattern {pattern.name!r} has no select branch, so there are no indices")
     slots = validate_step(cache, pattern, q, k, v, gates, slots, k_swa, v_swa, k_cmp, v_cmp)
@@ -244,8 +247,51 @@ def step(cache: NSACache, pattern, q, k, v, gates: dict, *, scale=None, slots=No
             cache.host_lengths[s] += 1
         return (o, idx) if return_indices else o
     store(cache, slots, k, v, k_swa, v_swa, k_cmp, v_cmp)
-    return attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
-                         want_indices=return_indices)
+    if compiled is not None and q.shape[1] > 1:
+        out = attend_through_kernels(compiled, cache, slots, q, gates, scale, want_indices=return_indices)
+    else:
+        out = attend_cached(cache, slots, q, {b: g for b, g in gates.items() if g is not None}, scale,
+                            want_indices=return_indices)
+    return out
+
+
+def attend_through_kernels(compiled, cache: NSACache, slots: Sequence[int], q: torch.Tensor, gates: dict,
+                           scale: float, *, want_indices: bool = False):
+    """attend_cached's result from the training forward's kernels (a piece
+    of a prompt after cached positions: chunked prefill): the slots'
+    cached sequences as packed sequences, each with queries at its last m
+    positions (cu_seqlens_q). The keys and values are read out of the
+    cache into one packed tensor (a view where one slot of a contiguous
+    cache holds them all); pool=mlp's compressed tokens likewise, pool=mean
+    pools them again in the call."""
+    p = cache.pattern
+    b, m = q.shape[:2]
+    lengths = [cache.host_lengths[s] for s in slots]
+    contiguous_slot = b == 1 and not cache.paged
+
+    def packed(name: str) -> Optional[torch.Tensor]:
+        if getattr(cache, name) is None:
+            return None
+        if contiguous_slot:
+            return getattr(cache, name)[slots[0], :lengths[0]][None]
+        return torch.cat([cache.positions(name, s) for s in slots])[None]
+    k, v = packed("k"), packed("v")
+    k_swa, v_swa = packed("k_swa"), packed("v_swa")
+    mlp = {}
+    if p.compress is not None and not cache.pools_itself:
+        counts = [cache.compressed_count(n) for n in lengths]
+        mlp = {name: torch.cat([getattr(cache, name)[s, :n] for s, n in zip(slots, counts)])[None]
+               for name in ("k_cmp", "v_cmp")}
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32, device=q.device)
+    cu_q = torch.arange(b + 1, dtype=torch.int32, device=q.device) * m
+    flat = {br.value: (g.reshape(1, b * m, -1) if g is not None else None) for br, g in gates.items()}
+    out = compiled(q.reshape(1, b * m, *q.shape[2:]), k, v, flat.get("cmp"), flat.get("slc"), flat.get("swa"),
+                   k_swa=k_swa, v_swa=v_swa, scale=scale, return_indices=want_indices, cu_seqlens=cu,
+                   max_seqlen=max(lengths), cu_seqlens_q=cu_q, max_seqlen_q=m, **mlp)
+    if want_indices:
+        o, idx = out
+        return o.view(b, m, *o.shape[2:]), idx.view(b, m, *idx.shape[2:])
+    return out.view(b, m, *out.shape[2:])
 
 
 def _candidates(cache: NSACache, slots, tokens, like: torch.Tensor) -> torch.Tensor:

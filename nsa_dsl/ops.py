@@ -249,8 +249,9 @@ class CompiledPattern:
         Slots that are all empty run the training forward's kernels on the
         piece; a piece of one position per sequence after cached ones runs
         the decode kernels (launch_decode.decode_step); a longer piece after
-        cached positions runs incremental.attend_cached (PyTorch, gathering
-        each query's keys). A step is one op, nsa_dsl::cache_step
+        cached positions runs the training forward's kernels too, on the
+        cached sequences with queries at their last positions
+        (incremental.attend_through_kernels). A step is one op, nsa_dsl::cache_step
         (custom_ops): torch.compile traces it without reading the cache's
         host lengths, so a compiled generation loop does not recompile per
         length."""

@@ -147,6 +147,55 @@ def test_boundaries(cuts):
     assert rel_error(torch.cat(outs, 1), ref_o) < TOLERANCE[torch.float32]
 
 
+MLP_PATTERN = nsa_dsl.parse("""
+pattern cached_mlp {
+    heads    q=4 kv=2
+    dims     qk=16 v=32
+    compress block=8 stride=4 pool=mlp
+    select   block=16 top=3 initial=1 local=1
+    window   size=20
+}""")
+
+
+@pytest.mark.parametrize("pattern", [PATTERN, MLP_PATTERN], ids=["mean", "mlp"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_pieces_of_a_ragged_batch_run_the_training_kernels(pattern, paged, monkeypatch):
+    """Three slots at different lengths take pieces of 9, then 12, then 5
+    positions together (chunked prefill of a serving batch): the training
+    forward's kernels compute them (PyTorch's gathering path is not
+    taken), and each slot's outputs and blocks equal its full forward."""
+    from nsa_dsl import incremental
+
+    def no_gathering(*args, **kwargs):
+        raise AssertionError("a piece after cached positions went through attend_cached")
+    monkeypatch.setattr(incremental, "attend_cached", no_gathering)
+    compiled = nsa_dsl.compile(pattern)
+    prompts, pieces = [13, 40, 1], [9, 12, 5]
+    total = [n + sum(pieces) for n in prompts]
+    seqs = [random_inputs(pattern, 1, n, torch.float32, seed=40 + s) for s, n in enumerate(total)]
+    layout = shuffled_pages(pattern, 3, max(total), 1, seed=5) if paged else {}
+    cache = compiled.new_cache(3, max(total), dtype=torch.float32, **layout)
+    outs, idxs = [[] for _ in prompts], [[] for _ in prompts]
+    for s, n in enumerate(prompts):  # each prompt alone first: the slots' lengths differ
+        o, idx = compiled.prefill(**_slice(seqs[s], pattern, 0, n), cache=cache, slots=[s], return_indices=True)
+        outs[s].append(o[0])
+        idxs[s].append(idx[0])
+    done = list(prompts)
+    for m in pieces:
+        parts = [_slice(seqs[s], pattern, done[s], done[s] + m) for s in range(3)]
+        o, idx = compiled.prefill(**_stack(parts), cache=cache, return_indices=True)
+        assert o.shape == (3, m, pattern.heads.q, pattern.dims.v) and idx.shape[:2] == (3, m)
+        for s in range(3):
+            outs[s].append(o[s])
+            idxs[s].append(idx[s])
+            done[s] += m
+    for s in range(3):
+        _check_against_full(pattern, seqs[s], torch.cat(outs[s])[None], torch.cat(idxs[s])[None],
+                            torch.float32)
+        full_idx = _full(pattern, seqs[s])[1]
+        assert torch.equal(torch.cat(idxs[s]).long(), full_idx[0].long())
+
+
 def test_a_reset_slot_starts_a_new_sequence():
     compiled = nsa_dsl.compile(PATTERN)
     cache = compiled.new_cache(2, 64, dtype=torch.float32)
