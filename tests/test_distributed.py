@@ -1,0 +1,183 @@
+"""Context parallelism (nsa_dsl.distributed) on the CPU: 2 and 4 gloo
+processes, each running the kernels through Triton's interpreter on its
+shard of one sequence, against the single-process call on the whole
+sequence: every rank's output and the gradients of its q, k, v, gates
+(and k_swa, v_swa; pool=mlp's k_cmp, v_cmp summed over the ranks), in
+float32 within NSA_MATH.md's tolerance.
+
+The lengths put the shard boundaries inside a compression block, a
+selection block and the window (T = 264: pieces of 132, 66 or 33
+positions for blocks of 8/4, 16 and a window of 24). Then the bad input:
+ranks with different shard lengths or patterns get a ValueError, a rank
+that never calls makes the others time out instead of hanging, and a
+group of one rank is the plain call."""
+from __future__ import annotations
+
+import datetime
+import os
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import nsa_dsl
+from nsa_dsl import distributed
+
+from strategies import TOLERANCE, cu_seqlens_of, random_inputs, rel_error
+
+PATTERNS = {
+    "paper": """
+pattern cp_paper {
+    heads    q=4 kv=2
+    dims     qk=16
+    compress block=8 stride=4 pool=mean
+    select   block=16 top=3 initial=1 local=1
+    window   size=24
+}""",
+    "mlp": """
+pattern cp_mlp {
+    heads    q=4 kv=1
+    dims     qk=16 v=32
+    compress block=8 stride=8 pool=mlp
+    select   block=16 top=3
+    window   size=9
+}""",
+}
+T = 264
+QUERY_SIDE = ("q", "g_cmp", "g_slc", "g_swa")
+
+
+def _run_ranks(world: int, fn, *args) -> None:
+    """fn(rank, world, *args) in `world` gloo processes; a failure in any
+    is raised here with its traceback."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank_main, args=(world, os.path.join(tmp, "rendezvous"), fn, args), nprocs=world, join=True)
+
+
+def _rank_main(rank, world, rendezvous, fn, args):
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        fn(rank, world, *args)
+    except BaseException:
+        raise RuntimeError(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _check_shards(rank, world, name, layout, own_window_kv):
+    pattern = nsa_dsl.parse(PATTERNS[name])
+    compiled = nsa_dsl.compile(pattern)
+    args = random_inputs(pattern, 1, T, torch.float32, seed=5, separate_window_kv=own_window_kv)
+    do = torch.randn(1, T, pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(6))
+    # the whole sequence in one process: the oracle
+    whole = {n: t.clone().requires_grad_(True) for n, t in args.items()}
+    o_whole = compiled(**whole)
+    o_whole.backward(do)
+
+    cp = distributed.context_parallel(compiled, layout=layout)
+    local = {n: (t.clone() if n in ("k_cmp", "v_cmp") else cp.shard(t)).requires_grad_(True) for n, t in args.items()}
+    o = cp(**local)
+    o.backward(cp.shard(do))
+    tol = TOLERANCE[torch.float32]
+    assert rel_error(o.detach(), cp.shard(o_whole.detach())) < tol, "o"
+    for n, t in local.items():
+        want = whole[n].grad if n in ("k_cmp", "v_cmp") else cp.shard(whole[n].grad)
+        err = rel_error(t.grad, want)
+        assert err < tol, f"d{n}: relative error {err:.3g}"
+
+
+@pytest.mark.parametrize("world, name, layout, own_window_kv", [
+    (2, "paper", "zigzag", False),
+    (2, "mlp", "contiguous", True),
+    (4, "paper", "zigzag", True),
+    (4, "mlp", "zigzag", False),
+])
+def test_every_rank_matches_the_whole_sequence(world, name, layout, own_window_kv):
+    _run_ranks(world, _check_shards, name, layout, own_window_kv)
+
+
+def _check_packed(rank, world, lengths):
+    pattern = nsa_dsl.parse(PATTERNS["paper"])
+    compiled = nsa_dsl.compile(pattern)
+    cu = cu_seqlens_of(lengths)
+    args = random_inputs(pattern, 1, T, torch.float32, seed=8)
+    do = torch.randn(1, T, pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(9))
+    whole = {n: t.clone().requires_grad_(True) for n, t in args.items()}
+    o_whole = compiled(**whole, cu_seqlens=cu)
+    o_whole.backward(do)
+    cp = distributed.context_parallel(compiled)
+    local = {n: cp.shard(t).requires_grad_(True) for n, t in args.items()}
+    o = cp(**local, cu_seqlens=cu)
+    o.backward(cp.shard(do))
+    tol = TOLERANCE[torch.float32]
+    assert rel_error(o.detach(), cp.shard(o_whole.detach())) < tol, "o"
+    for n, t in local.items():
+        err = rel_error(t.grad, cp.shard(whole[n].grad))
+        assert err < tol, f"d{n}: relative error {err:.3g}"
+
+
+def test_packed_documents_across_ranks():
+    """Documents that start and end inside the ranks' chunks (zigzag over
+    2 ranks: chunks of 66), one empty, against the packed call."""
+    _run_ranks(2, _check_packed, [40, 0, 100, 7, 117])
+
+
+def _unequal(rank, world):
+    pattern = nsa_dsl.parse(PATTERNS["paper"])
+    cp = distributed.context_parallel(nsa_dsl.compile(pattern), layout="contiguous")
+    S = 64 if rank == 0 else 48
+    args = random_inputs(pattern, 1, S, torch.float32, seed=rank)
+    with pytest.raises(ValueError, match="q's positions: rank 0 has 64, rank 1 has 48|q's positions: rank 1 has 48,"
+                                         " rank 0 has 64"):
+        cp(**args)
+
+
+def _other_pattern(rank, world):
+    text = PATTERNS["paper"] if rank == 0 else PATTERNS["paper"].replace("top=3", "top=4")
+    pattern = nsa_dsl.parse(text)
+    cp = distributed.context_parallel(nsa_dsl.compile(pattern), layout="contiguous")
+    args = random_inputs(pattern, 1, 32, torch.float32, seed=rank)
+    with pytest.raises(ValueError, match="pattern: rank"):
+        cp(**args)
+
+
+def _absent_rank(rank, world):
+    pattern = nsa_dsl.parse(PATTERNS["paper"])
+    cp = distributed.context_parallel(nsa_dsl.compile(pattern), timeout=datetime.timedelta(seconds=3))
+    if rank == 0:
+        started = time.monotonic()
+        with pytest.raises(TimeoutError, match="did not complete within 0:00:03"):
+            cp(**random_inputs(pattern, 1, 32, torch.float32, seed=0))
+        assert time.monotonic() - started < 30
+    else:  # never calls; stays up past rank 0's timeout (no collective after one timed out: gloo is broken then)
+        time.sleep(8)
+
+
+@pytest.mark.parametrize("case", [_unequal, _other_pattern, _absent_rank],
+                         ids=["unequal shards", "another pattern", "a rank that never calls"])
+def test_bad_calls_fail_on_every_rank_without_hanging(case):
+    _run_ranks(2, case)
+
+
+def _one_rank(rank, world):
+    pattern = nsa_dsl.parse(PATTERNS["paper"])
+    compiled = nsa_dsl.compile(pattern)
+    args = random_inputs(pattern, 1, 40, torch.float32, seed=3)
+    assert torch.equal(distributed.context_parallel(compiled)(**args), compiled(**args))
+
+
+def test_a_group_of_one_is_the_plain_call():
+    _run_ranks(1, _one_rank)
+
+
+def test_a_length_that_does_not_split_is_a_value_error():
+    class _Fake(distributed.ContextParallel):
+        def __init__(self):  # no process group needed for the geometry
+            self.world, self.rank, self.layout = 4, 1, "zigzag"
+    with pytest.raises(ValueError, match="T=100 positions do not split into 8 equal pieces"):
+        _Fake().shard(torch.zeros(1, 100, 2, 16))
