@@ -93,10 +93,13 @@ def pdl_launch(compiled, device: torch.device) -> dict:
     """The launch arguments of programmatic dependent launch (each decode
     kernel waits for the previous one inside: _dec_wait) where the plan
     asks for it (DEC_PDL) and the device has it (sm_90 on); none elsewhere
-    (the interpreter, older GPUs)."""
+    (the interpreter, older GPUs). PDL is always named: _launch's fast
+    path replays a compiled kernel with every parameter after the
+    positional ones taken from the keywords (a default left out was a
+    KeyError there, on the GPU only)."""
     if compiled.plan.kernel("dec_attend").const("DEC_PDL") and _hopper(device):
         return {"PDL": True, "launch_pdl": True}
-    return {}
+    return {"PDL": False}
 
 
 def _scratch(cache, b: int, compiled, device) -> dict:

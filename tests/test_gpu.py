@@ -535,8 +535,8 @@ def test_decode_steps_with_dependent_launch_equal_those_without():
 
     pattern = nsa_dsl.load("examples/bench_paper128.nsa")
     plain, pdl = nsa_dsl.compile(pattern), nsa_dsl.compile(pattern, overrides={"DEC_PDL": 1})
-    assert launch_decode.pdl_launch(pdl, torch.device("cuda")) and not launch_decode.pdl_launch(
-        plain, torch.device("cuda"))
+    assert launch_decode.pdl_launch(pdl, torch.device("cuda"))["PDL"]
+    assert launch_decode.pdl_launch(plain, torch.device("cuda")) == {"PDL": False}
     caches = [c.new_cache(3, 8192, device="cuda", dtype=torch.bfloat16) for c in (plain, pdl, pdl)]
     with torch.no_grad():
         for compiled, cache in zip((plain, pdl, pdl), caches):
