@@ -579,7 +579,7 @@ def test_decode_kernels_give_the_full_forward_bf16(name, paged, sums):
     from nsa_dsl.geometry import num_compressed
 
     pattern = _patterns()[name]
-    compiled = nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": 1} if sums else None)
+    compiled = nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": int(sums)})
     prompt, steps = 8192, 4
     args = random_inputs(pattern, 2, prompt + steps, torch.bfloat16, seed=7, device="cuda")
     mlp = "k_cmp" in args

@@ -468,7 +468,7 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, sums, 
         monkeypatch.setattr(launch_decode, "_processors", lambda device: processors)
     if network is not None:
         monkeypatch.setattr(launch_decode, "topk_network", lambda *args: network)
-    compiled = nsa_dsl.compile(PATTERN, overrides={"DEC_BLOCK_SUMS": 1} if sums else None)
+    compiled = nsa_dsl.compile(PATTERN, overrides={"DEC_BLOCK_SUMS": int(sums)})
     steps = 4
     cache = compiled.new_cache(2, max_len, dtype=torch.float32)
     if processors is not None:
@@ -525,7 +525,8 @@ def test_decode_scoring_of_every_geometry_ranks_as_the_full_forward(block, strid
     }}
     """)
     steps = 3
-    overrides = {"DEC_BLOCK_SUMS": 1, "DEC_CMP_N": max(64, select_block // stride)} if sums else None
+    overrides = ({"DEC_BLOCK_SUMS": 1, "DEC_CMP_N": max(64, select_block // stride)} if sums
+                 else {"DEC_BLOCK_SUMS": 0})
     compiled = nsa_dsl.compile(pattern, overrides=overrides)
     args = random_inputs(pattern, 1, prompt + steps, torch.float32, seed=block + stride + select_block)
     if zero_keys:
@@ -550,10 +551,13 @@ def test_decode_scoring_of_every_geometry_ranks_as_the_full_forward(block, strid
 def test_block_sums_need_a_tile_of_whole_blocks():
     """DEC_BLOCK_SUMS sums each selection block's tokens within one of
     dec_cmp's tiles: an override leaving a block wider than the tile is
-    refused, naming the fix."""
+    refused, naming the fix. The plan takes block sums wherever the
+    tile holds a block, raw scores elsewhere."""
     pattern = nsa_dsl.parse("""
     pattern wide { heads q=2 kv=1  dims qk=16  compress block=16 stride=1  select block=128 top=4 }
     """)
+    assert not nsa_dsl.check(pattern).kernel("dec_attend").const("DEC_BLOCK_SUMS")
+    assert nsa_dsl.check(PATTERN).kernel("dec_attend").const("DEC_BLOCK_SUMS")
     with pytest.raises(ValueError, match="DEC_CMP_N to 128"):
         nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": 1})
     assert nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": 1, "DEC_CMP_N": 128}).plan.kernel(
