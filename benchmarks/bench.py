@@ -929,6 +929,100 @@ def fla_expressible(pattern) -> Optional[str]:
     return None
 
 
+def import_flash_nsa(folder: str) -> None:
+    """Put flash_nsa (mdy666's Scalable-Flash-Native-Sparse-Attention,
+    carried as source: benchmarks/fetch_flash_nsa.sh) on the path. Its
+    utils import pkg_resources (setuptools) for one version comparison;
+    where setuptools is absent a stand-in module gives that one function."""
+    sys.path.insert(0, str(Path(folder).resolve()))
+    try:
+        import pkg_resources  # noqa: F401
+    except ImportError:
+        import types
+
+        def parse_version(text: str) -> tuple:
+            return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
+        sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse_version)
+    import flash_nsa  # noqa: F401  - fail here, not in every row
+
+
+def flash_nsa_expressible(pattern) -> Optional[str]:
+    """None when flash_nsa's training function computes this pattern's
+    shape (all three branches, mean pooling, power-of-two head dims),
+    else why not."""
+    p = pattern
+    if p.compress is None or p.select is None or p.window is None:
+        return "flash_nsa computes all three branches"
+    if p.compress.pool.value != "mean":
+        return "flash_nsa's row pools by mean"
+    if any(d & (d - 1) for d in (p.dims.qk, p.dims.v)):
+        return "flash_nsa's combine needs power-of-two head dims"
+    return None
+
+
+def run_flash_nsa(pattern, T: int, cfg, ceil: dict, emit) -> None:
+    """flash_nsa's training function (NSAFunction: its compression, scoring,
+    selection and combine kernels) on the same shapes, forward and
+    forward+backward, as impl "flash_nsa_nowindow". Its window branch
+    calls flash-attn, which the GPU machine lacks: it is stubbed at zero
+    cost (an empty output and statistics, zero gradients), which favours
+    flash_nsa; its gate weights go through its own sigmoid."""
+    impl = "flash_nsa_nowindow"
+    why_not = flash_nsa_expressible(pattern)
+    if why_not is not None:
+        emit(make_row(pattern.name, T, impl, "fwd", error=f"skipped: {why_not}"))
+        return
+    p = pattern
+    try:
+        from flash_nsa import NSAHelper
+        from flash_nsa.modules import megatron_level_nsa as fnsa
+    except Exception as e:  # noqa: BLE001 - optional, carried source
+        emit(make_row(p.name, T, impl, "fwd", error=f"skipped: flash_nsa not importable ({_short(e)})"))
+        return
+    NSAHelper.set_hyperparameters(kernel_size=p.compress.block, stride=p.compress.stride,
+                                  block_size=p.select.block, window_size=p.window.size, top_n=p.select.top,
+                                  num_init_blocks=p.select.initial, num_local_blocks=p.select.local)
+    NSAHelper.set_cmp_kv_method("mean", "mean")
+
+    def no_window(q, k, v, sm_scale=None, out=None, helper=None):
+        o = out if out is not None else torch.empty(*q.shape[:2], v.shape[-1], device=q.device, dtype=q.dtype)
+        return o.zero_(), torch.zeros(q.shape[1], q.shape[0], device=q.device, dtype=torch.float32)
+
+    def no_window_grad(q, k, v, o, lse, do, sm_scale=None, helper=None):
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    fnsa.swa_fwd, fnsa.swa_bwd = no_window, no_window_grad
+    NSAHelper.init_cu_seqlens(torch.tensor([0, T], device="cuda", dtype=torch.int32))
+    fl = nsa_flops(p, T)
+    for pass_ in PASSES:
+        try:
+            x = nsa_inputs(p, T, requires_grad=pass_ == "fwd+bwd", seed=5)
+            q, k, v = (x[n][0].detach().requires_grad_(pass_ == "fwd+bwd") for n in ("q", "k", "v"))
+            weight = torch.randn(T, p.heads.q, 3, device="cuda", dtype=torch.bfloat16,
+                                 requires_grad=pass_ == "fwd+bwd")
+            leaves = [q, k, v, weight] if pass_ == "fwd+bwd" else []
+
+            def forward():
+                return fnsa.flash_nsa_varlen_func(q, k, v, weight, None, None)
+            if pass_ == "fwd+bwd":
+                do = torch.randn(T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16)
+
+                def fn():
+                    for t in leaves:
+                        t.grad = None
+                    forward().backward(do)
+            else:
+                fn = forward
+            fn()
+            pk = peak_gb(fn)
+            ms = bench_ms(fn, cfg.warmup, cfg.rep, grad_to_none=leaves or None)
+            emit(make_row(p.name, T, impl, pass_, ms, flops=fl[pass_], peak_gb=pk, ceilings=ceil,
+                          note="flash_nsa NSAFunction (mdy666), window stubbed at zero cost (needs flash-attn)"))
+        except Exception as e:  # noqa: BLE001 - every failure becomes a row
+            emit(make_row(p.name, T, impl, pass_, ceilings=ceil, error=_short(e)))
+        x = q = k = v = weight = fn = leaves = do = None
+        _cleanup()
+
+
 def run_fla(pattern, T: int, cfg, ceil: dict, emit) -> None:
     """fla-core's parallel_nsa (Triton; the 'best public NSA kernels') on the
     same shapes, forward and forward+backward, as impl "fla_parallel_nsa"."""
@@ -1203,6 +1297,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fla", action="store_true",
                     help="also time fla-core's parallel_nsa where it can express the pattern (e.g."
                          " examples/bench_fla_like.nsa); a row says why when it cannot or is not installed")
+    ap.add_argument("--flash-nsa", default="", metavar="FOLDER",
+                    help="also time flash_nsa's training function from this folder of its source"
+                         " (benchmarks/fetch_flash_nsa.sh: .flash_nsa), its window stubbed (it needs flash-attn)")
     ap.add_argument("--tuned", action="store_true",
                     help="run nsa_dsl with the configurations `nsa-dsl tune` recorded (rows list them)")
     ap.add_argument("--no-cold-start", action="store_true")
@@ -1240,6 +1337,11 @@ def main(argv=None) -> int:
 
     import nsa_dsl
 
+    if cfg.flash_nsa:
+        try:
+            import_flash_nsa(cfg.flash_nsa)
+        except Exception as e:  # noqa: BLE001 - its rows then say why
+            print(f"flash_nsa: not importable from {cfg.flash_nsa}: {_short(e)}")
     budget = Budget(cfg.budget_s)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1300,6 +1402,8 @@ def main(argv=None) -> int:
             run_sdpa(pattern, T, cfg, ceil, emit)
             if cfg.fla:
                 run_fla(pattern, T, cfg, ceil, emit)
+            if cfg.flash_nsa:
+                run_flash_nsa(pattern, T, cfg, ceil, emit)
 
     if cfg.flex:
         for oracle in (False, True):  # every static row (the baseline) before any oracle row

@@ -379,22 +379,6 @@ def summary(rows: list) -> str:
     return "\n".join(lines + errors)
 
 
-def _import_flash_nsa(folder: str) -> None:
-    """Put flash_nsa on the path. Its utils import pkg_resources (setuptools)
-    for one version comparison; where setuptools is absent a stand-in module
-    gives that one function."""
-    sys.path.insert(0, str(Path(folder).resolve()))
-    try:
-        import pkg_resources  # noqa: F401
-    except ImportError:
-        import types
-
-        def parse_version(text: str) -> tuple:
-            return tuple(int(part) for part in text.split("+")[0].split(".")[:3] if part.isdigit())
-        sys.modules["pkg_resources"] = types.SimpleNamespace(parse_version=parse_version)
-    import flash_nsa.inference  # noqa: F401  - fail here, not in every row
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patterns", default=",".join(DEFAULT_PATTERNS))
@@ -422,7 +406,7 @@ def main(argv=None) -> int:
     variant = {n: int(v) for n, v in (item.split("=", 1) for item in args.variant)} or None
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.flash_nsa:
-        _import_flash_nsa(args.flash_nsa)
+        bench.import_flash_nsa(args.flash_nsa)
     ceil = bench.measure_ceilings(args.warmup, args.rep)
     rows = []
     for path in args.patterns.split(","):

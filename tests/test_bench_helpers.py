@@ -771,3 +771,10 @@ def test_the_flex_decode_row_is_dense_attention(monkeypatch):
     assert bench_decode.summary(rows).splitlines()[1].endswith("| 3.00x | 2.00x | 0.80x | 0.50")
     rows[-1] = dict(rows[-1], ms=None, error="ImportError: flash_nsa")  # a row that could not run says why
     assert "flash_nsa_graph: ImportError: flash_nsa" in bench_decode.summary(rows)
+
+
+def test_flash_nsa_comparison_only_where_flash_nsa_computes_the_pattern():
+    assert bench.flash_nsa_expressible(nsa_dsl.load(ROOT / "examples" / "bench_paper128.nsa")) is None
+    assert "mean" in bench.flash_nsa_expressible(nsa_dsl.load(ROOT / "examples" / "deepseek_nsa.nsa"))  # pool=mlp
+    assert "all three" in bench.flash_nsa_expressible(nsa_dsl.load(ROOT / "examples" / "window_only.nsa"))
+    assert "all three" in bench.flash_nsa_expressible(nsa_dsl.load(ROOT / "examples" / "bench_fla_like_nowindow.nsa"))
