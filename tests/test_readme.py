@@ -52,6 +52,8 @@ def test_python_api_section_runs_as_written(capsys):
     assert namespace["o_packed"].shape == (96, 8, 32) and namespace["y_packed"].shape == (1, 96, 256)
     packed, alone = namespace["o_packed"][40:].float(), namespace["o_alone"][0].float()
     assert ((packed - alone).norm() / alone.norm()).item() < tolerance
+    last, whole = namespace["o_last"].float(), o[:, 64:].float()
+    assert last.shape == (1, 32, 8, 32) and ((last - whole).norm() / whole.norm()).item() < tolerance
     cached = namespace["o_cached"].float()
     assert ((cached - o.float()).norm() / o.float().norm()).item() < tolerance
     assert namespace["cache"].host_lengths == [96]
