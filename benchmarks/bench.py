@@ -548,19 +548,28 @@ def plot_rows(rows: list, path, title: str = "") -> bool:
             pts.sort()
             ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o" if ps == "fwd" else "s",
                     color=colors[impl], linestyle="-" if ps == "fwd" else "--", label=f"{impl} {ps}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length T")
-        ax.set_ylabel("ms (median)")
-        ax.set_title(p)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        finish_log_axes(ax, "sequence length T", "ms (median)", p)
+    save_figure(plt, fig, path, title)
+    return True
+
+
+def finish_log_axes(ax, xlabel: str, ylabel: str, title: str) -> None:
+    """One panel of the benchmark plots: log2 x, log y, labels, grid, legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def save_figure(plt, fig, path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
 
 
 def write_json(path: Path, header: dict, rows: list) -> None:

@@ -342,18 +342,9 @@ def plot_decode(rows: list, path, title: str = "") -> bool:
             if pts:
                 ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", color=colors[impl],
                         linestyle="--" if impl.endswith("_eager") else "-", label=impl)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (positions)")
-        ax.set_ylabel("ms per step (median)")
-        ax.set_title(f"{pattern}, " + ("one sequence" if single else "a batch of a 4 GB cache"))
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        bench.finish_log_axes(ax, "context (positions)", "ms per step (median)",
+                              f"{pattern}, " + ("one sequence" if single else "a batch of a 4 GB cache"))
+    bench.save_figure(plt, fig, path, title)
     return True
 
 
