@@ -73,20 +73,27 @@ def _csr(segment: torch.Tensor, n_segments: int, T: int, HKV: int, top: int, key
     return offsets.to(torch.int32), positions
 
 
-def packed_blocks(cu_seqlens: torch.Tensor, block: int, total: int) -> dict:
+def packed_blocks(cu_seqlens: torch.Tensor, block: int, total: int,
+                  cu_queries: Optional[torch.Tensor] = None, key_total: Optional[int] = None) -> dict:
     """The selection blocks of packed sequences under global ids: block j
     of sequence s is g = block_base[s] + j, block_base the exclusive cumsum
     of each sequence's cdiv(T_s, block) blocks. Computed on the device, no
-    host sync: `n_blocks` = cdiv(total, block) + N bounds the global blocks
-    (a sequence's blocks are at most its own cdiv), the ids past the last
-    real block are empty. Returns n_blocks; spans int32 [n_blocks, 2] (the
-    packed rows [start, end) of each global block's keys: the sequence's
-    rows j*block .. cut at its end; (0, 0) for an unused id); row_base int64
-    [total] (the block_base of each packed row's sequence) and row_local
-    int64 [total] (the row's position in its sequence)."""
+    host sync: `n_blocks` = cdiv(key rows, block) + N bounds the global
+    blocks (a sequence's blocks are at most its own cdiv), the ids past the
+    last real block are empty. Returns n_blocks; spans int32 [n_blocks, 3]
+    (the packed key rows [start, end) of each global block's keys: the
+    sequence's rows j*block .. cut at its end; (0, 0) for an unused id;
+    then the sequence's key row minus query row of one position, 0 unless
+    cu_queries shifts its queries: causality is key row <= query row +
+    that); row_base int64 [total] (the block_base of each packed query
+    row's sequence) and row_local int64 [total] (the row's position in its
+    sequence). cu_queries: the query rows' offsets where each sequence's
+    queries are its last positions only (total of them), with key_total
+    key rows."""
     dev = cu_seqlens.device
     n_seq = cu_seqlens.numel() - 1
-    n_blocks = max(1, -(-total // block) + n_seq)
+    key_rows = total if key_total is None else key_total
+    n_blocks = max(1, -(-key_rows // block) + n_seq)
     cu = cu_seqlens.to(torch.int64)
     counts = (cu[1:] - cu[:-1] + block - 1) // block
     ends = torch.cumsum(counts, 0)  # inclusive: blocks up to and including sequence s
@@ -96,12 +103,17 @@ def packed_blocks(cu_seqlens: torch.Tensor, block: int, total: int) -> dict:
     used = g < (ends[-1] if n_seq > 0 else 0)
     start = cu[seq] + (g - base[seq]) * block if n_seq > 0 else torch.zeros_like(g)
     end = torch.minimum(start + block, cu[seq + 1]) if n_seq > 0 else torch.zeros_like(g)
-    spans = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0)], 1).to(torch.int32).contiguous()
+    cq = cu if cu_queries is None else cu_queries.to(torch.int64)
+    # key row - query row of one position of each sequence (its first query
+    # sits at position T_s - Tq_s)
+    shift_of_seq = (cu[1:] - cq[1:]) if n_seq > 0 else torch.zeros(0, dtype=torch.int64, device=dev)
+    shift = torch.where(used, shift_of_seq[seq], 0) if n_seq > 0 else torch.zeros_like(g)
+    spans = torch.stack([torch.where(used, start, 0), torch.where(used, end, 0), shift], 1).to(torch.int32)
     rows = torch.arange(total, device=dev, dtype=torch.int64)
-    row_seq = torch.searchsorted(cu[1:], rows, right=True).clamp(max=max(n_seq - 1, 0))
+    row_seq = torch.searchsorted(cq[1:], rows, right=True).clamp(max=max(n_seq - 1, 0))
     row_base = base[row_seq] if n_seq > 0 else rows
-    row_local = rows - cu[row_seq] if n_seq > 0 else rows
-    return {"n_blocks": n_blocks, "spans": spans, "row_base": row_base, "row_local": row_local}
+    row_local = rows + shift_of_seq[row_seq] - cu[row_seq] if n_seq > 0 else rows
+    return {"n_blocks": n_blocks, "spans": spans.contiguous(), "row_base": row_base, "row_local": row_local}
 
 
 def packed_block_to_positions(indices: torch.Tensor, block: int, blocks: dict, *, with_slots: bool = False,

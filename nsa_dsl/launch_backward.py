@@ -111,14 +111,6 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
     kp = plan.kernel("slc_bwd")
     packed = packed_operands(shapes, dev, "slc_bwd")
     g_arg = gate if gate is not None else do
-    if shapes.packing is not None and shapes.packing.shifted:
-        # queries of the last positions only: the dK/dV of slc_bwd_dq's
-        # atomics (the inverted index of slc_bwd_dkdv takes every position)
-        if compiled.deterministic:
-            raise NotImplementedError("queries of the last positions only (cu_seqlens_q, or q shorter than k):"
-                                      " the selection's dK and dV take them through float atomics only, which"
-                                      " deterministic=True rules out")
-        atomic = True
     m.slc_bwd_dq[(shapes.query_tiles(kp.const("SLC_BWD_DQ_TOKENS")), shapes.grid_batch * HKV)](
         q, k, v, do, g_arg, lse, delta, indices, dq, dk, dv,
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
@@ -131,7 +123,7 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
                                                     distinct=distinct, keys_fn=partial(index_keys, compiled))
             spans = packed["cu_seqlens"]  # unused
         else:  # global block ids over the sequences (inverted_index.packed_blocks)
-            blocks = shapes.packing.selection_blocks(p.select.block, T)
+            blocks = shapes.packing.selection_blocks(p.select.block, T, shapes.keys)
             n_blocks, spans = blocks["n_blocks"], blocks["spans"]
             offsets, positions = packed_block_to_positions(indices, p.select.block, blocks, distinct=distinct)
         # Sized for the most chunks the index can have, so nothing

@@ -171,7 +171,7 @@ def select_block_centric(compiled, *, q, k, v, indices, qk_scale_log2: float, sh
         if window is not None or forced:
             raise NotImplementedError("cu_seqlens: the block-centric merge (window or forced blocks folded into"
                                       " the reduction) does not take packed sequences")
-        blocks = shapes.packing.selection_blocks(p.select.block, T)
+        blocks = shapes.packing.selection_blocks(p.select.block, T, shapes.keys)
         n_blocks, spans = blocks["n_blocks"], blocks["spans"]
     else:
         n_blocks = num_blocks(T, p.select.block)

@@ -413,10 +413,7 @@ class CompiledPattern:
             # slower for paper128, 58% for deepseek_nsa (H200, NOTES v18).
             order_length = shapes.grid_length
             write_final = final and self.writes_final_output(order_length)
-            # queries of the last positions only (a shifted packing): the
-            # group-centric kernel, the one that takes them
-            shifted = shapes.packing is not None and shapes.packing.shifted
-            if self.slc_fwd_at(order_length) == "block-centric" and not shifted:
+            if self.slc_fwd_at(order_length) == "block-centric":
                 # packed calls: no merge (its tiles would straddle sequences), so
                 # the window runs on its own and the index holds the forced blocks
                 fold = plan.window_in_block_centric and shapes.packing is None

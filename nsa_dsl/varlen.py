@@ -61,12 +61,13 @@ class Packing:
             return -(-self.max_length // tile)
         return min(-(-self.max_queries // tile) + 1, -(-self.max_length // tile))
 
-    def selection_blocks(self, block: int, total: int) -> dict:
-        """inverted_index.packed_blocks of these sequences, computed once
-        a call: the block-centric forward's index and the backward's share
-        it (the call's Packing reaches the backward with its shapes)."""
+    def selection_blocks(self, block: int, total: int, keys: Optional[int] = None) -> dict:
+        """inverted_index.packed_blocks of these sequences (`total` query
+        rows, `keys` key rows where they differ), computed once a call: the
+        block-centric forward's index and the backward's share it (the
+        call's Packing reaches the backward with its shapes)."""
         if (block, total) not in self._blocks:
-            self._blocks[(block, total)] = packed_blocks(self.cu_seqlens, block, total)
+            self._blocks[(block, total)] = packed_blocks(self.cu_seqlens, block, total, self.cu_queries, keys)
         return self._blocks[(block, total)]
 
 
@@ -85,7 +86,8 @@ PACKED_KERNELS = frozenset({"combine", "bwd_prep", "cmp_pool", "cmp_fwd", "swa_f
 # each sequence's last positions only); a shifted call that would launch
 # another kernel that reads queries is refused (launch.packed_operands).
 # cmp_pool and cmp_pool_bwd read and write keys only.
-SHIFTED_KERNELS = frozenset({"cmp_fwd", "swa_fwd", "slc_topk", "slc_fwd", "cmp_bwd", "swa_bwd", "slc_bwd"})
+SHIFTED_KERNELS = frozenset({"cmp_fwd", "swa_fwd", "slc_topk", "slc_fwd", "slc_fwd_bc", "cmp_bwd", "swa_bwd",
+                             "slc_bwd"})
 KEY_ONLY_KERNELS = frozenset({"cmp_pool", "cmp_pool_bwd"})
 
 

@@ -179,14 +179,31 @@ def test_more_queries_than_positions_is_a_value_error():
                  cu_seqlens_q=cu_seqlens_of([17]))
 
 
-def test_deterministic_mode_refuses_a_selection_backward_with_query_offsets():
-    """The selection's dK, dV for such calls come from float atomics;
-    deterministic=True says so instead of silently losing reproducibility."""
+@pytest.mark.parametrize("order", ["group-centric", "block-centric"])
+def test_both_selection_loop_orders_deterministically(order):
+    """The block-centric forward and the inverted-index dK/dV (the
+    deterministic backward) take such queries too (their packed index
+    carries each sequence's key row minus query row): against the
+    reference, and bit-identical gradients from run to run."""
     pattern = nsa_dsl.parse(PATTERNS["paper"])
-    compiled = nsa_dsl.compile(pattern, deterministic=True)
-    args = random_inputs(pattern, 1, 40, DTYPE, seed=1)
-    leaves = {n: t.clone().requires_grad_(True) for n, t in args.items()}
-    call = {n: (t[:, 20:] if n in _query_names(pattern) else t) for n, t in leaves.items()}
-    o = compiled(**call)  # the forward runs
-    with pytest.raises(NotImplementedError, match="deterministic=True"):
-        o.sum().backward()
+    compiled = nsa_dsl.compile(pattern, deterministic=True, slc_fwd=order)
+    compiled.poison = True
+    batch, T, Tq = 2, 90, 37
+    args = random_inputs(pattern, batch, T, DTYPE, seed=4)
+    do = torch.randn(batch, Tq, pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(5))
+    do_full = torch.zeros(batch, T, pattern.heads.q, pattern.dims.v)
+    do_full[:, T - Tq:] = do
+    o_ref, idx_ref, grads_ref = _expected(pattern, args, do_full)
+    runs = []
+    for _ in range(2):
+        leaves = {n: t.clone().requires_grad_(True) for n, t in args.items()}
+        call = {n: (t[:, T - Tq:] if n in _query_names(pattern) else t) for n, t in leaves.items()}
+        o = compiled(**call)
+        o.backward(do)
+        runs.append((o.detach(), {n: t.grad for n, t in leaves.items()}))
+    o, grads = runs[0]
+    _check(o, o_ref[:, T - Tq:], "o")
+    for n, g in grads.items():
+        assert torch.equal(g, runs[1][1][n]), f"d{n} differs between two runs"
+        _check(g[:, T - Tq:] if n in _query_names(pattern) else g,
+               grads_ref[n][:, T - Tq:] if n in _query_names(pattern) else grads_ref[n], f"d{n}")

@@ -176,8 +176,10 @@ def test_global_block_ids_and_their_keys():
     blocks = packed_blocks(cu, L, sum(lengths))
     assert blocks["n_blocks"] >= 2 + 0 + 1 + 2
     spans = blocks["spans"].tolist()
-    assert spans[:5] == [[0, L], [L, L + 3], [L + 3, L + 4], [L + 4, 2 * L + 4], [2 * L + 4, 3 * L + 4]]
-    assert all(s == [0, 0] for s in spans[5:])
+    # (start, end, key row - query row: 0 where every position has a query)
+    assert spans[:5] == [[0, L, 0], [L, L + 3, 0], [L + 3, L + 4, 0], [L + 4, 2 * L + 4, 0],
+                         [2 * L + 4, 3 * L + 4, 0]]
+    assert all(s == [0, 0, 0] for s in spans[5:])
     assert blocks["row_base"].tolist() == [0] * (L + 3) + [2] + [3] * (2 * L)
     indices = torch.full((1, sum(lengths), 1, 2), -1, dtype=torch.int32)
     indices[0, :, 0, 0] = 0
@@ -220,3 +222,20 @@ class _Spy:
     def __getitem__(self, grid):
         self.record.append(self.name)
         return self.kernel[grid]
+
+
+def test_global_block_ids_of_queries_of_the_last_positions():
+    """packed_blocks with cu_queries: the spans are still the key rows; each
+    carries its sequence's key row minus query row, and a query row's
+    position in its sequence counts from the sequence's first position,
+    not its first query (sequences of 2L+3 and L positions with their last
+    5 and 0 positions queried, and one of 3 with all 3)."""
+    lengths, queries = [2 * L + 3, L, 3], [5, 0, 3]
+    blocks = packed_blocks(cu_seqlens_of(lengths), L, sum(queries), cu_seqlens_of(queries), key_total=sum(lengths))
+    spans = blocks["spans"].tolist()
+    # cu_seqlens[s + 1] - cu_seqlens_q[s + 1]
+    shifts = [2 * L + 3 - 5, 3 * L + 3 - 5, 3 * L + 6 - 8]
+    assert spans[:5] == [[0, L, shifts[0]], [L, 2 * L, shifts[0]], [2 * L, 2 * L + 3, shifts[0]],
+                         [2 * L + 3, 3 * L + 3, shifts[1]], [3 * L + 3, 3 * L + 6, shifts[2]]]
+    assert blocks["row_local"].tolist() == [2 * L - 2, 2 * L - 1, 2 * L, 2 * L + 1, 2 * L + 2, 0, 1, 2]
+    assert blocks["row_base"].tolist() == [0] * 5 + [4] * 3
