@@ -260,3 +260,30 @@ def test_packed_calls_with_max_seqlen_compile_into_one_graph():
     torch._dynamo.reset()
     got = torch.compile(layer, backend="aot_eager", fullgraph=True)(x, cu, 56)
     assert rel_error(got, layer(x, cu, 56)) < TOLERANCE[torch.float32]
+
+
+def test_queries_of_the_last_positions_compile_into_one_graph():
+    """q shorter than k (the last positions' queries): the call builds its
+    packing from the shapes alone (no host read), so it traces as the op:
+    one graph, eager's outputs and gradients."""
+    compiled = nsa_dsl.compile(PATTERN)
+    args = random_inputs(PATTERN, 2, 80, torch.float32, seed=6)
+    for t in args.values():
+        t.requires_grad_(True)
+
+    def step(q, k, v, g_cmp, g_slc, g_swa):
+        return compiled(q[:, 50:], k, v, g_cmp[:, 50:], g_slc[:, 50:], g_swa[:, 50:]).tanh()
+
+    want = step(**args)
+    want.sum().backward()
+    want_grads = {n: t.grad.clone() for n, t in args.items()}
+    for t in args.values():
+        t.grad = None
+    explained = torch._dynamo.explain(step)(**args)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(**args)
+    got.sum().backward()
+    assert got.shape == (2, 30, 4, 16) and rel_error(got, want) < TOLERANCE[torch.float32]
+    for n, t in args.items():
+        assert rel_error(t.grad, want_grads[n]) < TOLERANCE[torch.float32], n
