@@ -296,16 +296,18 @@ def test_gradients_match_reference_bf16(name, length):
         assert err < TOLERANCE[torch.bfloat16], f"grad of {n}: relative error {err:.3e}"
 
 
+@pytest.mark.parametrize("order", ["group-centric", "block-centric"])
 @pytest.mark.parametrize("name", ["bench_paper128", "small_group"])
-def test_queries_of_the_last_positions_bf16(name):
+def test_queries_of_the_last_positions_bf16(name, order):
     """q of the last 3001 of 8192 positions (a prompt piece after cached
     keys, a context-parallel shard; starting inside every tile) against k,
-    v of all of them: the output and every gradient against the float32
-    reference on the whole sequence with dO zero before the queries, the
-    kernels' blocks those of the whole call's scoring."""
+    v of all of them, in both selection loop orders: the output and every
+    gradient against the float32 reference on the whole sequence with dO
+    zero before the queries, the kernels' blocks those of the whole call's
+    scoring."""
     pattern, T, Tq = _patterns()[name], 8192, 3001
     args = random_inputs(pattern, 1, T, torch.bfloat16, seed=11, device="cuda")
-    compiled = nsa_dsl.compile(pattern)
+    compiled = nsa_dsl.compile(pattern, slc_fwd=order)
     query_side = {"q"} | {f"g_{b.value}" for b in pattern.combined_branches}
     leaves = {n: t.clone().requires_grad_(True) for n, t in args.items()}
     o, idx = compiled(**{n: (t[:, T - Tq:] if n in query_side else t) for n, t in leaves.items()},
@@ -323,7 +325,8 @@ def test_queries_of_the_last_positions_bf16(name):
     for n, t in leaves.items():
         errors[f"d{n}"] = (rel_error(t.grad[:, T - Tq:], up[n].grad[:, T - Tq:]) if n in query_side
                            else rel_error(t.grad, up[n].grad))
-    _log({"test": "query offset", "pattern": name, "dtype": "bf16", "T": T, "Tq": Tq, "rel_err": errors})
+    _log({"test": "query offset", "pattern": name, "order": order, "dtype": "bf16", "T": T, "Tq": Tq,
+          "rel_err": errors})
     for n, err in errors.items():
         assert err < TOLERANCE[torch.bfloat16], f"{n}: relative error {err:.3e}"
 
