@@ -59,7 +59,7 @@ CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS
                   "NETWORK": False, "PDL": False}
 # int32 pointers named without _ptr: the packed sequences' offsets and the
 # selection's global block spans (launch.packed_operands, packed_blocks)
-PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "block_spans"}
+PACKED_POINTERS = {"cu_seqlens", "cu_compressed", "cu_queries", "block_spans"}
 ENTRY_POINTS = {
     "cmp_pool": ["cmp_pool"], "cmp_fwd": ["cmp_fwd"], "slc_topk": ["slc_topk", "slc_topk_static"], "slc_fwd": ["slc_fwd"],
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
