@@ -1001,20 +1001,27 @@ def run_flash_nsa(pattern, T: int, cfg, ceil: dict, emit) -> None:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     fnsa.swa_fwd, fnsa.swa_bwd = no_window, no_window_grad
     NSAHelper.init_cu_seqlens(torch.tensor([0, T], device="cuda", dtype=torch.int32))
-    fl = nsa_flops(p, T)
+
+    def setup(backward: bool):
+        x = nsa_inputs(p, T, requires_grad=backward, seed=5)
+        q, k, v = (x[n][0].detach().requires_grad_(backward) for n in ("q", "k", "v"))
+        weight = torch.randn(T, p.heads.q, 3, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+        do = torch.randn(T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16) if backward else None
+        return (lambda: fnsa.flash_nsa_varlen_func(q, k, v, weight, None, None)), [q, k, v, weight], do
+    _time_peer_passes(p.name, T, impl, cfg, ceil, emit, setup, flops=nsa_flops(p, T),
+                      note="flash_nsa NSAFunction (mdy666), window stubbed at zero cost (needs flash-attn)")
+
+
+def _time_peer_passes(name: str, T: int, impl: str, cfg, ceil: dict, emit, setup, *, flops: dict, note: str) -> None:
+    """A peer's NSA function, timed forward and forward+backward like ours:
+    setup(backward) returns (forward, leaves, do) on fresh inputs; each pass
+    becomes a row, and so does a failure."""
     for pass_ in PASSES:
+        forward = leaves = do = fn = None
         try:
-            x = nsa_inputs(p, T, requires_grad=pass_ == "fwd+bwd", seed=5)
-            q, k, v = (x[n][0].detach().requires_grad_(pass_ == "fwd+bwd") for n in ("q", "k", "v"))
-            weight = torch.randn(T, p.heads.q, 3, device="cuda", dtype=torch.bfloat16,
-                                 requires_grad=pass_ == "fwd+bwd")
-            leaves = [q, k, v, weight] if pass_ == "fwd+bwd" else []
-
-            def forward():
-                return fnsa.flash_nsa_varlen_func(q, k, v, weight, None, None)
-            if pass_ == "fwd+bwd":
-                do = torch.randn(T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16)
-
+            backward = pass_ == "fwd+bwd"
+            forward, leaves, do = setup(backward)
+            if backward:
                 def fn():
                     for t in leaves:
                         t.grad = None
@@ -1023,12 +1030,11 @@ def run_flash_nsa(pattern, T: int, cfg, ceil: dict, emit) -> None:
                 fn = forward
             fn()
             pk = peak_gb(fn)
-            ms = bench_ms(fn, cfg.warmup, cfg.rep, grad_to_none=leaves or None)
-            emit(make_row(p.name, T, impl, pass_, ms, flops=fl[pass_], peak_gb=pk, ceilings=ceil,
-                          note="flash_nsa NSAFunction (mdy666), window stubbed at zero cost (needs flash-attn)"))
+            ms = bench_ms(fn, cfg.warmup, cfg.rep, grad_to_none=leaves if backward else None)
+            emit(make_row(name, T, impl, pass_, ms, flops=flops[pass_], peak_gb=pk, ceilings=ceil, note=note))
         except Exception as e:  # noqa: BLE001 - every failure becomes a row
-            emit(make_row(p.name, T, impl, pass_, ceilings=ceil, error=_short(e)))
-        x = q = k = v = weight = fn = leaves = do = None
+            emit(make_row(name, T, impl, pass_, ceilings=ceil, error=_short(e)))
+        forward = leaves = do = fn = None
         _cleanup()
 
 
@@ -1045,36 +1051,16 @@ def run_fla(pattern, T: int, cfg, ceil: dict, emit) -> None:
         emit(make_row(pattern.name, T, "fla_parallel_nsa", "fwd", error=f"skipped: fla-core not importable ({_short(e)})"))
         return
     p = pattern
-    fl = nsa_flops(p, T)
-    for pass_ in PASSES:
-        try:
-            x = nsa_inputs(p, T, requires_grad=pass_ == "fwd+bwd", seed=5)
-            window = p.window.size if p.window is not None else 0
+    window = p.window.size if p.window is not None else 0
 
-            def forward():
-                return parallel_nsa(x["q"], x["k"], x["v"], x.get("g_cmp"), x.get("g_slc"), x.get("g_swa"),
-                                    block_counts=p.select.top, block_size=p.select.block, window_size=window)
-
-            leaves = _leaves(x)
-            if pass_ == "fwd+bwd":
-                do = torch.randn(1, T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16)
-
-                def fn():
-                    for t in leaves:
-                        t.grad = None
-                    forward().backward(do)
-            else:
-                fn = forward
-            fn()
-            pk = peak_gb(fn)
-            ms = bench_ms(fn, cfg.warmup, cfg.rep, grad_to_none=leaves or None)
-            emit(make_row(p.name, T, "fla_parallel_nsa", pass_, ms, flops=fl[pass_],
-                          peak_gb=pk, ceilings=ceil,
-                          note="fla-core parallel_nsa: its own forced blocks and block scoring"))
-        except Exception as e:  # noqa: BLE001 - every failure becomes a row
-            emit(make_row(p.name, T, "fla_parallel_nsa", pass_, ceilings=ceil, error=_short(e)))
-        x = fn = leaves = do = None
-        _cleanup()
+    def setup(backward: bool):
+        x = nsa_inputs(p, T, requires_grad=backward, seed=5)
+        do = torch.randn(1, T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16) if backward else None
+        return (lambda: parallel_nsa(x["q"], x["k"], x["v"], x.get("g_cmp"), x.get("g_slc"), x.get("g_swa"),
+                                     block_counts=p.select.top, block_size=p.select.block, window_size=window),
+                _leaves(x), do)
+    _time_peer_passes(p.name, T, "fla_parallel_nsa", cfg, ceil, emit, setup, flops=nsa_flops(p, T),
+                      note="fla-core parallel_nsa: its own forced blocks and block scoring")
 
 
 _FLEX = {}

@@ -14,6 +14,30 @@ from nsa_dsl.ir import Branch, Combine, Compress, Dims, Heads, Pattern, Pool, Se
 from nsa_dsl.reference import block_scores, compress_mean
 
 
+# Two small patterns that reach every kernel, shared by the files that test
+# one call against another (context parallelism, queries of the last positions):
+# "paper" has compression, selection with forced blocks and a window; "mlp" has
+# caller-pooled tokens, a group of 4 and v wider than qk.
+SMALL_PATTERNS = {
+    "paper": """
+pattern small_paper {
+    heads    q=4 kv=2
+    dims     qk=16
+    compress block=8 stride=4 pool=mean
+    select   block=16 top=3 initial=1 local=1
+    window   size=24
+}""",
+    "mlp": """
+pattern small_mlp {
+    heads    q=4 kv=1
+    dims     qk=16 v=32
+    compress block=8 stride=8 pool=mlp
+    select   block=16 top=3
+    window   size=9
+}""",
+}
+
+
 @st.composite
 def valid_patterns(draw, *, max_group: int = 16, need_window: bool = False, pools=(Pool.MEAN, Pool.MLP),
                    small: bool = True) -> Pattern:

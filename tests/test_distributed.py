@@ -27,26 +27,9 @@ import torch.multiprocessing as mp
 import nsa_dsl
 from nsa_dsl import distributed
 
-from strategies import TOLERANCE, cu_seqlens_of, random_inputs, rel_error
+from strategies import SMALL_PATTERNS, TOLERANCE, cu_seqlens_of, random_inputs, rel_error
 
-PATTERNS = {
-    "paper": """
-pattern cp_paper {
-    heads    q=4 kv=2
-    dims     qk=16
-    compress block=8 stride=4 pool=mean
-    select   block=16 top=3 initial=1 local=1
-    window   size=24
-}""",
-    "mlp": """
-pattern cp_mlp {
-    heads    q=4 kv=1
-    dims     qk=16 v=32
-    compress block=8 stride=8 pool=mlp
-    select   block=16 top=3
-    window   size=9
-}""",
-}
+PATTERNS = SMALL_PATTERNS
 T = 264
 QUERY_SIDE = ("q", "g_cmp", "g_slc", "g_swa")
 

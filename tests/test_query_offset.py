@@ -23,27 +23,10 @@ import torch
 import nsa_dsl
 from nsa_dsl.reference import reference
 
-from strategies import TOLERANCE, cu_seqlens_of, random_inputs, rel_error, upcast
+from strategies import SMALL_PATTERNS, TOLERANCE, cu_seqlens_of, random_inputs, rel_error, upcast
 
 PATTERNS = {
-    # compression, selection, window: every branch kernel
-    "paper": """
-pattern offset_paper {
-    heads    q=4 kv=2
-    dims     qk=16
-    compress block=8 stride=4 pool=mean
-    select   block=16 top=3 initial=1 local=1
-    window   size=24
-}""",
-    # caller-pooled tokens (pool=mlp), a group of 4, v wider than qk
-    "mlp": """
-pattern offset_mlp {
-    heads    q=4 kv=1
-    dims     qk=16 v=32
-    compress block=8 stride=8 pool=mlp
-    select   block=16 top=3
-    window   size=9
-}""",
+    **SMALL_PATTERNS,  # compression, selection, window; caller-pooled tokens
     "window": """
 pattern offset_window {
     heads  q=2 kv=2
