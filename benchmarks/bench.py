@@ -492,14 +492,15 @@ def format_table(rows: list) -> str:
 
 
 def format_stages(rows: list) -> str:
-    """Per-kernel breakdown at the largest T of each pattern, one line each."""
+    """Per-kernel breakdown at the largest T of each pattern and
+    implementation (ours; a peer's where profiled), one line each."""
     out = []
     stage_rows = [r for r in rows if r["stage"] is not None and r["ms"] is not None]
-    for p in sorted({r["pattern"] for r in stage_rows}):
-        mine = [r for r in stage_rows if r["pattern"] == p]
+    for p, impl in sorted({(r["pattern"], r["impl"]) for r in stage_rows}):
+        mine = [r for r in stage_rows if r["pattern"] == p and r["impl"] == impl]
         t = max(r["T"] for r in mine)
         parts = [f"{r['stage']}={r['ms']:.3f}" for r in mine if r["T"] == t]
-        out.append(f"{p} T={t} ms/call: " + " ".join(parts))
+        out.append(f"{p} {impl} T={t} ms/call: " + " ".join(parts))
     return "\n".join(out)
 
 
@@ -1009,13 +1010,16 @@ def run_flash_nsa(pattern, T: int, cfg, ceil: dict, emit) -> None:
         do = torch.randn(T, p.heads.q, p.dims.v, device="cuda", dtype=torch.bfloat16) if backward else None
         return (lambda: fnsa.flash_nsa_varlen_func(q, k, v, weight, None, None)), [q, k, v, weight], do
     _time_peer_passes(p.name, T, impl, cfg, ceil, emit, setup, flops=nsa_flops(p, T),
-                      note="flash_nsa NSAFunction (mdy666), window stubbed at zero cost (needs flash-attn)")
+                      note="flash_nsa NSAFunction (mdy666), window stubbed at zero cost (needs flash-attn)",
+                      profile=True)
 
 
-def _time_peer_passes(name: str, T: int, impl: str, cfg, ceil: dict, emit, setup, *, flops: dict, note: str) -> None:
+def _time_peer_passes(name: str, T: int, impl: str, cfg, ceil: dict, emit, setup, *, flops: dict, note: str,
+                      profile: bool = False) -> None:
     """A peer's NSA function, timed forward and forward+backward like ours:
     setup(backward) returns (forward, leaves, do) on fresh inputs; each pass
-    becomes a row, and so does a failure."""
+    becomes a row, and so does a failure; profile: the training pass's
+    kernels as stage rows too."""
     for pass_ in PASSES:
         forward = leaves = do = fn = None
         try:
@@ -1032,10 +1036,25 @@ def _time_peer_passes(name: str, T: int, impl: str, cfg, ceil: dict, emit, setup
             pk = peak_gb(fn)
             ms = bench_ms(fn, cfg.warmup, cfg.rep, grad_to_none=leaves if backward else None)
             emit(make_row(name, T, impl, pass_, ms, flops=flops[pass_], peak_gb=pk, ceilings=ceil, note=note))
+            if profile and backward:
+                _profile_peer(name, T, impl, fn, ceil, emit)
         except Exception as e:  # noqa: BLE001 - every failure becomes a row
             emit(make_row(name, T, impl, pass_, ceilings=ceil, error=_short(e)))
         forward = leaves = do = fn = None
         _cleanup()
+
+
+def _profile_peer(name: str, T: int, impl: str, fn, ceil: dict, emit, n_calls: int = 3) -> None:
+    """A peer's training pass kernel by kernel (device ms per call, as the
+    profiler names them), beside our stage rows: which of its kernels does
+    the work ours does, and in how long."""
+    from nsa_dsl.profiling import kernel_events
+
+    per_kernel: dict = {}
+    for kernel, us in kernel_events(fn, n_calls):
+        per_kernel[kernel] = per_kernel.get(kernel, 0.0) + us / 1e3 / n_calls
+    for kernel, ms in sorted(per_kernel.items(), key=lambda kv: -kv[1]):
+        emit(make_row(name, T, impl, "fwd+bwd", ms, ceilings=ceil, stage=kernel[:80]))
 
 
 def run_fla(pattern, T: int, cfg, ceil: dict, emit) -> None:

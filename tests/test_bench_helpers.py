@@ -347,7 +347,11 @@ def test_format_table():
     b_fwd = body[3].split()
     assert b_fwd[4] == "12.000*" and b_fwd[6] == "skip"
     assert "sdpa_flash_padv" in text
-    assert "slc_fwd=0.500" in bench.format_stages(_rows())
+    stages = bench.format_stages(_rows() + [bench.make_row("a", 8192, "flash_nsa_nowindow", "fwd+bwd", 0.25,
+                                                           stage="bwd_kernel")])
+    # ours and the peer's kernels on separate lines, each named by its implementation
+    assert stages.splitlines() == ["a flash_nsa_nowindow T=8192 ms/call: bwd_kernel=0.250",
+                                   "a nsa_dsl T=8192 ms/call: slc_fwd=0.500"]
     assert "1.50 s" in bench.format_cold(_rows())
 
 
