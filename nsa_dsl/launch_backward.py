@@ -115,7 +115,7 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
         q, k, v, do, g_arg, lse, delta, indices, dq, dk, dv,
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, **packed,
-        num_warps=kp.num_warps, num_stages=kp.num_stages)
+        num_warps=kp.warps_for("slc_bwd_dq"), num_stages=kp.num_stages)
     if not atomic:
         if shapes.packing is None:
             n_blocks = num_blocks(T, p.select.block)

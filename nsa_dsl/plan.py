@@ -56,13 +56,13 @@ class KernelPlan:
 
     def warps_for(self, entry: str) -> int:
         """Warps of one of the kernel's entry points: the flash-style dK/dV
-        kernels carry their own (*_BWD_DKDV_WARPS), and so does the
-        block-centric merge (BC_MERGE_WARPS) and two of the decode step's
-        launches (DEC_TOPK_WARPS, DEC_REDUCE_WARPS); the rest launch with
-        num_warps."""
+        kernels carry their own (*_BWD_DKDV_WARPS), and so do the
+        block-centric merge (BC_MERGE_WARPS), the selection's dq
+        (SLC_BWD_DQ_WARPS) and two of the decode step's launches
+        (DEC_TOPK_WARPS, DEC_REDUCE_WARPS); the rest launch with num_warps."""
         if entry == "slc_fwd_bc_merge_window" and self.has_const("BC_MERGE_WARPS"):
             return self.const("BC_MERGE_WARPS")
-        if entry in ("dec_topk", "dec_reduce"):
+        if entry in ("dec_topk", "dec_reduce") or (entry == "slc_bwd_dq" and self.has_const("SLC_BWD_DQ_WARPS")):
             return self.const(f"{entry.upper()}_WARPS")
         if entry.endswith("_bwd_dkdv"):
             name = f"{entry[:-len('_bwd_dkdv')].upper()}_BWD_DKDV_WARPS"
@@ -880,6 +880,8 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # pipelinable loop, same trade); off, tunable where it fits (the
              # tuner took it for paper128 at 8k only, within 1%: NOTES v6).
              ("SLC_BWD_DQ_LIST", 0),
+             # slc_bwd_dq's own warps, and the stages its list loop prefetches
+             ("SLC_BWD_DQ_WARPS", 4), ("SLC_BWD_DQ_STAGES", 1),
              # Positions per dK/dV tile: 32 rows, and at least 4 positions
              # (64 rows at most) where the group is large, as the G=16
              # records took (NOTES v17): a block's positions share its loads.
@@ -937,7 +939,7 @@ def _any_warps(value: int) -> bool:
     return value in (1, 2, 4, 8)
 
 
-_any_warps.__doc__ = "1, 2, 4 or 8 (warps of one of the decode step's launches)"
+_any_warps.__doc__ = "1, 2, 4 or 8 (warps of a launch with its own: decode's, slc_bwd_dq)"
 
 
 def _flag(value: int) -> bool:
@@ -977,6 +979,7 @@ TUNABLE = {
     "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,
     "BC_MERGE_FORCED": _flag, "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag,
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
+    "SLC_BWD_DQ_WARPS": _any_warps, "SLC_BWD_DQ_STAGES": _stages,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
     "DEC_REDUCE_WARPS": _any_warps, "DEC_TOPK_WARPS": _any_warps, "DEC_TOPK_CHUNKS": _pow2_at_least(1),

@@ -611,6 +611,21 @@ def test_backward_union_list_gives_the_same_gradients(pattern, length, seed, str
         assert torch.equal(g, grads[1][name]), name
 
 
+@settings(max_examples=4)
+@given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None
+                                                 and Branch.SLC in p.combined_branches),
+       length=st.integers(1, 80), seed=st.integers(0, 2**31 - 1))
+def test_one_position_selection_dq_on_its_own_warps_matches_float64_autograd(pattern, length, seed):
+    # slc_bwd_dq with one position a program (its own blocks, no union to
+    # mask), its list loop prefetched and launched on its own warp count
+    # (SLC_BWD_DQ_WARPS, SLC_BWD_DQ_STAGES): the float64 gradients.
+    overrides = {"SLC_BWD_DQ_TOKENS": 1, "SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_WARPS": 2, "SLC_BWD_DQ_STAGES": 3}
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
+    assert compiled.plan.kernel("slc_bwd").warps_for("slc_bwd_dq") == 2
+    assert_gradients_match_reference(pattern, compiled, random_inputs(pattern, 2, length, torch.float32, seed,
+                                                                      device=DEVICE), seed)
+
+
 @settings(max_examples=8)
 @given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None
                                                  and Branch.SLC in p.combined_branches),
