@@ -220,17 +220,20 @@ def test_selection_union_list_matches_reference_bf16():
           "rel_diff_to_walk": diff, "tolerance": TOLERANCE[torch.bfloat16]})
     assert err < TOLERANCE[torch.bfloat16]
     assert diff < 4e-3, "same blocks in the same order: the outputs should agree to bf16 rounding"
-    # SLC_BWD_DQ_LIST: the selection dq over the same list; gradients as the walk's
+    # SLC_BWD_DQ_LIST: the selection dq over the same list; gradients as the
+    # walk's; and with two positions a program on 2 warps, its loop prefetched
     grads = []
-    for overrides in ({}, {"SLC_FWD_LIST": 1, "SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2}):
+    for overrides in ({}, {"SLC_FWD_LIST": 1, "SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2},
+                      {"SLC_BWD_DQ_TOKENS": 2, "SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_WARPS": 2, "SLC_BWD_DQ_STAGES": 3}):
         c = nsa_dsl.compile(pattern, overrides=overrides)
         leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items() if isinstance(t, torch.Tensor)}
         out = c(**leaves, indices=indices)
         out.backward(torch.ones_like(out))
         grads.append({n: t.grad.float() for n, t in leaves.items()})
-    diffs = {n: rel_error(grads[1][n], g) for n, g in grads[0].items()}
-    _log({"test": "backward_union_list", "pattern": "deepseek_nsa", "dtype": "bf16", "T": 8192, "rel_diff": diffs})
-    assert max(diffs.values()) < 4e-3, diffs
+    for variant in grads[1:]:
+        diffs = {n: rel_error(variant[n], g) for n, g in grads[0].items()}
+        _log({"test": "backward_union_list", "pattern": "deepseek_nsa", "dtype": "bf16", "T": 8192, "rel_diff": diffs})
+        assert max(diffs.values()) < 4e-3, diffs
 
 
 @pytest.mark.parametrize("name, overrides", [
