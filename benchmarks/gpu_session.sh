@@ -66,7 +66,8 @@
 #   FLAG_TESTS=<pytest -k> FLAG_SPECS="pattern:T ..." FLAG_CONFIGS='{"A": 1};{"B": 1}' \
 #     bash .device/run bash benchmarks/gpu_session.sh flags
 #       those GPU tests, then the forward's stage times with each config on
-#       top of the tuned record (FLAG_BACKWARD=1: the training pass's too)
+#       top of the tuned record (FLAG_BACKWARD=1: the training pass's too;
+#       FLAG_BACKWARD=only: the training pass's alone)
 #       -> $OUT/pytest_flags.log, $OUT/flags.log
 # (carry [".device"]), then copy $OUT's files to benchmarks/results/ and commit.
 set -uo pipefail
@@ -190,9 +191,13 @@ case "${1:-}" in
     IFS=';' read -r -a configs <<< "${FLAG_CONFIGS:-}"
     args=(--config '{}')
     for c in "${configs[@]}"; do args+=(--config "$c"); done
-    # FLAG_BACKWARD=1: each spec's training pass (forward + backward) too
+    # FLAG_BACKWARD=1: each spec's training pass (forward + backward) too;
+    # FLAG_BACKWARD=only: the training pass alone
+    passes=("")
+    [ -n "${FLAG_BACKWARD:-}" ] && passes=("" --backward)
+    [ "${FLAG_BACKWARD:-}" = only ] && passes=(--backward)
     for spec in ${FLAG_SPECS:-bench_paper128:65536}; do
-      for pass in "" ${FLAG_BACKWARD:+--backward}; do
+      for pass in "${passes[@]}"; do
         timeout "${FLAG_STAGE_TIMEOUT_S:-150}" python3 benchmarks/stage_times.py "examples/${spec%%:*}.nsa" \
           --length "${spec#*:}" --tuned-base --wall $pass "${args[@]}" 2>&1 | grep "^T=" \
           | sed "s/^/${spec%%:*} ${pass:+(fwd+bwd) }/" | tee -a "$OUT/flags.log"
