@@ -192,13 +192,13 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                                        "vw_ptr": f"tensordesc<{elem}[1, {bn}, 1, {plan.v_pad}]>"}
                         entry_args = {**arg_values, "SWA_TMA": True}
                     flag = {"slc_fwd": "SLC_TMA", "slc_fwd_bc": "SLC_TMA",
-                            "slc_fwd_bc_merge_window": "BC_FORCED_TMA"}.get(entry)
+                            "slc_fwd_bc_merge_window": "BC_FORCED_TMA", "slc_bwd_dq": "SLC_BWD_DQ_TMA"}.get(entry)
                     if flag and kernel.has_const(flag) and kernel.const(flag):  # the selection's blocks
                         elem = INPUT_POINTER[1:]
                         descriptors = {**(descriptors or {}),
                                        "k_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.qk_pad}]>",
                                        "v_ptr": f"tensordesc<{elem}[1, {kernel.const('SLC_BLOCK')}, 1, {plan.v_pad}]>"}
-                        entry_args = {**entry_args, flag: True}
+                        entry_args = {**entry_args, "SLC_TMA" if entry == "slc_bwd_dq" else flag: True}
                     if entry == "slc_topk":  # int32 keys for 16-bit inputs (as launched up to 4096 blocks)
                         entry_args = {**entry_args,
                                       "TOPK_KEY32": (constexprs or {}).get("TOPK_KEY32", True) and INPUT_POINTER != "*fp32"}

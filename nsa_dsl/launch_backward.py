@@ -16,7 +16,7 @@ import torch
 
 from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions
-from .launch import LOG2E, _cdiv, _gate_args, _strides, index_keys, packed_operands
+from .launch import LOG2E, _cdiv, _gate_args, _kv_operands, _strides, index_keys, packed_operands
 
 
 def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
@@ -111,10 +111,13 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
     kp = plan.kernel("slc_bwd")
     packed = packed_operands(shapes, dev, "slc_bwd")
     g_arg = gate if gate is not None else do
+    # packed: pointers only (a block's box reaches into the next sequence)
+    k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_BWD_DQ_TMA") and shapes.packing is None, k, v,
+                                         p.select.block, plan.qk_pad, plan.v_pad)
     m.slc_bwd_dq[(shapes.query_tiles(kp.const("SLC_BWD_DQ_TOKENS")), shapes.grid_batch * HKV)](
-        q, k, v, do, g_arg, lse, delta, indices, dq, dk, dv,
+        q, k_arg, v_arg, do, g_arg, lse, delta, indices, dq, dk, dv,
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, **packed,
+        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, SLC_TMA=slc_tma, **packed,
         num_warps=kp.warps_for("slc_bwd_dq"), num_stages=kp.num_stages)
     if not atomic:
         if shapes.packing is None:

@@ -882,6 +882,9 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              ("SLC_BWD_DQ_LIST", 0),
              # slc_bwd_dq's own warps, and the stages its list loop prefetches
              ("SLC_BWD_DQ_WARPS", 4), ("SLC_BWD_DQ_STAGES", 1),
+             # 1: slc_bwd_dq reads k and v through tensor descriptors (TMA on
+             # Hopper; fixed-length calls, where k and v allow it)
+             ("SLC_BWD_DQ_TMA", 0),
              # Positions per dK/dV tile: 32 rows, and at least 4 positions
              # (64 rows at most) where the group is large, as the G=16
              # records took (NOTES v17): a block's positions share its loads.
@@ -979,7 +982,7 @@ TUNABLE = {
     "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,
     "BC_MERGE_FORCED": _flag, "SLC_TMA": _flag, "BC_FORCED_TMA": _flag, "BC_LOCAL_IN_WINDOW": _flag,
     "SLC_FWD_ORDER": _order, "SLC_BWD_DQ_LIST": _flag, "SLC_BWD_KEYS_MAJOR": _flag,
-    "SLC_BWD_DQ_WARPS": _any_warps, "SLC_BWD_DQ_STAGES": _stages,
+    "SLC_BWD_DQ_WARPS": _any_warps, "SLC_BWD_DQ_STAGES": _stages, "SLC_BWD_DQ_TMA": _flag,
     "TOPK_TOKENS": _pow2_at_least(1),
     "SLC_BWD_CHUNK": _positive,
     "DEC_REDUCE_WARPS": _any_warps, "DEC_TOPK_WARPS": _any_warps, "DEC_TOPK_CHUNKS": _pow2_at_least(1),

@@ -696,6 +696,43 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order, monkeyp
         assert rel_error(o1, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_selection_dq_through_tensor_descriptors_gives_the_same_bits(tokens, monkeypatch):
+    """SLC_BWD_DQ_TMA: slc_bwd_dq reads each selected block's k and v through
+    tensor descriptors (TMA on Hopper): the same gradients, bit for bit, as
+    its pointer path (forced here by the run-time fallback), at a length
+    that leaves a partial last block (zero-filled past the end), with batch
+    and KV-head coordinates past 0; right against float64."""
+    from nsa_dsl import launch
+
+    p = Pattern(name="tma_bwd", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=32),
+                compress=Compress(block=8, stride=4), select=Select(block=16, top=3, initial=1, local=1),
+                window=Window(size=40))
+    overrides = {"SLC_BWD_DQ_TMA": 1, "SLC_BWD_DQ_TOKENS": tokens, "SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_STAGES": 2}
+    used = []
+    real, fits = launch._descriptor_operands, launch._tma_fits
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        used.append(result[-1])
+        return result
+    monkeypatch.setattr(launch, "_descriptor_operands", spy)
+    args = random_inputs(p, 2, 75, torch.float32, seed=tokens, device=DEVICE)
+    grads = {}
+    for tma in (0, 1):
+        monkeypatch.setattr(launch, "_tma_fits", fits if tma else lambda *tensors: False)
+        compiled = nsa_dsl.compile(p, overrides={**overrides, "SLC_TMA": 0, "BC_FORCED_TMA": 0})
+        leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
+        out = compiled(**leaves)
+        used.clear()
+        out.backward(torch.ones_like(out))
+        assert used == [bool(tma)]  # the backward's one descriptor site: slc_bwd_dq
+        grads[tma] = {n: t.grad for n, t in leaves.items()}
+    for name, g in grads[0].items():
+        assert torch.equal(g, grads[1][name]), name
+    assert_gradients_match_reference(p, nsa_dsl.compile(p, overrides=overrides), args, seed=tokens)
+
+
 def test_tensor_descriptors_only_where_the_copy_engine_can_read():
     """launch._tma_fits: descriptors need the innermost stride 1 and the other
     strides and the base 16-byte aligned; anything else takes the pointer
