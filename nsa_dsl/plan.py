@@ -871,20 +871,24 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             " head over the positions that chose it",
             "dq (cdiv(T, SLC_BWD_DQ_TOKENS), B*HKV); dkdv (chunks of SLC_BWD_CHUNK positions,); reduce (B*HKV*blocks,)",
             (("SLC_BLOCK", s.block), ("TOP", s.top), ("TOP_PAD", next_pow2(s.top)), ("GROUP_ROWS", group_rows),
-             # 64 query rows per dq tile at d <= 128, 16 for wider heads:
-             # each block load serves that many rows (16 ran 2x slower than
-             # 32 at d <= 128, NOTES v2; the records of paper128 and
-             # small_group took 64, NOTES v17).
-             ("SLC_BWD_DQ_TOKENS", max(1, (64 if d_max <= 128 else 16) // group_rows)),
-             # 1: slc_bwd_dq loops over the union as a list (SLC_FWD_LIST's
-             # pipelinable loop, same trade); off, tunable where it fits (the
-             # tuner took it for paper128 at 8k only, within 1%: NOTES v6).
-             ("SLC_BWD_DQ_LIST", 0),
-             # slc_bwd_dq's own warps, and the stages its list loop prefetches
-             ("SLC_BWD_DQ_WARPS", 4), ("SLC_BWD_DQ_STAGES", 1),
-             # 1: slc_bwd_dq reads k and v through tensor descriptors (TMA on
-             # Hopper; fixed-length calls, where k and v allow it)
-             ("SLC_BWD_DQ_TMA", 0),
+             # slc_bwd_dq: a group of 16+ heads at d <= 128 runs one position
+             # a program (its own blocks, no union to mask: 16 rows, one MMA
+             # tile) on 2 warps, its list loop prefetched 3 deep, k and v
+             # through descriptors: 28.10 -> 17.15 ms at 64k on the H100
+             # against 4 positions x 16 heads on 4 warps (NOTES v25).
+             # Otherwise 64 query rows a tile at d <= 128, 16 for wider
+             # heads, walking the union on 4 warps (each block load serves
+             # that many rows; the records of small_group took 64, NOTES v17).
+             *((("SLC_BWD_DQ_TOKENS", 1), ("SLC_BWD_DQ_LIST", 1), ("SLC_BWD_DQ_WARPS", 2),
+                ("SLC_BWD_DQ_STAGES", 3), ("SLC_BWD_DQ_TMA", 1))
+               if group_rows >= 16 and d_max <= 128 else
+               (("SLC_BWD_DQ_TOKENS", max(1, (64 if d_max <= 128 else 16) // group_rows)),
+                # 1: the union as a list (SLC_FWD_LIST's pipelinable loop)
+                ("SLC_BWD_DQ_LIST", 0),
+                # slc_bwd_dq's own warps, the stages its list loop prefetches,
+                # and (1) k and v through tensor descriptors (TMA on Hopper;
+                # fixed-length calls, where k and v allow it)
+                ("SLC_BWD_DQ_WARPS", 4), ("SLC_BWD_DQ_STAGES", 1), ("SLC_BWD_DQ_TMA", 0))),
              # Positions per dK/dV tile: 32 rows, and at least 4 positions
              # (64 rows at most) where the group is large, as the G=16
              # records took (NOTES v17): a block's positions share its loads.
