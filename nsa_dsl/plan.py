@@ -879,7 +879,10 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # Otherwise 64 query rows a tile at d <= 128, 16 for wider
              # heads, walking the union on 4 warps (each block load serves
              # that many rows; the records of small_group took 64, NOTES v17).
-             *((("SLC_BWD_DQ_TOKENS", 1), ("SLC_BWD_DQ_LIST", 1), ("SLC_BWD_DQ_WARPS", 2),
+             # (The list where its [pool, pool] comparisons fit: TOP_PAD <=
+             # SLC_LIST_MAX; the walk past that.)
+             *((("SLC_BWD_DQ_TOKENS", 1), ("SLC_BWD_DQ_LIST", int(next_pow2(s.top) <= SLC_LIST_MAX)),
+                ("SLC_BWD_DQ_WARPS", 2),
                 ("SLC_BWD_DQ_STAGES", 3), ("SLC_BWD_DQ_TMA", 1))
                if group_rows >= 16 and d_max <= 128 else
                (("SLC_BWD_DQ_TOKENS", max(1, (64 if d_max <= 128 else 16) // group_rows)),

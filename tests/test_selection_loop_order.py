@@ -626,6 +626,32 @@ def test_one_position_selection_dq_on_its_own_warps_matches_float64_autograd(pat
                                                                       device=DEVICE), seed)
 
 
+def test_a_group_of_16_heads_takes_the_one_position_selection_dq_by_default():
+    """The plan's slc_bwd_dq for a group of 16+ heads at d <= 128 (NOTES v25):
+    one position a program on 2 warps, a list loop 3 stages deep (the walk
+    where TOP_PAD passes SLC_LIST_MAX), k and v through descriptors; the
+    float64 gradients with those defaults. Smaller groups and wider heads
+    keep the 64-row union walk on 4 warps (the hypothesis tests' patterns,
+    G <= 8, run it)."""
+    def slc_bwd(text: str):
+        return check(nsa_dsl.parse(text)).kernel("slc_bwd")
+    names = ("SLC_BWD_DQ_TOKENS", "SLC_BWD_DQ_LIST", "SLC_BWD_DQ_WARPS", "SLC_BWD_DQ_STAGES", "SLC_BWD_DQ_TMA")
+    text = """pattern g16 { heads q=16 kv=1
+                            dims qk=16
+                            compress block=8 stride=4
+                            select block=16 top=3 initial=1 local=1
+                            window size=24 }"""
+    assert tuple(slc_bwd(text).const(n) for n in names) == (1, 1, 2, 3, 1)
+    assert slc_bwd(text.replace("top=3", "top=300")).const("SLC_BWD_DQ_LIST") == 0
+    assert tuple(slc_bwd(text.replace("q=16", "q=8")).const(n) for n in names) == (8, 0, 4, 1, 0)
+    assert slc_bwd(text.replace("qk=16", "qk=192")).const("SLC_BWD_DQ_TOKENS") == 1  # 16 rows, the walk
+    assert slc_bwd(text.replace("qk=16", "qk=192")).const("SLC_BWD_DQ_WARPS") == 4
+    pattern = nsa_dsl.parse(text)
+    compiled = nsa_dsl.compile(pattern)
+    assert_gradients_match_reference(pattern, compiled, random_inputs(pattern, 2, 70, torch.float32, 3,
+                                                                      device=DEVICE), 3)
+
+
 @settings(max_examples=8)
 @given(pattern=valid_patterns(max_group=8).filter(lambda p: p.select is not None
                                                  and Branch.SLC in p.combined_branches),
