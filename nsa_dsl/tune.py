@@ -103,13 +103,14 @@ def candidates(plan: Plan, kernel: str) -> list:
             swa_n = plan.kernel("swa_fwd").const("SWA_BLOCK_N")
             for n in _scaled(swa_n, factors=(0.5,), lo=16, hi=128):
                 options.append({"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": n})
-    for flag in ("SLC_FWD_LIST", "SLC_BWD_DQ_LIST"):
+    # (slc_bwd_dq's list loop prefetches by its own SLC_BWD_DQ_STAGES)
+    for flag, stages in (("SLC_FWD_LIST", f"{kernel}.num_stages"), ("SLC_BWD_DQ_LIST", "SLC_BWD_DQ_STAGES")):
         if flag in names:
             options.append({flag: 1 - names[flag]})
-            if k.num_stages == 1 and not names[flag]:
+            if names.get(stages, k.num_stages) == 1 and not names[flag]:
                 # the list's point is a pipelined loop, which needs >= 2
                 # stages: coordinate descent would not try both together
-                options.append({flag: 1, f"{kernel}.num_stages": 2})
+                options.append({flag: 1, stages: 2})
     if "TOPK_TOKENS" in names:
         # More positions per tile read each chunk of compressed keys for more
         # of them, but only 8 warps hold 128-256 rows of scores without

@@ -204,9 +204,11 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     assert {"SLC_FWD_LIST": 1} in candidates(paper, "slc_fwd")
     assert {"SLC_FWD_WINDOW": 1} in candidates(paper, "slc_fwd")  # the window inside the selection forward
     assert {"SLC_FWD_WINDOW": 1, "SWA_BLOCK_N": 32} in candidates(paper, "slc_fwd")  # with its own key step
-    assert {"SLC_BWD_DQ_LIST": 1} in candidates(paper, "slc_bwd")
+    assert {"SLC_BWD_DQ_LIST": 0} in candidates(paper, "slc_bwd")  # one position a program lists its blocks
     assert {"SLC_BWD_KEYS_MAJOR": 0} in candidates(paper, "slc_bwd")  # keys-major is the default
-    assert {"SLC_BWD_DQ_LIST": 1, "slc_bwd.num_stages": 2} in candidates(paper, "slc_bwd")
+    walk = apply_overrides(paper, {"SLC_BWD_DQ_LIST": 0, "SLC_BWD_DQ_STAGES": 1})
+    assert {"SLC_BWD_DQ_LIST": 1} in candidates(walk, "slc_bwd")
+    assert {"SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_STAGES": 2} in candidates(walk, "slc_bwd")
     # slc_topk: the scoring's paths are the plan's (16 positions x 16 heads
     # on 3 stages); the tuner moves the positions a tile
     # with the warps, within the tile's 16 to 256 rows
