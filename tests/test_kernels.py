@@ -637,6 +637,24 @@ def test_chunks_narrower_than_the_set_select_the_same_blocks():
     _assert_same_blocks_as_the_plan(WIDE_TOP, AS_WIDE_AS_THE_SET, length, seed=None, args=args)
 
 
+def _spy_on_descriptors(monkeypatch, *also) -> tuple:
+    """Record, per launch, whether launch._descriptor_operands (and the same
+    function imported into the modules `also`) handed out descriptors.
+    Returns (that list, the real launch._tma_fits)."""
+    from nsa_dsl import launch
+
+    used = []
+    real, fits = launch._descriptor_operands, launch._tma_fits
+
+    def spy(*a, **kw):
+        result = real(*a, **kw)
+        used.append(result[-1])
+        return result
+    for module in (launch, *also):
+        monkeypatch.setattr(module, "_descriptor_operands", spy)
+    return used, fits
+
+
 @pytest.mark.parametrize("dtype, order", [
     (torch.float32, {"SLC_FWD_ORDER": 0}),
     (torch.float16, {"SLC_FWD_ORDER": 0, "SLC_FWD_WINDOW": 1}),
@@ -666,17 +684,8 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order, monkeyp
     plan = nsa_dsl.check(p)
     assert plan.kernel("cmp_fwd").const("CMP_TMA") and plan.kernel("swa_fwd").const("SWA_TMA")
     assert plan.kernel("slc_topk").const("TOPK_TMA")
-    used = []
-    real, fits = launch._descriptor_operands, launch._tma_fits
-
-    def spy(*a, **kw):
-        result = real(*a, **kw)
-        used.append(result[-1])
-        return result
-
     # launch._kv_operands calls it from launch, the scoring's launcher by its own name
-    monkeypatch.setattr(launch, "_descriptor_operands", spy)
-    monkeypatch.setattr(launch_forward, "_descriptor_operands", spy)
+    used, fits = _spy_on_descriptors(monkeypatch, launch_forward)
     for T in (131,):  # 31 compressed tokens: a partial last key tile for both branches
         args = random_inputs(p, 2, T, dtype, seed=T, device=DEVICE)
         outs = {}
@@ -709,14 +718,7 @@ def test_selection_dq_through_tensor_descriptors_gives_the_same_bits(tokens, mon
                 compress=Compress(block=8, stride=4), select=Select(block=16, top=3, initial=1, local=1),
                 window=Window(size=40))
     overrides = {"SLC_BWD_DQ_TMA": 1, "SLC_BWD_DQ_TOKENS": tokens, "SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_STAGES": 2}
-    used = []
-    real, fits = launch._descriptor_operands, launch._tma_fits
-
-    def spy(*a, **kw):
-        result = real(*a, **kw)
-        used.append(result[-1])
-        return result
-    monkeypatch.setattr(launch, "_descriptor_operands", spy)
+    used, fits = _spy_on_descriptors(monkeypatch)
     args = random_inputs(p, 2, 75, torch.float32, seed=tokens, device=DEVICE)
     grads = {}
     for tma in (0, 1):

@@ -9,17 +9,9 @@ import nsa_dsl
 from nsa_dsl import varlen
 from nsa_dsl.geometry import num_compressed
 from nsa_dsl.reference import reference
-from strategies import cu_seqlens_of
+from strategies import SMALL_PATTERNS, cu_seqlens_of
 
-PAPER = nsa_dsl.parse("""
-pattern small_paper {
-    heads    q=4 kv=2
-    dims     qk=16
-    compress block=8 stride=4 pool=mean
-    select   block=16 top=3 initial=1 local=1
-    window   size=24
-}
-""")
+PAPER = nsa_dsl.parse(SMALL_PATTERNS["paper"])
 
 
 def _packed(pattern, total, seed=0):
