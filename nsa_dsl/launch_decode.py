@@ -89,15 +89,17 @@ def _hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
-def pdl_launch(compiled, device: torch.device) -> dict:
+def pdl_launch(compiled, device: torch.device, batch: int) -> dict:
     """The launch arguments of programmatic dependent launch (each decode
-    kernel waits for the previous one inside: _dec_wait) where the plan
-    asks for it (DEC_PDL) and the device has it (sm_90 on); none elsewhere
-    (the interpreter, older GPUs). PDL is always named: _launch's fast
-    path replays a compiled kernel with every parameter after the
-    positional ones taken from the keywords (a default left out was a
-    KeyError there, on the GPU only)."""
-    if compiled.plan.kernel("dec_attend").const("DEC_PDL") and _hopper(device):
+    kernel waits for the previous one inside: _dec_wait) for a step of
+    `batch` sequences where the plan asks for it (batch <=
+    DEC_PDL_MAX_BATCH: a small step's kernels are short and their launch
+    gaps count; a large batch's longer kernels lost with it) and the device
+    has it (sm_90 on); none elsewhere (the interpreter, older GPUs). PDL is
+    always named: _launch's fast path replays a compiled kernel with every
+    parameter after the positional ones taken from the keywords (a default
+    left out was a KeyError there, on the GPU only)."""
+    if batch <= compiled.plan.kernel("dec_attend").const("DEC_PDL_MAX_BATCH") and _hopper(device):
         return {"PDL": True, "launch_pdl": True}
     return {"PDL": False}
 
@@ -193,7 +195,7 @@ def decode_step(compiled, cache, rows: torch.Tensor, q: torch.Tensor, k: torch.T
     HQ, HKV, DV = p.heads.q, p.heads.kv, p.dims.v
     dev = q.device
     s = _scratch(cache, b, compiled, dev)
-    pdl = pdl_launch(compiled, dev)
+    pdl = pdl_launch(compiled, dev, b)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     has_kw = cache.k_swa is not None
     kw, vw = (cache.k_swa, cache.v_swa) if has_kw else (cache.k, cache.v)

@@ -225,9 +225,10 @@ def test_a_paged_cache_serves_an_engines_pages_as_a_contiguous_cache_would():
     seqs = [random_inputs(PATTERN, 1, 48, torch.float32, seed=s) for s in range(3)]
     held = {0: 0, 1: 1}  # slot -> the sequence it holds
     # (slots, new positions each): slot 0's sequence ends at 28 positions (2 pages), slot 1 reaches 31
-    # (2 pages); the next sequence takes slot 0 and its pages and grows to 33, slot 1 to 47 (3 pages each)
+    # (2 pages); the next sequence takes slot 0 and its pages and grows to 33, slot 1 to 34 (3 pages each:
+    # both cross into their third page on a decode step, slot 1 on the second, slot 0 on the third)
     steps = [((0,), 20), ((1,), 12), ((1,), 14), ((0,), 2)] + [((0, 1), 1)] * 5 + [((0,), 1)]
-    later = [((0,), 17)] + [((0, 1), 1)] * 16
+    later = [((0,), 30)] + [((0, 1), 1)] * 3
     for step_list in (steps, later):
         for slots, m in step_list:
             parts = []
@@ -247,7 +248,7 @@ def test_a_paged_cache_serves_an_engines_pages_as_a_contiguous_cache_would():
             held[0] = 2
             paged.reset(0)
             contiguous.reset(0)
-    assert paged.host_lengths == contiguous.host_lengths == [33, 47] and not free  # every page in use
+    assert paged.host_lengths == contiguous.host_lengths == [33, 34] and not free  # every page in use
     for s in (0, 1):
         for name in ("k", "v"):
             assert torch.equal(paged.positions(name, s), getattr(contiguous, name)[s, :contiguous.host_lengths[s]])
@@ -598,3 +599,24 @@ def test_pool_mlp_tokens_as_per_position_candidates():
     with pytest.raises(ValueError, match="k_cmp: pool=mlp as a tensor: expected"):
         compiled.decode(**{n: x[:, :1] for n, x in plain.items()}, k_cmp=cand["k_cmp"][:, :2],
                         v_cmp=cand["v_cmp"][:, :1], cache=compiled.new_cache(2, 4, dtype=torch.float32))
+
+
+def test_dependent_launch_only_for_steps_of_few_sequences(monkeypatch):
+    """launch_decode.pdl_launch: programmatic dependent launch for a step of
+    at most DEC_PDL_MAX_BATCH sequences (the plan's 1: it won at batch 1 and
+    lost at the 4 GB batches, NOTES v25) on a device that has it, and never
+    on one without (here the CPU; the GPU test runs both bitwise)."""
+    from nsa_dsl import launch_decode
+
+    pattern = nsa_dsl.load("examples/bench_paper128.nsa")
+    default = nsa_dsl.compile(pattern)
+    three = nsa_dsl.compile(pattern, overrides={"DEC_PDL_MAX_BATCH": 3})
+    cpu = torch.device("cpu")
+    assert launch_decode.pdl_launch(default, cpu, 1) == {"PDL": False}
+    monkeypatch.setattr(launch_decode, "_hopper", lambda device: True)
+    on = {"PDL": True, "launch_pdl": True}
+    assert launch_decode.pdl_launch(default, cpu, 1) == on
+    assert launch_decode.pdl_launch(default, cpu, 2) == {"PDL": False}
+    assert launch_decode.pdl_launch(three, cpu, 3) == on and launch_decode.pdl_launch(three, cpu, 4) == {"PDL": False}
+    with pytest.raises(ValueError, match="DEC_PDL_MAX_BATCH"):
+        nsa_dsl.compile(pattern, overrides={"DEC_PDL_MAX_BATCH": -1})
