@@ -32,6 +32,16 @@ Layouts of the T positions over W ranks:
   (one early, one late), so every rank's queries see about as many keys.
   Each chunk is its own call (its own end position).
 
+Overlap (zigzag): the ranks' early chunks make the first half of the
+sequence, their late chunks the second, and a rank's early chunk sees
+keys of the first half only. So the forward starts both halves'
+all-gathers at once (asynchronous collectives), computes the early chunk
+as soon as the first half has arrived, and waits for the second half only
+before the late chunk: the second half's transfer runs behind the early
+chunk's kernels (on NCCL, waiting only orders the compute stream after
+the collective; gloo runs it on its own thread). The backward sums each
+half's gradient over the ranks when autograd reaches it (not overlapped).
+
 Packed sequences: cu_seqlens of the whole packed row (global, every rank
 the same, on the host or readable there): each rank's queries in a
 document are that document's last positions up to the end of the rank's
@@ -125,28 +135,39 @@ class ContextParallel:
                                f" {self.rank} of {self.world} (does every rank make the same calls?)")
 
     def all_gather(self, x: torch.Tensor, what: str) -> List[torch.Tensor]:
+        return self.start_gather(x, what).wait()
+
+    def start_gather(self, x: torch.Tensor, what: str) -> "_PendingGather":
+        """Every rank's x [B, C, ...] gathered into a list in rank order, the
+        collective started and not waited for (_PendingGather.parts)."""
         parts = [torch.empty_like(x) for _ in range(self.world)]
-        self._wait(dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True), what)
-        return parts
+        work = dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True)
+        return _PendingGather(self, work, parts, what)
 
     def gather_positions(self, x: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
         """The whole sequence from every rank's shard [B, S, ...] (no gradient)."""
         parts = self.all_gather(x, what)
         return self._in_position_order(parts, x.shape[1] // len(self.owned_pieces()))
 
-    def sum_and_shard(self, g: torch.Tensor) -> torch.Tensor:
-        """Each rank's shard of the sum over the ranks of g [B, T, ...]."""
-        C = self.piece_length(g.shape[1])
-        if self.nccl:  # reduce-scatter over the ranks' shards laid out rank-major
-            owned = [torch.cat([g[:, p * C:(p + 1) * C] for p in self.owned_pieces(r)], 1)
-                     for r in range(self.world)]
+    def sum_and_shard(self, g: torch.Tensor, half: Optional[int] = None) -> torch.Tensor:
+        """Each rank's shard of the sum over the ranks of g [B, T, ...]; with
+        `half` (zigzag), g covers that half of the sequence only ([B, T/2,
+        ...]) and each rank's share is its one chunk there."""
+        if half is None:
+            C = self.piece_length(g.shape[1])
+            chunks = [[p * C for p in self.owned_pieces(r)] for r in range(self.world)]
+        else:  # the half's chunks in position order: rank r's is r (first) or W-1-r (second)
+            C = g.shape[1] // self.world
+            chunks = [[(r if half == 0 else self.world - 1 - r) * C] for r in range(self.world)]
+        if self.nccl:  # reduce-scatter over the ranks' shares laid out rank-major
+            owned = [torch.cat([g[:, a:a + C] for a in starts], 1) for starts in chunks]
             stacked = torch.cat(owned, 0).contiguous()
             out = torch.empty_like(owned[0])
             self._wait(dist.reduce_scatter_tensor(out, stacked, group=self.group, async_op=True), "reduce-scatter")
             return out
         total = g.contiguous().clone()
         self._wait(dist.all_reduce(total, group=self.group, async_op=True), "all-reduce")
-        return self.shard(total)
+        return torch.cat([total[:, a:a + C] for a in chunks[self.rank]], 1)
 
     def sum_over_ranks(self, g: torch.Tensor) -> torch.Tensor:
         total = g.contiguous().clone()
@@ -192,11 +213,10 @@ class ContextParallel:
             raise ValueError(f"k, v: this rank's shard must hold q's {S} positions, got k {list(k.shape)} and"
                              f" v {list(v.shape)}")
         C = self.piece_length(T)
-        keys = _GatherPositions.apply(k, self)
-        values = _GatherPositions.apply(v, self)
-        window = {}
+        gathered = {"k": k, "v": v}
         if k_swa is not None or v_swa is not None:
-            window = {"k_swa": _GatherPositions.apply(k_swa, self), "v_swa": _GatherPositions.apply(v_swa, self)}
+            gathered.update(k_swa=k_swa, v_swa=v_swa)
+        stages = self._start_gathers(gathered)
         mlp = {}
         if k_cmp is not None or v_cmp is not None:
             mlp = {"k_cmp": _SumGradients.apply(k_cmp, self), "v_cmp": _SumGradients.apply(v_cmp, self)}
@@ -208,6 +228,11 @@ class ContextParallel:
                                  f" {cu[0]} .. {cu[-1]} with B = {q.shape[0]}")
         outs = []
         for i, piece in enumerate(self.owned_pieces()):
+            # the gathered keys up to this piece's end at least (zigzag: its
+            # early piece waits for the first half only)
+            have = stages(i)
+            keys, values = have["k"], have["v"]
+            window = {n: have[n] for n in ("k_swa", "v_swa") if n in have}
             rows = slice(i * C, (i + 1) * C)
             end = (piece + 1) * C  # the chunk's last position + 1: its queries' keys end there
 
@@ -224,6 +249,33 @@ class ContextParallel:
             else:
                 outs.append(self._packed_piece(local(q), keys, values, gates, window, mlp, cu, end - C, end, scale))
         return torch.cat(outs, 1)
+
+    def _start_gathers(self, tensors: dict):
+        """Start the all-gathers of the named shards [B, S, ...]; returns
+        stages(i): {name: the gathered positions, with autograd} covering
+        every key that this rank's piece i sees, waiting only for the
+        collectives it needs. Contiguous: one gather of the whole sequence.
+        Zigzag: the first half (every rank's early chunk) and the second
+        (the late chunks) gathered apart, both started now; piece 0 gets
+        the first half, piece 1 both."""
+        if self.layout != "zigzag":
+            whole = {n: _GatherPositions.apply(t, self) for n, t in tensors.items()}
+            return lambda i: whole
+        C = next(iter(tensors.values())).shape[1] // 2
+        pending = [{n: (t[:, h * C:(h + 1) * C], self.start_gather(t[:, h * C:(h + 1) * C].detach(),
+                                                                  f"the all-gather of {n}'s {('first', 'second')[h]}"
+                                                                  " half"))
+                    for n, t in tensors.items()} for h in (0, 1)]
+        halves = [{}, {}]
+
+        def stage(i):
+            for h in range(i + 1):
+                if not halves[h]:
+                    halves[h].update({n: _GatherHalf.apply(t, self, h, p) for n, (t, p) in pending[h].items()})
+            if i == 0:
+                return halves[0]
+            return {n: torch.cat([halves[0][n], halves[1][n]], 1) for n in tensors}
+        return stage
 
     def _packed_piece(self, q, keys, values, gates, window, mlp, cu, a: int, b: int, scale):
         """A chunk's call on a packed row: positions [a, b) of the row; the
@@ -271,6 +323,36 @@ class _GatherPositions(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         return ctx.cp.sum_and_shard(g), None
+
+
+class _PendingGather:
+    """An all-gather in flight: parts (rank order) once wait() returns."""
+
+    def __init__(self, cp, work, parts, what):
+        self.cp, self.work, self.parts, self.what = cp, work, parts, what
+
+    def wait(self) -> List[torch.Tensor]:
+        self.cp._wait(self.work, self.what)
+        return self.parts
+
+
+class _GatherHalf(torch.autograd.Function):
+    """Zigzag: this rank's chunk x [B, C, ...] of half `half` -> that half
+    of the whole sequence [B, W*C, ...] in position order, from the
+    all-gather `pending` already started on x; backward: the half's
+    gradient summed over the ranks, this rank's chunk of it."""
+
+    @staticmethod
+    def forward(ctx, x, cp, half, pending):
+        ctx.cp, ctx.half = cp, half
+        parts = pending.wait()
+        W = cp.world
+        order = range(W) if half == 0 else range(W - 1, -1, -1)  # rank r's chunk sits at r or W-1-r
+        return torch.cat([parts[r] for r in order], 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.cp.sum_and_shard(g, half=ctx.half), None, None, None
 
 
 class _SumGradients(torch.autograd.Function):

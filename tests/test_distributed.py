@@ -110,6 +110,39 @@ def test_packed_documents_across_ranks():
     _run_ranks(2, _check_packed, [40, 0, 100, 7, 117])
 
 
+def _overlap_order(rank, world):
+    pattern = nsa_dsl.parse(PATTERNS["paper"])
+    compiled = nsa_dsl.compile(pattern)
+    cp = distributed.context_parallel(compiled)  # zigzag
+    events = []
+    start = cp.start_gather
+    cp.start_gather = lambda x, what: (events.append(("start", what)), start(x, what))[1]
+    wait = distributed._PendingGather.wait
+    distributed._PendingGather.wait = lambda self: (events.append(("wait", self.what)), wait(self))[1]
+
+    class Recorded:  # the compiled call, recording each piece's keys
+        def __getattr__(self, name):
+            return getattr(compiled, name)
+
+        def __call__(self, q, k, *args, **kwargs):
+            events.append(("compute", k.shape[1]))
+            return compiled(q, k, *args, **kwargs)
+    cp.compiled = Recorded()
+    C = 16  # 64 positions in 4 chunks; rank r's are r and 3 - r
+    cp(**random_inputs(pattern, 1, 2 * C, torch.float32, seed=rank))
+    half = [(f"the all-gather of {n}'s {h} half") for h in ("first", "second") for n in ("k", "v")]
+    events = [e for e in events if e[0] == "compute" or e[1] in half]  # (not the shape check's)
+    assert events == [("start", w) for w in half] + [("wait", w) for w in half[:2]] + [("compute", (rank + 1) * C)] \
+        + [("wait", w) for w in half[2:]] + [("compute", (2 * world - rank) * C)]
+
+
+def test_the_second_half_is_gathered_behind_the_early_chunk():
+    """Zigzag overlap: both halves' all-gathers start before any kernel;
+    the early chunk (keys of the first half only) runs after the first
+    half arrives and before anything waits for the second."""
+    _run_ranks(2, _overlap_order)
+
+
 def _unequal(rank, world):
     pattern = nsa_dsl.parse(PATTERNS["paper"])
     cp = distributed.context_parallel(nsa_dsl.compile(pattern), layout="contiguous")
