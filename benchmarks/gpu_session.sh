@@ -18,7 +18,7 @@
 #   bash .device/run bash benchmarks/gpu_session.sh decode-variants
 #       the default-off decode flags (NOTES v23): the decode GPU tests (both
 #       scorings, dependent launch bitwise plain), profile_decode at 64k x 29,
-#       128k x 14 and 32k x 1 with DEC_BLOCK_SUMS=1 and DEC_PDL=1 each, then
+#       128k x 14 and 32k x 1 with DEC_BLOCK_SUMS=1 and DEC_PDL_MAX_BATCH=0 each, then
 #       bench_decode at 32k..128k with both as the variant rows
 #       -> $OUT/pytest_decode.log, $OUT/profile.log, $OUT/decode_bench.json
 #   bash .device/run bash benchmarks/gpu_session.sh compile
@@ -103,12 +103,12 @@ case "${1:-}" in
         -k "decode_kernels or dependent or replays or last_positions" 2>&1 | tee "$OUT/pytest_decode.log" | tail -n 5
       timeout 150 python3 benchmarks/profile_decode.py --top 0 --steps 30 \
         --specs examples/bench_paper128.nsa:65536:29,examples/bench_paper128.nsa:131072:14,examples/bench_paper128.nsa:32768:1 \
-        --variant DEC_BLOCK_SUMS=1 --variant DEC_PDL=1 --variant DEC_BLOCK_SUMS=1,DEC_PDL=1 \
+        --variant DEC_BLOCK_SUMS=1 --variant DEC_PDL_MAX_BATCH=0 --variant DEC_BLOCK_SUMS=1,DEC_PDL_MAX_BATCH=0 \
         > "$OUT/profile.log" 2>&1
       grep -E "^==|dec_|all kernels" "$OUT/profile.log"
       timeout 200 python3 benchmarks/bench_decode.py --out "$OUT" --patterns examples/bench_paper128.nsa \
         --contexts 32768,65536,131072 $([ -d .flash_nsa ] && echo --flash-nsa .flash_nsa) \
-        --variant DEC_BLOCK_SUMS=1 --variant DEC_PDL=1
+        --variant DEC_BLOCK_SUMS=1 --variant DEC_PDL_MAX_BATCH=0
     } 2>&1 | tee "$OUT/decode.log" | tail -n 60 ;;
   tests)
     timeout "${TESTS_TIMEOUT_S:-560}" python3 -m pytest tests/test_gpu.py tests/test_module.py -q -p timeout --timeout 200 -rf 2>&1 \

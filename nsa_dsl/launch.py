@@ -95,7 +95,8 @@ def _kv_operands(plan_flag: bool, k: torch.Tensor, v: torch.Tensor, block_n: int
 
 def _launch_fitting(compiled, name: str, grid, args: tuple, *, dtype, num_warps: int, num_stages: int,
                     **constexprs) -> None:
-    """Launch a flash-style forward kernel of compiled.module, with fewer
+    """Launch a flash-style kernel of compiled.module (the forwards, the
+    backward's dq), with fewer
     pipeline stages if the compiled kernel needs more shared memory than the
     device has (float32 inputs, or a tuned record made for 16-bit ones: the
     plan sizes its tiles for 16-bit inputs). Each stage holds one K and one V

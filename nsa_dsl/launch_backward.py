@@ -16,7 +16,8 @@ import torch
 
 from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions
-from .launch import LOG2E, _cdiv, _gate_args, _kv_operands, _strides, index_keys, packed_operands
+from .launch import (LOG2E, _cdiv, _gate_args, _kv_operands, _launch_fitting, _strides, index_keys,
+                     packed_operands)
 
 
 def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
@@ -54,9 +55,11 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
               *_strides(do))
     g_arg = gate if gate is not None else do
     packed = packed_operands(shapes, dev, f"{branch}_bwd")
-    getattr(m, f"{branch}_bwd_dq")[(shapes.query_tiles(bm), shapes.grid_batch * HQ)](
-        q, keys, values, do, g_arg, lse, delta, dq, *common,
-        HAS_GATE=gate is not None, **packed, num_warps=kp.num_warps, num_stages=kp.num_stages)
+    # pipelined on its own stages, fewer where they do not fit (float32)
+    _launch_fitting(compiled, f"{branch}_bwd_dq", (shapes.query_tiles(bm), shapes.grid_batch * HQ),
+                    (q, keys, values, do, g_arg, lse, delta, dq, *common), dtype=q.dtype,
+                    num_warps=kp.num_warps, num_stages=kp.const(f"{prefix}_BWD_DQ_STAGES"),
+                    HAS_GATE=gate is not None, **packed)
     if n_keys == 0:
         return
     if split:  # per-query-head shares, summed over each group here

@@ -785,9 +785,11 @@ def _decode_kernels(p: Pattern) -> list:
          # programs per processor that dec_cmp's splits and dec_attend's
          # items per program aim for (launch_decode.cmp_splits, attend_span)
          ("DEC_CMP_PROGRAMS_PER_SM", 1), ("DEC_ATTEND_PROGRAMS_PER_SM", 2),
-         # programmatic dependent launch of the step's kernels on sm_90
-         # (launch_decode.pdl_launch)
-         ("DEC_PDL", 0),
+         # programmatic dependent launch of the step's kernels on sm_90 for
+         # steps of at most this many sequences (launch_decode.pdl_launch):
+         # batch 1, 3-7% faster at 32k-128k; the 4 GB batches (14-59
+         # sequences) 4-6% slower with it (H100, NOTES v25)
+         ("DEC_PDL_MAX_BATCH", 1),
          ("DEC_HAS_SLC", Branch.SLC in combined), ("DEC_HAS_SWA", Branch.SWA in combined),
          ("DEC_CMP", Branch.CMP in combined),
          # dec_cmp: tiles of DEC_CMP_N compressed tokens (DEC_CMP_STAGES deep),
@@ -852,9 +854,22 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # (64 at d > 128) on 8 warps, as every shipped 64k record took
              # (NOTES v7, v17)
              ("CMP_BWD_DKDV_BLOCK_N", 128 if d_max <= 128 else 64), ("CMP_BWD_DKDV_WARPS", 8),
+             # the dK/dV kernel's rows a step: dq's tile rows (a step of 32
+             # rows spills nothing on sm_90 with 64-key tiles on 8 warps,
+             # untimed: NOTES v26)
+             ("CMP_BWD_DKDV_BLOCK_M", bm),
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
-             ("CMP_BWD_SPLIT_HEADS", p.group > 1)),
+             ("CMP_BWD_SPLIT_HEADS", p.group > 1),
+             # The dq kernel's own pipeline stages; the launch's num_stages
+             # stays the dK/dV kernel's, whose 128-key tiles lost on 2
+             # (NOTES v25). 2 for dq: paper128's training pass at 64k on an
+             # H100 133.2 -> 130.3 ms (cmp_bwd_dq 16.73 -> 12.50, swa_bwd_dq
+             # 6.39 -> 5.64; 3 stages gained nothing; NOTES v26), and the
+             # deepseek_nsa and small_group records took 2 for the whole
+             # kernel. Float32 inputs drop to fewer where 2 do not fit
+             # (launch._launch_fitting).
+             ("CMP_BWD_DQ_STAGES", 2)),
             num_warps=warps, num_stages=1, direction="backward"))
         if c.pool.value == "mean":
             kernels.append(KernelPlan(
@@ -914,8 +929,8 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "sliding-window backward: swa_bwd_dq per query tile and head; swa_bwd_dkdv per key tile and KV head",
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_DKDV_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
-             ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps),
-             ("SWA_BWD_SPLIT_HEADS", False)),
+             ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps), ("SWA_BWD_DKDV_BLOCK_M", bm),
+             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2)),  # as CMP_BWD_DQ_STAGES
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
 
@@ -932,6 +947,13 @@ def _positive(value: int) -> bool:
 
 
 _positive.__doc__ = "a positive integer"
+
+
+def _nonnegative(value: int) -> bool:
+    return value >= 0
+
+
+_nonnegative.__doc__ = "an integer >= 0"
 
 
 # SLC_FWD_LIST builds its list with [pool, pool] comparisons in registers.
@@ -983,7 +1005,9 @@ TUNABLE = {
     "SWA_BWD_BLOCK_M": _pow2_at_least(16), "SWA_BWD_BLOCK_N": _pow2_at_least(16),
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_DKDV_BLOCK_N": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_N": _pow2_at_least(16),
+    "SWA_BWD_DKDV_BLOCK_M": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_M": _pow2_at_least(16),
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
+    "SWA_BWD_DQ_STAGES": _stages, "CMP_BWD_DQ_STAGES": _stages,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages,
     "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,
@@ -994,7 +1018,7 @@ TUNABLE = {
     "SLC_BWD_CHUNK": _positive,
     "DEC_REDUCE_WARPS": _any_warps, "DEC_TOPK_WARPS": _any_warps, "DEC_TOPK_CHUNKS": _pow2_at_least(1),
     "DEC_CMP_PROGRAMS_PER_SM": _positive, "DEC_ATTEND_PROGRAMS_PER_SM": _positive,
-    "DEC_RED_D": _pow2_at_least(8), "DEC_PDL": _flag, "DEC_BLOCK_SUMS": _flag, "DEC_CMP_N": _pow2_at_least(16),
+    "DEC_RED_D": _pow2_at_least(8), "DEC_PDL_MAX_BATCH": _nonnegative, "DEC_BLOCK_SUMS": _flag, "DEC_CMP_N": _pow2_at_least(16),
     "DEC_CMP_STAGES": _stages,
 }
 

@@ -339,11 +339,14 @@ def test_queries_of_the_last_positions_bf16(name, order):
     {"CMP_BWD_DKDV_BLOCK_N": 128, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 128, "SWA_BWD_DKDV_WARPS": 8},
     {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 32, "SWA_BWD_DKDV_WARPS": 4},
     {"SLC_BWD_KEYS_MAJOR": 1},
-], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major"])
+    {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "CMP_BWD_DKDV_BLOCK_M": 32,
+     "SWA_BWD_DKDV_BLOCK_N": 64, "SWA_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_M": 32},
+], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major", "dkdv64w8r32"])
 def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     """The keys-major dK/dV kernels compiled for Hopper with the key tiles
-    and warps the tuner may pick (two warpgroups on 128 keys among them),
-    and the selection's keys-major dK/dV (SLC_BWD_KEYS_MAJOR)."""
+    and warps the tuner may pick (two warpgroups on 128 keys among them;
+    64 keys on 8 warps 32 rows a step, which spills nothing on sm_90), and
+    the selection's keys-major dK/dV (SLC_BWD_KEYS_MAJOR)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, "bench_paper128.nsa"))
     errors = _bf16_gradient_errors(pattern, 4096, seed=11, overrides=overrides)
     _log({"test": "gradients_dkdv_tiles", "pattern": "bench_paper128", "overrides": overrides, "dtype": "bf16",
@@ -533,16 +536,21 @@ def test_a_decode_step_replays_in_a_cuda_graph():
 
 
 def test_decode_steps_with_dependent_launch_equal_those_without():
-    """DEC_PDL: each decode kernel launched to overlap the previous one's
-    end, waiting for it inside. Its steps, eager and replayed from a CUDA
-    graph, must be bitwise the plain launches' (bf16, paper128, a ragged
-    batch of 3 at 4k contexts, 4 steps)."""
+    """DEC_PDL_MAX_BATCH: each decode kernel launched to overlap the
+    previous one's end, waiting for it inside, for steps of at most that
+    many sequences (the plan's: 1). Its steps, eager and replayed from a
+    CUDA graph, must be bitwise the plain launches' (bf16, paper128, a
+    ragged batch of 3 at 4k contexts, 4 steps)."""
     from nsa_dsl import launch_decode
 
     pattern = nsa_dsl.load("examples/bench_paper128.nsa")
-    plain, pdl = nsa_dsl.compile(pattern), nsa_dsl.compile(pattern, overrides={"DEC_PDL": 1})
-    assert launch_decode.pdl_launch(pdl, torch.device("cuda"))["PDL"]
-    assert launch_decode.pdl_launch(plain, torch.device("cuda")) == {"PDL": False}
+    plain = nsa_dsl.compile(pattern, overrides={"DEC_PDL_MAX_BATCH": 0})
+    pdl = nsa_dsl.compile(pattern, overrides={"DEC_PDL_MAX_BATCH": 3})
+    cuda = torch.device("cuda")
+    assert launch_decode.pdl_launch(pdl, cuda, 3)["PDL"] and not launch_decode.pdl_launch(pdl, cuda, 4)["PDL"]
+    assert launch_decode.pdl_launch(plain, cuda, 1) == {"PDL": False}
+    default = nsa_dsl.compile(pattern)  # on for one sequence only
+    assert launch_decode.pdl_launch(default, cuda, 1)["PDL"] and not launch_decode.pdl_launch(default, cuda, 2)["PDL"]
     caches = [c.new_cache(3, 8192, device="cuda", dtype=torch.bfloat16) for c in (plain, pdl, pdl)]
     with torch.no_grad():
         for compiled, cache in zip((plain, pdl, pdl), caches):
@@ -582,11 +590,24 @@ def test_decode_kernels_give_the_full_forward_bf16(name, paged, sums):
     block between the two scorings). paged: pages of four selection
     blocks, shuffled in the pool. sums: dec_topk scoring from dec_cmp's
     block sums (DEC_BLOCK_SUMS)."""
+    _decode_against_the_full_forward(name, 8192, paged, sums)
+
+
+@pytest.mark.parametrize("name, prompt", [("bench_paper128", 32768), ("bench_paper128", 131072),
+                                          ("deepseek_nsa", 131072)])
+def test_decode_kernels_give_the_full_forward_at_long_contexts_bf16(name, prompt):
+    """As above at 32k and 128k (the plan's scoring, a contiguous cache):
+    the step's splits across the context and its top-n over thousands of
+    blocks, against the full forward."""
+    _decode_against_the_full_forward(name, prompt, paged=False, sums=None)
+
+
+def _decode_against_the_full_forward(name, prompt, paged, sums):
     from nsa_dsl.geometry import num_compressed
 
     pattern = _patterns()[name]
-    compiled = nsa_dsl.compile(pattern, overrides={"DEC_BLOCK_SUMS": int(sums)})
-    prompt, steps = 8192, 4
+    compiled = nsa_dsl.compile(pattern, overrides={} if sums is None else {"DEC_BLOCK_SUMS": int(sums)})
+    steps = 4
     args = random_inputs(pattern, 2, prompt + steps, torch.bfloat16, seed=7, device="cuda")
     mlp = "k_cmp" in args
 

@@ -309,26 +309,52 @@ def test_open_tiles_without_a_mask_match_reference(tile, cmp_block, cmp_stride, 
     assert_gradients_match_reference(p, compiled, args, seed=tile)
 
 
-@pytest.mark.parametrize("dq_keys, dkdv_keys", [(32, 16), (16, 32)])
-def test_dkdv_key_tile_of_its_own_matches_reference(dq_keys, dkdv_keys):
+@pytest.mark.parametrize("dq_rows, dq_keys, dkdv_rows, dkdv_keys", [(16, 32, 32, 16), (32, 16, 16, 32)])
+def test_dkdv_key_tile_of_its_own_matches_reference(dq_rows, dq_keys, dkdv_rows, dkdv_keys):
     """The dK/dV kernels of the compressed and window branches take their
-    own key tile (*_BWD_DKDV_BLOCK_N), here half and twice dq's: the launch
-    grid must follow it (a grid counted in dq's wider tiles leaves keys with
-    no program, so no dK, dV) and the keys-major tile must give every
+    own key tile (*_BWD_DKDV_BLOCK_N), here half and twice dq's, and their
+    own rows a step (*_BWD_DKDV_BLOCK_M), twice and half dq's: the launch
+    grid must follow the key tile (a grid counted in dq's wider tiles leaves
+    keys with no program, so no dK, dV), the masked edge steps and open
+    middle ones the row step, and the keys-major tile must give every
     gradient."""
     p = Pattern(name="dkdv_tile", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
                 compress=Compress(block=8, stride=4), select=Select(block=16, top=2, initial=1, local=1),
                 window=Window(size=47))
-    overrides = {"CMP_BWD_BLOCK_M": 16, "SWA_BWD_BLOCK_M": 16, "CMP_BWD_BLOCK_N": dq_keys,
+    overrides = {"CMP_BWD_BLOCK_M": dq_rows, "SWA_BWD_BLOCK_M": dq_rows, "CMP_BWD_BLOCK_N": dq_keys,
                  "SWA_BWD_BLOCK_N": dq_keys, "CMP_BWD_DKDV_BLOCK_N": dkdv_keys, "SWA_BWD_DKDV_BLOCK_N": dkdv_keys,
-                 "CMP_BWD_DKDV_WARPS": 8}
+                 "CMP_BWD_DKDV_BLOCK_M": dkdv_rows, "SWA_BWD_DKDV_BLOCK_M": dkdv_rows, "CMP_BWD_DKDV_WARPS": 8}
     compiled = nsa_dsl.compile(p, overrides=overrides)
     assert compiled.plan.kernel("cmp_bwd").const("CMP_BWD_DKDV_BLOCK_N") == dkdv_keys
+    assert compiled.plan.kernel("swa_bwd").const("SWA_BWD_DKDV_BLOCK_M") == dkdv_rows
     args = random_inputs(p, 2, 201, torch.float32, seed=dkdv_keys, device=DEVICE)
     assert_gradients_match_reference(p, compiled, args, seed=dkdv_keys)
     from nsa_dsl.plan import apply_overrides
     with pytest.raises(ValueError, match="CMP_BWD_DKDV_WARPS: must be 4 or 8"):
         apply_overrides(nsa_dsl.check(p), {"CMP_BWD_DKDV_WARPS": 16})
+
+
+def test_flash_style_dq_kernels_launch_on_their_own_stages(monkeypatch):
+    """CMP_BWD_DQ_STAGES / SWA_BWD_DQ_STAGES pipeline the dq kernels
+    (cmp_bwd_dq on 2 stages took 16.7 -> 12.4 ms at 64k, NOTES v25) while
+    the dK/dV kernels keep the launch's num_stages: 2 stages there need
+    twice the shared memory of their wider key tiles. The launches carry
+    each its own, and the gradients stay right."""
+    p = Pattern(name="dq_stages", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                compress=Compress(block=8, stride=4), select=Select(block=16, top=2, initial=1, local=1),
+                window=Window(size=47))
+    overrides = {"CMP_BWD_DQ_STAGES": 2, "SWA_BWD_DQ_STAGES": 3, "cmp_bwd.num_stages": 1, "swa_bwd.num_stages": 1}
+    compiled = nsa_dsl.compile(p, overrides=overrides)
+    stages = []
+    for kernel in ("cmp_bwd_dq", "cmp_bwd_dkdv", "swa_bwd_dq", "swa_bwd_dkdv"):
+        real = getattr(compiled.module, kernel)
+        monkeypatch.setattr(compiled.module, kernel, LaunchSpy(real, "num_stages", stages, tag=(kernel,)))
+    args = random_inputs(p, 1, 97, torch.float32, seed=3, device=DEVICE)
+    assert_gradients_match_reference(p, compiled, args, seed=3)
+    assert sorted(stages) == [("cmp_bwd_dkdv", 1), ("cmp_bwd_dq", 2), ("swa_bwd_dkdv", 1), ("swa_bwd_dq", 3)]
+    plan = nsa_dsl.check(p)  # without overrides: dq on 2 stages, dK/dV on 1
+    assert plan.kernel("cmp_bwd").const("CMP_BWD_DQ_STAGES") == plan.kernel("swa_bwd").const("SWA_BWD_DQ_STAGES") == 2
+    assert plan.kernel("cmp_bwd").num_stages == plan.kernel("swa_bwd").num_stages == 1
 
 
 MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),

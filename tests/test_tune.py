@@ -195,6 +195,19 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     for kernel in ("cmp_bwd", "slc_bwd", "swa_bwd"):
         assert paper.kernel(kernel).num_stages == 1
         assert {f"{kernel}.num_stages": 2} in candidates(paper, kernel), kernel
+    for kernel, prefix in (("cmp_bwd", "CMP"), ("swa_bwd", "SWA")):  # the dK/dV kernel's rows a step, 64 -> 32
+        assert {f"{prefix}_BWD_DKDV_BLOCK_M": 32} in candidates(paper, kernel)
+        assert {f"{prefix}_BWD_DKDV_BLOCK_M": 32, f"{prefix}_BWD_DKDV_BLOCK_N": 64,
+                f"{prefix}_BWD_DKDV_WARPS": 8} in candidates(paper, kernel)
+        on_64x8 = apply_overrides(paper, {f"{prefix}_BWD_DKDV_BLOCK_N": 64, f"{prefix}_BWD_DKDV_WARPS": 8})
+        for plan in (paper, on_64x8):  # no configuration tried twice (as the kernel would run it)
+            k = plan.kernel(kernel)
+            current = {**dict(k.constants), f"{kernel}.num_warps": k.num_warps, f"{kernel}.num_stages": k.num_stages}
+            runs = [tuple(sorted({**current, **o}.items())) for o in candidates(plan, kernel)]
+            assert len(runs) == len(set(runs)), kernel
+    for kernel, name in (("cmp_bwd", "CMP_BWD_DQ_STAGES"), ("swa_bwd", "SWA_BWD_DQ_STAGES")):
+        assert {name: 1} in candidates(paper, kernel)  # the dq kernel's own stages (2 by default)
+        assert {name: 2} in candidates(apply_overrides(paper, {name: 1}), kernel)
     # the union list compares SLC_TOKENS * TOP_PAD entries pairwise: 4 * 16
     # for paper128, 32 * 16 for small_group (over SLC_LIST_MAX)
     # two warpgroups for 128 query rows: the forward flash tiles move with the warps
@@ -264,14 +277,26 @@ def test_timer_rejects_a_candidate_that_computes_something_else(monkeypatch):
 
     monkeypatch.setattr(pipeline, "compile", compile_with_a_broken_variant)
     timed = []
-    timer = gpu_timer(backward=True, device="cpu", bench=lambda step: (step(), timed.append(1), 1.0)[-1])
+    run_step = [True]  # the fake bench runs the timed pass (forward and backward) as do_bench would
+
+    def bench(step):
+        if run_step[0]:
+            step()
+        timed.append(1)
+        return 1.0
+
+    timer = gpu_timer(backward=True, device="cpu", bench=bench)
     plan = nsa_dsl.check(PATTERN)
     assert timer(plan, {}, 40) == 1.0
     assert timer(plan, {"SLC_TOKENS": 16}, 40) == 1.0  # another tile: same results, timed
     with pytest.warns(RuntimeWarning, match="rejected, out: relative error"):
         assert timer(plan, {"SLC_TOKENS": 8}, 40) == math.inf
     assert len(timed) == 2, "a rejected candidate is not timed"
-    # the search then keeps a correct configuration
+    # the search then keeps a correct configuration: every candidate's output
+    # and gradients are still compared with the defaults', only the timed pass
+    # (whose result nothing below reads: the fake time is 1.0 regardless) is
+    # not run again for each of them
+    run_step[0] = False
     with pytest.warns(RuntimeWarning):
         configs = tune(PATTERN, [40], timer, device="fake-gpu", kernels=["slc_fwd"])
     assert configs[bucket_of(40)].get("SLC_TOKENS") != 8
