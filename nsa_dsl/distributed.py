@@ -39,8 +39,13 @@ all-gathers at once (asynchronous collectives), computes the early chunk
 as soon as the first half has arrived, and waits for the second half only
 before the late chunk: the second half's transfer runs behind the early
 chunk's kernels (on NCCL, waiting only orders the compute stream after
-the collective; gloo runs it on its own thread). The backward sums each
-half's gradient over the ranks when autograd reaches it (not overlapped).
+the collective; gloo runs it on its own thread). The backward mirrors it:
+the second half's keys are read by the late chunk only, so their gradient
+is complete once autograd has run the late chunk's backward (which it
+does first: it was recorded last); its sum over the ranks starts then and
+is waited for only after the early chunk's backward (_AwaitGradient, made
+before any chunk's call so that autograd reaches it after them). The first
+half's sum has nothing left to hide behind.
 
 Packed sequences: cu_seqlens of the whole packed row (global, every rank
 the same, on the host or readable there): each rank's queries in a
@@ -137,12 +142,12 @@ class ContextParallel:
     def all_gather(self, x: torch.Tensor, what: str) -> List[torch.Tensor]:
         return self.start_gather(x, what).wait()
 
-    def start_gather(self, x: torch.Tensor, what: str) -> "_PendingGather":
+    def start_gather(self, x: torch.Tensor, what: str) -> "_Pending":
         """Every rank's x [B, C, ...] gathered into a list in rank order, the
-        collective started and not waited for (_PendingGather.parts)."""
+        collective started and not waited for (_Pending)."""
         parts = [torch.empty_like(x) for _ in range(self.world)]
         work = dist.all_gather(parts, x.contiguous(), group=self.group, async_op=True)
-        return _PendingGather(self, work, parts, what)
+        return _Pending(self, work, lambda: parts, what)
 
     def gather_positions(self, x: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
         """The whole sequence from every rank's shard [B, S, ...] (no gradient)."""
@@ -153,6 +158,10 @@ class ContextParallel:
         """Each rank's shard of the sum over the ranks of g [B, T, ...]; with
         `half` (zigzag), g covers that half of the sequence only ([B, T/2,
         ...]) and each rank's share is its one chunk there."""
+        return self.start_sum_and_shard(g, half).wait()
+
+    def start_sum_and_shard(self, g: torch.Tensor, half: Optional[int] = None) -> "_Pending":
+        """sum_and_shard with the collective started and not waited for."""
         if half is None:
             C = self.piece_length(g.shape[1])
             chunks = [[p * C for p in self.owned_pieces(r)] for r in range(self.world)]
@@ -163,11 +172,16 @@ class ContextParallel:
             owned = [torch.cat([g[:, a:a + C] for a in starts], 1) for starts in chunks]
             stacked = torch.cat(owned, 0).contiguous()
             out = torch.empty_like(owned[0])
-            self._wait(dist.reduce_scatter_tensor(out, stacked, group=self.group, async_op=True), "reduce-scatter")
-            return out
+            work = dist.reduce_scatter_tensor(out, stacked, group=self.group, async_op=True)
+            return _Pending(self, work, lambda: out, self._sum_name(half))
         total = g.contiguous().clone()
-        self._wait(dist.all_reduce(total, group=self.group, async_op=True), "all-reduce")
-        return torch.cat([total[:, a:a + C] for a in chunks[self.rank]], 1)
+        work = dist.all_reduce(total, group=self.group, async_op=True)
+        return _Pending(self, work, lambda: torch.cat([total[:, a:a + C] for a in chunks[self.rank]], 1),
+                        self._sum_name(half))
+
+    @staticmethod
+    def _sum_name(half: Optional[int]) -> str:
+        return "the sum of the gradients" + ("" if half is None else f" of the {('first', 'second')[half]} half")
 
     def sum_over_ranks(self, g: torch.Tensor) -> torch.Tensor:
         total = g.contiguous().clone()
@@ -262,16 +276,20 @@ class ContextParallel:
             whole = {n: _GatherPositions.apply(t, self) for n, t in tensors.items()}
             return lambda i: whole
         C = next(iter(tensors.values())).shape[1] // 2
-        pending = [{n: (t[:, h * C:(h + 1) * C], self.start_gather(t[:, h * C:(h + 1) * C].detach(),
-                                                                  f"the all-gather of {n}'s {('first', 'second')[h]}"
-                                                                  " half"))
-                    for n, t in tensors.items()} for h in (0, 1)]
+        pending = [{}, {}]
+        for h in (0, 1):
+            for n, t in tensors.items():
+                chunk = t[:, h * C:(h + 1) * C]
+                gather = self.start_gather(chunk.detach(), f"the all-gather of {n}'s {('first', 'second')[h]} half")
+                summed = _InFlight()  # the backward's sum over the ranks, started by _GatherHalf
+                pending[h][n] = (_AwaitGradient.apply(chunk, summed), gather, summed)
         halves = [{}, {}]
 
         def stage(i):
             for h in range(i + 1):
                 if not halves[h]:
-                    halves[h].update({n: _GatherHalf.apply(t, self, h, p) for n, (t, p) in pending[h].items()})
+                    halves[h].update({n: _GatherHalf.apply(t, self, h, gather, summed)
+                                      for n, (t, gather, summed) in pending[h].items()})
             if i == 0:
                 return halves[0]
             return {n: torch.cat([halves[0][n], halves[1][n]], 1) for n in tensors}
@@ -325,34 +343,64 @@ class _GatherPositions(torch.autograd.Function):
         return ctx.cp.sum_and_shard(g), None
 
 
-class _PendingGather:
-    """An all-gather in flight: parts (rank order) once wait() returns."""
+class _Pending:
+    """A collective in flight: finish() (the gathered parts, the summed
+    shard) once wait() returns."""
 
-    def __init__(self, cp, work, parts, what):
-        self.cp, self.work, self.parts, self.what = cp, work, parts, what
+    def __init__(self, cp, work, finish, what):
+        self.cp, self.work, self.finish, self.what = cp, work, finish, what
 
-    def wait(self) -> List[torch.Tensor]:
+    def wait(self):
         self.cp._wait(self.work, self.what)
-        return self.parts
+        return self.finish()
+
+
+class _InFlight:
+    """Where _GatherHalf's backward leaves its started sum (_Pending) for
+    _AwaitGradient."""
+    pending: Optional[_Pending] = None
 
 
 class _GatherHalf(torch.autograd.Function):
     """Zigzag: this rank's chunk x [B, C, ...] of half `half` -> that half
     of the whole sequence [B, W*C, ...] in position order, from the
-    all-gather `pending` already started on x; backward: the half's
-    gradient summed over the ranks, this rank's chunk of it."""
+    all-gather `gather` already started on x; backward: the sum over the
+    ranks of the half's gradient started, left in `summed` for x's
+    _AwaitGradient to wait for (x's gradient here is a placeholder)."""
 
     @staticmethod
-    def forward(ctx, x, cp, half, pending):
-        ctx.cp, ctx.half = cp, half
-        parts = pending.wait()
+    def forward(ctx, x, cp, half, gather, summed):
+        ctx.cp, ctx.half, ctx.summed = cp, half, summed
+        parts = gather.wait()
         W = cp.world
         order = range(W) if half == 0 else range(W - 1, -1, -1)  # rank r's chunk sits at r or W-1-r
         return torch.cat([parts[r] for r in order], 1)
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.cp.sum_and_shard(g, half=ctx.half), None, None, None
+        ctx.summed.pending = ctx.cp.start_sum_and_shard(g, half=ctx.half)
+        B, C = g.shape[0], g.shape[1] // ctx.cp.world
+        return g.new_empty((B, C) + tuple(g.shape[2:])), None, None, None, None
+
+
+class _AwaitGradient(torch.autograd.Function):
+    """The identity forward; backward: the gradient is the sum that
+    _GatherHalf's backward started (`summed`), waited for here. Made
+    before any chunk's call, so autograd (which runs the nodes made last
+    first) reaches it after every chunk's backward, and the sum's transfer
+    runs behind the chunks' kernels in between."""
+
+    @staticmethod
+    def forward(ctx, x, summed):
+        ctx.summed = summed
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, placeholder):
+        pending, ctx.summed.pending = ctx.summed.pending, None
+        if pending is None:  # (autograd calls this only after _GatherHalf's backward) pragma: no cover
+            raise RuntimeError("context parallelism: a gradient was awaited before its sum was started")
+        return pending.wait(), None
 
 
 class _SumGradients(torch.autograd.Function):

@@ -117,8 +117,8 @@ def _overlap_order(rank, world):
     events = []
     start = cp.start_gather
     cp.start_gather = lambda x, what: (events.append(("start", what)), start(x, what))[1]
-    wait = distributed._PendingGather.wait
-    distributed._PendingGather.wait = lambda self: (events.append(("wait", self.what)), wait(self))[1]
+    wait = distributed._Pending.wait
+    distributed._Pending.wait = lambda self: (events.append(("wait", self.what)), wait(self))[1]
 
     class Recorded:  # the compiled call, recording each piece's keys
         def __getattr__(self, name):
@@ -141,6 +141,62 @@ def test_the_second_half_is_gathered_behind_the_early_chunk():
     the early chunk (keys of the first half only) runs after the first
     half arrives and before anything waits for the second."""
     _run_ranks(2, _overlap_order)
+
+
+class _Traced(torch.autograd.Function):
+    """The identity; its backward (which autograd runs once the call that
+    read x has run its own) appends (label, "done") to events."""
+
+    @staticmethod
+    def forward(ctx, x, events, label):
+        ctx.events, ctx.label = events, label
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.events.append((ctx.label, "done"))
+        return g, None, None
+
+
+def _backward_overlap_order(rank, world):
+    pattern = nsa_dsl.parse(PATTERNS["paper"])
+    compiled = nsa_dsl.compile(pattern)
+    cp = distributed.context_parallel(compiled)  # zigzag
+    events = []
+    start = cp.start_sum_and_shard
+    cp.start_sum_and_shard = lambda g, half=None: (events.append(("start", half)), start(g, half))[1]
+    wait = distributed._Pending.wait
+
+    def traced_wait(self):
+        if self.what.startswith("the sum"):
+            events.append(("wait", 0 if self.what.endswith("first half") else 1))
+        return wait(self)
+    distributed._Pending.wait = traced_wait
+
+    class Traced:  # the compiled call, its backward's end traced through q
+        def __getattr__(self, name):
+            return getattr(compiled, name)
+
+        def __call__(self, q, k, *args, **kwargs):
+            label = "early" if k.shape[1] <= world * C else "late"  # the early chunk's keys: the first half
+            return compiled(_Traced.apply(q, events, label), k, *args, **kwargs)
+    cp.compiled = Traced()
+    C = 16  # 64 positions in 4 chunks; rank r's are r and 3 - r
+    args = random_inputs(pattern, 1, 2 * C, torch.float32, seed=rank)
+    local = {n: t.requires_grad_(True) for n, t in args.items()}
+    cp(**local).backward(torch.randn(1, 2 * C, pattern.heads.q, pattern.dims.v))
+    # k's and v's halves: each sum starts once its keys' last reader has run its backward; the second
+    # half's is waited for only after the early chunk's backward
+    assert events == [("late", "done"), ("start", 1), ("start", 1), ("early", "done"), ("start", 0), ("start", 0),
+                      ("wait", 1), ("wait", 1), ("wait", 0), ("wait", 0)], events
+
+
+def test_the_second_halfs_gradient_is_summed_behind_the_early_chunks_backward():
+    """Zigzag backward overlap: the sums over the ranks of k's and v's
+    second-half gradients start when the late chunk's backward is done and
+    are waited for after the early chunk's; the first half's start after
+    the early chunk. (The gradients themselves: test_every_rank_...)"""
+    _run_ranks(2, _backward_overlap_order)
 
 
 def _unequal(rank, world):
