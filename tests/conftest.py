@@ -46,6 +46,29 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _frame_padding(slots: int):
+    """f(fn, *args, **kwargs) = fn(*args, **kwargs), from a frame of about
+    `slots` local variables (_from_a_fresh_frame_chunk)."""
+    names = [f"_{i}" for i in range(slots)]
+    source = (f"def padded(fn, *args, **kwargs):\n    {' = '.join(names)} = None\n"
+              "    return fn(*args, **kwargs)\n")
+    scope = {}
+    exec(compile(source, "<frame padding>", "exec"), scope)
+    return scope["padded"]
+
+
+# CPython 3.11+ keeps Python frames in 16 KiB chunks (2048 slots) and frees
+# a chunk as soon as the frame at its start returns, so a call path that
+# goes up and down across a chunk's edge maps and unmaps 16 KiB each time
+# (a million mmap/munmap pairs in one interpreted test; where the edge falls
+# depends on how deep pytest and xdist call the test: one test took 10 s
+# alone and 63 s in an xdist worker). A frame of ~2040 slots before the
+# launch leaves its own chunk (nearly) full, so the launch's frames start at
+# the beginning of a fresh chunk and the interpreter's calls, far shallower
+# than 2048 slots, go up and down inside it.
+_from_a_fresh_frame_chunk = _frame_padding(2040)
+
+
 def _patch_device_calls_once() -> bool:
     """Make the interpreter's device-function calls skip re-patching the
     language modules that the running kernel launch has patched already
@@ -84,7 +107,7 @@ def _patch_device_calls_once() -> bool:
     def launch_tracked(self, *args, **kwargs):
         launches.append(set())
         try:
-            return launch(self, *args, **kwargs)
+            return _from_a_fresh_frame_chunk(launch, self, *args, **kwargs)
         finally:
             launches.pop()
 
