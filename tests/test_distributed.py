@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 import nsa_dsl
 from nsa_dsl import distributed
 
+import interpreter_speed
 from strategies import SMALL_PATTERNS, TOLERANCE, cu_seqlens_of, random_inputs, rel_error
 
 PATTERNS = SMALL_PATTERNS
@@ -42,6 +43,7 @@ def _run_ranks(world: int, fn, *args) -> None:
 
 
 def _rank_main(rank, world, rendezvous, fn, args):
+    interpreter_speed.install()  # (a spawned process: the conftest's install is the parent's)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     try:
