@@ -112,10 +112,15 @@ def test_packed_documents_across_ranks():
     _run_ranks(2, _check_packed, [40, 0, 100, 7, 117])
 
 
-def _overlap_order(rank, world):
+def _paper_zigzag():
+    """The paper pattern, compiled, over this process's group in the zigzag layout."""
     pattern = nsa_dsl.parse(PATTERNS["paper"])
     compiled = nsa_dsl.compile(pattern)
-    cp = distributed.context_parallel(compiled)  # zigzag
+    return pattern, compiled, distributed.context_parallel(compiled)
+
+
+def _overlap_order(rank, world):
+    pattern, compiled, cp = _paper_zigzag()
     events = []
     start = cp.start_gather
     cp.start_gather = lambda x, what: (events.append(("start", what)), start(x, what))[1]
@@ -161,9 +166,7 @@ class _Traced(torch.autograd.Function):
 
 
 def _backward_overlap_order(rank, world):
-    pattern = nsa_dsl.parse(PATTERNS["paper"])
-    compiled = nsa_dsl.compile(pattern)
-    cp = distributed.context_parallel(compiled)  # zigzag
+    pattern, compiled, cp = _paper_zigzag()
     events = []
     start = cp.start_sum_and_shard
     cp.start_sum_and_shard = lambda g, half=None: (events.append(("start", half)), start(g, half))[1]
