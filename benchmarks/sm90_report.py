@@ -36,6 +36,7 @@ from nsa_dsl.pipeline import cache_key  # noqa: E402
 from nsa_dsl.render import render  # noqa: E402
 
 BF16_POINTERS = {"q_ptr", "k_ptr", "v_ptr", "o_ptr", "do_ptr", "g_ptr", "kc_ptr", "vc_ptr", "x_ptr", "out_ptr",
+                 "dq_out_ptr",
                  "kw_ptr", "vw_ptr", "o_final_ptr", "part_o_ptr",
                  "o_cmp_ptr", "o_slc_ptr", "o_swa_ptr", "g_cmp_ptr", "g_slc_ptr", "g_swa_ptr",
                  "k_new_ptr", "v_new_ptr", "kw_new_ptr", "vw_new_ptr", "kc_new_ptr", "vc_new_ptr"}
@@ -49,7 +50,7 @@ INPUT_POINTER = "*bf16"  # the inputs' element type (--dtype)
 # descriptor switches (named as the plan's) and the scoring's int32 keys
 # where the plan sets them, unless --arg NAME=0 asks for ops.py's run-time
 # fallback (the pointer path, int64 keys).
-CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
+CONSTEXPR_ARGS = {"HAS_GATE": True, "ATOMIC_DKV": False, "DQ_FIRST": False, "DQ_LAST": False, "HAS_G_CMP": True, "HAS_G_SLC": True,
                   "HAS_G_SWA": True, "WRITE_FINAL": False, "CMP_TMA": False, "SWA_TMA": False, "SLC_TMA": False,
                   "BC_FORCED_TMA": False, "TOPK_TMA": False, "TOPK_KEY32": False, "VARLEN": False,
                   # the decode step as a 64k cache of 64-token blocks launches it
@@ -65,7 +66,7 @@ ENTRY_POINTS = {
     "slc_fwd_bc": ["slc_index_keys", "slc_fwd_bc", "slc_fwd_bc_reduce", "slc_fwd_bc_merge_window"],
     "swa_fwd": ["swa_fwd"], "combine": ["combine"], "bwd_prep": ["bwd_prep"],
     "cmp_bwd": ["cmp_bwd_dq", "cmp_bwd_dkdv"], "cmp_pool_bwd": ["cmp_pool_bwd"],
-    "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv"],
+    "slc_bwd": ["slc_bwd_dq", "slc_bwd_dkdv", "slc_bwd_reduce"], "swa_bwd": ["swa_bwd_dq", "swa_bwd_dkdv", "cmp_swa_bwd_dq"],
     "dec_attend": ["dec_append", "dec_cmp", "dec_topk", "dec_select", "dec_attend", "dec_reduce"],
 }
 
@@ -163,6 +164,8 @@ def report(path: str, overrides: dict = None, only: tuple = (), constexprs: dict
                     continue  # the scoring, or the static selection's forced blocks
                 if entry == "slc_fwd_bc_merge_window" and not kernel.has_const("BC_FOLD_WINDOW"):
                     continue  # patterns with a window only
+                if entry == "cmp_swa_bwd_dq" and not plan.dq_with_compressed:
+                    continue  # where the plan runs it (dq_with_compressed)
                 if entry == "dec_cmp" and not kernel.const("DEC_HAS_CMP_KERNELS"):
                     continue  # patterns with a compress branch only
                 if entry == "dec_topk" and not kernel.const("DEC_SCORES"):

@@ -5,11 +5,12 @@ selection's (slc_bwd: dQ, then dK/dV through the inverted index or float32
 atomics).
 
 Each takes the CompiledPattern as `compiled` (its plan and kernel module)
-and the tensors as named arguments; gradients accumulate into the float32
-buffers it is given. CompiledPattern.backward allocates them and decides
+and the tensors as named arguments; dK and dV accumulate into the float32
+buffers it is given, dQ as a DqSum says. CompiledPattern.backward allocates them and decides
 which run, in which order."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,6 +19,25 @@ from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions
 from .launch import (LOG2E, _cdiv, _gate_args, _kv_operands, _launch_fitting, _strides, index_keys,
                      packed_operands)
+
+
+@dataclass(frozen=True)
+class DqSum:
+    """Where one branch's dq kernel puts its dQ share: `total`, the float32
+    sum the branches' kernels build one after another (the first stores
+    into it, the others add), and `out`, the gradient in q's dtype that the
+    last stores the finished sum into (the same tensor as total for float32
+    inputs or a single branch). The kernels' DQ_FIRST, DQ_LAST (_add_dq)."""
+    total: torch.Tensor
+    out: torch.Tensor
+    first: bool
+    last: bool
+
+    def args(self) -> tuple:
+        return self.total, self.out
+
+    def flags(self) -> dict:
+        return {"DQ_FIRST": self.first, "DQ_LAST": self.last}
 
 
 def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
@@ -36,8 +56,9 @@ def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None
 def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, delta, dq, dk, dv, n_keys: int, shapes,
                    scale: float) -> None:
     """{branch}_bwd_dq, then {branch}_bwd_dkdv (branch "cmp" or "swa"):
-    dQ into dq, dK and dV of keys and values (n_keys of them) into dk and
-    dv. With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
+    dQ as dq (a DqSum) says (None: another kernel computes this branch's,
+    compressed_and_window_dq), dK and dV of keys and values (n_keys of them)
+    into dk and dv. With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
     head's share, summed over its group here. Packed sequences: the grids
     run over the sequences (rows up to the longest, keys up to its count),
     each program in its own (the kernels' VARLEN)."""
@@ -55,11 +76,11 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
               *_strides(do))
     g_arg = gate if gate is not None else do
     packed = packed_operands(shapes, dev, f"{branch}_bwd")
-    # pipelined on its own stages, fewer where they do not fit (float32)
-    _launch_fitting(compiled, f"{branch}_bwd_dq", (shapes.query_tiles(bm), shapes.grid_batch * HQ),
-                    (q, keys, values, do, g_arg, lse, delta, dq, *common), dtype=q.dtype,
-                    num_warps=kp.num_warps, num_stages=kp.const(f"{prefix}_BWD_DQ_STAGES"),
-                    HAS_GATE=gate is not None, **packed)
+    if dq is not None:  # pipelined on its own stages, fewer where they do not fit (float32)
+        _launch_fitting(compiled, f"{branch}_bwd_dq", (shapes.query_tiles(bm), shapes.grid_batch * HQ),
+                        (q, keys, values, do, g_arg, lse, delta, *dq.args(), *common), dtype=q.dtype,
+                        num_warps=kp.num_warps, num_stages=kp.const(f"{prefix}_BWD_DQ_STAGES"),
+                        HAS_GATE=gate is not None, **packed, **dq.flags())
     if n_keys == 0:
         return
     if split:  # per-query-head shares, summed over each group here
@@ -82,6 +103,24 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
         dv += dv_part.view(B, n_keys, HKV, G, DV).sum(3)
 
 
+def compressed_and_window_dq(compiled, *, q, k_cmp, v_cmp, k_swa, v_swa, do, g_cmp, g_swa, lse_cmp, lse_swa,
+                             delta_cmp, delta_swa, dq: DqSum, shapes, scale: float) -> None:
+    """cmp_swa_bwd_dq (the plan's dq_with_compressed): both branches' dQ in
+    one launch, on the window's row tile, warps and dq stages; their dK/dV
+    kernels run as flash_backward launches them (with dq=None)."""
+    kp = compiled.plan.kernel("swa_bwd")
+    g_arg = {"cmp": g_cmp if g_cmp is not None else do, "swa": g_swa if g_swa is not None else do}
+    packed = packed_operands(shapes, q.device, "swa_bwd")
+    _launch_fitting(compiled, "cmp_swa_bwd_dq",
+                    (shapes.query_tiles(kp.const("SWA_BWD_BLOCK_M")), shapes.grid_batch * compiled.pattern.heads.q),
+                    (q, k_cmp, v_cmp, k_swa, v_swa, do, g_arg["cmp"], g_arg["swa"], lse_cmp, lse_swa, delta_cmp,
+                     delta_swa, *dq.args(), shapes.length, shapes.compressed, shapes.keys, scale * LOG2E, scale,
+                     *_strides(q), *_strides(k_cmp), *_strides(v_cmp), *_strides(k_swa), *_strides(v_swa),
+                     *_strides(do)),
+                    dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.const("SWA_BWD_DQ_STAGES"),
+                    HAS_G_CMP=g_cmp is not None, HAS_G_SWA=g_swa is not None, **packed, **dq.flags())
+
+
 def pool_backward(compiled, *, dk_cmp, dv_cmp, dk, dv, shapes) -> None:
     """cmp_pool_bwd: the compressed keys' and values' gradients spread back
     over the positions each pooled, into dk and dv (packed sequences: each
@@ -102,8 +141,8 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
                        atomic: bool, distinct: bool) -> None:
     """slc_bwd_dq (dQ, and with atomic dK/dV by float32 atomics), else
     slc_bwd_dkdv over the inverted index in chunks of SLC_BWD_CHUNK
-    positions and slc_bwd_reduce summing each block's chunks: into dq, dk
-    and dv. distinct: no index row repeats a block (the plan's own
+    positions and slc_bwd_reduce summing each block's chunks: dQ as dq (a
+    DqSum) says, dK and dV into dk and dv. distinct: no index row repeats a block (the plan's own
     scoring)."""
     plan, m, p = compiled.plan, compiled.module, compiled.pattern
     B, T = shapes.batch, shapes.length
@@ -118,9 +157,9 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
     k_arg, v_arg, slc_tma = _kv_operands(kp.const("SLC_BWD_DQ_TMA") and shapes.packing is None, k, v,
                                          p.select.block, plan.qk_pad, plan.v_pad)
     m.slc_bwd_dq[(shapes.query_tiles(kp.const("SLC_BWD_DQ_TOKENS")), shapes.grid_batch * HKV)](
-        q, k_arg, v_arg, do, g_arg, lse, delta, indices, dq, dk, dv,
+        q, k_arg, v_arg, do, g_arg, lse, delta, indices, *dq.args(), dk, dv,
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
-        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, SLC_TMA=slc_tma, **packed,
+        *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, SLC_TMA=slc_tma, **packed, **dq.flags(),
         num_warps=kp.warps_for("slc_bwd_dq"), num_stages=kp.num_stages)
     if not atomic:
         if shapes.packing is None:

@@ -463,7 +463,31 @@ class CompiledPattern:
         do = do.contiguous()
         n_rows = B * T * HQ
         f32 = torch.float32
-        dq = torch.zeros((B, T, HQ, DQK), dtype=f32, device=dev)
+        # dQ: the dq kernels of the branches run one after another, the first
+        # storing into the float32 sum, the last adding and storing the total
+        # in q's dtype (launch_backward.DqSum): no zeroed sum, no cast after.
+        # The gradient in q's dtype is allocated for the last and the sum let
+        # go with it, as the cast after did (peak memory). With the plan's
+        # dq_with_compressed one kernel computes the compressed branch's and
+        # the window's dQ, first (as the sum's first writer it stores without
+        # reading: its gated dO tiles then fit the registers, NOTES v28).
+        paired_dq = self.plan.dq_with_compressed
+        dq_order = (Branch.SWA, Branch.SLC) if paired_dq else (Branch.CMP, Branch.SLC, Branch.SWA)
+        dq_branches = [b for b in dq_order if b in combined]
+        dq_buffers = {}
+
+        def dq(branch):
+            if branch not in dq_branches:
+                return None
+            first, last = branch == dq_branches[0], branch == dq_branches[-1]
+            if first:
+                one = q.dtype == f32 or last  # the sum is the gradient
+                dq_buffers["total"] = self.alloc((B, T, HQ, DQK), q.dtype if one else f32, dev)
+            total = dq_buffers.pop("total") if last else dq_buffers["total"]
+            out = total if total.dtype == q.dtype else self.alloc((B, T, HQ, DQK), q.dtype, dev) if last else None
+            if last:
+                dq_buffers["out"] = out
+            return bwd.DqSum(total, out if out is not None else total, first=first, last=last)
         dk = torch.zeros((B, shapes.keys, HKV, DQK), dtype=f32, device=dev)
         dv = torch.zeros((B, shapes.keys, HKV, DV), dtype=f32, device=dev)
         separate_swa = saved.get("k_swa") is not None
@@ -482,8 +506,14 @@ class CompiledPattern:
             dk_cmp = torch.zeros((B, Tc, HKV, DQK), dtype=f32, device=dev)
             dv_cmp = torch.zeros((B, Tc, HKV, DV), dtype=f32, device=dev)
             bwd.flash_backward(self, branch="cmp", q=q, keys=saved["k_cmp"], values=saved["v_cmp"], do=do,
-                               gate=gates[Branch.CMP], lse=saved["lse_cmp"], delta=delta[0], dq=dq, dk=dk_cmp,
-                               dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)
+                               gate=gates[Branch.CMP], lse=saved["lse_cmp"], delta=delta[0], dq=dq(Branch.CMP),
+                               dk=dk_cmp, dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)
+            if paired_dq:
+                window_k, window_v = (saved["k_swa"], saved["v_swa"]) if separate_swa else (k, v)
+                bwd.compressed_and_window_dq(self, q=q, k_cmp=saved["k_cmp"], v_cmp=saved["v_cmp"], k_swa=window_k,
+                                             v_swa=window_v, do=do, g_cmp=gates[Branch.CMP], g_swa=gates[Branch.SWA],
+                                             lse_cmp=saved["lse_cmp"], lse_swa=saved["lse_swa"], delta_cmp=delta[0],
+                                             delta_swa=delta[2], dq=dq(Branch.SWA), shapes=shapes, scale=scale)
             if self.plan.has("cmp_pool_bwd"):
                 bwd.pool_backward(self, dk_cmp=dk_cmp, dv_cmp=dv_cmp, dk=dk, dv=dv, shapes=shapes)
             else:
@@ -491,8 +521,9 @@ class CompiledPattern:
 
         if Branch.SLC in combined:
             bwd.selection_backward(self, q=q, k=k, v=v, do=do, gate=gates[Branch.SLC], lse=saved["lse_slc"],
-                                   delta=delta[1], indices=saved["indices"], dq=dq, dk=dk, dv=dv, shapes=shapes,
-                                   scale=scale, atomic=self.slc_dkdv == "atomic", distinct=indices_distinct)
+                                   delta=delta[1], indices=saved["indices"], dq=dq(Branch.SLC), dk=dk, dv=dv,
+                                   shapes=shapes, scale=scale, atomic=self.slc_dkdv == "atomic",
+                                   distinct=indices_distinct)
 
         if Branch.SWA in combined:
             if separate_swa:
@@ -500,10 +531,10 @@ class CompiledPattern:
             else:
                 keys, values, dk_out, dv_out = k, v, dk, dv
             bwd.flash_backward(self, branch="swa", q=q, keys=keys, values=values, do=do, gate=gates[Branch.SWA],
-                               lse=saved["lse_swa"], delta=delta[2], dq=dq, dk=dk_out, dv=dv_out, n_keys=shapes.keys,
-                               shapes=shapes, scale=scale)
+                               lse=saved["lse_swa"], delta=delta[2], dq=None if paired_dq else dq(Branch.SWA),
+                               dk=dk_out, dv=dv_out, n_keys=shapes.keys, shapes=shapes, scale=scale)
 
-        grads["q"], grads["k"], grads["v"] = dq, dk, dv
+        grads["q"], grads["k"], grads["v"] = dq_buffers.get("out"), dk, dv
         if separate_swa:
             grads["k_swa"], grads["v_swa"] = dk_swa, dv_swa
         for i, b in enumerate((Branch.CMP, Branch.SLC, Branch.SWA)):

@@ -105,6 +105,21 @@ class Plan:
         return name in self.kernel_names
 
     @property
+    def dq_with_compressed(self) -> bool:
+        """Whether one kernel computes the compressed branch's and the
+        window's dQ (cmp_swa_bwd_dq in place of cmp_bwd_dq and swa_bwd_dq):
+        wherever both branches are combined and their dq kernels have the
+        same rows a tile, warps and stages (a record may have tuned them
+        apart). One kernel stores and reads the float32 dQ sum once less
+        and reads q once less: paper128's training pass 126.99 -> 126.31 ms
+        at 64k and 20.91 -> 20.65 at 16k on an H100 (NOTES v28)."""
+        if not (self.has("swa_bwd") and self.has("cmp_bwd")):
+            return False
+        cmp, swa = self.kernel("cmp_bwd"), self.kernel("swa_bwd")
+        return (cmp.const("CMP_BWD_BLOCK_M") == swa.const("SWA_BWD_BLOCK_M") and cmp.num_warps == swa.num_warps
+                and cmp.const("CMP_BWD_DQ_STAGES") == swa.const("SWA_BWD_DQ_STAGES"))
+
+    @property
     def window_in_block_centric(self) -> bool:
         """Whether the block-centric selection forward's slot reduction also
         computes the window branch (BC_FOLD_WINDOW=1): swa_fwd then runs
@@ -930,7 +945,11 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_DKDV_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
              ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps), ("SWA_BWD_DKDV_BLOCK_M", bm),
-             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2)),  # as CMP_BWD_DQ_STAGES
+             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2),  # as CMP_BWD_DQ_STAGES
+             # (derived) the compressed branch is combined too: its dq and
+             # the window's may run as one kernel (cmp_swa_bwd_dq, rendered
+             # here; Plan.dq_with_compressed says where it runs)
+             *((("SWA_BWD_HAS_CMP", 1),) if Branch.CMP in combined else ())),
             num_warps=warps, num_stages=1, direction="backward"))
     return kernels
 

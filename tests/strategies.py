@@ -159,8 +159,9 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 def assert_gradients_match_reference(pattern: Pattern, compiled, args: dict, seed: int) -> None:
-    """fp32 gradients of every input of `compiled` (run on its own block
-    indices) against float64 autograd through nsa_dsl.reference."""
+    """Gradients of every input of `compiled` (run on its own block
+    indices) against float64 autograd through nsa_dsl.reference, within the
+    inputs' dtype's tolerance."""
     import nsa_dsl
 
     leaves = {n: t.detach().clone().requires_grad_(True) for n, t in args.items()}
@@ -168,15 +169,17 @@ def assert_gradients_match_reference(pattern: Pattern, compiled, args: dict, see
         o, indices = compiled(**leaves), None
     else:
         o, indices = compiled(**leaves, return_indices=True)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.device)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(seed)).to(o.device, o.dtype)
     o.backward(do)
     up = {n: t.detach().double().requires_grad_(True) for n, t in args.items()}
     nsa_dsl.reference(pattern, **up, indices=indices).backward(do.double())
+    tolerance = TOLERANCE[args["q"].dtype]
     for name in args:
         if up[name].grad is None:  # an input the reference does not read
             continue
+        assert leaves[name].grad.dtype == leaves[name].dtype, name
         err = rel_error(leaves[name].grad, up[name].grad)
-        assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e} for {pattern.canonical()}"
+        assert err < tolerance, f"grad of {name}: {err:.3e} for {pattern.canonical()}"
 
 
 class LaunchSpy:

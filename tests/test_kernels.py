@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -128,7 +129,8 @@ def test_sequence_length_is_not_a_compile_time_constant():
     p = Pattern(name="lens", heads=Heads(q=2, kv=1), dims=Dims(qk=16, v=16), window=Window(size=8))
     compiled = nsa_dsl.compile(p)
     source = compiled.source
-    assert "T: tl.constexpr" not in source and "do_not_specialize=[\"T\"" in source
+    # (a parameter named T, not one whose name ends in T, such as DQ_LAST)
+    assert not re.search(r"\bT: tl\.constexpr", source) and "do_not_specialize=[\"T\"" in source
     for length in (5, 17, 33):
         args = random_inputs(p, 1, length, torch.float32, seed=length, device=DEVICE)
         assert rel_error(compiled(**args), nsa_dsl.reference(p, **upcast(args))) < 1e-5
@@ -355,6 +357,57 @@ def test_flash_style_dq_kernels_launch_on_their_own_stages(monkeypatch):
     plan = nsa_dsl.check(p)  # without overrides: dq on 2 stages, dK/dV on 1
     assert plan.kernel("cmp_bwd").const("CMP_BWD_DQ_STAGES") == plan.kernel("swa_bwd").const("SWA_BWD_DQ_STAGES") == 2
     assert plan.kernel("cmp_bwd").num_stages == plan.kernel("swa_bwd").num_stages == 1
+
+
+DQ_SUM_PATTERNS = {
+    "three branches": Pattern(name="dq_three", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                              compress=Compress(block=8, stride=4), select=Select(block=16, top=2, initial=1, local=1),
+                              window=Window(size=23)),
+    "no window": Pattern(name="dq_two", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                         compress=Compress(block=8, stride=4), select=Select(block=16, top=2, initial=1, local=1)),
+    "no selection": Pattern(name="dq_cmp_swa", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
+                            compress=Compress(block=8, stride=4), window=Window(size=23)),
+    "window alone": Pattern(name="dq_one", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16), window=Window(size=23)),
+}
+# (pattern, overrides): where the pattern has both flash-style branches the
+# plan pairs their dq kernels; dq stages of their own keep them apart
+DQ_SUM_CASES = [(name, {}) for name in DQ_SUM_PATTERNS] + [
+    (name, {"CMP_BWD_DQ_STAGES": 1}) for name in ("three branches", "no selection")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("which, overrides", DQ_SUM_CASES, ids=lambda x: "apart" if x else (x or "plan"))
+def test_dq_sum_is_written_in_full_by_its_first_kernel_and_finished_by_its_last(which, overrides, dtype,
+                                                                                 monkeypatch):
+    """dQ is summed by the branches' dq kernels in turn (cmp_swa_bwd_dq
+    standing for both flash-style branches where the plan pairs them): the
+    first stores (nothing zeroes the sum first), the last stores the total
+    in q's dtype (no cast after; for float32 or one kernel into the same
+    buffer). With every buffer a kernel fills poisoned (NaN), a row the
+    first kernel did not write, or a total the last did not store, reaches
+    the gradient; the launches show which kernels ran in which place."""
+    p = DQ_SUM_PATTERNS[which]
+    compiled = nsa_dsl.compile(p, overrides=overrides)
+    compiled.poison = True
+    paired = not overrides and which in ("three branches", "no selection")
+    assert compiled.plan.dq_with_compressed == paired
+    kernels = [k for k in ("cmp_bwd_dq", "slc_bwd_dq", "swa_bwd_dq", "cmp_swa_bwd_dq") if hasattr(compiled.module, k)]
+    launches = []
+    for kernel in kernels:
+        for flag in ("DQ_FIRST", "DQ_LAST"):
+            real = getattr(compiled.module, kernel)
+            monkeypatch.setattr(compiled.module, kernel, LaunchSpy(real, flag, launches, tag=(kernel, flag)))
+    for length in (1, 45):
+        launches.clear()
+        args = random_inputs(p, 2, length, dtype, seed=length, device=DEVICE)
+        assert_gradients_match_reference(p, compiled, args, seed=length)
+        order = [k for k, flag, _ in launches if flag == "DQ_FIRST"]
+        flags = {(k, flag): value for k, flag, value in launches}
+        expected = ([k for k in ("cmp_swa_bwd_dq", "slc_bwd_dq") if k in kernels] if paired else
+                    [k for k in ("cmp_bwd_dq", "slc_bwd_dq", "swa_bwd_dq") if k in kernels])
+        assert order == expected
+        assert all(flags[(k, "DQ_FIRST")] == (k == order[0]) and flags[(k, "DQ_LAST")] == (k == order[-1])
+                   for k in order)
 
 
 MANY_CHUNKS = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),

@@ -41,10 +41,14 @@ DTYPE = torch.float32
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(name: str):
+def _compiled(name: str, dq_apart: bool = False):
+    """dq_apart: the compressed and window dQ by two kernels (their own dq
+    stages), not by the plan's one (cmp_swa_bwd_dq)."""
     pattern = nsa_dsl.parse(PATTERNS[name])
     kernels = nsa_dsl.check(pattern).kernels
     overrides = {k: v for k, v in TILES.items() if any(kp.has_const(k) for kp in kernels)}
+    if dq_apart:
+        overrides["CMP_BWD_DQ_STAGES"] = 1
     compiled = nsa_dsl.compile(pattern, overrides=overrides)
     compiled.poison = True  # every buffer a kernel fills starts as NaN
     return compiled
@@ -110,14 +114,15 @@ def test_queries_of_the_last_positions_match_the_whole_sequence(name, batch, T, 
             _check(t.grad, grads_ref[n], f"d{n}")
 
 
-@pytest.mark.parametrize("name, lengths, queries", [
-    ("paper", [50, 0, 37, 64, 20], [13, 0, 37, 1, 0]),   # an empty sequence, one with all its queries, none
-    ("window", [30, 41, 9], [29, 2, 9]),
+@pytest.mark.parametrize("name, lengths, queries, dq_apart", [
+    ("paper", [50, 0, 37, 64, 20], [13, 0, 37, 1, 0], False),   # an empty sequence, one with all its queries, none
+    ("paper", [50, 0, 37, 64, 20], [13, 0, 37, 1, 0], True),    # the same, cmp_bwd_dq and swa_bwd_dq apart
+    ("window", [30, 41, 9], [29, 2, 9], False),
 ])
-def test_packed_sequences_with_queries_of_their_last_positions(name, lengths, queries):
+def test_packed_sequences_with_queries_of_their_last_positions(name, lengths, queries, dq_apart):
     """cu_seqlens_q: sequence s's queries are its last queries[s]
     positions; each equals the reference on that sequence alone."""
-    compiled = _compiled(name)
+    compiled = _compiled(name, dq_apart)
     p = compiled.pattern
     cu, cu_q = cu_seqlens_of(lengths), cu_seqlens_of(queries)
     per_sequence = [random_inputs(p, 1, n, DTYPE, seed=7 + s) for s, n in enumerate(lengths)]

@@ -91,9 +91,14 @@ class _Pointers:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(name: str, tma: bool):
+def _compiled(name: str, tma: bool, dq_apart: bool = False):
+    """dq_apart: the compressed and window dQ by two kernels (their own dq
+    stages), not by the plan's one (cmp_swa_bwd_dq)."""
     pattern = nsa_dsl.parse(PATTERNS[name])
-    compiled = nsa_dsl.compile(pattern, overrides={k: v for k, v in TILES.items() if _has_const(pattern, k)})
+    overrides = {k: v for k, v in TILES.items() if _has_const(pattern, k)}
+    if dq_apart:
+        overrides["CMP_BWD_DQ_STAGES"] = 1
+    compiled = nsa_dsl.compile(pattern, overrides=overrides)
     compiled.poison = True  # every buffer a kernel fills starts as NaN
     return compiled if tma else _Pointers(compiled)
 
@@ -121,8 +126,8 @@ def _sequence_args(args: dict, cu: torch.Tensor, cu_c, s: int) -> dict:
     return out
 
 
-def _check_packing(name: str, lengths, dtype, seed: int, tma: bool, leading: bool) -> None:
-    compiled = _compiled(name, tma)
+def _check_packing(name: str, lengths, dtype, seed: int, tma: bool, leading: bool, dq_apart: bool = False) -> None:
+    compiled = _compiled(name, tma, dq_apart)
     pattern = compiled.pattern
     args, cu = packed_inputs(pattern, lengths, dtype, seed)
     total = int(cu[-1])
@@ -169,6 +174,14 @@ def test_edge_lengths_packed_equal_each_sequence_alone(name, tma):
     _check_packing(name, lengths, torch.float32, seed=len(name), tma=tma, leading=not tma)
 
 
+def test_edge_lengths_packed_with_the_dq_kernels_apart():
+    """As above with the compressed and window dQ by two kernels (the
+    plan's one, cmp_swa_bwd_dq, above), fp16: each sequence bitwise alone,
+    every row written."""
+    lengths = (0,) + EDGE_LENGTHS[1:] + (0, 23)
+    _check_packing("cmp_window", lengths, torch.float16, seed=7, tma=True, leading=False, dq_apart=True)
+
+
 _length = st.one_of(st.sampled_from(EDGE_LENGTHS), st.integers(0, 80))
 
 
@@ -181,10 +194,12 @@ def test_random_packings_equal_each_sequence_alone_and_the_reference(name, lengt
     _check_packing(name, tuple(lengths), dtype, seed, tma, leading)
 
 
-def test_gradients_of_a_packed_call_match_the_reference():
+@pytest.mark.parametrize("dq_apart", [False, True], ids=["dq_paired", "dq_apart"])
+def test_gradients_of_a_packed_call_match_the_reference(dq_apart):
     """fp32 gradients of a packed call of the compressed and window branches
-    against float64 autograd through the reference's packed mode."""
-    compiled = _compiled("cmp_window", True)
+    against float64 autograd through the reference's packed mode (their dQ
+    by the plan's cmp_swa_bwd_dq, and by two kernels)."""
+    compiled = _compiled("cmp_window", True, dq_apart)
     pattern = compiled.pattern
     args, cu = packed_inputs(pattern, (11, 0, 30, 1, 17), torch.float32, seed=5)
     do = torch.randn(int(cu[-1]), pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(6))
