@@ -21,13 +21,17 @@ from .launch import (LOG2E, _cdiv, _gate_args, _kv_operands, _launch_fitting, _s
                      packed_operands)
 
 
-@dataclass(frozen=True)
+@dataclass
 class DqSum:
     """Where one branch's dq kernel puts its dQ share: `total`, the float32
     sum the branches' kernels build one after another (the first stores
     into it, the others add), and `out`, the gradient in q's dtype that the
     last stores the finished sum into (the same tensor as total for float32
-    inputs or a single branch). The kernels' DQ_FIRST, DQ_LAST (_add_dq)."""
+    inputs or a single branch). The kernels' DQ_FIRST, DQ_LAST (_add_dq).
+    The launcher lets go of both once its dq kernel is launched (release):
+    the caller's own reference to this object lasts the whole call, and the
+    last kernel's sum must not sit on top of the dK/dV buffers allocated
+    after it (peak memory, NOTES v28)."""
     total: torch.Tensor
     out: torch.Tensor
     first: bool
@@ -38,6 +42,9 @@ class DqSum:
 
     def flags(self) -> dict:
         return {"DQ_FIRST": self.first, "DQ_LAST": self.last}
+
+    def release(self) -> None:
+        self.total = self.out = None
 
 
 def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
@@ -81,6 +88,7 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
                         (q, keys, values, do, g_arg, lse, delta, *dq.args(), *common), dtype=q.dtype,
                         num_warps=kp.num_warps, num_stages=kp.const(f"{prefix}_BWD_DQ_STAGES"),
                         HAS_GATE=gate is not None, **packed, **dq.flags())
+        dq.release()
     if n_keys == 0:
         return
     if split:  # per-query-head shares, summed over each group here
@@ -119,6 +127,7 @@ def compressed_and_window_dq(compiled, *, q, k_cmp, v_cmp, k_swa, v_swa, do, g_c
                      *_strides(do)),
                     dtype=q.dtype, num_warps=kp.num_warps, num_stages=kp.const("SWA_BWD_DQ_STAGES"),
                     HAS_G_CMP=g_cmp is not None, HAS_G_SWA=g_swa is not None, **packed, **dq.flags())
+    dq.release()
 
 
 def pool_backward(compiled, *, dk_cmp, dv_cmp, dk, dv, shapes) -> None:
@@ -161,6 +170,7 @@ def selection_backward(compiled, *, q, k, v, do, gate, lse, delta, indices, dq, 
         T, qk_scale_log2, scale, *_strides(q), *_strides(k), *_strides(v), *_strides(do),
         *_strides(indices), HAS_GATE=gate is not None, ATOMIC_DKV=atomic, SLC_TMA=slc_tma, **packed, **dq.flags(),
         num_warps=kp.warps_for("slc_bwd_dq"), num_stages=kp.num_stages)
+    dq.release()
     if not atomic:
         if shapes.packing is None:
             n_blocks = num_blocks(T, p.select.block)

@@ -480,14 +480,15 @@ class CompiledPattern:
             if branch not in dq_branches:
                 return None
             first, last = branch == dq_branches[0], branch == dq_branches[-1]
-            if first:
-                one = q.dtype == f32 or last  # the sum is the gradient
-                dq_buffers["total"] = self.alloc((B, T, HQ, DQK), q.dtype if one else f32, dev)
-            total = dq_buffers.pop("total") if last else dq_buffers["total"]
-            out = total if total.dtype == q.dtype else self.alloc((B, T, HQ, DQK), q.dtype, dev) if last else None
-            if last:
-                dq_buffers["out"] = out
-            return bwd.DqSum(total, out if out is not None else total, first=first, last=last)
+            if first:  # float32 inputs, or one kernel: the sum is the gradient
+                in_q_dtype = q.dtype == f32 or last
+                dq_buffers["sum"] = self.alloc((B, T, HQ, DQK), q.dtype if in_q_dtype else f32, dev)
+            if not last:
+                return bwd.DqSum(dq_buffers["sum"], dq_buffers["sum"], first=first, last=False)
+            total = dq_buffers.pop("sum")
+            out = total if total.dtype == q.dtype else self.alloc((B, T, HQ, DQK), q.dtype, dev)
+            dq_buffers["out"] = out
+            return bwd.DqSum(total, out, first=first, last=True)
         dk = torch.zeros((B, shapes.keys, HKV, DQK), dtype=f32, device=dev)
         dv = torch.zeros((B, shapes.keys, HKV, DV), dtype=f32, device=dev)
         separate_swa = saved.get("k_swa") is not None

@@ -869,10 +869,6 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # (64 at d > 128) on 8 warps, as every shipped 64k record took
              # (NOTES v7, v17)
              ("CMP_BWD_DKDV_BLOCK_N", 128 if d_max <= 128 else 64), ("CMP_BWD_DKDV_WARPS", 8),
-             # the dK/dV kernel's rows a step: dq's tile rows (a step of 32
-             # rows spills nothing on sm_90 with 64-key tiles on 8 warps,
-             # untimed: NOTES v26)
-             ("CMP_BWD_DKDV_BLOCK_M", bm),
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
              ("CMP_BWD_SPLIT_HEADS", p.group > 1),
@@ -944,7 +940,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "sliding-window backward: swa_bwd_dq per query tile and head; swa_bwd_dkdv per key tile and KV head",
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_DKDV_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
-             ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps), ("SWA_BWD_DKDV_BLOCK_M", bm),
+             ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps),
              ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2),  # as CMP_BWD_DQ_STAGES
              # (derived) the compressed branch is combined too: its dq and
              # the window's may run as one kernel (cmp_swa_bwd_dq, rendered
@@ -1024,7 +1020,6 @@ TUNABLE = {
     "SWA_BWD_BLOCK_M": _pow2_at_least(16), "SWA_BWD_BLOCK_N": _pow2_at_least(16),
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_DKDV_BLOCK_N": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_N": _pow2_at_least(16),
-    "SWA_BWD_DKDV_BLOCK_M": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_M": _pow2_at_least(16),
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
     "SWA_BWD_DQ_STAGES": _stages, "CMP_BWD_DQ_STAGES": _stages,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),

@@ -84,14 +84,6 @@ def candidates(plan: Plan, kernel: str) -> list:
                 for warps in (4, 8):
                     if (n, warps) != (names[tile], names[warps_name]):
                         options.append({tile: n, warps_name: warps})
-        # its rows a step: fewer rows, smaller score tiles beside the dK, dV
-        # accumulators (64 keys on 8 warps with 32 rows spill nothing on
-        # sm_90, NOTES v26), with the key tile and warps of that report too
-        rows = f"{prefix}_BWD_DKDV_BLOCK_M"
-        if rows in names and names[rows] > 16:
-            options.append({rows: names[rows] // 2})
-            if (names[tile], names[warps_name]) != (64, 8):
-                options.append({rows: names[rows] // 2, tile: 64, warps_name: 8})
         # the dq kernel's own pipelining: 1 or 2 stages
         stages = f"{prefix}_BWD_DQ_STAGES"
         if stages in names:

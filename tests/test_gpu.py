@@ -339,17 +339,14 @@ def test_queries_of_the_last_positions_bf16(name, order):
     {"CMP_BWD_DKDV_BLOCK_N": 128, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 128, "SWA_BWD_DKDV_WARPS": 8},
     {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_N": 32, "SWA_BWD_DKDV_WARPS": 4},
     {"SLC_BWD_KEYS_MAJOR": 1},
-    {"CMP_BWD_DKDV_BLOCK_N": 64, "CMP_BWD_DKDV_WARPS": 8, "CMP_BWD_DKDV_BLOCK_M": 32,
-     "SWA_BWD_DKDV_BLOCK_N": 64, "SWA_BWD_DKDV_WARPS": 8, "SWA_BWD_DKDV_BLOCK_M": 32},
     {"CMP_BWD_DQ_STAGES": 1},
-], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major", "dkdv64w8r32", "dq_apart"])
+], ids=["plan", "dkdv128w8", "dkdv64w8", "slc_keys_major", "dq_apart"])
 def test_paper128_gradients_with_dkdv_tiles_bf16(overrides):
     """The keys-major dK/dV kernels compiled for Hopper with the key tiles
-    and warps the tuner may pick (two warpgroups on 128 keys among them;
-    64 keys on 8 warps 32 rows a step, which spills nothing on sm_90), the
-    selection's keys-major dK/dV (SLC_BWD_KEYS_MAJOR), and the compressed
-    and window dQ by two kernels (the plan's one, cmp_swa_bwd_dq, where
-    their dq stages differ)."""
+    and warps the tuner may pick (two warpgroups on 128 keys among them),
+    the selection's keys-major dK/dV (SLC_BWD_KEYS_MAJOR), and the
+    compressed and window dQ by two kernels (the plan's one,
+    cmp_swa_bwd_dq, where their dq stages differ)."""
     pattern = nsa_dsl.load(os.path.join(EXAMPLES, "bench_paper128.nsa"))
     errors = _bf16_gradient_errors(pattern, 4096, seed=11, overrides=overrides)
     _log({"test": "gradients_dkdv_tiles", "pattern": "bench_paper128", "overrides": overrides, "dtype": "bf16",

@@ -195,10 +195,10 @@ def test_candidates_pipeline_backward_and_list_the_union_where_it_fits():
     for kernel in ("cmp_bwd", "slc_bwd", "swa_bwd"):
         assert paper.kernel(kernel).num_stages == 1
         assert {f"{kernel}.num_stages": 2} in candidates(paper, kernel), kernel
-    for kernel, prefix in (("cmp_bwd", "CMP"), ("swa_bwd", "SWA")):  # the dK/dV kernel's rows a step, 64 -> 32
-        assert {f"{prefix}_BWD_DKDV_BLOCK_M": 32} in candidates(paper, kernel)
-        assert {f"{prefix}_BWD_DKDV_BLOCK_M": 32, f"{prefix}_BWD_DKDV_BLOCK_N": 64,
-                f"{prefix}_BWD_DKDV_WARPS": 8} in candidates(paper, kernel)
+    for kernel, prefix in (("cmp_bwd", "CMP"), ("swa_bwd", "SWA")):
+        # the dK/dV key tile and warps move together; fewer rows a step
+        # lost (NOTES v28) and are not a knob
+        assert not any(any(name.endswith("_BWD_DKDV_BLOCK_M") for name in o) for o in candidates(paper, kernel))
         on_64x8 = apply_overrides(paper, {f"{prefix}_BWD_DKDV_BLOCK_N": 64, f"{prefix}_BWD_DKDV_WARPS": 8})
         for plan in (paper, on_64x8):  # no configuration tried twice (as the kernel would run it)
             k = plan.kernel(kernel)
