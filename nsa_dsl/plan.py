@@ -110,10 +110,15 @@ class Plan:
         window's dQ (cmp_swa_bwd_dq in place of cmp_bwd_dq and swa_bwd_dq):
         wherever both branches are combined and their dq kernels have the
         same rows a tile, warps and stages (a record may have tuned them
-        apart). One kernel stores and reads the float32 dQ sum once less
-        and reads q once less: paper128's training pass 126.99 -> 126.31 ms
-        at 64k and 20.91 -> 20.65 at 16k on an H100 (NOTES v28)."""
+        apart), at head dims up to 128. One kernel stores and reads the
+        float32 dQ sum once less and reads q once less: paper128's training
+        pass 126.99 -> 126.31 ms at 64k and 20.91 -> 20.65 at 16k on an H100
+        (NOTES v28). Wider heads stay apart, untimed: at deepseek_nsa's 192
+        the one kernel spills 320 B a thread on sm_90 against 136 and 32
+        for the two."""
         if not (self.has("swa_bwd") and self.has("cmp_bwd")):
+            return False
+        if max(self.pattern.dims.qk, self.pattern.dims.v) > 128:
             return False
         cmp, swa = self.kernel("cmp_bwd"), self.kernel("swa_bwd")
         return (cmp.const("CMP_BWD_BLOCK_M") == swa.const("SWA_BWD_BLOCK_M") and cmp.num_warps == swa.num_warps
