@@ -47,6 +47,33 @@ class DqSum:
         self.total = self.out = None
 
 
+class DqChain:
+    """The branches' dq kernels in the order they run, each handed its
+    DqSum by `for_branch`: the first allocates the float32 sum (in q's
+    dtype for float32 inputs or a single kernel), the last the gradient in
+    q's dtype, allocated only then (the sum and the gradient side by side
+    for as short a time as can be: peak memory, NOTES v28). `gradient` is
+    that tensor once the last has been handed out. alloc(shape, dtype,
+    device) makes the buffers (the pattern's, poisoned under test)."""
+
+    def __init__(self, order: list, shape: tuple, dtype: torch.dtype, device, alloc):
+        self.order, self.shape, self.dtype, self.device, self.alloc = order, shape, dtype, device, alloc
+        self.total = self.gradient = None
+
+    def for_branch(self, branch) -> "DqSum | None":
+        if branch not in self.order:
+            return None
+        first, last = branch == self.order[0], branch == self.order[-1]
+        if first:
+            in_q_dtype = self.dtype == torch.float32 or last
+            self.total = self.alloc(self.shape, self.dtype if in_q_dtype else torch.float32, self.device)
+        if not last:
+            return DqSum(self.total, self.total, first=first, last=False)
+        total, self.total = self.total, None
+        self.gradient = total if total.dtype == self.dtype else self.alloc(self.shape, self.dtype, self.device)
+        return DqSum(total, self.gradient, first=first, last=True)
+
+
 def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
     """bwd_prep: the gates' gradients into dg [3, rows] and each combined
     branch's delta (rowsum(dO_branch * O_branch)) into delta [3, B, HQ, T];

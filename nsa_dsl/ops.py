@@ -465,7 +465,7 @@ class CompiledPattern:
         f32 = torch.float32
         # dQ: the dq kernels of the branches run one after another, the first
         # storing into the float32 sum, the last adding and storing the total
-        # in q's dtype (launch_backward.DqSum): no zeroed sum, no cast after.
+        # in q's dtype (launch_backward.DqChain): no zeroed sum, no cast after.
         # The gradient in q's dtype is allocated for the last and the sum let
         # go with it, as the cast after did (peak memory). With the plan's
         # dq_with_compressed one kernel computes the compressed branch's and
@@ -473,22 +473,8 @@ class CompiledPattern:
         # reading: its gated dO tiles then fit the registers, NOTES v28).
         paired_dq = self.plan.dq_with_compressed
         dq_order = (Branch.SWA, Branch.SLC) if paired_dq else (Branch.CMP, Branch.SLC, Branch.SWA)
-        dq_branches = [b for b in dq_order if b in combined]
-        dq_buffers = {}
-
-        def dq(branch):
-            if branch not in dq_branches:
-                return None
-            first, last = branch == dq_branches[0], branch == dq_branches[-1]
-            if first:  # float32 inputs, or one kernel: the sum is the gradient
-                in_q_dtype = q.dtype == f32 or last
-                dq_buffers["sum"] = self.alloc((B, T, HQ, DQK), q.dtype if in_q_dtype else f32, dev)
-            if not last:
-                return bwd.DqSum(dq_buffers["sum"], dq_buffers["sum"], first=first, last=False)
-            total = dq_buffers.pop("sum")
-            out = total if total.dtype == q.dtype else self.alloc((B, T, HQ, DQK), q.dtype, dev)
-            dq_buffers["out"] = out
-            return bwd.DqSum(total, out, first=first, last=True)
+        dq_chain = bwd.DqChain([b for b in dq_order if b in combined], (B, T, HQ, DQK), q.dtype, dev, self.alloc)
+        dq = dq_chain.for_branch
         dk = torch.zeros((B, shapes.keys, HKV, DQK), dtype=f32, device=dev)
         dv = torch.zeros((B, shapes.keys, HKV, DV), dtype=f32, device=dev)
         separate_swa = saved.get("k_swa") is not None
@@ -535,7 +521,7 @@ class CompiledPattern:
                                lse=saved["lse_swa"], delta=delta[2], dq=None if paired_dq else dq(Branch.SWA),
                                dk=dk_out, dv=dv_out, n_keys=shapes.keys, shapes=shapes, scale=scale)
 
-        grads["q"], grads["k"], grads["v"] = dq_buffers.get("out"), dk, dv
+        grads["q"], grads["k"], grads["v"] = dq_chain.gradient, dk, dv
         if separate_swa:
             grads["k_swa"], grads["v_swa"] = dk_swa, dv_swa
         for i, b in enumerate((Branch.CMP, Branch.SLC, Branch.SWA)):
