@@ -17,7 +17,6 @@ import torch
 
 from .geometry import num_blocks
 from .inverted_index import block_to_positions, chunk_table, packed_block_to_positions
-from .ir import Branch
 from .launch import (LOG2E, _cdiv, _gate_args, _kv_operands, _launch_fitting, _strides, index_keys,
                      packed_operands)
 
@@ -75,27 +74,25 @@ class DqChain:
         return DqSum(total, self.gradient, first=first, last=True)
 
 
-def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes, gated_do: dict) -> None:
+def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None:
     """bwd_prep: the gates' gradients into dg [3, rows] and each combined
     branch's delta (rowsum(dO_branch * O_branch)) into delta [3, B, HQ, T];
-    outs: the saved cmp, slc and swa outputs (None where not combined).
-    gated_do: the buffers (like dO) for the gated dO of the compressed and
-    window branches, by Branch, where the plan's BWD_GATED_DO stores them."""
+    outs: the saved cmp, slc and swa outputs (None where not combined)."""
     kp = compiled.plan.kernel("bwd_prep")
     T = shapes.length
     n_rows = shapes.batch * T * compiled.pattern.heads.q
     gate_ptrs, has_gates = _gate_args(gates, do)
     compiled.module.bwd_prep[(_cdiv(n_rows, kp.const("COMBINE_ROWS")),)](
         do, *[o if o is not None else do for o in outs], *gate_ptrs,
-        dg, delta, gated_do.get(Branch.CMP, do), gated_do.get(Branch.SWA, do), n_rows, T, **has_gates, num_warps=kp.num_warps, num_stages=kp.num_stages)
+        dg, delta, n_rows, T, **has_gates, num_warps=kp.num_warps, num_stages=kp.num_stages)
 
 
 def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, delta, dq, dk, dv, n_keys: int, shapes,
-                   scale: float, dkdv: bool = True) -> None:
+                   scale: float) -> None:
     """{branch}_bwd_dq, then {branch}_bwd_dkdv (branch "cmp" or "swa"):
     dQ as dq (a DqSum) says (None: another kernel computes this branch's,
     compressed_and_window_dq), dK and dV of keys and values (n_keys of them)
-    into dk and dv (unless not dkdv: they ran before, from the gated dO). With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
+    into dk and dv. With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
     head's share, summed over its group here. Packed sequences: the grids
     run over the sequences (rows up to the longest, keys up to its count),
     each program in its own (the kernels' VARLEN)."""
@@ -119,7 +116,7 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
                         num_warps=kp.num_warps, num_stages=kp.const(f"{prefix}_BWD_DQ_STAGES"),
                         HAS_GATE=gate is not None, **packed, **dq.flags())
         dq.release()
-    if n_keys == 0 or not dkdv:
+    if n_keys == 0:
         return
     if split:  # per-query-head shares, summed over each group here
         dk_part = torch.zeros((B, n_keys, HQ, DQK), dtype=f32, device=dev)

@@ -486,37 +486,15 @@ class CompiledPattern:
         dg = torch.zeros((3, n_rows), dtype=f32, device=dev)
         delta = torch.zeros((3, B, HQ, T), dtype=f32, device=dev)
         outs = [saved.get(f"o_{b.value}") if b in combined else None for b in _GATED]
-        # BWD_GATED_DO: bwd_prep stores the flash-style branches' gated dO,
-        # and their dK/dV kernels run first from it, before the dQ sum is
-        # allocated (the copies are gone by then: peak memory)
-        gated_do = {b: torch.empty_like(do) for b in (Branch.CMP, Branch.SWA)
-                    if self.plan.kernel("bwd_prep").const("BWD_GATED_DO") and b in combined
-                    and gates[b] is not None}
-        bwd.prepare(self, do=do, outs=outs, gates=gates, dg=dg, delta=delta, shapes=shapes, gated_do=gated_do)
-        dkdv_first = bool(gated_do)
+        bwd.prepare(self, do=do, outs=outs, gates=gates, dg=dg, delta=delta, shapes=shapes)
 
         grads = {}
         if Branch.CMP in combined:
             dk_cmp = torch.zeros((B, Tc, HKV, DQK), dtype=f32, device=dev)
             dv_cmp = torch.zeros((B, Tc, HKV, DV), dtype=f32, device=dev)
-            cmp_args = dict(branch="cmp", q=q, keys=saved["k_cmp"], values=saved["v_cmp"], lse=saved["lse_cmp"],
-                            delta=delta[0], dk=dk_cmp, dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)
-        if Branch.SWA in combined:
-            swa_keys = (saved["k_swa"], saved["v_swa"], dk_swa, dv_swa) if separate_swa else (k, v, dk, dv)
-            swa_args = dict(branch="swa", q=q, keys=swa_keys[0], values=swa_keys[1], lse=saved["lse_swa"],
-                            delta=delta[2], dk=swa_keys[2], dv=swa_keys[3], n_keys=shapes.keys, shapes=shapes,
-                            scale=scale)
-        if dkdv_first:
-            for branch, args in ((Branch.CMP, cmp_args), (Branch.SWA, swa_args)):
-                if branch in combined:
-                    gated = gated_do.pop(branch, None)
-                    bwd.flash_backward(self, do=do if gated is None else gated,
-                                       gate=gates[branch] if gated is None else None, dq=None, **args)
-                    del gated
-
-        if Branch.CMP in combined:
-            bwd.flash_backward(self, do=do, gate=gates[Branch.CMP], dq=dq(Branch.CMP), dkdv=not dkdv_first,
-                               **cmp_args)
+            bwd.flash_backward(self, branch="cmp", q=q, keys=saved["k_cmp"], values=saved["v_cmp"], do=do,
+                               gate=gates[Branch.CMP], lse=saved["lse_cmp"], delta=delta[0], dq=dq(Branch.CMP),
+                               dk=dk_cmp, dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)
             if paired_dq:
                 window_k, window_v = (saved["k_swa"], saved["v_swa"]) if separate_swa else (k, v)
                 bwd.compressed_and_window_dq(self, q=q, k_cmp=saved["k_cmp"], v_cmp=saved["v_cmp"], k_swa=window_k,
@@ -535,8 +513,13 @@ class CompiledPattern:
                                    distinct=indices_distinct)
 
         if Branch.SWA in combined:
-            bwd.flash_backward(self, do=do, gate=gates[Branch.SWA], dq=None if paired_dq else dq(Branch.SWA),
-                               dkdv=not dkdv_first, **swa_args)
+            if separate_swa:
+                keys, values, dk_out, dv_out = saved["k_swa"], saved["v_swa"], dk_swa, dv_swa
+            else:
+                keys, values, dk_out, dv_out = k, v, dk, dv
+            bwd.flash_backward(self, branch="swa", q=q, keys=keys, values=values, do=do, gate=gates[Branch.SWA],
+                               lse=saved["lse_swa"], delta=delta[2], dq=None if paired_dq else dq(Branch.SWA),
+                               dk=dk_out, dv=dv_out, n_keys=shapes.keys, shapes=shapes, scale=scale)
 
         grads["q"], grads["k"], grads["v"] = dq_chain.gradient, dk, dv
         if separate_swa:

@@ -859,12 +859,7 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
         "gate gradients rowsum(dO * o_x) and each branch's softmax-backward term delta_x = g_x * rowsum(dO * o_x)",
         "(cdiv(B*T*HQ, COMBINE_ROWS),)",
         (("COMBINE_ROWS", 64), ("COMBINE_CMP", Branch.CMP in combined), ("COMBINE_SLC", Branch.SLC in combined),
-         ("COMBINE_SWA", Branch.SWA in combined),
-         # 1: bwd_prep stores the compressed and window branches' gated dO
-         # (dO x gate) and their dK/dV kernels run first, from those copies
-         # (freed before the dQ sum is allocated) instead of gating each
-         # dO tile in registers on its way to the matrix units
-         ("BWD_GATED_DO", 0)),
+         ("COMBINE_SWA", Branch.SWA in combined)),
         num_warps=8, num_stages=1, direction="backward")]
     if Branch.CMP in combined:
         c = p.compress
@@ -1031,7 +1026,7 @@ TUNABLE = {
     "CMP_BWD_BLOCK_M": _pow2_at_least(16), "CMP_BWD_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_DKDV_BLOCK_N": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
-    "SWA_BWD_DQ_STAGES": _stages, "CMP_BWD_DQ_STAGES": _stages, "BWD_GATED_DO": _flag,
+    "SWA_BWD_DQ_STAGES": _stages, "CMP_BWD_DQ_STAGES": _stages,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages,
     "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,
