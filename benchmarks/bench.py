@@ -409,11 +409,19 @@ def attach_speedups(rows: list) -> list:
     return rows
 
 
+# Entry points whose names do not start with their plan kernel's: the
+# compressed and window dQ in one kernel is rendered with swa_bwd.
+ENTRY_STAGES = {"cmp_swa_bwd_dq": "swa_bwd"}
+
+
 def kernel_stage(name: str, kernel_names) -> Optional[str]:
-    """The plan kernel a profiler kernel name belongs to: exact name, else the
-    longest plan name it starts with (cmp_bwd_dq -> cmp_bwd); None if none."""
+    """The plan kernel a profiler kernel name belongs to: exact name, else
+    ENTRY_STAGES', else the longest plan name it starts with (cmp_bwd_dq ->
+    cmp_bwd); None if none."""
     if name in kernel_names:
         return name
+    if ENTRY_STAGES.get(name) in kernel_names:
+        return ENTRY_STAGES[name]
     best = None
     for k in kernel_names:
         if name.startswith(k) and (best is None or len(k) > len(best)):
