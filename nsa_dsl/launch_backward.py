@@ -88,12 +88,14 @@ def prepare(compiled, *, do, outs: list, gates: dict, dg, delta, shapes) -> None
 
 
 def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, delta, dq, dk, dv, n_keys: int, shapes,
-                   scale: float) -> None:
+                   scale: float, dkdv: bool = True) -> None:
     """{branch}_bwd_dq, then {branch}_bwd_dkdv (branch "cmp" or "swa"):
     dQ as dq (a DqSum) says (None: another kernel computes this branch's,
     compressed_and_window_dq), dK and dV of keys and values (n_keys of them)
-    into dk and dv. With {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel writes each query
-    head's share, summed over its group here. Packed sequences: the grids
+    stored into dk and dv, which no kernel may have written before (the
+    other branches add theirs after; not dkdv: no dK/dV launch). With
+    {CMP,SWA}_BWD_SPLIT_HEADS the dK/dV kernel stores each query head's
+    share, summed over its group into dk, dv here. Packed sequences: the grids
     run over the sequences (rows up to the longest, keys up to its count),
     each program in its own (the kernels' VARLEN)."""
     plan, m, p = compiled.plan, compiled.module, compiled.pattern
@@ -116,11 +118,11 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
                         num_warps=kp.num_warps, num_stages=kp.const(f"{prefix}_BWD_DQ_STAGES"),
                         HAS_GATE=gate is not None, **packed, **dq.flags())
         dq.release()
-    if n_keys == 0:
+    if n_keys == 0 or not dkdv:
         return
-    if split:  # per-query-head shares, summed over each group here
-        dk_part = torch.zeros((B, n_keys, HQ, DQK), dtype=f32, device=dev)
-        dv_part = torch.zeros((B, n_keys, HQ, DV), dtype=f32, device=dev)
+    if split:  # per-query-head shares, each stored by its program, summed over each group here
+        dk_part = compiled.alloc((B, n_keys, HQ, DQK), f32, dev)
+        dv_part = compiled.alloc((B, n_keys, HQ, DV), f32, dev)
     else:
         dk_part, dv_part = dk, dv
     dkdv_bn = kp.const(f"{prefix}_BWD_DKDV_BLOCK_N")
@@ -134,8 +136,8 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
         num_stages=kp.num_stages)
     if split:
         G = p.group
-        dk += dk_part.view(B, n_keys, HKV, G, DQK).sum(3)
-        dv += dv_part.view(B, n_keys, HKV, G, DV).sum(3)
+        torch.sum(dk_part.view(B, n_keys, HKV, G, DQK), 3, out=dk)
+        torch.sum(dv_part.view(B, n_keys, HKV, G, DV), 3, out=dv)
 
 
 def compressed_and_window_dq(compiled, *, q, k_cmp, v_cmp, k_swa, v_swa, do, g_cmp, g_swa, lse_cmp, lse_swa,

@@ -475,12 +475,21 @@ class CompiledPattern:
         dq_order = (Branch.SWA, Branch.SLC) if paired_dq else (Branch.CMP, Branch.SLC, Branch.SWA)
         dq_chain = bwd.DqChain([b for b in dq_order if b in combined], (B, T, HQ, DQK), q.dtype, dev, self.alloc)
         dq = dq_chain.for_branch
-        dk = torch.zeros((B, shapes.keys, HKV, DQK), dtype=f32, device=dev)
-        dv = torch.zeros((B, shapes.keys, HKV, DV), dtype=f32, device=dev)
+        # dK/dV: the flash-style branches' dK/dV kernels store (never add)
+        # into buffers no kernel wrote before (flash_backward): the compressed
+        # keys' own (pooled into dk, dv after), and the window's: its own
+        # keys' (k_swa), or else dk and dv themselves, the window launched
+        # first and the pooling and the selection adding theirs after.
+        # Without a window's dK/dV they start at zero.
         separate_swa = saved.get("k_swa") is not None
+        window_dkdv = Branch.SWA in combined
+
+        def buffer(d: int, stored_first: bool) -> torch.Tensor:
+            shape = (B, shapes.keys, HKV, d)
+            return self.alloc(shape, f32, dev) if stored_first else torch.zeros(shape, dtype=f32, device=dev)
+        dk, dv = (buffer(d, window_dkdv and not separate_swa) for d in (DQK, DV))
         if separate_swa:
-            dk_swa = torch.zeros_like(dk)
-            dv_swa = torch.zeros_like(dv)
+            dk_swa, dv_swa = (buffer(d, window_dkdv) for d in (DQK, DV))
 
         gates = {b: saved.get(f"g_{b.value}") for b in _GATED}
         dg = torch.zeros((3, n_rows), dtype=f32, device=dev)
@@ -489,9 +498,16 @@ class CompiledPattern:
         bwd.prepare(self, do=do, outs=outs, gates=gates, dg=dg, delta=delta, shapes=shapes)
 
         grads = {}
+        if Branch.SWA in combined:
+            swa_args = dict(branch="swa", q=q, keys=saved["k_swa"] if separate_swa else k,
+                            values=saved["v_swa"] if separate_swa else v, do=do, gate=gates[Branch.SWA],
+                            lse=saved["lse_swa"], delta=delta[2], dk=dk_swa if separate_swa else dk,
+                            dv=dv_swa if separate_swa else dv, n_keys=shapes.keys, shapes=shapes, scale=scale)
+            bwd.flash_backward(self, dq=None, **swa_args)
+
         if Branch.CMP in combined:
-            dk_cmp = torch.zeros((B, Tc, HKV, DQK), dtype=f32, device=dev)
-            dv_cmp = torch.zeros((B, Tc, HKV, DV), dtype=f32, device=dev)
+            dk_cmp = self.alloc((B, Tc, HKV, DQK), f32, dev)
+            dv_cmp = self.alloc((B, Tc, HKV, DV), f32, dev)
             bwd.flash_backward(self, branch="cmp", q=q, keys=saved["k_cmp"], values=saved["v_cmp"], do=do,
                                gate=gates[Branch.CMP], lse=saved["lse_cmp"], delta=delta[0], dq=dq(Branch.CMP),
                                dk=dk_cmp, dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)
@@ -512,14 +528,8 @@ class CompiledPattern:
                                    shapes=shapes, scale=scale, atomic=self.slc_dkdv == "atomic",
                                    distinct=indices_distinct)
 
-        if Branch.SWA in combined:
-            if separate_swa:
-                keys, values, dk_out, dv_out = saved["k_swa"], saved["v_swa"], dk_swa, dv_swa
-            else:
-                keys, values, dk_out, dv_out = k, v, dk, dv
-            bwd.flash_backward(self, branch="swa", q=q, keys=keys, values=values, do=do, gate=gates[Branch.SWA],
-                               lse=saved["lse_swa"], delta=delta[2], dq=None if paired_dq else dq(Branch.SWA),
-                               dk=dk_out, dv=dv_out, n_keys=shapes.keys, shapes=shapes, scale=scale)
+        if Branch.SWA in combined and not paired_dq:
+            bwd.flash_backward(self, dq=dq(Branch.SWA), dkdv=False, **swa_args)
 
         grads["q"], grads["k"], grads["v"] = dq_chain.gradient, dk, dv
         if separate_swa:

@@ -417,6 +417,27 @@ def test_dq_sum_is_written_in_full_by_its_first_kernel_and_finished_by_its_last(
                    for k in order)
 
 
+@pytest.mark.parametrize("which, own_window_keys", [("three branches", False), ("three branches", True),
+                                                      ("no window", False), ("window alone", False)],
+                         ids=["shared keys", "window's own keys", "no window", "window alone"])
+def test_dkdv_buffers_are_stored_by_their_first_kernel(which, own_window_keys):
+    """The flash-style dK/dV kernels store, never add: the compressed keys'
+    into buffers of their own, the window's into k's and v's gradients (or
+    k_swa's), launched before the pooling and the selection add theirs.
+    With the buffers a kernel fills poisoned (NaN), an element its first
+    kernel did not store, or a kernel that adds onto a buffer nothing wrote
+    yet, reaches a gradient. Without a window dk and dv start at zero."""
+    p = DQ_SUM_PATTERNS[which]
+    compiled = nsa_dsl.compile(p)
+    compiled.poison = True
+    assert compiled.plan.kernel("cmp_bwd").const("CMP_BWD_SPLIT_HEADS") if p.compress else True
+    for length in (1, 45):
+        args = random_inputs(p, 2, length, torch.float32, seed=length, separate_window_kv=own_window_keys,
+                             device=DEVICE)
+        assert ("k_swa" in args) == own_window_keys
+        assert_gradients_match_reference(p, compiled, args, seed=length)
+
+
 def test_dq_sum_is_let_go_before_the_selection_backward_allocates(monkeypatch):
     """The float32 dQ sum is freed once its last kernel (here the
     selection's, after cmp_swa_bwd_dq) is launched, before that branch's
@@ -436,7 +457,7 @@ def test_dq_sum_is_let_go_before_the_selection_backward_allocates(monkeypatch):
 
     def alloc(shape, dtype, device):
         t = real_alloc(shape, dtype, device)
-        if dtype == torch.float32 and len(shape) == 4 and shape[2] == p.heads.q:
+        if dtype == torch.float32 and tuple(shape) == (1, 45, p.heads.q, p.dims.qk):  # (not dK/dV's)
             sums.append(weakref.ref(t))
         return t
 
