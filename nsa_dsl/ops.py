@@ -110,6 +110,10 @@ def outside_compiled_graphs(method):
     return functools.wraps(method)(torch.compiler.disable(method))
 
 
+def _zeros(shape, dtype, device) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class CompiledPattern:
     """Callable kernels for one pattern. Build it with nsa_dsl.compile()."""
 
@@ -506,8 +510,12 @@ class CompiledPattern:
             bwd.flash_backward(self, dq=None, **swa_args)
 
         if Branch.CMP in combined:
-            dk_cmp = self.alloc((B, Tc, HKV, DQK), f32, dev)
-            dv_cmp = self.alloc((B, Tc, HKV, DV), f32, dev)
+            # packed: k_cmp may be sized by varlen.compressed_bound, and its
+            # rows past the sequences' compressed tokens are no program's
+            # (their gradient is zero)
+            cmp_buffer = self.alloc if shapes.packing is None else _zeros
+            dk_cmp = cmp_buffer((B, Tc, HKV, DQK), f32, dev)
+            dv_cmp = cmp_buffer((B, Tc, HKV, DV), f32, dev)
             bwd.flash_backward(self, branch="cmp", q=q, keys=saved["k_cmp"], values=saved["v_cmp"], do=do,
                                gate=gates[Branch.CMP], lse=saved["lse_cmp"], delta=delta[0], dq=dq(Branch.CMP),
                                dk=dk_cmp, dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)

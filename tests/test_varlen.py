@@ -140,6 +140,26 @@ def test_module_pools_and_attends_each_sequence_alone():
             torch.testing.assert_close(y[:, a:b], layer(x[:, a:b]), rtol=1e-12, atol=1e-12)
 
 
+def test_packed_compressed_rows_past_the_sequences_get_no_gradient():
+    """The module pools packed sequences into a k_cmp sized by
+    compressed_bound, more rows than the sequences' compressed tokens; no
+    kernel writes dK/dV of the rows past them. Those gradients are zero,
+    not whatever a buffer held (with every buffer a kernel fills poisoned,
+    NaN in phi's and the projections' gradients before the fix; the
+    compiled HF test saw it as garbage under torch.compile)."""
+    torch.manual_seed(0)
+    layer = nsa_dsl.NSAttention(MLP, hidden_size=24, backend="kernels")
+    layer.compiled.poison = True
+    lengths = [13, 30, 8]
+    cu = cu_seqlens_of(lengths)
+    assert varlen.compressed_bound(MLP, sum(lengths)) > int(varlen.compressed_seqlens(MLP, cu)[-1])
+    x = torch.randn(1, sum(lengths), 24, requires_grad=True)
+    layer(x, cu_seqlens=cu, max_seqlen=30).square().sum().backward()
+    grads = {n: p.grad for n, p in layer.named_parameters()} | {"x": x.grad}
+    assert all(g is not None and torch.isfinite(g).all() for g in grads.values()), \
+        [n for n, g in grads.items() if g is None or not torch.isfinite(g).all()]
+
+
 # --------------------------------------------------------------------------
 # The compiled call on packed sequences, every branch together: issue 21's
 # property. Each sequence alone through the fixed-length path is the
