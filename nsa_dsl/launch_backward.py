@@ -122,9 +122,8 @@ def flash_backward(compiled, *, branch: str, q, keys, values, do, gate, lse, del
         return
     if split:  # per-query-head shares, each stored by its program, summed over each group here
         # (packed: keys past the sequences' own, as k_cmp sized by a bound has, are no program's: zero)
-        part = compiled.alloc if shapes.packing is None else torch.zeros
-        dk_part = part((B, n_keys, HQ, DQK), dtype=f32, device=dev)
-        dv_part = part((B, n_keys, HQ, DV), dtype=f32, device=dev)
+        dk_part = compiled.alloc((B, n_keys, HQ, DQK), f32, dev, zeroed=shapes.packing is not None)
+        dv_part = compiled.alloc((B, n_keys, HQ, DV), f32, dev, zeroed=shapes.packing is not None)
     else:
         dk_part, dv_part = dk, dv
     dkdv_bn = kp.const(f"{prefix}_BWD_DKDV_BLOCK_N")

@@ -110,10 +110,6 @@ def outside_compiled_graphs(method):
     return functools.wraps(method)(torch.compiler.disable(method))
 
 
-def _zeros(shape, dtype, device) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
 class CompiledPattern:
     """Callable kernels for one pattern. Build it with nsa_dsl.compile()."""
 
@@ -347,9 +343,12 @@ class CompiledPattern:
                                scale=scale, shapes=shapes, indices_only=True)
         return out["indices"] if leading else out["indices"][0]
 
-    def alloc(self, shape, dtype, device) -> torch.Tensor:
+    def alloc(self, shape, dtype, device, zeroed: bool = False) -> torch.Tensor:
         """A buffer a kernel is meant to fill: uninitialised, or with poison
-        NaN (-7 for integers) so a test sees any element left unwritten."""
+        NaN (-7 for integers) so a test sees any element left unwritten.
+        zeroed: some elements are no kernel's (or kernels add onto it): zeros."""
+        if zeroed:
+            return torch.zeros(shape, dtype=dtype, device=device)
         if not self.poison:
             return torch.empty(shape, dtype=dtype, device=device)
         fill = float("nan") if dtype.is_floating_point else -7
@@ -488,12 +487,11 @@ class CompiledPattern:
         separate_swa = saved.get("k_swa") is not None
         window_dkdv = Branch.SWA in combined
 
-        def buffer(d: int, stored_first: bool) -> torch.Tensor:
-            shape = (B, shapes.keys, HKV, d)
-            return self.alloc(shape, f32, dev) if stored_first else torch.zeros(shape, dtype=f32, device=dev)
-        dk, dv = (buffer(d, window_dkdv and not separate_swa) for d in (DQK, DV))
+        dk, dv = (self.alloc((B, shapes.keys, HKV, d), f32, dev, zeroed=separate_swa or not window_dkdv)
+                  for d in (DQK, DV))
         if separate_swa:
-            dk_swa, dv_swa = (buffer(d, window_dkdv) for d in (DQK, DV))
+            dk_swa, dv_swa = (self.alloc((B, shapes.keys, HKV, d), f32, dev, zeroed=not window_dkdv)
+                              for d in (DQK, DV))
 
         gates = {b: saved.get(f"g_{b.value}") for b in _GATED}
         dg = torch.zeros((3, n_rows), dtype=f32, device=dev)
@@ -513,9 +511,8 @@ class CompiledPattern:
             # packed: k_cmp may be sized by varlen.compressed_bound, and its
             # rows past the sequences' compressed tokens are no program's
             # (their gradient is zero)
-            cmp_buffer = self.alloc if shapes.packing is None else _zeros
-            dk_cmp = cmp_buffer((B, Tc, HKV, DQK), f32, dev)
-            dv_cmp = cmp_buffer((B, Tc, HKV, DV), f32, dev)
+            dk_cmp = self.alloc((B, Tc, HKV, DQK), f32, dev, zeroed=shapes.packing is not None)
+            dv_cmp = self.alloc((B, Tc, HKV, DV), f32, dev, zeroed=shapes.packing is not None)
             bwd.flash_backward(self, branch="cmp", q=q, keys=saved["k_cmp"], values=saved["v_cmp"], do=do,
                                gate=gates[Branch.CMP], lse=saved["lse_cmp"], delta=delta[0], dq=dq(Branch.CMP),
                                dk=dk_cmp, dv=dv_cmp, n_keys=Tc, shapes=shapes, scale=scale)

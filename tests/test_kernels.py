@@ -455,8 +455,8 @@ def test_dq_sum_is_let_go_before_the_selection_backward_allocates(monkeypatch):
     sums, alive_at_index = [], []
     real_alloc, real_index = compiled.alloc, launch_backward.block_to_positions
 
-    def alloc(shape, dtype, device):
-        t = real_alloc(shape, dtype, device)
+    def alloc(shape, dtype, device, **kwargs):
+        t = real_alloc(shape, dtype, device, **kwargs)
         if dtype == torch.float32 and tuple(shape) == (1, 45, p.heads.q, p.dims.qk):  # (not dK/dV's)
             sums.append(weakref.ref(t))
         return t
