@@ -949,7 +949,8 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             "dq (cdiv(T, SWA_BWD_BLOCK_M), B*HQ); dkdv (cdiv(T, SWA_BWD_DKDV_BLOCK_N), B*HKV)",
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
              ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps),
-             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2), ("SWA_BWD_DKDV_DESCENDING", 0),  # as CMP_BWD_DQ_STAGES
+             ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2),  # as CMP_BWD_DQ_STAGES
+             ("SWA_BWD_DKDV_DESCENDING", 0),  # as CMP_BWD_DKDV_DESCENDING
              # (derived) the compressed branch is combined too: its dq and
              # the window's may run as one kernel (cmp_swa_bwd_dq, rendered
              # here; Plan.dq_with_compressed says where it runs)
