@@ -877,9 +877,6 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
              # Few compressed keys, each seen by every later row: one program
              # per query head (not per KV head) keeps the GPU busy.
              ("CMP_BWD_SPLIT_HEADS", p.group > 1),
-             # 1: the dK/dV kernel sweeps its rows from the last down
-             # (programs of one head read the same rows together)
-             ("CMP_BWD_DKDV_DESCENDING", 0),
              # The dq kernel's own pipeline stages; the launch's num_stages
              # stays the dK/dV kernel's, whose 128-key tiles lost on 2
              # (NOTES v25). 2 for dq: paper128's training pass at 64k on an
@@ -950,7 +947,6 @@ def _backward_kernels(p: Pattern, d_max: int, group_rows: int) -> list:
             (("WINDOW", p.window.size), ("SWA_BWD_BLOCK_M", bm), ("SWA_BWD_BLOCK_N", bn),
              ("SWA_BWD_DKDV_BLOCK_N", bn), ("SWA_BWD_DKDV_WARPS", warps),
              ("SWA_BWD_SPLIT_HEADS", False), ("SWA_BWD_DQ_STAGES", 2),  # as CMP_BWD_DQ_STAGES
-             ("SWA_BWD_DKDV_DESCENDING", 0),  # as CMP_BWD_DKDV_DESCENDING
              # (derived) the compressed branch is combined too: its dq and
              # the window's may run as one kernel (cmp_swa_bwd_dq, rendered
              # here; Plan.dq_with_compressed says where it runs)
@@ -1031,7 +1027,6 @@ TUNABLE = {
     "SWA_BWD_DKDV_BLOCK_N": _pow2_at_least(16), "CMP_BWD_DKDV_BLOCK_N": _pow2_at_least(16),
     "SWA_BWD_DKDV_WARPS": _warps, "CMP_BWD_DKDV_WARPS": _warps,
     "SWA_BWD_DQ_STAGES": _stages, "CMP_BWD_DQ_STAGES": _stages,
-    "SWA_BWD_DKDV_DESCENDING": _flag, "CMP_BWD_DKDV_DESCENDING": _flag,
     "TOPK_BLOCK_M": _pow2_at_least(16), "SLC_TOKENS": _pow2_at_least(1), "SLC_BWD_TOKENS": _pow2_at_least(1),
     "SLC_BWD_DQ_TOKENS": _pow2_at_least(1), "BC_REDUCE_ROWS": _pow2_at_least(1), "BC_REDUCE_STAGES": _stages,
     "SLC_FWD_LIST": _flag, "SLC_FWD_WINDOW": _flag, "BC_FOLD_WINDOW": _flag,

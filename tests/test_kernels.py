@@ -334,43 +334,6 @@ def test_dkdv_key_tile_of_its_own_matches_reference(dq_rows, dq_keys, dkdv_keys)
         apply_overrides(nsa_dsl.check(p), {"CMP_BWD_DKDV_WARPS": 16})
 
 
-@pytest.mark.parametrize("packed", [False, True])
-def test_dkdv_rows_swept_from_the_last_down_match_reference(packed):
-    """CMP_BWD_DKDV_DESCENDING / SWA_BWD_DKDV_DESCENDING: the dK/dV kernels
-    visit their row tiles from the last down (the masked tail, the open
-    middle, the masked first tiles), which must be the ascending sweep's
-    tiles: every gradient against float64 autograd where each of the three
-    loops has work (a tail tile cut by T, the window's masked top edge), with
-    one program per query head (the compressed keys, G = 2) and per KV head
-    (the window), and for packed sequences (rows from each one's first)."""
-    from strategies import cu_seqlens_of
-
-    p = Pattern(name="dkdv_descending", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
-                compress=Compress(block=8, stride=4), select=Select(block=16, top=2, initial=1, local=1),
-                window=Window(size=37))
-    overrides = {"CMP_BWD_DKDV_DESCENDING": 1, "SWA_BWD_DKDV_DESCENDING": 1, "CMP_BWD_BLOCK_M": 16,
-                 "SWA_BWD_BLOCK_M": 16, "CMP_BWD_DKDV_BLOCK_N": 16, "SWA_BWD_DKDV_BLOCK_N": 16}
-    compiled = nsa_dsl.compile(p, overrides=overrides)
-    assert compiled.plan.kernel("cmp_bwd").const("CMP_BWD_SPLIT_HEADS")
-    assert not compiled.plan.kernel("swa_bwd").const("SWA_BWD_SPLIT_HEADS")
-    if not packed:
-        args = random_inputs(p, 2, 201, torch.float32, seed=11, device=DEVICE)
-        assert_gradients_match_reference(p, compiled, args, seed=11)
-        return
-    lengths = [70, 0, 131]
-    cu = cu_seqlens_of(lengths).to(DEVICE)
-    flat = {n: t[0] for n, t in random_inputs(p, 1, sum(lengths), torch.float32, seed=12, device=DEVICE).items()}
-    leaves = {n: t.clone().requires_grad_(True) for n, t in flat.items()}
-    o, idx = compiled(**leaves, cu_seqlens=cu, max_seqlen=max(lengths), return_indices=True)
-    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(13)).to(o.device, o.dtype)
-    o.backward(do)
-    up = {n: t.detach().double().requires_grad_(True) for n, t in flat.items()}
-    nsa_dsl.reference(p, **up, cu_seqlens=cu, indices=idx).backward(do.double())
-    for name in flat:
-        err = rel_error(leaves[name].grad, up[name].grad)
-        assert err < TOLERANCE[torch.float32], f"grad of {name}: {err:.3e}"
-
-
 def test_flash_style_dq_kernels_launch_on_their_own_stages(monkeypatch):
     """CMP_BWD_DQ_STAGES / SWA_BWD_DQ_STAGES pipeline the dq kernels
     (cmp_bwd_dq on 2 stages took 16.7 -> 12.4 ms at 64k, NOTES v25) while
