@@ -500,7 +500,7 @@ class CompiledPattern:
         bwd.prepare(self, do=do, outs=outs, gates=gates, dg=dg, delta=delta, shapes=shapes)
 
         grads = {}
-        if Branch.SWA in combined:
+        if window_dkdv:
             swa_args = dict(branch="swa", q=q, keys=saved["k_swa"] if separate_swa else k,
                             values=saved["v_swa"] if separate_swa else v, do=do, gate=gates[Branch.SWA],
                             lse=saved["lse_swa"], delta=delta[2], dk=dk_swa if separate_swa else dk,
@@ -533,7 +533,7 @@ class CompiledPattern:
                                    shapes=shapes, scale=scale, atomic=self.slc_dkdv == "atomic",
                                    distinct=indices_distinct)
 
-        if Branch.SWA in combined and not paired_dq:
+        if window_dkdv and not paired_dq:
             bwd.flash_backward(self, dq=dq(Branch.SWA), dkdv=False, **swa_args)
 
         grads["q"], grads["k"], grads["v"] = dq_chain.gradient, dk, dv
