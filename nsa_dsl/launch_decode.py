@@ -107,11 +107,13 @@ def pdl_launch(compiled, device: torch.device, batch: int) -> dict:
 def _scratch(cache, b: int, compiled, device) -> dict:
     """The step's float32 partials and candidates for b sequences, made once
     per cache and batch (fixed shapes: eager steps and a captured one share
-    them)."""
-    key = ("decode", b)
+    them). Keyed by dec_attend's plan too: two compilations of one pattern
+    with other decode constants (overrides) may share a cache, and their
+    splits, spans and tiles size these buffers differently."""
+    p, kp = compiled.pattern, compiled.plan.kernel("dec_attend")
+    key = ("decode", b, kp)
     if key in cache.scratch:
         return cache.scratch[key]
-    p, kp = compiled.pattern, compiled.plan.kernel("dec_attend")
     rows, hkv, vp = kp.const("DEC_ROWS"), p.heads.kv, compiled.plan.v_pad
     f32 = {"device": device, "dtype": torch.float32}
     s = {"span": attend_span(compiled, device, b)}
