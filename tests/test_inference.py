@@ -44,6 +44,19 @@ def _stack(parts: list) -> dict:
     return out
 
 
+def _store_prompt(cache, piece: dict, slots=None) -> None:
+    """What a prefill of empty slots leaves in the cache, without the full
+    forward that computes the prompt's outputs (incremental.step runs that
+    forward, then incremental.store: this store): for the tests of the
+    decode steps after a prompt, which read the cache only (the prefill's
+    outputs are the prefill tests' to check)."""
+    from nsa_dsl import incremental
+
+    slots = list(range(cache.batch)) if slots is None else slots
+    incremental.store(cache, slots, piece["k"], piece["v"], piece.get("k_swa"), piece.get("v_swa"),
+                      piece.get("k_cmp"), piece.get("v_cmp"))
+
+
 def _full(pattern, args: dict):
     """(o, indices) of the full forward of one sequence, float64 reference."""
     want = pattern.select is not None
@@ -483,7 +496,7 @@ def test_decode_steps_rank_blocks_as_the_full_forward(network, zero_keys, sums, 
         for s in seqs:
             s["k"].zero_()
     for i, (args, n) in enumerate(zip(seqs, prompts)):
-        compiled.prefill(**_slice(args, PATTERN, 0, n), cache=cache, slots=[i])
+        _store_prompt(cache, _slice(args, PATTERN, 0, n), slots=[i])
     outs, idxs = [[], []], [[], []]
     for t in range(steps):
         o, idx = compiled.decode(**_stack([_slice(a, PATTERN, n + t, n + t + 1) for a, n in zip(seqs, prompts)]),
@@ -533,7 +546,7 @@ def test_decode_scoring_of_every_geometry_ranks_as_the_full_forward(block, strid
     if zero_keys:
         args["k"].zero_()
     cache = compiled.new_cache(1, prompt + steps, dtype=torch.float32)
-    compiled.prefill(**_slice(args, pattern, 0, prompt), cache=cache)
+    _store_prompt(cache, _slice(args, pattern, 0, prompt))
     outs, idxs = [], []
     for t in range(prompt, prompt + steps):
         o, idx = compiled.decode(**_slice(args, pattern, t, t + 1), cache=cache, return_indices=True)
@@ -620,3 +633,28 @@ def test_dependent_launch_only_for_steps_of_few_sequences(monkeypatch):
     assert launch_decode.pdl_launch(three, cpu, 3) == on and launch_decode.pdl_launch(three, cpu, 4) == {"PDL": False}
     with pytest.raises(ValueError, match="DEC_PDL_MAX_BATCH"):
         nsa_dsl.compile(pattern, overrides={"DEC_PDL_MAX_BATCH": -1})
+
+
+def test_two_compilations_of_one_pattern_with_other_decode_tiles_share_a_cache():
+    """A cache is the pattern's, not one compilation's: steps taken in turn
+    by two compilations whose decode tiles differ (DEC_CMP_N 16 and 64,
+    more compressed programs) give the full forward's outputs and blocks.
+    The step buffers were keyed by batch alone, so the second compilation
+    ran on splits and tiles sized for the first's: wrong outputs and other
+    blocks, silently."""
+    small_tiles = nsa_dsl.compile(PATTERN, overrides={"DEC_CMP_N": 16, "DEC_CMP_PROGRAMS_PER_SM": 16})
+    plain = nsa_dsl.compile(PATTERN)
+    T, prompt = 80, 76  # 19 compressed tokens: two tiles of 16, one of 64
+    args = random_inputs(PATTERN, 2, T, torch.float32, seed=11)
+    full, full_idx = plain(**args, return_indices=True)
+    cache = plain.new_cache(2, T, dtype=torch.float32)
+    with torch.no_grad():
+        plain.prefill(**{n: t[:, :prompt] for n, t in args.items()}, cache=cache)
+        outs, idxs = [], []
+        for step, t in enumerate(range(prompt, T)):
+            step_args = {n: x[:, t:t + 1] for n, x in args.items()}
+            o, idx = (small_tiles, plain)[step % 2].decode(**step_args, cache=cache, return_indices=True)
+            outs.append(o)
+            idxs.append(idx)
+    assert torch.equal(torch.cat(idxs, 1), full_idx[:, prompt:])
+    assert rel_error(torch.cat(outs, 1), full[:, prompt:]) < TOLERANCE[torch.float32]
