@@ -28,6 +28,7 @@ from .ir import Branch, Pattern, Pool
 from .parse import load_all
 from .pipeline import compile as compile_pattern
 from .reference import reference
+from .validate import check_scale
 
 __all__ = ["NSAttention", "CompressionMLP"]
 
@@ -169,8 +170,7 @@ class NSAttention(nn.Module):
             raise ValueError(f"backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
         if isinstance(hidden_size, bool) or not isinstance(hidden_size, int) or hidden_size <= 0:
             raise ValueError(f"hidden_size: expected a positive int, got {hidden_size!r}")
-        if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
-            raise ValueError(f"scale: expected a positive number or None, got {scale!r}")
+        check_scale(scale)
         self.pattern = p
         self.hidden_size = hidden_size
         self.separate_kv = bool(separate_kv)

@@ -40,6 +40,32 @@ def _check_index_range(indices: torch.Tensor, block: int, length: int) -> None:
                          f" {block} (-1 means none); got values in [{low}, {high}]")
 
 
+def _check_packed_index_range(indices: torch.Tensor, block: int, cu_seqlens: torch.Tensor,
+                              cu_seqlens_q: Optional[torch.Tensor]) -> None:
+    """_check_index_range for packed rows (indices [1, total, HKV, top]):
+    a row's block ids must lie in [-1, its own sequence's number of
+    blocks), the sequence's keys being cu_seqlens' (its queries
+    cu_seqlens_q's where given). One host read, as the fixed-length check;
+    skipped while torch.compile traces (a traced call cannot raise on
+    values)."""
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    cu_k = cu_seqlens.to(device=indices.device, dtype=torch.int64)
+    cu_q = cu_k if cu_seqlens_q is None else cu_seqlens_q.to(device=indices.device, dtype=torch.int64)
+    rows = torch.arange(indices.shape[1], device=indices.device)
+    seq = torch.searchsorted(cu_q[1:], rows, right=True).clamp(max=cu_k.numel() - 2)
+    blocks = (cu_k[seq + 1] - cu_k[seq] + block - 1) // block
+    idx = indices[0].to(torch.int64)
+    bad = ((idx < -1) | (idx >= blocks.view(-1, 1, 1))).flatten(1).any(1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        s = int(seq[row])
+        values = idx[row].flatten().tolist()
+        raise ValueError(f"indices: block ids must lie in [-1, {int(blocks[row])}) for the {int(cu_k[s + 1] - cu_k[s])}"
+                         f" keys of sequence {s} and select block {block} (-1 means none); its packed row {row}"
+                         f" holds {values}")
+
+
 def _as_one_batch(*tensors) -> tuple:
     """Packed inputs ([total, ...] or [1, total, ...], varlen.unpack_layout)
     as one batch [1, total, ...], and whether they came with the leading 1
@@ -202,6 +228,8 @@ class CompiledPattern:
             raise ValueError(f"return_indices: pattern {p.name!r} has no select branch, so there are no indices")
         if indices is not None and shapes.packing is None:
             _check_index_range(indices, p.select.block, shapes.length)
+        elif indices is not None:  # packed rows, or queries of the last positions (packed above)
+            _check_packed_index_range(indices, p.select.block, cu_seqlens, cu_seqlens_q)
         tensors = (q, k, v, g_cmp, g_slc, g_swa, k_cmp, v_cmp, k_swa, v_swa)
         # keep what the backward needs only where something is differentiated
         # (else the output may be written fused and nothing is kept)

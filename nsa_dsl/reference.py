@@ -78,6 +78,7 @@ import torch
 from . import varlen
 from .geometry import compressed_end, num_blocks, num_compressed
 from .ir import Branch, Pattern, Pool
+from .validate import check_scale
 
 __all__ = [
     "reference",
@@ -150,6 +151,7 @@ def _check_pattern(pattern: Pattern) -> None:
 
 
 def _default_scale(pattern: Pattern, scale: Optional[float]) -> float:
+    check_scale(scale)
     return 1.0 / math.sqrt(pattern.dims.qk) if scale is None else float(scale)
 
 

@@ -232,13 +232,7 @@ def validate_inputs(pattern: Pattern, q, k, v, gates: dict, *, k_cmp=None, v_cmp
             raise ValueError(f"indices: expected int32 or int64 block indices (-1 for none), got {indices.dtype}")
         if indices.device != device:
             raise ValueError(f"indices: expected device {device} (the device of q), got {indices.device}")
-    # numbers.Real takes numpy scalars too (np.float32 is no float); a bool
-    # is an int to Python but never meant as a scale; inf or nan would
-    # reach the kernels as garbage
-    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
-                                  and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a positive finite number (a float), got {scale!r}"
-                         + (" (a tensor: pass float(scale))" if isinstance(scale, torch.Tensor) else ""))
+    check_scale(scale)
     return Shapes(batch, length, tc, packing, keys if shifted else -1)
 
 
@@ -254,3 +248,15 @@ def device_problem(t: torch.Tensor) -> Optional[str]:
                     " TRITON_INTERPRET=1 before triton is imported, or move the tensors to a CUDA device")
         return None
     return f"generated kernels do not run on device type {t.device.type!r}"
+
+
+def check_scale(scale) -> None:
+    """ValueError unless scale is None (1/sqrt(Dqk)) or a positive finite
+    real number: the compiled call, the reference and NSAttention take the
+    same. numbers.Real takes numpy scalars too (np.float32 is no float); a
+    bool is an int to Python but never meant as a scale; inf or nan would
+    turn every output into nan."""
+    if scale is not None and not (isinstance(scale, numbers.Real) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a positive finite number (a float), got {scale!r}"
+                         + (" (a tensor: pass float(scale))" if isinstance(scale, torch.Tensor) else ""))

@@ -208,3 +208,53 @@ def test_bad_scales_are_refused(args, scale):
 @pytest.mark.parametrize("scale", [0.125, 1, np.float32(0.125), np.float64(0.2)])
 def test_scales_of_any_real_type_are_taken(args, scale):
     assert validate(**args, scale=scale).length == 20
+
+
+@pytest.mark.parametrize("scale", [True, float("inf"), float("nan"), 0.0, -0.5, "0.1", torch.tensor(0.125)])
+def test_the_layer_and_the_reference_refuse_the_scales_the_compiled_call_refuses(args, scale):
+    """NSAttention(scale=inf) and reference(scale=inf) returned all-nan
+    outputs, and NSAttention(scale=True) took a bool as 1.0, where the
+    compiled call refuses all of them: one rule now (validate.check_scale)."""
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite number \(a float\), got "):
+        nsa_dsl.NSAttention(PATTERN, 32, backend="reference", scale=scale)
+    with pytest.raises(ValueError, match=r"scale: expected a positive finite number \(a float\), got "):
+        nsa_dsl.reference(PATTERN, **args, scale=scale)
+
+
+def _packed(args: dict) -> dict:
+    """args ([1, 20, ...]) as a packed call's [total, ...] tensors."""
+    return {name: t[0] for name, t in args.items()}
+
+
+def test_packed_block_ids_past_their_own_sequence_are_refused(compiled, args):
+    """A packed row's block ids are bounded by its own sequence's blocks:
+    sequence 2 of [5, 0, 15] positions has one select block of 16, so id 1
+    (a block of the 20 packed positions, but none of that sequence's) and
+    id -2 are the caller's bug, as they are in a fixed-length call; they
+    were ignored silently."""
+    cu = torch.tensor([0, 5, 5, 20], dtype=torch.int32)
+    good = torch.full((20, 2, 3), -1, dtype=torch.int32)
+    good[:, :, 0] = 0
+    compiled(**_packed(args), cu_seqlens=cu, indices=good)  # in range: taken
+    for bad_value, row in ((1, 7), (-2, 3)):
+        bad = good.clone()
+        bad[row, 1, 2] = bad_value
+        for max_seqlen in (None, 15):
+            with pytest.raises(ValueError, match=re.escape(
+                    f"indices: block ids must lie in [-1, 1) for the {15 if row >= 5 else 5} keys of sequence"
+                    f" {2 if row >= 5 else 0} and select block 16 (-1 means none); its packed row {row} holds")):
+                compiled(**_packed(args), cu_seqlens=cu, max_seqlen=max_seqlen, indices=bad)
+
+
+def test_block_ids_of_queries_at_the_last_positions_are_checked(compiled, args):
+    """q at the last 8 of 20 positions (k, v at all 20): ids are bounded by
+    the 20 keys' 2 blocks, as in a call of all 20 queries; 2 was ignored."""
+    tail = {name: (t[:, 12:] if name in ("q", "g_cmp", "g_slc", "g_swa") else t) for name, t in args.items()}
+    indices = torch.full((1, 8, 2, 3), -1, dtype=torch.int32)
+    indices[..., 0] = 1
+    compiled(**tail, indices=indices)
+    indices[0, 5, 0, 1] = 2
+    with pytest.raises(ValueError, match=re.escape("indices: block ids must lie in [-1, 2) for the 20 keys of"
+                                                   " sequence 0 and select block 16 (-1 means none); its packed"
+                                                   " row 5 holds")):
+        compiled(**tail, indices=indices)
