@@ -6,8 +6,8 @@ sequence: every rank's output and the gradients of its q, k, v, gates
 float32 within NSA_MATH.md's tolerance.
 
 The lengths put the shard boundaries inside a compression block, a
-selection block and the window (T = 264: pieces of 132, 66 or 33
-positions for blocks of 8/4, 16 and a window of 24). Then the bad input:
+selection block and the window (T = 136: pieces of 68, 34 or 17
+positions for blocks of 8/4, 16 and windows of 24 and 9). Then the bad input:
 ranks with different shard lengths or patterns get a ValueError, a rank
 that never calls makes the others time out instead of hanging, and a
 group of one rank is the plain call."""
@@ -31,7 +31,7 @@ import interpreter_speed
 from strategies import SMALL_PATTERNS, TOLERANCE, cu_seqlens_of, random_inputs, rel_error
 
 PATTERNS = SMALL_PATTERNS
-T = 264
+T = 136
 QUERY_SIDE = ("q", "g_cmp", "g_slc", "g_swa")
 
 
@@ -54,24 +54,31 @@ def _rank_main(rank, world, rendezvous, fn, args):
         dist.destroy_process_group()
 
 
-def _check_shards(rank, world, name, layout, own_window_kv):
+def _whole_sequence(name, seed, **kwargs):
+    """The oracle, in the parent process once (not on every rank): the
+    inputs, the upstream gradient, and the single-process call's output and
+    gradients on the whole sequence (kwargs: cu_seqlens)."""
     pattern = nsa_dsl.parse(PATTERNS[name])
     compiled = nsa_dsl.compile(pattern)
-    args = random_inputs(pattern, 1, T, torch.float32, seed=5, separate_window_kv=own_window_kv)
-    do = torch.randn(1, T, pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(6))
-    # the whole sequence in one process: the oracle
+    args = random_inputs(pattern, 1, T, torch.float32, seed=seed, separate_window_kv=kwargs.pop("own_window_kv", False))
+    do = torch.randn(1, T, pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(seed + 1))
     whole = {n: t.clone().requires_grad_(True) for n, t in args.items()}
-    o_whole = compiled(**whole)
+    o_whole = compiled(**whole, **kwargs)
     o_whole.backward(do)
+    return args, do, o_whole.detach(), {n: t.grad for n, t in whole.items()}
 
+
+def _check_shards(rank, world, name, layout, whole):
+    args, do, o_whole, grads = whole
+    compiled = nsa_dsl.compile(nsa_dsl.parse(PATTERNS[name]))
     cp = distributed.context_parallel(compiled, layout=layout)
     local = {n: (t.clone() if n in ("k_cmp", "v_cmp") else cp.shard(t)).requires_grad_(True) for n, t in args.items()}
     o = cp(**local)
     o.backward(cp.shard(do))
     tol = TOLERANCE[torch.float32]
-    assert rel_error(o.detach(), cp.shard(o_whole.detach())) < tol, "o"
+    assert rel_error(o.detach(), cp.shard(o_whole)) < tol, "o"
     for n, t in local.items():
-        want = whole[n].grad if n in ("k_cmp", "v_cmp") else cp.shard(whole[n].grad)
+        want = grads[n] if n in ("k_cmp", "v_cmp") else cp.shard(grads[n])
         err = rel_error(t.grad, want)
         assert err < tol, f"d{n}: relative error {err:.3g}"
 
@@ -83,33 +90,28 @@ def _check_shards(rank, world, name, layout, own_window_kv):
     (4, "mlp", "zigzag", False),
 ])
 def test_every_rank_matches_the_whole_sequence(world, name, layout, own_window_kv):
-    _run_ranks(world, _check_shards, name, layout, own_window_kv)
+    _run_ranks(world, _check_shards, name, layout, _whole_sequence(name, 5, own_window_kv=own_window_kv))
 
 
-def _check_packed(rank, world, lengths):
-    pattern = nsa_dsl.parse(PATTERNS["paper"])
-    compiled = nsa_dsl.compile(pattern)
-    cu = cu_seqlens_of(lengths)
-    args = random_inputs(pattern, 1, T, torch.float32, seed=8)
-    do = torch.randn(1, T, pattern.heads.q, pattern.dims.v, generator=torch.Generator().manual_seed(9))
-    whole = {n: t.clone().requires_grad_(True) for n, t in args.items()}
-    o_whole = compiled(**whole, cu_seqlens=cu)
-    o_whole.backward(do)
+def _check_packed(rank, world, cu, whole):
+    args, do, o_whole, grads = whole
+    compiled = nsa_dsl.compile(nsa_dsl.parse(PATTERNS["paper"]))
     cp = distributed.context_parallel(compiled)
     local = {n: cp.shard(t).requires_grad_(True) for n, t in args.items()}
     o = cp(**local, cu_seqlens=cu)
     o.backward(cp.shard(do))
     tol = TOLERANCE[torch.float32]
-    assert rel_error(o.detach(), cp.shard(o_whole.detach())) < tol, "o"
+    assert rel_error(o.detach(), cp.shard(o_whole)) < tol, "o"
     for n, t in local.items():
-        err = rel_error(t.grad, cp.shard(whole[n].grad))
+        err = rel_error(t.grad, cp.shard(grads[n]))
         assert err < tol, f"d{n}: relative error {err:.3g}"
 
 
 def test_packed_documents_across_ranks():
     """Documents that start and end inside the ranks' chunks (zigzag over
-    2 ranks: chunks of 66), one empty, against the packed call."""
-    _run_ranks(2, _check_packed, [40, 0, 100, 7, 117])
+    2 ranks: chunks of 34), one empty, against the packed call."""
+    cu = cu_seqlens_of([20, 0, 51, 7, 58])
+    _run_ranks(2, _check_packed, cu, _whole_sequence("paper", 8, cu_seqlens=cu))
 
 
 def _paper_zigzag():

@@ -210,15 +210,16 @@ def test_overrides_are_validated():
 @pytest.mark.parametrize("top, initial, local", [(5, 1, 1), (3, 0, 0), (6, 2, 2)])
 def test_top_n_merges_across_many_scoring_chunks(top, initial, local):
     """Compression stride 1 makes 16 compressed tokens per 16-token block, so
-    each scoring chunk holds only 4 blocks and a 300-token sequence is scored
-    in up to 5 chunks: the running top set is merged with chunk after chunk
+    each scoring chunk holds only 4 blocks and a 260-token sequence (17
+    blocks) is scored in up to 5 chunks: the running top set is merged with chunk after chunk
     (new members evicting old ones, stopping early once nothing beats the
     worst member)."""
     p = Pattern(name="many_chunks", heads=Heads(q=4, kv=2), dims=Dims(qk=16, v=16),
                 compress=Compress(block=4, stride=1), select=Select(block=16, top=top, initial=initial, local=local))
     kp = nsa_dsl.check(p).kernel("slc_topk")
     assert kp.const("TOPK_CHUNK_BLOCKS") == 4
-    args = random_inputs(p, 2, 300, torch.float32, seed=top * 7 + local, device=DEVICE)
+    args = random_inputs(p, 1, 260, torch.float32, seed=top * 7 + local, device=DEVICE)
+    assert -(-260 // 16) > 4 * kp.const("TOPK_CHUNK_BLOCKS")  # a fifth chunk
     compiled = nsa_dsl.compile(p)
     compiled.poison = True  # every index must be written
     assert_selection_rule(p, args, _blocks(compiled, args), eps_rel=1e-5, eps_abs=1e-6)
@@ -327,7 +328,9 @@ def test_dkdv_key_tile_of_its_own_matches_reference(dq_rows, dq_keys, dkdv_keys)
                  "CMP_BWD_DKDV_WARPS": 8}
     compiled = nsa_dsl.compile(p, overrides=overrides)
     assert compiled.plan.kernel("cmp_bwd").const("CMP_BWD_DKDV_BLOCK_N") == dkdv_keys
-    args = random_inputs(p, 2, 201, torch.float32, seed=dkdv_keys, device=DEVICE)
+    # 121 keys, 29 compressed tokens: 2 or 1 dK/dV tiles of compressed keys and 8 or 4 of window keys, the
+    # last partial; the rows stepped by dq's tile, the window (47) wide enough for open middle steps
+    args = random_inputs(p, 2, 121, torch.float32, seed=dkdv_keys, device=DEVICE)
     assert_gradients_match_reference(p, compiled, args, seed=dkdv_keys)
     from nsa_dsl.plan import apply_overrides
     with pytest.raises(ValueError, match="CMP_BWD_DKDV_WARPS: must be 4 or 8"):
@@ -510,7 +513,10 @@ def test_topk_chunk_width_keeps_the_selection_rule(pattern, overrides):
     default_width = nsa_dsl.check(pattern).kernel("slc_topk").const("TOPK_CHUNK_BLOCKS")
     assert default_width != overrides["TOPK_CHUNK_BLOCKS"]
     # the overridden width splits the sequence into two or more chunks
-    length = 333 if pattern is MANY_CHUNKS else 200
+    # (MANY_CHUNKS: 17 blocks, 2 chunks of 16; PAPER_LIKE: 9 blocks, 3 chunks
+    # of 4 or 2 of 8)
+    length = 261 if pattern is MANY_CHUNKS else 140
+    assert length > overrides["TOPK_CHUNK_BLOCKS"] * pattern.select.block
     _assert_same_blocks_as_the_plan(pattern, overrides, length, seed=len(str(overrides)))
 
 
@@ -827,7 +833,7 @@ def test_kv_through_tensor_descriptors_gives_the_same_bits(dtype, order, monkeyp
     assert plan.kernel("slc_topk").const("TOPK_TMA")
     # launch._kv_operands calls it from launch, the scoring's launcher by its own name
     used, fits = _spy_on_descriptors(monkeypatch, launch_forward)
-    for T in (131,):  # 31 compressed tokens: a partial last key tile for both branches
+    for T in (99,):  # 23 compressed tokens, 99 keys: a partial last key tile for both branches
         args = random_inputs(p, 2, T, dtype, seed=T, device=DEVICE)
         outs = {}
         for tma in (0, 1):
@@ -860,7 +866,7 @@ def test_selection_dq_through_tensor_descriptors_gives_the_same_bits(tokens, mon
                 window=Window(size=40))
     overrides = {"SLC_BWD_DQ_TMA": 1, "SLC_BWD_DQ_TOKENS": tokens, "SLC_BWD_DQ_LIST": 1, "SLC_BWD_DQ_STAGES": 2}
     used, fits = _spy_on_descriptors(monkeypatch)
-    args = random_inputs(p, 2, 75, torch.float32, seed=tokens, device=DEVICE)
+    args = random_inputs(p, 2, 59, torch.float32, seed=tokens, device=DEVICE)  # 4 blocks, the last of 11
     grads = {}
     for tma in (0, 1):
         monkeypatch.setattr(launch, "_tma_fits", fits if tma else lambda *tensors: False)
