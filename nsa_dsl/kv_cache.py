@@ -84,7 +84,7 @@ class NSACache:
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._all_rows = torch.arange(batch, device=self.device)
         self.host_lengths: List[int] = [0] * batch
-        # buffers a decode step reuses, by step shape (launch_decode._scratch)
+        # buffers a decode step reuses, by step shape and decode plan (launch_decode._scratch)
         self.scratch: dict = {}
         self.op_key = registry.register(self, "cache")  # what nsa_dsl::cache_step finds it by
 

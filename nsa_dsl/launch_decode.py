@@ -109,14 +109,16 @@ def _scratch(cache, b: int, compiled, device) -> dict:
     per cache and batch (fixed shapes: eager steps and a captured one share
     them). Keyed by dec_attend's plan too: two compilations of one pattern
     with other decode constants (overrides) may share a cache, and their
-    splits, spans and tiles size these buffers differently."""
+    splits, spans and tiles size these buffers differently. By the plan's
+    id, which the entry keeps alive (so no other plan takes it), since
+    hashing the plan took 1.5 us of each eager step."""
     p, kp = compiled.pattern, compiled.plan.kernel("dec_attend")
-    key = ("decode", b, kp)
+    key = ("decode", b, id(kp))
     if key in cache.scratch:
         return cache.scratch[key]
     rows, hkv, vp = kp.const("DEC_ROWS"), p.heads.kv, compiled.plan.v_pad
     f32 = {"device": device, "dtype": torch.float32}
-    s = {"span": attend_span(compiled, device, b)}
+    s = {"span": attend_span(compiled, device, b), "plan": kp}
     span, items = s["span"]  # dec_attend's programs per KV head, one partial each
     s["splits_pad"] = 1  # the compressed merges' tile (set below where there are splits)
     # dec_reduce's merge tile: as large as the most partials of one branch, no larger
